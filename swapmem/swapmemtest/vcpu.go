@@ -81,8 +81,10 @@ func (c *VCPU) inject(f Fault) error {
 	if c.event {
 		m.Violations = append(m.Violations, fmt.Sprintf("vCPU %d: #PF for %#x injected while an event was pending", c.id, f.VA))
 	}
-	if len(m.faults) > 0 {
-		m.Violations = append(m.Violations, fmt.Sprintf("vCPU %d: #PF for %#x injected while %#x was undelivered", c.id, f.VA, m.faults[0].VA))
+	for _, q := range m.faults {
+		if m.outstanding(q) {
+			m.Violations = append(m.Violations, fmt.Sprintf("vCPU %d: #PF for %#x injected while %#x was undelivered", c.id, f.VA, q.VA))
+		}
 	}
 	f.CPU, f.CR3, f.Ring = c.id, c.cr3, c.ring
 	m.faults = append(m.faults, f)
@@ -131,6 +133,20 @@ func (m *Machine) Deliver() {
 		m.faults = m.faults[:0]
 		return nil
 	})
+}
+
+// outstanding reports whether a queued #PF still has work to do: its page
+// is still missing (or read-only, for a write fault). One whose page came in
+// meanwhile is only a spurious fault waiting to happen.
+func (m *Machine) outstanding(f Fault) bool {
+	if m.spaces[f.CR3] == nil {
+		return false // the process is gone
+	}
+	_, e, _, err := m.leaf(f.CR3, f.VA, 0, false)
+	if err != nil || e&PteP == 0 {
+		return true
+	}
+	return f.Code&swapmem.PFErrWrite != 0 && e&PteRW == 0
 }
 
 func (m *Machine) handleFault(f *Fault) {

@@ -1,0 +1,154 @@
+package swapmem_test
+
+import (
+	"math/rand"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+)
+
+type atomicClock struct{ t atomic.Int64 }
+
+func (c *atomicClock) now() time.Duration { return time.Duration(c.t.Load()) }
+
+// TestConcurrentVCPUs runs two vCPUs, a requester, a pager and a remover
+// at once (run it with -race). Callbacks re-enter the engine.
+func TestConcurrentVCPUs(t *testing.T) {
+	m := swapmemtest.NewMachine()
+	var procs []*swapmemtest.Space
+	for i := 0; i < 3; i++ {
+		p := m.NewSpace()
+		require.NoError(t, p.MapRange(userBase, 16*4096, swapmemtest.UserRW))
+		require.NoError(t, p.Write(userBase, patternRange(uint64(i+1), userBase, 16*4096)))
+		procs = append(procs, p)
+	}
+	clk := &atomicClock{}
+	e := swapmem.New(m, swapmem.Config{Now: clk.now})
+
+	type req struct {
+		tx      *swapmem.Transaction
+		calls   atomic.Int32
+		removed atomic.Bool
+	}
+	var (
+		mu       sync.Mutex
+		reqs     []*req
+		ok, bad  atomic.Int64
+		wg       sync.WaitGroup
+		iters    = 3000
+		reentred atomic.Int64
+	)
+	if testing.Short() {
+		iters = 500
+	}
+	var read func(rng *rand.Rand, nested bool)
+	read = func(rng *rand.Rand, nested bool) {
+		pi := rng.Intn(len(procs))
+		off := uint64(rng.Intn(16 * 4096))
+		n := 1 + rng.Intn(16*4096-int(off))
+		opts := []swapmem.Options{swapmem.UserFault, 0, swapmem.NoFault, swapmem.KernelFault}[rng.Intn(4)]
+		r := &req{}
+		va := userBase + off
+		seed := uint64(pi + 1)
+		rq := swapmem.Request{CR3: procs[pi].CR3, VA: va, Len: n, Options: opts,
+			Done: func(rd swapmem.Read) {
+				if r.calls.Add(1) > 1 || r.removed.Load() {
+					bad.Add(1)
+				}
+				if rd.Err == nil && string(rd.Data) != string(patternRange(seed, va, uint64(n))) {
+					bad.Add(1)
+				}
+				ok.Add(1)
+			}}
+		if !nested && rng.Intn(4) == 0 {
+			// PreInject re-enters: starts another read.
+			rq.PreInject = func(uint64, uint64) bool {
+				reentred.Add(1)
+				read(rand.New(rand.NewSource(int64(reentred.Load()))), true)
+				return true
+			}
+		}
+		tx, err := e.ReadData(rq)
+		if err != nil {
+			bad.Add(1)
+			return
+		}
+		r.tx = tx
+		if tx != nil {
+			mu.Lock()
+			reqs = append(reqs, r)
+			mu.Unlock()
+		}
+	}
+
+	for c := 0; c < 2; c++ {
+		cpu := m.NewVCPU(c)
+		wg.Add(1)
+		go func(seed int64) {
+			defer wg.Done()
+			rng := rand.New(rand.NewSource(seed))
+			for i := 0; i < iters; i++ {
+				cpu.Switch(procs[rng.Intn(len(procs))].CR3, []int{0, 3}[rng.Intn(2)])
+				assert.NoError(t, e.InjectPendingPF(cpu))
+				m.Deliver()
+			}
+		}(int64(c))
+	}
+	wg.Add(3)
+	go func() { // requester
+		defer wg.Done()
+		rng := rand.New(rand.NewSource(10))
+		for i := 0; i < iters/3; i++ {
+			read(rng, false)
+		}
+	}()
+	go func() { // pager and timer
+		defer wg.Done()
+		rng := rand.New(rand.NewSource(11))
+		for i := 0; i < iters; i++ {
+			p := procs[rng.Intn(len(procs))]
+			va := userBase + uint64(rng.Intn(16))*4096
+			if rng.Intn(3) == 0 {
+				_ = p.Touch(va, false)
+			} else {
+				_ = p.SwapOut(va)
+			}
+			if i%50 == 0 {
+				clk.t.Add(int64(time.Second))
+				e.ReinjectFailedPF()
+			}
+		}
+	}()
+	go func() { // remover
+		defer wg.Done()
+		rng := rand.New(rand.NewSource(12))
+		for i := 0; i < iters/10; i++ {
+			mu.Lock()
+			var r *req
+			if len(reqs) > 0 {
+				r = reqs[rng.Intn(len(reqs))]
+			}
+			mu.Unlock()
+			if r != nil && e.RemoveTransaction(r.tx) == nil {
+				r.removed.Store(true)
+			}
+			time.Sleep(10 * time.Microsecond)
+		}
+	}()
+	wg.Wait()
+
+	assert.Zero(t, bad.Load(), "wrong data, a second Done, or Done after removal")
+	assert.Empty(t, m.Violations)
+	assert.Greater(t, ok.Load(), int64(iters/10))
+	st := e.Stats()
+	t.Logf("completed %d, re-entered %d, stats %+v", ok.Load(), reentred.Load(), st)
+	require.NoError(t, e.Close())
+	assert.Zero(t, m.Watches())
+}
