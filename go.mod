@@ -2,7 +2,10 @@ module github.com/tamahv/tamahv
 
 go 1.26.0
 
-require github.com/stretchr/testify v1.12.1
+require (
+	github.com/stretchr/testify v1.12.1
+	golang.org/x/arch v0.33.0
+)
 
 require (
 	github.com/usbarmory/tamago v1.26.0 // indirect

@@ -1,0 +1,112 @@
+// The VMX instructions, each returning RFLAGS so that Go can tell
+// VMsucceed, VMfailInvalid (CF) and VMfailValid (ZF) apart (SDM Vol. 3C,
+// "Conventions" in "VMX Instruction Reference").
+
+#include "textflag.h"
+#include "vmx_amd64.h"
+
+// func vmxon(pa *uint64) (rflags uint64)
+TEXT ·vmxon(SB),NOSPLIT,$0-16
+	MOVQ	pa+0(FP), AX
+	VMXON_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+8(FP)
+	RET
+
+// func vmclear(pa *uint64) (rflags uint64)
+TEXT ·vmclear(SB),NOSPLIT,$0-16
+	MOVQ	pa+0(FP), AX
+	VMCLEAR_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+8(FP)
+	RET
+
+// func vmptrld(pa *uint64) (rflags uint64)
+TEXT ·vmptrld(SB),NOSPLIT,$0-16
+	MOVQ	pa+0(FP), AX
+	VMPTRLD_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+8(FP)
+	RET
+
+// func vmread(field uint64) (value, rflags uint64)
+TEXT ·vmread(SB),NOSPLIT,$0-24
+	MOVQ	field+0(FP), DX
+	XORQ	AX, AX
+	VMREAD_RAX_RDX
+	MOVQ	AX, value+8(FP)
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+16(FP)
+	RET
+
+// func vmwrite(field, value uint64) (rflags uint64)
+TEXT ·vmwrite(SB),NOSPLIT,$0-24
+	MOVQ	field+0(FP), DX
+	MOVQ	value+8(FP), AX
+	VMWRITE_RDX_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+16(FP)
+	RET
+
+// func vmxoff() (rflags uint64)
+TEXT ·vmxoff(SB),NOSPLIT,$0-8
+	VMXOFF
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+0(FP)
+	RET
+
+// func vmcall(nr, a1, a2 uint64) (ret uint64)
+// The guest side of a hypercall: number in RAX, arguments in RDI and RSI,
+// result in RAX.
+TEXT ·vmcall(SB),NOSPLIT,$0-32
+	MOVQ	nr+0(FP), AX
+	MOVQ	a1+8(FP), DI
+	MOVQ	a2+16(FP), SI
+	VMCALL
+	MOVQ	AX, ret+24(FP)
+	RET
+
+// func invept(typ uint64, desc *[2]uint64) (rflags uint64)
+TEXT ·invept(SB),NOSPLIT,$0-24
+	MOVQ	typ+0(FP), DX
+	MOVQ	desc+8(FP), AX
+	INVEPT_RDX_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+16(FP)
+	RET
+
+// func invvpid(typ uint64, desc *[2]uint64) (rflags uint64)
+TEXT ·invvpid(SB),NOSPLIT,$0-24
+	MOVQ	typ+0(FP), DX
+	MOVQ	desc+8(FP), AX
+	INVVPID_RDX_RAX
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+16(FP)
+	RET
+
+// func vmlaunchFail() (rflags uint64)
+// VMLAUNCH for a VMCS whose host state does not return here: it comes back
+// only when the launch fails. The VM-entry stub of the monitor uses
+// VMLAUNCH and VMRESUME with its own host state.
+TEXT ·vmlaunchFail(SB),NOSPLIT,$0-8
+	VMLAUNCH
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+0(FP)
+	RET
+
+// func vmresumeFail() (rflags uint64)
+TEXT ·vmresumeFail(SB),NOSPLIT,$0-8
+	VMRESUME
+	PUSHFQ
+	POPQ	AX
+	MOVQ	AX, rflags+0(FP)
+	RET
