@@ -109,7 +109,9 @@ func disasm(out string) []string {
 	return insns
 }
 
-func norm(s string) string { return strings.Join(strings.Fields(strings.ReplaceAll(s, ", ", ",")), " ") }
+func norm(s string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, ", ", ",")), " ")
+}
 
 func TestCheckRFLAGS(t *testing.T) {
 	assert.NoError(t, check("VMXON", 0x2, nil))

@@ -1,0 +1,168 @@
+//go:build tamago
+
+package pc
+
+import (
+	"fmt"
+	"runtime/goos"
+	"unsafe"
+	_ "unsafe" // go:linkname
+
+	"github.com/usbarmory/tamago/amd64"
+	"github.com/usbarmory/tamago/soc/intel/uart"
+
+	"github.com/tamahv/tamahv/board/pc/multiboot"
+)
+
+// Serial ports.
+const (
+	COM1 = 0x3f8
+	COM2 = 0x2f8
+)
+
+// The board's devices.
+var (
+	// AMD64 is the bootstrap processor.
+	AMD64 = &amd64.CPU{TimerMultiplier: 1}
+	// UART0 is tamahv's console on COM1.
+	UART0 = &uart.UART{Index: 1, Base: COM1}
+)
+
+// Set by cpuinit from EAX and EBX at entry.
+var bootMagic, bootInfo uint32
+
+// TSC frequency and where it came from, set by hwinit1.
+var (
+	tscHz     uint64
+	tscSource string
+)
+
+//go:linkname ramSize runtime/goos.RamSize
+var ramSize uint64 = RAMSize
+
+//go:linkname nanotime runtime/goos.Nanotime
+func nanotime() int64 { return AMD64.GetTime() }
+
+//go:linkname printk runtime/goos.Printk
+func printk(c byte) { UART0.Tx(c) }
+
+// Implemented in cpu_amd64.s.
+func inb(port uint16) uint8
+func outb(port uint16, v uint8)
+func readMSR(msr uint32) uint64
+func writeMSR(msr uint32, v uint64)
+func readCR0() uint64
+func writeCR0(v uint64)
+func readCR4() uint64
+func writeCR4(v uint64)
+func cpuid(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
+func rdtsc() uint64
+func copyPhys(dst *byte, pa uint64, n uint64)
+func haltForever()
+
+//go:linkname hwinit1 runtime/goos.Hwinit1
+func hwinit1() {
+	AMD64.Init()
+	calibrateTSC()
+	UART0.Init()
+	goos.Exit = func(int32) { haltForever() }
+}
+
+func init() {
+	AMD64.EnableExceptions()
+}
+
+// calibrateTSC sets the runtime clock from the TSC frequency: CPUID leaf
+// 0x15 where it answers, else a measurement against PIT channel 2 (no KVM
+// clock is needed).
+func calibrateTSC() {
+	if max, _, _, _ := cpuid(0, 0); max >= 0x15 {
+		a, b, c, _ := cpuid(0x15, 0)
+		if hz := CPUIDTSCHz(a, b, c); hz != 0 {
+			tscHz, tscSource = hz, "CPUID.15H"
+		}
+	}
+	if tscHz == 0 {
+		if hz, err := measureTSC(); err == nil {
+			tscHz, tscSource = hz, "PIT"
+		}
+	}
+	if tscHz == 0 {
+		tscHz, tscSource = 1_000_000_000, "assumed"
+	}
+	AMD64.TimerMultiplier = 1e9 / float64(tscHz)
+	AMD64.TimerOffset = 0
+}
+
+// measureTSC counts TSC ticks while PIT channel 2 counts down once in mode
+// 0 (interrupt on terminal count), read through port 0x61 bit 5.
+func measureTSC() (uint64, error) {
+	const port61, pitCmd, pitCh2 = 0x61, 0x43, 0x42
+	outb(port61, inb(port61)&^0x02|0x01) // speaker off, gate 2 on
+	outb(pitCmd, 0xb0)                   // channel 2, lo/hi byte, mode 0, binary
+	outb(pitCh2, pitCalibCount&0xff)
+	t0 := rdtsc()
+	outb(pitCh2, pitCalibCount>>8) // counting starts
+	for i := 0; inb(port61)&0x20 == 0; i++ {
+		if i > 1<<26 {
+			return 0, ErrCalibration
+		}
+	}
+	return TSCHz(rdtsc()-t0, pitCalibCount)
+}
+
+// TSCHzSource returns the TSC frequency in use and how it was found
+// ("CPUID.15H", "PIT" or "assumed").
+func TSCHzSource() (uint64, string) { return tscHz, tscSource }
+
+// Halt stops the processor for good.
+func Halt() { haltForever() }
+
+// Hardware gives vmx the processor's CPUID, MSRs and control registers. It
+// implements vmx.Machine.
+type Hardware struct{}
+
+// CPUID executes CPUID.
+func (Hardware) CPUID(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32) { return cpuid(leaf, subleaf) }
+
+// ReadMSR executes RDMSR.
+func (Hardware) ReadMSR(msr uint32) uint64 { return readMSR(msr) }
+
+// WriteMSR executes WRMSR.
+func (Hardware) WriteMSR(msr uint32, v uint64) { writeMSR(msr, v) }
+
+// CR0 reads CR0.
+func (Hardware) CR0() uint64 { return readCR0() }
+
+// SetCR0 writes CR0.
+func (Hardware) SetCR0(v uint64) { writeCR0(v) }
+
+// CR4 reads CR4.
+func (Hardware) CR4() uint64 { return readCR4() }
+
+// SetCR4 writes CR4.
+func (Hardware) SetCR4(v uint64) { writeCR4(v) }
+
+// PhysMem reads physical memory below 4 GiB, which the board maps one to
+// one.
+type PhysMem struct{}
+
+// ReadPhys copies len(p) bytes at pa into p.
+func (PhysMem) ReadPhys(pa uint64, p []byte) error {
+	if pa+uint64(len(p)) > 1<<32 || pa+uint64(len(p)) < pa {
+		return fmt.Errorf("pc: %#x+%#x is not mapped", pa, len(p))
+	}
+	if len(p) > 0 {
+		copyPhys(&p[0], pa, uint64(len(p)))
+	}
+	return nil
+}
+
+// BootInfo parses the Multiboot information GRUB passed.
+func BootInfo() (*multiboot.Info, error) {
+	return multiboot.Parse(PhysMem{}, bootMagic, uint64(bootInfo))
+}
+
+// PhysAddr returns the physical address of a Go object: the board maps
+// memory one to one, and the Go heap does not move objects.
+func PhysAddr(p unsafe.Pointer) uint64 { return uint64(uintptr(p)) }

@@ -1,0 +1,87 @@
+//go:build tamago
+
+// Command tamahv is the hypervisor image: it boots on a PC-compatible
+// machine, reports the processor's VMX capabilities and enters VMX
+// operation.
+//
+// It prints one of two stable lines that users and tests rely on:
+//
+//	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
+//	tamahv: VMX unavailable: <reason>
+package main
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"unsafe"
+
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// Version is the image's version, set with -ldflags "-X main.Version=...".
+var Version = "dev"
+
+// vmxonRegion backs the VMXON region; it must stay reachable while in VMX
+// operation (the Go heap does not move objects).
+var vmxonRegion []byte
+
+func main() {
+	fmt.Printf("tamahv %s: thin VT-x hypervisor (%s, %s)\n", Version, runtime.Version(), pc.AMD64.Name())
+	hz, src := pc.TSCHzSource()
+	fmt.Printf("tamahv: TSC %d.%03d MHz (%s)\n", hz/1e6, hz/1e3%1e3, src)
+	reportBoot()
+
+	caps, err := vmx.Discover(pc.Hardware{})
+	if err != nil {
+		unavailable(err.Error())
+	}
+	caps.Report(os.Stdout)
+	pa, region := alignedRegion(caps.RegionSize())
+	if err := vmx.Prepare(pc.Hardware{}, caps, region); err != nil {
+		unavailable(err.Error())
+	}
+	if err := vmx.VMXON(pa); err != nil {
+		unavailable(fmt.Sprintf("VMXON failed: %v", err))
+	}
+	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
+	if err := vmx.VMXOFF(); err != nil {
+		fmt.Printf("tamahv: VMXOFF: %v\n", err)
+	}
+	fmt.Println("tamahv: halted")
+	pc.Halt()
+}
+
+func unavailable(reason string) {
+	fmt.Printf("tamahv: VMX unavailable: %s\n", reason)
+	fmt.Println("tamahv: halted")
+	pc.Halt()
+}
+
+// alignedRegion returns a zeroed, 4 KiB aligned region of at least n
+// bytes and its physical address.
+func alignedRegion(n int) (uint64, []byte) {
+	vmxonRegion = make([]byte, n+4096)
+	pa := pc.PhysAddr(unsafe.Pointer(&vmxonRegion[0]))
+	off := (4096 - pa%4096) % 4096
+	return pa + off, vmxonRegion[off : off+uint64(n)]
+}
+
+func reportBoot() {
+	info, err := pc.BootInfo()
+	if err != nil {
+		fmt.Printf("tamahv: no boot information: %v\n", err)
+		return
+	}
+	var avail uint64
+	for _, r := range info.MemoryMap {
+		if r.Type == multiboot.MemAvailable {
+			avail += r.Length
+		}
+	}
+	fmt.Printf("tamahv: booted by %q, command line %q, %d MiB available in %d regions, %d modules\n",
+		info.LoaderName, info.Cmdline, avail>>20, len(info.MemoryMap), len(info.Modules))
+	fmt.Printf("tamahv: own region %#x-%#x\n", uint64(pc.RAMStart), uint64(pc.RAMEnd))
+}
