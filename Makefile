@@ -1,0 +1,110 @@
+# tamahv: build the image and ISO, boot it, test it.
+#
+#   make            build build/tamahv.elf and build/tamahv.iso
+#   make run        boot the ISO in Bochs (VMX with EPT); EMU=tcg or EMU=kvm for QEMU
+#   make test       vet, format check, host tests (-race), emulator tests
+#   make e2e-models boot every supported Bochs CPU model
+#   make fuzz       run the swapmem fuzzer for FUZZTIME (default 60s)
+
+GO       ?= go
+BUILD    := build
+TAMAGO   := $(BUILD)/tamago
+IMAGE    := $(BUILD)/tamahv.elf
+ISO      := $(BUILD)/tamahv.iso
+EMU      ?= bochs
+MODEL    ?= corei7_skylake_x
+TIMEOUT  ?= 10m
+FUZZTIME ?= 60s
+VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
+# Must match board/pc/layout.go: the image is linked at TEXT and GRUB keeps
+# everything up to RAM_END for it.
+TEXT     := 0x10010000
+RAM_END  := 0x18000000
+
+TAMAGO_VERSION := $(shell awk '$$1 == "github.com/usbarmory/tamago" {print $$2}' go.mod)
+TAMAGO_GOROOT  := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go/tamago-go$(TAMAGO_VERSION:v%=%)
+
+# Debian packages each part needs.
+PKGS_ISO   := grub-pc-bin grub-common xorriso mtools
+PKGS_BOCHS := bochs bochsbios vgabios bochs-term
+PKGS_QEMU  := qemu-system-x86
+PKGS_TEST  := binutils
+
+.PHONY: all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+
+all: iso
+
+# install-packages installs the Debian packages in $(1) that are missing.
+define install-packages
+	@missing=""; for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "tamahv: installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+deps-iso:
+	$(call install-packages,$(PKGS_ISO))
+deps-bochs:
+	$(call install-packages,$(PKGS_BOCHS))
+deps-qemu:
+	$(call install-packages,$(PKGS_QEMU))
+deps-test:
+	$(call install-packages,$(PKGS_TEST))
+
+$(TAMAGO): go.mod go.sum
+	@mkdir -p $(BUILD)
+	@echo "tamahv: building the tamago command (runs the TamaGo Go distribution)"
+	$(GO) build -o $@ github.com/usbarmory/tamago/cmd/tamago
+
+# cmd/tamago installs the TamaGo distribution into $(TAMAGO_GOROOT) from the
+# network when it is missing; say what to do where there is none.
+tamago-dist: $(TAMAGO)
+	@if [ ! -x "$(TAMAGO_GOROOT)/bin/go" ]; then \
+		echo "tamahv: no TamaGo Go distribution at $(TAMAGO_GOROOT); the tamago command will try to install it (needs network)."; \
+		echo "tamahv: without network, see README.md, \"The TamaGo distribution\"."; \
+	fi
+
+image: tamago-dist
+	@echo "tamahv: building $(IMAGE) ($(VERSION))"
+	GOOS=tamago GOOSPKG=github.com/usbarmory/tamago GOARCH=amd64 $(TAMAGO) build \
+		-tags linkcpuinit -trimpath \
+		-ldflags "-T $(TEXT) -R 0x1000 -X main.Version=$(VERSION)" \
+		-o $(IMAGE) ./cmd/tamahv
+	$(GO) run ./cmd/mbpatch -reserve-end $(RAM_END) $(IMAGE)
+
+iso: image deps-iso
+	@echo "tamahv: building $(ISO)"
+	@rm -rf $(BUILD)/iso && mkdir -p $(BUILD)/iso/boot/grub
+	cp $(IMAGE) $(BUILD)/iso/boot/tamahv.elf
+	cp qemu/grub.cfg $(BUILD)/iso/boot/grub/grub.cfg
+	grub-mkrescue -o $(ISO) $(BUILD)/iso 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+	@ls -l $(IMAGE) $(ISO)
+
+run: iso $(if $(filter bochs,$(EMU)),deps-bochs,deps-qemu)
+	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -timeout $(TIMEOUT) $(ISO)
+
+check:
+	@echo "tamahv: go vet and gofmt"
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+host-test:
+	$(GO) test -race -count=1 ./swapmem/... ./vmx/... ./board/... ./cmd/... ./qemu/...
+
+# The emulator tests build the image themselves (make iso) when the TamaGo
+# distribution is here, and skip with one line saying why when it is not.
+test: deps-test deps-iso deps-bochs deps-qemu check
+	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
+	$(GO) test -race -count=1 ./...
+
+e2e-models: deps-bochs deps-iso
+	TAMAHV_E2E_MODELS=1 $(GO) test -count=1 -v -run 'TestBochsModels' -timeout 30m ./qemu/
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzOperations -fuzztime $(FUZZTIME) ./swapmem/
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,126 @@
+package qemu
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// End-to-end tests: they build the image with make and boot it.
+
+var (
+	buildOnce sync.Once
+	buildErr  error
+	buildOut  []byte
+)
+
+// isoForTest builds build/tamahv.iso once, or skips the test saying why it
+// cannot be built here.
+func isoForTest(t *testing.T) string {
+	t.Helper()
+	if why := ImagePrerequisites("../go.mod"); why != "" {
+		t.Skip("image tests skipped: " + why)
+	}
+	buildOnce.Do(func() {
+		cmd := exec.Command("make", "-C", "..", "iso")
+		buildOut, buildErr = cmd.CombinedOutput()
+	})
+	require.NoError(t, buildErr, "make iso:\n%s", buildOut)
+	iso, err := filepath.Abs("../build/tamahv.iso")
+	require.NoError(t, err)
+	return iso
+}
+
+func needEmulator(t *testing.T, e Emulator) {
+	t.Helper()
+	if why := EmulatorPrerequisite(e); why != "" {
+		t.Skip("emulator test skipped: " + why)
+	}
+}
+
+var vmxOnRE = regexp.MustCompile(`^tamahv: VMX on \(revision 0x[0-9a-f]+, EPT yes, VPID yes, unrestricted guest yes\)$`)
+
+func bootUntilHalted(t *testing.T, c Config) *Result {
+	t.Helper()
+	c.Dir = filepath.Join(t.TempDir(), string(c.Emulator))
+	res, err := Run(context.Background(), c, nil, func(l string) bool { return l == "tamahv: halted" })
+	if err != nil {
+		t.Logf("serial console:\n%s", res.Serial())
+		if b, e := os.ReadFile(filepath.Join(c.Dir, "bochs.log")); e == nil {
+			t.Logf("bochs.log (tail):\n%s", tail(string(b), 30))
+		}
+	}
+	require.NoError(t, err)
+	return res
+}
+
+func tail(s string, n int) string {
+	l := strings.Split(s, "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
+}
+
+func lineWith(lines []string, prefix string) (string, int) {
+	for i, l := range lines {
+		if strings.HasPrefix(l, prefix) {
+			return l, i
+		}
+	}
+	return "", -1
+}
+
+func TestBochsEntersVMXOperation(t *testing.T) {
+	iso := isoForTest(t)
+	needEmulator(t, Bochs)
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 3 * time.Minute})
+	on, i := lineWith(res.Lines, "tamahv: VMX ")
+	require.GreaterOrEqual(t, i, 0, "no VMX line in:\n%s", res.Serial())
+	assert.Regexp(t, vmxOnRE, on)
+	boot, _ := lineWith(res.Lines, "tamahv: booted by ")
+	assert.Contains(t, boot, "GRUB")
+	fc, _ := lineWith(res.Lines, "vmx: IA32_FEATURE_CONTROL")
+	assert.Contains(t, fc, "VMX outside SMX yes")
+	t.Logf("Bochs: %q after %v", on, res.Elapsed.Round(time.Millisecond))
+}
+
+func TestTCGReportsVMXUnavailable(t *testing.T) {
+	iso := isoForTest(t)
+	needEmulator(t, TCG)
+	res := bootUntilHalted(t, Config{Emulator: TCG, ISO: iso, Timeout: time.Minute})
+	l, i := lineWith(res.Lines, "tamahv: VMX ")
+	require.GreaterOrEqual(t, i, 0, "no VMX line in:\n%s", res.Serial())
+	assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
+}
+
+// TestBochsModels boots every Bochs CPU model tamahv supports; it is slow
+// and runs on demand (make e2e-models sets TAMAHV_E2E_MODELS=1).
+func TestBochsModels(t *testing.T) {
+	if os.Getenv("TAMAHV_E2E_MODELS") == "" {
+		t.Skip("model matrix runs on demand: make e2e-models")
+	}
+	iso := isoForTest(t)
+	needEmulator(t, Bochs)
+	for _, m := range BochsModels {
+		t.Run(m, func(t *testing.T) {
+			res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Model: m, Timeout: 3 * time.Minute})
+			on, _ := lineWith(res.Lines, "tamahv: VMX ")
+			assert.Regexp(t, vmxOnRE, on)
+			for _, l := range res.Lines {
+				if strings.HasPrefix(l, "vmx: ") {
+					t.Log(l)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,60 @@
+// Command tamahv-run boots the tamahv ISO in an emulator and shows its
+// serial console on the terminal until tamahv halts, the emulator exits or
+// the time limit passes. make run uses it.
+//
+// Usage:
+//
+//	tamahv-run [-emu bochs|tcg|kvm] [-model corei7_skylake_x] [-mem 1024] [-timeout 10m] build/tamahv.iso
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"time"
+
+	"github.com/tamahv/tamahv/qemu"
+)
+
+func main() {
+	emu := flag.String("emu", "bochs", "emulator: bochs (VMX with EPT), tcg (QEMU, no VMX) or kvm (QEMU with nested VMX)")
+	model := flag.String("model", qemu.DefaultModel, "Bochs CPU model")
+	mem := flag.Int("mem", qemu.DefaultMemMiB, "memory in MiB")
+	timeout := flag.Duration("timeout", 10*time.Minute, "time limit")
+	dir := flag.String("logs", "", "directory for the serial log and the emulator's logs (default: a new temporary one)")
+	flag.Parse()
+	if flag.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: tamahv-run [flags] tamahv.iso")
+		flag.PrintDefaults()
+		os.Exit(2)
+	}
+	e, err := qemu.ParseEmulator(*emu)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer cancel()
+	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, Timeout: *timeout, Dir: *dir}
+	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v)\n", c.ISO, describe(c), *timeout)
+	res, err := qemu.Run(ctx, c, os.Stdout, func(l string) bool { return l == "tamahv: halted" })
+	if res != nil {
+		fmt.Fprintf(os.Stderr, "tamahv-run: %v elapsed; logs in %s\n", res.Elapsed.Round(time.Millisecond), res.Dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tamahv-run:", err)
+		os.Exit(1)
+	}
+}
+
+func describe(c qemu.Config) string {
+	switch c.Emulator {
+	case qemu.Bochs:
+		return "Bochs (" + c.Model + ", VMX with EPT)"
+	case qemu.KVM:
+		return "QEMU with KVM and nested VMX"
+	}
+	return "QEMU TCG (no VMX)"
+}

@@ -1,0 +1,215 @@
+// Package qemu is tamahv's emulator harness: it boots the tamahv ISO in
+// Bochs (VMX with EPT, emulated) or QEMU (TCG without VMX, or KVM with
+// nested VMX), with a time limit, the serial console written to a file and
+// followed line by line, and the emulator ended through the process it
+// started.
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Emulator selects what boots the image.
+type Emulator string
+
+// The emulators.
+const (
+	// Bochs emulates VT-x with EPT: the default, and the one that runs
+	// tamahv's guest anywhere.
+	Bochs Emulator = "bochs"
+	// TCG is QEMU's software emulation: no VMX.
+	TCG Emulator = "tcg"
+	// KVM is QEMU with KVM and nested VMX, where /dev/kvm offers it.
+	KVM Emulator = "kvm"
+)
+
+// ParseEmulator accepts the names of the emulators.
+func ParseEmulator(s string) (Emulator, error) {
+	switch e := Emulator(strings.ToLower(s)); e {
+	case Bochs, TCG, KVM:
+		return e, nil
+	}
+	return "", fmt.Errorf("qemu: unknown emulator %q (bochs, tcg or kvm)", s)
+}
+
+// BochsModels are the Bochs CPU models with VMX, EPT and unrestricted
+// guest that tamahv is run on.
+var BochsModels = []string{"corei7_skylake_x", "broadwell_ult", "corei7_icelake_u", "tigerlake"}
+
+// Config describes one boot.
+type Config struct {
+	Emulator Emulator
+	ISO      string        // the bootable image
+	Model    string        // Bochs CPU model (default corei7_skylake_x)
+	MemMiB   int           // guest-physical memory (default 1024)
+	Timeout  time.Duration // the emulator is ended after this long (default 2 minutes)
+	// Dir receives the serial log, the emulator's own log and its
+	// configuration (default: a new temporary directory).
+	Dir string
+	// Program replaces the emulator's executable (for tests of the
+	// harness itself); it gets the same arguments.
+	Program string
+}
+
+// Defaults.
+const (
+	DefaultModel   = "corei7_skylake_x"
+	DefaultMemMiB  = 1024
+	DefaultTimeout = 2 * time.Minute
+	// bochsIPS is the instructions per second Bochs emulates; its TSC
+	// runs at this rate.
+	bochsIPS = 200_000_000
+)
+
+func (c *Config) fill() error {
+	if c.Emulator == "" {
+		c.Emulator = Bochs
+	}
+	if _, err := ParseEmulator(string(c.Emulator)); err != nil {
+		return err
+	}
+	if c.ISO == "" {
+		return errors.New("qemu: no ISO given")
+	}
+	iso, err := filepath.Abs(c.ISO)
+	if err != nil {
+		return err
+	}
+	c.ISO = iso
+	if _, err := os.Stat(c.ISO); err != nil {
+		return fmt.Errorf("qemu: %w", err)
+	}
+	if c.Model == "" {
+		c.Model = DefaultModel
+	}
+	if c.MemMiB == 0 {
+		c.MemMiB = DefaultMemMiB
+	}
+	if c.MemMiB < 512 {
+		return fmt.Errorf("qemu: %d MiB of memory: tamahv's own region ends at 384 MiB, give at least 512", c.MemMiB)
+	}
+	if c.Timeout == 0 {
+		c.Timeout = DefaultTimeout
+	}
+	return nil
+}
+
+// SerialLog is where the serial console of a boot in dir is written.
+func SerialLog(dir string) string { return filepath.Join(dir, "serial.log") }
+
+// bochsrc is the Bochs configuration for c, writing into dir.
+func bochsrc(c *Config, dir string) string {
+	return strings.Join([]string{
+		fmt.Sprintf("megs: %d", c.MemMiB),
+		fmt.Sprintf("cpu: model=%s, count=1, ips=%d, reset_on_triple_fault=0", c.Model, bochsIPS),
+		"romimage: file=/usr/share/bochs/BIOS-bochs-latest",
+		"vgaromimage: file=/usr/share/vgabios/vgabios.bin",
+		fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted", c.ISO),
+		"boot: cdrom",
+		fmt.Sprintf("com1: enabled=1, mode=file, dev=%q", SerialLog(dir)),
+		"display_library: term",
+		"clock: sync=none, time0=local",
+		fmt.Sprintf("log: %q", filepath.Join(dir, "bochs.log")),
+		"panic: action=fatal",
+		"error: action=report",
+		"info: action=ignore",
+		"debug: action=ignore",
+		"",
+	}, "\n")
+}
+
+// command returns the program and arguments for c. For Bochs it writes the
+// configuration and the debugger's command file into dir.
+func command(c *Config, dir string) (string, []string, error) {
+	switch c.Emulator {
+	case Bochs:
+		rc := filepath.Join(dir, "bochsrc")
+		if err := os.WriteFile(rc, []byte(bochsrc(c, dir)), 0o644); err != nil {
+			return "", nil, err
+		}
+		// Debian's Bochs has its debugger built in: "c" lets it run.
+		cmds := filepath.Join(dir, "bochs.cmds")
+		if err := os.WriteFile(cmds, []byte("c\n"), 0o644); err != nil {
+			return "", nil, err
+		}
+		return c.program("bochs"), []string{"-q", "-f", rc, "-rc", cmds}, nil
+	case TCG, KVM:
+		args := []string{
+			"-machine", "pc", "-m", fmt.Sprint(c.MemMiB),
+			"-cdrom", c.ISO, "-boot", "d",
+			"-display", "none", "-monitor", "none", "-no-reboot",
+			"-serial", "file:" + SerialLog(dir),
+		}
+		if c.Emulator == KVM {
+			args = append(args, "-enable-kvm", "-cpu", "host,+vmx")
+		} else {
+			// max gives RDRAND, which the Go runtime's start-up uses; TCG
+			// has no VMX whatever the model.
+			args = append(args, "-cpu", "max")
+		}
+		return c.program("qemu-system-x86_64"), args, nil
+	}
+	return "", nil, fmt.Errorf("qemu: unknown emulator %q", c.Emulator)
+}
+
+func (c *Config) program(def string) string {
+	if c.Program != "" {
+		return c.Program
+	}
+	return def
+}
+
+// KVMStatus reports whether QEMU with KVM can give a guest VMX: nil if so,
+// else the reason it cannot.
+func KVMStatus() error {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		return fmt.Errorf("KVM needs a linux/amd64 host, this is %s/%s", runtime.GOOS, runtime.GOARCH)
+	}
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("/dev/kvm is not usable: %w", err)
+	}
+	f.Close()
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return err
+	}
+	return kvmVMX(string(info), readParam("/sys/module/kvm_intel/parameters/nested"))
+}
+
+func readParam(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// kvmVMX decides from /proc/cpuinfo and kvm_intel's nested parameter.
+func kvmVMX(cpuinfo, nested string) error {
+	hasVMX := false
+	for _, l := range strings.Split(cpuinfo, "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.TrimSpace(k) == "flags" {
+			for _, f := range strings.Fields(v) {
+				if f == "vmx" {
+					hasVMX = true
+				}
+			}
+			break
+		}
+	}
+	switch {
+	case !hasVMX:
+		return errors.New("the host CPU has no VMX (KVM here cannot give a guest VT-x)")
+	case nested != "Y" && nested != "1":
+		return fmt.Errorf("kvm_intel nested virtualization is off (nested=%q)", nested)
+	}
+	return nil
+}
