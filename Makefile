@@ -86,9 +86,13 @@ iso: image deps-iso
 run: iso $(if $(filter bochs,$(EMU)),deps-bochs,deps-qemu)
 	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -timeout $(TIMEOUT) $(ISO)
 
-check:
+check: $(TAMAGO)
 	@echo "tamahv: go vet and gofmt"
 	$(GO) vet ./...
+	@if [ -x "$(TAMAGO_GOROOT)/bin/go" ]; then \
+		echo "GOOS=tamago go vet ./board/... ./cmd/tamahv ./vmx"; \
+		GOOS=tamago GOOSPKG=github.com/usbarmory/tamago GOARCH=amd64 $(TAMAGO) vet -tags linkcpuinit ./board/... ./cmd/tamahv ./vmx; \
+	fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 host-test:

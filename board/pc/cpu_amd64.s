@@ -20,15 +20,17 @@ TEXT ·outb(SB),NOSPLIT,$0-3
 TEXT ·readMSR(SB),NOSPLIT,$0-16
 	MOVL	msr+0(FP), CX
 	RDMSR
-	MOVL	AX, ret+8(FP)
-	MOVL	DX, ret+12(FP)
+	SHLQ	$32, DX
+	ORQ	DX, AX
+	MOVQ	AX, ret+8(FP)
 	RET
 
 // func writeMSR(msr uint32, v uint64)
 TEXT ·writeMSR(SB),NOSPLIT,$0-16
 	MOVL	msr+0(FP), CX
-	MOVL	v+8(FP), AX
-	MOVL	v+12(FP), DX
+	MOVQ	v+8(FP), AX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
 	WRMSR
 	RET
 
