@@ -1,0 +1,162 @@
+package ept
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// memTables hands out pages from a map, like host memory would.
+type memTables struct {
+	pages map[uint64]*[512]uint64
+	next  uint64
+	limit int
+}
+
+func newMem() *memTables { return &memTables{pages: map[uint64]*[512]uint64{}, next: 0x100000} }
+
+func (m *memTables) Alloc() (uint64, error) {
+	if m.limit > 0 && len(m.pages) >= m.limit {
+		return 0, errors.New("out of pages")
+	}
+	pa := m.next
+	m.next += Size4K
+	m.pages[pa] = new([512]uint64)
+	return pa, nil
+}
+func (m *memTables) Free(pa uint64) { delete(m.pages, pa) }
+func (m *memTables) Table(pa uint64) (*[512]uint64, error) {
+	t := m.pages[pa]
+	if t == nil {
+		return nil, fmt.Errorf("no table at %#x", pa)
+	}
+	return t, nil
+}
+
+func TestMapUsesLargePages(t *testing.T) {
+	m := newMem()
+	e, err := New(m, Options{Pages1G: true})
+	require.NoError(t, err)
+	// Guest RAM 0-4 GiB except a 128 MiB hole at 256 MiB, identity.
+	require.NoError(t, e.Map(0, 0, 0x10000000, RWX, WriteBack))
+	require.NoError(t, e.Map(0x18000000, 0x18000000, 0x100000000-0x18000000, RWX, WriteBack))
+	hpa, p, mt, size, ok := e.Lookup(0x92345678)
+	require.True(t, ok)
+	assert.Equal(t, uint64(0x92345678), hpa)
+	assert.Equal(t, RWX, p)
+	assert.Equal(t, WriteBack, mt)
+	assert.EqualValues(t, Size1G, size)
+	_, _, _, size, ok = e.Lookup(0x0ff00000)
+	require.True(t, ok)
+	assert.EqualValues(t, Size2M, size, "below the hole: 2 MiB pages")
+	_, _, _, _, ok = e.Lookup(0x10000000)
+	assert.False(t, ok, "the hole is not mapped")
+	_, _, _, _, ok = e.Lookup(0x17ffffff)
+	assert.False(t, ok)
+	// PML4, one PDPT, PDs for the first GiB only.
+	assert.Equal(t, 3, len(m.pages))
+	assert.Equal(t, e.Root()|6|3<<3, e.Pointer(false))
+	assert.Equal(t, e.Root()|6|3<<3|1<<6, e.Pointer(true))
+
+	err = e.Map(0x17000000, 0x17000000, 0x2000000, RWX, WriteBack)
+	assert.ErrorIs(t, err, ErrMapped)
+}
+
+func TestMapWithout1GPages(t *testing.T) {
+	e, err := New(newMem(), Options{})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0x40000000, 0x80000000, Size1G, RWX, Uncacheable))
+	_, _, mt, size, ok := e.Lookup(0x40000000)
+	require.True(t, ok)
+	assert.EqualValues(t, Size2M, size)
+	assert.Equal(t, Uncacheable, mt)
+}
+
+func TestProtectSplits(t *testing.T) {
+	m := newMem()
+	e, err := New(m, Options{Pages1G: true, ExecuteOnly: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0x100000000, Size1G, RWX, WriteBack))
+	old, err := e.Protect(0x1234000, Read|Exec)
+	require.NoError(t, err)
+	assert.Equal(t, RWX, old)
+	hpa, p, mt, size, ok := e.Lookup(0x1234567)
+	require.True(t, ok)
+	assert.Equal(t, uint64(0x101234567), hpa)
+	assert.Equal(t, Read|Exec, p)
+	assert.Equal(t, WriteBack, mt)
+	assert.EqualValues(t, Size4K, size)
+	// Neighbours keep everything, at the sizes the split left.
+	_, p, _, size, _ = e.Lookup(0x1235000)
+	assert.Equal(t, RWX, p)
+	assert.EqualValues(t, Size4K, size)
+	hpa, p, _, size, _ = e.Lookup(0x3fe00000)
+	assert.Equal(t, RWX, p)
+	assert.EqualValues(t, Size2M, size)
+	assert.Equal(t, uint64(0x13fe00000), hpa)
+	// Execute-only is allowed with the capability, write-only never.
+	_, err = e.Protect(0x1234000, Exec)
+	assert.NoError(t, err)
+	_, err = e.Protect(0x1234000, Write)
+	assert.ErrorIs(t, err, ErrPerm)
+	_, err = e.Protect(0x1234001, Read)
+	assert.ErrorIs(t, err, ErrAlign)
+	_, err = e.Protect(0x80000000, Read)
+	assert.ErrorIs(t, err, ErrNotFound)
+
+	noXO, err := New(newMem(), Options{})
+	require.NoError(t, err)
+	require.NoError(t, noXO.Map(0, 0, Size4K, RWX, WriteBack))
+	_, err = noXO.Protect(0, Exec)
+	assert.ErrorIs(t, err, ErrExecOnly)
+}
+
+func TestUnmapSplitsAtTheEdges(t *testing.T) {
+	e, err := New(newMem(), Options{Pages1G: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, 2*Size1G, RWX, WriteBack))
+	require.NoError(t, e.Unmap(0x10000000, 0x08000000))
+	for _, gpa := range []uint64{0x10000000, 0x12345000, 0x17fff000} {
+		_, _, _, _, ok := e.Lookup(gpa)
+		assert.False(t, ok, "%#x", gpa)
+	}
+	for _, gpa := range []uint64{0x0fffffff, 0x18000000, 0x7fffffff} {
+		hpa, _, _, _, ok := e.Lookup(gpa)
+		assert.True(t, ok, "%#x", gpa)
+		assert.Equal(t, gpa, hpa)
+	}
+	// The range can be mapped again, elsewhere.
+	require.NoError(t, e.Map(0x10000000, 0x90000000, 0x08000000, Read, WriteBack))
+	hpa, p, _, _, ok := e.Lookup(0x10001000)
+	assert.True(t, ok)
+	assert.Equal(t, uint64(0x90001000), hpa)
+	assert.Equal(t, Read, p)
+}
+
+func TestBadArguments(t *testing.T) {
+	e, err := New(newMem(), Options{})
+	require.NoError(t, err)
+	assert.ErrorIs(t, e.Map(0x1001, 0, Size4K, RWX, WriteBack), ErrAlign)
+	assert.ErrorIs(t, e.Map(0, 0, 100, RWX, WriteBack), ErrAlign)
+	assert.ErrorIs(t, e.Map(maxGPA-Size4K, 0, 2*Size4K, RWX, WriteBack), ErrRange)
+	assert.ErrorIs(t, e.Map(0, 0, Size4K, Write, WriteBack), ErrPerm)
+	assert.ErrorIs(t, e.Unmap(1, Size4K), ErrAlign)
+	_, _, _, _, ok := e.Lookup(maxGPA)
+	assert.False(t, ok)
+	m := newMem()
+	m.limit = 2
+	e, err = New(m, Options{})
+	require.NoError(t, err)
+	assert.Error(t, e.Map(0, 0, Size4K, RWX, WriteBack), "runs out of table pages")
+}
+
+func TestViolation(t *testing.T) {
+	v := DecodeViolation(0x182 | 0x8)
+	assert.Equal(t, Violation{Write: true, Readable: true, LinearValid: true, Translation: true}, v)
+	assert.Equal(t, "write, entry allowed r--", v.String())
+	assert.Equal(t, "read, entry allowed ---, during a guest page walk", DecodeViolation(0x81).String())
+	assert.Equal(t, "fetch, entry allowed rw-", DecodeViolation(0x1c).String())
+}
