@@ -1,0 +1,156 @@
+package hv
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// sparseMem is guest memory for the loader tests.
+type sparseMem map[uint64]byte
+
+func (m sparseMem) ReadPhys(pa uint64, p []byte) error {
+	for i := range p {
+		p[i] = m[pa+uint64(i)]
+	}
+	return nil
+}
+
+func (m sparseMem) WritePhys(pa uint64, p []byte) error {
+	for i, b := range p {
+		m[pa+uint64(i)] = b
+	}
+	return nil
+}
+
+func (m sparseMem) CopyPhys(dst, src, n uint64) error {
+	for i := uint64(0); i < n; i++ {
+		m[dst+i] = m[src+i]
+	}
+	return nil
+}
+
+func (m sparseMem) u32(pa uint64) uint32 {
+	b := make([]byte, 4)
+	_ = m.ReadPhys(pa, b)
+	return binary.LittleEndian.Uint32(b)
+}
+
+// fakeBzImage is a bzImage with the given setup sectors and a payload
+// after them.
+func fakeBzImage(version uint16, payload []byte) []byte {
+	b := make([]byte, 5*512)
+	le := binary.LittleEndian
+	b[hdrSetupSects] = 4
+	le.PutUint16(b[hdrBootFlag:], 0xaa55)
+	b[hdrJumpEnd] = 0x6a
+	copy(b[hdrMagic:], "HdrS")
+	le.PutUint16(b[hdrVersion:], version)
+	le.PutUint32(b[hdrCode32Start:], 0x100000)
+	le.PutUint32(b[hdrInitrdMax:], 0x7fffffff)
+	le.PutUint32(b[hdrCmdlineSize:], 2047)
+	le.PutUint32(b[hdrInitSize:], 0x03000000)
+	return append(b, payload...)
+}
+
+var machineMap = []E820Entry{
+	{0, 0x9fc00, E820RAM},
+	{0x9fc00, 0x400, E820Reserved},
+	{0xf0000, 0x10000, E820Reserved},
+	{0x100000, 0x3fef0000, E820RAM},
+	{0x3fff0000, 0x10000, E820ACPI},
+}
+
+func TestGuestE820CutsOutTamahv(t *testing.T) {
+	got := GuestE820(machineMap, [][2]uint64{{0x10000000, 0x18000000}})
+	assert.Equal(t, []E820Entry{
+		{0, 0x9fc00, E820RAM},
+		{0x9fc00, 0x400, E820Reserved},
+		{0xf0000, 0x10000, E820Reserved},
+		{0x100000, 0x10000000 - 0x100000, E820RAM},
+		{0x10000000, 0x08000000, E820Reserved},
+		{0x18000000, 0x3fff0000 - 0x18000000, E820RAM},
+		{0x3fff0000, 0x10000, E820ACPI},
+	}, got)
+}
+
+func TestLoadLinux(t *testing.T) {
+	m := sparseMem{}
+	payload := []byte("protected-mode kernel")
+	img := fakeBzImage(0x020f, payload)
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	initrd := []byte("initramfs")
+	require.NoError(t, m.WritePhys(0x21000000, initrd))
+	l := &Linux{
+		KernelPA: 0x20000000, KernelLen: uint64(len(img)),
+		InitrdPA: 0x21000000, InitrdLen: uint64(len(initrd)),
+		Cmdline: "console=ttyS1", Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
+	}
+	s, err := l.Load(m)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x100000), s.RIP)
+	assert.Equal(t, uint64(LinuxBootParam), s.RSI)
+	assert.Equal(t, uint64(0x10000000-0x1000), s.InitrdPA, "just below tamahv, page aligned")
+	got := make([]byte, len(payload))
+	require.NoError(t, m.ReadPhys(LinuxKernel, got))
+	assert.Equal(t, payload, got)
+	require.NoError(t, m.ReadPhys(s.InitrdPA, got[:len(initrd)]))
+	assert.Equal(t, initrd, got[:len(initrd)])
+	assert.Equal(t, uint32(LinuxCmdline), m.u32(LinuxBootParam+hdrCmdLinePtr))
+	assert.Equal(t, uint32(s.InitrdPA), m.u32(LinuxBootParam+hdrRamdiskImage))
+	assert.Equal(t, uint32(len(initrd)), m.u32(LinuxBootParam+hdrRamdiskSize))
+	assert.Equal(t, byte(0xff), m[LinuxBootParam+hdrTypeOfLoader])
+	assert.Equal(t, byte(7), m[LinuxBootParam+bpE820Entries])
+	assert.Equal(t, uint32(0x10000000), m.u32(LinuxBootParam+bpE820Table+4*20), "tamahv's region is listed reserved")
+	assert.Equal(t, uint32(E820Reserved), m.u32(LinuxBootParam+bpE820Table+4*20+16))
+	cmd := make([]byte, 14)
+	require.NoError(t, m.ReadPhys(LinuxCmdline, cmd))
+	assert.Equal(t, "console=ttyS1\x00", string(cmd))
+	assert.Equal(t, uint32(0x0000ffff), m.u32(LinuxGDT+bootCS))
+	assert.Equal(t, uint32(0x00cf9b00), m.u32(LinuxGDT+bootCS+4))
+}
+
+func TestLoadLinuxRefusals(t *testing.T) {
+	for name, tc := range map[string]struct {
+		img    []byte
+		mutate func(l *Linux)
+		want   error
+	}{
+		"not a bzImage":   {img: make([]byte, 4096), want: ErrNotBzImage},
+		"old protocol":    {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
+		"long cmdline":    {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
+		"initrd too big":  {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
+		"module in place": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdPA = 0x0fffe800; l.InitrdLen = 0x1000 }, want: ErrLayout},
+		"tiny":            {img: []byte("MZ"), want: ErrNotBzImage},
+	} {
+		m := sparseMem{}
+		require.NoError(t, m.WritePhys(0x20000000, tc.img))
+		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), InitrdPA: 0x21000000, InitrdLen: 16,
+			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+		if tc.mutate != nil {
+			tc.mutate(l)
+		}
+		_, err := l.Load(m)
+		assert.ErrorIs(t, err, tc.want, name)
+	}
+}
+
+// TestLoadDebianKernelHeader reads the header of the Debian kernel the
+// guest payload uses, when it has been unpacked (make payload).
+func TestLoadDebianKernelHeader(t *testing.T) {
+	img, err := os.ReadFile("../build/payload/vmlinuz")
+	if err != nil {
+		t.Skip("no build/payload/vmlinuz (make payload)")
+	}
+	m := sparseMem{}
+	require.NoError(t, m.WritePhys(0x20000000, img[:8192]))
+	l := &Linux{KernelPA: 0x20000000, KernelLen: 8192, Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	s, err := l.Load(m)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, s.ProtocolVersion, uint16(0x020f), fmt.Sprintf("%#x", s.ProtocolVersion))
+	assert.Equal(t, uint64(0x100000), s.RIP)
+}
