@@ -1,0 +1,123 @@
+package hv
+
+import (
+	"errors"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// eventQueue is a small ring of events waiting for VM entry; it never
+// allocates.
+type eventQueue struct {
+	buf  [8]vmx.Event
+	head int
+	n    int
+}
+
+func (q *eventQueue) push(e vmx.Event) bool {
+	if q.n == len(q.buf) {
+		return false
+	}
+	q.buf[(q.head+q.n)%len(q.buf)] = e
+	q.n++
+	return true
+}
+
+func (q *eventQueue) pushFront(e vmx.Event) bool {
+	if q.n == len(q.buf) {
+		return false
+	}
+	q.head = (q.head + len(q.buf) - 1) % len(q.buf)
+	q.buf[q.head] = e
+	q.n++
+	return true
+}
+
+func (q *eventQueue) peek() (vmx.Event, bool) {
+	if q.n == 0 {
+		return vmx.Event{}, false
+	}
+	return q.buf[q.head], true
+}
+
+func (q *eventQueue) pop() {
+	if q.n > 0 {
+		q.head = (q.head + 1) % len(q.buf)
+		q.n--
+	}
+}
+
+// ErrEventQueueFull is returned by Inject when events pile up.
+var ErrEventQueueFull = errors.New("hv: event queue full")
+
+// Inject queues an event for delivery at the next VM entry that can take
+// it.
+func (v *VCPU) Inject(e vmx.Event) error {
+	if !v.events.push(e) {
+		return ErrEventQueueFull
+	}
+	return nil
+}
+
+// InjectException queues a processor exception.
+func (v *VCPU) InjectException(vector uint8, errorCode uint32) error {
+	return v.Inject(vmx.Exception(vector, errorCode, uint32(v.VMCS.Read(vmx.ExitInstructionLen))))
+}
+
+// EventPending reports whether an event waits for the next VM entry.
+func (v *VCPU) EventPending() bool { return v.events.n > 0 }
+
+// Guest interruptibility bits (SDM Vol. 3C, "Guest Non-Register State").
+const (
+	blockingSTI   = 1 << 0
+	blockingMovSS = 1 << 1
+	blockingNMI   = 1 << 3
+	rflagsIF      = 1 << 9
+)
+
+// deliverEvent places the first queued event into the VM-entry fields if
+// the guest can take it now, else asks for an interrupt or NMI window.
+func (v *VCPU) deliverEvent() {
+	proc := v.VMCS.Read(vmx.ProcControls)
+	want := proc &^ (vmx.ProcInterruptWindow | vmx.ProcNMIWindow)
+	if e, ok := v.events.peek(); ok {
+		block := v.VMCS.Read(vmx.GuestInterruptibility)
+		switch {
+		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&rflagsIF == 0 || block&(blockingSTI|blockingMovSS) != 0):
+			want |= vmx.ProcInterruptWindow
+		case e.Type == vmx.EventNMI && block&(blockingNMI|blockingMovSS) != 0:
+			want |= vmx.ProcNMIWindow
+		default:
+			v.VMCS.Write(vmx.EntryInterruptInfo, uint64(e.Info()))
+			if e.HasError {
+				v.VMCS.Write(vmx.EntryExceptionError, uint64(e.ErrorCode))
+			}
+			if e.NeedsInstrLen() {
+				v.VMCS.Write(vmx.EntryInstructionLen, uint64(e.InstrLen))
+			}
+			v.events.pop()
+		}
+	}
+	if want != proc {
+		v.VMCS.Write(vmx.ProcControls, want)
+	}
+}
+
+// requeueVectoring puts back an event whose delivery the VM exit
+// interrupted (IDT-vectoring information), ahead of everything else.
+func (v *VCPU) requeueVectoring() {
+	info := uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
+	e, ok := vmx.DecodeEvent(info, 0)
+	if !ok {
+		return
+	}
+	if e.HasError {
+		e.ErrorCode = uint32(v.VMCS.Read(vmx.IDTVectoringError))
+	}
+	if e.NeedsInstrLen() {
+		e.InstrLen = uint32(v.VMCS.Read(vmx.ExitInstructionLen))
+	}
+	if !v.events.pushFront(e) {
+		v.logf("tamahv: event queue full, vectoring event %d lost\n", e.Vector)
+	}
+}

@@ -1,0 +1,229 @@
+package hv
+
+import (
+	"fmt"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// HostState is what a VM exit loads into the processor (SDM Vol. 3C,
+// "Host-State Area"). HOST_RSP and HOST_RIP are written at each entry.
+type HostState struct {
+	CR0, CR3, CR4                              uint64
+	FSBase, GSBase, TRBase, GDTRBase, IDTRBase uint64
+	EFER, PAT                                  uint64
+	CS, SS, DS, ES, FS, GS, TR                 uint16
+}
+
+// Setup describes the VMCS of a vCPU.
+type Setup struct {
+	Host        HostState
+	EPTP        uint64
+	VPID        uint16
+	MSRBitmap   uint64 // physical addresses of 4 KiB pages
+	IOBitmapA   uint64
+	IOBitmapB   uint64
+	Preemption  bool // enable the VMX-preemption timer
+	ExceptionBM uint32
+}
+
+// Segment access rights (SDM Vol. 3C, "Guest Register State").
+const (
+	arCode32   = 0xc09b // P, S, execute/read accessed, D, G
+	arData32   = 0xc093 // P, S, read/write accessed, D/B, G
+	arTSSBusy  = 0x008b // P, 32-bit busy TSS
+	arUnusable = 0x10000
+)
+
+// Init writes every VMCS field for a guest entering the 32-bit Linux boot
+// protocol state s (protected mode, paging off: this needs unrestricted
+// guest). Controls are adjusted to the capability MSRs.
+func (v *VCPU) Init(c Setup, s *Start) error {
+	caps := v.Caps
+	if !caps.UnrestrictedGuest() || !caps.EPT() {
+		return fmt.Errorf("hv: the processor lacks EPT or unrestricted guest (%s)", caps.Summary())
+	}
+	pinWant := uint32(0)
+	if c.Preemption {
+		pinWant |= vmx.PinPreemptionTimer
+	}
+	pin, err := caps.Pin.Adjust(pinWant)
+	if err != nil {
+		return fmt.Errorf("pin-based controls: %w", err)
+	}
+	proc, err := caps.Proc.Adjust(vmx.ProcUseMSRBitmaps | vmx.ProcUseIOBitmaps | vmx.ProcActivateSecondary)
+	if err != nil {
+		return fmt.Errorf("processor-based controls: %w", err)
+	}
+	want2 := uint32(vmx.Proc2EnableEPT | vmx.Proc2Unrestricted)
+	for _, opt := range []uint32{vmx.Proc2EnableVPID, vmx.Proc2RDTSCP, vmx.Proc2INVPCID, vmx.Proc2XSAVES} {
+		if caps.Proc2.Can(opt) && (opt != vmx.Proc2EnableVPID || c.VPID != 0) {
+			want2 |= opt
+		}
+	}
+	proc2, err := caps.Proc2.Adjust(want2)
+	if err != nil {
+		return fmt.Errorf("secondary controls: %w", err)
+	}
+	exit, err := caps.Exit.Adjust(vmx.ExitHostAddrSpaceSize | vmx.ExitSaveEFER | vmx.ExitLoadEFER | vmx.ExitSavePAT | vmx.ExitLoadPAT)
+	if err != nil {
+		return fmt.Errorf("exit controls: %w", err)
+	}
+	entry, err := caps.Entry.Adjust(vmx.EntryLoadEFER | vmx.EntryLoadPAT)
+	if err != nil {
+		return fmt.Errorf("entry controls: %w", err)
+	}
+
+	w := v.VMCS.Write
+	w(vmx.PinControls, uint64(pin))
+	w(vmx.ProcControls, uint64(proc))
+	w(vmx.Proc2Controls, uint64(proc2))
+	w(vmx.ExitControls, uint64(exit))
+	w(vmx.EntryControls, uint64(entry))
+	w(vmx.ExceptionBitmap, uint64(c.ExceptionBM))
+	w(vmx.PFErrorCodeMask, 0)
+	w(vmx.PFErrorCodeMatch, 0)
+	w(vmx.CR3TargetCount, 0)
+	w(vmx.ExitMSRStoreCount, 0)
+	w(vmx.ExitMSRLoadCount, 0)
+	w(vmx.EntryMSRLoadCount, 0)
+	w(vmx.EntryInterruptInfo, 0)
+	w(vmx.MSRBitmap, c.MSRBitmap)
+	w(vmx.IOBitmapA, c.IOBitmapA)
+	w(vmx.IOBitmapB, c.IOBitmapB)
+	w(vmx.EPTPointer, c.EPTP)
+	if proc2&vmx.Proc2EnableVPID != 0 {
+		w(vmx.VPID, uint64(c.VPID))
+	}
+	w(vmx.TSCOffset, 0)
+	w(vmx.VMCSLinkPointer, ^uint64(0))
+
+	// CR0 and CR4: the guest owns every bit but those VMX fixes, which
+	// it sees through the read shadows.
+	v.cr0Mask = (caps.CR0Fixed0 &^ (vmx.CR0PE | vmx.CR0PG)) | (^caps.CR0Fixed1 & 0xffffffff)
+	v.cr4Mask = caps.CR4Fixed0 | (^caps.CR4Fixed1 & 0xffffffff)
+	w(vmx.CR0GuestHostMask, v.cr0Mask)
+	w(vmx.CR4GuestHostMask, v.cr4Mask)
+	const cr0Boot = vmx.CR0PE | 1<<4 // PE, ET
+	w(vmx.CR0ReadShadow, cr0Boot)
+	w(vmx.CR4ReadShadow, 0)
+	w(vmx.GuestCR0, caps.FixCR0(cr0Boot, true))
+	w(vmx.GuestCR4, caps.FixCR4(0))
+	w(vmx.GuestCR3, 0)
+	w(vmx.GuestDR7, 0x400)
+	w(vmx.GuestRSP, 0)
+	w(vmx.GuestRIP, s.RIP)
+	w(vmx.GuestRFLAGS, 0x2)
+	v.Regs = vmx.GuestRegs{RSI: s.RSI}
+
+	seg := func(sel, base, limit, ar vmx.Field, selector uint16, access uint64) {
+		w(sel, uint64(selector))
+		w(base, 0)
+		w(limit, 0xffffffff)
+		w(ar, access)
+	}
+	seg(vmx.GuestCS, vmx.GuestCSBase, vmx.GuestCSLimit, vmx.GuestCSAccess, s.CodeSel, arCode32)
+	for _, f := range [][4]vmx.Field{
+		{vmx.GuestDS, vmx.GuestDSBase, vmx.GuestDSLimit, vmx.GuestDSAccess},
+		{vmx.GuestES, vmx.GuestESBase, vmx.GuestESLimit, vmx.GuestESAccess},
+		{vmx.GuestSS, vmx.GuestSSBase, vmx.GuestSSLimit, vmx.GuestSSAccess},
+		{vmx.GuestFS, vmx.GuestFSBase, vmx.GuestFSLimit, vmx.GuestFSAccess},
+		{vmx.GuestGS, vmx.GuestGSBase, vmx.GuestGSLimit, vmx.GuestGSAccess},
+	} {
+		seg(f[0], f[1], f[2], f[3], s.DataSel, arData32)
+	}
+	w(vmx.GuestLDTR, 0)
+	w(vmx.GuestLDTRBase, 0)
+	w(vmx.GuestLDTRLimit, 0)
+	w(vmx.GuestLDTRAccess, arUnusable)
+	w(vmx.GuestTR, 0)
+	w(vmx.GuestTRBase, 0)
+	w(vmx.GuestTRLimit, 0xff)
+	w(vmx.GuestTRAccess, arTSSBusy)
+	w(vmx.GuestGDTRBase, s.GDTBase)
+	w(vmx.GuestGDTRLimit, uint64(s.GDTLimit))
+	w(vmx.GuestIDTRBase, 0)
+	w(vmx.GuestIDTRLimit, 0)
+	w(vmx.GuestInterruptibility, 0)
+	w(vmx.GuestActivityState, 0)
+	w(vmx.GuestPendingDebug, 0)
+	w(vmx.GuestDebugCtl, 0)
+	w(vmx.GuestEFER, 0)
+	w(vmx.GuestPAT, 0x0007040600070406)
+	w(vmx.GuestSysenterCS, 0)
+	w(vmx.GuestSysenterESP, 0)
+	w(vmx.GuestSysenterEIP, 0)
+
+	h := c.Host
+	w(vmx.HostCR0, h.CR0)
+	w(vmx.HostCR3, h.CR3)
+	w(vmx.HostCR4, h.CR4)
+	w(vmx.HostCS, uint64(h.CS))
+	w(vmx.HostSS, uint64(h.SS))
+	w(vmx.HostDS, uint64(h.DS))
+	w(vmx.HostES, uint64(h.ES))
+	w(vmx.HostFS, uint64(h.FS))
+	w(vmx.HostGS, uint64(h.GS))
+	w(vmx.HostTR, uint64(h.TR))
+	w(vmx.HostFSBase, h.FSBase)
+	w(vmx.HostGSBase, h.GSBase)
+	w(vmx.HostTRBase, h.TRBase)
+	w(vmx.HostGDTRBase, h.GDTRBase)
+	w(vmx.HostIDTRBase, h.IDTRBase)
+	w(vmx.HostEFER, h.EFER)
+	w(vmx.HostPAT, h.PAT)
+	w(vmx.HostSysenterCS, 0)
+	w(vmx.HostSysenterESP, 0)
+	w(vmx.HostSysenterEIP, 0)
+	return v.VMCS.Err()
+}
+
+// MSRBitmap fills an MSR bitmap (SDM Vol. 3C, "VM-Execution Controls",
+// MSR-Bitmap Address) so that reads and writes of the given MSRs exit and
+// every other MSR passes through. It fails for an MSR outside the two
+// ranges a bitmap covers.
+func MSRBitmap(b *[4096]byte, msrs ...uint32) error {
+	*b = [4096]byte{}
+	for _, m := range msrs {
+		var base int
+		switch {
+		case m <= 0x1fff:
+			base = 0
+		case m >= 0xc0000000 && m <= 0xc0001fff:
+			base = 1024
+			m -= 0xc0000000
+		default:
+			return fmt.Errorf("hv: MSR %#x is outside the MSR bitmap", m)
+		}
+		b[base+int(m/8)] |= 1 << (m % 8)      // read
+		b[2048+base+int(m/8)] |= 1 << (m % 8) // write
+	}
+	return nil
+}
+
+// IOBitmaps fills the I/O bitmaps A (ports 0-0x7fff) and B so that the
+// given port ranges exit and every other port passes through.
+func IOBitmaps(a, b *[4096]byte, ranges ...[2]uint16) {
+	*a, *b = [4096]byte{}, [4096]byte{}
+	for _, r := range ranges {
+		for p := uint32(r[0]); p <= uint32(r[1]); p++ {
+			bm := a
+			q := p
+			if p >= 0x8000 {
+				bm, q = b, p-0x8000
+			}
+			bm[q/8] |= 1 << (q % 8)
+		}
+	}
+}
+
+// GuestMSRFaults are the MSRs whose accesses exit: the VMX capability MSRs
+// (the guest sees no VMX, so they #GP) and IA32_FEATURE_CONTROL (reads
+// locked with VMX off, writes #GP).
+func GuestMSRFaults() []uint32 {
+	m := []uint32{vmx.MSRFeatureControl}
+	for r := uint32(vmx.MSRVMXBasic); r <= vmx.MSRVMFunc; r++ {
+		m = append(m, r)
+	}
+	return m
+}

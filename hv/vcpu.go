@@ -1,0 +1,272 @@
+// Package hv is the monitor: the vCPU run loop, VM-exit dispatch, event
+// injection, the guest's first state, and loading a Linux guest. The
+// architecture numbers it uses come from packages vmx and ept.
+//
+// The loop talks to the processor through small interfaces (VMCS, Enter)
+// so that everything but the VMX instructions runs in host tests.
+package hv
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// VMCS reads and writes the current VMCS. A failed access is remembered
+// and reported by Err, so handlers need not check every field.
+type VMCS interface {
+	Read(f vmx.Field) uint64
+	Write(f vmx.Field, v uint64)
+	// Err returns the first failed access since the last ClearErr.
+	Err() error
+	ClearErr()
+}
+
+// Action is what a handler wants done with the exiting instruction.
+type Action uint8
+
+// Actions.
+const (
+	// Next advances RIP past the exiting instruction.
+	Next Action = iota
+	// Resume re-enters at the same RIP (an event was injected, or the
+	// instruction must run again).
+	Resume
+	// Stop ends the run loop.
+	Stop
+)
+
+// Handler handles one VM exit.
+type Handler func(v *VCPU, e vmx.Exit) (Action, error)
+
+// ExitRecord is one entry of the ring of recent exits.
+type ExitRecord struct {
+	Reason vmx.ExitReason
+	RIP    uint64
+	Qual   uint64
+}
+
+const recentExits = 32
+
+// Hypercalls answer VMCALL.
+type Hypercalls interface {
+	// Call handles hypercall nr with arguments from the guest's registers
+	// and returns RAX. Stop ends the run loop after the call.
+	Call(v *VCPU, nr, a1, a2, a3 uint64) (ret uint64, stop bool)
+}
+
+// VCPU is one virtual processor.
+type VCPU struct {
+	VMCS VMCS
+	Regs vmx.GuestRegs
+	Caps *vmx.Caps
+	// Enter runs the guest until the next VM exit (vmx.Run in the image).
+	Enter func(v *VCPU, launched bool) error
+	// Log receives diagnostics (nil: discarded).
+	Log io.Writer
+	// Hypercalls answers VMCALL (nil: every call fails).
+	Hypercalls Hypercalls
+	// BeforeEntry runs before every VM entry, after pending events were
+	// placed (the swapmem scheduler goes here).
+	BeforeEntry func(v *VCPU)
+	// PreemptionTicks re-arms the VMX-preemption timer at each entry
+	// (0: timer off).
+	PreemptionTicks uint32
+	// OnTimer runs at every preemption-timer exit.
+	OnTimer func(v *VCPU)
+	// CPUID executes CPUID for the guest (the host's values, filtered by
+	// the CPUID handler).
+	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
+	// XSETBV loads XCR0 with a value the handler checked.
+	XSETBV func(xcr uint32, v uint64)
+
+	handlers [vmx.NumExitReasons]Handler
+	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent   [recentExits]ExitRecord
+	nrecent  uint64
+	events   eventQueue
+	launched bool
+	// cr0Mask and cr4Mask are the guest/host masks; the shadows hold
+	// what the guest believes.
+	cr0Mask, cr4Mask uint64
+	// ioPorts are the ports whose accesses exit (the console's); reads
+	// return all ones, writes are dropped.
+	ioPorts [][2]uint16
+	// msrFaults are the MSRs the guest may not touch (#GP).
+	msrFaults map[uint32]bool
+	exited    error
+}
+
+// Errors of the run loop.
+var (
+	ErrEntryFailed = errors.New("hv: VM entry failed")
+	ErrFatalExit   = errors.New("hv: fatal VM exit")
+	ErrUnknownExit = errors.New("hv: unknown exit reason")
+)
+
+// NewVCPU returns a vCPU with the default exit handlers.
+func NewVCPU(vmcs VMCS, caps *vmx.Caps) *VCPU {
+	v := &VCPU{VMCS: vmcs, Caps: caps, msrFaults: map[uint32]bool{}}
+	v.setDefaultHandlers()
+	return v
+}
+
+// Handle installs h for reason r, replacing the default.
+func (v *VCPU) Handle(r vmx.ExitReason, h Handler) error {
+	if !r.Valid() {
+		return fmt.Errorf("hv: exit reason %d is not one the SDM defines", r)
+	}
+	v.handlers[r] = h
+	return nil
+}
+
+// Counts returns the number of exits per reason seen so far (reasons with
+// no exits are left out).
+func (v *VCPU) Counts() map[vmx.ExitReason]uint64 {
+	m := map[vmx.ExitReason]uint64{}
+	for r, n := range v.counts[:vmx.NumExitReasons] {
+		if n > 0 {
+			m[vmx.ExitReason(r)] = n
+		}
+	}
+	return m
+}
+
+// Total returns the number of exits so far.
+func (v *VCPU) Total() uint64 {
+	var t uint64
+	for _, n := range v.counts {
+		t += n
+	}
+	return t
+}
+
+// Recent returns the latest exits, oldest first.
+func (v *VCPU) Recent() []ExitRecord {
+	n := v.nrecent
+	if n > recentExits {
+		n = recentExits
+	}
+	out := make([]ExitRecord, 0, n)
+	for i := v.nrecent - n; i < v.nrecent; i++ {
+		out = append(out, v.recent[i%recentExits])
+	}
+	return out
+}
+
+func (v *VCPU) logf(format string, args ...any) {
+	if v.Log != nil {
+		fmt.Fprintf(v.Log, format, args...)
+	}
+}
+
+// Run enters the guest and handles its exits until a handler stops it or
+// something fails. The exit path allocates nothing.
+func (v *VCPU) Run() error {
+	for {
+		if err := v.prepareEntry(); err != nil {
+			return err
+		}
+		if err := v.Enter(v, v.launched); err != nil {
+			return fmt.Errorf("%w: %v%s", ErrEntryFailed, err, v.entryDiagnostic())
+		}
+		v.launched = true
+		act, err := v.exit()
+		if err == nil {
+			err = v.VMCS.Err()
+		}
+		if err != nil {
+			return err
+		}
+		if act == Stop {
+			return v.exited
+		}
+	}
+}
+
+// prepareEntry places a pending event, re-arms the timer and runs the
+// BeforeEntry hook.
+func (v *VCPU) prepareEntry() error {
+	v.VMCS.ClearErr()
+	v.deliverEvent()
+	if v.PreemptionTicks != 0 {
+		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
+	}
+	if v.BeforeEntry != nil {
+		v.BeforeEntry(v)
+	}
+	return v.VMCS.Err()
+}
+
+// exit reads and dispatches one VM exit.
+func (v *VCPU) exit() (Action, error) {
+	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
+	rip := v.VMCS.Read(vmx.GuestRIP)
+	qual := v.VMCS.Read(vmx.ExitQualification)
+	v.recent[v.nrecent%recentExits] = ExitRecord{e.Reason, rip, qual}
+	v.nrecent++
+	if !e.Reason.Valid() {
+		v.counts[vmx.NumExitReasons]++
+		return Stop, fmt.Errorf("%w %d at RIP %#x", ErrUnknownExit, e.Reason, rip)
+	}
+	v.counts[e.Reason]++
+	if e.EntryFail {
+		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
+	}
+	v.requeueVectoring()
+	h := v.handlers[e.Reason]
+	if h == nil {
+		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, rip, qual)
+	}
+	act, err := h(v, e)
+	if err != nil {
+		return Stop, err
+	}
+	if act == Next {
+		v.skipInstruction()
+	}
+	return act, nil
+}
+
+// skipInstruction advances RIP and drops blocking by STI and MOV SS, as
+// completing the instruction would.
+func (v *VCPU) skipInstruction() {
+	n := v.VMCS.Read(vmx.ExitInstructionLen)
+	v.VMCS.Write(vmx.GuestRIP, v.VMCS.Read(vmx.GuestRIP)+n)
+	if s := v.VMCS.Read(vmx.GuestInterruptibility); s&3 != 0 {
+		v.VMCS.Write(vmx.GuestInterruptibility, s&^3)
+	}
+}
+
+func (v *VCPU) entryDiagnostic() string {
+	return fmt.Sprintf(" (RIP %#x CR0 %#x CR4 %#x EFER %#x entry controls %#x)",
+		v.VMCS.Read(vmx.GuestRIP), v.VMCS.Read(vmx.GuestCR0), v.VMCS.Read(vmx.GuestCR4),
+		v.VMCS.Read(vmx.GuestEFER), v.VMCS.Read(vmx.EntryControls))
+}
+
+// Report writes the exit counts, one reason per line, and the recent
+// exits.
+func (v *VCPU) Report(w io.Writer, recent bool) {
+	for r, n := range v.counts[:vmx.NumExitReasons] {
+		if n > 0 {
+			fmt.Fprintf(w, "tamahv: exits %-20s %d\n", vmx.ExitReason(r).String(), n)
+		}
+	}
+	if n := v.counts[vmx.NumExitReasons]; n > 0 {
+		fmt.Fprintf(w, "tamahv: exits %-20s %d\n", "unknown", n)
+	}
+	if recent {
+		for _, r := range v.Recent() {
+			fmt.Fprintf(w, "tamahv: recent exit %v at RIP %#x, qualification %#x\n", r.Reason, r.RIP, r.Qual)
+		}
+	}
+}
+
+// Stopped ends the run loop from a handler with err as Run's result (nil
+// for a clean end).
+func (v *VCPU) Stopped(err error) (Action, error) {
+	v.exited = err
+	return Stop, nil
+}

@@ -1,0 +1,79 @@
+package vmx
+
+// GuestRegs are the guest registers the VMCS does not hold: the general
+// purpose registers but RSP, and CR2. Run loads them before VM entry and
+// stores them after VM exit.
+type GuestRegs struct {
+	RAX, RCX, RDX, RBX, RBP, RSI, RDI uint64
+	R8, R9, R10, R11, R12, R13, R14, R15 uint64
+	CR2                                  uint64
+}
+
+// GPR returns the register with the number VM-exit qualifications use
+// (RAX = 0, RCX = 1, ..., R15 = 15; 4 is RSP, which lives in the VMCS and
+// reads as 0 here).
+func (r *GuestRegs) GPR(n int) uint64 {
+	switch n {
+	case 0:
+		return r.RAX
+	case 1:
+		return r.RCX
+	case 2:
+		return r.RDX
+	case 3:
+		return r.RBX
+	case 5:
+		return r.RBP
+	case 6:
+		return r.RSI
+	case 7:
+		return r.RDI
+	case 8:
+		return r.R8
+	case 9:
+		return r.R9
+	case 10:
+		return r.R10
+	case 11:
+		return r.R11
+	case 12:
+		return r.R12
+	case 13:
+		return r.R13
+	case 14:
+		return r.R14
+	case 15:
+		return r.R15
+	}
+	return 0
+}
+
+// SetGPR sets register n (see GPR); n = 4 (RSP) is ignored.
+func (r *GuestRegs) SetGPR(n int, v uint64) {
+	p := [...]*uint64{&r.RAX, &r.RCX, &r.RDX, &r.RBX, nil, &r.RBP, &r.RSI, &r.RDI,
+		&r.R8, &r.R9, &r.R10, &r.R11, &r.R12, &r.R13, &r.R14, &r.R15}
+	if n >= 0 && n < len(p) && p[n] != nil {
+		*p[n] = v
+	}
+}
+
+// FXArea is the 512-byte FXSAVE area holding the guest's x87 and SSE state
+// across exits; Run needs it 16-byte aligned.
+type FXArea [512]byte
+
+// vmrun is implemented in run_amd64.s.
+func vmrun(r *GuestRegs, fx *byte, launched uint64) (rflags uint64)
+
+// Run enters the guest of the current VMCS with VMLAUNCH (launched false)
+// or VMRESUME, and returns at its next VM exit (nil) or when VM entry fails
+// (an *InsnError). The VMCS's HOST_RSP and HOST_RIP are written here: the
+// stub returns to Go like a function call, and Go stacks move. fx must be
+// 16-byte aligned.
+func Run(r *GuestRegs, fx *FXArea, launched bool) error {
+	l := uint64(0)
+	insn := "VMLAUNCH"
+	if launched {
+		l, insn = 1, "VMRESUME"
+	}
+	return check(insn, vmrun(r, &fx[0], l), readInsnError)
+}

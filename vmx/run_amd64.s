@@ -1,0 +1,96 @@
+#include "textflag.h"
+#include "go_asm.h"
+#include "vmx_amd64.h"
+
+#define HOST_RSP 0x6c14
+#define HOST_RIP 0x6c16
+
+// func vmrun(r *GuestRegs, fx *byte, launched uint64) (rflags uint64)
+//
+// Stack while the guest runs (HOST_RSP points at it):
+//	0(SP)  r
+//	8(SP)  fx
+//	16(SP) the caller's BP
+//	24(SP) return address, then the arguments at 32(SP)...
+TEXT ·vmrun(SB),NOSPLIT|NOFRAME,$0-32
+	MOVQ	r+0(FP), SI
+	MOVQ	fx+8(FP), DI
+	MOVQ	launched+16(FP), CX
+	PUSHQ	BP
+	PUSHQ	DI
+	PUSHQ	SI
+
+	MOVQ	$HOST_RSP, DX
+	MOVQ	SP, AX
+	VMWRITE_RDX_RAX
+	MOVQ	$HOST_RIP, DX
+	LEAQ	·vmexit<>(SB), AX
+	VMWRITE_RDX_RAX
+
+	FXRSTOR64	(DI)
+	MOVQ	GuestRegs_CR2(SI), AX
+	MOVQ	AX, CR2
+
+	MOVQ	CX, BX			// launched, kept past the register loads
+	MOVQ	GuestRegs_RAX(SI), AX
+	MOVQ	GuestRegs_RCX(SI), CX
+	MOVQ	GuestRegs_RDX(SI), DX
+	MOVQ	GuestRegs_RBP(SI), BP
+	MOVQ	GuestRegs_RDI(SI), DI
+	MOVQ	GuestRegs_R8(SI), R8
+	MOVQ	GuestRegs_R9(SI), R9
+	MOVQ	GuestRegs_R10(SI), R10
+	MOVQ	GuestRegs_R11(SI), R11
+	MOVQ	GuestRegs_R12(SI), R12
+	MOVQ	GuestRegs_R13(SI), R13
+	MOVQ	GuestRegs_R14(SI), R14
+	MOVQ	GuestRegs_R15(SI), R15
+	TESTQ	BX, BX
+	MOVQ	GuestRegs_RBX(SI), BX	// MOV leaves the flags alone
+	MOVQ	GuestRegs_RSI(SI), SI
+	JNE	resume
+	VMLAUNCH
+	JMP	failed
+resume:
+	VMRESUME
+failed:
+	// VM entry failed: the guest registers are loaded, the stack is ours.
+	PUSHFQ
+	POPQ	AX
+	POPQ	SI
+	POPQ	DI
+	POPQ	BP
+	MOVQ	AX, rflags+24(FP)
+	RET
+
+// vmexit is HOST_RIP: the processor arrives with RSP = HOST_RSP, the
+// guest's registers live and the host's flags clear. It returns from vmrun
+// for it, so it moves SP without pushes of its own (with LEAQ, which the
+// assembler's push/pop accounting leaves alone).
+TEXT ·vmexit<>(SB),NOSPLIT|NOFRAME,$0
+	XCHGQ	SI, 0(SP)		// SI = r; the guest's RSI takes its slot
+	MOVQ	AX, GuestRegs_RAX(SI)
+	MOVQ	CX, GuestRegs_RCX(SI)
+	MOVQ	DX, GuestRegs_RDX(SI)
+	MOVQ	BX, GuestRegs_RBX(SI)
+	MOVQ	BP, GuestRegs_RBP(SI)
+	MOVQ	DI, GuestRegs_RDI(SI)
+	MOVQ	R8, GuestRegs_R8(SI)
+	MOVQ	R9, GuestRegs_R9(SI)
+	MOVQ	R10, GuestRegs_R10(SI)
+	MOVQ	R11, GuestRegs_R11(SI)
+	MOVQ	R12, GuestRegs_R12(SI)
+	MOVQ	R13, GuestRegs_R13(SI)
+	MOVQ	R14, GuestRegs_R14(SI)
+	MOVQ	R15, GuestRegs_R15(SI)
+	MOVQ	0(SP), AX
+	MOVQ	AX, GuestRegs_RSI(SI)
+	MOVQ	CR2, AX
+	MOVQ	AX, GuestRegs_CR2(SI)
+	MOVQ	8(SP), DI		// fx
+	FXSAVE64	(DI)
+	MOVQ	16(SP), BP
+	LEAQ	24(SP), SP		// now at vmrun's return address
+	// vmrun's result, past the return address and three argument words.
+	MOVQ	$0, 32(SP)
+	RET
