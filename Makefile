@@ -25,13 +25,15 @@ RAM_END  := 0x18000000
 TAMAGO_VERSION := $(shell awk '$$1 == "github.com/usbarmory/tamago" {print $$2}' go.mod)
 TAMAGO_GOROOT  := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tamago-go/tamago-go$(TAMAGO_VERSION:v%=%)
 
+PAYLOAD  := $(BUILD)/payload
+
 # Debian packages each part needs.
-PKGS_ISO   := grub-pc-bin grub-common xorriso mtools
+PKGS_ISO   := grub-pc-bin grub-common xorriso mtools cpio busybox-static
 PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -75,10 +77,32 @@ image: tamago-dist
 		-o $(IMAGE) ./cmd/tamahv
 	$(GO) run ./cmd/mbpatch -reserve-end $(RAM_END) $(IMAGE)
 
-iso: image deps-iso
+# The guest: Debian's kernel (the package linux-image-amd64 depends on,
+# downloaded and unpacked, not installed) and an initramfs of busybox, the
+# init script and hvguest.
+payload: deps-iso
+	@mkdir -p $(PAYLOAD)/deb $(PAYLOAD)/root/bin
+	@if [ ! -s $(PAYLOAD)/vmlinuz ]; then \
+		[ -n "$$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || apt-get update -qq; \
+		pkg=$$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $$2; exit}'); \
+		echo "tamahv: downloading the guest kernel ($$pkg)"; \
+		(cd $(PAYLOAD)/deb && rm -f *.deb && apt-get download $$pkg 2>&1 | grep -v '^W:' ; true); \
+		dpkg-deb -x $(PAYLOAD)/deb/$$pkg*.deb $(PAYLOAD)/deb/x && \
+		cp $(PAYLOAD)/deb/x/boot/vmlinuz-* $(PAYLOAD)/vmlinuz && \
+		echo "$$pkg" > $(PAYLOAD)/kernel.version; \
+	fi
+	@test -s $(PAYLOAD)/vmlinuz || { echo "tamahv: no guest kernel"; exit 1; }
+	@echo "tamahv: building the guest initramfs"
+	cp /bin/busybox $(PAYLOAD)/root/bin/busybox
+	cp qemu/guest/init $(PAYLOAD)/root/init
+	GOOS=linux GOARCH=amd64 CGO_ENABLED=0 $(GO) build -trimpath -o $(PAYLOAD)/root/bin/hvguest ./cmd/hvguest
+	cd $(PAYLOAD)/root && find . | sort | cpio -o -H newc --quiet | gzip -9 > ../initrd.gz
+
+iso: image payload deps-iso
 	@echo "tamahv: building $(ISO)"
 	@rm -rf $(BUILD)/iso && mkdir -p $(BUILD)/iso/boot/grub
 	cp $(IMAGE) $(BUILD)/iso/boot/tamahv.elf
+	cp $(PAYLOAD)/vmlinuz $(PAYLOAD)/initrd.gz $(BUILD)/iso/boot/
 	cp qemu/grub.cfg $(BUILD)/iso/boot/grub/grub.cfg
 	grub-mkrescue -o $(ISO) $(BUILD)/iso 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 	@ls -l $(IMAGE) $(ISO)

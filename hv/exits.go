@@ -12,6 +12,8 @@ import (
 const (
 	CPUIDHypervisorBase = 0x40000000
 	cpuidHypervisorBit  = 1 << 31
+	cpuidOSXSAVE        = 1 << 27 // leaf 1 ECX
+	cpuidXSAVES         = 1 << 3  // leaf 0xd subleaf 1 EAX
 )
 
 // Signature is what CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
@@ -74,8 +76,16 @@ func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
 		if v.CPUID != nil {
 			a, b, c, d = v.CPUID(leaf, sub)
 		}
-		if leaf == 1 {
-			c = c&^vmx.CPUIDVMX | cpuidHypervisorBit
+		switch {
+		case leaf == 1:
+			// No VMX; a hypervisor is present; OSXSAVE follows the
+			// guest's CR4, not the host's.
+			c = c&^(vmx.CPUIDVMX|cpuidOSXSAVE) | cpuidHypervisorBit
+			if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
+				c |= cpuidOSXSAVE
+			}
+		case leaf == 0xd && sub == 1 && v.VMCS.Read(vmx.Proc2Controls)&vmx.Proc2XSAVES == 0:
+			a &^= cpuidXSAVES // XSAVES would #UD
 		}
 	}
 	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)

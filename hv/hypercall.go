@@ -17,10 +17,6 @@ const (
 	// filled with SecretByte, for tests that check the guest cannot read
 	// it.
 	HcSecret = 2
-	// HcLog writes RSI bytes (at most 256) at guest-physical RDI to
-	// tamahv's console.
-	HcLog = 3
-
 	// HypercallUnknown is the result of an unknown function (-1).
 	HypercallUnknown = ^uint64(0)
 	// HypercallInvalid is the result of bad arguments (-22, EINVAL).

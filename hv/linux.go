@@ -12,8 +12,8 @@ import (
 type Memory interface {
 	ReadPhys(pa uint64, p []byte) error
 	WritePhys(pa uint64, p []byte) error
-	// CopyPhys copies n bytes from src to dst; the ranges must not
-	// overlap.
+	// CopyPhys copies n bytes from src to dst; the ranges may overlap
+	// (memmove).
 	CopyPhys(dst, src, n uint64) error
 }
 
@@ -149,19 +149,19 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		return nil, fmt.Errorf("%w: initrd of %d bytes does not fit below %#x", ErrLayout, l.InitrdLen, initrdEnd)
 	}
 	kernelEnd := uint64(LinuxKernel) + max(protLen, initSize)
-	dests := [][3]uint64{{LinuxKernel, protLen, 0}, {initrdPA, l.InitrdLen, 1}}
-	srcs := [][2]uint64{{l.KernelPA, l.KernelLen}, {l.InitrdPA, l.InitrdLen}}
 	if l.InitrdLen > 0 && initrdPA < kernelEnd {
 		return nil, fmt.Errorf("%w: initrd at %#x overlaps the kernel's decompression area up to %#x", ErrLayout, initrdPA, kernelEnd)
 	}
-	for _, d := range dests {
-		for _, s := range srcs {
-			if d[1] > 0 && s[1] > 0 && d[0] < s[0]+s[1] && s[0] < d[0]+d[1] {
-				return nil, fmt.Errorf("%w: destination %#x+%#x overlaps a module at %#x+%#x", ErrLayout, d[0], d[1], s[0], s[1])
-			}
-		}
+	// The initrd is copied first, then the kernel (GRUB often leaves the
+	// kernel module right where the kernel goes: the copy moves it down
+	// over itself). So the initrd's destination must spare the kernel
+	// module.
+	if l.InitrdLen > 0 && overlaps(initrdPA, l.InitrdLen, l.KernelPA, l.KernelLen) {
+		return nil, fmt.Errorf("%w: initrd destination %#x+%#x overlaps the kernel module at %#x+%#x", ErrLayout, initrdPA, l.InitrdLen, l.KernelPA, l.KernelLen)
+	}
+	for _, d := range [][2]uint64{{LinuxKernel, max(protLen, initSize)}, {initrdPA, l.InitrdLen}} {
 		for _, r := range l.Reserved {
-			if d[1] > 0 && d[0] < r[1] && r[0] < d[0]+d[1] {
+			if overlaps(d[0], d[1], r[0], r[1]-r[0]) {
 				return nil, fmt.Errorf("%w: destination %#x+%#x overlaps tamahv's memory", ErrLayout, d[0], d[1])
 			}
 		}
@@ -170,13 +170,13 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	if len(e820) > maxE820 {
 		return nil, fmt.Errorf("%w: %d memory map entries", ErrLayout, len(e820))
 	}
-	if err := m.CopyPhys(LinuxKernel, l.KernelPA+protOff, protLen); err != nil {
-		return nil, err
-	}
 	if l.InitrdLen > 0 {
 		if err := m.CopyPhys(initrdPA, l.InitrdPA, l.InitrdLen); err != nil {
 			return nil, err
 		}
+	}
+	if err := m.CopyPhys(LinuxKernel, l.KernelPA+protOff, protLen); err != nil {
+		return nil, err
 	}
 
 	// boot_params: the zero page, with the setup header copied in.
@@ -220,6 +220,8 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		InitrdPA: initrdPA, BootParams: LinuxBootParam, ProtocolVersion: version, E820: e820,
 	}, nil
 }
+
+func overlaps(a, an, b, bn uint64) bool { return an > 0 && bn > 0 && a < b+bn && b < a+an }
 
 // GuestE820 turns the machine's memory map into the guest's: every reserved
 // range is cut out of the usable ones and listed as reserved. The result is

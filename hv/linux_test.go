@@ -28,10 +28,9 @@ func (m sparseMem) WritePhys(pa uint64, p []byte) error {
 }
 
 func (m sparseMem) CopyPhys(dst, src, n uint64) error {
-	for i := uint64(0); i < n; i++ {
-		m[dst+i] = m[src+i]
-	}
-	return nil
+	tmp := make([]byte, n)
+	_ = m.ReadPhys(src, tmp)
+	return m.WritePhys(dst, tmp)
 }
 
 func (m sparseMem) u32(pa uint64) uint32 {
@@ -114,6 +113,21 @@ func TestLoadLinux(t *testing.T) {
 	assert.Equal(t, uint32(0x00cf9b00), m.u32(LinuxGDT+bootCS+4))
 }
 
+// TestLoadLinuxKernelModuleInPlace: GRUB left the kernel module at 1 MiB,
+// where the protected-mode kernel goes; the copy moves it down over itself.
+func TestLoadLinuxKernelModuleInPlace(t *testing.T) {
+	m := sparseMem{}
+	payload := []byte("protected-mode kernel, long enough to overlap its own copy")
+	img := fakeBzImage(0x020f, payload)
+	require.NoError(t, m.WritePhys(LinuxKernel, img))
+	l := &Linux{KernelPA: LinuxKernel, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	_, err := l.Load(m)
+	require.NoError(t, err)
+	got := make([]byte, len(payload))
+	require.NoError(t, m.ReadPhys(LinuxKernel, got))
+	assert.Equal(t, payload, got)
+}
+
 func TestLoadLinuxRefusals(t *testing.T) {
 	for name, tc := range map[string]struct {
 		img    []byte
@@ -124,16 +138,16 @@ func TestLoadLinuxRefusals(t *testing.T) {
 		"old protocol":    {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
 		"long cmdline":    {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
 		"initrd too big":  {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
-		"module in place": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdPA = 0x0fffe800; l.InitrdLen = 0x1000 }, want: ErrLayout},
+		"kernel under the initrd": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.KernelPA = 0x0fffe000 }, want: ErrLayout},
 		"tiny":            {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
-		m := sparseMem{}
-		require.NoError(t, m.WritePhys(0x20000000, tc.img))
 		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), InitrdPA: 0x21000000, InitrdLen: 16,
 			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 		if tc.mutate != nil {
 			tc.mutate(l)
 		}
+		m := sparseMem{}
+		require.NoError(t, m.WritePhys(l.KernelPA, tc.img))
 		_, err := l.Load(m)
 		assert.ErrorIs(t, err, tc.want, name)
 	}
@@ -147,8 +161,8 @@ func TestLoadDebianKernelHeader(t *testing.T) {
 		t.Skip("no build/payload/vmlinuz (make payload)")
 	}
 	m := sparseMem{}
-	require.NoError(t, m.WritePhys(0x20000000, img[:8192]))
-	l := &Linux{KernelPA: 0x20000000, KernelLen: 8192, Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	require.NoError(t, m.WritePhys(0x20000000, img[:65536]))
+	l := &Linux{KernelPA: 0x20000000, KernelLen: 65536, Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, s.ProtocolVersion, uint16(0x020f), fmt.Sprintf("%#x", s.ProtocolVersion))

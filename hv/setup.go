@@ -56,7 +56,9 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 		return fmt.Errorf("processor-based controls: %w", err)
 	}
 	want2 := uint32(vmx.Proc2EnableEPT | vmx.Proc2Unrestricted)
-	for _, opt := range []uint32{vmx.Proc2EnableVPID, vmx.Proc2RDTSCP, vmx.Proc2INVPCID, vmx.Proc2XSAVES} {
+	// XSAVES stays off: its supervisor state (IA32_XSS) is not switched
+	// between host and guest. The CPUID handler hides it.
+	for _, opt := range []uint32{vmx.Proc2EnableVPID, vmx.Proc2RDTSCP, vmx.Proc2INVPCID} {
 		if caps.Proc2.Can(opt) && (opt != vmx.Proc2EnableVPID || c.VPID != 0) {
 			want2 |= opt
 		}

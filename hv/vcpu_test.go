@@ -194,7 +194,9 @@ func TestMSRAndPorts(t *testing.T) {
 		{reason: vmx.ExitRDMSR, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRVMXBasic },
 			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo]) }},
 		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x3fd0008}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x1234 },
-			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x12ff), v.Regs.RAX, "IN AL from the console reads 0xff") }},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x12ff), v.Regs.RAX, "IN AL from the console reads 0xff")
+			}},
 	})
 	v.OwnPorts(0x3f8, 0x3ff)
 	require.NoError(t, v.Run())
@@ -236,9 +238,13 @@ func TestXSETBV(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 }},
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 5, 0 },
-			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "AVX without SSE") }},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "AVX without SSE")
+			}},
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 0x1f, 0 },
-			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "unsupported bits") }},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "unsupported bits")
+			}},
 	})
 	fv(v).f[vmx.GuestCR4] |= 1 << 18
 	v.XSETBV = func(xcr uint32, val uint64) { loaded = append(loaded, val) }

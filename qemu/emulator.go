@@ -100,8 +100,12 @@ func (c *Config) fill() error {
 	return nil
 }
 
-// SerialLog is where the serial console of a boot in dir is written.
+// SerialLog is where tamahv's serial console (COM1) of a boot in dir is
+// written.
 func SerialLog(dir string) string { return filepath.Join(dir, "serial.log") }
+
+// GuestLog is where the guest's serial console (COM2) is written.
+func GuestLog(dir string) string { return filepath.Join(dir, "guest.log") }
 
 // bochsrc is the Bochs configuration for c, writing into dir.
 func bochsrc(c *Config, dir string) string {
@@ -113,6 +117,7 @@ func bochsrc(c *Config, dir string) string {
 		fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted", c.ISO),
 		"boot: cdrom",
 		fmt.Sprintf("com1: enabled=1, mode=file, dev=%q", SerialLog(dir)),
+		fmt.Sprintf("com2: enabled=1, mode=file, dev=%q", GuestLog(dir)),
 		"display_library: term",
 		"clock: sync=none, time0=local",
 		fmt.Sprintf("log: %q", filepath.Join(dir, "bochs.log")),
@@ -145,6 +150,7 @@ func command(c *Config, dir string) (string, []string, error) {
 			"-cdrom", c.ISO, "-boot", "d",
 			"-display", "none", "-monitor", "none", "-no-reboot",
 			"-serial", "file:" + SerialLog(dir),
+			"-serial", "file:" + GuestLog(dir),
 		}
 		if c.Emulator == KVM {
 			args = append(args, "-enable-kvm", "-cpu", "host,+vmx")

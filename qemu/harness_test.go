@@ -28,8 +28,8 @@ func TestMain(m *testing.M) {
 func fakeEmulator(script string) {
 	var serial string
 	for i, a := range os.Args {
-		if a == "-serial" && i+1 < len(os.Args) {
-			serial = strings.TrimPrefix(os.Args[i+1], "file:")
+		if a == "-serial" && i+1 < len(os.Args) && serial == "" {
+			serial = strings.TrimPrefix(os.Args[i+1], "file:") // COM1
 		}
 	}
 	f, err := os.Create(serial)

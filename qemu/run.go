@@ -16,21 +16,26 @@ import (
 // Result is what a boot produced.
 type Result struct {
 	Dir     string        // where the logs are
-	Lines   []string      // the serial console, line by line
+	Lines   []string      // tamahv's serial console, line by line
+	Guest   []string      // the guest's serial console, line by line
 	Matched string        // the line that ended the run, if any
 	Elapsed time.Duration // from emulator start to the end
 	// MatchedAfter is when the matched line appeared.
 	MatchedAfter time.Duration
 }
 
-// Serial returns the whole serial console.
+// Serial returns tamahv's whole serial console.
 func (r *Result) Serial() string { return strings.Join(r.Lines, "\n") }
+
+// GuestSerial returns the guest's whole serial console.
+func (r *Result) GuestSerial() string { return strings.Join(r.Guest, "\n") }
 
 // ErrTimeout is returned when the time limit ends a boot.
 var ErrTimeout = errors.New("qemu: time limit reached")
 
-// Run boots c.ISO and follows its serial console: each complete line is
-// copied to echo (if not nil) and passed to until; the run ends when until
+// Run boots c.ISO and follows its serial consoles: each complete line of
+// tamahv's is copied to echo (if not nil) and passed to until, each of the
+// guest's is copied to echo behind "guest| "; the run ends when until
 // returns true, when the emulator exits, or at the time limit. The
 // emulator is ended through the process group of the process Run started,
 // and its logs stay in the result's Dir.
@@ -60,8 +65,9 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 	if _, err := exec.LookPath(prog); err != nil {
 		return res, fmt.Errorf("qemu: %s is not installed: %w", prog, err)
 	}
-	serial := SerialLog(dir)
+	serial, guestLog := SerialLog(dir), GuestLog(dir)
 	_ = os.Remove(serial)
+	_ = os.Remove(guestLog)
 	out, err := os.Create(dirFile(dir, string(c.Emulator)+".out"))
 	if err != nil {
 		return res, err
@@ -109,7 +115,8 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 	defer limit.Stop()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
-	var f follower
+	var f, g follower
+	g.guest = true
 	for {
 		select {
 		case <-ctx.Done():
@@ -121,9 +128,12 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			stop()
 			<-exited
 			f.poll(serial, res, echo, nil, start)
+			g.poll(guestLog, res, echo, nil, start)
 			res.Elapsed = time.Since(start)
 			return res, fmt.Errorf("%w after %v (logs in %s)", ErrTimeout, c.Timeout, dir)
 		case err := <-exited:
+			g.poll(guestLog, res, echo, nil, start)
+			g.flush(res, echo, nil, start)
 			f.poll(serial, res, echo, until, start)
 			f.flush(res, echo, until, start)
 			res.Elapsed = time.Since(start)
@@ -132,6 +142,7 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			}
 			return res, fmt.Errorf("qemu: %s exited (%v) before the expected output (logs in %s)", prog, err, dir)
 		case <-tick.C:
+			g.poll(guestLog, res, echo, nil, start)
 			if f.poll(serial, res, echo, until, start) {
 				stop()
 				<-exited
@@ -144,10 +155,11 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 
 func dirFile(dir, name string) string { return dir + string(os.PathSeparator) + name }
 
-// follower reads the serial log as it grows and splits it into lines.
+// follower reads a serial log as it grows and splits it into lines.
 type follower struct {
 	off     int64
 	partial []byte
+	guest   bool // the guest's console: kept apart, never matched
 }
 
 // poll reads what was added since the last call. It reports whether until
@@ -186,6 +198,13 @@ func (f *follower) flush(res *Result, echo io.Writer, until func(string) bool, s
 }
 
 func (f *follower) take(line string, res *Result, echo io.Writer, until func(string) bool, start time.Time) bool {
+	if f.guest {
+		res.Guest = append(res.Guest, line)
+		if echo != nil {
+			fmt.Fprintln(echo, "guest| "+line)
+		}
+		return false
+	}
 	res.Lines = append(res.Lines, line)
 	if echo != nil {
 		fmt.Fprintln(echo, line)

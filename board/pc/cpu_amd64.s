@@ -93,3 +93,55 @@ TEXT ·haltForever(SB),NOSPLIT,$0
 again:
 	HLT
 	JMP	again
+
+// func readCR3() uint64
+TEXT ·readCR3(SB),NOSPLIT,$0-8
+	MOVQ	CR3, AX
+	MOVQ	AX, ret+0(FP)
+	RET
+
+// func sidt(p *[10]byte)
+TEXT ·sidt(SB),NOSPLIT,$0-8
+	MOVQ	p+0(FP), AX
+	BYTE	$0x0f; BYTE $0x01; BYTE $0x08	// SIDT (AX)
+	RET
+
+// func xsetbv(xcr uint32, v uint64)
+TEXT ·xsetbv(SB),NOSPLIT,$0-16
+	MOVL	xcr+0(FP), CX
+	MOVQ	v+8(FP), AX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
+	BYTE	$0x0f; BYTE $0x01; BYTE $0xd1	// XSETBV
+	RET
+
+// func copyToPhys(pa uint64, src *byte, n uint64)
+TEXT ·copyToPhys(SB),NOSPLIT,$0-24
+	MOVQ	pa+0(FP), DI
+	MOVQ	src+8(FP), SI
+	MOVQ	n+16(FP), CX
+	CLD
+	REP;	MOVSB
+	RET
+
+// func movePhys(dst, src, n uint64)
+// memmove: backwards when the destination lies above an overlapping source.
+TEXT ·movePhys(SB),NOSPLIT,$0-24
+	MOVQ	dst+0(FP), DI
+	MOVQ	src+8(FP), SI
+	MOVQ	n+16(FP), CX
+	CMPQ	DI, SI
+	JLS	forward
+	LEAQ	(SI)(CX*1), AX
+	CMPQ	DI, AX
+	JCC	forward
+	LEAQ	-1(DI)(CX*1), DI
+	LEAQ	-1(SI)(CX*1), SI
+	STD
+	REP;	MOVSB
+	CLD
+	RET
+forward:
+	CLD
+	REP;	MOVSB
+	RET

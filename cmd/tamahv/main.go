@@ -47,6 +47,15 @@ func main() {
 		unavailable(fmt.Sprintf("VMXON failed: %v", err))
 	}
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
+	if info, err := pc.BootInfo(); err == nil {
+		if kernel, initrd, cmdline := modules(info); kernel != nil {
+			if err := runGuest(caps, info, kernel, initrd, cmdline); err != nil {
+				fmt.Printf("tamahv: guest: %v\n", err)
+			}
+		} else {
+			fmt.Println("tamahv: no guest (no kernel among the Multiboot modules)")
+		}
+	}
 	if err := vmx.VMXOFF(); err != nil {
 		fmt.Printf("tamahv: VMXOFF: %v\n", err)
 	}

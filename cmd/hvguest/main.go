@@ -1,0 +1,92 @@
+// Command hvguest runs inside tamahv's Linux guest (a static linux/amd64
+// binary in the initramfs) and checks the hypervisor from there.
+//
+// Usage:
+//
+//	hvguest identify      ask tamahv who it is (VMCALL)
+//	hvguest badcall       make malformed hypercalls; tamahv must answer errors
+//	hvguest vmxon-check   run VMXON in a child process; it must die of #UD (SIGILL)
+//	hvguest devmem        read tamahv's secret page through /dev/mem; none of it may show
+//	hvguest exit N        end the guest with status N
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|exit N")
+		os.Exit(2)
+	}
+	if err := run(os.Args[1], os.Args[2:]); err != nil {
+		fmt.Printf("hvguest: %s FAILED: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}
+
+func run(cmd string, args []string) error {
+	switch cmd {
+	case "identify":
+		r := vmx.VMCALL(hv.HcIdentify, 0, 0)
+		if r&^0xffff != hv.HypercallMagic&^0xffff {
+			return fmt.Errorf("hypercall identify answered %#x", r)
+		}
+		fmt.Printf("hvguest: running under tamahv, hypercall interface version %d\n", r&0xffff)
+	case "badcall":
+		if r := vmx.VMCALL(0xbad0, 1, 2); r != hv.HypercallUnknown {
+			return fmt.Errorf("unknown hypercall answered %#x", r)
+		}
+		if r := vmx.VMCALL(hv.HcExit, 1000, 0); r != hv.HypercallInvalid {
+			return fmt.Errorf("exit with status 1000 answered %#x", r)
+		}
+		fmt.Println("hvguest: malformed hypercalls answered with errors")
+	case "vmxon":
+		_ = vmx.VMXON(0) // must not return: #UD
+		fmt.Println("hvguest: VMXON returned")
+	case "vmxon-check":
+		out, err := exec.Command("/proc/self/exe", "vmxon").CombinedOutput()
+		if err == nil || !bytes.Contains(out, []byte("SIGILL")) {
+			return fmt.Errorf("VMXON child: %v: %s", err, out)
+		}
+		fmt.Println("hvguest: VMXON raised #UD (SIGILL)")
+	case "devmem":
+		pa := vmx.VMCALL(hv.HcSecret, 0, 0)
+		f, err := os.Open("/dev/mem")
+		if err != nil {
+			fmt.Printf("hvguest: /dev/mem unavailable (%v): tamahv's memory not visible\n", err)
+			return nil
+		}
+		defer f.Close()
+		b := make([]byte, 4096)
+		if _, err := f.ReadAt(b, int64(pa)); err != nil {
+			fmt.Printf("hvguest: /dev/mem refused %#x (%v): tamahv's memory not visible\n", pa, err)
+			return nil
+		}
+		if n := bytes.Count(b, []byte{hv.SecretByte}); n == len(b) {
+			return fmt.Errorf("tamahv's secret page at %#x is readable", pa)
+		}
+		fmt.Printf("hvguest: /dev/mem at %#x shows none of tamahv's bytes\n", pa)
+	case "exit":
+		status := 0
+		if len(args) > 0 {
+			n, err := strconv.Atoi(args[0])
+			if err != nil {
+				return err
+			}
+			status = n
+		}
+		vmx.VMCALL(hv.HcExit, uint64(status), 0)
+		return fmt.Errorf("still running after the exit hypercall")
+	default:
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+	return nil
+}

@@ -1,0 +1,63 @@
+package hv
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/ept"
+)
+
+type mapTables struct {
+	pages map[uint64]*[512]uint64
+	next  uint64
+}
+
+func (m *mapTables) Alloc() (uint64, error) {
+	m.next += 4096
+	m.pages[m.next] = new([512]uint64)
+	return m.next, nil
+}
+func (m *mapTables) Free(pa uint64) { delete(m.pages, pa) }
+func (m *mapTables) Table(pa uint64) (*[512]uint64, error) {
+	if t := m.pages[pa]; t != nil {
+		return t, nil
+	}
+	return nil, fmt.Errorf("no table %#x", pa)
+}
+
+func TestMapGuest(t *testing.T) {
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x1000000}, ept.Options{Pages1G: true})
+	require.NoError(t, err)
+	mm := append(machineMap, E820Entry{0x100000000, 0x40000000, E820RAM})
+	require.NoError(t, MapGuest(e, mm, [2]uint64{0x10000000, 0x18000000}, 0x12000000))
+	for _, c := range []struct {
+		gpa, hpa uint64
+		mt       ept.MemType
+	}{
+		{0x1000, 0x1000, ept.WriteBack},
+		{0x9f000, 0x9f000, ept.Uncacheable}, // partial RAM page at the EBDA
+		{0xb8000, 0xb8000, ept.Uncacheable},
+		{0x100000, 0x100000, ept.WriteBack},
+		{0x0ffff000, 0x0ffff000, ept.WriteBack},
+		{0x10000000, 0x12000000, ept.WriteBack}, // the sink
+		{0x17fff123, 0x121ff123, ept.WriteBack},
+		{0x18000000, 0x18000000, ept.WriteBack},
+		{0x3fff0000, 0x3fff0000, ept.Uncacheable}, // ACPI tables
+		{0xfee00000, 0xfee00000, ept.Uncacheable}, // local APIC
+		{0x120000000, 0x120000000, ept.WriteBack},
+	} {
+		hpa, p, mt, _, ok := e.Lookup(c.gpa)
+		require.True(t, ok, "%#x", c.gpa)
+		assert.Equal(t, c.hpa, hpa, "%#x", c.gpa)
+		assert.Equal(t, c.mt, mt, "%#x", c.gpa)
+		if c.gpa >= 0x10000000 && c.gpa < 0x18000000 {
+			assert.Equal(t, ept.Read|ept.Write, p, "no execution from the sink")
+		}
+	}
+	_, _, _, _, ok := e.Lookup(0x140000000)
+	assert.False(t, ok, "no RAM there")
+	assert.Error(t, MapGuest(e, mm, [2]uint64{0x10001000, 0x18000000}, 0))
+}
