@@ -138,7 +138,7 @@ func TestLoadLinuxRefusals(t *testing.T) {
 		"old protocol":    {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
 		"long cmdline":    {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
 		"initrd too big":  {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
-		"kernel under the initrd": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.KernelPA = 0x0fffe000 }, want: ErrLayout},
+		"kernel under the initrd": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.KernelPA = 0x0fffe800 }, want: ErrLayout},
 		"tiny":            {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
 		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), InitrdPA: 0x21000000, InitrdLen: 16,
