@@ -81,7 +81,7 @@ image: tamago-dist
 # downloaded and unpacked, not installed) and an initramfs of busybox, the
 # init script and hvguest.
 payload: deps-iso
-	@mkdir -p $(PAYLOAD)/deb $(PAYLOAD)/root/bin
+	@mkdir -p $(PAYLOAD)/deb $(PAYLOAD)/root/bin $(PAYLOAD)/root/proc $(PAYLOAD)/root/sys $(PAYLOAD)/root/dev $(PAYLOAD)/root/tmp
 	@if [ ! -s $(PAYLOAD)/vmlinuz ]; then \
 		[ -n "$$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || apt-get update -qq; \
 		pkg=$$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $$2; exit}'); \

@@ -51,8 +51,13 @@ var vmxOnRE = regexp.MustCompile(`^tamahv: VMX on \(revision 0x[0-9a-f]+, EPT ye
 
 func bootUntilHalted(t *testing.T, c Config) *Result {
 	t.Helper()
+	return bootUntil(t, c, func(l string) bool { return l == "tamahv: halted" })
+}
+
+func bootUntil(t *testing.T, c Config, until func(string) bool) *Result {
+	t.Helper()
 	c.Dir = filepath.Join(t.TempDir(), string(c.Emulator))
-	res, err := Run(context.Background(), c, nil, func(l string) bool { return l == "tamahv: halted" })
+	res, err := Run(context.Background(), c, nil, until)
 	if err != nil {
 		t.Logf("serial console:\n%s", res.Serial())
 		if b, e := os.ReadFile(filepath.Join(c.Dir, "bochs.log")); e == nil {
@@ -83,7 +88,8 @@ func lineWith(lines []string, prefix string) (string, int) {
 func TestBochsEntersVMXOperation(t *testing.T) {
 	iso := isoForTest(t)
 	needEmulator(t, Bochs)
-	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 3 * time.Minute})
+	res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Timeout: 3 * time.Minute},
+		func(l string) bool { return strings.HasPrefix(l, "tamahv: VMX ") })
 	on, i := lineWith(res.Lines, "tamahv: VMX ")
 	require.GreaterOrEqual(t, i, 0, "no VMX line in:\n%s", res.Serial())
 	assert.Regexp(t, vmxOnRE, on)
@@ -113,7 +119,8 @@ func TestBochsModels(t *testing.T) {
 	needEmulator(t, Bochs)
 	for _, m := range BochsModels {
 		t.Run(m, func(t *testing.T) {
-			res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Model: m, Timeout: 3 * time.Minute})
+			res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Model: m, Timeout: 3 * time.Minute},
+				func(l string) bool { return strings.HasPrefix(l, "tamahv: VMX ") })
 			on, _ := lineWith(res.Lines, "tamahv: VMX ")
 			assert.Regexp(t, vmxOnRE, on)
 			for _, l := range res.Lines {
@@ -121,6 +128,41 @@ func TestBochsModels(t *testing.T) {
 					t.Log(l)
 				}
 			}
+		})
+	}
+}
+
+// TestBochsLinuxGuest boots Debian's kernel under tamahv in Bochs: the
+// guest's init proves it runs virtualized, checks tamahv's protections and
+// ends itself through a hypercall.
+func TestBochsLinuxGuest(t *testing.T) {
+	iso := isoForTest(t)
+	needEmulator(t, Bochs)
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 6 * time.Minute})
+	t.Logf("guest console:\n%s", res.GuestSerial())
+	started, _ := lineWith(res.Lines, "tamahv: guest started")
+	require.NotEmpty(t, started, "tamahv did not start the guest:\n%s", res.Serial())
+	exited, _ := lineWith(res.Lines, "tamahv: guest exited")
+	require.Equal(t, "tamahv: guest exited (status 0)", strings.SplitN(exited, " after", 2)[0], "tamahv:\n%s", res.Serial())
+	_, at, ok := res.GuestLine("guest: init started")
+	require.True(t, ok, "no init marker")
+	t.Logf("guest init after %v of wall time; %s", at.Round(time.Millisecond), exited)
+	for _, l := range res.Lines {
+		if strings.HasPrefix(l, "tamahv: exits ") {
+			t.Log(l)
+		}
+	}
+	for name, want := range map[string]string{
+		"hypercall":        "hvguest: running under tamahv, hypercall interface version 1",
+		"malformed calls":  "hvguest: malformed hypercalls answered with errors",
+		"VMXON is #UD":     "hvguest: VMXON raised #UD (SIGILL)",
+		"tamahv invisible": "hvguest: /dev/mem ",
+		"kernel log":       "guest: kernel log clean",
+	} {
+		t.Run(name, func(t *testing.T) {
+			l, _, ok := res.GuestLine(want)
+			assert.True(t, ok, "the guest did not print %q", want)
+			assert.NotContains(t, l, "FAILED")
 		})
 	}
 }

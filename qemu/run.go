@@ -18,6 +18,8 @@ type Result struct {
 	Dir     string        // where the logs are
 	Lines   []string      // tamahv's serial console, line by line
 	Guest   []string      // the guest's serial console, line by line
+	// GuestAt holds when each guest line appeared, since the start.
+	GuestAt []time.Duration
 	Matched string        // the line that ended the run, if any
 	Elapsed time.Duration // from emulator start to the end
 	// MatchedAfter is when the matched line appeared.
@@ -26,6 +28,17 @@ type Result struct {
 
 // Serial returns tamahv's whole serial console.
 func (r *Result) Serial() string { return strings.Join(r.Lines, "\n") }
+
+// GuestLine returns the first guest line with the prefix, and when it
+// appeared; ok is false if none did.
+func (r *Result) GuestLine(prefix string) (line string, at time.Duration, ok bool) {
+	for i, l := range r.Guest {
+		if strings.HasPrefix(l, prefix) {
+			return l, r.GuestAt[i], true
+		}
+	}
+	return "", 0, false
+}
 
 // GuestSerial returns the guest's whole serial console.
 func (r *Result) GuestSerial() string { return strings.Join(r.Guest, "\n") }
@@ -200,6 +213,7 @@ func (f *follower) flush(res *Result, echo io.Writer, until func(string) bool, s
 func (f *follower) take(line string, res *Result, echo io.Writer, until func(string) bool, start time.Time) bool {
 	if f.guest {
 		res.Guest = append(res.Guest, line)
+		res.GuestAt = append(res.GuestAt, time.Since(start))
 		if echo != nil {
 			fmt.Fprintln(echo, "guest| "+line)
 		}
