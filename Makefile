@@ -33,7 +33,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -106,6 +106,16 @@ iso: image payload deps-iso
 	cp qemu/grub.cfg $(BUILD)/iso/boot/grub/grub.cfg
 	grub-mkrescue -o $(ISO) $(BUILD)/iso 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 	@ls -l $(IMAGE) $(ISO)
+
+# The same guest without tamahv, to measure what tamahv costs.
+iso-native: payload deps-iso
+	@rm -rf $(BUILD)/iso-native && mkdir -p $(BUILD)/iso-native/boot/grub
+	cp $(PAYLOAD)/vmlinuz $(PAYLOAD)/initrd.gz $(BUILD)/iso-native/boot/
+	cp qemu/grub-native.cfg $(BUILD)/iso-native/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/native.iso $(BUILD)/iso-native 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
+e2e-overhead: iso iso-native deps-bochs
+	TAMAHV_E2E_OVERHEAD=1 $(GO) test -count=1 -v -run 'TestBochsOverhead' -timeout 30m ./qemu/
 
 run: iso $(if $(filter bochs,$(EMU)),deps-bochs,deps-qemu)
 	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -timeout $(TIMEOUT) $(ISO)

@@ -46,9 +46,9 @@ func (r *Result) GuestSerial() string { return strings.Join(r.Guest, "\n") }
 // ErrTimeout is returned when the time limit ends a boot.
 var ErrTimeout = errors.New("qemu: time limit reached")
 
-// Run boots c.ISO and follows its serial consoles: each complete line of
-// tamahv's is copied to echo (if not nil) and passed to until, each of the
-// guest's is copied to echo behind "guest| "; the run ends when until
+// Run boots c.ISO and follows its serial consoles: each complete line is
+// copied to echo (if not nil) and passed to until, the guest's behind
+// "guest| "; the run ends when until
 // returns true, when the emulator exits, or at the time limit. The
 // emulator is ended through the process group of the process Run started,
 // and its logs stay in the result's Dir.
@@ -145,8 +145,8 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			res.Elapsed = time.Since(start)
 			return res, fmt.Errorf("%w after %v (logs in %s)", ErrTimeout, c.Timeout, dir)
 		case err := <-exited:
-			g.poll(guestLog, res, echo, nil, start)
-			g.flush(res, echo, nil, start)
+			g.poll(guestLog, res, echo, until, start)
+			g.flush(res, echo, until, start)
 			f.poll(serial, res, echo, until, start)
 			f.flush(res, echo, until, start)
 			res.Elapsed = time.Since(start)
@@ -155,8 +155,7 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			}
 			return res, fmt.Errorf("qemu: %s exited (%v) before the expected output (logs in %s)", prog, err, dir)
 		case <-tick.C:
-			g.poll(guestLog, res, echo, nil, start)
-			if f.poll(serial, res, echo, until, start) {
+			if g.poll(guestLog, res, echo, until, start) || f.poll(serial, res, echo, until, start) {
 				stop()
 				<-exited
 				res.Elapsed = time.Since(start)
@@ -167,6 +166,9 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 }
 
 func dirFile(dir, name string) string { return dir + string(os.PathSeparator) + name }
+
+// GuestPrefix marks the guest's console lines for echo and until.
+const GuestPrefix = "guest| "
 
 // follower reads a serial log as it grows and splits it into lines.
 type follower struct {
@@ -211,18 +213,18 @@ func (f *follower) flush(res *Result, echo io.Writer, until func(string) bool, s
 }
 
 func (f *follower) take(line string, res *Result, echo io.Writer, until func(string) bool, start time.Time) bool {
+	shown := line
 	if f.guest {
 		res.Guest = append(res.Guest, line)
 		res.GuestAt = append(res.GuestAt, time.Since(start))
-		if echo != nil {
-			fmt.Fprintln(echo, "guest| "+line)
-		}
-		return false
+		shown = GuestPrefix + line
+	} else {
+		res.Lines = append(res.Lines, line)
 	}
-	res.Lines = append(res.Lines, line)
 	if echo != nil {
-		fmt.Fprintln(echo, line)
+		fmt.Fprintln(echo, shown)
 	}
+	line = shown
 	if until != nil && res.Matched == "" && until(line) {
 		res.Matched = line
 		res.MatchedAfter = time.Since(start)

@@ -7,6 +7,7 @@
 //	hvguest badcall       make malformed hypercalls; tamahv must answer errors
 //	hvguest vmxon-check   run VMXON in a child process; it must die of #UD (SIGILL)
 //	hvguest devmem        read tamahv's secret page through /dev/mem; none of it may show
+//	hvguest cpuid-cost    measure CPUID in TSC ticks (an exit under tamahv)
 //	hvguest exit N        end the guest with status N
 package main
 
@@ -31,6 +32,9 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// cpuidTicks is in cpuid_amd64.s.
+func cpuidTicks(n uint64) uint64
 
 func run(cmd string, args []string) error {
 	switch cmd {
@@ -74,6 +78,10 @@ func run(cmd string, args []string) error {
 			return fmt.Errorf("tamahv's secret page at %#x is readable", pa)
 		}
 		fmt.Printf("hvguest: /dev/mem at %#x shows none of tamahv's bytes\n", pa)
+	case "cpuid-cost":
+		const n = 2000
+		cpuidTicks(100) // warm up
+		fmt.Printf("hvguest: CPUID costs %d TSC ticks\n", cpuidTicks(n)/n)
 	case "exit":
 		status := 0
 		if len(args) > 0 {
