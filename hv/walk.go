@@ -1,0 +1,117 @@
+package hv
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/tamahv/tamahv/swapmem"
+)
+
+// PhysReader reads guest-physical memory.
+type PhysReader interface {
+	ReadPhys(pa uint64, p []byte) error
+}
+
+// Paging-entry bits (Intel SDM Vol. 3A, "4-Level Paging and 5-Level
+// Paging").
+const (
+	pteP    = 1 << 0
+	pteRW   = 1 << 1
+	pteUS   = 1 << 2
+	ptePS   = 1 << 7
+	pteXD   = 1 << 63
+	pteAddr = 0x000f_ffff_ffff_f000
+)
+
+// Walk errors.
+var (
+	ErrNonCanonical = errors.New("hv: non-canonical address")
+	ErrReservedBit  = errors.New("hv: reserved bit set in a paging entry")
+	ErrWalkLoop     = errors.New("hv: paging structures point at themselves")
+)
+
+// Walker translates guest-virtual addresses by reading the guest's paging
+// structures (IA-32e paging with 4 or 5 levels).
+type Walker struct {
+	Mem PhysReader
+	// LA57 selects 5-level paging (CR4.LA57).
+	LA57 bool
+	// MaxPhys is the physical-address width (default 46 bits); entries
+	// pointing above it are reserved-bit violations.
+	MaxPhys uint
+	// Limit is the end of guest-physical memory; a walk leaving it stops
+	// with an error (0: no limit).
+	Limit uint64
+}
+
+// Step is one entry read during a walk.
+type Step struct {
+	Level int    // 4 (PML4) ... 1 (PT); 5 for the PML5
+	PA    uint64 // guest-physical address of the entry
+	Entry uint64
+}
+
+// Walk translates va in the address space cr3 and returns the entries it
+// read, top first (the last is the one that stopped the walk: the leaf or
+// a not-present entry). A not-present translation is not an error.
+func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int, error) {
+	var tr swapmem.Translation
+	levels := 4
+	if w.LA57 {
+		levels = 5
+	}
+	bits := uint(12 + 9*levels)
+	if top := int64(va) >> (bits - 1); top != 0 && top != -1 {
+		return tr, 0, fmt.Errorf("%w: %#x", ErrNonCanonical, va)
+	}
+	maxPhys := w.MaxPhys
+	if maxPhys == 0 {
+		maxPhys = 46
+	}
+	rsvd := ^uint64(0) << maxPhys & (pteAddr | 0x000f_0000_0000_0000)
+	table := cr3 & pteAddr
+	rw, us, xd := true, true, false
+	var b [8]byte
+	n := 0
+	for level := levels; level >= 1; level-- {
+		pa := table + 8*(va>>(12+9*uint(level-1))&511)
+		if w.Limit != 0 && pa+8 > w.Limit {
+			return tr, n, fmt.Errorf("hv: walk of %#x leaves guest memory at %#x", va, pa)
+		}
+		for i := 0; i < n; i++ {
+			if steps[i].PA&^0xfff == pa&^0xfff && steps[i].Level != level {
+				return tr, n, fmt.Errorf("%w: %#x", ErrWalkLoop, pa)
+			}
+		}
+		if err := w.Mem.ReadPhys(pa, b[:]); err != nil {
+			return tr, n, fmt.Errorf("hv: walk of %#x: %w", va, err)
+		}
+		e := binary.LittleEndian.Uint64(b[:])
+		steps[n] = Step{Level: level, PA: pa, Entry: e}
+		n++
+		if e&pteP == 0 {
+			return tr, n, nil
+		}
+		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) {
+			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
+		}
+		rw = rw && e&pteRW != 0
+		us = us && e&pteUS != 0
+		xd = xd || e&pteXD != 0
+		if level == 1 || e&ptePS != 0 {
+			size := uint64(1) << (12 + 9*uint(level-1))
+			base := e & pteAddr &^ (size - 1)
+			return swapmem.Translation{PA: base | va&(size-1), PageSize: size, Present: true, Writable: rw, User: us, NX: xd}, n, nil
+		}
+		table = e & pteAddr
+	}
+	return tr, n, nil
+}
+
+// Translate is Walk without the steps.
+func (w *Walker) Translate(cr3, va uint64) (swapmem.Translation, error) {
+	var s [5]Step
+	tr, _, err := w.Walk(cr3, va, &s)
+	return tr, err
+}

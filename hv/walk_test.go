@@ -1,0 +1,90 @@
+package hv
+
+import (
+	"encoding/binary"
+	"math/rand"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+)
+
+// TestWalkerAgreesWithTheSimulatedGuest walks page tables built by
+// swapmemtest (4 KiB, 2 MiB and 1 GiB pages, swapped-out and CoW pages)
+// and compares every translation.
+func TestWalkerAgreesWithTheSimulatedGuest(t *testing.T) {
+	m := swapmemtest.NewMachine()
+	p := m.NewSpace()
+	require.NoError(t, p.MapRange(0x400000, 64*4096, swapmemtest.UserRW))
+	_, err := p.Map(0x40000000, swapmem.PageSize1G, swapmemtest.UserRX)
+	require.NoError(t, err)
+	_, err = p.Map(0x800000, swapmem.PageSize2M, swapmemtest.UserRO)
+	require.NoError(t, err)
+	require.NoError(t, m.System().MapRange(0xffff888000000000, 16*4096, swapmemtest.KernelRW))
+	require.NoError(t, p.SwapOut(0x401000))
+	require.NoError(t, p.MakeCoW(0x402000))
+	w := &Walker{Mem: m}
+	rng := rand.New(rand.NewSource(1))
+	vas := []uint64{0x400000, 0x401abc, 0x402fff, 0x43ffff, 0x440000, 0x40000000, 0x7fffffff, 0x800123, 0x9fffff,
+		0xffff888000000000, 0xffff888000007777, 0xffff888000010000, 0, 0x7fffffffffff}
+	for i := 0; i < 200; i++ {
+		vas = append(vas, 0x400000+uint64(rng.Intn(0x800000)))
+	}
+	for _, va := range vas {
+		want, werr := m.Translate(p.CR3, va)
+		got, gerr := w.Translate(p.CR3, va)
+		require.NoError(t, werr)
+		require.NoError(t, gerr, "%#x", va)
+		assert.Equal(t, want, got, "%#x", va)
+	}
+	_, err = w.Translate(p.CR3, 0x0000800000000000)
+	assert.ErrorIs(t, err, ErrNonCanonical)
+	w.LA57 = true
+	_, err = w.Translate(p.CR3, 0x0000800000000000)
+	assert.NoError(t, err, "canonical with 5 levels")
+}
+
+// physBytes is guest memory from a byte slice at address 0.
+type physBytes []byte
+
+func (b physBytes) ReadPhys(pa uint64, p []byte) error {
+	if pa+uint64(len(p)) > uint64(len(b)) {
+		return assert.AnError
+	}
+	copy(p, b[pa:])
+	return nil
+}
+
+func TestWalkerRejectsBadTables(t *testing.T) {
+	mem := make(physBytes, 0x10000)
+	le := binary.LittleEndian
+	// PML4 at 0x1000 points at itself: a loop.
+	le.PutUint64(mem[0x1000:], 0x1000|pteP|pteRW)
+	w := &Walker{Mem: mem}
+	_, err := w.Translate(0x1000, 0x1234)
+	assert.ErrorIs(t, err, ErrWalkLoop)
+	// Reserved bits above MAXPHYADDR.
+	le.PutUint64(mem[0x1000:], 0x2000|pteP|1<<50)
+	_, err = w.Translate(0x1000, 0x1234)
+	assert.ErrorIs(t, err, ErrReservedBit)
+	// PS in a PML4 entry.
+	le.PutUint64(mem[0x1000:], 0x2000|pteP|ptePS)
+	_, err = w.Translate(0x1000, 0x1234)
+	assert.ErrorIs(t, err, ErrReservedBit)
+	// A table outside memory.
+	le.PutUint64(mem[0x1000:], 0x900000|pteP)
+	w.Limit = uint64(len(mem))
+	_, err = w.Translate(0x1000, 0x1234)
+	assert.ErrorContains(t, err, "leaves guest memory")
+	// Not present is no error, and the steps show where it stopped.
+	le.PutUint64(mem[0x1000:], 0x2000|pteP|pteRW|pteUS)
+	var s [5]Step
+	tr, n, err := w.Walk(0x1000, 0x1234, &s)
+	require.NoError(t, err)
+	assert.False(t, tr.Present)
+	assert.Equal(t, 2, n)
+	assert.Equal(t, Step{Level: 3, PA: 0x2000, Entry: 0}, s[1])
+}
