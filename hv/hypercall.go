@@ -17,6 +17,29 @@ const (
 	// filled with SecretByte, for tests that check the guest cannot read
 	// it.
 	HcSecret = 2
+	// HcSwapRead asks tamahv to read a range of the caller's memory
+	// through swapmem: RDI is the virtual address of a SwapRequest
+	// (SwapRequestSize bytes, present), RSI its size. The read runs while
+	// the guest goes on; HcSwapStatus tells how it ended.
+	HcSwapRead = 3
+	// HcSwapStatus returns SwapPending, SwapOK or SwapFailed for the last
+	// HcSwapRead.
+	HcSwapStatus = 4
+
+	// SwapRequestSize is the size of a swap request: virtual address,
+	// length and swapmem options (8 bytes each), then the SHA-256 of the
+	// bytes the caller expects.
+	SwapRequestSize = 56
+
+	// HcSwapStatus results.
+	SwapPending = 1
+	SwapOK      = 2
+	SwapFailed  = 3
+
+	// HypercallBusy is the result of HcSwapRead while a read runs (-16,
+	// EBUSY).
+	HypercallBusy = ^uint64(15)
+
 	// HypercallUnknown is the result of an unknown function (-1).
 	HypercallUnknown = ^uint64(0)
 	// HypercallInvalid is the result of bad arguments (-22, EINVAL).

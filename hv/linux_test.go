@@ -134,12 +134,12 @@ func TestLoadLinuxRefusals(t *testing.T) {
 		mutate func(l *Linux)
 		want   error
 	}{
-		"not a bzImage":   {img: make([]byte, 4096), want: ErrNotBzImage},
-		"old protocol":    {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
-		"long cmdline":    {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
-		"initrd too big":  {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
+		"not a bzImage":           {img: make([]byte, 4096), want: ErrNotBzImage},
+		"old protocol":            {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
+		"long cmdline":            {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
+		"initrd too big":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
 		"kernel under the initrd": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.KernelPA = 0x0fffe800 }, want: ErrLayout},
-		"tiny":            {img: []byte("MZ"), want: ErrNotBzImage},
+		"tiny":                    {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
 		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), InitrdPA: 0x21000000, InitrdLen: 16,
 			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}

@@ -1,0 +1,94 @@
+package hv
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
+	m := swapmemtest.NewMachine()
+	p := m.NewSpace()
+	const va = 0x400000
+	require.NoError(t, p.MapRange(va, 2*4096, swapmemtest.UserRW))
+	require.NoError(t, p.SwapOut(va))
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
+	flushes := 0
+	g := &GuestMemory{Walker: Walker{Mem: m}, Mem: m, EPT: e, Invalidate: func() { flushes++ }, Hole: [2]uint64{0x10000000, 0x18000000}}
+
+	var seen []swapmem.Translation
+	cancel, err := g.Watch(p.CR3, va, func(tr swapmem.Translation) { seen = append(seen, tr) })
+	require.NoError(t, err)
+	var steps [5]Step
+	_, n, err := g.Walker.Walk(p.CR3, va, &steps)
+	require.NoError(t, err)
+	require.Equal(t, 4, n)
+	ptePage := steps[3].PA &^ 0xfff
+	_, perm, _, _, _ := e.Lookup(ptePage)
+	assert.Equal(t, ept.Read|ept.Exec, perm, "the page table is write-protected")
+	assert.Equal(t, 4, g.Watches())
+	assert.Equal(t, 1, flushes)
+
+	write := uint64(0x2 | 0x80 | 0x100 | 0x8 | 0x20) // write, linear valid, translation; entry r-x
+	v, _ := scripted(t, []exitStep{
+		// The guest's kernel writes the PTE: the page opens, MTF is set.
+		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write},
+			check: func(t *testing.T, v *VCPU) {
+				_, perm, _, _, _ := e.Lookup(ptePage)
+				assert.Equal(t, ept.RWX, perm)
+				assert.NotZero(t, fv(v).f[vmx.ProcControls]&vmx.ProcMonitorTrapFlag)
+			}},
+		// The write completes (the page comes in), then the MTF exit.
+		{reason: vmx.ExitMonitorTrapFlag, regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
+			check: func(t *testing.T, v *VCPU) {
+				_, perm, _, _, _ := e.Lookup(ptePage)
+				assert.Equal(t, ept.Read|ept.Exec, perm, "closed again")
+				assert.Zero(t, fv(v).f[vmx.ProcControls]&vmx.ProcMonitorTrapFlag)
+				require.Len(t, seen, 1)
+				assert.True(t, seen[0].Present)
+			}},
+		// An accessed-flag update by the processor's walk: no walk.
+		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: 0x2 | 0x80 | 0x8}},
+		{reason: vmx.ExitMonitorTrapFlag},
+		// A write to an unwatched page is fatal, as before.
+		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
+	})
+	g.Install(v)
+	err = v.Run()
+	assert.ErrorIs(t, err, ErrFatalExit)
+	assert.Equal(t, uint64(1), g.Writes)
+	assert.Equal(t, uint64(1), g.ADWrites)
+	assert.Len(t, seen, 1)
+
+	cancel()
+	cancel()
+	assert.Zero(t, g.Watches())
+	_, perm, _, _, _ = e.Lookup(ptePage)
+	assert.Equal(t, ept.RWX, perm, "protection dropped when no watch needs it")
+	assert.ErrorIs(t, g.ReadPhys(0x10000010, make([]byte, 4)), ErrHole)
+}
+
+func TestSwapCPU(t *testing.T) {
+	v, m := scripted(t, nil)
+	c := &SwapCPU{V: v}
+	m.f[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
+	m.f[vmx.GuestSSAccess] = 0xf3         // DPL 3
+	assert.Equal(t, uint64(0x1234_5000), c.CR3())
+	assert.Equal(t, 3, c.Ring())
+	assert.False(t, c.EventPending())
+	require.NoError(t, c.InjectPF(0x7000_1000, 6))
+	assert.Equal(t, uint64(0x80000b0e), m.f[vmx.EntryInterruptInfo])
+	assert.Equal(t, uint64(6), m.f[vmx.EntryExceptionError])
+	assert.Equal(t, uint64(0x7000_1000), v.Regs.CR2)
+	assert.True(t, c.EventPending())
+	assert.ErrorIs(t, c.InjectPF(0x7000_2000, 6), ErrEventTaken)
+	assert.ErrorIs(t, c.InjectBPFault(1), ErrNoBreakpointAgent)
+}
