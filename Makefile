@@ -94,6 +94,8 @@ payload: deps-iso
 	@test -s $(PAYLOAD)/vmlinuz || { echo "tamahv: no guest kernel"; exit 1; }
 	@echo "tamahv: building the guest initramfs"
 	cp /bin/busybox $(PAYLOAD)/root/bin/busybox
+	@mkdir -p $(PAYLOAD)/root/lib/modules
+	find $(PAYLOAD)/deb/x/lib/modules \( -name zsmalloc.ko -o -name zram.ko \) -exec cp {} $(PAYLOAD)/root/lib/modules/ \;
 	cp qemu/guest/init $(PAYLOAD)/root/init
 	GOOS=linux GOARCH=amd64 CGO_ENABLED=0 $(GO) build -trimpath -o $(PAYLOAD)/root/bin/hvguest ./cmd/hvguest
 	cd $(PAYLOAD)/root && find . | sort | cpio -o -H newc --quiet | gzip -9 > ../initrd.gz

@@ -8,6 +8,11 @@
 //	hvguest vmxon-check   run VMXON in a child process; it must die of #UD (SIGILL)
 //	hvguest devmem        read tamahv's secret page through /dev/mem; none of it may show
 //	hvguest cpuid-cost    measure CPUID in TSC ticks (an exit under tamahv)
+//	hvguest swapread MODE [PAGES]
+//	                      fill a buffer, push it to swap, and have tamahv read it
+//	                      through swapmem without touching it; MODE user spins in
+//	                      user mode (UserFault), nofault waits for the pages to be
+//	                      touched (NoFault)
 //	hvguest exit N        end the guest with status N
 package main
 
@@ -82,6 +87,8 @@ func run(cmd string, args []string) error {
 		const n = 2000
 		cpuidTicks(100) // warm up
 		fmt.Printf("hvguest: CPUID costs %d TSC ticks\n", cpuidTicks(n)/n)
+	case "swapread":
+		return swapRead(args)
 	case "exit":
 		status := 0
 		if len(args) > 0 {

@@ -3,16 +3,20 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"strings"
+	"time"
 	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -23,10 +27,30 @@ const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic
 type monitor struct {
 	status int
 	secret uint64
+	gm     *hv.GuestMemory
+	eng    *swapmem.Engine
+	swap   swapRead
+}
+
+// swapRead is the state of the guest's last HcSwapRead.
+type swapRead struct {
+	state    uint64
+	want     [32]byte
+	start    time.Time
+	exits    uint64
+	injected uint64
+	missing  int
 }
 
 func (m *monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 	switch nr {
+	case hv.HcSwapRead:
+		return m.swapRead(v, a1, a2), false
+	case hv.HcSwapStatus:
+		if m.swap.state == 0 {
+			return hv.HypercallInvalid, false
+		}
+		return m.swap.state, false
 	case hv.HcIdentify:
 		return hv.HypercallMagic, false
 	case hv.HcExit:
@@ -39,6 +63,63 @@ func (m *monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 		return m.secret, false
 	}
 	return hv.HypercallUnknown, false
+}
+
+// swapRead starts a swapmem read of the caller's memory described by the
+// request at guest-virtual req.
+func (m *monitor) swapRead(v *hv.VCPU, req, size uint64) uint64 {
+	if m.swap.state == hv.SwapPending {
+		return hv.HypercallBusy
+	}
+	if size != hv.SwapRequestSize {
+		return hv.HypercallInvalid
+	}
+	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
+	m.gm.Walker.LA57 = v.VMCS.Read(vmx.GuestCR4)&(1<<12) != 0
+	var b [hv.SwapRequestSize]byte
+	tr, err := m.gm.Translate(cr3, req)
+	if err != nil || !tr.Present || req&0xfff > 4096-hv.SwapRequestSize || m.gm.ReadPhys(tr.PA, b[:]) != nil {
+		return hv.HypercallInvalid
+	}
+	va := binary.LittleEndian.Uint64(b[0:])
+	n := binary.LittleEndian.Uint64(b[8:])
+	opts := swapmem.Options(binary.LittleEndian.Uint64(b[16:]))
+	m.swap = swapRead{state: hv.SwapPending, start: time.Now(), exits: v.Total(), injected: m.eng.Stats().Injected}
+	copy(m.swap.want[:], b[24:])
+	if n > swapmem.MaxLen {
+		m.swap.state = hv.SwapFailed
+		return hv.HypercallInvalid
+	}
+	tx, err := m.eng.ReadData(swapmem.Request{CR3: cr3, VA: va, Len: int(n), Options: opts,
+		Done: func(r swapmem.Read) { m.swapDone(v, r) }})
+	if err != nil {
+		fmt.Printf("tamahv: swapmem read FAILED: %v\n", err)
+		m.swap.state = hv.SwapFailed
+		return hv.HypercallInvalid
+	}
+	if tx != nil {
+		m.swap.missing = m.eng.Stats().Pages
+	}
+	fmt.Printf("tamahv: swapmem read of %d bytes at %#x in CR3 %#x (%v): %d pages missing\n", n, va, cr3, opts, m.swap.missing)
+	return 0
+}
+
+func (m *monitor) swapDone(v *hv.VCPU, r swapmem.Read) {
+	took := time.Since(m.swap.start)
+	inj := m.eng.Stats().Injected - m.swap.injected
+	exits := v.Total() - m.swap.exits
+	switch {
+	case r.Err != nil:
+		m.swap.state = hv.SwapFailed
+		fmt.Printf("tamahv: swapmem read FAILED: %v\n", r.Err)
+	case sha256.Sum256(r.Data) != m.swap.want:
+		m.swap.state = hv.SwapFailed
+		fmt.Printf("tamahv: swapmem read FAILED: sha256 %x, the guest expected %x\n", sha256.Sum256(r.Data), m.swap.want)
+	default:
+		m.swap.state = hv.SwapOK
+		fmt.Printf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d exits, %v (flags %v)\n",
+			m.swap.want, len(r.Data), m.swap.missing, inj, exits, took.Round(time.Millisecond), r.Flags)
+	}
 }
 
 // modules finds the kernel and initramfs among the Multiboot modules: the
@@ -115,11 +196,10 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	}
 	console := [2]uint16{pc.COM1, pc.COM1 + 7}
 	hv.IOBitmaps(bmA, bmB, console)
-	fxPA, fxPage, err := page()
+	_, fxPage, err := page()
 	if err != nil {
 		return err
 	}
-	_ = fxPA
 	fx := (*vmx.FXArea)(fxPage[:512])
 	fx[0], fx[1] = 0x7f, 0x03   // FCW: x87 exceptions masked
 	fx[24], fx[25] = 0x80, 0x1f // MXCSR: SIMD exceptions masked
@@ -150,7 +230,28 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v.XSETBV = pc.XSETBV
 	v.Log = os.Stdout
 	v.OwnPorts(console[0], console[1])
-	mon := &monitor{secret: secretPA}
+	var ramTop uint64
+	for _, r := range e820 {
+		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
+			ramTop = r.Addr + r.Size
+		}
+	}
+	eptp := tables.Pointer(false)
+	invept := func() {
+		if err := vmx.INVEPT(vmx.InveptSingle, eptp); err != nil {
+			_ = vmx.INVEPT(vmx.InveptAll, 0)
+		}
+	}
+	gm := &hv.GuestMemory{Walker: hv.Walker{Mem: pc.PhysMem{}, Limit: max(ramTop, 1<<32)}, Mem: pc.PhysMem{},
+		EPT: tables, Invalidate: invept, Hole: own}
+	gm.Install(v)
+	eng := swapmem.New(gm, swapmem.Config{})
+	cpu := &hv.SwapCPU{V: v}
+	v.BeforeEntry = func(*hv.VCPU) { _ = eng.InjectPendingPF(cpu) }
+	hz, _ := pc.TSCHzSource()
+	v.PreemptionTicks = uint32(min(hz/100>>caps.PreemptionTimerShift(), 1<<31))
+	v.OnTimer = func(*hv.VCPU) { eng.ReinjectFailedPF() }
+	mon := &monitor{secret: secretPA, gm: gm, eng: eng}
 	v.Hypercalls = mon
 	v.Enter = func(v *hv.VCPU, launched bool) error { return vmx.Run(&v.Regs, fx, launched) }
 	err = v.Init(hv.Setup{
@@ -159,7 +260,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 			TRBase: h.TRBase, GDTRBase: h.GDTRBase, IDTRBase: h.IDTRBase, EFER: h.EFER, PAT: h.PAT,
 			CS: h.CodeSel, SS: h.DataSel, DS: h.DataSel, ES: h.DataSel, TR: h.TSel,
 		},
-		EPTP: tables.Pointer(false), VPID: 1,
+		EPTP: eptp, VPID: 1, Preemption: true,
 		MSRBitmap: msrPA, IOBitmapA: ioA, IOBitmapB: ioB,
 	}, start)
 	if err != nil {
@@ -175,5 +276,8 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	}
 	fmt.Printf("tamahv: guest exited (status %d) after %d exits\n", mon.status, v.Total())
 	v.Report(os.Stdout, false)
+	st := eng.Stats()
+	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed; page-table writes %d (accessed/dirty %d), translations changed %d\n",
+		st.Injected, st.Completed, st.Failed, gm.Writes, gm.ADWrites, gm.Changes)
 	return nil
 }

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+const (
+	pageSize    = 4096
+	madvPageout = 21 // MADV_PAGEOUT
+)
+
+// pagemap returns how many of the n pages at va are swapped out and how
+// many are present (/proc/self/pagemap: bit 62 swapped, bit 63 present).
+func pagemap(va uintptr, n int) (swapped, present int, err error) {
+	f, err := os.Open("/proc/self/pagemap")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	b := make([]byte, 8*n)
+	if _, err := f.ReadAt(b, int64(va/pageSize)*8); err != nil {
+		return 0, 0, err
+	}
+	for i := 0; i < n; i++ {
+		e := binary.LittleEndian.Uint64(b[8*i:])
+		if e&(1<<62) != 0 {
+			swapped++
+		}
+		if e&(1<<63) != 0 {
+			present++
+		}
+	}
+	return swapped, present, nil
+}
+
+func swapRead(args []string) error {
+	if len(args) < 1 {
+		return errors.New("swapread user|nofault [pages]")
+	}
+	opts := map[string]swapmem.Options{"user": swapmem.UserFault, "nofault": swapmem.NoFault}[args[0]]
+	if opts == 0 {
+		return fmt.Errorf("unknown mode %q", args[0])
+	}
+	pages := 64
+	if len(args) > 1 {
+		n, err := strconv.Atoi(args[1])
+		if err != nil || n < 1 {
+			return fmt.Errorf("bad page count %q", args[1])
+		}
+		pages = n
+	}
+	// The range starts and ends mid-page: pages+1 pages hold it.
+	span := pages + 1
+	mem, err := syscall.Mmap(-1, 0, span*pageSize, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANONYMOUS)
+	if err != nil {
+		return err
+	}
+	base := uintptr(unsafe.Pointer(&mem[0]))
+	const off = 100
+	n := pages*pageSize + 200 - 2*off
+	data := mem[off : off+n]
+	rand.New(rand.NewSource(int64(pages))).Read(data)
+	want := sha256.Sum256(data)
+
+	swapped := 0
+	for try := 0; try < 10 && swapped < span; try++ {
+		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, base, uintptr(span*pageSize), madvPageout); e != 0 {
+			return fmt.Errorf("madvise(MADV_PAGEOUT): %v", e)
+		}
+		if swapped, _, err = pagemap(base, span); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("swapread: %d bytes at %#x, sha256 %x, %d of %d pages swapped out\n", n, base+off, want, swapped, span)
+	if swapped < span {
+		return fmt.Errorf("only %d of %d pages went to swap", swapped, span)
+	}
+
+	var req [hv.SwapRequestSize]byte
+	binary.LittleEndian.PutUint64(req[0:], uint64(base+off))
+	binary.LittleEndian.PutUint64(req[8:], uint64(n))
+	binary.LittleEndian.PutUint64(req[16:], uint64(opts))
+	copy(req[24:], want[:])
+	start := time.Now()
+	if r := vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(&req))), hv.SwapRequestSize); r != 0 {
+		return fmt.Errorf("HcSwapRead answered %#x", r)
+	}
+	// Wait without touching the buffer: spin in user mode, asking now and
+	// then. With NoFault nothing comes in until the buffer is read.
+	status := uint64(hv.SwapPending)
+	for i := 0; status == hv.SwapPending; i++ {
+		if i%(1<<20) == 0 {
+			status = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
+			if opts == swapmem.NoFault && time.Since(start) > 2*time.Second {
+				var sum byte
+				for p := 0; p < len(data); p += pageSize {
+					sum += data[p] // the guest's own activity brings the pages in
+				}
+				_ = sum
+			}
+			if time.Since(start) > 90*time.Second {
+				return errors.New("no answer from tamahv in 90 s")
+			}
+		}
+	}
+	took := time.Since(start)
+	_, present, _ := pagemap(base, span)
+	if status != hv.SwapOK {
+		return fmt.Errorf("tamahv reports status %d after %v", status, took)
+	}
+	fmt.Printf("swapread: tamahv read the range in %v of guest time; %d of %d pages present again\n", took.Round(time.Millisecond), present, span)
+	return nil
+}
