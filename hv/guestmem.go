@@ -15,11 +15,13 @@ import (
 //
 // A watch write-protects every paging-structure page on its address's
 // walk. A guest write to such a page exits (EPT violation); the page is
-// opened, the writing instruction single-stepped with the monitor trap
-// flag, the page closed again, and every watch on it walked anew: its
-// hooks follow the new walk, and its function hears of a changed
-// translation. Writes the processor makes itself to set accessed and dirty
-// flags are let through without a walk.
+// opened and the guest goes on. At the next VM exit of any kind (the
+// VMX-preemption timer bounds the wait) the open pages are closed again
+// and every watch on them walked anew: its hooks follow the new walk, and
+// its function hears of a changed translation. This needs no monitor trap
+// flag, which not every processor has. Pages opened only for the
+// processor's own accessed and dirty flag updates are closed without a
+// walk.
 type GuestMemory struct {
 	Walker Walker
 	Mem    PhysReader
@@ -32,23 +34,21 @@ type GuestMemory struct {
 	// SystemCR3 is the address space of requests with CR3 0.
 	System uint64
 
-	pages    map[uint64]*hookedPage
-	stepping uint64 // the page opened for a single-stepped write (0: none)
-	adOnly   bool
-	scratch  []*pteWatch
-	next     Fallback
+	pages   map[uint64]*hookedPage
+	open    []uint64 // pages let open for a guest write
+	scratch []*pteWatch
+	gen     uint64 // marks watches walked in this settle
+	next    Handler
 
 	// Counters.
 	Writes, ADWrites, Changes uint64
 }
 
-// Fallback handles the EPT violations and MTF exits that are not a
-// watch's.
-type Fallback struct{ EPT, MTF Handler }
-
 type hookedPage struct {
 	watches []*pteWatch
 	perm    ept.Perm // the permissions to restore
+	open    bool     // let open for a write
+	written bool     // a write other than an accessed/dirty update
 }
 
 type pteWatch struct {
@@ -58,6 +58,7 @@ type pteWatch struct {
 	n       int
 	seen    swapmem.Translation // the translation fn last heard of
 	dead    bool
+	gen     uint64
 }
 
 // ErrHole is returned for reads of tamahv's memory.
@@ -143,7 +144,7 @@ func (g *GuestMemory) unhook(w *pteWatch) {
 				break
 			}
 		}
-		if len(hp.watches) == 0 && pg != g.stepping {
+		if len(hp.watches) == 0 && !hp.open {
 			_, _ = g.EPT.Protect(pg, hp.perm)
 			delete(g.pages, pg)
 			changed = true
@@ -163,66 +164,80 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 	g.unhook(w)
 }
 
-// Install takes over v's EPT-violation and MTF exits, passing on the ones
-// that are not about watched pages.
+// Install takes over v's EPT-violation exits, passing on the ones that are
+// not about watched pages, and settles open pages at every exit.
 func (g *GuestMemory) Install(v *VCPU) {
-	g.next = Fallback{EPT: v.handlers[vmx.ExitEPTViolation], MTF: v.handlers[vmx.ExitMonitorTrapFlag]}
+	g.next = v.handlers[vmx.ExitEPTViolation]
 	v.handlers[vmx.ExitEPTViolation] = g.onViolation
-	v.handlers[vmx.ExitMonitorTrapFlag] = g.onStep
+	v.OnExit = g.settle
 }
 
 func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
 	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
-	hp := g.pages[gpa&^0xfff]
-	if hp == nil || !q.Write || g.stepping != 0 {
-		return g.next.EPT(v, e)
+	pg := gpa &^ 0xfff
+	hp := g.pages[pg]
+	if hp == nil || !q.Write {
+		return g.next(v, e)
 	}
-	if _, err := g.EPT.Protect(gpa&^0xfff, hp.perm|ept.Read|ept.Write); err != nil {
-		return Stop, err
+	if !hp.open {
+		if _, err := g.EPT.Protect(pg, hp.perm|ept.Read|ept.Write); err != nil {
+			return Stop, err
+		}
+		if g.Invalidate != nil {
+			g.Invalidate()
+		}
+		hp.open = true
+		g.open = append(g.open, pg)
 	}
-	if g.Invalidate != nil {
-		g.Invalidate()
+	// The processor's own accessed/dirty updates are walk accesses.
+	if !(q.LinearValid && !q.Translation) {
+		hp.written = true
 	}
-	g.stepping = gpa &^ 0xfff
-	g.adOnly = q.LinearValid && !q.Translation
-	v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)|vmx.ProcMonitorTrapFlag)
 	return Resume, nil
 }
 
-func (g *GuestMemory) onStep(v *VCPU, e vmx.Exit) (Action, error) {
-	if g.stepping == 0 {
-		return g.next.MTF(v, e)
+// settle closes the open pages and walks again the watches on pages the
+// guest wrote. It runs at the start of every VM exit, before the exit is
+// handled, while the guest is stopped.
+func (g *GuestMemory) settle(v *VCPU) {
+	if len(g.open) == 0 {
+		return
 	}
-	v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)&^vmx.ProcMonitorTrapFlag)
-	pg := g.stepping
-	g.stepping = 0
-	hp := g.pages[pg]
-	if hp == nil || len(hp.watches) == 0 {
-		// Every watch left while the write was in flight.
-		if hp != nil {
+	g.scratch = g.scratch[:0]
+	for _, pg := range g.open {
+		hp := g.pages[pg]
+		if hp == nil {
+			continue
+		}
+		hp.open = false
+		if len(hp.watches) == 0 {
 			_, _ = g.EPT.Protect(pg, hp.perm)
 			delete(g.pages, pg)
+			continue
 		}
-	} else if _, err := g.EPT.Protect(pg, ept.Read|ept.Exec); err != nil {
-		return Stop, err
+		_, _ = g.EPT.Protect(pg, ept.Read|ept.Exec)
+		if hp.written {
+			g.Writes++
+			g.scratch = append(g.scratch, hp.watches...)
+		} else {
+			g.ADWrites++
+		}
+		hp.written = false
 	}
+	g.open = g.open[:0]
 	if g.Invalidate != nil {
 		g.Invalidate()
 	}
-	if g.adOnly || hp == nil {
-		g.ADWrites++
-		return Resume, nil
-	}
-	g.Writes++
-	// Walk every watch on the page again: the hooks follow the new walk.
-	// Calling a watch's function may add or remove watches, so work from
-	// a copy.
-	g.scratch = append(g.scratch[:0], hp.watches...)
+	// Walk every watch on a written page again: the hooks follow the new
+	// walk. A watch's function may add or remove watches; the list is a
+	// copy, and removed watches are marked dead.
+	g.gen++
 	for _, w := range g.scratch {
-		if w.dead {
+		if w.dead || w.gen == g.gen {
 			continue
 		}
+		w.gen = g.gen
 		g.unhook(w)
 		tr, err := g.hook(w)
 		if err != nil {
@@ -234,7 +249,6 @@ func (g *GuestMemory) onStep(v *VCPU, e vmx.Exit) (Action, error) {
 			w.fn(tr)
 		}
 	}
-	return Resume, nil
 }
 
 var (

@@ -39,25 +39,25 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 
 	write := uint64(0x2 | 0x80 | 0x100 | 0x8 | 0x20) // write, linear valid, translation; entry r-x
 	v, _ := scripted(t, []exitStep{
-		// The guest's kernel writes the PTE: the page opens, MTF is set.
+		// The guest's kernel writes the PTE: the page opens.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write},
 			check: func(t *testing.T, v *VCPU) {
 				_, perm, _, _, _ := e.Lookup(ptePage)
 				assert.Equal(t, ept.RWX, perm)
-				assert.NotZero(t, fv(v).f[vmx.ProcControls]&vmx.ProcMonitorTrapFlag)
+				assert.Empty(t, seen)
 			}},
-		// The write completes (the page comes in), then the MTF exit.
-		{reason: vmx.ExitMonitorTrapFlag, regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
+		// The write completes (the page comes in); the next exit, whatever
+		// it is, closes the page and walks the watch.
+		{reason: vmx.ExitPreemptionTimer, regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
 			check: func(t *testing.T, v *VCPU) {
 				_, perm, _, _, _ := e.Lookup(ptePage)
 				assert.Equal(t, ept.Read|ept.Exec, perm, "closed again")
-				assert.Zero(t, fv(v).f[vmx.ProcControls]&vmx.ProcMonitorTrapFlag)
 				require.Len(t, seen, 1)
 				assert.True(t, seen[0].Present)
 			}},
 		// An accessed-flag update by the processor's walk: no walk.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: 0x2 | 0x80 | 0x8}},
-		{reason: vmx.ExitMonitorTrapFlag},
+		{reason: vmx.ExitCPUID},
 		// A write to an unwatched page is fatal, as before.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
 	})

@@ -76,6 +76,8 @@ type VCPU struct {
 	PreemptionTicks uint32
 	// OnTimer runs at every preemption-timer exit.
 	OnTimer func(v *VCPU)
+	// OnExit runs at every VM exit before it is handled.
+	OnExit func(v *VCPU)
 	// CPUID executes CPUID for the guest (the host's values, filtered by
 	// the CPUID handler).
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
@@ -212,6 +214,9 @@ func (v *VCPU) exit() (Action, error) {
 		return Stop, fmt.Errorf("%w %d at RIP %#x", ErrUnknownExit, e.Reason, rip)
 	}
 	v.counts[e.Reason]++
+	if v.OnExit != nil {
+		v.OnExit(v)
+	}
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
