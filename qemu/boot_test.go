@@ -158,6 +158,8 @@ func TestBochsLinuxGuest(t *testing.T) {
 		"VMXON is #UD":     "hvguest: VMXON raised #UD (SIGILL)",
 		"tamahv invisible": "hvguest: /dev/mem ",
 		"kernel log":       "guest: kernel log clean",
+		"swap on zram":     "guest: swap on zram",
+		"swapread guest":   "swapread: tamahv read the range",
 	} {
 		t.Run(name, func(t *testing.T) {
 			l, _, ok := res.GuestLine(want)
@@ -165,6 +167,20 @@ func TestBochsLinuxGuest(t *testing.T) {
 			assert.NotContains(t, l, "FAILED")
 		})
 	}
+	// swapmem, UserFault: the guest pushed a 64-page buffer to zram swap
+	// and spun in user mode; tamahv read it back and checked its SHA-256.
+	t.Run("swapmem UserFault", func(t *testing.T) {
+		ok, _ := lineWith(res.Lines, "tamahv: swapmem read ok")
+		require.NotEmpty(t, ok, "tamahv:\n%s", res.Serial())
+		l, _, _ := res.GuestLine("swapread: 262144 bytes")
+		f := strings.Fields(l)
+		require.GreaterOrEqual(t, len(f), 7)
+		assert.Contains(t, ok, "sha256 "+f[6], "tamahv checked the hash the guest computed")
+		assert.Contains(t, ok, "65 pages faulted in")
+		t.Log(ok)
+		failed, _ := lineWith(res.Lines, "tamahv: swapmem read FAILED")
+		assert.Empty(t, failed)
+	})
 }
 
 // TestBochsOverhead boots the same guest without and with tamahv, one
