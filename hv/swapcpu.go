@@ -9,8 +9,7 @@ import (
 // CR3Mask keeps the page-table base of a CR3 value (no PCID, no flags).
 const CR3Mask = pteAddr
 
-// ErrNoBreakpointAgent is InjectBPFault's error: tamahv has no int3 agent
-// in the guest kernel yet.
+// ErrNoBreakpointAgent is InjectBPFault's error without an agent.
 var ErrNoBreakpointAgent = errors.New("hv: no breakpoint agent in this guest")
 
 // ErrEventTaken is InjectPF's error when an event is already placed for the
@@ -18,7 +17,11 @@ var ErrNoBreakpointAgent = errors.New("hv: no breakpoint agent in this guest")
 var ErrEventTaken = errors.New("hv: an event is already placed for VM entry")
 
 // SwapCPU is the exiting vCPU as swapmem sees it (swapmem.CPU).
-type SwapCPU struct{ V *VCPU }
+type SwapCPU struct {
+	V *VCPU
+	// Agent raises BPFault faults (nil: none in this guest).
+	Agent *BreakpointAgent
+}
 
 // CR3 is the guest's address space, without PCID bits.
 func (c *SwapCPU) CR3() uint64 { return c.V.VMCS.Read(vmx.GuestCR3) & CR3Mask }
@@ -46,5 +49,11 @@ func (c *SwapCPU) InjectPF(va uint64, errorCode uint32) error {
 	return c.V.VMCS.Err()
 }
 
-// InjectBPFault would arm the breakpoint agent; there is none yet.
-func (c *SwapCPU) InjectBPFault(va uint64) error { return ErrNoBreakpointAgent }
+// InjectBPFault arms the breakpoint agent to raise a #PF on va in the
+// current address space.
+func (c *SwapCPU) InjectBPFault(va uint64) error {
+	if c.Agent == nil {
+		return ErrNoBreakpointAgent
+	}
+	return c.Agent.Arm(c.CR3(), va)
+}

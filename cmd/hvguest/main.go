@@ -11,8 +11,8 @@
 //	hvguest swapread MODE [PAGES]
 //	                      fill a buffer, push it to swap, and have tamahv read it
 //	                      through swapmem without touching it; MODE user spins in
-//	                      user mode (UserFault), nofault waits for the pages to be
-//	                      touched (NoFault)
+//	                      user mode (UserFault), bp loops on getppid (BPFault),
+//	                      nofault waits for the pages to be touched (NoFault)
 //	hvguest exit N        end the guest with status N
 package main
 

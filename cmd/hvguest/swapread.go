@@ -48,9 +48,9 @@ func pagemap(va uintptr, n int) (swapped, present int, err error) {
 
 func swapRead(args []string) error {
 	if len(args) < 1 {
-		return errors.New("swapread user|nofault [pages]")
+		return errors.New("swapread user|bp|nofault [pages]")
 	}
-	opts := map[string]swapmem.Options{"user": swapmem.UserFault, "nofault": swapmem.NoFault}[args[0]]
+	opts := map[string]swapmem.Options{"user": swapmem.UserFault, "bp": swapmem.BPFault, "nofault": swapmem.NoFault}[args[0]]
 	if opts == 0 {
 		return fmt.Errorf("unknown mode %q", args[0])
 	}
@@ -98,11 +98,19 @@ func swapRead(args []string) error {
 	if r := vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(&req))), hv.SwapRequestSize); r != 0 {
 		return fmt.Errorf("HcSwapRead answered %#x", r)
 	}
-	// Wait without touching the buffer: spin in user mode, asking now and
-	// then. With NoFault nothing comes in until the buffer is read.
+	// Wait without touching the buffer: spin in user mode (or, for
+	// BPFault, in a cheap system call), asking now and then. With NoFault
+	// nothing comes in until the buffer is read.
 	status := uint64(hv.SwapPending)
+	every := 1 << 20
+	if opts == swapmem.BPFault {
+		every = 1 << 10
+	}
 	for i := 0; status == hv.SwapPending; i++ {
-		if i%(1<<20) == 0 {
+		if opts == swapmem.BPFault {
+			syscall.Getppid()
+		}
+		if i%every == 0 {
 			status = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
 			if opts == swapmem.NoFault && time.Since(start) > 2*time.Second {
 				var sum byte

@@ -20,6 +20,9 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
+// IA32_LSTAR, the guest kernel's SYSCALL entry.
+const msrLSTAR = 0xc0000082
+
 // The guest's serial console is COM2; tamahv keeps COM1.
 const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1 mitigations=off"
 
@@ -245,8 +248,10 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	gm := &hv.GuestMemory{Walker: hv.Walker{Mem: pc.PhysMem{}, Limit: max(ramTop, 1<<32)}, Mem: pc.PhysMem{},
 		EPT: tables, Invalidate: invept, Hole: own}
 	gm.Install(v)
+	agent := &hv.BreakpointAgent{Mem: pc.PhysMem{}, Walker: &gm.Walker, LSTAR: func() uint64 { return pc.Hardware{}.ReadMSR(msrLSTAR) }}
+	agent.Install(v)
 	eng := swapmem.New(gm, swapmem.Config{})
-	cpu := &hv.SwapCPU{V: v}
+	cpu := &hv.SwapCPU{V: v, Agent: agent}
 	v.BeforeEntry = func(*hv.VCPU) { _ = eng.InjectPendingPF(cpu) }
 	hz, _ := pc.TSCHzSource()
 	v.PreemptionTicks = uint32(min(hz/100>>caps.PreemptionTimerShift(), 1<<31))
@@ -260,7 +265,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 			TRBase: h.TRBase, GDTRBase: h.GDTRBase, IDTRBase: h.IDTRBase, EFER: h.EFER, PAT: h.PAT,
 			CS: h.CodeSel, SS: h.DataSel, DS: h.DataSel, ES: h.DataSel, TR: h.TSel,
 		},
-		EPTP: eptp, VPID: 1, Preemption: true,
+		EPTP: eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
 		MSRBitmap: msrPA, IOBitmapA: ioA, IOBitmapB: ioB,
 	}, start)
 	if err != nil {
@@ -279,5 +284,9 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	st := eng.Stats()
 	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed; page-table writes %d (accessed/dirty %d), translations changed %d\n",
 		st.Injected, st.Completed, st.Failed, gm.Writes, gm.ADWrites, gm.Changes)
+	if agent.Detour() != 0 {
+		fmt.Printf("tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces\n",
+			agent.Detour(), agent.Hits, agent.Raised, agent.Passed)
+	}
 	return nil
 }

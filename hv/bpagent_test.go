@@ -1,0 +1,134 @@
+package hv
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// code lays out instructions at addresses in a sparse memory.
+type code map[uint64]byte
+
+func (c code) put(at uint64, b ...byte) uint64 {
+	for i, x := range b {
+		c[at+uint64(i)] = x
+	}
+	return at + uint64(len(b))
+}
+
+func (c code) read(va uint64, p []byte) error {
+	for i := range p {
+		b, ok := c[va+uint64(i)]
+		if !ok {
+			b = 0xcc
+		}
+		p[i] = b
+	}
+	return nil
+}
+
+func rel32(from, to uint64) []byte {
+	d := uint32(int32(int64(to) - int64(from)))
+	return []byte{byte(d), byte(d >> 8), byte(d >> 16), byte(d >> 24)}
+}
+
+// entryCode is shaped like Linux's entry_SYSCALL_64 and do_syscall_64.
+func entryCode() (c code, lstar, detour uint64) {
+	c = code{}
+	lstar = 0xffffffff81a00000
+	const dispatcher = 0xffffffff81900000
+	pc := c.put(lstar, 0xf3, 0x0f, 0x1e, 0xfa)                           // endbr64
+	pc = c.put(pc, 0x0f, 0x01, 0xf8)                                     // swapgs
+	pc = c.put(pc, 0x65, 0x48, 0x89, 0x24, 0x25, 0x14, 0x60, 0x00, 0x00) // mov %rsp,%gs:0x6014
+	pc = c.put(pc, 0xeb, 0x02)                                           // jmp over two bytes
+	pc = c.put(pc, 0x90, 0x90)
+	pc = c.put(pc, 0x48, 0x89, 0xe7) // mov %rsp,%rdi
+	pc = c.put(pc, 0xe8)             // call do_syscall_64
+	c.put(pc, rel32(pc+4, dispatcher)...)
+	pc = c.put(dispatcher, 0xf3, 0x0f, 0x1e, 0xfa) // endbr64
+	pc = c.put(pc, 0x55)                           // push %rbp
+	pc = c.put(pc, 0x48, 0x89, 0xe5)               // mov %rsp,%rbp
+	pc = c.put(pc, 0xe8)                           // call syscall_enter_from_user_mode
+	pc = c.put(pc, rel32(pc+4, 0xffffffff81800000)...)
+	c.put(pc, 0x89, 0xc3) // mov %eax,%ebx: the detour
+	return c, lstar, pc
+}
+
+func TestFindDetour(t *testing.T) {
+	c, lstar, want := entryCode()
+	got, err := FindDetour(c.read, lstar)
+	require.NoError(t, err)
+	assert.Equal(t, fmt.Sprintf("%#x", want), fmt.Sprintf("%#x", got))
+
+	bad := code{}
+	bad.put(0x1000, 0xc3) // ret
+	_, err = FindDetour(bad.read, 0x1000)
+	assert.ErrorIs(t, err, ErrNoDetour)
+	bad.put(0x2000, 0xff, 0xd0) // call *%rax
+	_, err = FindDetour(bad.read, 0x2000)
+	assert.ErrorContains(t, err, "indirect call")
+}
+
+// flatMem is guest memory where virtual = physical (for the agent test).
+type flatMem struct{ code }
+
+func (m flatMem) ReadPhys(pa uint64, p []byte) error  { return m.read(pa, p) }
+func (m flatMem) WritePhys(pa uint64, p []byte) error { m.put(pa, p...); return nil }
+func (m flatMem) CopyPhys(dst, src, n uint64) error   { return nil }
+
+func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
+	c, lstar, detour := entryCode()
+	mem := flatMem{c}
+	v, m := scripted(t, nil)
+	a := &BreakpointAgent{Mem: mem, LSTAR: func() uint64 { return lstar }}
+	a.addr, a.pa = detour, detour // located (the walk is tested elsewhere)
+	const cr3, va = 0x5000, 0x7f0000001000
+	require.NoError(t, a.Arm(cr3, va))
+	assert.Equal(t, byte(0xcc), c[detour], "int3 written")
+	a.Install(v)
+
+	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	m.f[vmx.GuestRIP] = detour
+	m.f[vmx.ExitInterruptInfo] = bp
+	// Hit in another process: passed on, rewritten later.
+	m.f[vmx.GuestCR3] = 0x9000
+	act, err := v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.Equal(t, byte(0x89), c[detour], "original byte back")
+	assert.False(t, v.EventPending())
+	v.OnExit(v)
+	assert.Equal(t, byte(0x89), c[detour], "not rewritten while the guest sits on the detour")
+	m.f[vmx.GuestRIP] = 0x1234
+	v.OnExit(v)
+	assert.Equal(t, byte(0xcc), c[detour], "rewritten at a later exit")
+
+	// Hit in the right process: the #PF replaces the #BP.
+	m.f[vmx.GuestRIP] = detour
+	m.f[vmx.GuestCR3] = cr3 | 0x3 // PCID bits do not matter
+	act, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.Equal(t, byte(0x89), c[detour])
+	assert.True(t, v.EventPending())
+	e, _ := v.events.peek()
+	assert.Equal(t, vmx.Exception(vmx.VectorPF, 4, 0), e, "user-access #PF")
+	assert.Equal(t, uint64(va), v.Regs.CR2)
+	assert.Equal(t, uint64(2), a.Hits)
+	assert.Equal(t, uint64(1), a.Raised)
+	m.f[vmx.GuestRIP] = 0x1234
+	v.OnExit(v)
+	assert.Equal(t, byte(0x89), c[detour], "disarmed after raising")
+
+	// The guest's own int3 elsewhere goes back to the guest.
+	m.f[vmx.GuestRIP] = 0x4000
+	v.events = eventQueue{}
+	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	require.NoError(t, err)
+	e, _ = v.events.peek()
+	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
+}
