@@ -141,7 +141,7 @@ test: deps-test deps-iso deps-bochs deps-qemu check
 	$(GO) test -race -count=1 ./...
 
 e2e-models: deps-bochs deps-iso
-	TAMAHV_E2E_MODELS=1 $(GO) test -count=1 -v -run 'TestBochsModels' -timeout 30m ./qemu/
+	TAMAHV_E2E_MODELS=1 $(GO) test -count=1 -v -run TestBochsModels -timeout 40m ./qemu/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOperations -fuzztime $(FUZZTIME) ./swapmem/

@@ -109,8 +109,9 @@ func TestTCGReportsVMXUnavailable(t *testing.T) {
 	assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
 }
 
-// TestBochsModels boots every Bochs CPU model tamahv supports; it is slow
-// and runs on demand (make e2e-models sets TAMAHV_E2E_MODELS=1).
+// TestBochsModels boots every Bochs CPU model tamahv supports, with its
+// Linux guest; it is slow and runs on demand (make e2e-models sets
+// TAMAHV_E2E_MODELS=1).
 func TestBochsModels(t *testing.T) {
 	if os.Getenv("TAMAHV_E2E_MODELS") == "" {
 		t.Skip("model matrix runs on demand: make e2e-models")
@@ -119,12 +120,17 @@ func TestBochsModels(t *testing.T) {
 	needEmulator(t, Bochs)
 	for _, m := range BochsModels {
 		t.Run(m, func(t *testing.T) {
-			res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Model: m, Timeout: 3 * time.Minute},
-				func(l string) bool { return strings.HasPrefix(l, "tamahv: VMX ") })
+			res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Model: m, Timeout: 6 * time.Minute})
 			on, _ := lineWith(res.Lines, "tamahv: VMX ")
 			assert.Regexp(t, vmxOnRE, on)
+			exited, _ := lineWith(res.Lines, "tamahv: guest exited (status 0)")
+			assert.NotEmpty(t, exited, "tamahv:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
+			for _, want := range []string{"hvguest: running under tamahv", "hvguest: VMXON raised #UD", "guest: kernel log clean", "swapread: tamahv read the range"} {
+				_, _, ok := res.GuestLine(want)
+				assert.True(t, ok, "%s: no %q", m, want)
+			}
 			for _, l := range res.Lines {
-				if strings.HasPrefix(l, "vmx: ") {
+				if strings.HasPrefix(l, "vmx: ") || strings.HasPrefix(l, "tamahv: swapmem read") || strings.HasPrefix(l, "tamahv: guest exited") {
 					t.Log(l)
 				}
 			}
@@ -167,19 +173,33 @@ func TestBochsLinuxGuest(t *testing.T) {
 			assert.NotContains(t, l, "FAILED")
 		})
 	}
-	// swapmem, UserFault: the guest pushed a 64-page buffer to zram swap
-	// and spun in user mode; tamahv read it back and checked its SHA-256.
-	t.Run("swapmem UserFault", func(t *testing.T) {
-		ok, _ := lineWith(res.Lines, "tamahv: swapmem read ok")
-		require.NotEmpty(t, ok, "tamahv:\n%s", res.Serial())
-		l, _, _ := res.GuestLine("swapread: 262144 bytes")
-		f := strings.Fields(l)
-		require.GreaterOrEqual(t, len(f), 7)
-		assert.Contains(t, ok, "sha256 "+f[6], "tamahv checked the hash the guest computed")
-		assert.Contains(t, ok, "65 pages faulted in")
-		t.Log(ok)
-		failed, _ := lineWith(res.Lines, "tamahv: swapmem read FAILED")
-		assert.Empty(t, failed)
+	// swapmem: the guest pushed a 64-page buffer to zram swap and spun in
+	// user mode (UserFault), then did the same looping on getppid
+	// (BPFault); tamahv read each back and checked its SHA-256.
+	var reads []string
+	for _, l := range res.Lines {
+		if strings.HasPrefix(l, "tamahv: swapmem read ok") || strings.HasPrefix(l, "tamahv: swapmem read FAILED") {
+			reads = append(reads, l)
+		}
+	}
+	for i, mode := range []string{"UserFault", "BPFault"} {
+		t.Run("swapmem "+mode, func(t *testing.T) {
+			req, _ := lineWith(res.Lines, "tamahv: swapmem read of")
+			require.NotEmpty(t, req)
+			require.Greater(t, len(reads), i, "tamahv:\n%s", res.Serial())
+			ok := reads[i]
+			assert.True(t, strings.HasPrefix(ok, "tamahv: swapmem read ok"), ok)
+			l, _, _ := res.GuestLine("swapread: 262144 bytes")
+			f := strings.Fields(l)
+			require.GreaterOrEqual(t, len(f), 7)
+			assert.Contains(t, ok, "sha256 "+f[6], "tamahv checked the hash the guest computed")
+			assert.Contains(t, ok, "65 pages faulted in")
+			t.Log(ok)
+		})
+	}
+	t.Run("breakpoint agent", func(t *testing.T) {
+		l, _ := lineWith(res.Lines, "tamahv: breakpoint agent at")
+		assert.Regexp(t, `agent at 0xffffffff[0-9a-f]+: \d+ hits, [1-9]\d* faults raised`, l)
 	})
 }
 
