@@ -3,7 +3,9 @@
 #   make            build build/tamahv.elf and build/tamahv.iso
 #   make run        boot the ISO in Bochs (VMX with EPT); EMU=tcg or EMU=kvm for QEMU
 #   make test       vet, format check, host tests (-race), emulator tests
-#   make e2e-models boot every supported Bochs CPU model
+#   make e2e-models boot every supported Bochs CPU model with the guest
+#   make e2e-swapmem the further swapmem cases on the Linux guest
+#   make e2e-overhead the guest without and with tamahv
 #   make fuzz       run the swapmem fuzzer for FUZZTIME (default 60s)
 
 GO       ?= go
@@ -33,7 +35,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -115,6 +117,17 @@ iso-native: payload deps-iso
 	cp $(PAYLOAD)/vmlinuz $(PAYLOAD)/initrd.gz $(BUILD)/iso-native/boot/
 	cp qemu/grub-native.cfg $(BUILD)/iso-native/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/native.iso $(BUILD)/iso-native 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
+# The tamahv ISO with a guest command line that asks for the further
+# swapmem cases (NoFault, PreInject veto, WriteFault on copy-on-write,
+# a process exiting mid-read).
+iso-cases: iso
+	@rm -rf $(BUILD)/iso-cases && cp -r $(BUILD)/iso $(BUILD)/iso-cases
+	cp qemu/grub-cases.cfg $(BUILD)/iso-cases/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/cases.iso $(BUILD)/iso-cases 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
+e2e-swapmem: iso-cases deps-bochs
+	TAMAHV_E2E_SWAPMEM=1 $(GO) test -count=1 -v -run 'TestBochsSwapmemCases' -timeout 30m ./qemu/
 
 e2e-overhead: iso iso-native deps-bochs
 	TAMAHV_E2E_OVERHEAD=1 $(GO) test -count=1 -v -run 'TestBochsOverhead' -timeout 30m ./qemu/

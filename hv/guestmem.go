@@ -33,10 +33,15 @@ type GuestMemory struct {
 	Hole [2]uint64
 	// SystemCR3 is the address space of requests with CR3 0.
 	System uint64
+	// OnGone hears of an address space whose watched mapping was torn
+	// down (an entry on the walk rewritten to zero, as when a process
+	// exits); it runs after the watches were walked.
+	OnGone func(cr3 uint64)
 
 	pages   map[uint64]*hookedPage
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
+	gone    []uint64
 	gen     uint64 // marks watches walked in this settle
 	next    Handler
 
@@ -83,7 +88,7 @@ func (g *GuestMemory) SystemCR3() uint64 { return g.System }
 // Watch implements swapmem.Guest.
 func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
 	w := &pteWatch{cr3: cr3, va: va, fn: changed}
-	tr, err := g.hook(w)
+	tr, _, err := g.hook(w)
 	if err != nil {
 		return nil, err
 	}
@@ -95,12 +100,12 @@ func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (
 func (g *GuestMemory) Watches() int { return len(g.pages) }
 
 // hook walks w's address and protects every paging-structure page on the
-// walk; it returns the translation.
-func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, error) {
+// walk; it returns the translation and the entry that ended the walk.
+func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
 	var steps [5]Step
 	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
 	if err != nil {
-		return tr, err
+		return tr, 0, err
 	}
 	if g.pages == nil {
 		g.pages = map[uint64]*hookedPage{}
@@ -114,7 +119,7 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, error) {
 			old, err := g.EPT.Protect(pg, ept.Read|ept.Exec)
 			if err != nil {
 				g.unhook(w)
-				return tr, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
+				return tr, 0, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
 			}
 			hp = &hookedPage{perm: old}
 			g.pages[pg] = hp
@@ -127,7 +132,11 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, error) {
 	if changed && g.Invalidate != nil {
 		g.Invalidate()
 	}
-	return tr, nil
+	last := uint64(0)
+	if n > 0 {
+		last = steps[n-1].Entry
+	}
+	return tr, last, nil
 }
 
 // unhook drops w from its pages, opening the pages no watch needs.
@@ -239,9 +248,12 @@ func (g *GuestMemory) settle(v *VCPU) {
 		}
 		w.gen = g.gen
 		g.unhook(w)
-		tr, err := g.hook(w)
+		tr, last, err := g.hook(w)
 		if err != nil {
 			tr = swapmem.Translation{}
+		}
+		if !tr.Present && last == 0 && !containsU64(g.gone, w.cr3) {
+			g.gone = append(g.gone, w.cr3)
 		}
 		if tr != w.seen {
 			w.seen = tr
@@ -249,6 +261,21 @@ func (g *GuestMemory) settle(v *VCPU) {
 			w.fn(tr)
 		}
 	}
+	for _, cr3 := range g.gone {
+		if g.OnGone != nil {
+			g.OnGone(cr3)
+		}
+	}
+	g.gone = g.gone[:0]
+}
+
+func containsU64(s []uint64, v uint64) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
 }
 
 var (

@@ -17,6 +17,10 @@ const (
 	// filled with SecretByte, for tests that check the guest cannot read
 	// it.
 	HcSecret = 2
+	// SwapVeto, in a swap request's options beside the swapmem ones,
+	// makes tamahv's PreInject veto every injection for it.
+	SwapVeto = 1 << 32
+
 	// HcSwapRead asks tamahv to read a range of the caller's memory
 	// through swapmem: RDI is the virtual address of a SwapRequest
 	// (SwapRequestSize bytes, present), RSI its size. The read runs while

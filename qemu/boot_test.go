@@ -227,3 +227,48 @@ func TestBochsOverhead(t *testing.T) {
 	}
 	t.Logf("boot-to-init ratio under tamahv: %.3f", float64(at[1])/float64(at[0]))
 }
+
+// TestBochsSwapmemCases runs the further swapmem cases on the Linux guest:
+// NoFault (completes once the guest touches the pages), a PreInject veto
+// (nothing injected; completes the same way), WriteFault on pages shared
+// copy-on-write after fork, and a process exiting with its read pending
+// (the read is removed, no callback). On demand: make e2e-swapmem.
+func TestBochsSwapmemCases(t *testing.T) {
+	if os.Getenv("TAMAHV_E2E_SWAPMEM") == "" {
+		t.Skip("further swapmem cases run on demand: make e2e-swapmem")
+	}
+	needEmulator(t, Bochs)
+	iso, err := filepath.Abs("../build/cases.iso")
+	require.NoError(t, err)
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 8 * time.Minute})
+	var reqs, results []string
+	for _, l := range res.Lines {
+		switch {
+		case strings.HasPrefix(l, "tamahv: swapmem read of"):
+			reqs = append(reqs, l)
+		case strings.HasPrefix(l, "tamahv: swapmem read ok"), strings.HasPrefix(l, "tamahv: swapmem read FAILED"):
+			results = append(results, l)
+		}
+		if strings.HasPrefix(l, "tamahv: swapmem") || strings.HasPrefix(l, "tamahv: guest exited") {
+			t.Log(l)
+		}
+	}
+	require.Len(t, reqs, 7, "user, bp, nofault, veto, cow, exit, user:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
+	// Every read but the exiting process's completes; in order: user, bp,
+	// nofault, veto, cow, user.
+	require.Len(t, results, 6)
+	for _, r := range results {
+		assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
+	}
+	assert.Contains(t, reqs[2], "(NoFault)")
+	assert.Contains(t, results[2], " 0 #PFs injected", "NoFault injects nothing")
+	assert.Contains(t, reqs[3], "every injection vetoed")
+	assert.Contains(t, results[3], " 0 #PFs injected", "the veto held")
+	assert.NotContains(t, results[3], " 0 vetoed")
+	assert.Contains(t, reqs[4], "(UserFault|WriteFault)")
+	assert.NotContains(t, results[4], " 0 #PFs injected", "copy-on-write broken by injected write faults")
+	gone, _ := lineWith(res.Lines, "tamahv: swapmem: address space")
+	assert.Contains(t, gone, "torn down, 1 reads removed")
+	_, _, ok := res.GuestLine("guest: kernel log clean")
+	assert.True(t, ok, "guest:\n%s", tail(res.GuestSerial(), 30))
+}

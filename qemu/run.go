@@ -15,9 +15,9 @@ import (
 
 // Result is what a boot produced.
 type Result struct {
-	Dir     string        // where the logs are
-	Lines   []string      // tamahv's serial console, line by line
-	Guest   []string      // the guest's serial console, line by line
+	Dir   string   // where the logs are
+	Lines []string // tamahv's serial console, line by line
+	Guest []string // the guest's serial console, line by line
 	// GuestAt holds when each guest line appeared, since the start.
 	GuestAt []time.Duration
 	Matched string        // the line that ended the run, if any

@@ -4,7 +4,7 @@ package vmx
 // purpose registers but RSP, and CR2. Run loads them before VM entry and
 // stores them after VM exit.
 type GuestRegs struct {
-	RAX, RCX, RDX, RBX, RBP, RSI, RDI uint64
+	RAX, RCX, RDX, RBX, RBP, RSI, RDI    uint64
 	R8, R9, R10, R11, R12, R13, R14, R15 uint64
 	CR2                                  uint64
 }

@@ -50,10 +50,17 @@ func swapRead(args []string) error {
 	if len(args) < 1 {
 		return errors.New("swapread user|bp|nofault [pages]")
 	}
-	opts := map[string]swapmem.Options{"user": swapmem.UserFault, "bp": swapmem.BPFault, "nofault": swapmem.NoFault}[args[0]]
-	if opts == 0 {
-		return fmt.Errorf("unknown mode %q", args[0])
+	mode := args[0]
+	opts, ok := map[string]uint64{
+		"user": uint64(swapmem.UserFault), "bp": uint64(swapmem.BPFault), "nofault": uint64(swapmem.NoFault),
+		"veto": uint64(swapmem.UserFault) | hv.SwapVeto, "cow": uint64(swapmem.UserFault | swapmem.WriteFault),
+		"exit": uint64(swapmem.UserFault),
+	}[mode]
+	if !ok {
+		return fmt.Errorf("unknown mode %q", mode)
 	}
+	// Modes that complete only when the program itself touches the pages.
+	touch := mode == "nofault" || mode == "veto"
 	pages := 64
 	if len(args) > 1 {
 		n, err := strconv.Atoi(args[1])
@@ -75,6 +82,23 @@ func swapRead(args []string) error {
 	rand.New(rand.NewSource(int64(pages))).Read(data)
 	want := sha256.Sum256(data)
 
+	if mode == "cow" {
+		// Share the pages with a child: both see them read-only
+		// (copy-on-write) until one writes.
+		pid, _, e := syscall.RawSyscall(syscall.SYS_FORK, 0, 0, 0)
+		if e != 0 {
+			return fmt.Errorf("fork: %v", e)
+		}
+		if pid == 0 {
+			for {
+				syscall.RawSyscall(syscall.SYS_PAUSE, 0, 0, 0)
+			}
+		}
+		defer syscall.Kill(int(pid), syscall.SIGKILL)
+		fmt.Printf("swapread: %d bytes at %#x, sha256 %x, shared copy-on-write with process %d\n", n, base+off, want, pid)
+		return request(mem, off, n, want, opts, false)
+	}
+
 	swapped := 0
 	for try := 0; try < 10 && swapped < span; try++ {
 		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, base, uintptr(span*pageSize), madvPageout); e != 0 {
@@ -89,13 +113,35 @@ func swapRead(args []string) error {
 		return fmt.Errorf("only %d of %d pages went to swap", swapped, span)
 	}
 
+	if mode == "exit" {
+		if r := send(base+off, n, want, opts); r != 0 {
+			return fmt.Errorf("HcSwapRead answered %#x", r)
+		}
+		fmt.Println("swapread: exiting with the read pending")
+		os.Exit(0)
+	}
+	return request(mem, off, n, want, opts, touch)
+}
+
+// send asks tamahv to read n bytes at va and to compare them with want.
+func send(va uintptr, n int, want [32]byte, opts uint64) uint64 {
 	var req [hv.SwapRequestSize]byte
-	binary.LittleEndian.PutUint64(req[0:], uint64(base+off))
+	binary.LittleEndian.PutUint64(req[0:], uint64(va))
 	binary.LittleEndian.PutUint64(req[8:], uint64(n))
-	binary.LittleEndian.PutUint64(req[16:], uint64(opts))
+	binary.LittleEndian.PutUint64(req[16:], opts)
 	copy(req[24:], want[:])
+	return vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(&req))), hv.SwapRequestSize)
+}
+
+// request sends the read and waits for tamahv's answer without touching
+// the buffer (unless touch: then, after two seconds, the program reads the
+// pages itself, as the guest's own activity would).
+func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) error {
+	base := uintptr(unsafe.Pointer(&mem[0]))
+	span := len(mem) / pageSize
+	data := mem[off : off+n]
 	start := time.Now()
-	if r := vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(&req))), hv.SwapRequestSize); r != 0 {
+	if r := send(base+uintptr(off), n, want, opts); r != 0 {
 		return fmt.Errorf("HcSwapRead answered %#x", r)
 	}
 	// Wait without touching the buffer: spin in user mode (or, for
@@ -103,16 +149,17 @@ func swapRead(args []string) error {
 	// nothing comes in until the buffer is read.
 	status := uint64(hv.SwapPending)
 	every := 1 << 20
-	if opts == swapmem.BPFault {
+	bp := swapmem.Options(opts)&swapmem.BPFault != 0
+	if bp {
 		every = 1 << 10
 	}
 	for i := 0; status == hv.SwapPending; i++ {
-		if opts == swapmem.BPFault {
+		if bp {
 			syscall.Getppid()
 		}
 		if i%every == 0 {
 			status = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
-			if opts == swapmem.NoFault && time.Since(start) > 2*time.Second {
+			if touch && time.Since(start) > 2*time.Second {
 				var sum byte
 				for p := 0; p < len(data); p += pageSize {
 					sum += data[p] // the guest's own activity brings the pages in

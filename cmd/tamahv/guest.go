@@ -38,6 +38,8 @@ type monitor struct {
 // swapRead is the state of the guest's last HcSwapRead.
 type swapRead struct {
 	state    uint64
+	cr3      uint64
+	vetoes   int
 	want     [32]byte
 	start    time.Time
 	exits    uint64
@@ -86,14 +88,22 @@ func (m *monitor) swapRead(v *hv.VCPU, req, size uint64) uint64 {
 	}
 	va := binary.LittleEndian.Uint64(b[0:])
 	n := binary.LittleEndian.Uint64(b[8:])
-	opts := swapmem.Options(binary.LittleEndian.Uint64(b[16:]))
-	m.swap = swapRead{state: hv.SwapPending, start: time.Now(), exits: v.Total(), injected: m.eng.Stats().Injected}
+	raw := binary.LittleEndian.Uint64(b[16:])
+	if raw>>32&^(hv.SwapVeto>>32) != 0 {
+		return hv.HypercallInvalid
+	}
+	opts := swapmem.Options(raw)
+	m.swap = swapRead{state: hv.SwapPending, cr3: cr3, start: time.Now(), exits: v.Total(), injected: m.eng.Stats().Injected}
+	var preInject func(cr3, va uint64) bool
+	if raw&hv.SwapVeto != 0 {
+		preInject = func(uint64, uint64) bool { m.swap.vetoes++; return false }
+	}
 	copy(m.swap.want[:], b[24:])
 	if n > swapmem.MaxLen {
 		m.swap.state = hv.SwapFailed
 		return hv.HypercallInvalid
 	}
-	tx, err := m.eng.ReadData(swapmem.Request{CR3: cr3, VA: va, Len: int(n), Options: opts,
+	tx, err := m.eng.ReadData(swapmem.Request{CR3: cr3, VA: va, Len: int(n), Options: opts, PreInject: preInject,
 		Done: func(r swapmem.Read) { m.swapDone(v, r) }})
 	if err != nil {
 		fmt.Printf("tamahv: swapmem read FAILED: %v\n", err)
@@ -103,8 +113,27 @@ func (m *monitor) swapRead(v *hv.VCPU, req, size uint64) uint64 {
 	if tx != nil {
 		m.swap.missing = m.eng.Stats().Pages
 	}
-	fmt.Printf("tamahv: swapmem read of %d bytes at %#x in CR3 %#x (%v): %d pages missing\n", n, va, cr3, opts, m.swap.missing)
+	veto := ""
+	if preInject != nil {
+		veto = ", every injection vetoed"
+	}
+	fmt.Printf("tamahv: swapmem read of %d bytes at %#x in CR3 %#x (%v%s): %d pages missing\n", n, va, cr3, opts, veto, m.swap.missing)
 	return 0
+}
+
+// gone drops the reads of an address space whose mappings were torn down
+// (a process that exited).
+func (m *monitor) gone(cr3 uint64) {
+	before := m.eng.Stats().Live
+	if err := m.eng.RemoveTransactionsForVaSpace(cr3); err != nil {
+		return
+	}
+	if n := before - m.eng.Stats().Live; n > 0 {
+		fmt.Printf("tamahv: swapmem: address space %#x torn down, %d reads removed\n", cr3, n)
+		if m.swap.cr3 == cr3 && m.swap.state == hv.SwapPending {
+			m.swap.state = 0
+		}
+	}
 }
 
 func (m *monitor) swapDone(v *hv.VCPU, r swapmem.Read) {
@@ -120,8 +149,8 @@ func (m *monitor) swapDone(v *hv.VCPU, r swapmem.Read) {
 		fmt.Printf("tamahv: swapmem read FAILED: sha256 %x, the guest expected %x\n", sha256.Sum256(r.Data), m.swap.want)
 	default:
 		m.swap.state = hv.SwapOK
-		fmt.Printf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d exits, %v (flags %v)\n",
-			m.swap.want, len(r.Data), m.swap.missing, inj, exits, took.Round(time.Millisecond), r.Flags)
+		fmt.Printf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d vetoed, %d exits, %v (flags %v)\n",
+			m.swap.want, len(r.Data), m.swap.missing, inj, m.swap.vetoes, exits, took.Round(time.Millisecond), r.Flags)
 	}
 }
 
@@ -257,6 +286,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v.PreemptionTicks = uint32(min(hz/100>>caps.PreemptionTimerShift(), 1<<31))
 	v.OnTimer = func(*hv.VCPU) { eng.ReinjectFailedPF() }
 	mon := &monitor{secret: secretPA, gm: gm, eng: eng}
+	gm.OnGone = mon.gone
 	v.Hypercalls = mon
 	v.Enter = func(v *hv.VCPU, launched bool) error { return vmx.Run(&v.Regs, fx, launched) }
 	err = v.Init(hv.Setup{
