@@ -45,6 +45,20 @@ type swapRead struct {
 	exits    uint64
 	injected uint64
 	missing  int
+	reported bool // the watchdog spoke
+}
+
+// watchdog reports a read pending for long, once: the engine's state and
+// the page-table watch counters.
+func (m *monitor) watchdog(v *hv.VCPU) {
+	if m.swap.state != hv.SwapPending || m.swap.reported || time.Since(m.swap.start) < 10*time.Second {
+		return
+	}
+	m.swap.reported = true
+	fmt.Printf("tamahv: swapmem read pending for %v; page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
+		time.Since(m.swap.start).Round(time.Second), m.gm.Writes, m.gm.ADWrites, m.gm.Changes, m.gm.Watches())
+	m.eng.Dump(os.Stdout)
+	v.Report(os.Stdout, true)
 }
 
 func (m *monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
@@ -284,8 +298,11 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v.BeforeEntry = func(*hv.VCPU) { _ = eng.InjectPendingPF(cpu) }
 	hz, _ := pc.TSCHzSource()
 	v.PreemptionTicks = uint32(min(hz/100>>caps.PreemptionTimerShift(), 1<<31))
-	v.OnTimer = func(*hv.VCPU) { eng.ReinjectFailedPF() }
 	mon := &monitor{secret: secretPA, gm: gm, eng: eng}
+	v.OnTimer = func(v *hv.VCPU) {
+		eng.ReinjectFailedPF()
+		mon.watchdog(v)
+	}
 	gm.OnGone = mon.gone
 	v.Hypercalls = mon
 	v.Enter = func(v *hv.VCPU, launched bool) error { return vmx.Run(&v.Regs, fx, launched) }
