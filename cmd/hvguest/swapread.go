@@ -169,6 +169,8 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 				for p := 0; p < len(data); p += pageSize {
 					sink += data[p]
 				}
+				sink += data[len(data)-1] // the last page, which it may start
+
 			}
 			if time.Since(start) > 90*time.Second {
 				return errors.New("no answer from tamahv in 90 s")
