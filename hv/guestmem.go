@@ -45,8 +45,9 @@ type GuestMemory struct {
 	gen     uint64 // marks watches walked in this settle
 	next    Handler
 
-	// Counters.
-	Writes, ADWrites, Changes uint64
+	// Counters. Stale counts writes refused by a protection no watch
+	// holds any more (the page is opened and the translations flushed).
+	Writes, ADWrites, Changes, Stale uint64
 }
 
 type hookedPage struct {
@@ -186,6 +187,21 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
 	pg := gpa &^ 0xfff
 	hp := g.pages[pg]
+	if hp == nil && q.Write && !overlaps(pg, 0x1000, g.Hole[0], g.Hole[1]-g.Hole[0]) {
+		// No watch protects this page (any more): a write fault here
+		// comes from a protection or a cached translation that outlived
+		// its watch. Open the page and flush.
+		if _, _, _, _, ok := g.EPT.Lookup(pg); ok {
+			if _, err := g.EPT.Protect(pg, ept.RWX); err != nil {
+				return Stop, err
+			}
+			if g.Invalidate != nil {
+				g.Invalidate()
+			}
+			g.Stale++
+			return Resume, nil
+		}
+	}
 	if hp == nil || !q.Write {
 		return g.next(v, e)
 	}

@@ -58,7 +58,9 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 		// An accessed-flag update by the processor's walk: no walk.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: 0x2 | 0x80 | 0x8}},
 		{reason: vmx.ExitCPUID},
-		// A write to an unwatched page is fatal, as before.
+		// A write refused on a page no watch holds: opened, counted.
+		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x2000000, vmx.ExitQualification: 0x2}},
+		// A write into tamahv's memory is fatal, as before.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
 	})
 	g.Install(v)
@@ -66,6 +68,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	assert.ErrorIs(t, err, ErrFatalExit)
 	assert.Equal(t, uint64(1), g.Writes)
 	assert.Equal(t, uint64(1), g.ADWrites)
+	assert.Equal(t, uint64(1), g.Stale)
 	assert.Len(t, seen, 1)
 
 	// The process exits: its entries become zero and OnGone hears of it.

@@ -329,8 +329,8 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	fmt.Printf("tamahv: guest exited (status %d) after %d exits\n", mon.status, v.Total())
 	v.Report(os.Stdout, false)
 	st := eng.Stats()
-	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed; page-table writes %d (accessed/dirty %d), translations changed %d\n",
-		st.Injected, st.Completed, st.Failed, gm.Writes, gm.ADWrites, gm.Changes)
+	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
+		st.Injected, st.Completed, st.Failed, st.Removed, gm.Writes, gm.ADWrites, gm.Changes, gm.Stale)
 	if agent.Detour() != 0 {
 		fmt.Printf("tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces\n",
 			agent.Detour(), agent.Hits, agent.Raised, agent.Passed)

@@ -1,0 +1,55 @@
+package hv
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// TestProcessExitLeavesNoProtection runs the swapmem engine on
+// GuestMemory: a process with a read pending exits; its reads are removed
+// and every page table page is writable again.
+func TestProcessExitLeavesNoProtection(t *testing.T) {
+	m := swapmemtest.NewMachine()
+	p := m.NewSpace()
+	const va = 0x400000
+	require.NoError(t, p.MapRange(va, 8*4096, swapmemtest.UserRW))
+	for i := uint64(0); i < 8; i++ {
+		require.NoError(t, p.SwapOut(va+i*4096))
+	}
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
+	g := &GuestMemory{Walker: Walker{Mem: m}, Mem: m, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}
+	eng := swapmem.New(g, swapmem.Config{})
+	g.OnGone = func(cr3 uint64) { require.NoError(t, eng.RemoveTransactionsForVaSpace(cr3)) }
+	called := false
+	_, err = eng.ReadData(swapmem.Request{CR3: p.CR3, VA: va + 100, Len: 8*4096 - 200, Options: swapmem.UserFault,
+		Done: func(swapmem.Read) { called = true }})
+	require.NoError(t, err)
+	var steps [5]Step
+	_, _, err = g.Walker.Walk(p.CR3, va, &steps)
+	require.NoError(t, err)
+	pt := steps[3].PA
+	v, _ := scripted(t, []exitStep{
+		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pt, vmx.ExitQualification: 0x1aa}},
+		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
+		{reason: vmx.ExitCPUID},
+	})
+	g.Install(v)
+	require.NoError(t, v.Run())
+	assert.False(t, called)
+	assert.Zero(t, eng.Stats().Live)
+	assert.Zero(t, g.Watches())
+	for pa := uint64(0); pa < 0x800000; pa += 4096 {
+		_, perm, _, _, ok := e.Lookup(pa)
+		require.True(t, ok)
+		require.Equal(t, ept.RWX, perm, "page %#x left protected", pa)
+	}
+}
