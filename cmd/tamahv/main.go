@@ -1,13 +1,18 @@
 //go:build tamago
 
 // Command tamahv is the hypervisor image: it boots on a PC-compatible
-// machine, reports the processor's VMX capabilities and enters VMX
-// operation.
+// machine, reports the processor's VMX capabilities, enters VMX operation
+// and runs the Linux kernel it finds among the Multiboot modules as its
+// guest, with swapmem serving the guest's swap-read hypercalls.
 //
-// It prints one of two stable lines that users and tests rely on:
+// It prints stable lines that users and tests rely on:
 //
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
+//	tamahv: guest started: ...
+//	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
+//	tamahv: guest exited (status N) after N exits
+//	tamahv: halted
 package main
 
 import (
