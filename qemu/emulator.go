@@ -42,6 +42,11 @@ func ParseEmulator(s string) (Emulator, error) {
 // guest that tamahv is run on.
 var BochsModels = []string{"corei7_skylake_x", "broadwell_ult", "corei7_icelake_u", "tigerlake"}
 
+// GuestModels are the BochsModels on which Debian's 6.1 kernel boots in
+// Bochs 2.7 at all: on corei7_icelake_u and tigerlake it stops at "LSM:
+// Security Framework initializing" on bare Bochs too.
+var GuestModels = map[string]bool{"corei7_skylake_x": true, "broadwell_ult": true}
+
 // Config describes one boot.
 type Config struct {
 	Emulator Emulator
