@@ -316,6 +316,28 @@ func (e *EPT) Protect(gpa uint64, p Perm) (Perm, error) {
 	return old, nil
 }
 
+// Retarget points the mapped 4 KiB page at gpa to host page hpa with
+// permissions p, splitting a large page that holds it (a split view: the
+// guest sees other memory at the same address). The memory type stays.
+func (e *EPT) Retarget(gpa, hpa uint64, p Perm) error {
+	if (gpa|hpa)&(Size4K-1) != 0 {
+		return ErrAlign
+	}
+	if err := e.checkPerm(p); err != nil {
+		return err
+	}
+	if _, _, _, _, ok := e.Lookup(gpa); !ok {
+		return fmt.Errorf("%w: %#x", ErrNotFound, gpa)
+	}
+	t, _, err := e.walk(gpa, 0, false, true)
+	if err != nil {
+		return err
+	}
+	i := index(gpa, 0)
+	t[i] = hpa&entryAddr | t[i]&entryMemType | uint64(p)
+	return nil
+}
+
 // Unmap removes the mappings of [gpa, gpa+size), splitting large pages that
 // straddle its ends. Unmapped parts are skipped.
 func (e *EPT) Unmap(gpa, size uint64) error {

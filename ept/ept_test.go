@@ -160,3 +160,24 @@ func TestViolation(t *testing.T) {
 	assert.Equal(t, "read, entry allowed ---, during a guest page walk", DecodeViolation(0x81).String())
 	assert.Equal(t, "fetch, entry allowed rw-", DecodeViolation(0x1c).String())
 }
+
+func TestRetarget(t *testing.T) {
+	e, err := New(newMem(), Options{ExecuteOnly: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, Size2M, RWX, WriteBack))
+	require.NoError(t, e.Retarget(0x3000, 0x77000, Exec))
+	hpa, p, mt, size, ok := e.Lookup(0x3123)
+	require.True(t, ok)
+	assert.Equal(t, uint64(0x77123), hpa)
+	assert.Equal(t, Exec, p)
+	assert.Equal(t, WriteBack, mt)
+	assert.EqualValues(t, Size4K, size)
+	hpa, _, _, _, _ = e.Lookup(0x4000)
+	assert.Equal(t, uint64(0x4000), hpa, "neighbours untouched")
+	require.NoError(t, e.Retarget(0x3000, 0x3000, RWX))
+	hpa, p, _, _, _ = e.Lookup(0x3000)
+	assert.Equal(t, uint64(0x3000), hpa)
+	assert.Equal(t, RWX, p)
+	assert.ErrorIs(t, e.Retarget(0x3001, 0, RWX), ErrAlign)
+	assert.ErrorIs(t, e.Retarget(0x400000, 0, RWX), ErrNotFound)
+}

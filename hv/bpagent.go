@@ -6,6 +6,7 @@ import (
 
 	"golang.org/x/arch/x86/x86asm"
 
+	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -23,14 +24,31 @@ import (
 // put back and the #PF injected in its place: the guest's fault handler
 // brings the page in and returns to the detour, which now runs its own
 // instruction. Hit in another address space, the byte is put back all the
-// same and the int3 rewritten at a later exit. The int3 is in guest memory
-// only while armed.
+// same and the int3 rewritten at a later exit.
+//
+// With a Shadow page and EPT that allows execute-only pages, the int3
+// never enters guest memory: the detour's page is shown to instruction
+// fetches as an execute-only copy carrying the int3, and to reads and
+// writes as the original (read/write, not executable); an EPT violation
+// switches between the two. Should one instruction both run from and read
+// its own page the views would chase each other; after a streak of
+// switches the agent writes the int3 in place instead.
 type BreakpointAgent struct {
 	Mem    Memory
 	Walker *Walker
 	// LSTAR reads the guest's IA32_LSTAR (the MSR is not switched on VM
 	// exit, so the host reads the guest's value).
 	LSTAR func() uint64
+	// EPT, Shadow (a spare 4 KiB page of tamahv's) and Invalidate give
+	// the split view; with Shadow 0 the int3 is written in place.
+	EPT        *ept.EPT
+	Shadow     uint64
+	Invalidate func()
+
+	split   bool // the current arming uses the split view
+	noSplit bool // the split view was given up
+	view    int  // viewShadow or viewOriginal while split
+	streak  int
 
 	addr, pa  uint64 // the detour (0: not found yet)
 	orig      byte
@@ -39,8 +57,14 @@ type BreakpointAgent struct {
 	cr3, va   uint64
 
 	// Counters.
-	Hits, Raised, Passed uint64
+	Hits, Raised, Passed, Switches uint64
 }
+
+const (
+	viewShadow   = 1
+	viewOriginal = 2
+	maxStreak    = 32
+)
 
 // Detour limits: how far the decoder follows the code.
 const (
@@ -156,6 +180,13 @@ func (a *BreakpointAgent) install() error {
 	if a.installed {
 		return nil
 	}
+	if a.EPT != nil && a.Shadow != 0 && !a.noSplit {
+		if err := a.showShadow(); err != nil {
+			return err
+		}
+		a.split, a.installed = true, true
+		return nil
+	}
 	var b [1]byte
 	if err := a.Mem.ReadPhys(a.pa, b[:]); err != nil {
 		return err
@@ -172,7 +203,63 @@ func (a *BreakpointAgent) remove() error {
 		return nil
 	}
 	a.installed = false
+	if a.split {
+		a.split, a.view = false, 0
+		return a.retarget(a.pa&^0xfff, ept.RWX)
+	}
 	return a.Mem.WritePhys(a.pa, []byte{a.orig})
+}
+
+func (a *BreakpointAgent) retarget(hpa uint64, p ept.Perm) error {
+	if err := a.EPT.Retarget(a.pa&^0xfff, hpa, p); err != nil {
+		return err
+	}
+	if a.Invalidate != nil {
+		a.Invalidate()
+	}
+	return nil
+}
+
+// showShadow refreshes the shadow from the page (the guest may have
+// written it) with the int3 at the detour, and shows it to fetches only.
+func (a *BreakpointAgent) showShadow() error {
+	var page [4096]byte
+	if err := a.Mem.ReadPhys(a.pa&^0xfff, page[:]); err != nil {
+		return err
+	}
+	page[a.pa&0xfff] = 0xcc
+	if err := a.Mem.WritePhys(a.Shadow, page[:]); err != nil {
+		return err
+	}
+	a.view = viewShadow
+	return a.retarget(a.Shadow, ept.Exec)
+}
+
+// onViolation switches the split view: fetches get the shadow, reads and
+// writes the original.
+func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
+	if !a.split || gpa&^0xfff != a.pa&^0xfff {
+		return next(v, e)
+	}
+	a.Switches++
+	if a.streak++; a.streak > maxStreak {
+		// The views chase each other: write the int3 in place.
+		a.noSplit = true
+		if err := a.remove(); err != nil {
+			return Stop, err
+		}
+		if a.want {
+			return Resume, a.install()
+		}
+		return Resume, nil
+	}
+	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+	if q.Fetch {
+		return Resume, a.showShadow()
+	}
+	a.view = viewOriginal
+	return Resume, a.retarget(a.pa&^0xfff, ept.Read|ept.Write)
 }
 
 // Disarm takes the int3 out of the guest.
@@ -209,10 +296,15 @@ func (a *BreakpointAgent) Install(v *VCPU) {
 		v.Regs.CR2 = a.va
 		return Resume, v.Inject(vmx.Exception(vmx.VectorPF, code, 0))
 	}
+	nextEPT := v.handlers[vmx.ExitEPTViolation]
+	v.handlers[vmx.ExitEPTViolation] = func(v *VCPU, e vmx.Exit) (Action, error) { return a.onViolation(v, e, nextEPT) }
 	prev := v.OnExit
 	v.OnExit = func(v *VCPU) {
 		if prev != nil {
 			prev(v)
+		}
+		if vmx.ExitReason(v.VMCS.Read(vmx.ExitReasonField)) != vmx.ExitEPTViolation {
+			a.streak = 0
 		}
 		if a.want && !a.installed && v.VMCS.Read(vmx.GuestRIP) != a.addr {
 			_ = a.install()

@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -131,4 +132,79 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	require.NoError(t, err)
 	e, _ = v.events.peek()
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
+}
+
+// TestBreakpointAgentSplitView: the int3 lives in a shadow page shown to
+// instruction fetches only; reads see the original byte.
+func TestBreakpointAgentSplitView(t *testing.T) {
+	c, lstar, detour := entryCode()
+	// Guest-physical = guest-virtual here, low addresses for the EPT.
+	low := code{}
+	for va, b := range c {
+		low[va-0xffffffff81000000] = b
+	}
+	pa := detour - 0xffffffff81000000
+	mem := flatMem{low}
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{ExecuteOnly: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
+	const shadow = 0x0f000000
+	flushes := 0
+	a := &BreakpointAgent{Mem: mem, LSTAR: func() uint64 { return lstar }, EPT: e, Shadow: shadow, Invalidate: func() { flushes++ }}
+	a.addr, a.pa = detour, pa
+	v, m := scripted(t, nil)
+	a.Install(v)
+	const cr3, va = 0x5000, 0x7f0000001000
+	require.NoError(t, a.Arm(cr3, va))
+	assert.Equal(t, byte(0x89), low[pa], "guest memory keeps its byte")
+	assert.Equal(t, byte(0xcc), low[shadow+pa&0xfff], "the shadow has the int3")
+	hpa, perm, _, _, _ := e.Lookup(pa)
+	assert.Equal(t, uint64(shadow)+pa&0xfff, hpa)
+	assert.Equal(t, ept.Exec, perm, "fetches only")
+
+	// A read of the page: the original, readable and writable, not executable.
+	m.f[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
+	m.f[vmx.GuestPhysAddr] = pa
+	m.f[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
+	_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	require.NoError(t, err)
+	hpa, perm, _, _, _ = e.Lookup(pa)
+	assert.Equal(t, pa, hpa)
+	assert.Equal(t, ept.Read|ept.Write, perm)
+	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
+	low[pa+1] = 0x42
+	m.f[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
+	_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	require.NoError(t, err)
+	hpa, perm, _, _, _ = e.Lookup(pa)
+	assert.Equal(t, uint64(shadow)+pa&0xfff, hpa)
+	assert.Equal(t, ept.Exec, perm)
+	assert.Equal(t, byte(0x42), low[shadow+pa&0xfff+1])
+
+	// The guest reaches the detour in the right process.
+	m.f[vmx.GuestRIP] = detour
+	m.f[vmx.GuestCR3] = cr3
+	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	require.NoError(t, err)
+	hpa, perm, _, _, _ = e.Lookup(pa)
+	assert.Equal(t, pa, hpa, "original page back")
+	assert.Equal(t, ept.RWX, perm)
+	assert.True(t, v.EventPending())
+	assert.Equal(t, uint64(2), a.Switches)
+	assert.Greater(t, flushes, 3)
+
+	// Views chasing each other give the split view up.
+	require.NoError(t, a.Arm(cr3, va))
+	a.streak = 0
+	for i := 0; i <= maxStreak && !a.noSplit; i++ {
+		m.f[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
+		_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+		require.NoError(t, err)
+	}
+	assert.True(t, a.noSplit)
+	assert.Equal(t, byte(0xcc), low[pa], "the int3 went in place")
+	hpa, perm, _, _, _ = e.Lookup(pa)
+	assert.Equal(t, pa, hpa)
+	assert.Equal(t, ept.RWX, perm)
 }

@@ -292,6 +292,14 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		EPT: tables, Invalidate: invept, Hole: own}
 	gm.Install(v)
 	agent := &hv.BreakpointAgent{Mem: pc.PhysMem{}, Walker: &gm.Walker, LSTAR: func() uint64 { return pc.Hardware{}.ReadMSR(msrLSTAR) }}
+	if caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
+		// The split view hides the int3 from guest reads.
+		shadow, _, err := page()
+		if err != nil {
+			return err
+		}
+		agent.EPT, agent.Shadow, agent.Invalidate = tables, shadow, invept
+	}
 	agent.Install(v)
 	eng := swapmem.New(gm, swapmem.Config{})
 	cpu := &hv.SwapCPU{V: v, Agent: agent}
@@ -332,8 +340,8 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
 		st.Injected, st.Completed, st.Failed, st.Removed, gm.Writes, gm.ADWrites, gm.Changes, gm.Stale)
 	if agent.Detour() != 0 {
-		fmt.Printf("tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces\n",
-			agent.Detour(), agent.Hits, agent.Raised, agent.Passed)
+		fmt.Printf("tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
+			agent.Detour(), agent.Hits, agent.Raised, agent.Passed, agent.Switches)
 	}
 	return nil
 }
