@@ -133,17 +133,13 @@ func handleXSETBV(v *VCPU, _ vmx.Exit) (Action, error) {
 	return Next, nil
 }
 
-// FaultMSR makes guest RDMSR and WRMSR of msr raise #GP; the MSR bitmap
-// must make them exit (MSRBitmap does for the ones listed).
-func (v *VCPU) FaultMSR(msr uint32) { v.msrFaults[msr] = true }
-
 // FeatureControlGuest is what the guest reads from IA32_FEATURE_CONTROL:
 // locked, VMX off.
 const FeatureControlGuest = vmx.FeatureControlLock
 
 func handleRDMSR(v *VCPU, _ vmx.Exit) (Action, error) {
 	msr := uint32(v.Regs.RCX)
-	if msr == vmx.MSRFeatureControl && !v.msrFaults[msr] {
+	if msr == vmx.MSRFeatureControl {
 		v.Regs.RAX, v.Regs.RDX = FeatureControlGuest, 0
 		return Next, nil
 	}
@@ -161,7 +157,6 @@ const (
 	cr4VMXE   = 1 << 13
 	eferLME   = 1 << 8
 	eferLMA   = 1 << 10
-	cr4PAE    = 1 << 5
 	guestCR4X = 1 << 18 // OSXSAVE
 )
 

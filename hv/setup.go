@@ -102,10 +102,8 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 
 	// CR0 and CR4: the guest owns every bit but those VMX fixes, which
 	// it sees through the read shadows.
-	v.cr0Mask = (caps.CR0Fixed0 &^ (vmx.CR0PE | vmx.CR0PG)) | (^caps.CR0Fixed1 & 0xffffffff)
-	v.cr4Mask = caps.CR4Fixed0 | (^caps.CR4Fixed1 & 0xffffffff)
-	w(vmx.CR0GuestHostMask, v.cr0Mask)
-	w(vmx.CR4GuestHostMask, v.cr4Mask)
+	w(vmx.CR0GuestHostMask, (caps.CR0Fixed0&^(vmx.CR0PE|vmx.CR0PG))|(^caps.CR0Fixed1&0xffffffff))
+	w(vmx.CR4GuestHostMask, caps.CR4Fixed0|(^caps.CR4Fixed1&0xffffffff))
 	const cr0Boot = vmx.CR0PE | 1<<4 // PE, ET
 	w(vmx.CR0ReadShadow, cr0Boot)
 	w(vmx.CR4ReadShadow, 0)

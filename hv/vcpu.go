@@ -90,14 +90,9 @@ type VCPU struct {
 	nrecent  uint64
 	events   eventQueue
 	launched bool
-	// cr0Mask and cr4Mask are the guest/host masks; the shadows hold
-	// what the guest believes.
-	cr0Mask, cr4Mask uint64
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
-	// msrFaults are the MSRs the guest may not touch (#GP).
-	msrFaults map[uint32]bool
 	exited    error
 }
 
@@ -110,7 +105,7 @@ var (
 
 // NewVCPU returns a vCPU with the default exit handlers.
 func NewVCPU(vmcs VMCS, caps *vmx.Caps) *VCPU {
-	v := &VCPU{VMCS: vmcs, Caps: caps, msrFaults: map[uint32]bool{}}
+	v := &VCPU{VMCS: vmcs, Caps: caps}
 	v.setDefaultHandlers()
 	return v
 }

@@ -88,8 +88,6 @@ func vmxoff() (rflags uint64)
 func vmcall(nr, a1, a2 uint64) (ret uint64)
 func invept(typ uint64, desc *[2]uint64) (rflags uint64)
 func invvpid(typ uint64, desc *[2]uint64) (rflags uint64)
-func vmlaunchFail() (rflags uint64)
-func vmresumeFail() (rflags uint64)
 
 // VMCSInstructionError is the encoding of the read-only VM-instruction error
 // field (SDM Vol. 3C, "Appendix B.3.3 32-Bit Read-Only Data Fields").
@@ -153,10 +151,3 @@ func INVVPID(typ uint64, vpid uint16, addr uint64) error {
 	d := [2]uint64{uint64(vpid), addr}
 	return check("INVVPID", invvpid(typ, &d), readInsnError)
 }
-
-// VMLAUNCHFailure executes VMLAUNCH for a VMCS whose host state does not
-// return to the caller: it returns only when VM entry fails.
-func VMLAUNCHFailure() error { return check("VMLAUNCH", vmlaunchFail(), readInsnError) }
-
-// VMRESUMEFailure is VMLAUNCHFailure for VMRESUME.
-func VMRESUMEFailure() error { return check("VMRESUME", vmresumeFail(), readInsnError) }

@@ -91,22 +91,3 @@ TEXT ·invvpid(SB),NOSPLIT,$0-24
 	POPQ	AX
 	MOVQ	AX, rflags+16(FP)
 	RET
-
-// func vmlaunchFail() (rflags uint64)
-// VMLAUNCH for a VMCS whose host state does not return here: it comes back
-// only when the launch fails. The VM-entry stub of the monitor uses
-// VMLAUNCH and VMRESUME with its own host state.
-TEXT ·vmlaunchFail(SB),NOSPLIT,$0-8
-	VMLAUNCH
-	PUSHFQ
-	POPQ	AX
-	MOVQ	AX, rflags+0(FP)
-	RET
-
-// func vmresumeFail() (rflags uint64)
-TEXT ·vmresumeFail(SB),NOSPLIT,$0-8
-	VMRESUME
-	PUSHFQ
-	POPQ	AX
-	MOVQ	AX, rflags+0(FP)
-	RET
