@@ -93,7 +93,7 @@ type VCPU struct {
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
-	exited    error
+	exited  error
 }
 
 // Errors of the run loop.
