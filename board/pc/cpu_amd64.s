@@ -77,16 +77,6 @@ TEXT ·rdtsc(SB),NOSPLIT,$0-8
 	MOVQ	AX, ret+0(FP)
 	RET
 
-// func copyPhys(dst *byte, pa uint64, n uint64)
-// Physical memory below 4 GiB is mapped one to one.
-TEXT ·copyPhys(SB),NOSPLIT,$0-24
-	MOVQ	dst+0(FP), DI
-	MOVQ	pa+8(FP), SI
-	MOVQ	n+16(FP), CX
-	CLD
-	REP;	MOVSB
-	RET
-
 // func haltForever()
 TEXT ·haltForever(SB),NOSPLIT,$0
 	CLI
@@ -113,15 +103,6 @@ TEXT ·xsetbv(SB),NOSPLIT,$0-16
 	MOVQ	AX, DX
 	SHRQ	$32, DX
 	BYTE	$0x0f; BYTE $0x01; BYTE $0xd1	// XSETBV
-	RET
-
-// func copyToPhys(pa uint64, src *byte, n uint64)
-TEXT ·copyToPhys(SB),NOSPLIT,$0-24
-	MOVQ	pa+0(FP), DI
-	MOVQ	src+8(FP), SI
-	MOVQ	n+16(FP), CX
-	CLD
-	REP;	MOVSB
 	RET
 
 // func movePhys(dst, src, n uint64)

@@ -12,7 +12,6 @@ import (
 func readCR3() uint64
 func sidt(p *[10]byte)
 func xsetbv(xcr uint32, v uint64)
-func copyToPhys(pa uint64, src *byte, n uint64)
 func movePhys(dst, src, n uint64)
 
 // MSRs the host state needs.
@@ -61,20 +60,21 @@ func XSETBV(xcr uint32, v uint64) { xsetbv(xcr, v) }
 
 // WritePhys copies p to physical memory at pa (below 4 GiB).
 func (PhysMem) WritePhys(pa uint64, p []byte) error {
-	if pa+uint64(len(p)) > 1<<32 || pa+uint64(len(p)) < pa {
-		return fmt.Errorf("pc: %#x+%#x is not mapped", pa, len(p))
+	if err := mapped(pa, uint64(len(p))); err != nil || len(p) == 0 {
+		return err
 	}
-	if len(p) > 0 {
-		copyToPhys(pa, &p[0], uint64(len(p)))
-	}
+	movePhys(pa, PhysAddr(unsafe.Pointer(&p[0])), uint64(len(p)))
 	return nil
 }
 
 // CopyPhys copies n bytes of physical memory from src to dst (both below 4
 // GiB); the ranges may overlap.
 func (PhysMem) CopyPhys(dst, src, n uint64) error {
-	if dst+n > 1<<32 || src+n > 1<<32 || dst+n < dst || src+n < src {
-		return fmt.Errorf("pc: copy %#x <- %#x+%#x is not mapped", dst, src, n)
+	if err := mapped(dst, n); err != nil {
+		return err
+	}
+	if err := mapped(src, n); err != nil {
+		return err
 	}
 	if n > 0 {
 		movePhys(dst, src, n)

@@ -57,7 +57,6 @@ func readCR4() uint64
 func writeCR4(v uint64)
 func cpuid(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
 func rdtsc() uint64
-func copyPhys(dst *byte, pa uint64, n uint64)
 func haltForever()
 
 //go:linkname hwinit1 runtime/goos.Hwinit1
@@ -147,14 +146,20 @@ func (Hardware) SetCR4(v uint64) { writeCR4(v) }
 // one.
 type PhysMem struct{}
 
+// mapped checks that n bytes at pa lie in the one-to-one map.
+func mapped(pa, n uint64) error {
+	if pa+n > 1<<32 || pa+n < pa {
+		return fmt.Errorf("pc: %#x+%#x is not mapped", pa, n)
+	}
+	return nil
+}
+
 // ReadPhys copies len(p) bytes at pa into p.
 func (PhysMem) ReadPhys(pa uint64, p []byte) error {
-	if pa+uint64(len(p)) > 1<<32 || pa+uint64(len(p)) < pa {
-		return fmt.Errorf("pc: %#x+%#x is not mapped", pa, len(p))
+	if err := mapped(pa, uint64(len(p))); err != nil || len(p) == 0 {
+		return err
 	}
-	if len(p) > 0 {
-		copyPhys(&p[0], pa, uint64(len(p)))
-	}
+	movePhys(PhysAddr(unsafe.Pointer(&p[0])), pa, uint64(len(p)))
 	return nil
 }
 
