@@ -299,11 +299,11 @@ func (a *BreakpointAgent) Install(v *VCPU) {
 	nextEPT := v.handlers[vmx.ExitEPTViolation]
 	v.handlers[vmx.ExitEPTViolation] = func(v *VCPU, e vmx.Exit) (Action, error) { return a.onViolation(v, e, nextEPT) }
 	prev := v.OnExit
-	v.OnExit = func(v *VCPU) {
+	v.OnExit = func(v *VCPU, e vmx.Exit) {
 		if prev != nil {
-			prev(v)
+			prev(v, e)
 		}
-		if vmx.ExitReason(v.VMCS.Read(vmx.ExitReasonField)) != vmx.ExitEPTViolation {
+		if e.Reason != vmx.ExitEPTViolation {
 			a.streak = 0
 		}
 		if a.want && !a.installed && v.VMCS.Read(vmx.GuestRIP) != a.addr {

@@ -102,10 +102,10 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, Resume, act)
 	assert.Equal(t, byte(0x89), c[detour], "original byte back")
 	assert.False(t, v.EventPending())
-	v.OnExit(v)
+	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0x89), c[detour], "not rewritten while the guest sits on the detour")
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v)
+	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0xcc), c[detour], "rewritten at a later exit")
 
 	// Hit in the right process: the #PF replaces the #BP.
@@ -122,7 +122,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint64(2), a.Hits)
 	assert.Equal(t, uint64(1), a.Raised)
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v)
+	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0x89), c[detour], "disarmed after raising")
 
 	// The guest's own int3 elsewhere goes back to the guest.

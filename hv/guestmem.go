@@ -225,7 +225,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 // settle closes the open pages and walks again the watches on pages the
 // guest wrote. It runs at the start of every VM exit, before the exit is
 // handled, while the guest is stopped.
-func (g *GuestMemory) settle(v *VCPU) {
+func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}

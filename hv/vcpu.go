@@ -77,7 +77,7 @@ type VCPU struct {
 	// OnTimer runs at every preemption-timer exit.
 	OnTimer func(v *VCPU)
 	// OnExit runs at every VM exit before it is handled.
-	OnExit func(v *VCPU)
+	OnExit func(v *VCPU, e vmx.Exit)
 	// CPUID executes CPUID for the guest (the host's values, filtered by
 	// the CPUID handler).
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
@@ -210,7 +210,7 @@ func (v *VCPU) exit() (Action, error) {
 	}
 	v.counts[e.Reason]++
 	if v.OnExit != nil {
-		v.OnExit(v)
+		v.OnExit(v, e)
 	}
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
