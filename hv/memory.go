@@ -22,7 +22,6 @@ func MapGuest(e *ept.EPT, mm []E820Entry, hole [2]uint64, sink uint64) error {
 		mt         ept.MemType
 	}
 	const low = 1 << 32
-	// Points where the memory type may change.
 	var ram []span
 	for _, m := range mm {
 		if m.Type != E820RAM {
