@@ -316,12 +316,15 @@ func (e *Engine) readPresent(t *Transaction) error {
 		if err == nil && satisfies(tr, write) {
 			n := chunk(cur, end, pageSize(tr))
 			off := cur - t.va
-			if err := e.g.ReadPhys(tr.PA, t.buf[off:off+n]); err != nil {
-				return fmt.Errorf("swapmem: reading %#x (PA %#x) in CR3 %#x: %w", cur, tr.PA, t.tcr3, err)
+			ok, err := e.readStable(t.tcr3, cur, tr, write, t.buf[off:off+n])
+			if err != nil {
+				return err
 			}
-			t.collect(cur, tr.PA, tr.NX)
-			cur += n
-			continue
+			if ok {
+				t.collect(cur, tr.PA, tr.NX)
+				cur += n
+				continue
+			}
 		}
 		n := chunk(cur, end, PageSize4K)
 		t.waiters = append(t.waiters, waiter{tx: t, off: int(cur - t.va), n: int(n)})
@@ -382,10 +385,19 @@ func (e *Engine) attachOne(wt *waiter) error {
 		return err
 	}
 	if satisfies(s.w.tr, s.write()) {
-		// In already: it came in before the watch was in place.
-		err := e.readWaiter(wt, s.w.tr)
-		e.releaseIfEmpty(s)
-		return err
+		// In already: it came in before the watch was in place. If it moved
+		// again while it was read, the watch (in place now) reports where.
+		t := wt.tx
+		va := wt.va()
+		pa := s.w.tr.PA + va&pageMask
+		ok, err := e.readStable(t.tcr3, va, Translation{Present: true, PA: pa, Writable: s.w.tr.Writable}, s.write(), t.buf[wt.off:wt.off+wt.n])
+		if err != nil || ok {
+			if ok {
+				t.collect(va, pa, s.w.tr.NX)
+			}
+			e.releaseIfEmpty(s)
+			return err
+		}
 	}
 	wt.s = s
 	s.waiters.pushBack(wt)
@@ -450,6 +462,20 @@ func (e *Engine) releaseIfEmpty(s *slot) {
 	if s.waiters.n == 0 {
 		e.freeSlot(s)
 	}
+}
+
+// readStable copies len(dst) bytes of va, which tr (va's translation, PA of
+// va itself) says is present, and walks again afterwards: another vCPU or
+// the guest's pager may have moved the page between the walk and the copy,
+// leaving another page's bytes in the frame. It reports false when va no
+// longer translates to the same frame with the access needed; dst is then
+// to be read again.
+func (e *Engine) readStable(cr3, va uint64, tr Translation, write bool, dst []byte) (bool, error) {
+	if err := e.g.ReadPhys(tr.PA, dst); err != nil {
+		return false, fmt.Errorf("swapmem: reading %#x (PA %#x) in CR3 %#x: %w", va, tr.PA, cr3, err)
+	}
+	again, err := e.g.Translate(cr3, va)
+	return err == nil && satisfies(again, write) && again.PA == tr.PA, nil
 }
 
 // readWaiter copies a waiter's bytes from a translation of its page.

@@ -693,3 +693,48 @@ func (g *fakeGuest) Watch(cr3, va uint64, changed func(swapmem.Translation)) (fu
 	return func() { g.live-- }, nil
 }
 func (g *fakeGuest) SystemCR3() uint64 { return 1 }
+
+// movingGuest swaps a page out just before the engine copies it, as another
+// vCPU or the guest's pager might between the engine's walk and its copy.
+type movingGuest struct {
+	*swapmemtest.Machine
+	space *swapmemtest.Space
+	va    uint64 // the page to move on the next copy; 0 when disarmed
+}
+
+func (g *movingGuest) ReadPhys(pa uint64, p []byte) error {
+	if g.va != 0 {
+		va := g.va
+		g.va = 0
+		if err := g.space.SwapOut(va); err != nil {
+			return err
+		}
+	}
+	return g.Machine.ReadPhys(pa, p)
+}
+
+// TestPageMovedDuringCopy: a page that leaves its frame between the walk and
+// the copy is not returned with the frame's new bytes; the read waits for
+// the page and then returns the right ones.
+func TestPageMovedDuringCopy(t *testing.T) {
+	m := swapmemtest.NewMachine()
+	proc := m.NewSpace()
+	require.NoError(t, proc.MapRange(userBase, 4096, swapmemtest.UserRW))
+	want := patternRange(1, userBase, 4096)
+	require.NoError(t, proc.Write(userBase, want))
+	g := &movingGuest{Machine: m, space: proc, va: userBase}
+	e := swapmem.New(g, swapmem.Config{})
+	defer e.Close()
+
+	var got []swapmem.Read
+	tx, err := e.ReadData(swapmem.Request{CR3: proc.CR3, VA: userBase, Len: 4096,
+		Done: func(r swapmem.Read) { got = append(got, r) }})
+	require.NoError(t, err)
+	require.NotNil(t, tx, "the page moved during the copy: the read must wait for it")
+	assert.Empty(t, got)
+
+	require.NoError(t, proc.Touch(userBase, false))
+	require.Len(t, got, 1)
+	require.NoError(t, got[0].Err)
+	assert.True(t, bytes.Equal(want, got[0].Data), "bytes of the page, not of its old frame")
+}
