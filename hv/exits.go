@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -98,7 +99,7 @@ func le32(s string) uint32 {
 
 func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
 	if v.Hypercalls == nil {
-		v.Regs.RAX = HypercallUnknown
+		v.Regs.RAX = hcall.Unknown
 		return Next, nil
 	}
 	ret, stop := v.Hypercalls.Call(v, v.Regs.RAX, v.Regs.RDI, v.Regs.RSI, v.Regs.RDX)

@@ -26,9 +26,8 @@ type SwapCPU struct {
 // CR3 is the guest's address space, without PCID bits.
 func (c *SwapCPU) CR3() uint64 { return c.V.VMCS.Read(vmx.GuestCR3) & CR3Mask }
 
-// Ring is the guest's CPL: SS.DPL (SDM Vol. 3C, "Checks on Guest Segment
-// Registers").
-func (c *SwapCPU) Ring() int { return int(c.V.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
+// Ring is the guest's CPL.
+func (c *SwapCPU) Ring() int { return c.V.CPL() }
 
 // EventPending reports an event queued or placed for the next VM entry.
 func (c *SwapCPU) EventPending() bool {

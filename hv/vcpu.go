@@ -131,7 +131,11 @@ func (v *VCPU) Counts() map[vmx.ExitReason]uint64 {
 	return m
 }
 
-// Total returns the number of exits so far.
+// CPL is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
+// 27.3.1.2, "Checks on Guest Segment Registers").
+func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
+
+// Total returns the number of VM exits so far.
 func (v *VCPU) Total() uint64 {
 	var t uint64
 	for _, n := range v.counts {

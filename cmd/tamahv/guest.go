@@ -3,8 +3,6 @@
 package main
 
 import (
-	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +14,8 @@ import (
 	"github.com/tamahv/tamahv/board/pc/multiboot"
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hcall"
+	"github.com/tamahv/tamahv/hv/monitor"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -25,148 +25,6 @@ const msrLSTAR = 0xc0000082
 
 // The guest's serial console is COM2; tamahv keeps COM1.
 const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1 mitigations=off"
-
-// monitor is the default policy: the hypercalls a guest may make.
-type monitor struct {
-	status int
-	secret uint64
-	gm     *hv.GuestMemory
-	eng    *swapmem.Engine
-	swap   swapRead
-}
-
-// swapRead is the state of the guest's last HcSwapRead.
-type swapRead struct {
-	state    uint64
-	cr3      uint64
-	vetoes   int
-	want     [32]byte
-	start    time.Time
-	exits    uint64
-	injected uint64
-	missing  int
-	reported bool // the watchdog spoke
-}
-
-// watchdog reports a read pending for long, once: the engine's state and
-// the page-table watch counters.
-func (m *monitor) watchdog(v *hv.VCPU) {
-	if m.swap.state != hv.SwapPending || m.swap.reported || time.Since(m.swap.start) < 10*time.Second {
-		return
-	}
-	m.swap.reported = true
-	fmt.Printf("tamahv: swapmem read pending for %v; page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
-		time.Since(m.swap.start).Round(time.Second), m.gm.Writes, m.gm.ADWrites, m.gm.Changes, m.gm.Watches())
-	m.eng.Dump(os.Stdout)
-	v.Report(os.Stdout, true)
-}
-
-func (m *monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
-	switch nr {
-	case hv.HcSwapRead:
-		return m.swapRead(v, a1, a2), false
-	case hv.HcSwapStatus:
-		if m.swap.state == 0 {
-			return hv.HypercallInvalid, false
-		}
-		return m.swap.state, false
-	case hv.HcIdentify:
-		return hv.HypercallMagic, false
-	case hv.HcExit:
-		if a1 > 255 {
-			return hv.HypercallInvalid, false
-		}
-		m.status = int(a1)
-		return 0, true
-	case hv.HcSecret:
-		return m.secret, false
-	}
-	return hv.HypercallUnknown, false
-}
-
-// swapRead starts a swapmem read of the caller's memory described by the
-// request at guest-virtual req.
-func (m *monitor) swapRead(v *hv.VCPU, req, size uint64) uint64 {
-	if m.swap.state == hv.SwapPending {
-		return hv.HypercallBusy
-	}
-	if size != hv.SwapRequestSize {
-		return hv.HypercallInvalid
-	}
-	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
-	m.gm.Walker.LA57 = v.VMCS.Read(vmx.GuestCR4)&(1<<12) != 0
-	var b [hv.SwapRequestSize]byte
-	tr, err := m.gm.Translate(cr3, req)
-	if err != nil || !tr.Present || req&0xfff > 4096-hv.SwapRequestSize || m.gm.ReadPhys(tr.PA, b[:]) != nil {
-		return hv.HypercallInvalid
-	}
-	va := binary.LittleEndian.Uint64(b[0:])
-	n := binary.LittleEndian.Uint64(b[8:])
-	raw := binary.LittleEndian.Uint64(b[16:])
-	if raw>>32&^(hv.SwapVeto>>32) != 0 {
-		return hv.HypercallInvalid
-	}
-	opts := swapmem.Options(raw)
-	m.swap = swapRead{state: hv.SwapPending, cr3: cr3, start: time.Now(), exits: v.Total(), injected: m.eng.Stats().Injected}
-	var preInject func(cr3, va uint64) bool
-	if raw&hv.SwapVeto != 0 {
-		preInject = func(uint64, uint64) bool { m.swap.vetoes++; return false }
-	}
-	copy(m.swap.want[:], b[24:])
-	if n > swapmem.MaxLen {
-		m.swap.state = hv.SwapFailed
-		return hv.HypercallInvalid
-	}
-	tx, err := m.eng.ReadData(swapmem.Request{CR3: cr3, VA: va, Len: int(n), Options: opts, PreInject: preInject,
-		Done: func(r swapmem.Read) { m.swapDone(v, r) }})
-	if err != nil {
-		fmt.Printf("tamahv: swapmem read FAILED: %v\n", err)
-		m.swap.state = hv.SwapFailed
-		return hv.HypercallInvalid
-	}
-	if tx != nil {
-		m.swap.missing = m.eng.Stats().Pages
-	}
-	veto := ""
-	if preInject != nil {
-		veto = ", every injection vetoed"
-	}
-	fmt.Printf("tamahv: swapmem read of %d bytes at %#x in CR3 %#x (%v%s): %d pages missing\n", n, va, cr3, opts, veto, m.swap.missing)
-	return 0
-}
-
-// gone drops the reads of an address space whose mappings were torn down
-// (a process that exited).
-func (m *monitor) gone(cr3 uint64) {
-	before := m.eng.Stats().Live
-	if err := m.eng.RemoveTransactionsForVaSpace(cr3); err != nil {
-		return
-	}
-	if n := before - m.eng.Stats().Live; n > 0 {
-		fmt.Printf("tamahv: swapmem: address space %#x torn down, %d reads removed\n", cr3, n)
-		if m.swap.cr3 == cr3 && m.swap.state == hv.SwapPending {
-			m.swap.state = 0
-		}
-	}
-}
-
-func (m *monitor) swapDone(v *hv.VCPU, r swapmem.Read) {
-	took := time.Since(m.swap.start)
-	inj := m.eng.Stats().Injected - m.swap.injected
-	exits := v.Total() - m.swap.exits
-	switch {
-	case r.Err != nil:
-		m.swap.state = hv.SwapFailed
-		fmt.Printf("tamahv: swapmem read FAILED: %v\n", r.Err)
-	case sha256.Sum256(r.Data) != m.swap.want:
-		m.swap.state = hv.SwapFailed
-		fmt.Printf("tamahv: swapmem read FAILED: sha256 %x, the guest expected %x\n", sha256.Sum256(r.Data), m.swap.want)
-	default:
-		m.swap.state = hv.SwapOK
-		fmt.Printf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d vetoed, %d exits, %v (flags %v)\n",
-			m.swap.want, len(r.Data), m.swap.missing, inj, m.swap.vetoes, exits, took.Round(time.Millisecond), r.Flags)
-	}
-}
 
 // modules finds the kernel and initramfs among the Multiboot modules: the
 // kernel is the one whose name ends in "vmlinuz"; its arguments, if any,
@@ -254,7 +112,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		return err
 	}
 	for i := range secret {
-		secret[i] = hv.SecretByte
+		secret[i] = hcall.SecretByte
 	}
 
 	l := &hv.Linux{
@@ -306,12 +164,20 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v.BeforeEntry = func(*hv.VCPU) { _ = eng.InjectPendingPF(cpu) }
 	hz, _ := pc.TSCHzSource()
 	v.PreemptionTicks = uint32(min(hz/100>>caps.PreemptionTimerShift(), 1<<31))
-	mon := &monitor{secret: secretPA, gm: gm, eng: eng}
+	ring3, err := monitor.ParseCmdline(info.Cmdline)
+	if err != nil {
+		return err
+	}
+	mon := &monitor.Monitor{Ring3: ring3, Mem: gm, Engine: eng, SecretPA: secretPA, Log: os.Stdout,
+		Paging: func(la57 bool) { gm.Walker.LA57 = la57 }}
 	v.OnTimer = func(v *hv.VCPU) {
 		eng.ReinjectFailedPF()
-		mon.watchdog(v)
+		if mon.Watchdog(os.Stdout, 10*time.Second) {
+			fmt.Printf("tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
+				gm.Writes, gm.ADWrites, gm.Changes, gm.Watches())
+			v.Report(os.Stdout, true)
+		}
 	}
-	gm.OnGone = mon.gone
 	v.Hypercalls = mon
 	v.Enter = func(v *hv.VCPU, launched bool) error { return vmx.Run(&v.Regs, fx, launched) }
 	err = v.Init(hv.Setup{
@@ -326,6 +192,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	if err != nil {
 		return err
 	}
+	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", ring3)
 	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes, initrd %d bytes at %#x, command line %q\n",
 		start.ProtocolVersion>>8, start.ProtocolVersion&0xff, l.KernelLen, l.InitrdLen, start.InitrdPA, cmdline)
 	err = v.Run()
@@ -334,7 +201,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		v.Report(os.Stdout, true)
 		return errors.New("guest failed")
 	}
-	fmt.Printf("tamahv: guest exited (status %d) after %d exits\n", mon.status, v.Total())
+	fmt.Printf("tamahv: guest exited (status %d) after %d exits\n", mon.Status, v.Total())
 	v.Report(os.Stdout, false)
 	st := eng.Stats()
 	fmt.Printf("tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
