@@ -125,6 +125,7 @@ type Monitor struct {
 	// Status is the exit status the guest gave with hcall.Exit.
 	Status int
 
+	extra      map[uint64]extra  // functions an embedder added
 	reads      map[uint64]*read // by address space (CR3 without PCID)
 	logSecond  time.Time
 	logLines   int
@@ -143,8 +144,33 @@ type read struct {
 	reported bool // the watchdog spoke
 }
 
+// Func is a hypercall function an embedder adds: it gets the arguments
+// (RDI, RSI, RDX) and returns RAX; stop ends the run loop.
+type Func func(v *hv.VCPU, a1, a2, a3 uint64) (ret uint64, stop bool)
+
+type extra struct {
+	f     Func
+	ring3 bool
+}
+
+// ErrTaken is Add's error for a function number already in use.
+var ErrTaken = errors.New("monitor: hypercall number taken")
+
+// Add adds hypercall nr, for CPL 0 only or (ring3) for every privilege
+// level. The numbers of package hcall are taken.
+func (m *Monitor) Add(nr uint64, ring3 bool, f Func) error {
+	if nr <= hcall.SwapStatus || m.extra[nr].f != nil || f == nil {
+		return fmt.Errorf("%w: %d", ErrTaken, nr)
+	}
+	if m.extra == nil {
+		m.extra = make(map[uint64]extra)
+	}
+	m.extra[nr] = extra{f, ring3}
+	return nil
+}
+
 // Call implements hv.Hypercalls.
-func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, _ uint64) (uint64, bool) {
+func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 	cpl := v.CPL()
 	switch nr {
 	case hcall.Identify:
@@ -180,6 +206,12 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, _ uint64) (uint64, bool) {
 			return hcall.Invalid, false
 		}
 		return r.state, false
+	}
+	if x := m.extra[nr]; x.f != nil {
+		if cpl != 0 && !x.ring3 {
+			return hcall.Denied, false
+		}
+		return x.f(v, a1, a2, a3)
 	}
 	return hcall.Unknown, false
 }

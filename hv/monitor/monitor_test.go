@@ -304,3 +304,21 @@ func TestParseCmdline(t *testing.T) {
 	assert.ErrorIs(t, err, monitor.ErrOption)
 	assert.Equal(t, monitor.Ring3Exit, g)
 }
+
+func TestAddedFunctions(t *testing.T) {
+	g := newGuest(t, 0)
+	calls := 0
+	require.NoError(t, g.mon.Add(0x100, false, func(_ *hv.VCPU, a1, _, _ uint64) (uint64, bool) { calls++; return a1 + 1, false }))
+	require.NoError(t, g.mon.Add(0x101, true, func(*hv.VCPU, uint64, uint64, uint64) (uint64, bool) { return 7, false }))
+	assert.ErrorIs(t, g.mon.Add(0x100, true, func(*hv.VCPU, uint64, uint64, uint64) (uint64, bool) { return 0, false }), monitor.ErrTaken)
+	assert.ErrorIs(t, g.mon.Add(hcall.Exit, true, func(*hv.VCPU, uint64, uint64, uint64) (uint64, bool) { return 0, false }), monitor.ErrTaken)
+
+	ret, _ := g.call(0x100, 41, 0)
+	assert.Equal(t, hcall.Denied, ret, "CPL 0 only")
+	ret, _ = g.call(0x101, 0, 0)
+	assert.EqualValues(t, 7, ret)
+	g.cpl(0)
+	ret, _ = g.call(0x100, 41, 0)
+	assert.EqualValues(t, 42, ret)
+	assert.Equal(t, 1, calls)
+}
