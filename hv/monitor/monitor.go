@@ -125,7 +125,7 @@ type Monitor struct {
 	// Status is the exit status the guest gave with hcall.Exit.
 	Status int
 
-	extra      map[uint64]extra  // functions an embedder added
+	extra      map[uint64]extra // functions an embedder added
 	reads      map[uint64]*read // by address space (CR3 without PCID)
 	logSecond  time.Time
 	logLines   int
