@@ -110,14 +110,15 @@ func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
 	return Next, nil
 }
 
-// XCR0 bits.
-const (
-	xcr0X87 = 1 << 0
-	xcr0SSE = 1 << 1
-	xcr0AVX = 1 << 2
-)
-
+// handleXSETBV loads XCR0 with a value the processor accepts and answers
+// every other one as the SDM's XSETBV does: #UD with CR4.OSXSAVE clear,
+// #GP(0) at CPL>0, for an XCR other than 0, and for a value
+// vmx.ValidXCR0 refuses. The processor checks the CPL and CR4.OSXSAVE
+// before the VM exit; the handler checks them again anyway.
 func handleXSETBV(v *VCPU, _ vmx.Exit) (Action, error) {
+	if v.VMCS.Read(vmx.GuestCR4)&guestCR4X == 0 {
+		return Resume, v.InjectException(vmx.VectorUD, 0)
+	}
 	xcr := uint32(v.Regs.RCX)
 	val := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
 	var supported uint64
@@ -125,13 +126,17 @@ func handleXSETBV(v *VCPU, _ vmx.Exit) (Action, error) {
 		a, _, _, d := v.CPUID(0xd, 0)
 		supported = uint64(d)<<32 | uint64(a)
 	}
-	if xcr != 0 || val&xcr0X87 == 0 || val&^supported != 0 || (val&xcr0AVX != 0 && val&xcr0SSE == 0) ||
-		v.VMCS.Read(vmx.GuestCR4)&(1<<18) == 0 || v.XSETBV == nil {
+	if v.cpl() != 0 || xcr != 0 || !vmx.ValidXCR0(val, supported) || v.XSETBV == nil {
 		return Resume, v.InjectException(vmx.VectorGP, 0)
 	}
 	v.XSETBV(xcr, val)
 	return Next, nil
 }
+
+// cpl is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
+// "Checks on Guest Segment Registers"); 0 in real-address mode, 3 in
+// virtual-8086 mode.
+func (v *VCPU) cpl() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 
 // FeatureControlGuest is what the guest reads from IA32_FEATURE_CONTROL:
 // locked, VMX off.
@@ -227,22 +232,120 @@ func (v *VCPU) ownsPort(p uint16) bool {
 	return false
 }
 
+// handleIO emulates an I/O instruction byte by byte of the port space: the
+// bytes of owned ports read 0xff and drop writes; the other bytes are
+// real port I/O through PortIO, one access per run of consecutive ports
+// (see portIn). An access exits when any of its ports is owned (SDM Vol.
+// 3C, "I/O-Bitmap Addresses"): one that starts below an owned range and
+// reaches into it, or a multi-byte access that wraps from port 0xffff to
+// 0, exits as a whole.
 func handleIO(v *VCPU, _ vmx.Exit) (Action, error) {
 	io := vmx.DecodeIO(v.VMCS.Read(vmx.ExitQualification))
-	if !v.ownsPort(io.Port) {
-		return Stop, fmt.Errorf("%w: I/O to port %#x that tamahv does not own", ErrFatalExit, io.Port)
+	if io.Size != 1 && io.Size != 2 && io.Size != 4 {
+		return Stop, fmt.Errorf("%w: I/O exit with size %d at port %#x", ErrFatalExit, io.Size, io.Port)
 	}
 	if io.String {
-		// INS/OUTS on a console port: nothing is transferred; a REP
-		// prefix completes at once.
-		if io.Rep {
-			v.Regs.RCX = 0
+		return v.stringIO(io)
+	}
+	if io.In {
+		val := uint64(v.portIn(io.Port, io.Size))
+		if io.Size == 4 {
+			// A 32-bit destination zero-extends into RAX (SDM Vol. 1,
+			// "General-Purpose Registers in 64-Bit Mode"); 8 and 16-bit
+			// ones leave the rest of RAX.
+			v.Regs.RAX = val
+		} else {
+			mask := uint64(1)<<(8*io.Size) - 1
+			v.Regs.RAX = v.Regs.RAX&^mask | val
 		}
 		return Next, nil
 	}
-	if io.In {
-		mask := uint64(1)<<(8*io.Size) - 1
-		v.Regs.RAX = v.Regs.RAX&^mask | mask
+	v.portOut(io.Port, io.Size, uint32(v.Regs.RAX))
+	return Next, nil
+}
+
+// portIn reads size bytes starting at port: owned bytes read 0xff; each
+// run of unowned ports is read with as few accesses as its length allows
+// (2+1 for three bytes), never across an owned port or the wrap from
+// 0xffff to 0. Splitting a guest's access this way is what a device sees
+// on the bus from hardware that splits it too (a 32-bit access to an
+// 8-bit device); an access that straddles tamahv's console has no honest
+// user.
+func (v *VCPU) portIn(port uint16, size int) uint32 {
+	var val uint32
+	for i := 0; i < size; {
+		p := port + uint16(i)
+		n := v.unownedRun(p, size-i)
+		if n == 0 {
+			val |= 0xff << (8 * i)
+			i++
+			continue
+		}
+		val |= v.rawIn(p, n) << (8 * i)
+		i += n
+	}
+	return val
+}
+
+// portOut writes the size low bytes of val starting at port, as portIn
+// reads them: writes to owned bytes vanish.
+func (v *VCPU) portOut(port uint16, size int, val uint32) {
+	for i := 0; i < size; {
+		p := port + uint16(i)
+		n := v.unownedRun(p, size-i)
+		if n == 0 {
+			i++
+			continue
+		}
+		v.rawOut(p, n, val>>(8*i))
+		i += n
+	}
+}
+
+// unownedRun returns the length of the access to make at p: 0 when p is
+// owned, else the largest of 4, 2 and 1 that fits in max bytes of
+// consecutive unowned ports that do not wrap past 0xffff.
+func (v *VCPU) unownedRun(p uint16, max int) int {
+	n := 0
+	for n < max && uint32(p)+uint32(n) <= 0xffff && !v.ownsPort(p+uint16(n)) {
+		n++
+	}
+	switch {
+	case n >= 4:
+		return 4
+	case n >= 2:
+		return 2
+	}
+	return n
+}
+
+// rawIn does a real n-byte IN at p (all ones without PortIO: no device).
+func (v *VCPU) rawIn(p uint16, n int) uint32 {
+	mask := uint32(1)<<(8*n) - 1
+	if n == 4 {
+		mask = ^uint32(0)
+	}
+	if v.PortIO == nil {
+		return mask
+	}
+	return v.PortIO(p, n, true, 0) & mask
+}
+
+// rawOut does a real n-byte OUT of val's low bytes at p.
+func (v *VCPU) rawOut(p uint16, n int, val uint32) {
+	if v.PortIO != nil {
+		if n < 4 {
+			val &= uint32(1)<<(8*n) - 1
+		}
+		v.PortIO(p, n, false, val)
+	}
+}
+
+// stringIO answers INS and OUTS that touch an owned port: nothing is
+// transferred and a REP prefix completes at once.
+func (v *VCPU) stringIO(io vmx.IOAccess) (Action, error) {
+	if io.Rep {
+		v.Regs.RCX = 0
 	}
 	return Next, nil
 }
