@@ -158,21 +158,39 @@ func handleWRMSR(v *VCPU, _ vmx.Exit) (Action, error) {
 
 // CR0 and CR4 bits the handlers look at.
 const (
-	cr0PG     = 1 << 31
-	cr4VMXE   = 1 << 13
-	eferLME   = 1 << 8
-	eferLMA   = 1 << 10
-	guestCR4X = 1 << 18 // OSXSAVE
+	cr0PG     = vmx.CR0PG
+	cr4VMXE   = vmx.CR4VMXE
+	eferLME   = vmx.EFERLME
+	eferLMA   = vmx.EFERLMA
+	guestCR4X = vmx.CR4OSXSAV
+)
+
+// cr0PDPTEBits and cr4PDPTEBits are the bits whose change makes a MOV to
+// CR0 or CR4 load the PDPTEs in PAE paging (KVM's X86_CR0_PDPTR_BITS and
+// X86_CR4_PDPTR_BITS; SDM Vol. 3A, "Loading and Storing the PDPTEs").
+const (
+	cr0PDPTEBits = vmx.CR0PG | vmx.CR0CD | vmx.CR0NW
+	cr4PDPTEBits = vmx.CR4PGE | vmx.CR4PSE | vmx.CR4PAE | vmx.CR4SMEP
 )
 
 func handleCR(v *VCPU, e vmx.Exit) (Action, error) {
 	q := vmx.DecodeCRAccess(v.VMCS.Read(vmx.ExitQualification))
-	if q.Type != vmx.CRMovTo {
+	switch {
+	case q.CR == 0 && q.Type == vmx.CRCLTS:
+		return v.writeCR0(v.guestCR0() &^ vmx.CR0TS)
+	case q.CR == 0 && q.Type == vmx.CRLMSW:
+		// LMSW loads CR0[3:0] and can set PE but not clear it.
+		old := v.guestCR0()
+		return v.writeCR0(old&^0xe | uint64(q.LMSW)&0xf | old&vmx.CR0PE)
+	case q.Type != vmx.CRMovTo:
 		return Stop, fmt.Errorf("%w: CR%d access type %d not expected", ErrFatalExit, q.CR, q.Type)
 	}
 	val := v.Regs.GPR(q.GPR)
 	if q.GPR == 4 {
 		val = v.VMCS.Read(vmx.GuestRSP)
+	}
+	if !v.mode64() {
+		val &= 0xffffffff // the operand is 32 bits outside 64-bit mode
 	}
 	switch q.CR {
 	case 0:
@@ -183,39 +201,155 @@ func handleCR(v *VCPU, e vmx.Exit) (Action, error) {
 	return Stop, fmt.Errorf("%w: MOV to CR%d not expected", ErrFatalExit, q.CR)
 }
 
+// mode64 reports whether the guest runs 64-bit code: IA-32e mode and
+// CS.L.
+func (v *VCPU) mode64() bool {
+	return v.VMCS.Read(vmx.GuestEFER)&eferLMA != 0 && v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0
+}
+
+// guestCR0 and guestCR4 are the values the guest sees: its own bits from
+// the guest-state field, the bits tamahv owns from the read shadow.
+func (v *VCPU) guestCR0() uint64 {
+	m := v.VMCS.Read(vmx.CR0GuestHostMask)
+	return v.VMCS.Read(vmx.GuestCR0)&^m | v.VMCS.Read(vmx.CR0ReadShadow)&m
+}
+
+func (v *VCPU) guestCR4() uint64 {
+	m := v.VMCS.Read(vmx.CR4GuestHostMask)
+	return v.VMCS.Read(vmx.GuestCR4)&^m | v.VMCS.Read(vmx.CR4ReadShadow)&m
+}
+
+// gp injects #GP(0) and re-enters at the faulting instruction.
+func (v *VCPU) gp() (Action, error) { return Resume, v.InjectException(vmx.VectorGP, 0) }
+
+// writeCR0 emulates MOV to CR0 with the processor's checks (SDM Vol. 2B,
+// "MOV—Move to/from Control Registers"; KVM's kvm_set_cr0 lists them):
+// #GP for bits 63:32, NW without CD, PG without PE, clearing WP with
+// CR4.CET, enabling paging with EFER.LME but without CR4.PAE or with CS.L,
+// clearing PG in 64-bit mode or with CR4.PCIDE, and PAE paging whose
+// PDPTEs have reserved bits set. It enters and leaves IA-32e mode and
+// loads the PDPTEs as the write would have had it not exited, so the
+// next VM entry's checks (SDM Vol. 3C, "Checks on Guest Control
+// Registers, Debug Registers, and MSRs") hold.
 func (v *VCPU) writeCR0(val uint64) (Action, error) {
-	if val>>32 != 0 || (val&cr0PG != 0 && val&vmx.CR0PE == 0) {
-		return Resume, v.InjectException(vmx.VectorGP, 0)
+	old := v.guestCR0()
+	cr4 := v.guestCR4()
+	efer := v.VMCS.Read(vmx.GuestEFER)
+	switch {
+	case val>>32 != 0,
+		val&vmx.CR0NW != 0 && val&vmx.CR0CD == 0,
+		val&cr0PG != 0 && val&vmx.CR0PE == 0,
+		val&vmx.CR0WP == 0 && cr4&vmx.CR4CET != 0:
+		return v.gp()
 	}
-	old := v.VMCS.Read(vmx.GuestCR0)
+	val = val&vmx.CR0Defined | vmx.CR0ET // reserved bits are ignored, ET is fixed
+	pagingOn := old&cr0PG == 0 && val&cr0PG != 0
+	pagingOff := old&cr0PG != 0 && val&cr0PG == 0
+	if pagingOn && efer&eferLME != 0 && (cr4&vmx.CR4PAE == 0 || v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0) {
+		return v.gp()
+	}
+	if pagingOff && (v.mode64() || cr4&vmx.CR4PCIDE != 0) {
+		return v.gp()
+	}
+	if val&cr0PG != 0 && efer&eferLME == 0 && cr4&vmx.CR4PAE != 0 && (val^old)&cr0PDPTEBits != 0 {
+		if !v.loadPDPTEs() {
+			return v.gp()
+		}
+	}
 	v.VMCS.Write(vmx.CR0ReadShadow, val)
 	v.VMCS.Write(vmx.GuestCR0, v.Caps.FixCR0(val, true))
 	// Paging turned on or off with EFER.LME: enter or leave IA-32e mode,
 	// as the processor would have had the write not exited.
-	if (old^val)&cr0PG != 0 {
-		efer := v.VMCS.Read(vmx.GuestEFER)
-		entry := v.VMCS.Read(vmx.EntryControls)
-		if val&cr0PG != 0 && efer&eferLME != 0 {
-			efer |= eferLMA
-			entry |= vmx.EntryIA32eMode
-		} else if val&cr0PG == 0 {
-			efer &^= eferLMA
-			entry &^= vmx.EntryIA32eMode
+	entry := v.VMCS.Read(vmx.EntryControls)
+	switch {
+	case pagingOn && efer&eferLME != 0:
+		v.VMCS.Write(vmx.GuestEFER, efer|eferLMA)
+		v.VMCS.Write(vmx.EntryControls, entry|vmx.EntryIA32eMode)
+		// VM entry in IA-32e mode needs a busy 64-bit TSS in TR; the
+		// processor uses TR's type only at the next task access, so
+		// fix it up as KVM's enter_lmode does.
+		if tr := v.VMCS.Read(vmx.GuestTRAccess); tr&vmx.SegmentTypeMask != vmx.TSSBusy64 {
+			v.VMCS.Write(vmx.GuestTRAccess, tr&^vmx.SegmentTypeMask|vmx.TSSBusy64)
 		}
-		v.VMCS.Write(vmx.GuestEFER, efer)
-		v.VMCS.Write(vmx.EntryControls, entry)
+	case pagingOff:
+		v.VMCS.Write(vmx.GuestEFER, efer&^eferLMA)
+		v.VMCS.Write(vmx.EntryControls, entry&^vmx.EntryIA32eMode)
 	}
 	return Next, nil
 }
 
+// writeCR4 emulates MOV to CR4 with the processor's checks (KVM's
+// kvm_set_cr4): #GP for bits the processor lacks or the guest may not set
+// (VMXE), for bits 63:32, for clearing PAE or changing LA57 in IA-32e
+// mode, for setting PCIDE outside IA-32e mode or with CR3[11:0] not zero,
+// for CET without CR0.WP, and in PAE paging for PDPTEs with reserved bits
+// set. Today only writes that set VMXE or a missing bit exit (the CR4
+// guest/host mask holds just those); the checks keep the VMCS valid for
+// any mask.
 func (v *VCPU) writeCR4(val uint64) (Action, error) {
 	allowed := v.Caps.CR4Fixed1 &^ cr4VMXE
-	if val&^allowed != 0 {
-		return Resume, v.InjectException(vmx.VectorGP, 0)
+	old := v.guestCR4()
+	cr0 := v.guestCR0()
+	lma := v.VMCS.Read(vmx.GuestEFER)&eferLMA != 0
+	switch {
+	case val&^allowed != 0 || val>>32 != 0,
+		lma && (val&vmx.CR4PAE == 0 || (val^old)&vmx.CR4LA57 != 0),
+		val&vmx.CR4PCIDE != 0 && old&vmx.CR4PCIDE == 0 && (!lma || v.VMCS.Read(vmx.GuestCR3)&0xfff != 0),
+		val&vmx.CR4CET != 0 && cr0&vmx.CR0WP == 0:
+		return v.gp()
+	}
+	if !lma && cr0&cr0PG != 0 && val&vmx.CR4PAE != 0 && (val^old)&cr4PDPTEBits != 0 {
+		if !v.loadPDPTEs() {
+			return v.gp()
+		}
 	}
 	v.VMCS.Write(vmx.CR4ReadShadow, val)
 	v.VMCS.Write(vmx.GuestCR4, v.Caps.FixCR4(val))
 	return Next, nil
+}
+
+// loadPDPTEs reads the four PAE PDPTEs at CR3[31:5] through v.Mem into
+// the VMCS, where VM entry loads them from with EPT (SDM Vol. 3C,
+// "Loading Guest PDPTEs"). It fails, and the write that needed them must
+// #GP, when a present entry has a reserved bit set, as the processor
+// would, and when the memory cannot be read (no reader, or tamahv's own
+// memory: the guest gets #GP where the processor would have read the
+// sink).
+func (v *VCPU) loadPDPTEs() bool {
+	if v.Mem == nil {
+		return false
+	}
+	var b [32]byte
+	if err := v.Mem.ReadPhys(v.VMCS.Read(vmx.GuestCR3)&0xffffffe0, b[:]); err != nil {
+		return false
+	}
+	rsvd := vmx.PDPTEReserved(v.maxPhys())
+	var pdpte [4]uint64
+	for i := range pdpte {
+		for j := 7; j >= 0; j-- {
+			pdpte[i] = pdpte[i]<<8 | uint64(b[8*i+j])
+		}
+		if pdpte[i]&1 != 0 && pdpte[i]&rsvd != 0 {
+			return false
+		}
+	}
+	for i, e := range pdpte {
+		v.VMCS.Write(vmx.GuestPDPTE(i), e)
+	}
+	return true
+}
+
+// maxPhys is the processor's physical-address width, CPUID
+// 0x80000008:EAX[7:0] (36 when unknown).
+func (v *VCPU) maxPhys() uint {
+	if v.CPUID != nil {
+		if top, _, _, _ := v.CPUID(0x80000000, 0); top >= 0x80000008 {
+			if a, _, _, _ := v.CPUID(0x80000008, 0); a&0xff != 0 {
+				return uint(a & 0xff)
+			}
+		}
+	}
+	return 36
 }
 
 // OwnPorts makes the guest's accesses to ports [first, last] exit: reads

@@ -88,6 +88,10 @@ type VCPU struct {
 	// and returns the value, else val is written. Nil: those ports read
 	// all ones and drop writes, as with no device.
 	PortIO func(port uint16, size int, in bool, val uint32) uint32
+	// Mem reads guest-physical memory for emulation (the PAE PDPTEs); it
+	// must refuse tamahv's memory, as GuestMemory does. Nil: PAE paging
+	// entered through an exiting MOV to CR0 or CR4 raises #GP.
+	Mem PhysReader
 
 	handlers [vmx.NumExitReasons]Handler
 	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
