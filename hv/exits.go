@@ -50,6 +50,9 @@ func (v *VCPU) setDefaultHandlers() {
 	v.handlers[vmx.ExitInterruptWindow] = resume
 	v.handlers[vmx.ExitNMIWindow] = resume
 	v.handlers[vmx.ExitExceptionOrNMI] = handleException
+	v.handlers[vmx.ExitINIT] = handleINIT
+	v.handlers[vmx.ExitSIPI] = handleSIPI
+	v.handlers[vmx.ExitTaskSwitch] = handleTaskSwitch
 	v.handlers[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
 		v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)&^vmx.ProcMonitorTrapFlag)
 		return Resume, nil

@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -338,6 +339,60 @@ func TestRealModeExceptionsCarryNoErrorCode(t *testing.T) {
 		{reason: vmx.ExitWRMSR, fields: map[vmx.Field]uint64{vmx.GuestCR0: 0x31}, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRFeatureControl },
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(gpCode), fv(v).f[vmx.EntryInterruptInfo], "#GP(0) in protected mode")
+			}},
+	})
+	require.NoError(t, v.Run())
+}
+
+func TestTaskSwitchShutsTheGuestDown(t *testing.T) {
+	v, _ := scripted(t, []exitStep{{reason: vmx.ExitTaskSwitch, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0xc000_0028}}})
+	var log strings.Builder
+	v.Log = &log
+	err := v.Run()
+	assert.ErrorIs(t, err, ErrGuestTaskSwitch)
+	assert.NotErrorIs(t, err, ErrFatalExit)
+	assert.Contains(t, log.String(), "tamahv: guest task switch to TSS 0x28 by task gate in the IDT")
+}
+
+func TestINITResetsTheVCPUAndStopsTheGuest(t *testing.T) {
+	v, _ := scripted(t, []exitStep{{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{
+		vmx.GuestCR0: 0xe0000031, vmx.CR0ReadShadow: 0xe0000011, vmx.GuestEFER: eferLME | eferLMA,
+		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20}}})
+	fv(v).f[vmx.EntryControls] |= vmx.EntryIA32eMode
+	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
+	var log strings.Builder
+	v.Log = &log
+	err := v.Run()
+	assert.ErrorIs(t, err, ErrGuestINIT)
+	assert.NotErrorIs(t, err, ErrFatalExit)
+	f := fv(v).f
+	assert.Equal(t, uint64(0xfff0), f[vmx.GuestRIP])
+	assert.Equal(t, uint64(0xf000), f[vmx.GuestCS])
+	assert.Equal(t, uint64(0xffff0000), f[vmx.GuestCSBase])
+	assert.Equal(t, uint64(0x60000010), f[vmx.CR0ReadShadow], "CD and NW kept, ET set, paging and protection off")
+	assert.Zero(t, f[vmx.GuestCR0]&vmx.CR0PE)
+	assert.Zero(t, f[vmx.CR4ReadShadow])
+	assert.Zero(t, f[vmx.GuestEFER])
+	assert.Zero(t, f[vmx.EntryControls]&vmx.EntryIA32eMode)
+	assert.Equal(t, uint64(0x2), f[vmx.GuestRFLAGS])
+	assert.Equal(t, uint64(0x50654), v.Regs.RDX, "EDX holds the processor signature")
+	assert.False(t, v.EventPending(), "pending events are gone")
+	assert.Contains(t, log.String(), "tamahv: guest INIT")
+}
+
+func TestSIPIStartsOnlyAWaitingVCPU(t *testing.T) {
+	v, _ := scripted(t, []exitStep{
+		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x10), fv(v).f[vmx.GuestCS], "ignored outside wait-for-SIPI")
+				fv(v).f[vmx.GuestActivityState] = vmx.ActivityWaitForSIPI
+			}},
+		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x9a00), fv(v).f[vmx.GuestCS])
+				assert.Equal(t, uint64(0x9a000), fv(v).f[vmx.GuestCSBase])
+				assert.Equal(t, uint64(vmx.ActivityActive), fv(v).f[vmx.GuestActivityState])
+				fv(v).f[vmx.GuestRIP] = 0x100000
 			}},
 	})
 	require.NoError(t, v.Run())
