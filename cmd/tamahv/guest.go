@@ -276,6 +276,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v.XSETBV = pc.XSETBV
 	v.Log = os.Stdout
 	v.OwnPorts(console[0], console[1])
+	v.PortIO = pc.PortIO
 	var ramTop uint64
 	for _, r := range e820 {
 		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
@@ -290,7 +291,11 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	}
 	gm := &hv.GuestMemory{Walker: hv.Walker{Mem: pc.PhysMem{}, Limit: max(ramTop, 1<<32)}, Mem: pc.PhysMem{},
 		EPT: tables, Invalidate: invept, Hole: own}
+	// Unmapped answers what the handlers installed after it pass on.
+	unmapped := &hv.Unmapped{EPT: tables, Hole: own, Invalidate: invept}
+	unmapped.Install(v)
 	gm.Install(v)
+	v.Mem = gm
 	agent := &hv.BreakpointAgent{Mem: pc.PhysMem{}, Walker: &gm.Walker, LSTAR: func() uint64 { return pc.Hardware{}.ReadMSR(msrLSTAR) }}
 	if caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
