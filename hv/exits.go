@@ -478,13 +478,71 @@ func (v *VCPU) rawOut(p uint16, n int, val uint32) {
 	}
 }
 
-// stringIO answers INS and OUTS that touch an owned port: nothing is
-// transferred and a REP prefix completes at once.
+// stringIO completes INS and OUTS that touch an owned port without
+// transferring anything: no port is accessed and guest memory is left
+// as it is; RDI (INS) or RSI (OUTS) moves past every element, backwards
+// with RFLAGS.DF, in the address size's register (SI, ESI or RSI), and a
+// REP prefix ends with its count register at zero, as the instruction
+// would leave them. Emulating the
+// transfer needs guest-linear memory access with the guest's paging,
+// segment and permission checks in every paging mode; a string access
+// that reaches tamahv's console has no honest user, so it gets this
+// simpler answer.
 func (v *VCPU) stringIO(io vmx.IOAccess) (Action, error) {
+	mask := v.addressMask()
+	count := uint64(1)
 	if io.Rep {
-		v.Regs.RCX = 0
+		count = v.Regs.RCX & mask
+	}
+	step := count * uint64(io.Size)
+	if v.VMCS.Read(vmx.GuestRFLAGS)&rflagsDF != 0 {
+		step = -step
+	}
+	reg := &v.Regs.RSI
+	if io.In {
+		reg = &v.Regs.RDI
+	}
+	*reg = merge(*reg, *reg+step, mask)
+	if io.Rep {
+		v.Regs.RCX = merge(v.Regs.RCX, 0, mask)
 	}
 	return Next, nil
+}
+
+// merge writes val into the part of reg that mask selects, as an
+// instruction of that address size writes SI, ESI or RSI: a 16-bit write
+// keeps the upper bits, a 32-bit write zero-extends.
+func merge(reg, val, mask uint64) uint64 {
+	if mask == 0xffff {
+		return reg&^mask | val&mask
+	}
+	return val & mask
+}
+
+const rflagsDF = 1 << 10
+
+// addressMask is the mask of the exiting string instruction's address
+// size, from the VM-exit instruction information (SDM Vol. 3C,
+// "VM-Exit Instruction Information", INS and OUTS) where the processor
+// reports it (IA32_VMX_BASIC[54]), else from the guest's mode: 64 bits in
+// 64-bit mode, 32 with CS.D, else 16.
+func (v *VCPU) addressMask() uint64 {
+	size := 0
+	switch {
+	case v.Caps != nil && v.Caps.Basic&(1<<54) != 0:
+		size = int(v.VMCS.Read(vmx.ExitInstructionInfo) >> 7 & 7)
+	case v.mode64():
+		size = 2
+	case v.VMCS.Read(vmx.GuestCSAccess)&(1<<14) != 0:
+		size = 1
+	}
+	switch size {
+	case 0:
+		return 0xffff
+	case 1:
+		return 0xffffffff
+	}
+	return ^uint64(0)
 }
 
 func handleEPTViolation(v *VCPU, _ vmx.Exit) (Action, error) {

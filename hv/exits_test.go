@@ -397,3 +397,37 @@ func TestSIPIStartsOnlyAWaitingVCPU(t *testing.T) {
 	})
 	require.NoError(t, v.Run())
 }
+
+func TestStringIOAtTheConsoleTransfersNothing(t *testing.T) {
+	ports := &fakePorts{}
+	const str, rep = 16, 32
+	v, _ := scripted(t, []exitStep{
+		// rep outsb at COM1, 64-bit addresses.
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0x3f8, 1, false) | str | rep, vmx.ExitInstructionInfo: 2 << 7},
+			regs: func(r *vmx.GuestRegs) { r.RCX, r.RSI = 5, 0x1000 },
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0x1005), v.Regs.RSI)
+				assert.Zero(t, v.Regs.RCX)
+			}},
+		// rep insw straddling COM1, 16-bit addresses, backwards.
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0x3f7, 2, true) | str | rep, vmx.ExitInstructionInfo: 0, vmx.GuestRFLAGS: 0x402},
+			regs: func(r *vmx.GuestRegs) { r.RCX, r.RDI = 0x1_0003, 0xabcd_0001 },
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(0xabcd_fffb), v.Regs.RDI, "DI wraps, the rest stays")
+				assert.Equal(t, uint64(0x1_0000), v.Regs.RCX, "CX is zero")
+			}},
+		// outsl, 32-bit addresses: ESI wraps and zero-extends.
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0x3f6, 4, false) | str, vmx.ExitInstructionInfo: 1 << 7, vmx.GuestRFLAGS: 0x2},
+			regs: func(r *vmx.GuestRegs) { r.RCX, r.RSI = 7, 0xffff_ffff_ffff_fffe },
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(2), v.Regs.RSI)
+				assert.Equal(t, uint64(7), v.Regs.RCX, "no REP: RCX stays")
+			}},
+	})
+	v.OwnPorts(0x3f8, 0x3ff)
+	v.PortIO = ports.io
+	rip := fv(v).f[vmx.GuestRIP]
+	require.NoError(t, v.Run())
+	assert.Empty(t, ports.ops, "no port is accessed")
+	assert.Equal(t, rip+4*3, fv(v).f[vmx.GuestRIP], "each instruction completes")
+}
