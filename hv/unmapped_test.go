@@ -95,3 +95,24 @@ func TestUnmappedLeavesTamahvBugsFatal(t *testing.T) {
 	v, _, _ = unmappedGuest(t, []exitStep{violation(1<<48, qRead, nil)})
 	assert.ErrorIs(t, v.Run(), ErrFatalExit)
 }
+
+func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
+	var e *ept.EPT
+	v, ee, u := unmappedGuest(t, []exitStep{
+		violation(0x8_0000_0000, qWrite, func(t *testing.T, v *VCPU) {
+			hpa, _, mt, _, ok := e.Lookup(0x8_0000_0000)
+			require.True(t, ok)
+			assert.Equal(t, uint64(0x8_0000_0000), hpa)
+			assert.Equal(t, ept.Uncacheable, mt)
+		}),
+		violation(0x1000_2000, qFetchSink, func(t *testing.T, v *VCPU) {
+			assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo])
+		}),
+	})
+	e = ee
+	g := &GuestMemory{EPT: e, Hole: u.Hole}
+	g.Install(v) // after Unmapped, as runGuest does
+	require.NoError(t, v.Run())
+	assert.Zero(t, g.Stale, "not taken for a stale protection")
+	assert.Equal(t, uint64(1), u.Mapped)
+}
