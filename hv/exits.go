@@ -322,7 +322,7 @@ func (v *VCPU) loadPDPTEs() bool {
 	if v.Mem == nil {
 		return false
 	}
-	var b [32]byte
+	b := &v.pdptes
 	if err := v.Mem.ReadPhys(v.VMCS.Read(vmx.GuestCR3)&0xffffffe0, b[:]); err != nil {
 		return false
 	}

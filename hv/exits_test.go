@@ -431,3 +431,50 @@ func TestStringIOAtTheConsoleTransfersNothing(t *testing.T) {
 	assert.Empty(t, ports.ops, "no port is accessed")
 	assert.Equal(t, rip+4*3, fv(v).f[vmx.GuestRIP], "each instruction completes")
 }
+
+func TestNewExitPathsAllocateNothing(t *testing.T) {
+	mem := &fakePhys{base: 0x100000, b: make([]byte, 0x1000)}
+	mem.put64(0x100000, 0x200001)
+	m := newFakeVMCS()
+	v := NewVCPU(m, skylake())
+	require.NoError(t, v.Init(Setup{EPTP: 0x1e, VPID: 1}, &Start{CodeSel: 0x10, DataSel: 0x18}))
+	v.OwnPorts(0x3f8, 0x3ff)
+	ports := 0
+	v.PortIO = func(uint16, int, bool, uint32) uint32 { ports++; return 0 }
+	v.Mem = mem
+	v.CPUID = func(l, s uint32) (uint32, uint32, uint32, uint32) { return 0x7, 0, 0, 0 }
+	v.XSETBV = func(uint32, uint64) {}
+	m.f[vmx.IDTVectoringInfo] = 0
+	m.f[vmx.ExitInstructionLen] = 2
+	m.f[vmx.ExitInstructionInfo] = 2 << 7
+	m.f[vmx.GuestCR4] |= guestCR4X | vmx.CR4PAE
+	m.f[vmx.GuestCR3] = 0x100000
+	exits := []struct {
+		reason vmx.ExitReason
+		qual   uint64
+		before func()
+	}{
+		{vmx.ExitIO, ioQual(0x3f6, 4, true), nil},
+		{vmx.ExitIO, ioQual(0x3f7, 2, false) | 16 | 32, func() { v.Regs.RCX = 3 }},
+		{vmx.ExitXSETBV, 0, func() { v.Regs.RCX, v.Regs.RAX, v.Regs.RDX = 0, 7, 0 }},
+		{vmx.ExitXSETBV, 0, func() { v.Regs.RCX, v.Regs.RAX, v.Regs.RDX = 0, 0x27, 0 }},
+		{vmx.ExitCRAccess, movCR0RAX, func() { m.f[vmx.GuestCR0], m.f[vmx.CR0ReadShadow], v.Regs.RAX = 0x31, 0x11, 0x80000031 }},
+	}
+	allocs := testing.AllocsPerRun(200, func() {
+		for _, x := range exits {
+			m.f[vmx.ExitReasonField] = uint64(x.reason)
+			m.f[vmx.ExitQualification] = x.qual
+			if x.before != nil {
+				x.before()
+			}
+			v.events = eventQueue{}
+			_ = v.prepareEntry()
+			if _, err := v.exit(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	assert.Zero(t, allocs)
+	assert.NotZero(t, ports)
+	assert.Equal(t, uint64(0x200001), m.f[vmx.GuestPDPTE(0)], "the PDPTEs were loaded")
+}

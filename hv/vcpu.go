@@ -93,6 +93,8 @@ type VCPU struct {
 	// entered through an exiting MOV to CR0 or CR4 raises #GP.
 	Mem PhysReader
 
+	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
+
 	handlers [vmx.NumExitReasons]Handler
 	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
 	recent   [recentExits]ExitRecord
