@@ -41,9 +41,7 @@ func (c *SwapCPU) InjectPF(va uint64, errorCode uint32) error {
 	if c.EventPending() {
 		return ErrEventTaken
 	}
-	e := vmx.Exception(vmx.VectorPF, errorCode, 0)
-	c.V.VMCS.Write(vmx.EntryInterruptInfo, uint64(e.Info()))
-	c.V.VMCS.Write(vmx.EntryExceptionError, uint64(errorCode))
+	c.V.placeEvent(vmx.Exception(vmx.VectorPF, errorCode, 0))
 	c.V.Regs.CR2 = va
 	return c.V.VMCS.Err()
 }

@@ -32,6 +32,10 @@ func (b *board) Sink() (uint64, error) {
 	return (pc.PhysAddr(unsafe.Pointer(&b.sink[0])) + ept.Size2M - 1) &^ (ept.Size2M - 1), nil
 }
 
+func (b *board) PortIO(port uint16, size int, in bool, val uint32) uint32 {
+	return pc.PortIO(port, size, in, val)
+}
+
 func (b *board) XSETBV(xcr uint32, v uint64) { pc.XSETBV(xcr, v) }
 
 func (b *board) Host() hv.HostState {

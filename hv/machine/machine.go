@@ -44,6 +44,9 @@ type Board interface {
 	XSETBV(xcr uint32, v uint64)
 	// ReadMSR reads a model-specific register.
 	ReadMSR(msr uint32) uint64
+	// PortIO does real port I/O of size bytes (1, 2 or 4) at port: an
+	// IN returns what it read, an OUT writes val.
+	PortIO(port uint16, size int, in bool, val uint32) uint32
 	// Host returns the state VM exits return to.
 	Host() hv.HostState
 	// TSCHz returns the TSC frequency (0: unknown; the preemption timer is
@@ -202,6 +205,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if c.Console != [2]uint16{} {
 		v.OwnPorts(c.Console[0], c.Console[1])
 	}
+	v.PortIO = b.PortIO
 	var ramTop uint64
 	for _, r := range c.Memory {
 		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
@@ -212,7 +216,11 @@ func New(b Board, c Config) (*Machine, error) {
 	invalidate := func() { b.InvalidateEPT(m.eptp) }
 	m.Memory = &hv.GuestMemory{Walker: hv.Walker{Mem: b, Limit: max(ramTop, 1<<32)}, Mem: b,
 		EPT: m.EPT, Invalidate: invalidate, Hole: c.Own}
+	// Unmapped answers what the handlers installed after it pass on.
+	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
+	unmapped.Install(v)
 	m.Memory.Install(v)
+	v.Mem = m.Memory
 	m.Agent = &hv.BreakpointAgent{Mem: b, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.

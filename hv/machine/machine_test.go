@@ -122,8 +122,9 @@ func (b *board) Sink() (uint64, error) { return 0x1020_0000, nil }
 func (b *board) CPUID(leaf, _ uint32) (uint32, uint32, uint32, uint32) {
 	return leaf + 1, 0, 0, 0
 }
-func (b *board) XSETBV(uint32, uint64) {}
-func (b *board) ReadMSR(uint32) uint64 { return 0 }
+func (b *board) XSETBV(uint32, uint64)                   {}
+func (b *board) PortIO(uint16, int, bool, uint32) uint32 { return ^uint32(0) }
+func (b *board) ReadMSR(uint32) uint64                   { return 0 }
 func (b *board) Host() hv.HostState {
 	return hv.HostState{CR0: 0x80000031, CR4: 0x2020, CS: 8, SS: 16, TR: 24}
 }
