@@ -88,18 +88,31 @@ func (v *VCPU) deliverEvent() {
 		case e.Type == vmx.EventNMI && block&(blockingNMI|blockingMovSS) != 0:
 			want |= vmx.ProcNMIWindow
 		default:
-			v.VMCS.Write(vmx.EntryInterruptInfo, uint64(e.Info()))
-			if e.HasError {
-				v.VMCS.Write(vmx.EntryExceptionError, uint64(e.ErrorCode))
-			}
-			if e.NeedsInstrLen() {
-				v.VMCS.Write(vmx.EntryInstructionLen, uint64(e.InstrLen))
-			}
+			v.placeEvent(e)
 			v.events.pop()
 		}
 	}
 	if want != proc {
 		v.VMCS.Write(vmx.ProcControls, want)
+	}
+}
+
+// placeEvent writes e into the VM-entry event fields. Every injection
+// goes through here, for the rule of SDM Vol. 3C 26.2.1.3 (VM-entry
+// checks on event injection): an error code is delivered only for a
+// hardware exception while the guest's CR0.PE is 1. In real-address mode
+// (unrestricted guest) the processor pushes none, so the same #GP or #PF
+// arrives without it; asking for one there fails VM entry.
+func (v *VCPU) placeEvent(e vmx.Event) {
+	if e.HasError && (e.Type != vmx.EventHardwareException || v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PE == 0) {
+		e.HasError, e.ErrorCode = false, 0
+	}
+	v.VMCS.Write(vmx.EntryInterruptInfo, uint64(e.Info()))
+	if e.HasError {
+		v.VMCS.Write(vmx.EntryExceptionError, uint64(e.ErrorCode))
+	}
+	if e.NeedsInstrLen() {
+		v.VMCS.Write(vmx.EntryInstructionLen, uint64(e.InstrLen))
 	}
 }
 

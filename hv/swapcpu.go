@@ -26,9 +26,8 @@ type SwapCPU struct {
 // CR3 is the guest's address space, without PCID bits.
 func (c *SwapCPU) CR3() uint64 { return c.V.VMCS.Read(vmx.GuestCR3) & CR3Mask }
 
-// Ring is the guest's CPL: SS.DPL (SDM Vol. 3C, "Checks on Guest Segment
-// Registers").
-func (c *SwapCPU) Ring() int { return int(c.V.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
+// Ring is the guest's CPL.
+func (c *SwapCPU) Ring() int { return c.V.CPL() }
 
 // EventPending reports an event queued or placed for the next VM entry.
 func (c *SwapCPU) EventPending() bool {
@@ -42,9 +41,7 @@ func (c *SwapCPU) InjectPF(va uint64, errorCode uint32) error {
 	if c.EventPending() {
 		return ErrEventTaken
 	}
-	e := vmx.Exception(vmx.VectorPF, errorCode, 0)
-	c.V.VMCS.Write(vmx.EntryInterruptInfo, uint64(e.Info()))
-	c.V.VMCS.Write(vmx.EntryExceptionError, uint64(errorCode))
+	c.V.placeEvent(vmx.Exception(vmx.VectorPF, errorCode, 0))
 	c.V.Regs.CR2 = va
 	return c.V.VMCS.Err()
 }

@@ -83,6 +83,17 @@ type VCPU struct {
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
 	// XSETBV loads XCR0 with a value the handler checked.
 	XSETBV func(xcr uint32, v uint64)
+	// PortIO does real port I/O for the bytes of an exiting I/O
+	// instruction that tamahv does not own: size is 1, 2 or 4; in reads
+	// and returns the value, else val is written. Nil: those ports read
+	// all ones and drop writes, as with no device.
+	PortIO func(port uint16, size int, in bool, val uint32) uint32
+	// Mem reads guest-physical memory for emulation (the PAE PDPTEs); it
+	// must refuse tamahv's memory, as GuestMemory does. Nil: PAE paging
+	// entered through an exiting MOV to CR0 or CR4 raises #GP.
+	Mem PhysReader
+
+	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
 	handlers [vmx.NumExitReasons]Handler
 	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
@@ -131,7 +142,11 @@ func (v *VCPU) Counts() map[vmx.ExitReason]uint64 {
 	return m
 }
 
-// Total returns the number of exits so far.
+// CPL is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
+// 27.3.1.2, "Checks on Guest Segment Registers").
+func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
+
+// Total returns the number of VM exits so far.
 func (v *VCPU) Total() uint64 {
 	var t uint64
 	for _, n := range v.counts {

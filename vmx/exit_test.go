@@ -55,3 +55,10 @@ func TestQualifications(t *testing.T) {
 	// IN AX, 0x60 (immediate)
 	assert.Equal(t, IOAccess{Size: 2, In: true, Immediate: true, Port: 0x60}, DecodeIO(0x600049))
 }
+
+func TestDecodeTaskSwitch(t *testing.T) {
+	ts := DecodeTaskSwitch(0xc000_0028)
+	assert.Equal(t, TaskSwitch{Selector: 0x28, Source: TaskSwitchGate}, ts)
+	assert.Equal(t, "task gate in the IDT", ts.Source.String())
+	assert.Equal(t, "JMP", DecodeTaskSwitch(0x8000_0030).Source.String())
+}

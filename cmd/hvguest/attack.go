@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -16,7 +15,7 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -35,9 +34,9 @@ import (
 
 // Hypercall errors as the guest sees them.
 const (
-	errDenied  = ^uint64(12) // -13, EACCES
-	errInvalid = hv.HypercallInvalid
-	errBusy    = hv.HypercallBusy
+	errDenied  = hcall.Denied
+	errInvalid = hcall.Invalid
+	errBusy    = hcall.Busy
 )
 
 // attacks are the ring-3 attacks in the order they run.
@@ -69,7 +68,7 @@ func errName(r uint64) string {
 		return "-22 EINVAL"
 	case errBusy:
 		return "-16 EBUSY"
-	case hv.HypercallUnknown:
+	case hcall.Unknown:
 		return "-1"
 	}
 	return fmt.Sprintf("%#x", r)
@@ -77,11 +76,11 @@ func errName(r uint64) string {
 
 func statusName(s uint64) string {
 	switch s {
-	case hv.SwapPending:
+	case hcall.StatusPending:
 		return "pending"
-	case hv.SwapOK:
+	case hcall.StatusOK:
 		return "ok"
-	case hv.SwapFailed:
+	case hcall.StatusFailed:
 		return "failed"
 	}
 	return errName(s)
@@ -128,7 +127,7 @@ func attack(names []string) error {
 		if strings.Contains(line, ": FAILED ") {
 			failed = append(failed, name)
 		}
-		if r := vmx.VMCALL(hv.HcIdentify, 0, 0); r&^0xffff != hv.HypercallMagic&^0xffff {
+		if r := vmx.VMCALL(hcall.Identify, 0, 0); r&^0xffff != hcall.Magic&^0xffff {
 			return fmt.Errorf("tamahv no longer answers after %s (%#x)", name, r)
 		}
 	}
@@ -154,17 +153,13 @@ func attackOne(name string) error {
 }
 
 // request builds a swap request for n bytes at va.
-func newRequest(va uint64, n int, opts uint64, want [32]byte) *[hv.SwapRequestSize]byte {
-	req := new([hv.SwapRequestSize]byte)
-	binary.LittleEndian.PutUint64(req[0:], va)
-	binary.LittleEndian.PutUint64(req[8:], uint64(n))
-	binary.LittleEndian.PutUint64(req[16:], opts)
-	copy(req[24:], want[:])
-	return req
+func newRequest(va uint64, n int, opts uint64, want [32]byte) *[hcall.SwapRequestSize]byte {
+	b := hcall.SwapRequest{VA: va, Len: uint64(n), Options: opts, SHA256: want}.Encode()
+	return &b
 }
 
-func sendRequest(req *[hv.SwapRequestSize]byte) uint64 {
-	return vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(req))), hv.SwapRequestSize)
+func sendRequest(req *[hcall.SwapRequestSize]byte) uint64 {
+	return vmx.VMCALL(hcall.SwapRead, uint64(uintptr(unsafe.Pointer(req))), hcall.SwapRequestSize)
 }
 
 // waitStatus asks HcSwapStatus until the caller's read is no longer
@@ -172,8 +167,8 @@ func sendRequest(req *[hv.SwapRequestSize]byte) uint64 {
 func waitStatus(limit time.Duration) (uint64, time.Duration) {
 	start := time.Now()
 	for {
-		s := vmx.VMCALL(hv.HcSwapStatus, 0, 0)
-		if s != hv.SwapPending || time.Since(start) > limit {
+		s := vmx.VMCALL(hcall.SwapStatus, 0, 0)
+		if s != hcall.StatusPending || time.Since(start) > limit {
 			return s, time.Since(start)
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -229,7 +224,7 @@ func attackHashKernel() (string, string) {
 func attackRequestInKernel() (string, string) {
 	zp := kernelZeroPage()
 	return refusal(fmt.Sprintf("request structure at kernel %#x", zp),
-		vmx.VMCALL(hv.HcSwapRead, zp, hv.SwapRequestSize), errDenied, errInvalid)
+		vmx.VMCALL(hcall.SwapRead, zp, hcall.SwapRequestSize), errDenied)
 }
 
 // attackBPFaultKernel asks for a BPFault read of kernel memory (finding 7).
@@ -308,14 +303,14 @@ func attackOption(what string, opts uint64, unmapped bool) (string, string) {
 	// process makes system calls, where the fault would be raised; the
 	// read must end in a failure, the kernel unharmed.
 	start := time.Now()
-	s := uint64(hv.SwapPending)
-	for i := 0; s == hv.SwapPending && time.Since(start) < 60*time.Second; i++ {
+	s := uint64(hcall.StatusPending)
+	for i := 0; s == hcall.StatusPending && time.Since(start) < 60*time.Second; i++ {
 		syscall.Getppid()
 		if i%1024 == 0 {
-			s = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
+			s = vmx.VMCALL(hcall.SwapStatus, 0, 0)
 		}
 	}
-	if s != hv.SwapFailed {
+	if s != hcall.StatusFailed {
 		return "FAILED", fmt.Sprintf("%s read of %s %#x accepted; status %s after %v", what, where, va, statusName(s), time.Since(start).Round(time.Millisecond))
 	}
 	return "survived", fmt.Sprintf("%s read of %s %#x accepted, ended failed after %v", what, where, va, time.Since(start).Round(time.Millisecond))
@@ -360,12 +355,12 @@ func attackNoFaultPending() (string, string) {
 	}
 	defer syscall.Munmap(mem)
 	r := sendRequest(newRequest(va, n, uint64(swapmem.UserFault), want))
-	status := uint64(hv.SwapPending)
+	status := uint64(hcall.StatusPending)
 	start := time.Now()
 	if r == 0 {
-		for i := 0; status == hv.SwapPending && time.Since(start) < 90*time.Second; i++ {
+		for i := 0; status == hcall.StatusPending && time.Since(start) < 90*time.Second; i++ {
 			if i%(1<<20) == 0 {
-				status = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
+				status = vmx.VMCALL(hcall.SwapStatus, 0, 0)
 			}
 		}
 	}
@@ -377,7 +372,7 @@ func attackNoFaultPending() (string, string) {
 		}
 	}
 	werr := holder.Wait()
-	if r != 0 || status != hv.SwapOK {
+	if r != 0 || status != hcall.StatusOK {
 		return "FAILED", fmt.Sprintf("another process's read answered %s, status %s, while a NoFault read was pending", errName(r), statusName(status))
 	}
 	end := strings.TrimSpace(rest.String())
@@ -401,7 +396,7 @@ func holdNoFault() (string, string) {
 		fmt.Println("hold: HcSwapRead answered " + errName(r))
 		return "FAILED", "HcSwapRead answered " + errName(r)
 	}
-	if s := vmx.VMCALL(hv.HcSwapStatus, 0, 0); s != hv.SwapPending {
+	if s := vmx.VMCALL(hcall.SwapStatus, 0, 0); s != hcall.StatusPending {
 		fmt.Println("hold: status " + statusName(s))
 		return "FAILED", "status " + statusName(s)
 	}
@@ -432,7 +427,7 @@ func attackMXCSR() (string, string) {
 	start := time.Now()
 	n := unmaskedSpin(mxcsr, fcw, 2000, ticks)
 	took := time.Since(start)
-	if r := vmx.VMCALL(hv.HcIdentify, 0, 0); r&^0xffff != hv.HypercallMagic&^0xffff {
+	if r := vmx.VMCALL(hcall.Identify, 0, 0); r&^0xffff != hcall.Magic&^0xffff {
 		return "FAILED", fmt.Sprintf("HcIdentify answered %#x afterwards", r)
 	}
 	return "survived", fmt.Sprintf("MXCSR %#x and FCW %#x live for %d CPUID exits and a %d-tick spin (%v)", mxcsr, fcw, n, ticks, took.Round(time.Millisecond))
@@ -440,7 +435,7 @@ func attackMXCSR() (string, string) {
 
 // attackExit asks tamahv to end the guest from ring 3 (finding 5).
 func attackExit() (string, string) {
-	r := vmx.VMCALL(hv.HcExit, 0, 0)
+	r := vmx.VMCALL(hcall.Exit, 0, 0)
 	if r == errDenied {
 		return "refused", "HcExit from ring 3: -13 EACCES"
 	}

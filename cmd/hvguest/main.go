@@ -28,7 +28,7 @@ import (
 	"os/exec"
 	"strconv"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -49,17 +49,18 @@ func cpuidTicks(n uint64) uint64
 func run(cmd string, args []string) error {
 	switch cmd {
 	case "identify":
-		r := vmx.VMCALL(hv.HcIdentify, 0, 0)
-		if r&^0xffff != hv.HypercallMagic&^0xffff {
+		r := vmx.VMCALL(hcall.Identify, 0, 0)
+		if r&^0xffff != hcall.Magic&^0xffff {
 			return fmt.Errorf("hypercall identify answered %#x", r)
 		}
 		fmt.Printf("hvguest: running under tamahv, hypercall interface version %d\n", r&0xffff)
 	case "badcall":
-		if r := vmx.VMCALL(0xbad0, 1, 2); r != hv.HypercallUnknown {
+		if r := vmx.VMCALL(0xbad0, 1, 2); r != hcall.Unknown {
 			return fmt.Errorf("unknown hypercall answered %#x", r)
 		}
-		// From ring 3 the exit hypercall is refused whatever its argument.
-		if r := vmx.VMCALL(hv.HcExit, 1000, 0); r != hv.HypercallInvalid && r != errDenied {
+		// From ring 3 the exit hypercall is refused whatever its argument
+		// unless tamahv's command line opts in (hc.ring3=exit).
+		if r := vmx.VMCALL(hcall.Exit, 1000, 0); r != hcall.Invalid && r != hcall.Denied {
 			return fmt.Errorf("exit with status 1000 answered %#x", r)
 		}
 		fmt.Println("hvguest: malformed hypercalls answered with errors")
@@ -73,7 +74,7 @@ func run(cmd string, args []string) error {
 		}
 		fmt.Println("hvguest: VMXON raised #UD (SIGILL)")
 	case "devmem":
-		pa := vmx.VMCALL(hv.HcSecret, 0, 0)
+		pa := vmx.VMCALL(hcall.Secret, 0, 0)
 		f, err := os.Open("/dev/mem")
 		if err != nil {
 			fmt.Printf("hvguest: /dev/mem unavailable (%v): tamahv's memory not visible\n", err)
@@ -85,7 +86,7 @@ func run(cmd string, args []string) error {
 			fmt.Printf("hvguest: /dev/mem refused %#x (%v): tamahv's memory not visible\n", pa, err)
 			return nil
 		}
-		if n := bytes.Count(b, []byte{hv.SecretByte}); n == len(b) {
+		if n := bytes.Count(b, []byte{hcall.SecretByte}); n == len(b) {
 			return fmt.Errorf("tamahv's secret page at %#x is readable", pa)
 		}
 		fmt.Printf("hvguest: /dev/mem at %#x shows none of tamahv's bytes\n", pa)
@@ -106,7 +107,7 @@ func run(cmd string, args []string) error {
 			}
 			status = n
 		}
-		vmx.VMCALL(hv.HcExit, uint64(status), 0)
+		vmx.VMCALL(hcall.Exit, uint64(status), 0)
 		return fmt.Errorf("still running after the exit hypercall")
 	default:
 		return fmt.Errorf("unknown command %q", cmd)

@@ -12,7 +12,7 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -56,7 +56,7 @@ func swapRead(args []string) error {
 	mode := args[0]
 	opts, ok := map[string]uint64{
 		"user": uint64(swapmem.UserFault), "bp": uint64(swapmem.BPFault), "nofault": uint64(swapmem.NoFault),
-		"veto": uint64(swapmem.UserFault) | hv.SwapVeto, "cow": uint64(swapmem.UserFault | swapmem.WriteFault),
+		"veto": uint64(swapmem.UserFault) | hcall.SwapVeto, "cow": uint64(swapmem.UserFault | swapmem.WriteFault),
 		"exit": uint64(swapmem.UserFault),
 	}[mode]
 	if !ok {
@@ -128,12 +128,8 @@ func swapRead(args []string) error {
 
 // send asks tamahv to read n bytes at va and to compare them with want.
 func send(va uintptr, n int, want [32]byte, opts uint64) uint64 {
-	var req [hv.SwapRequestSize]byte
-	binary.LittleEndian.PutUint64(req[0:], uint64(va))
-	binary.LittleEndian.PutUint64(req[8:], uint64(n))
-	binary.LittleEndian.PutUint64(req[16:], opts)
-	copy(req[24:], want[:])
-	return vmx.VMCALL(hv.HcSwapRead, uint64(uintptr(unsafe.Pointer(&req))), hv.SwapRequestSize)
+	req := hcall.SwapRequest{VA: uint64(va), Len: uint64(n), Options: opts, SHA256: want}.Encode()
+	return vmx.VMCALL(hcall.SwapRead, uint64(uintptr(unsafe.Pointer(&req))), hcall.SwapRequestSize)
 }
 
 // request sends the read and waits for tamahv's answer without touching
@@ -150,18 +146,18 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 	// Wait without touching the buffer: spin in user mode (or, for
 	// BPFault, in a cheap system call), asking now and then. With NoFault
 	// nothing comes in until the buffer is read.
-	status := uint64(hv.SwapPending)
+	status := uint64(hcall.StatusPending)
 	every := 1 << 20
 	bp := swapmem.Options(opts)&swapmem.BPFault != 0
 	if bp {
 		every = 1 << 10
 	}
-	for i := 0; status == hv.SwapPending; i++ {
+	for i := 0; status == hcall.StatusPending; i++ {
 		if bp {
 			syscall.Getppid()
 		}
 		if i%every == 0 {
-			status = vmx.VMCALL(hv.HcSwapStatus, 0, 0)
+			status = vmx.VMCALL(hcall.SwapStatus, 0, 0)
 			// After twenty questions (the guest's clock is no measure
 			// under emulation), read the pages.
 			if touch && i/every >= 20 {
@@ -179,7 +175,7 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 	}
 	took := time.Since(start)
 	_, present, _ := pagemap(base, span)
-	if status != hv.SwapOK {
+	if status != hcall.StatusOK {
 		return fmt.Errorf("tamahv reports status %d after %v", status, took)
 	}
 	fmt.Printf("swapread: tamahv read the range in %v of guest time; %d of %d pages present again\n", took.Round(time.Millisecond), present, span)

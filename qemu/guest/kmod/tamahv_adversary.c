@@ -62,7 +62,11 @@ MODULE_DESCRIPTION("tamahv guest adversary: guest-kernel attacks on the hypervis
 /* tamahv's own physical region (board/pc/layout.go) and an MMIO page. */
 #define TAMAHV_START 0x10000000ULL
 #define TAMAHV_END 0x18000000ULL
-#define LAPIC_PA 0xfee00000ULL
+/*
+ * The VGA text buffer: MMIO that Bochs serves at any alignment (its local
+ * APIC model stops the emulator on reads not aligned to 16 bytes).
+ */
+#define MMIO_PA 0xb8000ULL
 
 #define NO_FAULT (~0UL)
 
@@ -352,10 +356,11 @@ out:
 
 /*
  * Finding 9: a paging-structure entry of the calling process pointed at
- * tamahv's secret page or at the local APIC's MMIO page, then a swap read
+ * tamahv's secret page or at an MMIO page (legacy VGA memory), then a swap read
  * through it. pmd: the entry is a page-directory entry, so tamahv would
  * walk that page as a page table; otherwise a leaf PTE, so it would read
- * the page's bytes (compared with a guess of them).
+ * the page's bytes (compared with a right guess of them: 0x5a bytes for
+ * the secret page, what the guest reads itself for the MMIO page).
  */
 static void attack_tables(const char *name, bool pmd_level, bool mmio)
 {
@@ -372,7 +377,7 @@ static void attack_tables(const char *name, bool pmd_level, bool mmio)
 	int i;
 	char c;
 
-	target = mmio ? LAPIC_PA : hypercall(HC_SECRET, 0, 0);
+	target = mmio ? MMIO_PA : hypercall(HC_SECRET, 0, 0);
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
 	region = vm_mmap(NULL, 0, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
 	if (!req || IS_ERR_VALUE(region) || !mm) {
@@ -406,6 +411,19 @@ static void attack_tables(const char *name, bool pmd_level, bool mmio)
 	req->len = PAGE_SIZE;
 	req->options = OPT_NOFAULT;
 	sha256_of(pmd_level || mmio ? 0 : SECRET_BYTE, req->sha256);
+	if (mmio && !pmd_level) {
+		/* The right guess: the page as the guest itself reads it. */
+		void __iomem *io = ioremap(MMIO_PA, PAGE_SIZE);
+		u8 *page = kmalloc(PAGE_SIZE, GFP_KERNEL);
+
+		if (io && page) {
+			memcpy_fromio(page, io, PAGE_SIZE);
+			sha256(page, PAGE_SIZE, req->sha256);
+		}
+		kfree(page);
+		if (io)
+			iounmap(io);
+	}
 
 	local_irq_save(flags);
 	saved_pmd = *pmd;

@@ -1,0 +1,118 @@
+package hv
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// unmappedGuest is a vCPU over MapGuest's EPT (RAM up to 0x140201000
+// above 4 GiB, tamahv's hole at 0x10000000) with Unmapped installed,
+// playing the steps.
+func unmappedGuest(t *testing.T, steps []exitStep) (*VCPU, *ept.EPT, *Unmapped) {
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x1000000}, ept.Options{Pages1G: true})
+	require.NoError(t, err)
+	hole := [2]uint64{0x10000000, 0x18000000}
+	mm := append(machineMap, E820Entry{0x100000000, 0x40201000, E820RAM})
+	require.NoError(t, MapGuest(e, mm, hole, 0x12000000))
+	v, _ := scripted(t, steps)
+	u := &Unmapped{EPT: e, Hole: hole}
+	u.Install(v)
+	return v, e, u
+}
+
+func violation(gpa, qual uint64, check func(t *testing.T, v *VCPU)) exitStep {
+	return exitStep{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: gpa, vmx.ExitQualification: qual}, check: check}
+}
+
+// EPT-violation qualifications: the access, then what the entry allowed
+// (bits 5:3), with a valid linear address of a translation.
+const (
+	qRead       = 0x1 | 0x180
+	qWrite      = 0x2 | 0x180
+	qFetchSink  = 0x4 | 0x8 | 0x10 | 0x180
+	qWriteRonly = 0x2 | 0x8 | 0x180
+)
+
+func TestUnbackedGuestPhysicalIsAnsweredAsHardwareWould(t *testing.T) {
+	var e *ept.EPT
+	var rip uint64
+	mapped := func(gpa, size uint64) func(t *testing.T, v *VCPU) {
+		return func(t *testing.T, v *VCPU) {
+			hpa, p, mt, s, ok := e.Lookup(gpa)
+			require.True(t, ok, "%#x mapped", gpa)
+			assert.Equal(t, gpa, hpa, "one to one")
+			assert.Equal(t, ept.RWX, p)
+			assert.Equal(t, ept.Uncacheable, mt)
+			assert.Equal(t, size, s, "page size")
+			assert.Equal(t, rip, fv(v).f[vmx.GuestRIP], "the access runs again")
+			assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "nothing injected")
+		}
+	}
+	steps := []exitStep{
+		// A 64-bit BAR at 32 GiB: read, then write.
+		violation(0x8_0000_1008, qRead, func(t *testing.T, v *VCPU) { mapped(0x8_0000_1008, ept.Size1G)(t, v) }),
+		violation(0x8_4000_0000, qWrite, func(t *testing.T, v *VCPU) { mapped(0x8_4000_0000, ept.Size1G)(t, v) }),
+		// Just above RAM's end: the 4 KiB page after it, then a 2 MiB one.
+		violation(0x1_4020_1000, qRead, func(t *testing.T, v *VCPU) { mapped(0x1_4020_1000, ept.Size4K)(t, v) }),
+		violation(0x1_4040_0000, qWrite, func(t *testing.T, v *VCPU) { mapped(0x1_4040_0000, ept.Size2M)(t, v) }),
+		// A fetch from tamahv's region: #UD, as executing all ones.
+		violation(0x1000_1000, qFetchSink, func(t *testing.T, v *VCPU) {
+			assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo])
+			assert.Equal(t, rip, fv(v).f[vmx.GuestRIP])
+			hpa, p, _, _, _ := e.Lookup(0x1000_1000)
+			assert.Equal(t, uint64(0x12001000), hpa, "still the sink")
+			assert.Equal(t, ept.Read|ept.Write, p, "still not executable")
+		}),
+		// A stale translation: RAM allows the read now; it runs again.
+		violation(0x2000, qRead, func(t *testing.T, v *VCPU) {
+			assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo])
+		}),
+	}
+	v, ee, u := unmappedGuest(t, steps)
+	e = ee
+	rip = fv(v).f[vmx.GuestRIP]
+	flushes := 0
+	u.Invalidate = func() { flushes++ }
+	require.NoError(t, v.Run(), "no access ends tamahv")
+	assert.Equal(t, uint64(4), u.Mapped)
+	assert.Equal(t, uint64(1), u.Fetches)
+	assert.Equal(t, 5, flushes)
+}
+
+func TestUnmappedLeavesTamahvBugsFatal(t *testing.T) {
+	// A protection of tamahv's that nobody answers for.
+	v, e, _ := unmappedGuest(t, []exitStep{violation(0x5000, qWriteRonly, nil)})
+	_, err := e.Protect(0x5000, ept.Read)
+	require.NoError(t, err)
+	assert.ErrorIs(t, v.Run(), ErrFatalExit)
+
+	// Beyond what a 4-level EPT maps.
+	v, _, _ = unmappedGuest(t, []exitStep{violation(1<<48, qRead, nil)})
+	assert.ErrorIs(t, v.Run(), ErrFatalExit)
+}
+
+func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
+	var e *ept.EPT
+	v, ee, u := unmappedGuest(t, []exitStep{
+		violation(0x8_0000_0000, qWrite, func(t *testing.T, v *VCPU) {
+			hpa, _, mt, _, ok := e.Lookup(0x8_0000_0000)
+			require.True(t, ok)
+			assert.Equal(t, uint64(0x8_0000_0000), hpa)
+			assert.Equal(t, ept.Uncacheable, mt)
+		}),
+		violation(0x1000_2000, qFetchSink, func(t *testing.T, v *VCPU) {
+			assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo])
+		}),
+	})
+	e = ee
+	g := &GuestMemory{EPT: e, Hole: u.Hole}
+	g.Install(v) // after Unmapped, as runGuest does
+	require.NoError(t, v.Run())
+	assert.Zero(t, g.Stale, "not taken for a stale protection")
+	assert.Equal(t, uint64(1), u.Mapped)
+}
