@@ -475,26 +475,41 @@ out:
 	kfree(req);
 }
 
-/* Finding 10: XCR0 values the processor refuses. */
+/*
+ * Finding 10: XCR0 values the processor refuses. The guest kernel may run
+ * without XSAVE (Linux turns it off on Bochs, whose XSAVE sizes it finds
+ * inconsistent): CR4.OSXSAVE is then set for the attack and cleared again.
+ */
 static void attack_xsetbv(const char *name, u64 val)
 {
 	unsigned int a, b, c, d;
-	u64 supported, xcr0;
-	unsigned long trap, flags;
+	u64 supported, xcr0 = 0;
+	unsigned long trap = NO_FAULT, flags, cr4, t;
+	bool osxsave;
 
 	cpuid_count(0xd, 0, &a, &b, &c, &d);
 	supported = (u64)d << 32 | a;
 	local_irq_save(flags);
-	xcr0 = xgetbv(0);
-	trap = try_xsetbv(0, val);
-	if (trap == NO_FAULT)
-		xsetbv(0, xcr0);
+	cr4 = native_read_cr4();
+	osxsave = cr4 & X86_CR4_OSXSAVE;
+	t = osxsave ? NO_FAULT : try_cr4(cr4 | X86_CR4_OSXSAVE);
+	if (t == NO_FAULT) {
+		xcr0 = xgetbv(0);
+		trap = try_xsetbv(0, val);
+		if (trap == NO_FAULT)
+			try_xsetbv(0, xcr0);
+		if (!osxsave)
+			try_cr4(cr4);
+	}
 	local_irq_restore(flags);
-	if (trap == NO_FAULT)
+	if (t != NO_FAULT)
+		report(name, "refused", "setting CR4.OSXSAVE: %s", vector_name(t));
+	else if (trap == NO_FAULT)
 		report(name, "FAILED", "XCR0 %#llx accepted (supported %#llx); restored %#llx", val, supported, xcr0);
 	else
-		report(name, "refused", "XSETBV %#llx: %s; states %ssupported (CPUID.0xD %#llx)", val,
-		       vector_name(trap), (val & ~supported) ? "not all " : "", supported);
+		report(name, "refused", "XSETBV %#llx: %s; states %ssupported (CPUID.0xD %#llx)%s", val,
+		       vector_name(trap), (val & ~supported) ? "not all " : "", supported,
+		       osxsave ? "" : ", CR4.OSXSAVE set for it");
 }
 
 /*
