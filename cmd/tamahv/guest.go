@@ -8,9 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"time"
-	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
@@ -150,6 +150,16 @@ func (m *monitor) gone(cr3 uint64) {
 	}
 }
 
+// watchFailed fails the reads of an address space whose page-table watch
+// could not follow the guest's tables (they left guest RAM, or a reserved
+// bit): such a read would never hear of its page again.
+func (m *monitor) watchFailed(cr3, va uint64, err error) {
+	fmt.Printf("tamahv: swapmem read FAILED: %v\n", err)
+	if rerr := m.eng.RemoveTransactionsForVaSpace(cr3); rerr == nil && m.swap.cr3 == cr3 && m.swap.state == hv.SwapPending {
+		m.swap.state = hv.SwapFailed
+	}
+}
+
 func (m *monitor) swapDone(v *hv.VCPU, r swapmem.Read) {
 	took := time.Since(m.swap.start)
 	inj := m.eng.Stats().Injected - m.swap.injected
@@ -200,8 +210,11 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	if err != nil {
 		return err
 	}
-	sinkMem := make([]byte, 2*ept.Size2M)
-	sink := (pc.PhysAddr(unsafe.Pointer(&sinkMem[0])) + ept.Size2M - 1) &^ (ept.Size2M - 1)
+	// The sink is the arena's: the EPT maps it for as long as the guest runs.
+	sink, _, err := arena.Block(ept.Size2M, ept.Size2M)
+	if err != nil {
+		return err
+	}
 	if err := hv.MapGuest(tables, e820, own, sink); err != nil {
 		return err
 	}
@@ -282,23 +295,28 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 			ramTop = r.Addr + r.Size
 		}
 	}
+	if err := pc.MapRAM(ramTop); err != nil {
+		fmt.Printf("tamahv: RAM above %#x out of tamahv's reach: %v\n", pc.PhysTop(), err)
+	}
 	eptp := tables.Pointer(false)
 	invept := func() {
 		if err := vmx.INVEPT(vmx.InveptSingle, eptp); err != nil {
 			_ = vmx.INVEPT(vmx.InveptAll, 0)
 		}
 	}
-	gm := &hv.GuestMemory{Walker: hv.Walker{Mem: pc.PhysMem{}, Limit: max(ramTop, 1<<32)}, Mem: pc.PhysMem{},
-		EPT: tables, Invalidate: invept, Hole: own}
+	// Every guest-physical access on the guest's behalf goes through phys:
+	// guest RAM only, never tamahv's region, the sink or MMIO.
+	phys := &hv.GuestPhys{Mem: pc.PhysMem{}, EPT: tables, Hole: own, Invalidate: invept}
+	gm := hv.NewGuestMemory(phys, 0)
+	gm.Walker.Limit = min(ramTop, pc.PhysTop())
 	gm.Install(v)
-	agent := &hv.BreakpointAgent{Mem: pc.PhysMem{}, Walker: &gm.Walker, LSTAR: func() uint64 { return pc.Hardware{}.ReadMSR(msrLSTAR) }}
+	agent := &hv.BreakpointAgent{Phys: phys, Walker: &gm.Walker, LSTAR: func() uint64 { return pc.Hardware{}.ReadMSR(msrLSTAR) }}
 	if caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
-		shadow, _, err := page()
+		agent.ShadowPA, agent.Shadow, err = page()
 		if err != nil {
 			return err
 		}
-		agent.EPT, agent.Shadow, agent.Invalidate = tables, shadow, invept
 	}
 	agent.Install(v)
 	eng := swapmem.New(gm, swapmem.Config{})
@@ -312,6 +330,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		mon.watchdog(v)
 	}
 	gm.OnGone = mon.gone
+	gm.OnWatchError = mon.watchFailed
 	v.Hypercalls = mon
 	v.Enter = func(v *hv.VCPU, launched bool) error { return vmx.Run(&v.Regs, fx, launched) }
 	err = v.Init(hv.Setup{
@@ -329,6 +348,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes, initrd %d bytes at %#x, command line %q\n",
 		start.ProtocolVersion>>8, start.ProtocolVersion&0xff, l.KernelLen, l.InitrdLen, start.InitrdPA, cmdline)
 	err = v.Run()
+	runtime.KeepAlive(arena) // the VMCS, bitmaps, EPT tables and sink are the arena's
 	if err != nil {
 		fmt.Printf("tamahv: guest stopped: %v\n", err)
 		v.Report(os.Stdout, true)
