@@ -218,18 +218,18 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
 	pg := gpa &^ 0xfff
 	hp := g.pages[pg]
-	if hp == nil && q.Write && !g.Phys.Owned(pg) && g.Phys.Check(pg, ept.Size4K) == nil {
-		// No watch protects this guest RAM page and nothing of tamahv's
-		// owns its entry: a write fault here comes from a cached
-		// translation that outlived its protection. Open the page and
-		// flush.
-		if _, err := g.Phys.EPT.Protect(pg, ept.RWX); err != nil {
+	if hp == nil && q.Write {
+		// No watch protects this page: on guest RAM that nothing of
+		// tamahv's owns, a write fault comes from a cached translation
+		// that outlived its protection. Open the page and flush.
+		reopened, err := g.Phys.reopen(pg)
+		if err != nil {
 			return Stop, err
 		}
-		g.Phys.dirty = true
-		g.Phys.Flush()
-		g.Stale++
-		return Resume, nil
+		if reopened {
+			g.Stale++
+			return Resume, nil
+		}
 	}
 	if hp == nil || !q.Write {
 		return g.next(v, e)

@@ -24,6 +24,9 @@ import (
 // agent cannot be write-protected and the agent cannot claim a protected
 // page. When a page is back to what it was, the tables split for it are
 // merged back and freed, so protections can come and go without end.
+//
+// A GuestPhys is not safe for concurrent use: the vCPU that handles an
+// exit, and swapmem under its lock, use it one at a time.
 type GuestPhys struct {
 	// Mem is host-physical memory (the board's one-to-one map).
 	Mem Memory
@@ -247,6 +250,21 @@ func (g *GuestPhys) Release(pg uint64) error {
 		return fmt.Errorf("hv: %#x is not claimed", pg)
 	}
 	return g.restore(pg, p)
+}
+
+// reopen makes a guest RAM page that tamahv does not own read, write and
+// execute again (a protection that outlived its owner) and flushes; it
+// reports whether it did.
+func (g *GuestPhys) reopen(pg uint64) (bool, error) {
+	if g.pages[pg] != nil || g.Check(pg, ept.Size4K) != nil {
+		return false, nil
+	}
+	if _, err := g.EPT.Protect(pg, ept.RWX); err != nil {
+		return false, err
+	}
+	g.dirty = true
+	g.Flush()
+	return true, nil
 }
 
 // Owned reports whether tamahv changed the EPT entry of pg.
