@@ -33,6 +33,13 @@ import (
 // switches between the two. Should one instruction both run from and read
 // its own page the views would chase each other; after a streak of
 // switches the agent writes the int3 in place instead.
+//
+// The guest's page tables say where the detour is, so the agent trusts
+// none of it: the code is read and the int3 written through GuestPhys,
+// the detour's page must be guest RAM mapped one to one (never tamahv's
+// region, the sink or MMIO), and every Arm checks it again. While armed
+// the agent owns the page's EPT entry; a watched page table cannot be
+// its page, nor its page be watched.
 type BreakpointAgent struct {
 	// Phys is guest RAM: the agent reads the guest's code, writes the
 	// int3 and shows its views only through it, and claims the detour's
@@ -230,12 +237,13 @@ func (a *BreakpointAgent) install() error {
 		return nil
 	}
 	var b [1]byte
-	if err := a.Phys.ReadPhys(a.pa, b[:]); err != nil {
-		_ = a.Phys.Release(pg)
-		return err
+	err := a.Phys.ReadPhys(a.pa, b[:])
+	if err == nil {
+		err = a.Phys.WritePhys(a.pa, []byte{0xcc})
 	}
-	if err := a.Phys.WritePhys(a.pa, []byte{0xcc}); err != nil {
+	if err != nil {
 		_ = a.Phys.Release(pg)
+		a.Phys.Flush()
 		return err
 	}
 	a.orig, a.installed = b[0], true
