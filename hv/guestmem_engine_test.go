@@ -26,7 +26,7 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
 	require.NoError(t, err)
 	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
-	g := &GuestMemory{Walker: Walker{Mem: m}, Mem: m, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}
+	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
 	eng := swapmem.New(g, swapmem.Config{})
 	g.OnGone = func(cr3 uint64) { require.NoError(t, eng.RemoveTransactionsForVaSpace(cr3)) }
 	called := false

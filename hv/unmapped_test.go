@@ -110,7 +110,7 @@ func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
 		}),
 	})
 	e = ee
-	g := &GuestMemory{EPT: e, Hole: u.Hole}
+	g := NewGuestMemory(&GuestPhys{EPT: e, Hole: u.Hole}, 0)
 	g.Install(v) // after Unmapped, as runGuest does
 	require.NoError(t, v.Run())
 	assert.Zero(t, g.Stale, "not taken for a stale protection")

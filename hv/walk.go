@@ -32,7 +32,11 @@ var (
 )
 
 // Walker translates guest-virtual addresses by reading the guest's paging
-// structures (IA-32e paging with 4 or 5 levels).
+// structures (IA-32e paging with 4 or 5 levels). It reads each entry
+// through Mem, which decides what guest-physical memory a walk may read
+// (GuestMemory gives it GuestPhys: guest RAM only). A Walker is not safe
+// for concurrent use: it reads entries into a buffer of its own, so that
+// a walk allocates nothing.
 type Walker struct {
 	Mem PhysReader
 	// LA57 selects 5-level paging (CR4.LA57).
@@ -43,6 +47,8 @@ type Walker struct {
 	// Limit is the end of guest-physical memory; a walk leaving it stops
 	// with an error (0: no limit).
 	Limit uint64
+
+	buf [8]byte
 }
 
 // Step is one entry read during a walk.
@@ -72,7 +78,7 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 	rsvd := ^uint64(0) << maxPhys & (pteAddr | 0x000f_0000_0000_0000)
 	table := cr3 & pteAddr
 	rw, us, xd := true, true, false
-	var b [8]byte
+	b := &w.buf
 	n := 0
 	for level := levels; level >= 1; level-- {
 		pa := table + 8*(va>>(12+9*uint(level-1))&511)

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"time"
 
 	"github.com/tamahv/tamahv/ept"
@@ -38,6 +39,9 @@ type Board interface {
 	// the machine runs: every guest-physical page of tamahv's region maps
 	// there.
 	Sink() (uint64, error)
+	// Reach makes host-physical memory up to top readable through Memory
+	// where it can, and returns how far Memory reaches.
+	Reach(top uint64) uint64
 	// CPUID executes CPUID on the processor.
 	CPUID(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
 	// XSETBV loads an extended control register.
@@ -100,6 +104,9 @@ type Machine struct {
 	VCPU *hv.VCPU
 	// EPT maps the guest's physical memory.
 	EPT *ept.EPT
+	// Phys is the guest's physical memory as tamahv may touch it: guest
+	// RAM only; it owns the EPT permissions tamahv changes.
+	Phys *hv.GuestPhys
 	// Memory is the guest memory introspection reads through, with the
 	// page-table watches.
 	Memory *hv.GuestMemory
@@ -214,21 +221,22 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	m.eptp = m.EPT.Pointer(false)
 	invalidate := func() { b.InvalidateEPT(m.eptp) }
-	m.Memory = &hv.GuestMemory{Walker: hv.Walker{Mem: b, Limit: max(ramTop, 1<<32)}, Mem: b,
-		EPT: m.EPT, Invalidate: invalidate, Hole: c.Own}
+	// Every guest-physical access on the guest's behalf goes through
+	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
+	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	unmapped.Install(v)
+	m.Memory = hv.NewGuestMemory(m.Phys, 0)
+	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
 	m.Memory.Install(v)
-	v.Mem = m.Memory
-	m.Agent = &hv.BreakpointAgent{Mem: b, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
+	v.Mem = m.Phys
+	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
-		shadow, _, err := m.page()
-		if err != nil {
+		if m.Agent.ShadowPA, m.Agent.Shadow, err = m.page(); err != nil {
 			return nil, err
 		}
-		m.Agent.EPT, m.Agent.Shadow, m.Agent.Invalidate = m.EPT, shadow, invalidate
 	}
 	m.Agent.Install(v)
 	m.Engine = swapmem.New(m.Memory, c.Swap)
@@ -246,6 +254,7 @@ func New(b Board, c Config) (*Machine, error) {
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, SecretPA: m.secret, Log: c.Log,
 			Paging: func(la57 bool) { m.Memory.Walker.LA57 = la57 }}
 		v.Hypercalls = m.Monitor
+		m.Memory.OnWatchError = m.Monitor.WatchFailed
 	}
 	v.OnTimer = func(v *hv.VCPU) {
 		m.Engine.ReinjectFailedPF()
@@ -284,7 +293,10 @@ func (m *Machine) SecretPA() uint64 { return m.secret }
 // writes tamahv's summary lines to the log.
 func (m *Machine) Run() error {
 	v := m.VCPU
-	if err := v.Run(); err != nil {
+	err := v.Run()
+	// The board owns the memory the processor used (VMCS, EPT, sink).
+	runtime.KeepAlive(m.board)
+	if err != nil {
 		fmt.Fprintf(m.log, "tamahv: guest stopped: %v\n", err)
 		v.Report(m.log, true)
 		return fmt.Errorf("%w: %w", ErrGuestFailed, err)

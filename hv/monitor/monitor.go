@@ -406,3 +406,16 @@ func (m *Monitor) logf(format string, args ...any) {
 	m.logLines++
 	fmt.Fprintf(m.Log, format, args...)
 }
+
+// WatchFailed fails the reads of an address space whose page-table watch
+// could not follow the guest's tables (hv.GuestMemory.OnWatchError): they
+// would never hear of their pages again.
+func (m *Monitor) WatchFailed(cr3, va uint64, err error) {
+	m.logf("tamahv: swapmem read FAILED: watch of %#x in CR3 %#x: %v\n", va, cr3, err)
+	if m.Engine == nil || m.Engine.RemoveTransactionsForVaSpace(cr3) != nil {
+		return
+	}
+	if r := m.reads[cr3&hv.CR3Mask]; r != nil && r.state == hcall.StatusPending {
+		r.state = hcall.StatusFailed
+	}
+}
