@@ -327,12 +327,11 @@ func (a *BreakpointAgent) Disarm() error {
 	return a.remove()
 }
 
-// Install makes a handle v's #BP exits (the exception bitmap must have
-// #BP) and re-arm at later exits. Other exceptions go to the handler that
-// was there.
-func (a *BreakpointAgent) Install(v *VCPU) {
-	next := v.handlers[vmx.ExitExceptionOrNMI]
-	v.handlers[vmx.ExitExceptionOrNMI] = func(v *VCPU, e vmx.Exit) (Action, error) {
+// Install makes a intercept v's #BP exits (the exception bitmap must have
+// #BP) and the EPT violations of its split view, and re-arm at later exits
+// (an observer). Other exits go on to the handling installed before.
+func (a *BreakpointAgent) Install(v *VCPU) error {
+	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
 		info := uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
 		ev, ok := vmx.DecodeEvent(info, 0)
 		if !ok || ev.Vector != vmx.VectorBP || !a.installed || v.VMCS.Read(vmx.GuestRIP) != a.addr {
@@ -354,19 +353,17 @@ func (a *BreakpointAgent) Install(v *VCPU) {
 		}
 		v.Regs.CR2 = a.va
 		return Resume, v.Inject(vmx.Exception(vmx.VectorPF, code, 0))
+	})
+	if err != nil {
+		return err
 	}
-	nextEPT := v.handlers[vmx.ExitEPTViolation]
-	v.handlers[vmx.ExitEPTViolation] = func(v *VCPU, e vmx.Exit) (Action, error) { return a.onViolation(v, e, nextEPT) }
-	prev := v.OnExit
-	v.OnExit = func(v *VCPU, e vmx.Exit) {
-		if prev != nil {
-			prev(v, e)
-		}
+	v.Observe(func(v *VCPU, e vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
 			a.streak = 0
 		}
 		if a.want && !a.installed && v.VMCS.Read(vmx.GuestRIP) != a.addr {
 			_ = a.install()
 		}
-	}
+	})
+	return v.Intercept(vmx.ExitEPTViolation, a.onViolation)
 }

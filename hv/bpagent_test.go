@@ -92,28 +92,28 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	require.NoError(t, a.Arm(g.cr3, va))
 	assert.Equal(t, detour, a.Detour())
 	assert.Equal(t, byte(0xcc), *at, "int3 written")
-	a.Install(v)
+	require.NoError(t, a.Install(v))
 
 	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.ExitInterruptInfo] = bp
 	// Hit in another process: passed on, rewritten later.
 	m.f[vmx.GuestCR3] = 0x9000
-	act, err := v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	act, err := v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
 	assert.Equal(t, byte(0x89), *at, "original byte back")
 	assert.False(t, v.EventPending())
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0x89), *at, "not rewritten while the guest sits on the detour")
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0xcc), *at, "rewritten at a later exit")
 
 	// Hit in the right process: the #PF replaces the #BP.
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.GuestCR3] = g.cr3 | 0x3 // PCID bits do not matter
-	act, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	act, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
 	assert.Equal(t, byte(0x89), *at)
@@ -124,14 +124,14 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint64(2), a.Hits)
 	assert.Equal(t, uint64(1), a.Raised)
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
 	assert.Equal(t, byte(0x89), *at, "disarmed after raising")
 	assert.Zero(t, g.phys.Owners())
 
 	// The guest's own int3 elsewhere goes back to the guest.
 	m.f[vmx.GuestRIP] = 0x4000
 	v.events = eventQueue{}
-	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
 	require.NoError(t, err)
 	e, _ = v.events.peek()
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
@@ -153,7 +153,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	a := g.agent(lstar, true)
 	shadow := a.ShadowPA
 	v, m := scripted(t, nil)
-	a.Install(v)
+	require.NoError(t, a.Install(v))
 	const va = 0x7f0000001000
 	require.NoError(t, a.Arm(g.cr3, va))
 	assert.Equal(t, byte(0x89), *g.mem.at(pa), "guest memory keeps its byte")
@@ -167,7 +167,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.f[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
 	m.f[vmx.GuestPhysAddr] = pa
 	m.f[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
-	_, err := v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err := v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa)
@@ -175,7 +175,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
 	*g.mem.at(pa + 1) = 0x42
 	m.f[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
-	_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, shadow+pa&0xfff, hpa)
@@ -186,7 +186,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.GuestCR3] = g.cr3
 	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
 	require.NoError(t, err)
 	hpa, perm, _, size, _ := g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa, "original page back")
@@ -201,7 +201,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.f[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
-		_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+		_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
 		require.NoError(t, err)
 	}
 	assert.True(t, a.noSplit)

@@ -23,41 +23,42 @@ const Signature = "tamahvtamahv"
 // ErrGuestTripleFault is Run's result when the guest triple-faults.
 var ErrGuestTripleFault = errors.New("hv: guest triple fault")
 
-func (v *VCPU) setDefaultHandlers() {
-	v.handlers[vmx.ExitCPUID] = handleCPUID
-	v.handlers[vmx.ExitVMCALL] = handleVMCALL
+// defaultHandlers returns tamahv's handler for every exit reason it
+// answers; interceptors go in front of them (VCPU.Intercept).
+func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
+	h[vmx.ExitCPUID] = handleCPUID
+	h[vmx.ExitVMCALL] = handleVMCALL
 	for _, r := range []vmx.ExitReason{vmx.ExitVMCLEAR, vmx.ExitVMLAUNCH, vmx.ExitVMPTRLD, vmx.ExitVMPTRST,
 		vmx.ExitVMREAD, vmx.ExitVMRESUME, vmx.ExitVMWRITE, vmx.ExitVMXOFF, vmx.ExitVMXON, vmx.ExitINVEPT,
 		vmx.ExitINVVPID, vmx.ExitVMFUNC, vmx.ExitGETSEC, vmx.ExitENCLS} {
-		v.handlers[r] = handleUD
+		h[r] = handleUD
 	}
-	v.handlers[vmx.ExitINVD] = func(*VCPU, vmx.Exit) (Action, error) { return Next, nil }
-	v.handlers[vmx.ExitXSETBV] = handleXSETBV
-	v.handlers[vmx.ExitRDMSR] = handleRDMSR
-	v.handlers[vmx.ExitWRMSR] = handleWRMSR
-	v.handlers[vmx.ExitCRAccess] = handleCR
-	v.handlers[vmx.ExitIO] = handleIO
-	v.handlers[vmx.ExitEPTViolation] = handleEPTViolation
-	v.handlers[vmx.ExitEPTMisconfig] = handleEPTMisconfig
-	v.handlers[vmx.ExitTripleFault] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+	h[vmx.ExitINVD] = func(*VCPU, vmx.Exit) (Action, error) { return Next, nil }
+	h[vmx.ExitXSETBV] = handleXSETBV
+	h[vmx.ExitRDMSR] = handleRDMSR
+	h[vmx.ExitWRMSR] = handleWRMSR
+	h[vmx.ExitCRAccess] = handleCR
+	h[vmx.ExitIO] = handleIO
+	h[vmx.ExitEPTViolation] = handleEPTViolation
+	h[vmx.ExitEPTMisconfig] = handleEPTMisconfig
+	h[vmx.ExitTripleFault] = func(v *VCPU, _ vmx.Exit) (Action, error) {
 		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, v.VMCS.Read(vmx.GuestRIP)))
 	}
-	v.handlers[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
-		if v.OnTimer != nil {
-			v.OnTimer(v)
-		}
+	h[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+		v.tick()
 		return Resume, nil
 	}
-	v.handlers[vmx.ExitInterruptWindow] = resume
-	v.handlers[vmx.ExitNMIWindow] = resume
-	v.handlers[vmx.ExitExceptionOrNMI] = handleException
-	v.handlers[vmx.ExitINIT] = handleINIT
-	v.handlers[vmx.ExitSIPI] = handleSIPI
-	v.handlers[vmx.ExitTaskSwitch] = handleTaskSwitch
-	v.handlers[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+	h[vmx.ExitInterruptWindow] = resume
+	h[vmx.ExitNMIWindow] = resume
+	h[vmx.ExitExceptionOrNMI] = handleException
+	h[vmx.ExitINIT] = handleINIT
+	h[vmx.ExitSIPI] = handleSIPI
+	h[vmx.ExitTaskSwitch] = handleTaskSwitch
+	h[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
 		v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)&^vmx.ProcMonitorTrapFlag)
 		return Resume, nil
 	}
+	return h
 }
 
 func resume(*VCPU, vmx.Exit) (Action, error) { return Resume, nil }

@@ -50,7 +50,6 @@ type GuestMemory struct {
 	scratch []*pteWatch
 	gone    []uint64
 	gen     uint64 // marks watches walked in this settle
-	next    Handler
 
 	// Counters. Stale counts writes refused by a protection no watch
 	// holds any more (the page is opened and the translations flushed);
@@ -205,15 +204,14 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 	g.Phys.Flush()
 }
 
-// Install takes over v's EPT-violation exits, passing on the ones that are
-// not about watched pages, and settles open pages at every exit.
-func (g *GuestMemory) Install(v *VCPU) {
-	g.next = v.handlers[vmx.ExitEPTViolation]
-	v.handlers[vmx.ExitEPTViolation] = g.onViolation
-	v.OnExit = g.settle
+// Install intercepts v's EPT-violation exits, passing on the ones that are
+// not about watched pages, and observes every exit to settle open pages.
+func (g *GuestMemory) Install(v *VCPU) error {
+	v.Observe(g.settle)
+	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 
-func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
+func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
 	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
 	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
 	pg := gpa &^ 0xfff
@@ -232,7 +230,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 		}
 	}
 	if hp == nil || !q.Write {
-		return g.next(v, e)
+		return next(v, e)
 	}
 	if !hp.open {
 		if err := g.Phys.SetWritable(pg, true); err != nil {

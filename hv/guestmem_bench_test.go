@@ -44,7 +44,7 @@ func BenchmarkSettleSharedPages(b *testing.B) {
 			fv.f[vmx.ExitQualification] = 0x2 | 0x80 | 0x100 | 0x8 | 0x20
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := g.onViolation(v, vmx.Exit{Reason: vmx.ExitEPTViolation}); err != nil {
+				if _, err := g.onViolation(v, vmx.Exit{Reason: vmx.ExitEPTViolation}, fatal); err != nil {
 					b.Fatal(err)
 				}
 				g.settle(v, vmx.Exit{Reason: vmx.ExitCPUID})

@@ -42,7 +42,7 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
 		{reason: vmx.ExitCPUID},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())
 	assert.False(t, called)
 	assert.Zero(t, eng.Stats().Live)

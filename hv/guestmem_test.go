@@ -63,7 +63,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 		// A write into tamahv's memory is fatal, as before.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	err = v.Run()
 	assert.ErrorIs(t, err, ErrFatalExit)
 	assert.Equal(t, uint64(1), g.Writes)
@@ -78,7 +78,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write}},
 		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())
 	assert.Equal(t, []uint64{p.CR3}, gone)
 	require.Len(t, seen, 2)

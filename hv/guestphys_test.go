@@ -372,7 +372,7 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 				regs: func(*vmx.GuestRegs) {}},
 			{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { g.mem.put64(pde, c.pde|pteP|pteRW|pteUS) }},
 		})
-		gm.Install(v)
+		require.NoError(t, gm.Install(v))
 		require.NoError(t, v.Run())
 		require.Len(t, failed, 1)
 		assert.ErrorIs(t, failed[0], c.err)

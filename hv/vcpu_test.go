@@ -298,7 +298,46 @@ func TestFatalExits(t *testing.T) {
 	v.Enter = func(*VCPU, bool) error { return errors.New("VMfailValid") }
 	assert.ErrorIs(t, v.Run(), ErrEntryFailed)
 
-	assert.Error(t, v.Handle(35, resume))
+	assert.Error(t, v.Intercept(35, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) { return next(v, e) }))
+	assert.Error(t, v.Intercept(vmx.ExitCPUID, nil))
+}
+
+// TestExtensionOrder: interceptors of a reason run last-installed first,
+// each passing on to the one installed before it and finally to the
+// default handler; observers see every exit first, in the order added;
+// entry and tick functions run in the order added.
+func TestExtensionOrder(t *testing.T) {
+	var got []string
+	note := func(s string) { got = append(got, s) }
+	v, _ := scripted(t, []exitStep{
+		{reason: vmx.ExitCPUID, regs: func(r *vmx.GuestRegs) { r.RAX = 0 }},
+		{reason: vmx.ExitPreemptionTimer},
+		{reason: vmx.ExitVMCALL, regs: func(r *vmx.GuestRegs) { r.RAX = hcall.Exit }},
+	})
+	v.CPUID = func(uint32, uint32) (uint32, uint32, uint32, uint32) { note("default cpuid"); return 1, 2, 3, 4 }
+	for _, name := range []string{"first", "second"} {
+		require.NoError(t, v.Intercept(vmx.ExitCPUID, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+			note(name + " interceptor")
+			return next(v, e)
+		}))
+		v.Observe(func(v *VCPU, e vmx.Exit) { note(name + " observer " + e.Reason.String()) })
+		v.OnEntry(func(*VCPU) { note(name + " entry") })
+		v.OnTick(func(*VCPU) { note(name + " tick") })
+	}
+	// An interceptor that answers keeps the exit from those before it.
+	require.NoError(t, v.Intercept(vmx.ExitVMCALL, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+		note("vmcall answered")
+		return v.Stopped(nil)
+	}))
+	require.NoError(t, v.Run())
+	assert.Equal(t, []string{
+		"first entry", "second entry",
+		"first observer CPUID", "second observer CPUID", "second interceptor", "first interceptor", "default cpuid",
+		"first entry", "second entry",
+		"first observer PreemptionTimer", "second observer PreemptionTimer", "first tick", "second tick",
+		"first entry", "second entry",
+		"first observer VMCALL", "second observer VMCALL", "vmcall answered",
+	}, got)
 }
 
 func TestExitPathAllocatesNothing(t *testing.T) {

@@ -226,10 +226,14 @@ func New(b Board, c Config) (*Machine, error) {
 	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
-	unmapped.Install(v)
+	if err := unmapped.Install(v); err != nil {
+		return nil, err
+	}
 	m.Memory = hv.NewGuestMemory(m.Phys, 0)
 	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
-	m.Memory.Install(v)
+	if err := m.Memory.Install(v); err != nil {
+		return nil, err
+	}
 	v.Mem = m.Phys
 	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
@@ -238,10 +242,12 @@ func New(b Board, c Config) (*Machine, error) {
 			return nil, err
 		}
 	}
-	m.Agent.Install(v)
+	if err := m.Agent.Install(v); err != nil {
+		return nil, err
+	}
 	m.Engine = swapmem.New(m.Memory, c.Swap)
 	cpu := &hv.SwapCPU{V: v, Agent: m.Agent}
-	v.BeforeEntry = func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) }
+	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
@@ -256,14 +262,14 @@ func New(b Board, c Config) (*Machine, error) {
 		v.Hypercalls = m.Monitor
 		m.Memory.OnWatchError = m.Monitor.WatchFailed
 	}
-	v.OnTimer = func(v *hv.VCPU) {
+	v.OnTick(func(v *hv.VCPU) {
 		m.Engine.ReinjectFailedPF()
 		if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
 			fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
 				m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
 			v.Report(m.log, true)
 		}
-	}
+	})
 	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
 	h := b.Host()
 	err = v.Init(hv.Setup{
