@@ -92,11 +92,11 @@ type VCPU struct {
 	observers []Observer
 	entries   []func(v *VCPU)
 	ticks     []func(v *VCPU)
-	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
-	recent   [recentExits]ExitRecord
-	nrecent  uint64
-	events   eventQueue
-	launched bool
+	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent    [recentExits]ExitRecord
+	nrecent   uint64
+	events    eventQueue
+	launched  bool
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
