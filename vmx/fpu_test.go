@@ -21,7 +21,7 @@ const (
 
 // hostileMXCSR unmasks the precision exception, as LDMXCSR in any guest
 // process can: the next inexact SSE operation raises #XM.
-const hostileMXCSR = mxcsrDefault &^ mxcsrPM | 0x6000 // and round toward zero
+const hostileMXCSR = mxcsrDefault&^mxcsrPM | 0x6000 // and round toward zero
 
 //go:noinline
 func inexact(tsc uint64, mult float64) int64 { return int64(float64(tsc) * mult) }
