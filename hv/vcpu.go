@@ -83,6 +83,15 @@ type VCPU struct {
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
 	// XSETBV loads XCR0 with a value the handler checked.
 	XSETBV func(xcr uint32, v uint64)
+	// ReadMSR and WriteMSR access the processor's MSRs for the MSR
+	// handlers (msr.go); WriteMSR receives only values the policy
+	// checked. Nil: the MSRs that need them raise #GP in the guest.
+	ReadMSR  func(msr uint32) uint64
+	WriteMSR func(msr uint32, v uint64)
+	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
+	// in VMX root (vmx.TakeNMI in the image); it is injected at the next
+	// entry. Nil: none are counted.
+	TakeNMI func() bool
 
 	handlers [vmx.NumExitReasons]Handler
 	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
@@ -94,6 +103,8 @@ type VCPU struct {
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
 	exited  error
+	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
+	tscAdjust uint64
 }
 
 // Errors of the run loop.
@@ -187,6 +198,9 @@ func (v *VCPU) Run() error {
 // BeforeEntry hook.
 func (v *VCPU) prepareEntry() error {
 	v.VMCS.ClearErr()
+	if v.TakeNMI != nil && v.TakeNMI() {
+		v.queueNMI()
+	}
 	v.deliverEvent()
 	if v.PreemptionTicks != 0 {
 		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
@@ -216,6 +230,7 @@ func (v *VCPU) exit() (Action, error) {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
 	v.requeueVectoring()
+	v.restoreNMIBlocking(e.Reason)
 	h := v.handlers[e.Reason]
 	if h == nil {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, rip, qual)
