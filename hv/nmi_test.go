@@ -22,12 +22,25 @@ func TestNMIExitingAndVirtualNMIs(t *testing.T) {
 }
 
 // An NMI that arrives while the guest runs exits and goes back to the
-// guest.
+// guest; NMIs that arrive while the guest handles one are one more NMI,
+// as on the processor.
 func TestGuestNMIIsReinjected(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(nmiInfo), fv(v).f[vmx.EntryInterruptInfo])
+				fv(v).f[vmx.GuestInterruptibility] = blockingNMI // in the guest's handler
+			}},
+		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "blocked")
+				assert.NotZero(t, fv(v).f[vmx.ProcControls]&vmx.ProcNMIWindow)
+			}},
+		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo}},
+		{reason: vmx.ExitNMIWindow, fields: map[vmx.Field]uint64{vmx.GuestInterruptibility: 0},
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, uint64(nmiInfo), fv(v).f[vmx.EntryInterruptInfo])
+				assert.False(t, v.EventPending(), "the third NMI merged with the second")
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -86,7 +99,7 @@ func TestIRETUnblockingIsUndone(t *testing.T) {
 }
 
 // An NMI that hit tamahv in VMX root is the guest's: it is injected at the
-// next entry, once however many came in.
+// next entry.
 func TestNMIInRootIsInjected(t *testing.T) {
 	v, _ := policyVCPU(t, skylake())
 	f := fv(v).f
@@ -96,10 +109,9 @@ func TestNMIInRootIsInjected(t *testing.T) {
 		pending = false
 		return p
 	}
-	v.queueNMI() // one from an NMI exit already waits
 	require.NoError(t, v.prepareEntry())
 	assert.Equal(t, uint64(nmiInfo), f[vmx.EntryInterruptInfo])
-	assert.False(t, v.EventPending(), "two NMIs are one for the guest")
+	assert.False(t, v.EventPending())
 
 	f[vmx.EntryInterruptInfo] = 0
 	require.NoError(t, v.prepareEntry())
