@@ -274,6 +274,11 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	v := hv.NewVCPU(&hv.HardwareVMCS{}, caps)
 	v.CPUID = pc.Hardware{}.CPUID
 	v.XSETBV = pc.XSETBV
+	v.ReadMSR, v.WriteMSR = pc.Hardware{}.ReadMSR, pc.Hardware{}.WriteMSR
+	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
+		return err
+	}
+	v.TakeNMI = vmx.TakeNMI
 	v.Log = os.Stdout
 	v.OwnPorts(console[0], console[1])
 	var ramTop uint64
