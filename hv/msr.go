@@ -2,28 +2,40 @@ package hv
 
 import "github.com/tamahv/tamahv/vmx"
 
-// The MSR policy. MSRs outside the list GuestMSRFaults returns pass
-// through: the guest reads and writes the processor's, and the VMCS
-// switches those tamahv relies on (EFER, PAT, DEBUGCTL, FS/GS base,
-// SYSENTER, IA32_PERF_GLOBAL_CTRL). The listed ones exit on reads and
-// writes and get the answers below; README "MSR policy" has the table.
+// The MSR policy. MSRs GuestMSRBitmap leaves out pass through: the guest
+// reads and writes the processor's, and the VMCS switches those tamahv
+// relies on (EFER, PAT, DEBUGCTL, FS/GS base, SYSENTER,
+// IA32_PERF_GLOBAL_CTRL). Reads, writes or both of the others exit and get
+// the answers below; README "MSR policy" has the table. A read exits only
+// where tamahv answers it without touching the processor's MSR, or the MSR
+// exists on every processor with VMX: an RDMSR of an absent MSR in VMX
+// root would be tamahv's #GP.
 
 // msrPolicy is the class of an intercepted MSR.
 type msrPolicy uint8
 
 const (
-	msrPass      msrPolicy = iota // not intercepted
-	msrFault                      // #GP both ways (absent for the guest)
-	msrFeature                    // IA32_FEATURE_CONTROL: locked, VMX off
-	msrTSC                        // reads offset, writes move the offset
-	msrTSCAdj                     // virtual, emulated with the offset
-	msrAPICBase                   // writes checked: the base never moves
-	msrIgnored                    // reads the processor's, writes dropped
-	msrMisc                       // IA32_MISC_ENABLE: filtered reads, writes dropped
-	msrPerfGlob                   // IA32_PERF_GLOBAL_CTRL: kept in the VMCS
-	msrMicrocode                  // IA32_BIOS_UPDT_TRIG: writes dropped
-	msrSMMMon                     // IA32_SMM_MONITOR_CTL: reads 0, writes #GP
+	msrPass     msrPolicy = iota // not intercepted
+	msrFault                     // #GP both ways (absent for the guest)
+	msrFeature                   // IA32_FEATURE_CONTROL: locked, VMX off
+	msrTSC                       // reads offset, writes move the offset
+	msrTSCAdj                    // virtual, emulated with the offset
+	msrAPICBase                  // reads pass, writes checked: the base never moves
+	msrIgnored                   // reads pass, writes dropped
+	msrPerfGlob                  // IA32_PERF_GLOBAL_CTRL: kept in the VMCS
+	msrSMMMon                    // IA32_SMM_MONITOR_CTL: reads 0, writes #GP
 )
+
+// exits reports whether reads and writes of a class exit.
+func (p msrPolicy) exits() (read, write bool) {
+	switch p {
+	case msrPass:
+		return false, false
+	case msrAPICBase, msrIgnored:
+		return false, true
+	}
+	return true, true
+}
 
 // policy returns the class of msr.
 func policy(msr uint32) msrPolicy {
@@ -42,12 +54,10 @@ func policy(msr uint32) msrPolicy {
 		msr == vmx.MSRMTRRFix64K, msr == vmx.MSRMTRRFix16K80000, msr == vmx.MSRMTRRFix16KA0000,
 		msr >= vmx.MSRMTRRFix4KFirst && msr <= vmx.MSRMTRRFix4KLast, msr == vmx.MSRMTRRDefType:
 		return msrIgnored
-	case msr == vmx.MSRMiscEnable:
-		return msrMisc
+	case msr == vmx.MSRMiscEnable, msr == vmx.MSRBIOSUpdateTrigger:
+		return msrIgnored
 	case msr == vmx.MSRPerfGlobalCtrl:
 		return msrPerfGlob
-	case msr == vmx.MSRBIOSUpdateTrigger:
-		return msrMicrocode
 	case msr == vmx.MSRSMMMonitorCtl:
 		return msrSMMMon
 	case msr == vmx.MSRPEBSEnable, msr == vmx.MSRDSArea,
@@ -59,44 +69,36 @@ func policy(msr uint32) msrPolicy {
 	return msrPass
 }
 
-// GuestMSRFaults returns the MSRs whose reads and writes exit (the MSR
-// bitmap's list; the name stays from when every one of them faulted).
-func GuestMSRFaults() []uint32 {
-	var m []uint32
-	for r := uint32(0); r <= 0x1fff; r++ {
-		if policy(r) != msrPass {
-			m = append(m, r)
+// GuestMSRBitmap fills an MSR bitmap (SDM Vol. 3C, "VM-Execution
+// Controls", MSR-Bitmap Address) with the policy: the reads and writes
+// that exit. Every MSR the policy names lies below 0x2000; MSRs outside
+// the bitmap's ranges always exit and raise #GP.
+func GuestMSRBitmap(b *[4096]byte) {
+	*b = [4096]byte{}
+	for m := uint32(0); m <= 0x1fff; m++ {
+		r, w := policy(m).exits()
+		if r {
+			b[m/8] |= 1 << (m % 8)
+		}
+		if w {
+			b[2048+m/8] |= 1 << (m % 8)
 		}
 	}
-	return m
 }
 
 // rdmsr answers RDMSR of an intercepted MSR; ok false means #GP.
 func (v *VCPU) rdmsr(msr uint32) (val uint64, ok bool) {
-	hw := func() (uint64, bool) {
-		if v.ReadMSR == nil {
-			return 0, false
-		}
-		return v.ReadMSR(msr), true
-	}
 	switch policy(msr) {
 	case msrFeature:
 		return FeatureControlGuest, true
 	case msrTSC:
-		if t, ok := hw(); ok {
-			return t + v.VMCS.Read(vmx.TSCOffset), true
+		// The TSC exists on every processor with VMX.
+		if v.ReadMSR != nil {
+			return v.ReadMSR(msr) + v.VMCS.Read(vmx.TSCOffset), true
 		}
 	case msrTSCAdj:
 		if v.hasFeature(vmx.CPUIDTSCAdj) {
 			return v.tscAdjust, true
-		}
-	case msrAPICBase, msrIgnored:
-		return hw()
-	case msrMisc:
-		if m, ok := hw(); ok {
-			// No BTS or PEBS; nothing for the guest to undo.
-			m |= vmx.MiscEnableBTSUnavailable | vmx.MiscEnablePEBSUnavailable
-			return m &^ (vmx.MiscEnableLimitCPUID | vmx.MiscEnableXDDisable), true
 		}
 	case msrPerfGlob:
 		if v.perfGlobalMask() != 0 {
@@ -133,7 +135,7 @@ func (v *VCPU) wrmsr(msr uint32, val uint64) bool {
 		return true
 	case msrAPICBase:
 		return v.writeAPICBase(val)
-	case msrIgnored, msrMisc, msrMicrocode:
+	case msrIgnored:
 		// MTRRs: with EPT the guest's memory types come from EPT and
 		// the guest's PAT, so its MTRRs would only change tamahv's.
 		// IA32_MISC_ENABLE: XD, CPUID limits, fast strings and MONITOR

@@ -160,7 +160,7 @@ func TestTSCWritesMoveOnlyTheOffset(t *testing.T) {
 	assert.Equal(t, uint64(1_000_100), msrs.m[vmx.MSRTSC])
 
 	var b [4096]byte
-	require.NoError(t, MSRBitmap(&b, GuestMSRFaults()...))
+	GuestMSRBitmap(&b)
 	for _, m := range []uint32{vmx.MSRTSC, vmx.MSRTSCAdjust} {
 		assert.NotZero(t, b[2048+m/8]&(1<<(m%8)), "%#x writes exit", m)
 	}
@@ -201,9 +201,7 @@ func TestAPICBaseNeverMoves(t *testing.T) {
 	require.True(t, v.wrmsr(vmx.MSRAPICBase, base), "disable")
 	assert.False(t, v.wrmsr(vmx.MSRAPICBase, base|vmx.APICBaseEnable|vmx.APICBaseX2APIC), "disabled to x2APIC")
 	require.True(t, v.wrmsr(vmx.MSRAPICBase, base|vmx.APICBaseEnable), "enable again")
-	got, ok := v.rdmsr(vmx.MSRAPICBase)
-	require.True(t, ok)
-	assert.Equal(t, uint64(base|vmx.APICBaseEnable|vmx.APICBaseBSP), got)
+	assert.Equal(t, uint64(base|vmx.APICBaseEnable|vmx.APICBaseBSP), msrs.m[vmx.MSRAPICBase])
 }
 
 // MTRRs, IA32_MISC_ENABLE and microcode updates never reach the processor;
@@ -215,12 +213,6 @@ func TestHostStateMSRs(t *testing.T) {
 		assert.True(t, v.wrmsr(m, 0x1234), "%#x write accepted", m)
 	}
 	assert.Empty(t, msrs.writes, "nothing written")
-	mtrr, ok := v.rdmsr(0x200)
-	require.True(t, ok)
-	assert.Equal(t, uint64(6), mtrr, "the processor's MTRR")
-	misc, ok := v.rdmsr(vmx.MSRMiscEnable)
-	require.True(t, ok)
-	assert.Equal(t, uint64(1|vmx.MiscEnableBTSUnavailable|vmx.MiscEnablePEBSUnavailable), misc)
 
 	for _, m := range []uint32{vmx.MSRDSArea, vmx.MSRPEBSEnable, vmx.MSRRTITCtl, vmx.MSRRTITOutputBase,
 		vmx.MSRRTITOutputMask, vmx.MSRRTITStatus, vmx.MSRRTITAddr3B, vmx.MSRSMMMonitorCtl} {
@@ -235,10 +227,17 @@ func TestHostStateMSRs(t *testing.T) {
 	assert.Zero(t, smm, "no dual-monitor treatment")
 
 	var b [4096]byte
-	require.NoError(t, MSRBitmap(&b, GuestMSRFaults()...))
-	for _, m := range []uint32{vmx.MSRAPICBase, 0x200, 0x21f, vmx.MSRMTRRDefType, vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger,
-		vmx.MSRSMMMonitorCtl, vmx.MSRPerfGlobalCtrl, vmx.MSRPEBSEnable, vmx.MSRDSArea, vmx.MSRRTITCtl, vmx.MSRRTITAddr0A} {
+	GuestMSRBitmap(&b)
+	for _, m := range []uint32{vmx.MSRTSC, vmx.MSRTSCAdjust, vmx.MSRSMMMonitorCtl, vmx.MSRPerfGlobalCtrl,
+		vmx.MSRPEBSEnable, vmx.MSRDSArea, vmx.MSRRTITCtl, vmx.MSRRTITAddr0A} {
 		assert.NotZero(t, b[m/8]&(1<<(m%8)), "%#x reads exit", m)
+		assert.NotZero(t, b[2048+m/8]&(1<<(m%8)), "%#x writes exit", m)
+	}
+	// Reads of these would touch MSRs a processor may lack (an RDMSR in
+	// VMX root that faults is tamahv's end): only their writes exit.
+	for _, m := range []uint32{vmx.MSRAPICBase, 0x200, 0x21f, vmx.MSRMTRRFix16KA0000, vmx.MSRMTRRDefType,
+		vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger} {
+		assert.Zero(t, b[m/8]&(1<<(m%8)), "%#x reads pass", m)
 		assert.NotZero(t, b[2048+m/8]&(1<<(m%8)), "%#x writes exit", m)
 	}
 	for _, m := range []uint32{0xfe, 0x277, 0x186, 0x1d9} {

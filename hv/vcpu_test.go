@@ -323,7 +323,7 @@ func TestExitPathAllocatesNothing(t *testing.T) {
 
 func TestBitmaps(t *testing.T) {
 	var b [4096]byte
-	require.NoError(t, MSRBitmap(&b, GuestMSRFaults()...))
+	GuestMSRBitmap(&b)
 	assert.Equal(t, byte(1<<2|1<<3), b[0x3a/8], "IA32_FEATURE_CONTROL and IA32_TSC_ADJUST read")
 	assert.Equal(t, byte(1<<2|1<<3), b[2048+0x3a/8], "and write")
 	assert.Equal(t, byte(0xff), b[0x480/8])

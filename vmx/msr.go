@@ -70,14 +70,6 @@ const (
 	APICBaseAddr   = 0xffff_ffff_f000 // bits MAXPHYADDR-1:12
 )
 
-// IA32_MISC_ENABLE bits (SDM Vol. 4, "Architectural MSRs").
-const (
-	MiscEnableBTSUnavailable  = 1 << 11
-	MiscEnablePEBSUnavailable = 1 << 12
-	MiscEnableLimitCPUID      = 1 << 22
-	MiscEnableXDDisable       = 1 << 34
-)
-
 // PerfCapPerfMetrics is IA32_PERF_CAPABILITIES bit 15: IA32_PERF_GLOBAL_CTRL
 // bit 48 enables the topdown metrics (SDM Vol. 3B, "Performance Monitoring").
 const PerfCapPerfMetrics = 1 << 15

@@ -229,9 +229,7 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	if err != nil {
 		return err
 	}
-	if err := hv.MSRBitmap(msrBM, hv.GuestMSRFaults()...); err != nil {
-		return err
-	}
+	hv.GuestMSRBitmap(msrBM)
 	ioA, bmA, err := page()
 	if err != nil {
 		return err
