@@ -65,3 +65,11 @@ func TestExitSwitchesFPBeforeGo(t *testing.T) {
 	order(exit, `FXSAVE64\t\(DI\)\n\tHOST_FP_LOAD\(16\)\n`, `RET`)
 	assert.NotContains(t, exit[:strings.Index(exit, "HOST_FP_LOAD")], "CALL", "no Go before the switch")
 }
+
+// BenchmarkFPSwitch measures what the switch adds to an exit and an entry
+// (HOST_FP_SAVE, a guest's LDMXCSR/FLDCW, HOST_FP_LOAD).
+func BenchmarkFPSwitch(b *testing.B) {
+	for b.Loop() {
+		fpSwitch(mxcsrDefault, fcwDefault)
+	}
+}
