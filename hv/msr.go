@@ -54,7 +54,8 @@ func policy(msr uint32) msrPolicy {
 		msr == vmx.MSRMTRRFix64K, msr == vmx.MSRMTRRFix16K80000, msr == vmx.MSRMTRRFix16KA0000,
 		msr >= vmx.MSRMTRRFix4KFirst && msr <= vmx.MSRMTRRFix4KLast, msr == vmx.MSRMTRRDefType:
 		return msrIgnored
-	case msr == vmx.MSRMiscEnable, msr == vmx.MSRBIOSUpdateTrigger:
+	case msr == vmx.MSRMiscEnable, msr == vmx.MSRBIOSUpdateTrigger,
+		msr == vmx.MSRDebugInterface, msr == vmx.MSRTMEActivate:
 		return msrIgnored
 	case msr == vmx.MSRPerfGlobalCtrl:
 		return msrPerfGlob
@@ -139,7 +140,9 @@ func (v *VCPU) wrmsr(msr uint32, val uint64) bool {
 		// MTRRs: with EPT the guest's memory types come from EPT and
 		// the guest's PAT, so its MTRRs would only change tamahv's.
 		// IA32_MISC_ENABLE: XD, CPUID limits, fast strings and MONITOR
-		// stay as tamahv has them. Microcode is never loaded.
+		// stay as tamahv has them. Microcode is never loaded. Silicon
+		// debug (DCI) is not opened and memory encryption not activated
+		// under tamahv.
 		return true
 	case msrPerfGlob:
 		m := v.perfGlobalMask()

@@ -209,7 +209,7 @@ func TestAPICBaseNeverMoves(t *testing.T) {
 func TestHostStateMSRs(t *testing.T) {
 	v, msrs := policyVCPU(t, skylake())
 	for _, m := range []uint32{0x200, 0x20f, vmx.MSRMTRRFix64K, vmx.MSRMTRRFix4KLast, vmx.MSRMTRRDefType,
-		vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger} {
+		vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger, vmx.MSRDebugInterface, vmx.MSRTMEActivate} {
 		assert.True(t, v.wrmsr(m, 0x1234), "%#x write accepted", m)
 	}
 	assert.Empty(t, msrs.writes, "nothing written")
@@ -236,7 +236,7 @@ func TestHostStateMSRs(t *testing.T) {
 	// Reads of these would touch MSRs a processor may lack (an RDMSR in
 	// VMX root that faults is tamahv's end): only their writes exit.
 	for _, m := range []uint32{vmx.MSRAPICBase, 0x200, 0x21f, vmx.MSRMTRRFix16KA0000, vmx.MSRMTRRDefType,
-		vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger} {
+		vmx.MSRMiscEnable, vmx.MSRBIOSUpdateTrigger, vmx.MSRDebugInterface, vmx.MSRTMEActivate} {
 		assert.Zero(t, b[m/8]&(1<<(m%8)), "%#x reads pass", m)
 		assert.NotZero(t, b[2048+m/8]&(1<<(m%8)), "%#x writes exit", m)
 	}

@@ -42,6 +42,8 @@ const (
 	MSRRTITAddr0A        = 0x580 // IA32_RTIT_ADDR0_A; up to ADDR3_B at 0x587
 	MSRRTITAddr3B        = 0x587
 	MSRDSArea            = 0x600 // IA32_DS_AREA
+	MSRTMEActivate       = 0x982 // IA32_TME_ACTIVATE
+	MSRDebugInterface    = 0xc80 // IA32_DEBUG_INTERFACE (silicon debug, DCI)
 	MSRVMXBasic          = 0x480 // IA32_VMX_BASIC
 	MSRPinbasedCtls      = 0x481 // IA32_VMX_PINBASED_CTLS
 	MSRProcbasedCtls     = 0x482 // IA32_VMX_PROCBASED_CTLS
