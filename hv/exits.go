@@ -14,7 +14,6 @@ const (
 	CPUIDHypervisorBase = 0x40000000
 	cpuidHypervisorBit  = 1 << 31
 	cpuidOSXSAVE        = 1 << 27 // leaf 1 ECX
-	cpuidXSAVES         = 1 << 3  // leaf 0xd subleaf 1 EAX
 )
 
 // Signature is what CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
@@ -78,20 +77,12 @@ func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
 		b, c, d = le32(Signature[0:4]), le32(Signature[4:8]), le32(Signature[8:12])
 	case leaf == CPUIDHypervisorBase+1:
 	default:
+		var r [4]uint32
 		if v.CPUID != nil {
-			a, b, c, d = v.CPUID(leaf, sub)
+			r[0], r[1], r[2], r[3] = v.CPUID(leaf, sub)
 		}
-		switch {
-		case leaf == 1:
-			// No VMX; a hypervisor is present; OSXSAVE follows the
-			// guest's CR4, not the host's.
-			c = c&^(vmx.CPUIDVMX|cpuidOSXSAVE) | cpuidHypervisorBit
-			if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
-				c |= cpuidOSXSAVE
-			}
-		case leaf == 0xd && sub == 1 && v.VMCS.Read(vmx.Proc2Controls)&vmx.Proc2XSAVES == 0:
-			a &^= cpuidXSAVES // XSAVES would #UD
-		}
+		v.filterCPUID(leaf, sub, &r)
+		a, b, c, d = r[0], r[1], r[2], r[3]
 	}
 	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)
 	return Next, nil
@@ -148,17 +139,20 @@ func (v *VCPU) cpl() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 const FeatureControlGuest = vmx.FeatureControlLock
 
 func handleRDMSR(v *VCPU, _ vmx.Exit) (Action, error) {
-	msr := uint32(v.Regs.RCX)
-	if msr == vmx.MSRFeatureControl {
-		v.Regs.RAX, v.Regs.RDX = FeatureControlGuest, 0
-		return Next, nil
+	val, ok := v.rdmsr(uint32(v.Regs.RCX))
+	if !ok {
+		return Resume, v.InjectException(vmx.VectorGP, 0)
 	}
-	return Resume, v.InjectException(vmx.VectorGP, 0)
+	v.Regs.RAX, v.Regs.RDX = val&0xffffffff, val>>32
+	return Next, nil
 }
 
 func handleWRMSR(v *VCPU, _ vmx.Exit) (Action, error) {
-	// Every intercepted MSR is read-only or absent for the guest.
-	return Resume, v.InjectException(vmx.VectorGP, 0)
+	// The policy is in msr.go.
+	if !v.wrmsr(uint32(v.Regs.RCX), v.Regs.RDX<<32|v.Regs.RAX&0xffffffff) {
+		return Resume, v.InjectException(vmx.VectorGP, 0)
+	}
+	return Next, nil
 }
 
 // CR0 and CR4 bits the handlers look at.
@@ -573,6 +567,12 @@ func handleException(v *VCPU, _ vmx.Exit) (Action, error) {
 	}
 	if e.NeedsInstrLen() {
 		e.InstrLen = uint32(v.VMCS.Read(vmx.ExitInstructionLen))
+	}
+	if e.Type == vmx.EventNMI {
+		// NMI exiting: the NMI was the guest's (its LAPIC, its
+		// counters); it goes back to the guest.
+		v.queueNMI()
+		return Resume, nil
 	}
 	return Resume, v.Inject(e)
 }

@@ -85,6 +85,15 @@ type VCPU struct {
 	// must refuse tamahv's memory, as GuestMemory does. Nil: PAE paging
 	// entered through an exiting MOV to CR0 or CR4 raises #GP.
 	Mem PhysReader
+	// ReadMSR and WriteMSR access the processor's MSRs for the MSR
+	// handlers (msr.go); WriteMSR receives only values the policy
+	// checked. Nil: the MSRs that need them raise #GP in the guest.
+	ReadMSR  func(msr uint32) uint64
+	WriteMSR func(msr uint32, v uint64)
+	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
+	// in VMX root (vmx.TakeNMI in the image); it is injected at the next
+	// entry. Nil: none are counted.
+	TakeNMI func() bool
 
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
@@ -101,6 +110,8 @@ type VCPU struct {
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
 	exited  error
+	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
+	tscAdjust uint64
 }
 
 // Errors of the run loop.
@@ -275,6 +286,9 @@ func (v *VCPU) Run() error {
 // BeforeEntry hook.
 func (v *VCPU) prepareEntry() error {
 	v.VMCS.ClearErr()
+	if v.TakeNMI != nil && v.TakeNMI() {
+		v.queueNMI()
+	}
 	v.deliverEvent()
 	if v.PreemptionTicks != 0 {
 		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
@@ -302,6 +316,7 @@ func (v *VCPU) exit() (Action, error) {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
 	v.requeueVectoring()
+	v.restoreNMIBlocking(e.Reason)
 	act, err := v.dispatch(e)
 	if err != nil {
 		return Stop, err

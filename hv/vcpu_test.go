@@ -120,7 +120,7 @@ func (c *testCalls) Call(v *VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 func TestInitControls(t *testing.T) {
 	v, _ := scripted(t, nil)
 	_ = v
-	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary), fv(v).f[vmx.ProcControls])
+	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary|vmx.ProcTSCOffsetting), fv(v).f[vmx.ProcControls])
 	p2 := fv(v).f[vmx.Proc2Controls]
 	assert.NotZero(t, p2&vmx.Proc2EnableEPT)
 	assert.NotZero(t, p2&vmx.Proc2Unrestricted)
@@ -147,7 +147,7 @@ func TestCPUIDHidesVMX(t *testing.T) {
 			check: func(t *testing.T, v *VCPU) {
 				assert.Zero(t, v.Regs.RCX&vmx.CPUIDVMX, "VMX hidden")
 				assert.NotZero(t, v.Regs.RCX&(1<<31), "hypervisor present")
-				assert.Equal(t, uint64(0xbfebfbff), v.Regs.RDX)
+				assert.Equal(t, uint64(0xbfebfbff&^(1<<21)), v.Regs.RDX, "no debug store")
 			}},
 		{reason: vmx.ExitCPUID, regs: func(r *vmx.GuestRegs) { r.RAX = CPUIDHypervisorBase },
 			check: func(t *testing.T, v *VCPU) {
@@ -360,9 +360,9 @@ func TestExitPathAllocatesNothing(t *testing.T) {
 
 func TestBitmaps(t *testing.T) {
 	var b [4096]byte
-	require.NoError(t, MSRBitmap(&b, GuestMSRFaults()...))
-	assert.Equal(t, byte(1<<2), b[0x3a/8], "IA32_FEATURE_CONTROL read")
-	assert.Equal(t, byte(1<<2), b[2048+0x3a/8], "and write")
+	GuestMSRBitmap(&b)
+	assert.Equal(t, byte(1<<2|1<<3), b[0x3a/8], "IA32_FEATURE_CONTROL and IA32_TSC_ADJUST read")
+	assert.Equal(t, byte(1<<2|1<<3), b[2048+0x3a/8], "and write")
 	assert.Equal(t, byte(0xff), b[0x480/8])
 	assert.Error(t, MSRBitmap(&b, 0x40000000))
 	require.NoError(t, MSRBitmap(&b, 0xc0000080))

@@ -47,6 +47,12 @@ type Event struct {
 
 const eventValid = 1 << 31
 
+// NMIUnblockedByIRET is bit 12 of the exit interruption information and of
+// the exit qualification of EPT violations: the exiting instruction was an
+// IRET that had unblocked NMIs (SDM Vol. 3C, "Information for VM Exits Due
+// to Vectored Events", "Exit Qualification for EPT Violations").
+const NMIUnblockedByIRET = 1 << 12
+
 // Info encodes the VM-entry interruption-information field.
 func (e Event) Info() uint32 {
 	v := uint32(e.Vector) | uint32(e.Type&7)<<8 | eventValid

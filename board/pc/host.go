@@ -81,3 +81,22 @@ func (PhysMem) CopyPhys(dst, src, n uint64) error {
 	}
 	return nil
 }
+
+// SetNMIHandler points IDT vector 2 at handler, keeping the gate's
+// selector and type. TamaGo's own NMI handler acknowledges the local APIC
+// for its SMP and IRQ wake-ups, which tamahv does not use; tamahv's counts
+// the NMI for the guest (vmx.NMIHandler). Call it before the guest runs.
+func SetNMIHandler(handler uintptr) error {
+	var idtr [10]byte
+	sidt(&idtr)
+	gatePA := binary.LittleEndian.Uint64(idtr[2:]) + 2*16
+	var gate [16]byte
+	if err := (PhysMem{}).ReadPhys(gatePA, gate[:]); err != nil {
+		return err
+	}
+	// 64-bit gate: offset 15:0, selector, IST/type, offset 31:16, 63:32.
+	binary.LittleEndian.PutUint16(gate[0:], uint16(handler))
+	binary.LittleEndian.PutUint16(gate[6:], uint16(handler>>16))
+	binary.LittleEndian.PutUint32(gate[8:], uint32(uint64(handler)>>32))
+	return PhysMem{}.WritePhys(gatePA, gate[:])
+}

@@ -40,6 +40,8 @@ func (b *board) PortIO(port uint16, size int, in bool, val uint32) uint32 {
 	return pc.PortIO(port, size, in, val)
 }
 
+func (b *board) TakeNMI() bool { return vmx.TakeNMI() }
+
 func (b *board) XSETBV(xcr uint32, v uint64) { pc.XSETBV(xcr, v) }
 
 func (b *board) Host() hv.HostState {

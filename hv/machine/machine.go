@@ -48,6 +48,12 @@ type Board interface {
 	XSETBV(xcr uint32, v uint64)
 	// ReadMSR reads a model-specific register.
 	ReadMSR(msr uint32) uint64
+	// WriteMSR writes one, with a value tamahv's MSR policy checked.
+	WriteMSR(msr uint32, v uint64)
+	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
+	// in VMX root (the board's NMI handler counts them): the guest gets
+	// it at the next entry.
+	TakeNMI() bool
 	// PortIO does real port I/O of size bytes (1, 2 or 4) at port: an
 	// IN returns what it read, an OUT writes val.
 	PortIO(port uint16, size int, in bool, val uint32) uint32
@@ -169,9 +175,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := hv.MSRBitmap(msrBM, hv.GuestMSRFaults()...); err != nil {
-		return nil, err
-	}
+	hv.GuestMSRBitmap(msrBM)
 	ioA, bmA, err := m.page()
 	if err != nil {
 		return nil, err
@@ -208,6 +212,8 @@ func New(b Board, c Config) (*Machine, error) {
 	m.VCPU = v
 	v.CPUID = b.CPUID
 	v.XSETBV = b.XSETBV
+	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
+	v.TakeNMI = b.TakeNMI
 	v.Log = c.Log
 	if c.Console != [2]uint16{} {
 		v.OwnPorts(c.Console[0], c.Console[1])

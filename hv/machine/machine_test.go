@@ -118,8 +118,10 @@ func (b *board) put64(pa, v uint64) {
 	binary.LittleEndian.PutUint64(x[:], v)
 	_ = b.WritePhys(pa, x[:])
 }
-func (b *board) Sink() (uint64, error) { return 0x1020_0000, nil }
-func (b *board) Reach(uint64) uint64   { return 1 << 32 }
+func (b *board) Sink() (uint64, error)   { return 0x1020_0000, nil }
+func (b *board) Reach(uint64) uint64     { return 1 << 32 }
+func (b *board) WriteMSR(uint32, uint64) {}
+func (b *board) TakeNMI() bool           { return false }
 func (b *board) CPUID(leaf, _ uint32) (uint32, uint32, uint32, uint32) {
 	return leaf + 1, 0, 0, 0
 }
