@@ -297,7 +297,7 @@ func (a *BreakpointAgent) showShadow() error {
 // onViolation switches the split view: fetches get the shadow, reads and
 // writes the original.
 func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
+	gpa := e.GuestPA
 	if !a.split || gpa&^0xfff != a.pa&^0xfff {
 		return next(v, e)
 	}
@@ -313,7 +313,7 @@ func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action
 		}
 		return Resume, nil
 	}
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+	q := ept.DecodeViolation(e.Qualification)
 	if q.Fetch {
 		return Resume, a.showShadow()
 	}
@@ -332,9 +332,8 @@ func (a *BreakpointAgent) Disarm() error {
 // (an observer). Other exits go on to the handling installed before.
 func (a *BreakpointAgent) Install(v *VCPU) error {
 	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
-		info := uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
-		ev, ok := vmx.DecodeEvent(info, 0)
-		if !ok || ev.Vector != vmx.VectorBP || !a.installed || v.VMCS.Read(vmx.GuestRIP) != a.addr {
+		ev, ok := vmx.DecodeEvent(e.Interruption, 0)
+		if !ok || ev.Vector != vmx.VectorBP || !a.installed || e.RIP != a.addr {
 			return next(v, e)
 		}
 		a.Hits++
@@ -361,7 +360,7 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 		if e.Reason != vmx.ExitEPTViolation {
 			a.streak = 0
 		}
-		if a.want && !a.installed && v.VMCS.Read(vmx.GuestRIP) != a.addr {
+		if a.want && !a.installed && e.RIP != a.addr {
 			_ = a.install()
 		}
 	})

@@ -99,21 +99,21 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	m.f[vmx.ExitInterruptInfo] = bp
 	// Hit in another process: passed on, rewritten later.
 	m.f[vmx.GuestCR3] = 0x9000
-	act, err := v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
 	assert.Equal(t, byte(0x89), *at, "original byte back")
 	assert.False(t, v.EventPending())
-	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0x89), *at, "not rewritten while the guest sits on the detour")
 	m.f[vmx.GuestRIP] = 0x1234
-	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0xcc), *at, "rewritten at a later exit")
 
 	// Hit in the right process: the #PF replaces the #BP.
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.GuestCR3] = g.cr3 | 0x3 // PCID bits do not matter
-	act, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	act, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
 	assert.Equal(t, byte(0x89), *at)
@@ -124,14 +124,14 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint64(2), a.Hits)
 	assert.Equal(t, uint64(1), a.Raised)
 	m.f[vmx.GuestRIP] = 0x1234
-	v.observe(vmx.Exit{Reason: vmx.ExitCPUID})
+	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0x89), *at, "disarmed after raising")
 	assert.Zero(t, g.phys.Owners())
 
 	// The guest's own int3 elsewhere goes back to the guest.
 	m.f[vmx.GuestRIP] = 0x4000
 	v.events = eventQueue{}
-	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	e, _ = v.events.peek()
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
@@ -167,7 +167,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.f[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
 	m.f[vmx.GuestPhysAddr] = pa
 	m.f[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
-	_, err := v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err := v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa)
@@ -175,7 +175,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
 	*g.mem.at(pa + 1) = 0x42
 	m.f[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
-	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, shadow+pa&0xfff, hpa)
@@ -186,7 +186,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.GuestCR3] = g.cr3
 	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	hpa, perm, _, size, _ := g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa, "original page back")
@@ -201,7 +201,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.f[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
-		_, err = v.dispatch(vmx.Exit{Reason: vmx.ExitEPTViolation})
+		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 		require.NoError(t, err)
 	}
 	assert.True(t, a.noSplit)

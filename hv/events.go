@@ -136,9 +136,8 @@ func (v *VCPU) placeEvent(e vmx.Event) {
 
 // requeueVectoring puts back an event whose delivery the VM exit
 // interrupted (IDT-vectoring information), ahead of everything else.
-func (v *VCPU) requeueVectoring() {
-	info := uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
-	e, ok := vmx.DecodeEvent(info, 0)
+func (v *VCPU) requeueVectoring(x vmx.Exit) {
+	e, ok := vmx.DecodeEvent(x.IDTVectoring, 0)
 	if !ok {
 		return
 	}
@@ -169,19 +168,17 @@ func (v *VCPU) requeueVectoring() {
 // Guest Software After Handling an Exception"; KVM's
 // vmx_recover_nmi_blocking). A double fault or an exit during event
 // delivery does not restart the IRET.
-func (v *VCPU) restoreNMIBlocking(r vmx.ExitReason) {
+func (v *VCPU) restoreNMIBlocking(e vmx.Exit) {
 	var unblocked bool
-	switch r {
+	switch e.Reason {
 	case vmx.ExitExceptionOrNMI:
-		info := v.VMCS.Read(vmx.ExitInterruptInfo)
-		unblocked = info&vmx.NMIUnblockedByIRET != 0 && uint8(info) != vmx.VectorDF
+		unblocked = e.Interruption&vmx.NMIUnblockedByIRET != 0 && uint8(e.Interruption) != vmx.VectorDF
 	case vmx.ExitEPTViolation:
-		unblocked = v.VMCS.Read(vmx.ExitQualification)&vmx.NMIUnblockedByIRET != 0
+		unblocked = e.Qualification&vmx.NMIUnblockedByIRET != 0
 	default:
 		return
 	}
-	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 ||
-		v.VMCS.Read(vmx.IDTVectoringInfo)&(1<<31) != 0 {
+	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 || e.IDTVectoring&(1<<31) != 0 {
 		return
 	}
 	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|blockingNMI)

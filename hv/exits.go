@@ -40,8 +40,8 @@ func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
 	h[vmx.ExitIO] = handleIO
 	h[vmx.ExitEPTViolation] = handleEPTViolation
 	h[vmx.ExitEPTMisconfig] = handleEPTMisconfig
-	h[vmx.ExitTripleFault] = func(v *VCPU, _ vmx.Exit) (Action, error) {
-		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, v.VMCS.Read(vmx.GuestRIP)))
+	h[vmx.ExitTripleFault] = func(v *VCPU, e vmx.Exit) (Action, error) {
+		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, e.RIP))
 	}
 	h[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
 		v.tick()
@@ -92,7 +92,7 @@ func le32(s string) uint32 {
 	return uint32(s[0]) | uint32(s[1])<<8 | uint32(s[2])<<16 | uint32(s[3])<<24
 }
 
-func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
 	if v.Hypercalls == nil {
 		v.Regs.RAX = hcall.Unknown
 		return Next, nil
@@ -100,7 +100,7 @@ func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
 	ret, stop := v.Hypercalls.Call(v, v.Regs.RAX, v.Regs.RDI, v.Regs.RSI, v.Regs.RDX)
 	v.Regs.RAX = ret
 	if stop {
-		v.skipInstruction()
+		v.skipInstruction(e)
 		return v.Stopped(nil)
 	}
 	return Next, nil
@@ -173,7 +173,7 @@ const (
 )
 
 func handleCR(v *VCPU, e vmx.Exit) (Action, error) {
-	q := vmx.DecodeCRAccess(v.VMCS.Read(vmx.ExitQualification))
+	q := vmx.DecodeCRAccess(e.Qualification)
 	switch {
 	case q.CR == 0 && q.Type == vmx.CRCLTS:
 		return v.writeCR0(v.guestCR0() &^ vmx.CR0TS)
@@ -372,8 +372,8 @@ func (v *VCPU) ownsPort(p uint16) bool {
 // 3C, "I/O-Bitmap Addresses"): one that starts below an owned range and
 // reaches into it, or a multi-byte access that wraps from port 0xffff to
 // 0, exits as a whole.
-func handleIO(v *VCPU, _ vmx.Exit) (Action, error) {
-	io := vmx.DecodeIO(v.VMCS.Read(vmx.ExitQualification))
+func handleIO(v *VCPU, e vmx.Exit) (Action, error) {
+	io := vmx.DecodeIO(e.Qualification)
 	if io.Size != 1 && io.Size != 2 && io.Size != 4 {
 		return Stop, fmt.Errorf("%w: I/O exit with size %d at port %#x", ErrFatalExit, io.Size, io.Port)
 	}
@@ -541,29 +541,26 @@ func (v *VCPU) addressMask() uint64 {
 	return ^uint64(0)
 }
 
-func handleEPTViolation(v *VCPU, _ vmx.Exit) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+func handleEPTViolation(v *VCPU, e vmx.Exit) (Action, error) {
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	gva := "n/a"
 	if q.LinearValid {
 		gva = fmt.Sprintf("%#x", v.VMCS.Read(vmx.GuestLinearAddr))
 	}
-	return Stop, fmt.Errorf("%w: EPT violation at GPA %#x (GVA %s, RIP %#x): %v", ErrFatalExit, gpa, gva, v.VMCS.Read(vmx.GuestRIP), q)
+	return Stop, fmt.Errorf("%w: EPT violation at GPA %#x (GVA %s, RIP %#x): %v", ErrFatalExit, gpa, gva, e.RIP, q)
 }
 
-func handleEPTMisconfig(v *VCPU, _ vmx.Exit) (Action, error) {
-	return Stop, fmt.Errorf("%w: EPT misconfiguration at GPA %#x", ErrFatalExit, v.VMCS.Read(vmx.GuestPhysAddr))
+func handleEPTMisconfig(_ *VCPU, e vmx.Exit) (Action, error) {
+	return Stop, fmt.Errorf("%w: EPT misconfiguration at GPA %#x", ErrFatalExit, e.GuestPA)
 }
 
 // handleException reflects an intercepted exception or NMI back to the
 // guest.
-func handleException(v *VCPU, _ vmx.Exit) (Action, error) {
-	e, ok := vmx.DecodeEvent(uint32(v.VMCS.Read(vmx.ExitInterruptInfo)), 0)
+func handleException(v *VCPU, x vmx.Exit) (Action, error) {
+	e, ok := vmx.DecodeEvent(x.Interruption, x.InterruptionError)
 	if !ok {
 		return Resume, nil
-	}
-	if e.HasError {
-		e.ErrorCode = uint32(v.VMCS.Read(vmx.ExitInterruptError))
 	}
 	if e.NeedsInstrLen() {
 		e.InstrLen = uint32(v.VMCS.Read(vmx.ExitInstructionLen))

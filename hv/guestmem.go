@@ -212,8 +212,8 @@ func (g *GuestMemory) Install(v *VCPU) error {
 }
 
 func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	pg := gpa &^ 0xfff
 	hp := g.pages[pg]
 	if hp == nil && q.Write {

@@ -42,9 +42,10 @@ func BenchmarkSettleSharedPages(b *testing.B) {
 			v := &VCPU{VMCS: fv}
 			fv.f[vmx.GuestPhysAddr] = pml4
 			fv.f[vmx.ExitQualification] = 0x2 | 0x80 | 0x100 | 0x8 | 0x20
+			ev := exitOf(v, vmx.ExitEPTViolation)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := g.onViolation(v, vmx.Exit{Reason: vmx.ExitEPTViolation}, fatal); err != nil {
+				if _, err := g.onViolation(v, ev, fatal); err != nil {
 					b.Fatal(err)
 				}
 				g.settle(v, vmx.Exit{Reason: vmx.ExitCPUID})

@@ -52,8 +52,8 @@ type Unmapped struct {
 func (u *Unmapped) Install(v *VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
 
 func (u *Unmapped) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	_, perm, _, size, ok := u.EPT.Lookup(gpa)
 	switch {
 	case !ok && size != 0:

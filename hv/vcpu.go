@@ -168,7 +168,7 @@ func (v *VCPU) Intercept(r vmx.ExitReason, h Interceptor) error {
 
 // fatal is the handling of a reason without a handler.
 func fatal(v *VCPU, e vmx.Exit) (Action, error) {
-	return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, v.VMCS.Read(vmx.GuestRIP), v.VMCS.Read(vmx.ExitQualification))
+	return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, e.RIP, e.Qualification)
 }
 
 // Observe adds o to the functions that see every exit.
@@ -299,11 +299,29 @@ func (v *VCPU) prepareEntry() error {
 	return v.VMCS.Err()
 }
 
+// snapshot reads one VM exit's state from the VMCS: what every exit
+// records, and what this exit's reason records.
+func (v *VCPU) snapshot() vmx.Exit {
+	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
+	e.RIP = v.VMCS.Read(vmx.GuestRIP)
+	e.Qualification = v.VMCS.Read(vmx.ExitQualification)
+	e.IDTVectoring = uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
+	switch e.Reason {
+	case vmx.ExitEPTViolation, vmx.ExitEPTMisconfig:
+		e.GuestPA = v.VMCS.Read(vmx.GuestPhysAddr)
+	case vmx.ExitExceptionOrNMI:
+		e.Interruption = uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
+		if e.Interruption&vmx.EventErrorValid != 0 {
+			e.InterruptionError = uint32(v.VMCS.Read(vmx.ExitInterruptError))
+		}
+	}
+	return e
+}
+
 // exit reads and dispatches one VM exit.
 func (v *VCPU) exit() (Action, error) {
-	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
-	rip := v.VMCS.Read(vmx.GuestRIP)
-	qual := v.VMCS.Read(vmx.ExitQualification)
+	e := v.snapshot()
+	rip, qual := e.RIP, e.Qualification
 	v.recent[v.nrecent%recentExits] = ExitRecord{e.Reason, rip, qual}
 	v.nrecent++
 	if !e.Reason.Valid() {
@@ -315,23 +333,23 @@ func (v *VCPU) exit() (Action, error) {
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
-	v.requeueVectoring()
-	v.restoreNMIBlocking(e.Reason)
+	v.requeueVectoring(e)
+	v.restoreNMIBlocking(e)
 	act, err := v.dispatch(e)
 	if err != nil {
 		return Stop, err
 	}
 	if act == Next {
-		v.skipInstruction()
+		v.skipInstruction(e)
 	}
 	return act, nil
 }
 
-// skipInstruction advances RIP and drops blocking by STI and MOV SS, as
-// completing the instruction would.
-func (v *VCPU) skipInstruction() {
+// skipInstruction advances RIP past e's instruction and drops blocking by
+// STI and MOV SS, as completing the instruction would.
+func (v *VCPU) skipInstruction(e vmx.Exit) {
 	n := v.VMCS.Read(vmx.ExitInstructionLen)
-	v.VMCS.Write(vmx.GuestRIP, v.VMCS.Read(vmx.GuestRIP)+n)
+	v.VMCS.Write(vmx.GuestRIP, e.RIP+n)
 	if s := v.VMCS.Read(vmx.GuestInterruptibility); s&3 != 0 {
 		v.VMCS.Write(vmx.GuestInterruptibility, s&^3)
 	}

@@ -373,3 +373,10 @@ func TestBitmaps(t *testing.T) {
 	assert.Zero(t, a[0x2f8/8])
 	assert.Equal(t, byte(0xc0), bb[(0xfffe-0x8000)/8], "ports 0xfffe and 0xffff in bitmap B")
 }
+
+// exitOf snapshots the fake VMCS as an exit of reason r, as the run loop
+// would, for tests that call handlers directly.
+func exitOf(v *VCPU, r vmx.ExitReason) vmx.Exit {
+	v.VMCS.Write(vmx.ExitReasonField, uint64(r))
+	return v.snapshot()
+}
