@@ -19,7 +19,7 @@ func newBenchGuest() *benchGuest {
 }
 
 func (g *benchGuest) Translate(cr3, va uint64) (swapmem.Translation, error) {
-	return swapmem.Translation{Present: g.present, Writable: true, User: true, PA: 0x100000 + va&0xfffff, PageSize: 4096}, nil
+	return swapmem.Translation{Present: g.present, Backed: !g.present, Writable: true, User: true, PA: 0x100000 + va&0xfffff, PageSize: 4096}, nil
 }
 func (g *benchGuest) ReadPhys(pa uint64, p []byte) error { return nil }
 func (g *benchGuest) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
