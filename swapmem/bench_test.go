@@ -151,3 +151,19 @@ func BenchmarkCompletion(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkReinjectFailedPF measures the timer with nothing due: its cost
+// does not grow with the number of live transactions.
+func BenchmarkReinjectFailedPF(b *testing.B) {
+	for _, n := range []int{1, 100000} {
+		b.Run(fmt.Sprintf("tx=%d/idle", n), func(b *testing.B) {
+			e := swapmem.New(newBenchGuest(), swapmem.Config{})
+			populate(b, e, n)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				e.ReinjectFailedPF()
+			}
+		})
+	}
+}

@@ -162,6 +162,7 @@ type Stats struct {
 	Live      int    // live transactions
 	Pages     int    // distinct pages waiting (shared by transactions)
 	Watches   int    // page-table watches held
+	Spaces    int    // address spaces with live transactions
 	Injected  uint64 // #PFs injected (directly or through the breakpoint agent)
 	Cancelled uint64 // injections displaced by another event
 	Delivered uint64 // injections confirmed delivered (PFDelivered)

@@ -162,7 +162,7 @@ func (s *sim) complete(r *simReq, rd swapmem.Read) {
 	case r.removed:
 		s.fail("request %d: Done after removal", r.id)
 	case rd.Err != nil:
-		if !errors.Is(rd.Err, swapmem.ErrNotServiced) {
+		if !errors.Is(rd.Err, swapmem.ErrNotServiced) && !errors.Is(rd.Err, swapmem.ErrDeadline) && !errors.Is(rd.Err, swapmem.ErrNotBacked) {
 			s.fail("request %d: unexpected error %v", r.id, rd.Err)
 		}
 		if rd.Data != nil {
@@ -244,7 +244,15 @@ func (s *sim) step(b *byteSource) {
 	case 2, 3:
 		s.inject(cpu)
 	case 4:
+		// The hypervisor confirms the delivery of what it injected, or
+		// (an older wiring) does not.
+		q := s.m.Queued()
 		s.m.Deliver()
+		if b.next()%2 == 0 {
+			for _, f := range q {
+				s.e.PFDelivered(f.VA)
+			}
+		}
 	case 5:
 		ring := 0
 		if b.next()%2 == 1 {

@@ -177,12 +177,16 @@ func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 // after the entry that injected it shows it in the IDT-vectoring
 // information (its delivery was interrupted). The cancelled attempt does
 // not count towards Config.MaxAttempts. For the #PF of a removed
-// transaction, it frees the guest-wide pending slot.
+// transaction, it frees the guest-wide pending slot. A #PF already reported
+// delivered (PFDelivered) is not cancelled.
 func (e *Engine) CancelPendingPF(va uint64) {
 	page := va &^ pageMask
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if s := e.pending; s != nil && s.state == slotPending && s.key.page == page {
+		if s.delivered {
+			return // a late report: the guest has it
+		}
 		s.attempts--
 		e.stats.Cancelled++
 		e.setPending(nil)
@@ -329,6 +333,7 @@ func (e *Engine) Stats() Stats {
 	s.Live = e.all.n
 	s.Pages = len(e.slots)
 	s.Watches = len(e.watches)
+	s.Spaces = len(e.spaces)
 	return s
 }
 
