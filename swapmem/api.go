@@ -211,8 +211,9 @@ type Config struct {
 	Now func() time.Duration
 	// MaxAttempts is how many times a page's #PF is injected without the
 	// page coming in before its transactions fail (default
-	// DefaultMaxAttempts). A cancelled injection does not count; one that
-	// the CPU refused (InjectPF or InjectBPFault failed) does.
+	// DefaultMaxAttempts). A cancelled injection does not count. Injections
+	// the CPU refuses (InjectPF or InjectBPFault failed) have their own
+	// bound: refused for MaxAttempts × Timeout, the page fails.
 	MaxAttempts int
 	// Deadline is the life of a request that sets no Request.Deadline
 	// (default DefaultDeadline).

@@ -89,6 +89,10 @@ type slot struct {
 	wlink    link[slot] // watch.slots
 	seq      uint64     // queue order: smaller was queued earlier
 	attempts int
+	// refusedSince is when the CPU began refusing this slot's injections
+	// (valid while refusing).
+	refusedSince time.Duration
+	refusing     bool
 	// since is when the pending #PF was injected (or confirmed delivered),
 	// or when the slot was parked.
 	since     time.Duration

@@ -3,6 +3,7 @@ package swapmem
 import (
 	"fmt"
 	"io"
+	"time"
 )
 
 // InjectPendingPF injects one #PF for a waiting page if the moment is right
@@ -17,10 +18,12 @@ import (
 // c.InjectBPFault. It costs O(1) in the number of live transactions and
 // allocates nothing. On a closed engine it does nothing.
 //
-// When c refuses the injection, InjectPendingPF returns the error; the
-// refusal counts as an attempt (Config.MaxAttempts), and the page is not
-// tried again before the next ReinjectFailedPF, so that a page that can
-// never be armed neither costs every VM entry a try nor waits forever.
+// When c refuses the injection, InjectPendingPF returns the error and the
+// page is not tried again before the next ReinjectFailedPF, so that a page
+// that cannot be armed does not cost every VM entry a try. A page whose
+// injections have been refused for Config.MaxAttempts × Config.Timeout
+// (as long as that many lost faults take; a successful injection starts
+// the count again) fails its transactions with ErrNotServiced.
 func (e *Engine) InjectPendingPF(c CPU) error {
 	if e.nready.Load() == 0 || e.busy.Load() {
 		return nil
@@ -151,10 +154,13 @@ func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 	}
 	if err != nil {
 		e.setPending(nil)
-		s.attempts++
 		e.stats.Refused++
-		if s.attempts >= e.maxAttempts {
-			ferr := fmt.Errorf("%w: %#x in CR3 %#x: attempt %d refused: %w", ErrNotServiced, s.key.page, s.w.key.cr3, s.attempts, err)
+		now := e.clock()
+		if !s.refusing {
+			s.refusing, s.refusedSince = true, now
+		}
+		if limit := e.refuseLimit(); now-s.refusedSince >= limit {
+			ferr := fmt.Errorf("%w: %#x in CR3 %#x: injection refused for %v: %w", ErrNotServiced, s.key.page, s.w.key.cr3, limit, err)
 			return e.failSlot(s, ferr, nil), fmt.Errorf("swapmem: injecting #PF for %#x: %w", s.key.page, err)
 		}
 		s.state = slotBackoff
@@ -162,12 +168,19 @@ func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 		e.backoff.pushBack(s)
 		return nil, fmt.Errorf("swapmem: injecting #PF for %#x: %w", s.key.page, err)
 	}
+	s.refusing = false
 	s.state = slotPending
 	s.delivered = false
 	s.attempts++
 	s.since = e.clock()
 	e.stats.Injected++
 	return nil, nil
+}
+
+// refuseLimit is how long the CPU may keep refusing a page's injection
+// before its transactions fail: as long as MaxAttempts lost faults take.
+func (e *Engine) refuseLimit() time.Duration {
+	return time.Duration(e.maxAttempts) * e.timeout
 }
 
 // CancelPendingPF puts the page of a pending #PF for va back at the front
@@ -260,6 +273,9 @@ func (e *Engine) ReinjectFailedPF() {
 	for s := e.parked.head; s != nil && now-s.since >= e.timeout; s = e.parked.head {
 		err := fmt.Errorf("%w: %#x in CR3 %#x", ErrNotBacked, s.key.page, s.w.key.cr3)
 		batch = e.failSlot(s, err, batch)
+		if e.parked.head == s {
+			break // cannot happen: a slot lives only while it has waiters
+		}
 	}
 	for len(e.dl) > 0 && e.dl[0].deadline <= now {
 		t := e.dl[0]
