@@ -134,7 +134,7 @@ func (e *Engine) ask(s *slot, cr3 uint64, budget *int) bool {
 
 // inject raises the #PF for the claimed slot s. When c refuses, s backs
 // off until the next timer tick, or fails its transactions (returned as a
-// batch) once it has used up its attempts.
+// batch) once its injections have been refused for refuseLimit.
 func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 	var err error
 	if s.key.class&BPFault != 0 {
