@@ -304,7 +304,7 @@ func TestPageThatStopsBeingBackedIsNotFaulted(t *testing.T) {
 	assert.Empty(t, w.m.Queued())
 
 	// Backed again (a new page, swapped out): faulted again.
-	require.NoError(t, w.proc.MapSwapped(userBase, swapmemtest.UserRW))
+	require.NoError(t, w.proc.MapSwapped(userBase, swapmemtest.UserRW, nil))
 	require.NoError(t, w.e.InjectPendingPF(w.cpu))
 	q := w.m.Queued()
 	require.Len(t, q, 1)

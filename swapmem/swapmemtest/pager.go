@@ -138,9 +138,9 @@ func (s *Space) SwapOut(va uint64) error {
 	})
 }
 
-// MapSwapped maps a fresh zeroed 4 KiB page at va directly in swap: the
-// PTE goes from zero to a swap entry in one write.
-func (s *Space) MapSwapped(va uint64, p Perm) error {
+// MapSwapped maps a 4 KiB page at va directly in swap, holding data (zeros
+// beyond it): the PTE goes from zero to a swap entry in one write.
+func (s *Space) MapSwapped(va uint64, p Perm, data []byte) error {
 	return s.m.mutate(func() error {
 		pa, e, level, err := s.m.leaf(s.CR3, va, 0, true)
 		if err != nil {
@@ -150,7 +150,9 @@ func (s *Space) MapSwapped(va uint64, p Perm) error {
 			return fmt.Errorf("%w: %#x", ErrMapConflict, va)
 		}
 		s.m.swapID++
-		s.m.swap[s.m.swapID] = make([]byte, pageSize)
+		page := make([]byte, pageSize)
+		copy(page, data)
+		s.m.swap[s.m.swapID] = page
 		s.m.setEntry(pa, s.m.swapID<<12|uint64(p)&permMask)
 		return nil
 	})
