@@ -24,6 +24,10 @@ const (
 	pteAddr = 0x000f_ffff_ffff_f000
 )
 
+// pteLinuxProtNone is Linux's _PAGE_PROTNONE (the G bit) in a not-present
+// entry: a mapping without access, where a #PF is a SIGSEGV or an oops.
+const pteLinuxProtNone = 1 << 8
+
 // Walk errors.
 var (
 	ErrNonCanonical = errors.New("hv: non-canonical address")
@@ -97,6 +101,10 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 		steps[n] = Step{Level: level, PA: pa, Entry: e}
 		n++
 		if e&pteP == 0 {
+			// Backed: a non-zero not-present PTE or PDE that is not Linux's
+			// PROT_NONE: a swap or migration entry, which a #PF brings back
+			// (arch/x86/include/asm/pgtable_64.h).
+			tr.Backed = e != 0 && level <= 2 && e&pteLinuxProtNone == 0
 			return tr, n, nil
 		}
 		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) {
