@@ -34,10 +34,6 @@ type GuestMemory struct {
 	Phys *GuestPhys
 	// SystemCR3 is the address space of requests with CR3 0.
 	System uint64
-	// OnGone hears of an address space whose watched mapping was torn
-	// down (an entry on the walk rewritten to zero, as when a process
-	// exits); it runs after the watches were walked.
-	OnGone func(cr3 uint64)
 	// OnWatchError hears of a watch that could not follow the guest's new
 	// walk (a paging structure outside guest RAM, a reserved bit, no EPT
 	// table left): the watch has failed for good, its function heard a
@@ -48,7 +44,6 @@ type GuestMemory struct {
 	spare   []*hookedPage
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
-	gone    []uint64
 	gen     uint64 // marks watches walked in this settle
 
 	// Counters. Stale counts writes refused by a protection no watch
@@ -289,13 +284,10 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 		}
 		w.gen = g.gen
 		g.unhook(w)
-		tr, last, err := g.hook(w)
+		tr, _, err := g.hook(w)
 		if err != nil {
 			g.fail(w, err)
 			continue
-		}
-		if !tr.Present && last == 0 && !containsU64(g.gone, w.cr3) {
-			g.gone = append(g.gone, w.cr3)
 		}
 		if tr != w.seen {
 			w.seen = tr
@@ -304,12 +296,6 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 		}
 	}
 	g.Phys.Flush()
-	for _, cr3 := range g.gone {
-		if g.OnGone != nil {
-			g.OnGone(cr3)
-		}
-	}
-	g.gone = g.gone[:0]
 }
 
 // fail ends a watch that could not follow its walk: it holds no page any
@@ -327,15 +313,6 @@ func (g *GuestMemory) fail(w *pteWatch, err error) {
 	if g.OnWatchError != nil {
 		g.OnWatchError(w.cr3, w.va, fmt.Errorf("hv: watch of %#x in CR3 %#x: %w", w.va, w.cr3, err))
 	}
-}
-
-func containsU64(s []uint64, v uint64) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 var (
