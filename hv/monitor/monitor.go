@@ -119,8 +119,8 @@ type Monitor struct {
 	// Now is the clock (nil: time.Now).
 	Now func() time.Time
 	// Paging is told, before a request is read, whether the guest uses
-	// 5-level paging (nil: not told).
-	Paging func(la57 bool)
+	// 5-level paging and execute-disable (nil: not told).
+	Paging func(la57, nxe bool)
 
 	// Status is the exit status the guest gave with hcall.Exit.
 	Status int
@@ -224,6 +224,7 @@ const (
 	ring3Options  = swapmem.UserFault | swapmem.NoFault | swapmem.WriteFault | swapmem.NoDups
 	faultOptions  = swapmem.UserFault | swapmem.NoFault | swapmem.BPFault
 	cr4LA57       = 1 << 12
+	eferNXE       = 1 << 11
 	cr0PG         = 1 << 31
 	requestInPage = 4096 - hcall.SwapRequestSize
 )
@@ -250,7 +251,7 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
 	la57 := v.VMCS.Read(vmx.GuestCR4)&cr4LA57 != 0
 	if m.Paging != nil {
-		m.Paging(la57)
+		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&eferNXE != 0)
 	}
 	r := m.reads[cr3]
 	if r != nil && r.state == hcall.StatusPending {
