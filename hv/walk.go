@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // PhysReader reads guest-physical memory.
@@ -13,16 +14,15 @@ type PhysReader interface {
 	ReadPhys(pa uint64, p []byte) error
 }
 
-// Paging-entry bits (Intel SDM Vol. 3A, "4-Level Paging and 5-Level
-// Paging").
+// Paging-entry bits, short names for vmx's.
 const (
-	pteP    = 1 << 0
-	pteRW   = 1 << 1
-	pteUS   = 1 << 2
-	ptePS   = 1 << 7
-	ptePAT  = 1 << 12 // in a 2 MiB or 1 GiB leaf
-	pteXD   = 1 << 63
-	pteAddr = 0x000f_ffff_ffff_f000
+	pteP    = vmx.PTEPresent
+	pteRW   = vmx.PTEWritable
+	pteUS   = vmx.PTEUser
+	ptePS   = vmx.PTEPageSize
+	ptePAT  = vmx.PTELargePAT
+	pteXD   = vmx.PTEExecuteDisable
+	pteAddr = vmx.PTEAddress
 )
 
 // pteLinuxProtNone is Linux's _PAGE_PROTNONE (the G bit) in a not-present

@@ -223,9 +223,6 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 const (
 	ring3Options  = swapmem.UserFault | swapmem.NoFault | swapmem.WriteFault | swapmem.NoDups
 	faultOptions  = swapmem.UserFault | swapmem.NoFault | swapmem.BPFault
-	cr4LA57       = 1 << 12
-	eferNXE       = 1 << 11
-	cr0PG         = 1 << 31
 	requestInPage = 4096 - hcall.SwapRequestSize
 )
 
@@ -245,13 +242,13 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	}
 	// The request is read through the guest's IA-32e page tables: the
 	// guest must be using them.
-	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&cr0PG == 0 {
+	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG == 0 {
 		return hcall.Invalid
 	}
 	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
-	la57 := v.VMCS.Read(vmx.GuestCR4)&cr4LA57 != 0
+	la57 := v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0
 	if m.Paging != nil {
-		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&eferNXE != 0)
+		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE != 0)
 	}
 	r := m.reads[cr3]
 	if r != nil && r.state == hcall.StatusPending {
