@@ -66,6 +66,7 @@ const (
 	entryPerm    = 7
 	entryMemType = 7 << 3
 	entryLarge   = 1 << 7
+	entryAD      = 3 << 8 // accessed and dirty: the processor's, not the mapping's
 	entryAddr    = 0x000f_ffff_ffff_f000
 )
 
@@ -188,6 +189,9 @@ func (e *EPT) firstMapped(gpa, size uint64) (uint64, bool) {
 		_, _, _, s, ok := e.Lookup(cur)
 		if ok {
 			return cur, true
+		}
+		if s == 0 {
+			return 0, false // beyond the guest-physical space
 		}
 		cur = (cur &^ (s - 1)) + s
 	}
@@ -344,9 +348,15 @@ func (e *EPT) Unmap(gpa, size uint64) error {
 	if (gpa|size)&(Size4K-1) != 0 {
 		return ErrAlign
 	}
+	if gpa+size > maxGPA || gpa+size < gpa {
+		return ErrRange
+	}
 	for cur := gpa; cur < gpa+size; {
 		_, _, _, s, ok := e.Lookup(cur)
 		if !ok {
+			if s == 0 {
+				return fmt.Errorf("ept: internal: no region size at %#x", cur)
+			}
 			cur = (cur &^ (s - 1)) + s
 			continue
 		}
@@ -365,6 +375,97 @@ func (e *EPT) Unmap(gpa, size uint64) error {
 		cur += levelSize(level)
 	}
 	return nil
+}
+
+// Merge collapses the tables under the 2 MiB region holding gpa, then
+// (with 1 GiB pages) under its 1 GiB region, back into one large page
+// wherever the table's 512 entries map one aligned, contiguous host range
+// with the same permissions and memory type, and drops tables whose
+// entries are all empty. The tables are given back to Tables: splits made
+// by Protect and Retarget cost nothing once the page is as it was. It
+// returns the number of tables freed; when that is not 0 the caller must
+// invalidate EPT-derived translations (INVEPT) before the guest runs.
+func (e *EPT) Merge(gpa uint64) (int, error) {
+	if gpa >= maxGPA {
+		return 0, ErrRange
+	}
+	pml4, err := e.t.Table(e.root)
+	if err != nil {
+		return 0, err
+	}
+	v := pml4[index(gpa, 3)]
+	if v&entryPerm == 0 {
+		return 0, nil
+	}
+	pdpt, err := e.t.Table(v & entryAddr)
+	if err != nil {
+		return 0, err
+	}
+	i2 := index(gpa, 2)
+	if v := pdpt[i2]; v&entryPerm == 0 || v&entryLarge != 0 {
+		return 0, nil
+	}
+	pd, err := e.t.Table(pdpt[i2] & entryAddr)
+	if err != nil {
+		return 0, err
+	}
+	freed := 0
+	i1 := index(gpa, 1)
+	if v := pd[i1]; v&entryPerm != 0 && v&entryLarge == 0 {
+		ok, err := e.collapse(pd, i1, 1)
+		if err != nil {
+			return freed, err
+		}
+		if ok {
+			freed++
+		}
+	}
+	if e.opt.Pages1G {
+		ok, err := e.collapse(pdpt, i2, 2)
+		if err != nil {
+			return freed, err
+		}
+		if ok {
+			freed++
+		}
+	}
+	return freed, nil
+}
+
+// collapse replaces the table that parent[i] (a level-l entry) points at
+// by one large page, or by nothing, where its entries allow it.
+func (e *EPT) collapse(parent *[512]uint64, i uint64, l int) (bool, error) {
+	pa := parent[i] & entryAddr
+	t, err := e.t.Table(pa)
+	if err != nil {
+		return false, err
+	}
+	var merged uint64
+	if first := t[0]; first&entryPerm == 0 {
+		for _, v := range t {
+			if v != 0 {
+				return false, nil
+			}
+		}
+	} else {
+		if l-1 > 0 && first&entryLarge == 0 {
+			return false, nil // a table below: not one page
+		}
+		base, child := first&entryAddr, levelSize(l-1)
+		if base%levelSize(l) != 0 {
+			return false, nil
+		}
+		attrs := first &^ entryAddr &^ entryAD
+		for j, v := range t {
+			if v&entryAddr != base+uint64(j)*child || v&^entryAddr&^entryAD != attrs {
+				return false, nil
+			}
+		}
+		merged = base | attrs | entryLarge
+	}
+	parent[i] = merged
+	e.t.Free(pa)
+	return true, nil
 }
 
 // Violation is an EPT-violation exit qualification (SDM Vol. 3C, "Exit

@@ -181,3 +181,118 @@ func TestRetarget(t *testing.T) {
 	assert.ErrorIs(t, e.Retarget(0x3001, 0, RWX), ErrAlign)
 	assert.ErrorIs(t, e.Retarget(0x400000, 0, RWX), ErrNotFound)
 }
+
+// budgetTables fails the test (by panicking out of a loop that would never
+// end) after a number of table reads.
+type budgetTables struct {
+	*memTables
+	left int
+}
+
+func (b *budgetTables) Table(pa uint64) (*[512]uint64, error) {
+	if b.left--; b.left < 0 {
+		panic("ept: table read budget spent: the operation does not end")
+	}
+	return b.memTables.Table(pa)
+}
+
+// TestUnmapAbove48BitsReturns: Unmap and Map beyond the 48-bit space
+// refuse at once instead of wrapping round to 0 and climbing forever.
+func TestUnmapAbove48BitsReturns(t *testing.T) {
+	e, err := New(&budgetTables{memTables: newMem(), left: 10000}, Options{Pages1G: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, Size1G, RWX, WriteBack))
+	assert.ErrorIs(t, e.Unmap(maxGPA, Size4K), ErrRange)
+	assert.ErrorIs(t, e.Unmap(maxGPA-Size4K, 2*Size4K), ErrRange)
+	assert.ErrorIs(t, e.Unmap(^uint64(0)&^(Size4K-1), Size4K), ErrRange, "wraps")
+	assert.NoError(t, e.Unmap(maxGPA-Size1G, Size1G), "the last GiB, unmapped: nothing to do")
+	_, _, _, _, ok := e.Lookup(0x1000)
+	assert.True(t, ok, "nothing below was unmapped")
+	at, found := e.firstMapped(maxGPA-Size4K, Size4K)
+	assert.False(t, found, "%#x", at)
+}
+
+// TestMergeFreesSplitTables: protecting a page splits its 1 GiB and 2 MiB
+// pages; once the page is as it was, Merge gives both tables back, so a
+// bounded table arena supports any number of protect/release cycles over
+// distinct regions (it filled after one region before).
+func TestMergeFreesSplitTables(t *testing.T) {
+	m := newMem()
+	e, err := New(m, Options{Pages1G: true, ExecuteOnly: true})
+	require.NoError(t, err)
+	require.NoError(t, e.Map(0, 0, 4*Size1G, RWX, WriteBack))
+	base := len(m.pages)
+	m.limit = base + 2 // room for one split at a time
+	for r := uint64(0); r < 2048; r++ {
+		gpa := r*Size2M + 0x5000
+		_, err := e.Protect(gpa, Read|Exec)
+		require.NoError(t, err, "region %d", r)
+		_, p, _, _, _ := e.Lookup(gpa)
+		require.Equal(t, Read|Exec, p)
+		_, err = e.Protect(gpa, RWX)
+		require.NoError(t, err)
+		n, err := e.Merge(gpa)
+		require.NoError(t, err)
+		require.Equal(t, 2, n, "region %d", r)
+	}
+	assert.Equal(t, base, len(m.pages))
+	hpa, p, mt, size, ok := e.Lookup(0x12345678)
+	require.True(t, ok)
+	assert.Equal(t, uint64(0x12345678), hpa)
+	assert.Equal(t, RWX, p)
+	assert.Equal(t, WriteBack, mt)
+	assert.EqualValues(t, Size1G, size, "the 1 GiB page is back")
+
+	// A region that still differs stays split.
+	_, err = e.Protect(0x3000, Read)
+	require.NoError(t, err)
+	_, err = e.Protect(0x4000, Read)
+	require.NoError(t, err)
+	_, err = e.Protect(0x3000, RWX)
+	require.NoError(t, err)
+	n, err := e.Merge(0x3000)
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	_, p, _, _, _ = e.Lookup(0x4000)
+	assert.Equal(t, Read, p)
+	// A retargeted page merges once it points home again.
+	_, err = e.Protect(0x4000, RWX)
+	require.NoError(t, err)
+	require.NoError(t, e.Retarget(0x4000, 0x77000, Exec))
+	n, err = e.Merge(0x4000)
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	require.NoError(t, e.Retarget(0x4000, 0x4000, RWX))
+	n, err = e.Merge(0x4000)
+	require.NoError(t, err)
+	assert.Equal(t, 2, n)
+	assert.Equal(t, base, len(m.pages))
+
+	// Without 1 GiB pages only the 2 MiB level merges; memory types and
+	// emptied tables count too.
+	m2 := newMem()
+	e2, err := New(m2, Options{})
+	require.NoError(t, err)
+	require.NoError(t, e2.Map(0x1000, 0x1000, Size2M-Size4K, RWX, Uncacheable))
+	before := len(m2.pages)
+	require.NoError(t, e2.Unmap(0x1000, Size2M-Size4K))
+	n, err = e2.Merge(0x1000)
+	require.NoError(t, err)
+	assert.Equal(t, 1, n, "the emptied page table")
+	assert.Equal(t, before-1, len(m2.pages))
+	_, _, _, _, ok = e2.Lookup(0x1000)
+	assert.False(t, ok)
+	require.NoError(t, e2.Map(0, 0, Size2M, RWX, Uncacheable))
+	_, err = e2.Protect(0x1000, Read)
+	require.NoError(t, err)
+	_, err = e2.Protect(0x1000, RWX)
+	require.NoError(t, err)
+	n, err = e2.Merge(0x1000)
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
+	_, _, mt, size, _ = e2.Lookup(0x1000)
+	assert.Equal(t, Uncacheable, mt)
+	assert.EqualValues(t, Size2M, size)
+	_, err = e2.Merge(maxGPA)
+	assert.ErrorIs(t, err, ErrRange)
+}

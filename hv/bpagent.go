@@ -33,17 +33,27 @@ import (
 // switches between the two. Should one instruction both run from and read
 // its own page the views would chase each other; after a streak of
 // switches the agent writes the int3 in place instead.
+//
+// The guest's page tables say where the detour is, so the agent trusts
+// none of it: the code is read and the int3 written through GuestPhys,
+// the detour's page must be guest RAM mapped one to one (never tamahv's
+// region, the sink or MMIO), and every Arm checks it again. While armed
+// the agent owns the page's EPT entry; a watched page table cannot be
+// its page, nor its page be watched.
 type BreakpointAgent struct {
-	Mem    Memory
+	// Phys is guest RAM: the agent reads the guest's code, writes the
+	// int3 and shows its views only through it, and claims the detour's
+	// page there for as long as it is armed.
+	Phys   *GuestPhys
 	Walker *Walker
 	// LSTAR reads the guest's IA32_LSTAR (the MSR is not switched on VM
 	// exit, so the host reads the guest's value).
 	LSTAR func() uint64
-	// EPT, Shadow (a spare 4 KiB page of tamahv's) and Invalidate give
-	// the split view; with Shadow 0 the int3 is written in place.
-	EPT        *ept.EPT
-	Shadow     uint64
-	Invalidate func()
+	// Shadow (a spare 4 KiB page of tamahv's at host-physical ShadowPA)
+	// gives the split view, which needs execute-only EPT pages; with
+	// Shadow nil the int3 is written in place.
+	Shadow   *[4096]byte
+	ShadowPA uint64
 
 	split   bool // the current arming uses the split view
 	noSplit bool // the split view was given up
@@ -51,6 +61,7 @@ type BreakpointAgent struct {
 	streak  int
 
 	addr, pa  uint64 // the detour (0: not found yet)
+	lstar     uint64 // the IA32_LSTAR the detour was found from
 	orig      byte
 	installed bool
 	want      bool
@@ -82,11 +93,11 @@ var ErrNoDetour = errors.New("hv: no detour point found in the guest kernel")
 func FindDetour(read func(va uint64, p []byte) error, lstar uint64) (uint64, error) {
 	call, _, err := firstCall(read, lstar)
 	if err != nil {
-		return 0, fmt.Errorf("%w: in the SYSCALL entry at %#x: %v", ErrNoDetour, lstar, err)
+		return 0, fmt.Errorf("%w: in the SYSCALL entry at %#x: %w", ErrNoDetour, lstar, err)
 	}
 	_, after, err := firstCall(read, call)
 	if err != nil {
-		return 0, fmt.Errorf("%w: in the dispatcher at %#x: %v", ErrNoDetour, call, err)
+		return 0, fmt.Errorf("%w: in the dispatcher at %#x: %w", ErrNoDetour, call, err)
 	}
 	return after, nil
 }
@@ -133,7 +144,9 @@ func firstCall(read func(va uint64, p []byte) error, pc uint64) (target, after u
 // first Arm).
 func (a *BreakpointAgent) Detour() uint64 { return a.addr }
 
-// locate finds the detour through the current address space.
+// locate finds the detour through the current address space. Its page
+// must be guest RAM (GuestPhys.Check): the guest's page tables decide
+// where it is, and they may point anywhere.
 func (a *BreakpointAgent) locate(cr3 uint64) error {
 	read := func(va uint64, p []byte) error {
 		for len(p) > 0 {
@@ -145,31 +158,61 @@ func (a *BreakpointAgent) locate(cr3 uint64) error {
 				return fmt.Errorf("kernel address %#x not present", va)
 			}
 			n := min(uint64(len(p)), 0x1000-va&0xfff)
-			if err := a.Mem.ReadPhys(tr.PA, p[:n]); err != nil {
+			if err := a.Phys.ReadPhys(tr.PA, p[:n]); err != nil {
 				return err
 			}
 			p, va = p[n:], va+n
 		}
 		return nil
 	}
-	addr, err := FindDetour(read, a.LSTAR())
+	lstar := a.LSTAR()
+	addr, err := FindDetour(read, lstar)
 	if err != nil {
 		return err
 	}
-	tr, err := a.Walker.Translate(cr3, addr)
-	if err != nil || !tr.Present {
-		return fmt.Errorf("%w: detour %#x not mapped", ErrNoDetour, addr)
+	pa, err := a.resolve(cr3, addr)
+	if err != nil {
+		return err
 	}
-	a.addr, a.pa = addr, tr.PA
+	a.addr, a.pa, a.lstar = addr, pa, lstar
 	return nil
 }
 
+// resolve translates the detour and checks that its page is guest RAM.
+func (a *BreakpointAgent) resolve(cr3, addr uint64) (uint64, error) {
+	tr, err := a.Walker.Translate(cr3, addr)
+	if err != nil || !tr.Present {
+		return 0, fmt.Errorf("%w: detour %#x not mapped", ErrNoDetour, addr)
+	}
+	if err := a.Phys.Check(tr.PA&^0xfff, 0x1000); err != nil {
+		return 0, fmt.Errorf("%w: detour %#x at guest-physical %#x: %w", ErrNoDetour, addr, tr.PA, err)
+	}
+	return tr.PA, nil
+}
+
 // Arm makes the next time the guest passes the detour in address space cr3
-// raise a #PF for va.
+// raise a #PF for va. Each Arm checks the detour again: a changed
+// IA32_LSTAR means finding it anew, and its page must still translate to
+// the same guest RAM.
 func (a *BreakpointAgent) Arm(cr3, va uint64) error {
-	if a.addr == 0 {
+	if a.addr == 0 || a.LSTAR() != a.lstar {
+		if err := a.remove(); err != nil {
+			return err
+		}
+		a.addr = 0
 		if err := a.locate(cr3); err != nil {
 			return err
+		}
+	} else {
+		pa, err := a.resolve(cr3, a.addr)
+		if err != nil {
+			return err
+		}
+		if pa != a.pa {
+			if err := a.remove(); err != nil {
+				return err
+			}
+			a.pa = pa
 		}
 	}
 	a.want, a.cr3, a.va = true, cr3, va
@@ -180,18 +223,27 @@ func (a *BreakpointAgent) install() error {
 	if a.installed {
 		return nil
 	}
-	if a.EPT != nil && a.Shadow != 0 && !a.noSplit {
+	pg := a.pa &^ 0xfff
+	if err := a.Phys.Claim(pg); err != nil {
+		return err
+	}
+	if a.Shadow != nil && !a.noSplit {
 		if err := a.showShadow(); err != nil {
+			_ = a.Phys.Release(pg)
+			a.Phys.Flush()
 			return err
 		}
 		a.split, a.installed = true, true
 		return nil
 	}
 	var b [1]byte
-	if err := a.Mem.ReadPhys(a.pa, b[:]); err != nil {
-		return err
+	err := a.Phys.ReadPhys(a.pa, b[:])
+	if err == nil {
+		err = a.Phys.WritePhys(a.pa, []byte{0xcc})
 	}
-	if err := a.Mem.WritePhys(a.pa, []byte{0xcc}); err != nil {
+	if err != nil {
+		_ = a.Phys.Release(pg)
+		a.Phys.Flush()
 		return err
 	}
 	a.orig, a.installed = b[0], true
@@ -205,40 +257,47 @@ func (a *BreakpointAgent) remove() error {
 	a.installed = false
 	if a.split {
 		a.split, a.view = false, 0
-		return a.retarget(a.pa&^0xfff, ept.RWX)
+	} else {
+		// The byte goes back unless the guest rewrote it meanwhile
+		// (text_poke, static keys).
+		var b [1]byte
+		if err := a.Phys.ReadPhys(a.pa, b[:]); err != nil {
+			return err
+		}
+		if b[0] == 0xcc {
+			if err := a.Phys.WritePhys(a.pa, []byte{a.orig}); err != nil {
+				return err
+			}
+		}
 	}
-	return a.Mem.WritePhys(a.pa, []byte{a.orig})
+	err := a.Phys.Release(a.pa &^ 0xfff)
+	a.Phys.Flush()
+	return err
 }
 
 func (a *BreakpointAgent) retarget(hpa uint64, p ept.Perm) error {
-	if err := a.EPT.Retarget(a.pa&^0xfff, hpa, p); err != nil {
+	if err := a.Phys.View(a.pa&^0xfff, hpa, p); err != nil {
 		return err
 	}
-	if a.Invalidate != nil {
-		a.Invalidate()
-	}
+	a.Phys.Flush()
 	return nil
 }
 
 // showShadow refreshes the shadow from the page (the guest may have
 // written it) with the int3 at the detour, and shows it to fetches only.
 func (a *BreakpointAgent) showShadow() error {
-	var page [4096]byte
-	if err := a.Mem.ReadPhys(a.pa&^0xfff, page[:]); err != nil {
+	if err := a.Phys.ReadPhys(a.pa&^0xfff, a.Shadow[:]); err != nil {
 		return err
 	}
-	page[a.pa&0xfff] = 0xcc
-	if err := a.Mem.WritePhys(a.Shadow, page[:]); err != nil {
-		return err
-	}
+	a.Shadow[a.pa&0xfff] = 0xcc
 	a.view = viewShadow
-	return a.retarget(a.Shadow, ept.Exec)
+	return a.retarget(a.ShadowPA, ept.Exec)
 }
 
 // onViolation switches the split view: fetches get the shadow, reads and
 // writes the original.
 func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
+	gpa := e.GuestPA
 	if !a.split || gpa&^0xfff != a.pa&^0xfff {
 		return next(v, e)
 	}
@@ -254,7 +313,7 @@ func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action
 		}
 		return Resume, nil
 	}
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+	q := ept.DecodeViolation(e.Qualification)
 	if q.Fetch {
 		return Resume, a.showShadow()
 	}
@@ -268,15 +327,13 @@ func (a *BreakpointAgent) Disarm() error {
 	return a.remove()
 }
 
-// Install makes a handle v's #BP exits (the exception bitmap must have
-// #BP) and re-arm at later exits. Other exceptions go to the handler that
-// was there.
-func (a *BreakpointAgent) Install(v *VCPU) {
-	next := v.handlers[vmx.ExitExceptionOrNMI]
-	v.handlers[vmx.ExitExceptionOrNMI] = func(v *VCPU, e vmx.Exit) (Action, error) {
-		info := uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
-		ev, ok := vmx.DecodeEvent(info, 0)
-		if !ok || ev.Vector != vmx.VectorBP || !a.installed || v.VMCS.Read(vmx.GuestRIP) != a.addr {
+// Install makes a intercept v's #BP exits (the exception bitmap must have
+// #BP) and the EPT violations of its split view, and re-arm at later exits
+// (an observer). Other exits go on to the handling installed before.
+func (a *BreakpointAgent) Install(v *VCPU) error {
+	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+		ev, ok := vmx.DecodeEvent(e.Interruption, 0)
+		if !ok || ev.Vector != vmx.VectorBP || !a.installed || e.RIP != a.addr {
 			return next(v, e)
 		}
 		a.Hits++
@@ -295,19 +352,17 @@ func (a *BreakpointAgent) Install(v *VCPU) {
 		}
 		v.Regs.CR2 = a.va
 		return Resume, v.Inject(vmx.Exception(vmx.VectorPF, code, 0))
+	})
+	if err != nil {
+		return err
 	}
-	nextEPT := v.handlers[vmx.ExitEPTViolation]
-	v.handlers[vmx.ExitEPTViolation] = func(v *VCPU, e vmx.Exit) (Action, error) { return a.onViolation(v, e, nextEPT) }
-	prev := v.OnExit
-	v.OnExit = func(v *VCPU, e vmx.Exit) {
-		if prev != nil {
-			prev(v, e)
-		}
+	v.Observe(func(v *VCPU, e vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
 			a.streak = 0
 		}
-		if a.want && !a.installed && v.VMCS.Read(vmx.GuestRIP) != a.addr {
+		if a.want && !a.installed && e.RIP != a.addr {
 			_ = a.install()
 		}
-	}
+	})
+	return v.Intercept(vmx.ExitEPTViolation, a.onViolation)
 }

@@ -38,10 +38,17 @@ func rel32(from, to uint64) []byte {
 }
 
 // entryCode is shaped like Linux's entry_SYSCALL_64 and do_syscall_64.
-func entryCode() (c code, lstar, detour uint64) {
+func entryCode() (c code, lstar, detour uint64) { return entryCodeWith(0xffffffff81900000) }
+
+// entryCodeWith is entryCode with do_syscall_64 at dispatcher; the detour
+// is 13 bytes further.
+func entryCodeWith(dispatcher uint64) (c code, lstar, detour uint64) {
+	return entryCodeAt(0xffffffff81a00000, dispatcher)
+}
+
+// entryCodeAt is entryCode with entry_SYSCALL_64 at lstar.
+func entryCodeAt(lstar, dispatcher uint64) (c code, _, detour uint64) {
 	c = code{}
-	lstar = 0xffffffff81a00000
-	const dispatcher = 0xffffffff81900000
 	pc := c.put(lstar, 0xf3, 0x0f, 0x1e, 0xfa)                           // endbr64
 	pc = c.put(pc, 0x0f, 0x01, 0xf8)                                     // swapgs
 	pc = c.put(pc, 0x65, 0x48, 0x89, 0x24, 0x25, 0x14, 0x60, 0x00, 0x00) // mov %rsp,%gs:0x6014
@@ -74,47 +81,42 @@ func TestFindDetour(t *testing.T) {
 	assert.ErrorContains(t, err, "indirect call")
 }
 
-// flatMem is guest memory where virtual = physical (for the agent test).
-type flatMem struct{ code }
-
-func (m flatMem) ReadPhys(pa uint64, p []byte) error  { return m.read(pa, p) }
-func (m flatMem) WritePhys(pa uint64, p []byte) error { m.put(pa, p...); return nil }
-func (m flatMem) CopyPhys(dst, src, n uint64) error   { return nil }
-
 func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
 	c, lstar, detour := entryCode()
-	mem := flatMem{c}
+	g.loadKernel(c, nil)
+	at := g.mem.at(detour - kernelOff)
 	v, m := scripted(t, nil)
-	a := &BreakpointAgent{Mem: mem, LSTAR: func() uint64 { return lstar }}
-	a.addr, a.pa = detour, detour // located (the walk is tested elsewhere)
-	const cr3, va = 0x5000, 0x7f0000001000
-	require.NoError(t, a.Arm(cr3, va))
-	assert.Equal(t, byte(0xcc), c[detour], "int3 written")
-	a.Install(v)
+	a := g.agent(lstar, false)
+	const cr3, va = 0x7f0000001000, 0x7f0000001000
+	require.NoError(t, a.Arm(g.cr3, va))
+	assert.Equal(t, detour, a.Detour())
+	assert.Equal(t, byte(0xcc), *at, "int3 written")
+	require.NoError(t, a.Install(v))
 
 	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.f[vmx.GuestRIP] = detour
 	m.f[vmx.ExitInterruptInfo] = bp
 	// Hit in another process: passed on, rewritten later.
 	m.f[vmx.GuestCR3] = 0x9000
-	act, err := v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
-	assert.Equal(t, byte(0x89), c[detour], "original byte back")
+	assert.Equal(t, byte(0x89), *at, "original byte back")
 	assert.False(t, v.EventPending())
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
-	assert.Equal(t, byte(0x89), c[detour], "not rewritten while the guest sits on the detour")
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	assert.Equal(t, byte(0x89), *at, "not rewritten while the guest sits on the detour")
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
-	assert.Equal(t, byte(0xcc), c[detour], "rewritten at a later exit")
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	assert.Equal(t, byte(0xcc), *at, "rewritten at a later exit")
 
 	// Hit in the right process: the #PF replaces the #BP.
 	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.GuestCR3] = cr3 | 0x3 // PCID bits do not matter
-	act, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	m.f[vmx.GuestCR3] = g.cr3 | 0x3 // PCID bits do not matter
+	act, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
-	assert.Equal(t, byte(0x89), c[detour])
+	assert.Equal(t, byte(0x89), *at)
 	assert.True(t, v.EventPending())
 	e, _ := v.events.peek()
 	assert.Equal(t, vmx.Exception(vmx.VectorPF, 4, 0), e, "user-access #PF")
@@ -122,89 +124,101 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint64(2), a.Hits)
 	assert.Equal(t, uint64(1), a.Raised)
 	m.f[vmx.GuestRIP] = 0x1234
-	v.OnExit(v, vmx.Exit{Reason: vmx.ExitCPUID})
-	assert.Equal(t, byte(0x89), c[detour], "disarmed after raising")
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	assert.Equal(t, byte(0x89), *at, "disarmed after raising")
+	assert.Zero(t, g.phys.Owners())
 
 	// The guest's own int3 elsewhere goes back to the guest.
 	m.f[vmx.GuestRIP] = 0x4000
 	v.events = eventQueue{}
-	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	e, _ = v.events.peek()
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
+
+	// A byte the guest patched while armed stays the guest's.
+	require.NoError(t, a.Arm(g.cr3, va))
+	*at = 0xe9
+	require.NoError(t, a.Disarm())
+	assert.Equal(t, byte(0xe9), *at)
 }
 
 // TestBreakpointAgentSplitView: the int3 lives in a shadow page shown to
 // instruction fetches only; reads see the original byte.
 func TestBreakpointAgentSplitView(t *testing.T) {
+	g := newTestGuest(t, ept.Options{ExecuteOnly: true})
 	c, lstar, detour := entryCode()
-	// Guest-physical = guest-virtual here, low addresses for the EPT.
-	low := code{}
-	for va, b := range c {
-		low[va-0xffffffff81000000] = b
-	}
-	pa := detour - 0xffffffff81000000
-	mem := flatMem{low}
-	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{ExecuteOnly: true})
-	require.NoError(t, err)
-	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
-	const shadow = 0x0f000000
-	flushes := 0
-	a := &BreakpointAgent{Mem: mem, LSTAR: func() uint64 { return lstar }, EPT: e, Shadow: shadow, Invalidate: func() { flushes++ }}
-	a.addr, a.pa = detour, pa
+	g.loadKernel(c, nil)
+	pa := detour - kernelOff
+	a := g.agent(lstar, true)
+	shadow := a.ShadowPA
 	v, m := scripted(t, nil)
-	a.Install(v)
-	const cr3, va = 0x5000, 0x7f0000001000
-	require.NoError(t, a.Arm(cr3, va))
-	assert.Equal(t, byte(0x89), low[pa], "guest memory keeps its byte")
-	assert.Equal(t, byte(0xcc), low[shadow+pa&0xfff], "the shadow has the int3")
-	hpa, perm, _, _, _ := e.Lookup(pa)
-	assert.Equal(t, uint64(shadow)+pa&0xfff, hpa)
+	require.NoError(t, a.Install(v))
+	const va = 0x7f0000001000
+	require.NoError(t, a.Arm(g.cr3, va))
+	assert.Equal(t, byte(0x89), *g.mem.at(pa), "guest memory keeps its byte")
+	assert.Equal(t, byte(0xcc), a.Shadow[pa&0xfff], "the shadow has the int3")
+	hpa, perm, _, _, _ := g.ept.Lookup(pa)
+	assert.Equal(t, shadow+pa&0xfff, hpa)
 	assert.Equal(t, ept.Exec, perm, "fetches only")
+	require.NoError(t, g.phys.Check(pa, 1), "the detour's page is still guest RAM to tamahv")
 
 	// A read of the page: the original, readable and writable, not executable.
 	m.f[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
 	m.f[vmx.GuestPhysAddr] = pa
 	m.f[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
-	_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err := v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
-	hpa, perm, _, _, _ = e.Lookup(pa)
+	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa)
 	assert.Equal(t, ept.Read|ept.Write, perm)
 	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
-	low[pa+1] = 0x42
+	*g.mem.at(pa + 1) = 0x42
 	m.f[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
-	_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+	_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
-	hpa, perm, _, _, _ = e.Lookup(pa)
-	assert.Equal(t, uint64(shadow)+pa&0xfff, hpa)
+	hpa, perm, _, _, _ = g.ept.Lookup(pa)
+	assert.Equal(t, shadow+pa&0xfff, hpa)
 	assert.Equal(t, ept.Exec, perm)
-	assert.Equal(t, byte(0x42), low[shadow+pa&0xfff+1])
+	assert.Equal(t, byte(0x42), a.Shadow[pa&0xfff+1])
 
 	// The guest reaches the detour in the right process.
 	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.GuestCR3] = cr3
+	m.f[vmx.GuestCR3] = g.cr3
 	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	_, err = v.handlers[vmx.ExitExceptionOrNMI](v, vmx.Exit{Reason: vmx.ExitExceptionOrNMI})
+	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
-	hpa, perm, _, _, _ = e.Lookup(pa)
+	hpa, perm, _, size, _ := g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa, "original page back")
 	assert.Equal(t, ept.RWX, perm)
+	assert.EqualValues(t, ept.Size2M, size, "and its split table freed")
 	assert.True(t, v.EventPending())
 	assert.Equal(t, uint64(2), a.Switches)
-	assert.Greater(t, flushes, 3)
+	assert.Greater(t, g.flushes, 3)
 
 	// Views chasing each other give the split view up.
-	require.NoError(t, a.Arm(cr3, va))
+	require.NoError(t, a.Arm(g.cr3, va))
 	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.f[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
-		_, err = v.handlers[vmx.ExitEPTViolation](v, vmx.Exit{Reason: vmx.ExitEPTViolation})
+		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 		require.NoError(t, err)
 	}
 	assert.True(t, a.noSplit)
-	assert.Equal(t, byte(0xcc), low[pa], "the int3 went in place")
-	hpa, perm, _, _, _ = e.Lookup(pa)
+	assert.Equal(t, byte(0xcc), *g.mem.at(pa), "the int3 went in place")
+	hpa, perm, _, _, _ = g.ept.Lookup(pa)
 	assert.Equal(t, pa, hpa)
 	assert.Equal(t, ept.RWX, perm)
+
+	// A new IA32_LSTAR is followed at the next Arm.
+	require.NoError(t, a.Disarm())
+	c2, lstar2, detour2 := entryCodeAt(0xffffffff81b00000, 0xffffffff81700000)
+	g.loadKernel(c2, nil)
+	a.LSTAR = func() uint64 { return lstar2 }
+	require.NoError(t, a.Arm(g.cr3, va))
+	assert.Equal(t, detour2, a.Detour())
+	assert.Equal(t, byte(0xcc), *g.mem.at(detour2 - kernelOff), "in place, at the new detour")
+	assert.Equal(t, byte(0x89), *g.mem.at(pa), "the old one untouched")
+	require.NoError(t, a.Disarm())
+	assert.Zero(t, g.phys.Owners())
 }

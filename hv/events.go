@@ -64,6 +64,19 @@ func (v *VCPU) InjectException(vector uint8, errorCode uint32) error {
 	return v.Inject(vmx.Exception(vector, errorCode, uint32(v.VMCS.Read(vmx.ExitInstructionLen))))
 }
 
+// queueNMI queues an NMI for the guest unless one already waits: like the
+// processor, the guest has at most one NMI pending.
+func (v *VCPU) queueNMI() {
+	for i := 0; i < v.events.n; i++ {
+		if v.events.buf[(v.events.head+i)%len(v.events.buf)].Type == vmx.EventNMI {
+			return
+		}
+	}
+	if !v.events.push(vmx.Event{Vector: vmx.VectorNMI, Type: vmx.EventNMI}) {
+		v.logf("tamahv: event queue full, NMI lost\n")
+	}
+}
+
 // EventPending reports whether an event waits for the next VM entry.
 func (v *VCPU) EventPending() bool { return v.events.n > 0 }
 
@@ -86,7 +99,12 @@ func (v *VCPU) deliverEvent() {
 		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&rflagsIF == 0 || block&(blockingSTI|blockingMovSS) != 0):
 			want |= vmx.ProcInterruptWindow
 		case e.Type == vmx.EventNMI && block&(blockingNMI|blockingMovSS) != 0:
-			want |= vmx.ProcNMIWindow
+			// NMI-window exiting needs virtual NMIs (SDM Vol. 3C,
+			// "Checks on VM-Execution Control Fields"); without them the
+			// NMI waits for a later exit.
+			if v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs != 0 {
+				want |= vmx.ProcNMIWindow
+			}
 		default:
 			v.placeEvent(e)
 			v.events.pop()
@@ -118,9 +136,8 @@ func (v *VCPU) placeEvent(e vmx.Event) {
 
 // requeueVectoring puts back an event whose delivery the VM exit
 // interrupted (IDT-vectoring information), ahead of everything else.
-func (v *VCPU) requeueVectoring() {
-	info := uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
-	e, ok := vmx.DecodeEvent(info, 0)
+func (v *VCPU) requeueVectoring(x vmx.Exit) {
+	e, ok := vmx.DecodeEvent(x.IDTVectoring, 0)
 	if !ok {
 		return
 	}
@@ -130,7 +147,39 @@ func (v *VCPU) requeueVectoring() {
 	if e.NeedsInstrLen() {
 		e.InstrLen = uint32(v.VMCS.Read(vmx.ExitInstructionLen))
 	}
+	if e.Type == vmx.EventNMI {
+		// The exit interrupted the NMI's delivery and left blocking by
+		// NMI set, though the guest never saw the NMI; it must be clear
+		// for the NMI to be injected again (SDM Vol. 3C, "Information
+		// for VM Exits During Event Delivery"; KVM's
+		// __vmx_complete_interrupts does the same).
+		if b := v.VMCS.Read(vmx.GuestInterruptibility); b&blockingNMI != 0 {
+			v.VMCS.Write(vmx.GuestInterruptibility, b&^blockingNMI)
+		}
+	}
 	if !v.events.pushFront(e) {
 		v.logf("tamahv: event queue full, vectoring event %d lost\n", e.Vector)
 	}
+}
+
+// restoreNMIBlocking sets virtual-NMI blocking again when the exit
+// interrupted an IRET that had cleared it: the IRET runs again after the
+// exit, and no NMI may come in before it completes (SDM Vol. 3C, "Resuming
+// Guest Software After Handling an Exception"; KVM's
+// vmx_recover_nmi_blocking). A double fault or an exit during event
+// delivery does not restart the IRET.
+func (v *VCPU) restoreNMIBlocking(e vmx.Exit) {
+	var unblocked bool
+	switch e.Reason {
+	case vmx.ExitExceptionOrNMI:
+		unblocked = e.Interruption&vmx.NMIUnblockedByIRET != 0 && uint8(e.Interruption) != vmx.VectorDF
+	case vmx.ExitEPTViolation:
+		unblocked = e.Qualification&vmx.NMIUnblockedByIRET != 0
+	default:
+		return
+	}
+	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 || e.IDTVectoring&(1<<31) != 0 {
+		return
+	}
+	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|blockingNMI)
 }

@@ -14,7 +14,6 @@ const (
 	CPUIDHypervisorBase = 0x40000000
 	cpuidHypervisorBit  = 1 << 31
 	cpuidOSXSAVE        = 1 << 27 // leaf 1 ECX
-	cpuidXSAVES         = 1 << 3  // leaf 0xd subleaf 1 EAX
 )
 
 // Signature is what CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
@@ -23,41 +22,42 @@ const Signature = "tamahvtamahv"
 // ErrGuestTripleFault is Run's result when the guest triple-faults.
 var ErrGuestTripleFault = errors.New("hv: guest triple fault")
 
-func (v *VCPU) setDefaultHandlers() {
-	v.handlers[vmx.ExitCPUID] = handleCPUID
-	v.handlers[vmx.ExitVMCALL] = handleVMCALL
+// defaultHandlers returns tamahv's handler for every exit reason it
+// answers; interceptors go in front of them (VCPU.Intercept).
+func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
+	h[vmx.ExitCPUID] = handleCPUID
+	h[vmx.ExitVMCALL] = handleVMCALL
 	for _, r := range []vmx.ExitReason{vmx.ExitVMCLEAR, vmx.ExitVMLAUNCH, vmx.ExitVMPTRLD, vmx.ExitVMPTRST,
 		vmx.ExitVMREAD, vmx.ExitVMRESUME, vmx.ExitVMWRITE, vmx.ExitVMXOFF, vmx.ExitVMXON, vmx.ExitINVEPT,
 		vmx.ExitINVVPID, vmx.ExitVMFUNC, vmx.ExitGETSEC, vmx.ExitENCLS} {
-		v.handlers[r] = handleUD
+		h[r] = handleUD
 	}
-	v.handlers[vmx.ExitINVD] = func(*VCPU, vmx.Exit) (Action, error) { return Next, nil }
-	v.handlers[vmx.ExitXSETBV] = handleXSETBV
-	v.handlers[vmx.ExitRDMSR] = handleRDMSR
-	v.handlers[vmx.ExitWRMSR] = handleWRMSR
-	v.handlers[vmx.ExitCRAccess] = handleCR
-	v.handlers[vmx.ExitIO] = handleIO
-	v.handlers[vmx.ExitEPTViolation] = handleEPTViolation
-	v.handlers[vmx.ExitEPTMisconfig] = handleEPTMisconfig
-	v.handlers[vmx.ExitTripleFault] = func(v *VCPU, _ vmx.Exit) (Action, error) {
-		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, v.VMCS.Read(vmx.GuestRIP)))
+	h[vmx.ExitINVD] = func(*VCPU, vmx.Exit) (Action, error) { return Next, nil }
+	h[vmx.ExitXSETBV] = handleXSETBV
+	h[vmx.ExitRDMSR] = handleRDMSR
+	h[vmx.ExitWRMSR] = handleWRMSR
+	h[vmx.ExitCRAccess] = handleCR
+	h[vmx.ExitIO] = handleIO
+	h[vmx.ExitEPTViolation] = handleEPTViolation
+	h[vmx.ExitEPTMisconfig] = handleEPTMisconfig
+	h[vmx.ExitTripleFault] = func(v *VCPU, e vmx.Exit) (Action, error) {
+		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, e.RIP))
 	}
-	v.handlers[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
-		if v.OnTimer != nil {
-			v.OnTimer(v)
-		}
+	h[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+		v.tick()
 		return Resume, nil
 	}
-	v.handlers[vmx.ExitInterruptWindow] = resume
-	v.handlers[vmx.ExitNMIWindow] = resume
-	v.handlers[vmx.ExitExceptionOrNMI] = handleException
-	v.handlers[vmx.ExitINIT] = handleINIT
-	v.handlers[vmx.ExitSIPI] = handleSIPI
-	v.handlers[vmx.ExitTaskSwitch] = handleTaskSwitch
-	v.handlers[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+	h[vmx.ExitInterruptWindow] = resume
+	h[vmx.ExitNMIWindow] = resume
+	h[vmx.ExitExceptionOrNMI] = handleException
+	h[vmx.ExitINIT] = handleINIT
+	h[vmx.ExitSIPI] = handleSIPI
+	h[vmx.ExitTaskSwitch] = handleTaskSwitch
+	h[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
 		v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)&^vmx.ProcMonitorTrapFlag)
 		return Resume, nil
 	}
+	return h
 }
 
 func resume(*VCPU, vmx.Exit) (Action, error) { return Resume, nil }
@@ -77,20 +77,12 @@ func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
 		b, c, d = le32(Signature[0:4]), le32(Signature[4:8]), le32(Signature[8:12])
 	case leaf == CPUIDHypervisorBase+1:
 	default:
+		var r [4]uint32
 		if v.CPUID != nil {
-			a, b, c, d = v.CPUID(leaf, sub)
+			r[0], r[1], r[2], r[3] = v.CPUID(leaf, sub)
 		}
-		switch {
-		case leaf == 1:
-			// No VMX; a hypervisor is present; OSXSAVE follows the
-			// guest's CR4, not the host's.
-			c = c&^(vmx.CPUIDVMX|cpuidOSXSAVE) | cpuidHypervisorBit
-			if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
-				c |= cpuidOSXSAVE
-			}
-		case leaf == 0xd && sub == 1 && v.VMCS.Read(vmx.Proc2Controls)&vmx.Proc2XSAVES == 0:
-			a &^= cpuidXSAVES // XSAVES would #UD
-		}
+		v.filterCPUID(leaf, sub, &r)
+		a, b, c, d = r[0], r[1], r[2], r[3]
 	}
 	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)
 	return Next, nil
@@ -100,7 +92,7 @@ func le32(s string) uint32 {
 	return uint32(s[0]) | uint32(s[1])<<8 | uint32(s[2])<<16 | uint32(s[3])<<24
 }
 
-func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
 	if v.Hypercalls == nil {
 		v.Regs.RAX = hcall.Unknown
 		return Next, nil
@@ -108,7 +100,7 @@ func handleVMCALL(v *VCPU, _ vmx.Exit) (Action, error) {
 	ret, stop := v.Hypercalls.Call(v, v.Regs.RAX, v.Regs.RDI, v.Regs.RSI, v.Regs.RDX)
 	v.Regs.RAX = ret
 	if stop {
-		v.skipInstruction()
+		v.skipInstruction(e)
 		return v.Stopped(nil)
 	}
 	return Next, nil
@@ -147,17 +139,20 @@ func (v *VCPU) cpl() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 const FeatureControlGuest = vmx.FeatureControlLock
 
 func handleRDMSR(v *VCPU, _ vmx.Exit) (Action, error) {
-	msr := uint32(v.Regs.RCX)
-	if msr == vmx.MSRFeatureControl {
-		v.Regs.RAX, v.Regs.RDX = FeatureControlGuest, 0
-		return Next, nil
+	val, ok := v.rdmsr(uint32(v.Regs.RCX))
+	if !ok {
+		return Resume, v.InjectException(vmx.VectorGP, 0)
 	}
-	return Resume, v.InjectException(vmx.VectorGP, 0)
+	v.Regs.RAX, v.Regs.RDX = val&0xffffffff, val>>32
+	return Next, nil
 }
 
 func handleWRMSR(v *VCPU, _ vmx.Exit) (Action, error) {
-	// Every intercepted MSR is read-only or absent for the guest.
-	return Resume, v.InjectException(vmx.VectorGP, 0)
+	// The policy is in msr.go.
+	if !v.wrmsr(uint32(v.Regs.RCX), v.Regs.RDX<<32|v.Regs.RAX&0xffffffff) {
+		return Resume, v.InjectException(vmx.VectorGP, 0)
+	}
+	return Next, nil
 }
 
 // CR0 and CR4 bits the handlers look at.
@@ -178,7 +173,7 @@ const (
 )
 
 func handleCR(v *VCPU, e vmx.Exit) (Action, error) {
-	q := vmx.DecodeCRAccess(v.VMCS.Read(vmx.ExitQualification))
+	q := vmx.DecodeCRAccess(e.Qualification)
 	switch {
 	case q.CR == 0 && q.Type == vmx.CRCLTS:
 		return v.writeCR0(v.guestCR0() &^ vmx.CR0TS)
@@ -377,8 +372,8 @@ func (v *VCPU) ownsPort(p uint16) bool {
 // 3C, "I/O-Bitmap Addresses"): one that starts below an owned range and
 // reaches into it, or a multi-byte access that wraps from port 0xffff to
 // 0, exits as a whole.
-func handleIO(v *VCPU, _ vmx.Exit) (Action, error) {
-	io := vmx.DecodeIO(v.VMCS.Read(vmx.ExitQualification))
+func handleIO(v *VCPU, e vmx.Exit) (Action, error) {
+	io := vmx.DecodeIO(e.Qualification)
 	if io.Size != 1 && io.Size != 2 && io.Size != 4 {
 		return Stop, fmt.Errorf("%w: I/O exit with size %d at port %#x", ErrFatalExit, io.Size, io.Port)
 	}
@@ -546,32 +541,35 @@ func (v *VCPU) addressMask() uint64 {
 	return ^uint64(0)
 }
 
-func handleEPTViolation(v *VCPU, _ vmx.Exit) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+func handleEPTViolation(v *VCPU, e vmx.Exit) (Action, error) {
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	gva := "n/a"
 	if q.LinearValid {
 		gva = fmt.Sprintf("%#x", v.VMCS.Read(vmx.GuestLinearAddr))
 	}
-	return Stop, fmt.Errorf("%w: EPT violation at GPA %#x (GVA %s, RIP %#x): %v", ErrFatalExit, gpa, gva, v.VMCS.Read(vmx.GuestRIP), q)
+	return Stop, fmt.Errorf("%w: EPT violation at GPA %#x (GVA %s, RIP %#x): %v", ErrFatalExit, gpa, gva, e.RIP, q)
 }
 
-func handleEPTMisconfig(v *VCPU, _ vmx.Exit) (Action, error) {
-	return Stop, fmt.Errorf("%w: EPT misconfiguration at GPA %#x", ErrFatalExit, v.VMCS.Read(vmx.GuestPhysAddr))
+func handleEPTMisconfig(_ *VCPU, e vmx.Exit) (Action, error) {
+	return Stop, fmt.Errorf("%w: EPT misconfiguration at GPA %#x", ErrFatalExit, e.GuestPA)
 }
 
 // handleException reflects an intercepted exception or NMI back to the
 // guest.
-func handleException(v *VCPU, _ vmx.Exit) (Action, error) {
-	e, ok := vmx.DecodeEvent(uint32(v.VMCS.Read(vmx.ExitInterruptInfo)), 0)
+func handleException(v *VCPU, x vmx.Exit) (Action, error) {
+	e, ok := vmx.DecodeEvent(x.Interruption, x.InterruptionError)
 	if !ok {
 		return Resume, nil
 	}
-	if e.HasError {
-		e.ErrorCode = uint32(v.VMCS.Read(vmx.ExitInterruptError))
-	}
 	if e.NeedsInstrLen() {
 		e.InstrLen = uint32(v.VMCS.Read(vmx.ExitInstructionLen))
+	}
+	if e.Type == vmx.EventNMI {
+		// NMI exiting: the NMI was the guest's (its LAPIC, its
+		// counters); it goes back to the guest.
+		v.queueNMI()
+		return Resume, nil
 	}
 	return Resume, v.Inject(e)
 }

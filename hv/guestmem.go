@@ -1,7 +1,6 @@
 package hv
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
@@ -11,7 +10,9 @@ import (
 
 // GuestMemory is the running guest's memory as swapmem sees it: page walks
 // through the guest's own tables, reads of guest RAM, and page-table-entry
-// watches built on EPT write protection.
+// watches built on EPT write protection. Every guest-physical access goes
+// through Phys, which refuses anything but guest RAM: the walker reads
+// paging structures through it too (NewGuestMemory wires that).
 //
 // A watch write-protects every paging-structure page on its address's
 // walk. A guest write to such a page exits (EPT violation); the page is
@@ -22,66 +23,74 @@ import (
 // flag, which not every processor has. Pages opened only for the
 // processor's own accessed and dirty flag updates are closed without a
 // walk.
+//
+// Each watched page keeps its watches in an intrusive list, so hooking
+// and unhooking a watch cost O(levels) whatever the number of watches
+// sharing its pages, and a written page costs its own watches' walks.
 type GuestMemory struct {
+	// Walker walks the guest's paging structures; its Mem is Phys.
 	Walker Walker
-	Mem    PhysReader
-	EPT    *ept.EPT
-	// Invalidate flushes EPT-derived translations after a permission
-	// change (INVEPT).
-	Invalidate func()
-	// Hole is tamahv's own memory: reads of it fail.
-	Hole [2]uint64
+	// Phys is the guest's RAM and the owner of EPT permissions.
+	Phys *GuestPhys
 	// SystemCR3 is the address space of requests with CR3 0.
 	System uint64
-	// OnGone hears of an address space whose watched mapping was torn
-	// down (an entry on the walk rewritten to zero, as when a process
-	// exits); it runs after the watches were walked.
-	OnGone func(cr3 uint64)
+	// OnWatchError hears of a watch that could not follow the guest's new
+	// walk (a paging structure outside guest RAM, a reserved bit, no EPT
+	// table left): the watch has failed for good, its function heard a
+	// not-present translation, and the owner should fail what waits on it.
+	OnWatchError func(cr3, va uint64, err error)
 
 	pages   map[uint64]*hookedPage
+	spare   []*hookedPage
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
-	gone    []uint64
 	gen     uint64 // marks watches walked in this settle
-	next    Handler
 
 	// Counters. Stale counts writes refused by a protection no watch
-	// holds any more (the page is opened and the translations flushed).
-	Writes, ADWrites, Changes, Stale uint64
+	// holds any more (the page is opened and the translations flushed);
+	// Failed counts watches that failed to follow a new walk.
+	Writes, ADWrites, Changes, Stale, Failed uint64
+}
+
+// NewGuestMemory returns the guest memory over p whose walker reads
+// paging structures through p; system is the system address space.
+func NewGuestMemory(p *GuestPhys, system uint64) *GuestMemory {
+	return &GuestMemory{Walker: Walker{Mem: p}, Phys: p, System: system}
 }
 
 type hookedPage struct {
-	watches []*pteWatch
-	perm    ept.Perm // the permissions to restore
-	open    bool     // let open for a write
-	written bool     // a write other than an accessed/dirty update
+	pa      uint64
+	head    *hookLink // the watches on this page
+	n       int
+	open    bool // let open for a write
+	written bool // a write other than an accessed/dirty update
+}
+
+// hookLink is one watch's place on one page's list.
+type hookLink struct {
+	w          *pteWatch
+	pg         *hookedPage
+	prev, next *hookLink
 }
 
 type pteWatch struct {
 	cr3, va uint64
 	fn      func(swapmem.Translation)
-	pages   [5]uint64
+	links   [5]hookLink
 	n       int
 	seen    swapmem.Translation // the translation fn last heard of
 	dead    bool
+	err     error // why the watch failed; it is deaf from then on
 	gen     uint64
 }
-
-// ErrHole is returned for reads of tamahv's memory.
-var ErrHole = errors.New("hv: address in tamahv's memory")
 
 // Translate implements swapmem.Guest.
 func (g *GuestMemory) Translate(cr3, va uint64) (swapmem.Translation, error) {
 	return g.Walker.Translate(cr3, va)
 }
 
-// ReadPhys implements swapmem.Guest; tamahv's own memory is refused.
-func (g *GuestMemory) ReadPhys(pa uint64, p []byte) error {
-	if overlaps(pa, uint64(len(p)), g.Hole[0], g.Hole[1]-g.Hole[0]) {
-		return fmt.Errorf("%w: %#x+%#x", ErrHole, pa, len(p))
-	}
-	return g.Mem.ReadPhys(pa, p)
-}
+// ReadPhys implements swapmem.Guest: guest RAM only.
+func (g *GuestMemory) ReadPhys(pa uint64, p []byte) error { return g.Phys.ReadPhys(pa, p) }
 
 // SystemCR3 implements swapmem.Guest.
 func (g *GuestMemory) SystemCR3() uint64 { return g.System }
@@ -90,6 +99,7 @@ func (g *GuestMemory) SystemCR3() uint64 { return g.System }
 func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
 	w := &pteWatch{cr3: cr3, va: va, fn: changed}
 	tr, _, err := g.hook(w)
+	g.Phys.Flush()
 	if err != nil {
 		return nil, err
 	}
@@ -102,6 +112,7 @@ func (g *GuestMemory) Watches() int { return len(g.pages) }
 
 // hook walks w's address and protects every paging-structure page on the
 // walk; it returns the translation and the entry that ended the walk.
+// The caller flushes.
 func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
 	var steps [5]Step
 	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
@@ -112,26 +123,24 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
 		g.pages = map[uint64]*hookedPage{}
 	}
 	w.n = 0
-	changed := false
 	for _, s := range steps[:n] {
 		pg := s.PA &^ 0xfff
 		hp := g.pages[pg]
 		if hp == nil {
-			old, err := g.EPT.Protect(pg, ept.Read|ept.Exec)
-			if err != nil {
+			if err := g.Phys.WriteProtect(pg); err != nil {
 				g.unhook(w)
 				return tr, 0, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
 			}
-			hp = &hookedPage{perm: old}
-			g.pages[pg] = hp
-			changed = true
+			hp = g.newPage(pg)
 		}
-		hp.watches = append(hp.watches, w)
-		w.pages[w.n] = pg
+		l := &w.links[w.n]
+		*l = hookLink{w: w, pg: hp, next: hp.head}
+		if hp.head != nil {
+			hp.head.prev = l
+		}
+		hp.head = l
+		hp.n++
 		w.n++
-	}
-	if changed && g.Invalidate != nil {
-		g.Invalidate()
 	}
 	last := uint64(0)
 	if n > 0 {
@@ -140,30 +149,45 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
 	return tr, last, nil
 }
 
-// unhook drops w from its pages, opening the pages no watch needs.
+func (g *GuestMemory) newPage(pg uint64) *hookedPage {
+	var hp *hookedPage
+	if n := len(g.spare); n > 0 {
+		hp, g.spare = g.spare[n-1], g.spare[:n-1]
+	} else {
+		hp = new(hookedPage)
+	}
+	*hp = hookedPage{pa: pg}
+	g.pages[pg] = hp
+	return hp
+}
+
+// drop forgets a page no watch needs and gives its protection back.
+func (g *GuestMemory) drop(hp *hookedPage) {
+	delete(g.pages, hp.pa)
+	_ = g.Phys.Unprotect(hp.pa)
+	g.spare = append(g.spare, hp)
+}
+
+// unhook takes w off its pages, in O(1) each, dropping the pages no watch
+// needs. The caller flushes.
 func (g *GuestMemory) unhook(w *pteWatch) {
-	changed := false
-	for _, pg := range w.pages[:w.n] {
-		hp := g.pages[pg]
-		if hp == nil {
-			continue
+	for i := range w.links[:w.n] {
+		l := &w.links[i]
+		hp := l.pg
+		if l.prev != nil {
+			l.prev.next = l.next
+		} else {
+			hp.head = l.next
 		}
-		for i, x := range hp.watches {
-			if x == w {
-				hp.watches = append(hp.watches[:i], hp.watches[i+1:]...)
-				break
-			}
+		if l.next != nil {
+			l.next.prev = l.prev
 		}
-		if len(hp.watches) == 0 && !hp.open {
-			_, _ = g.EPT.Protect(pg, hp.perm)
-			delete(g.pages, pg)
-			changed = true
+		*l = hookLink{}
+		if hp.n--; hp.n == 0 && !hp.open {
+			g.drop(hp)
 		}
 	}
 	w.n = 0
-	if changed && g.Invalidate != nil {
-		g.Invalidate()
-	}
 }
 
 func (g *GuestMemory) unwatch(w *pteWatch) {
@@ -172,46 +196,42 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 	}
 	w.dead = true
 	g.unhook(w)
+	g.Phys.Flush()
 }
 
-// Install takes over v's EPT-violation exits, passing on the ones that are
-// not about watched pages, and settles open pages at every exit.
-func (g *GuestMemory) Install(v *VCPU) {
-	g.next = v.handlers[vmx.ExitEPTViolation]
-	v.handlers[vmx.ExitEPTViolation] = g.onViolation
-	v.OnExit = g.settle
+// Install intercepts v's EPT-violation exits, passing on the ones that are
+// not about watched pages, and observes every exit to settle open pages.
+func (g *GuestMemory) Install(v *VCPU) error {
+	v.Observe(g.settle)
+	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 
-func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	pg := gpa &^ 0xfff
 	hp := g.pages[pg]
-	if hp == nil && q.Write && !overlaps(pg, 0x1000, g.Hole[0], g.Hole[1]-g.Hole[0]) {
-		// No watch protects this page (any more): a write fault here
-		// comes from a protection or a cached translation that outlived
-		// its watch. Open the page and flush.
-		if _, _, _, _, ok := g.EPT.Lookup(pg); ok {
-			if _, err := g.EPT.Protect(pg, ept.RWX); err != nil {
-				return Stop, err
-			}
-			if g.Invalidate != nil {
-				g.Invalidate()
-			}
+	if hp == nil && q.Write {
+		// No watch protects this page: on guest RAM that nothing of
+		// tamahv's owns, a write fault comes from a cached translation
+		// that outlived its protection. Open the page and flush.
+		reopened, err := g.Phys.reopen(pg)
+		if err != nil {
+			return Stop, err
+		}
+		if reopened {
 			g.Stale++
 			return Resume, nil
 		}
 	}
 	if hp == nil || !q.Write {
-		return g.next(v, e)
+		return next(v, e)
 	}
 	if !hp.open {
-		if _, err := g.EPT.Protect(pg, hp.perm|ept.Read|ept.Write); err != nil {
+		if err := g.Phys.SetWritable(pg, true); err != nil {
 			return Stop, err
 		}
-		if g.Invalidate != nil {
-			g.Invalidate()
-		}
+		g.Phys.Flush()
 		hp.open = true
 		g.open = append(g.open, pg)
 	}
@@ -224,7 +244,8 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 
 // settle closes the open pages and walks again the watches on pages the
 // guest wrote. It runs at the start of every VM exit, before the exit is
-// handled, while the guest is stopped.
+// handled, while the guest is stopped. Its cost is the number of watches
+// on the written pages, each walked once.
 func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 	if len(g.open) == 0 {
 		return
@@ -236,24 +257,23 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 			continue
 		}
 		hp.open = false
-		if len(hp.watches) == 0 {
-			_, _ = g.EPT.Protect(pg, hp.perm)
-			delete(g.pages, pg)
+		if hp.n == 0 {
+			g.drop(hp)
 			continue
 		}
-		_, _ = g.EPT.Protect(pg, ept.Read|ept.Exec)
+		_ = g.Phys.SetWritable(pg, false)
 		if hp.written {
 			g.Writes++
-			g.scratch = append(g.scratch, hp.watches...)
+			for l := hp.head; l != nil; l = l.next {
+				g.scratch = append(g.scratch, l.w)
+			}
 		} else {
 			g.ADWrites++
 		}
 		hp.written = false
 	}
 	g.open = g.open[:0]
-	if g.Invalidate != nil {
-		g.Invalidate()
-	}
+	g.Phys.Flush()
 	// Walk every watch on a written page again: the hooks follow the new
 	// walk. A watch's function may add or remove watches; the list is a
 	// copy, and removed watches are marked dead.
@@ -264,12 +284,10 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 		}
 		w.gen = g.gen
 		g.unhook(w)
-		tr, last, err := g.hook(w)
+		tr, _, err := g.hook(w)
 		if err != nil {
-			tr = swapmem.Translation{}
-		}
-		if !tr.Present && last == 0 && !containsU64(g.gone, w.cr3) {
-			g.gone = append(g.gone, w.cr3)
+			g.fail(w, err)
+			continue
 		}
 		if tr != w.seen {
 			w.seen = tr
@@ -277,21 +295,24 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 			w.fn(tr)
 		}
 	}
-	for _, cr3 := range g.gone {
-		if g.OnGone != nil {
-			g.OnGone(cr3)
-		}
-	}
-	g.gone = g.gone[:0]
+	g.Phys.Flush()
 }
 
-func containsU64(s []uint64, v uint64) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
+// fail ends a watch that could not follow its walk: it holds no page any
+// more, its function hears that the translation is gone, and its owner
+// hears why.
+func (g *GuestMemory) fail(w *pteWatch, err error) {
+	w.err = err
+	w.dead = true
+	g.Failed++
+	if w.seen != (swapmem.Translation{}) {
+		w.seen = swapmem.Translation{}
+		g.Changes++
+		w.fn(w.seen)
 	}
-	return false
+	if g.OnWatchError != nil {
+		g.OnWatchError(w.cr3, w.va, fmt.Errorf("hv: watch of %#x in CR3 %#x: %w", w.va, w.cr3, err))
+	}
 }
 
 var (

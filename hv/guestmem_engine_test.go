@@ -2,6 +2,7 @@ package hv
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -13,8 +14,10 @@ import (
 )
 
 // TestProcessExitLeavesNoProtection runs the swapmem engine on
-// GuestMemory: a process with a read pending exits; its reads are removed
-// and every page table page is writable again.
+// GuestMemory: a process with a read pending exits; its read ends with an
+// error once its pages have stayed unbacked for the engine's timeout (a
+// zero entry alone is no proof of teardown: a live process may unmap a
+// page), and every page-table page is writable again.
 func TestProcessExitLeavesNoProtection(t *testing.T) {
 	m := swapmemtest.NewMachine()
 	p := m.NewSpace()
@@ -26,12 +29,12 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
 	require.NoError(t, err)
 	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
-	g := &GuestMemory{Walker: Walker{Mem: m}, Mem: m, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}
-	eng := swapmem.New(g, swapmem.Config{})
-	g.OnGone = func(cr3 uint64) { require.NoError(t, eng.RemoveTransactionsForVaSpace(cr3)) }
-	called := false
+	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
+	now := time.Duration(0)
+	eng := swapmem.New(g, swapmem.Config{Now: func() time.Duration { return now }})
+	var done []swapmem.Read
 	_, err = eng.ReadData(swapmem.Request{CR3: p.CR3, VA: va + 100, Len: 8*4096 - 200, Options: swapmem.UserFault,
-		Done: func(swapmem.Read) { called = true }})
+		Done: func(r swapmem.Read) { done = append(done, r) }})
 	require.NoError(t, err)
 	var steps [5]Step
 	_, _, err = g.Walker.Walk(p.CR3, va, &steps)
@@ -42,9 +45,15 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
 		{reason: vmx.ExitCPUID},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())
-	assert.False(t, called)
+	assert.Empty(t, done, "not taken for torn down at the first zero entry")
+	for i := 0; i < 100 && len(done) == 0; i++ {
+		now += 100 * time.Millisecond
+		eng.ReinjectFailedPF()
+	}
+	require.Len(t, done, 1)
+	assert.ErrorIs(t, done[0].Err, swapmem.ErrNotBacked)
 	assert.Zero(t, eng.Stats().Live)
 	assert.Zero(t, g.Watches())
 	for pa := uint64(0); pa < 0x800000; pa += 4096 {

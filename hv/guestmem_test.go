@@ -22,7 +22,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
 	flushes := 0
-	g := &GuestMemory{Walker: Walker{Mem: m}, Mem: m, EPT: e, Invalidate: func() { flushes++ }, Hole: [2]uint64{0x10000000, 0x18000000}}
+	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Invalidate: func() { flushes++ }, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
 
 	var seen []swapmem.Translation
 	cancel, err := g.Watch(p.CR3, va, func(tr swapmem.Translation) { seen = append(seen, tr) })
@@ -63,7 +63,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 		// A write into tamahv's memory is fatal, as before.
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	err = v.Run()
 	assert.ErrorIs(t, err, ErrFatalExit)
 	assert.Equal(t, uint64(1), g.Writes)
@@ -71,16 +71,14 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	assert.Equal(t, uint64(1), g.Stale)
 	assert.Len(t, seen, 1)
 
-	// The process exits: its entries become zero and OnGone hears of it.
-	var gone []uint64
-	g.OnGone = func(cr3 uint64) { gone = append(gone, cr3) }
+	// The process exits: its entries become zero and the watch hears the
+	// translation is gone.
 	v, _ = scripted(t, []exitStep{
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write}},
 		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
 	})
-	g.Install(v)
+	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())
-	assert.Equal(t, []uint64{p.CR3}, gone)
 	require.Len(t, seen, 2)
 	assert.False(t, seen[1].Present)
 

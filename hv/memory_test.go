@@ -13,9 +13,13 @@ import (
 type mapTables struct {
 	pages map[uint64]*[512]uint64
 	next  uint64
+	limit int // the most tables at a time (0: no limit)
 }
 
 func (m *mapTables) Alloc() (uint64, error) {
+	if m.limit > 0 && len(m.pages) >= m.limit {
+		return 0, fmt.Errorf("table arena of %d pages is full", m.limit)
+	}
 	m.next += 4096
 	m.pages[m.next] = new([512]uint64)
 	return m.next, nil

@@ -27,12 +27,12 @@ type Setup struct {
 	ExceptionBM uint32
 }
 
-// Segment access rights (SDM Vol. 3C, "Guest Register State").
+// Segment access rights, short names for vmx's.
 const (
-	arCode32   = 0xc09b // P, S, execute/read accessed, D, G
-	arData32   = 0xc093 // P, S, read/write accessed, D/B, G
-	arTSSBusy  = 0x008b // P, 32-bit busy TSS
-	arUnusable = 0x10000
+	arCode32   = vmx.AccessCode32
+	arData32   = vmx.AccessData32
+	arTSSBusy  = vmx.AccessTSSBusy32
+	arUnusable = vmx.AccessUnusable
 )
 
 // Init writes every VMCS field for a guest entering the 32-bit Linux boot
@@ -47,18 +47,34 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	if c.Preemption {
 		pinWant |= vmx.PinPreemptionTimer
 	}
+	// NMIs that arrive while the guest runs exit and are re-injected
+	// (handleException); virtual NMIs make NMI-window exiting usable and
+	// let VM entry unblock physical NMIs (SDM Vol. 3C, "Pin-Based
+	// VM-Execution Controls", "Changes to Instruction Behavior in VMX
+	// Non-Root Operation").
+	if caps.Pin.Can(vmx.PinNMIExiting | vmx.PinVirtualNMIs) {
+		pinWant |= vmx.PinNMIExiting | vmx.PinVirtualNMIs
+	}
 	pin, err := caps.Pin.Adjust(pinWant)
 	if err != nil {
 		return fmt.Errorf("pin-based controls: %w", err)
 	}
-	proc, err := caps.Proc.Adjust(vmx.ProcUseMSRBitmaps | vmx.ProcUseIOBitmaps | vmx.ProcActivateSecondary)
+	procWant := uint32(vmx.ProcUseMSRBitmaps | vmx.ProcUseIOBitmaps | vmx.ProcActivateSecondary)
+	if caps.Proc.Can(vmx.ProcTSCOffsetting) {
+		// The guest's TSC writes move its offset, never tamahv's clock
+		// (msr.go).
+		procWant |= vmx.ProcTSCOffsetting
+	}
+	proc, err := caps.Proc.Adjust(procWant)
 	if err != nil {
 		return fmt.Errorf("processor-based controls: %w", err)
 	}
 	want2 := uint32(vmx.Proc2EnableEPT | vmx.Proc2Unrestricted)
 	// XSAVES stays off: its supervisor state (IA32_XSS) is not switched
-	// between host and guest. The CPUID handler hides it.
-	for _, opt := range []uint32{vmx.Proc2EnableVPID, vmx.Proc2RDTSCP, vmx.Proc2INVPCID} {
+	// between host and guest. PCONFIG stays off: the guest does not
+	// program memory-encryption keys. The CPUID handler hides every
+	// feature whose control is off (vmx.Proc2Gates).
+	for _, opt := range []uint32{vmx.Proc2EnableVPID, vmx.Proc2RDTSCP, vmx.Proc2INVPCID, vmx.Proc2UserWait} {
 		if caps.Proc2.Can(opt) && (opt != vmx.Proc2EnableVPID || c.VPID != 0) {
 			want2 |= opt
 		}
@@ -67,11 +83,27 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	if err != nil {
 		return fmt.Errorf("secondary controls: %w", err)
 	}
-	exit, err := caps.Exit.Adjust(vmx.ExitHostAddrSpaceSize | vmx.ExitSaveEFER | vmx.ExitLoadEFER | vmx.ExitSavePAT | vmx.ExitLoadPAT)
+	// DR7 and IA32_DEBUGCTL: every VM exit clears them for tamahv; the
+	// debug controls save the guest's at exit and load them at entry.
+	exitWant := uint32(vmx.ExitHostAddrSpaceSize | vmx.ExitSaveEFER | vmx.ExitLoadEFER | vmx.ExitSavePAT | vmx.ExitLoadPAT | vmx.ExitSaveDebug)
+	entryWant := uint32(vmx.EntryLoadEFER | vmx.EntryLoadPAT | vmx.EntryLoadDebug)
+	// Performance counters stop in VMX root (host value 0) and run again
+	// with the guest's enables at entry; the WRMSR handler keeps the
+	// guest's value. Without the controls the PMU is hidden.
+	if caps.Exit.Can(vmx.ExitLoadPerfGlobal) && caps.Entry.Can(vmx.EntryLoadPerf) {
+		exitWant |= vmx.ExitLoadPerfGlobal
+		entryWant |= vmx.EntryLoadPerf
+	}
+	// Intel PT is hidden from the guest; should it run anyway, it stops
+	// at every exit.
+	if caps.Exit.Can(vmx.ExitClearRTITCtl) {
+		exitWant |= vmx.ExitClearRTITCtl
+	}
+	exit, err := caps.Exit.Adjust(exitWant)
 	if err != nil {
 		return fmt.Errorf("exit controls: %w", err)
 	}
-	entry, err := caps.Entry.Adjust(vmx.EntryLoadEFER | vmx.EntryLoadPAT)
+	entry, err := caps.Entry.Adjust(entryWant)
 	if err != nil {
 		return fmt.Errorf("entry controls: %w", err)
 	}
@@ -98,6 +130,7 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 		w(vmx.VPID, uint64(c.VPID))
 	}
 	w(vmx.TSCOffset, 0)
+	v.tscAdjust = 0
 	w(vmx.VMCSLinkPointer, ^uint64(0))
 
 	// CR0 and CR4: the guest owns every bit but those VMX fixes, which
@@ -150,6 +183,10 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	w(vmx.GuestDebugCtl, 0)
 	w(vmx.GuestEFER, 0)
 	w(vmx.GuestPAT, 0x0007040600070406)
+	if entry&vmx.EntryLoadPerf != 0 {
+		w(vmx.GuestPerfGlobal, 0)
+		w(vmx.HostPerfGlobal, 0)
+	}
 	w(vmx.GuestSysenterCS, 0)
 	w(vmx.GuestSysenterESP, 0)
 	w(vmx.GuestSysenterEIP, 0)
@@ -215,15 +252,4 @@ func IOBitmaps(a, b *[4096]byte, ranges ...[2]uint16) {
 			bm[q/8] |= 1 << (q % 8)
 		}
 	}
-}
-
-// GuestMSRFaults are the MSRs whose accesses exit: the VMX capability MSRs
-// (the guest sees no VMX, so they #GP) and IA32_FEATURE_CONTROL (reads
-// locked with VMX off, writes #GP).
-func GuestMSRFaults() []uint32 {
-	m := []uint32{vmx.MSRFeatureControl}
-	for r := uint32(vmx.MSRVMXBasic); r <= vmx.MSRVMFunc; r++ {
-		m = append(m, r)
-	}
-	return m
 }

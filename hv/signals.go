@@ -28,8 +28,8 @@ var (
 // wait for a SIPI); with one vCPU, this is the bootstrap processor and the
 // guest has no firmware there: tamahv reports the guest reset and stops
 // it, as a machine whose firmware is gone would stop.
-func handleINIT(v *VCPU, _ vmx.Exit) (Action, error) {
-	rip := v.VMCS.Read(vmx.GuestRIP)
+func handleINIT(v *VCPU, e vmx.Exit) (Action, error) {
+	rip := e.RIP
 	v.initState()
 	v.logf("tamahv: guest INIT at RIP %#x: vCPU reset, guest stopped\n", rip)
 	return v.Stopped(ErrGuestINIT)
@@ -93,11 +93,11 @@ func (v *VCPU) initState() {
 // the wait-for-SIPI state, which this single bootstrap vCPU never enters,
 // so in practice it is ignored, as the processor ignores a SIPI outside
 // that state.
-func handleSIPI(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleSIPI(v *VCPU, e vmx.Exit) (Action, error) {
 	if v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
 		return Resume, nil
 	}
-	vec := v.VMCS.Read(vmx.ExitQualification) & 0xff
+	vec := e.Qualification & 0xff
 	v.VMCS.Write(vmx.GuestCS, vec<<8)
 	v.VMCS.Write(vmx.GuestCSBase, vec<<12)
 	v.VMCS.Write(vmx.GuestRIP, 0)
@@ -112,9 +112,9 @@ func handleSIPI(v *VCPU, _ vmx.Exit) (Action, error) {
 // runs never uses once booted. Emulating it means the whole TSS save and
 // load of SDM Vol. 3A "Task Switching"; tamahv stops the guest instead,
 // with a line that says why, as the processor stops on a shutdown.
-func handleTaskSwitch(v *VCPU, _ vmx.Exit) (Action, error) {
-	ts := vmx.DecodeTaskSwitch(v.VMCS.Read(vmx.ExitQualification))
-	rip := v.VMCS.Read(vmx.GuestRIP)
+func handleTaskSwitch(v *VCPU, e vmx.Exit) (Action, error) {
+	ts := vmx.DecodeTaskSwitch(e.Qualification)
+	rip := e.RIP
 	v.logf("tamahv: guest task switch to TSS %#x by %v at RIP %#x: not emulated, guest shut down\n", ts.Selector, ts.Source, rip)
 	return v.Stopped(fmt.Errorf("%w (TSS %#x by %v at RIP %#x)", ErrGuestTaskSwitch, ts.Selector, ts.Source, rip))
 }

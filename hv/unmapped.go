@@ -45,14 +45,15 @@ type Unmapped struct {
 	Mapped, Fetches uint64
 }
 
-// Install makes u v's last word on EPT violations. Install it before the
-// handlers that pass on what they do not claim (GuestMemory, the
-// breakpoint agent).
-func (u *Unmapped) Install(v *VCPU) { v.handlers[vmx.ExitEPTViolation] = u.onViolation }
+// Install makes u intercept v's EPT violations: unmapped memory and
+// fetches from tamahv's region; the rest goes on to the default handler.
+// Install it before the interceptors that pass on what they do not claim
+// (GuestMemory, the breakpoint agent), so that it sees what they leave.
+func (u *Unmapped) Install(v *VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
 
-func (u *Unmapped) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
-	gpa := v.VMCS.Read(vmx.GuestPhysAddr)
-	q := ept.DecodeViolation(v.VMCS.Read(vmx.ExitQualification))
+func (u *Unmapped) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	gpa := e.GuestPA
+	q := ept.DecodeViolation(e.Qualification)
 	_, perm, _, size, ok := u.EPT.Lookup(gpa)
 	switch {
 	case !ok && size != 0:
@@ -74,7 +75,7 @@ func (u *Unmapped) onViolation(v *VCPU, e vmx.Exit) (Action, error) {
 		u.flush()
 		return Resume, nil
 	}
-	return handleEPTViolation(v, e)
+	return next(v, e)
 }
 
 func (u *Unmapped) flush() {

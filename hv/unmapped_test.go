@@ -21,7 +21,7 @@ func unmappedGuest(t *testing.T, steps []exitStep) (*VCPU, *ept.EPT, *Unmapped) 
 	require.NoError(t, MapGuest(e, mm, hole, 0x12000000))
 	v, _ := scripted(t, steps)
 	u := &Unmapped{EPT: e, Hole: hole}
-	u.Install(v)
+	require.NoError(t, u.Install(v))
 	return v, e, u
 }
 
@@ -110,8 +110,8 @@ func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
 		}),
 	})
 	e = ee
-	g := &GuestMemory{EPT: e, Hole: u.Hole}
-	g.Install(v) // after Unmapped, as runGuest does
+	g := NewGuestMemory(&GuestPhys{EPT: e, Hole: u.Hole}, 0)
+	require.NoError(t, g.Install(v)) // after Unmapped, as runGuest does
 	require.NoError(t, v.Run())
 	assert.Zero(t, g.Stale, "not taken for a stale protection")
 	assert.Equal(t, uint64(1), u.Mapped)

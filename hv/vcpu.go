@@ -68,16 +68,9 @@ type VCPU struct {
 	Log io.Writer
 	// Hypercalls answers VMCALL (nil: every call fails).
 	Hypercalls Hypercalls
-	// BeforeEntry runs before every VM entry, after pending events were
-	// placed (the swapmem scheduler goes here).
-	BeforeEntry func(v *VCPU)
 	// PreemptionTicks re-arms the VMX-preemption timer at each entry
 	// (0: timer off).
 	PreemptionTicks uint32
-	// OnTimer runs at every preemption-timer exit.
-	OnTimer func(v *VCPU)
-	// OnExit runs at every VM exit before it is handled.
-	OnExit func(v *VCPU, e vmx.Exit)
 	// CPUID executes CPUID for the guest (the host's values, filtered by
 	// the CPUID handler).
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
@@ -92,19 +85,33 @@ type VCPU struct {
 	// must refuse tamahv's memory, as GuestMemory does. Nil: PAE paging
 	// entered through an exiting MOV to CR0 or CR4 raises #GP.
 	Mem PhysReader
+	// ReadMSR and WriteMSR access the processor's MSRs for the MSR
+	// handlers (msr.go); WriteMSR receives only values the policy
+	// checked. Nil: the MSRs that need them raise #GP in the guest.
+	ReadMSR  func(msr uint32) uint64
+	WriteMSR func(msr uint32, v uint64)
+	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
+	// in VMX root (vmx.TakeNMI in the image); it is injected at the next
+	// entry. Nil: none are counted.
+	TakeNMI func() bool
 
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
-	handlers [vmx.NumExitReasons]Handler
-	counts   [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
-	recent   [recentExits]ExitRecord
-	nrecent  uint64
-	events   eventQueue
-	launched bool
+	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
+	observers []Observer
+	entries   []func(v *VCPU)
+	ticks     []func(v *VCPU)
+	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent    [recentExits]ExitRecord
+	nrecent   uint64
+	events    eventQueue
+	launched  bool
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
 	exited  error
+	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
+	tscAdjust uint64
 }
 
 // Errors of the run loop.
@@ -116,18 +123,95 @@ var (
 
 // NewVCPU returns a vCPU with the default exit handlers.
 func NewVCPU(vmcs VMCS, caps *vmx.Caps) *VCPU {
-	v := &VCPU{VMCS: vmcs, Caps: caps}
-	v.setDefaultHandlers()
+	v := &VCPU{VMCS: vmcs, Caps: caps, handlers: defaultHandlers()}
 	return v
 }
 
-// Handle installs h for reason r, replacing the default.
-func (v *VCPU) Handle(r vmx.ExitReason, h Handler) error {
+// Extensions attach to a vCPU in three ways, each append-only and ordered,
+// so that independent extensions compose without knowing each other:
+//
+//   - Intercept puts a handler in front of one exit reason's handling. The
+//     interceptor installed last sees the exit first; each answers it or
+//     passes it on to the handling installed before it, down to tamahv's
+//     default handler (a reason without one is fatal).
+//   - Observe adds a function that sees every exit before it is handled,
+//     in the order observers were added.
+//   - OnEntry adds a function run before every VM entry, after pending
+//     events were placed, in the order added; OnTick one run at every
+//     VMX-preemption-timer exit, in the order added.
+//
+// Chains are built when an extension is added: the exit path allocates
+// nothing.
+
+// Interceptor handles exits of one reason: it answers the exit itself, or
+// passes it on by calling next.
+type Interceptor func(v *VCPU, e vmx.Exit, next Handler) (Action, error)
+
+// Observer sees a VM exit before it is handled.
+type Observer func(v *VCPU, e vmx.Exit)
+
+// Intercept puts h in front of the handling of reason r.
+func (v *VCPU) Intercept(r vmx.ExitReason, h Interceptor) error {
 	if !r.Valid() {
 		return fmt.Errorf("hv: exit reason %d is not one the SDM defines", r)
 	}
-	v.handlers[r] = h
+	if h == nil {
+		return errors.New("hv: nil interceptor")
+	}
+	next := v.handlers[r]
+	if next == nil {
+		next = fatal
+	}
+	v.handlers[r] = func(v *VCPU, e vmx.Exit) (Action, error) { return h(v, e, next) }
 	return nil
+}
+
+// fatal is the handling of a reason without a handler.
+func fatal(v *VCPU, e vmx.Exit) (Action, error) {
+	return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, e.RIP, e.Qualification)
+}
+
+// Observe adds o to the functions that see every exit.
+func (v *VCPU) Observe(o Observer) {
+	if o != nil {
+		v.observers = append(v.observers, o)
+	}
+}
+
+// OnEntry adds f to the functions run before every VM entry.
+func (v *VCPU) OnEntry(f func(v *VCPU)) {
+	if f != nil {
+		v.entries = append(v.entries, f)
+	}
+}
+
+// OnTick adds f to the functions run at every preemption-timer exit.
+func (v *VCPU) OnTick(f func(v *VCPU)) {
+	if f != nil {
+		v.ticks = append(v.ticks, f)
+	}
+}
+
+// observe runs the observers.
+func (v *VCPU) observe(e vmx.Exit) {
+	for _, o := range v.observers {
+		o(v, e)
+	}
+}
+
+// dispatch runs the handling of e: its interceptors, then the default.
+func (v *VCPU) dispatch(e vmx.Exit) (Action, error) {
+	if h := v.handlers[e.Reason]; h != nil {
+		return h(v, e)
+	}
+	return fatal(v, e)
+}
+
+// tick runs the OnTick functions.
+func (v *VCPU) tick() {
+	for _, f := range v.ticks {
+		f(v)
+	}
 }
 
 // Counts returns the number of exits per reason seen so far (reasons with
@@ -202,21 +286,42 @@ func (v *VCPU) Run() error {
 // BeforeEntry hook.
 func (v *VCPU) prepareEntry() error {
 	v.VMCS.ClearErr()
+	if v.TakeNMI != nil && v.TakeNMI() {
+		v.queueNMI()
+	}
 	v.deliverEvent()
 	if v.PreemptionTicks != 0 {
 		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
 	}
-	if v.BeforeEntry != nil {
-		v.BeforeEntry(v)
+	for _, f := range v.entries {
+		f(v)
 	}
 	return v.VMCS.Err()
 }
 
+// snapshot reads one VM exit's state from the VMCS: what every exit
+// records, and what this exit's reason records.
+func (v *VCPU) snapshot() vmx.Exit {
+	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
+	e.RIP = v.VMCS.Read(vmx.GuestRIP)
+	e.Qualification = v.VMCS.Read(vmx.ExitQualification)
+	e.IDTVectoring = uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
+	switch e.Reason {
+	case vmx.ExitEPTViolation, vmx.ExitEPTMisconfig:
+		e.GuestPA = v.VMCS.Read(vmx.GuestPhysAddr)
+	case vmx.ExitExceptionOrNMI:
+		e.Interruption = uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
+		if e.Interruption&vmx.EventErrorValid != 0 {
+			e.InterruptionError = uint32(v.VMCS.Read(vmx.ExitInterruptError))
+		}
+	}
+	return e
+}
+
 // exit reads and dispatches one VM exit.
 func (v *VCPU) exit() (Action, error) {
-	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
-	rip := v.VMCS.Read(vmx.GuestRIP)
-	qual := v.VMCS.Read(vmx.ExitQualification)
+	e := v.snapshot()
+	rip, qual := e.RIP, e.Qualification
 	v.recent[v.nrecent%recentExits] = ExitRecord{e.Reason, rip, qual}
 	v.nrecent++
 	if !e.Reason.Valid() {
@@ -224,32 +329,27 @@ func (v *VCPU) exit() (Action, error) {
 		return Stop, fmt.Errorf("%w %d at RIP %#x", ErrUnknownExit, e.Reason, rip)
 	}
 	v.counts[e.Reason]++
-	if v.OnExit != nil {
-		v.OnExit(v, e)
-	}
+	v.observe(e)
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
-	v.requeueVectoring()
-	h := v.handlers[e.Reason]
-	if h == nil {
-		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, rip, qual)
-	}
-	act, err := h(v, e)
+	v.requeueVectoring(e)
+	v.restoreNMIBlocking(e)
+	act, err := v.dispatch(e)
 	if err != nil {
 		return Stop, err
 	}
 	if act == Next {
-		v.skipInstruction()
+		v.skipInstruction(e)
 	}
 	return act, nil
 }
 
-// skipInstruction advances RIP and drops blocking by STI and MOV SS, as
-// completing the instruction would.
-func (v *VCPU) skipInstruction() {
+// skipInstruction advances RIP past e's instruction and drops blocking by
+// STI and MOV SS, as completing the instruction would.
+func (v *VCPU) skipInstruction(e vmx.Exit) {
 	n := v.VMCS.Read(vmx.ExitInstructionLen)
-	v.VMCS.Write(vmx.GuestRIP, v.VMCS.Read(vmx.GuestRIP)+n)
+	v.VMCS.Write(vmx.GuestRIP, e.RIP+n)
 	if s := v.VMCS.Read(vmx.GuestInterruptibility); s&3 != 0 {
 		v.VMCS.Write(vmx.GuestInterruptibility, s&^3)
 	}

@@ -120,7 +120,7 @@ func (c *testCalls) Call(v *VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 func TestInitControls(t *testing.T) {
 	v, _ := scripted(t, nil)
 	_ = v
-	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary), fv(v).f[vmx.ProcControls])
+	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary|vmx.ProcTSCOffsetting), fv(v).f[vmx.ProcControls])
 	p2 := fv(v).f[vmx.Proc2Controls]
 	assert.NotZero(t, p2&vmx.Proc2EnableEPT)
 	assert.NotZero(t, p2&vmx.Proc2Unrestricted)
@@ -147,7 +147,7 @@ func TestCPUIDHidesVMX(t *testing.T) {
 			check: func(t *testing.T, v *VCPU) {
 				assert.Zero(t, v.Regs.RCX&vmx.CPUIDVMX, "VMX hidden")
 				assert.NotZero(t, v.Regs.RCX&(1<<31), "hypervisor present")
-				assert.Equal(t, uint64(0xbfebfbff), v.Regs.RDX)
+				assert.Equal(t, uint64(0xbfebfbff&^(1<<21)), v.Regs.RDX, "no debug store")
 			}},
 		{reason: vmx.ExitCPUID, regs: func(r *vmx.GuestRegs) { r.RAX = CPUIDHypervisorBase },
 			check: func(t *testing.T, v *VCPU) {
@@ -298,7 +298,46 @@ func TestFatalExits(t *testing.T) {
 	v.Enter = func(*VCPU, bool) error { return errors.New("VMfailValid") }
 	assert.ErrorIs(t, v.Run(), ErrEntryFailed)
 
-	assert.Error(t, v.Handle(35, resume))
+	assert.Error(t, v.Intercept(35, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) { return next(v, e) }))
+	assert.Error(t, v.Intercept(vmx.ExitCPUID, nil))
+}
+
+// TestExtensionOrder: interceptors of a reason run last-installed first,
+// each passing on to the one installed before it and finally to the
+// default handler; observers see every exit first, in the order added;
+// entry and tick functions run in the order added.
+func TestExtensionOrder(t *testing.T) {
+	var got []string
+	note := func(s string) { got = append(got, s) }
+	v, _ := scripted(t, []exitStep{
+		{reason: vmx.ExitCPUID, regs: func(r *vmx.GuestRegs) { r.RAX = 0 }},
+		{reason: vmx.ExitPreemptionTimer},
+		{reason: vmx.ExitVMCALL, regs: func(r *vmx.GuestRegs) { r.RAX = hcall.Exit }},
+	})
+	v.CPUID = func(uint32, uint32) (uint32, uint32, uint32, uint32) { note("default cpuid"); return 1, 2, 3, 4 }
+	for _, name := range []string{"first", "second"} {
+		require.NoError(t, v.Intercept(vmx.ExitCPUID, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+			note(name + " interceptor")
+			return next(v, e)
+		}))
+		v.Observe(func(v *VCPU, e vmx.Exit) { note(name + " observer " + e.Reason.String()) })
+		v.OnEntry(func(*VCPU) { note(name + " entry") })
+		v.OnTick(func(*VCPU) { note(name + " tick") })
+	}
+	// An interceptor that answers keeps the exit from those before it.
+	require.NoError(t, v.Intercept(vmx.ExitVMCALL, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+		note("vmcall answered")
+		return v.Stopped(nil)
+	}))
+	require.NoError(t, v.Run())
+	assert.Equal(t, []string{
+		"first entry", "second entry",
+		"first observer CPUID", "second observer CPUID", "second interceptor", "first interceptor", "default cpuid",
+		"first entry", "second entry",
+		"first observer PreemptionTimer", "second observer PreemptionTimer", "first tick", "second tick",
+		"first entry", "second entry",
+		"first observer VMCALL", "second observer VMCALL", "vmcall answered",
+	}, got)
 }
 
 func TestExitPathAllocatesNothing(t *testing.T) {
@@ -321,9 +360,9 @@ func TestExitPathAllocatesNothing(t *testing.T) {
 
 func TestBitmaps(t *testing.T) {
 	var b [4096]byte
-	require.NoError(t, MSRBitmap(&b, GuestMSRFaults()...))
-	assert.Equal(t, byte(1<<2), b[0x3a/8], "IA32_FEATURE_CONTROL read")
-	assert.Equal(t, byte(1<<2), b[2048+0x3a/8], "and write")
+	GuestMSRBitmap(&b)
+	assert.Equal(t, byte(1<<2|1<<3), b[0x3a/8], "IA32_FEATURE_CONTROL and IA32_TSC_ADJUST read")
+	assert.Equal(t, byte(1<<2|1<<3), b[2048+0x3a/8], "and write")
 	assert.Equal(t, byte(0xff), b[0x480/8])
 	assert.Error(t, MSRBitmap(&b, 0x40000000))
 	require.NoError(t, MSRBitmap(&b, 0xc0000080))
@@ -333,4 +372,11 @@ func TestBitmaps(t *testing.T) {
 	assert.Equal(t, byte(0xff), a[0x3f8/8])
 	assert.Zero(t, a[0x2f8/8])
 	assert.Equal(t, byte(0xc0), bb[(0xfffe-0x8000)/8], "ports 0xfffe and 0xffff in bitmap B")
+}
+
+// exitOf snapshots the fake VMCS as an exit of reason r, as the run loop
+// would, for tests that call handlers directly.
+func exitOf(v *VCPU, r vmx.ExitReason) vmx.Exit {
+	v.VMCS.Write(vmx.ExitReasonField, uint64(r))
+	return v.snapshot()
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // PhysReader reads guest-physical memory.
@@ -13,16 +14,20 @@ type PhysReader interface {
 	ReadPhys(pa uint64, p []byte) error
 }
 
-// Paging-entry bits (Intel SDM Vol. 3A, "4-Level Paging and 5-Level
-// Paging").
+// Paging-entry bits, short names for vmx's.
 const (
-	pteP    = 1 << 0
-	pteRW   = 1 << 1
-	pteUS   = 1 << 2
-	ptePS   = 1 << 7
-	pteXD   = 1 << 63
-	pteAddr = 0x000f_ffff_ffff_f000
+	pteP    = vmx.PTEPresent
+	pteRW   = vmx.PTEWritable
+	pteUS   = vmx.PTEUser
+	ptePS   = vmx.PTEPageSize
+	ptePAT  = vmx.PTELargePAT
+	pteXD   = vmx.PTEExecuteDisable
+	pteAddr = vmx.PTEAddress
 )
+
+// pteLinuxProtNone is Linux's _PAGE_PROTNONE (the G bit) in a not-present
+// entry: a mapping without access, where a #PF is a SIGSEGV or an oops.
+const pteLinuxProtNone = 1 << 8
 
 // Walk errors.
 var (
@@ -32,17 +37,26 @@ var (
 )
 
 // Walker translates guest-virtual addresses by reading the guest's paging
-// structures (IA-32e paging with 4 or 5 levels).
+// structures (IA-32e paging with 4 or 5 levels). It reads each entry
+// through Mem, which decides what guest-physical memory a walk may read
+// (GuestMemory gives it GuestPhys: guest RAM only). A Walker is not safe
+// for concurrent use: it reads entries into a buffer of its own, so that
+// a walk allocates nothing.
 type Walker struct {
 	Mem PhysReader
 	// LA57 selects 5-level paging (CR4.LA57).
 	LA57 bool
+	// NoNXE says IA32_EFER.NXE is clear: bit 63 of an entry is then
+	// reserved, not execute-disable.
+	NoNXE bool
 	// MaxPhys is the physical-address width (default 46 bits); entries
 	// pointing above it are reserved-bit violations.
 	MaxPhys uint
 	// Limit is the end of guest-physical memory; a walk leaving it stops
 	// with an error (0: no limit).
 	Limit uint64
+
+	buf [8]byte
 }
 
 // Step is one entry read during a walk.
@@ -72,7 +86,7 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 	rsvd := ^uint64(0) << maxPhys & (pteAddr | 0x000f_0000_0000_0000)
 	table := cr3 & pteAddr
 	rw, us, xd := true, true, false
-	var b [8]byte
+	b := &w.buf
 	n := 0
 	for level := levels; level >= 1; level-- {
 		pa := table + 8*(va>>(12+9*uint(level-1))&511)
@@ -91,9 +105,18 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 		steps[n] = Step{Level: level, PA: pa, Entry: e}
 		n++
 		if e&pteP == 0 {
+			// Backed: a non-zero not-present PTE or PDE that is not Linux's
+			// PROT_NONE: a swap or migration entry, which a #PF brings back
+			// (arch/x86/include/asm/pgtable_64.h).
+			tr.Backed = e != 0 && level <= 2 && e&pteLinuxProtNone == 0
 			return tr, n, nil
 		}
-		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) {
+		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) || (w.NoNXE && e&pteXD != 0) {
+			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
+		}
+		if large := e&ptePS != 0 && level > 1; large && e&(uint64(1)<<(12+9*uint(level-1))-1)&^ptePAT&^0xfff != 0 {
+			// A 2 MiB or 1 GiB page's address bits below its size, but
+			// for PAT (bit 12), are reserved.
 			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
 		}
 		rw = rw && e&pteRW != 0

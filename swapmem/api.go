@@ -12,6 +12,12 @@
 // per-VM-exit path, InjectPendingPF, costs O(1) in the number of live
 // transactions and allocates nothing.
 //
+// A fault is injected only for a page the guest can bring in: one whose walk
+// ends at a non-zero not-present entry (Translation.Backed: a swap or
+// migration entry), or, for WriteFault, a present read-only page. Every read
+// ends: with its data, with an error (a page that cannot be faulted, a fault
+// the guest does not service, the request's deadline), or by its removal.
+//
 // The API follows the swapmem.h documentation of Bitdefender's Hypervisor
 // Memory Introspection (IntSwapMemReadData and friends).
 package swapmem
@@ -33,6 +39,13 @@ const (
 	// UserFault injects only while the vCPU runs in user mode (CPL 3).
 	UserFault Options = 0x00000002
 	// KernelFault injects only while the vCPU runs in kernel mode (CPL 0).
+	//
+	// The engine checks only that the page is backed; whether a
+	// kernel-mode #PF at the interrupted instruction is safe for the guest
+	// (SMAP, atomic context, a user address without a VMA) it cannot see.
+	// On Linux that safety is not established: callers must not offer
+	// KernelFault, option 0 (any ring) or BPFault to requests they do not
+	// trust, and should veto through PreInject what they cannot vouch for.
 	KernelFault Options = 0x00000004
 	// BPFault raises the fault from the int3 breakpoint agent (kernel #PFs).
 	BPFault Options = 0x00000010
@@ -115,6 +128,14 @@ type Translation struct {
 	// Present, Writable, User and NX are the effective permissions of the
 	// whole walk.
 	Present, Writable, User, NX bool
+	// Backed is set on a translation that is not present when the walk
+	// stopped at a non-zero not-present entry of a page table or page
+	// directory: a page the guest's memory manager holds elsewhere (on
+	// Linux a swap or migration entry) and brings in on a #PF. A walk that
+	// ends at a zero entry, or misses an upper level, is not backed: a #PF
+	// there could kill the process or oops the kernel, so the engine never
+	// injects one.
+	Backed bool
 }
 
 // Guest is the engine's view of guest memory. The hypervisor implements it;
@@ -161,6 +182,10 @@ type Request struct {
 	// PreInject is asked before each injection for the page at va, with the
 	// CR3 the fault would be taken in; false vetoes it. It may be nil.
 	PreInject func(cr3, va uint64) bool
+	// Deadline bounds the read's life: when it has passed and the read is
+	// still live, Done runs with Err wrapping ErrDeadline. 0 selects
+	// Config.Deadline; it may not be negative.
+	Deadline time.Duration
 }
 
 // Read is what Done receives.
@@ -168,21 +193,31 @@ type Read struct {
 	CR3, VA, PA uint64 // PA of the first byte
 	Data        []byte // valid only during the Done call
 	Flags       Flags
-	// Err is non-nil when the range could not be read (the guest never
-	// serviced the fault, or guest memory could not be read); Data is nil.
+	// Err is non-nil when the range could not be read: it wraps
+	// ErrNotServiced, ErrNotBacked or ErrDeadline, or a guest-memory error.
+	// Data is then nil.
 	Err error
 }
 
 // Config tunes an Engine. The zero value selects the defaults.
 type Config struct {
-	// Timeout is the age after which a pending #PF is re-armed (default 1s).
+	// Timeout is the age after which a pending #PF is re-armed (default
+	// 1s). It is also how long a waiting page may stay not backed before
+	// its transactions fail with ErrNotBacked.
 	Timeout time.Duration
-	// Now is a monotonic clock (default: time since New).
+	// Now is a monotonic clock (default: time since New). Should it go
+	// backwards, the engine takes the step back as no time passing and
+	// counts on from there: timers are neither stalled nor fired by it.
 	Now func() time.Duration
 	// MaxAttempts is how many times a page's #PF is injected without the
 	// page coming in before its transactions fail (default
-	// DefaultMaxAttempts). A cancelled injection does not count.
+	// DefaultMaxAttempts). A cancelled injection does not count. Injections
+	// the CPU refuses (InjectPF or InjectBPFault failed) have their own
+	// bound: refused for MaxAttempts × Timeout, the page fails.
 	MaxAttempts int
+	// Deadline is the life of a request that sets no Request.Deadline
+	// (default DefaultDeadline).
+	Deadline time.Duration
 }
 
 // Limits and defaults.
@@ -193,6 +228,11 @@ const (
 	DefaultTimeout = time.Second
 	// DefaultMaxAttempts is Config.MaxAttempts's default.
 	DefaultMaxAttempts = 8
+	// DefaultDeadline is Config.Deadline's default: well above what
+	// DefaultMaxAttempts faults take (8 × DefaultTimeout), so that it ends
+	// only reads that nothing else would end (NoFault reads the guest
+	// never serves, reads of an address space that vanished).
+	DefaultDeadline = 30 * time.Second
 	// MaxPreInjectCalls bounds the PreInject calls one InjectPendingPF
 	// makes, so that vetoes cannot make a VM exit cost more than O(1).
 	// Vetoed pages move to the back of the queue, so every page is asked
@@ -216,4 +256,10 @@ var (
 	// ErrNotServiced is the Read.Err of a transaction whose page was
 	// faulted MaxAttempts times without coming in.
 	ErrNotServiced = errors.New("swapmem: guest did not service the page fault")
+	// ErrNotBacked is returned by ReadData, or is the Read.Err, when a page
+	// of a faulting request is missing and not backed (see
+	// Translation.Backed): a #PF there would not bring it in.
+	ErrNotBacked = errors.New("swapmem: page is not backed: no fault injected")
+	// ErrDeadline is the Read.Err of a transaction whose deadline passed.
+	ErrDeadline = errors.New("swapmem: read deadline passed")
 )

@@ -19,7 +19,7 @@ func newBenchGuest() *benchGuest {
 }
 
 func (g *benchGuest) Translate(cr3, va uint64) (swapmem.Translation, error) {
-	return swapmem.Translation{Present: g.present, Writable: true, User: true, PA: 0x100000 + va&0xfffff, PageSize: 4096}, nil
+	return swapmem.Translation{Present: g.present, Backed: !g.present, Writable: true, User: true, PA: 0x100000 + va&0xfffff, PageSize: 4096}, nil
 }
 func (g *benchGuest) ReadPhys(pa uint64, p []byte) error { return nil }
 func (g *benchGuest) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
@@ -147,6 +147,22 @@ func BenchmarkCompletion(b *testing.B) {
 			}
 			if done != b.N {
 				b.Fatalf("completed %d of %d", done, b.N)
+			}
+		})
+	}
+}
+
+// BenchmarkReinjectFailedPF measures the timer with nothing due: its cost
+// does not grow with the number of live transactions.
+func BenchmarkReinjectFailedPF(b *testing.B) {
+	for _, n := range []int{1, 100000} {
+		b.Run(fmt.Sprintf("tx=%d/idle", n), func(b *testing.B) {
+			e := swapmem.New(newBenchGuest(), swapmem.Config{})
+			populate(b, e, n)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				e.ReinjectFailedPF()
 			}
 		})
 	}

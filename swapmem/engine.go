@@ -29,6 +29,9 @@ type Transaction struct {
 	state   txState
 	err     error
 
+	deadline time.Duration // engine time (Engine.clock) at which it fails
+	dl       int           // index+1 in Engine.dl; 0: not there
+
 	all      link[Transaction] // Engine.all, in creation order
 	inSpace  link[Transaction] // space.txs
 	doneNext *Transaction      // completion batch, run after unlocking
@@ -69,9 +72,11 @@ const (
 	slotReady                    // in a ready queue
 	slotClaimed                  // chosen by InjectPendingPF, PreInject being asked
 	slotPending                  // #PF injected, page not in yet
+	slotParked                   // not backed: not injected; fails after Config.Timeout
+	slotBackoff                  // the last injection failed: retried after the next timer tick
 )
 
-var slotStateNames = [...]string{"waiting", "ready", "claimed", "pending"}
+var slotStateNames = [...]string{"waiting", "ready", "claimed", "pending", "parked", "backoff"}
 
 type slot struct {
 	key      slotKey
@@ -79,15 +84,31 @@ type slot struct {
 	sp       *space
 	waiters  ilist[waiter]
 	state    slotState
-	queue    *ilist[slot]
-	qlink    link[slot] // space ready queue
+	queue    *ilist[slot] // the list qlink is in: a ready queue, parked or backoff
+	qlink    link[slot]
 	wlink    link[slot] // watch.slots
 	seq      uint64     // queue order: smaller was queued earlier
 	attempts int
-	since    time.Duration
+	// refusedSince is when the CPU began refusing this slot's injections
+	// (valid while refusing).
+	refusedSince time.Duration
+	refusing     bool
+	// since is when the pending #PF was injected (or confirmed delivered),
+	// or when the slot was parked.
+	since     time.Duration
+	delivered bool // the pending #PF reached the guest (PFDelivered)
 }
 
 func (s *slot) write() bool { return s.key.class&WriteFault != 0 }
+
+// injectable reports whether a #PF can bring in a page whose translation is
+// tr: a backed not-present page, or a present read-only one for a write.
+func injectable(tr Translation, write bool) bool {
+	if tr.Present {
+		return write && !tr.Writable
+	}
+	return tr.Backed
+}
 
 // queueIndex says which ring queue of a space a slot waits in.
 func (s *slot) queueIndex() int {
@@ -145,12 +166,16 @@ type Stats struct {
 	Live      int    // live transactions
 	Pages     int    // distinct pages waiting (shared by transactions)
 	Watches   int    // page-table watches held
+	Spaces    int    // address spaces with live transactions
 	Injected  uint64 // #PFs injected (directly or through the breakpoint agent)
 	Cancelled uint64 // injections displaced by another event
+	Delivered uint64 // injections confirmed delivered (PFDelivered)
 	TimedOut  uint64 // pending #PFs re-armed by ReinjectFailedPF
 	Vetoed    uint64 // injections vetoed by PreInject
+	Refused   uint64 // injections the CPU refused (InjectPF or InjectBPFault failed)
 	Completed uint64 // transactions whose Done ran with data
 	Failed    uint64 // transactions whose Done ran with an error
+	Expired   uint64 // transactions failed by their deadline (also in Failed)
 	Removed   uint64 // transactions removed before completing
 }
 
@@ -160,9 +185,14 @@ type Engine struct {
 	mu          sync.Mutex
 	g           Guest
 	timeout     time.Duration
+	deadline    time.Duration
 	now         func() time.Duration
 	maxAttempts int
 	closed      bool
+
+	// lastNow is the clock's latest reading and skew what clock adds to
+	// it: the sum of the steps back it took.
+	lastNow, skew time.Duration
 
 	// nready and busy let InjectPendingPF return without the lock when
 	// there is nothing to do.
@@ -176,6 +206,9 @@ type Engine struct {
 	all     ilist[Transaction]
 	pending *slot // claimed or pending
 	orphan  orphanPF
+	parked  ilist[slot]    // slots not backed, oldest first
+	backoff ilist[slot]    // slots whose injection failed
+	dl      []*Transaction // live transactions, a min-heap on deadline
 	seq     uint64
 	nextID  uint64
 	stats   Stats
@@ -193,9 +226,15 @@ func New(g Guest, c Config) *Engine {
 		spaces:      make(map[uint64]*space),
 		dups:        make(map[dupKey]*Transaction),
 		all:         ilist[Transaction]{at: func(t *Transaction) *link[Transaction] { return &t.all }},
+		deadline:    c.Deadline,
 	}
+	e.parked.at = func(s *slot) *link[slot] { return &s.qlink }
+	e.backoff.at = e.parked.at
 	if e.timeout <= 0 {
 		e.timeout = DefaultTimeout
+	}
+	if e.deadline <= 0 {
+		e.deadline = DefaultDeadline
 	}
 	if e.maxAttempts <= 0 {
 		e.maxAttempts = DefaultMaxAttempts
@@ -205,6 +244,19 @@ func New(g Guest, c Config) *Engine {
 		e.now = func() time.Duration { return time.Since(start) }
 	}
 	return e
+}
+
+// clock returns the engine's time: Config.Now made monotonic. A step back
+// of the clock counts as no time passing, so that a clock set back (a guest
+// that writes the TSC) neither stalls the timers nor fires them. The caller
+// holds e.mu.
+func (e *Engine) clock() time.Duration {
+	now := e.now()
+	if now < e.lastNow {
+		e.skew += e.lastNow - now
+	}
+	e.lastNow = now
+	return now + e.skew
 }
 
 // validate checks a request without touching the engine.
@@ -229,6 +281,8 @@ func validate(r *Request) error {
 	case r.Options&BPFault != 0 && r.Options&WriteFault != 0:
 		// CPU.InjectBPFault carries no access type.
 		return fmt.Errorf("%w: BPFault raises read faults; WriteFault needs a direct injection", ErrBadRequest)
+	case r.Deadline < 0:
+		return fmt.Errorf("%w: negative deadline %v", ErrBadRequest, r.Deadline)
 	}
 	return nil
 }
@@ -256,7 +310,19 @@ func canonical(first, last uint64) bool {
 // nothing: Len ≤ 0 or above MaxLen, a range that wraps or leaves the
 // canonical half it starts in, unknown option bits, UserFault with
 // KernelFault, NoFault with an injection option, BPFault with UserFault or
-// WriteFault (the breakpoint agent raises kernel-mode read faults).
+// WriteFault (the breakpoint agent raises kernel-mode read faults), a
+// negative Deadline.
+//
+// Without NoFault, a missing page that a #PF cannot bring in (not backed,
+// see Translation.Backed) makes ReadData return an error wrapping
+// ErrNotBacked, and nothing changes; with NoFault the read waits for it.
+// A page that stops being backed while it is waited for is not faulted
+// and, unless it is backed again within Config.Timeout, fails the read
+// with ErrNotBacked.
+//
+// The transaction's deadline is Request.Deadline, or Config.Deadline when
+// that is 0; once it has passed, ReinjectFailedPF fails the read with
+// ErrDeadline.
 func (e *Engine) ReadData(r Request) (*Transaction, error) {
 	if err := validate(&r); err != nil {
 		return nil, err
@@ -284,11 +350,15 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 	}
 	if len(t.waiters) > 0 {
 		if err := e.attach(t); err != nil {
+			e.forgetSpace(t.cr3)
 			e.mu.Unlock()
 			return nil, err
 		}
 	}
 	if t.missing == 0 {
+		// Attaching may have made the space of t's pages; nothing else
+		// would free it.
+		e.forgetSpace(t.cr3)
 		t.state = txFinished
 		e.stats.Completed++
 		e.mu.Unlock()
@@ -299,6 +369,16 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 	t.id = e.nextID
 	e.all.pushBack(t)
 	e.spaceOf(t.cr3).txs.pushBack(t)
+	d := r.Deadline
+	if d == 0 {
+		d = e.deadline
+	}
+	now := e.clock()
+	t.deadline = now + d
+	if t.deadline < now {
+		t.deadline = 1<<63 - 1
+	}
+	e.dlPush(t)
 	if r.Options&NoDups != 0 {
 		e.dups[dk] = t
 	}
@@ -307,12 +387,16 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 }
 
 // readPresent translates the range, copies what is present and records a
-// waiter for each missing 4 KiB page.
+// waiter for each missing 4 KiB page. A missing page that a faulting request
+// could not fault in fails the request with ErrNotBacked.
 func (e *Engine) readPresent(t *Transaction) error {
 	write := t.opts&WriteFault != 0
 	end := t.va + uint64(len(t.buf)) // may be 0 for a range ending at 2^64
 	for cur := t.va; cur != end; {
 		tr, err := e.g.Translate(t.tcr3, cur)
+		if t.opts&NoFault == 0 && (err != nil || !satisfies(tr, write) && !injectable(tr, write)) {
+			return fmt.Errorf("%w: %#x in CR3 %#x", ErrNotBacked, cur, t.tcr3)
+		}
 		if err == nil && satisfies(tr, write) {
 			n := chunk(cur, end, pageSize(tr))
 			off := cur - t.va
@@ -419,7 +503,7 @@ func (e *Engine) slotFor(k slotKey, tcr3 uint64) (*slot, error) {
 	e.slots[k] = s
 	w.slots.pushBack(s)
 	if k.class&NoFault == 0 {
-		e.enqueue(s)
+		e.requeue(s, false)
 	}
 	return s, nil
 }
@@ -457,6 +541,14 @@ func (e *Engine) spaceOf(cr3 uint64) *space {
 	return sp
 }
 
+// forgetSpace deletes cr3's space if no transaction is in it (then no slot
+// is either: a slot lives only while a transaction waits on it).
+func (e *Engine) forgetSpace(cr3 uint64) {
+	if sp := e.spaces[cr3]; sp != nil && sp.txs.n == 0 {
+		delete(e.spaces, cr3)
+	}
+}
+
 // releaseIfEmpty frees a slot that no waiter uses.
 func (e *Engine) releaseIfEmpty(s *slot) {
 	if s.waiters.n == 0 {
@@ -490,19 +582,44 @@ func (e *Engine) readWaiter(wt *waiter, tr Translation) error {
 	return nil
 }
 
-// enqueue puts s at the back of its ready queue.
-func (e *Engine) enqueue(s *slot) {
-	e.seq++
-	s.seq = e.seq
+// requeue makes a faulting slot that is in no list schedulable again: into
+// its ready queue (at the front, keeping its turn, or at the back) if a #PF
+// can bring its page in, else parked.
+func (e *Engine) requeue(s *slot, front bool) {
+	if !injectable(s.w.tr, s.write()) {
+		e.park(s)
+		return
+	}
+	q := &s.sp.queues[s.queueIndex()]
+	if front && (q.head == nil || q.head.seq > s.seq) {
+		q.pushFront(s)
+	} else {
+		e.seq++
+		s.seq = e.seq
+		q.pushBack(s)
+	}
 	s.state = slotReady
-	s.queue = &s.sp.queues[s.queueIndex()]
-	s.queue.pushBack(s)
+	s.queue = q
 	e.nready.Add(1)
 }
 
+// park sets aside a slot whose page is not backed; ReinjectFailedPF fails
+// it once it has been parked for Config.Timeout.
+func (e *Engine) park(s *slot) {
+	s.state = slotParked
+	s.since = e.clock()
+	s.queue = &e.parked
+	e.parked.pushBack(s)
+}
+
+// dequeue takes s out of the list it is in, if any.
 func (e *Engine) dequeue(s *slot) {
+	if s.queue == nil {
+		return
+	}
+	s.queue.remove(s)
+	s.queue = nil
 	if s.state == slotReady {
-		s.queue.remove(s)
 		e.nready.Add(-1)
 	}
 }
@@ -528,13 +645,17 @@ func (e *Engine) detach(wt *waiter) {
 	e.releaseIfEmpty(s)
 }
 
-// freeSlot forgets a slot. An injected #PF that is still pending for it
-// stays accounted for (as an orphan) until it times out or is cancelled, so
-// that never two swapmem #PFs are in the guest at once.
+// freeSlot forgets a slot. If its #PF was confirmed delivered (PFDelivered)
+// the guest-wide pending slot is free at once: the guest has the fault and
+// serves it without us. A #PF injected but not yet confirmed may still be
+// on its way into the guest; it stays accounted for (as an orphan) until
+// the hypervisor reports it delivered or displaced (at the injecting vCPU's
+// next exit) or, without a report, until it times out, so that never two
+// swapmem #PFs are on their way into the guest at once.
 func (e *Engine) freeSlot(s *slot) {
 	e.dequeue(s)
 	if e.pending == s {
-		if s.state == slotPending {
+		if s.state == slotPending && !s.delivered {
 			e.setOrphan(orphanPF{active: true, page: s.key.page, since: s.since})
 		}
 		e.setPending(nil)
@@ -572,6 +693,18 @@ func (e *Engine) changed(w *watch, tr Translation) {
 		}
 		batch = e.pageIn(s, tr, batch)
 	}
+	// The slots left still wait: a page that stopped being backed is not
+	// faulted any more, one that is backed again is.
+	for s := w.slots.head; s != nil && !w.dead; s = w.slots.next(s) {
+		switch ok := injectable(tr, s.write()); {
+		case s.state == slotReady && !ok:
+			e.dequeue(s)
+			e.park(s)
+		case s.state == slotParked && ok:
+			e.dequeue(s)
+			e.requeue(s, false)
+		}
+	}
 	e.mu.Unlock()
 	runBatch(batch)
 }
@@ -596,6 +729,14 @@ func (e *Engine) pageIn(s *slot, tr Translation, batch *Transaction) *Transactio
 		e.setPending(nil)
 	}
 	e.freeSlot(s)
+	return batch
+}
+
+// failSlot fails every transaction waiting for s with err.
+func (e *Engine) failSlot(s *slot, err error, batch *Transaction) *Transaction {
+	for s.waiters.n > 0 && e.slots[s.key] == s {
+		batch = e.fail(s.waiters.head.tx, err, batch)
+	}
 	return batch
 }
 
@@ -632,6 +773,7 @@ func (e *Engine) finish(t *Transaction, err error, batch *Transaction) *Transact
 // unlink takes t off the engine's lists.
 func (e *Engine) unlink(t *Transaction) {
 	e.all.remove(t)
+	e.dlRemove(t)
 	if sp := e.spaces[t.cr3]; sp != nil {
 		sp.txs.remove(t)
 		if sp.txs.n == 0 {
@@ -667,4 +809,64 @@ func (t *Transaction) call(extra Flags) {
 		r.PA = 0
 	}
 	t.done(r)
+}
+
+// The deadline heap: e.dl is a binary min-heap of the live transactions on
+// their deadline; each knows its index (plus one) in t.dl. Pushing may grow
+// the slice (in ReadData only); removing never allocates.
+
+func (e *Engine) dlPush(t *Transaction) {
+	e.dl = append(e.dl, t)
+	t.dl = len(e.dl)
+	e.dlUp(len(e.dl) - 1)
+}
+
+func (e *Engine) dlRemove(t *Transaction) {
+	if t.dl == 0 {
+		return
+	}
+	i, last := t.dl-1, len(e.dl)-1
+	if i != last {
+		e.dlSwap(i, last)
+	}
+	e.dl[last] = nil
+	e.dl = e.dl[:last]
+	t.dl = 0
+	if i != last {
+		e.dlDown(i)
+		e.dlUp(i)
+	}
+}
+
+func (e *Engine) dlSwap(i, j int) {
+	e.dl[i], e.dl[j] = e.dl[j], e.dl[i]
+	e.dl[i].dl, e.dl[j].dl = i+1, j+1
+}
+
+func (e *Engine) dlUp(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if e.dl[p].deadline <= e.dl[i].deadline {
+			return
+		}
+		e.dlSwap(i, p)
+		i = p
+	}
+}
+
+func (e *Engine) dlDown(i int) {
+	for {
+		c := 2*i + 1
+		if c >= len(e.dl) {
+			return
+		}
+		if r := c + 1; r < len(e.dl) && e.dl[r].deadline < e.dl[c].deadline {
+			c = r
+		}
+		if e.dl[i].deadline <= e.dl[c].deadline {
+			return
+		}
+		e.dlSwap(i, c)
+		i = c
+	}
 }

@@ -640,8 +640,13 @@ func TestInjectErrorRequeues(t *testing.T) {
 	boom := errors.New("entry fields busy")
 	w.cpu.Fail = boom
 	assert.ErrorIs(t, w.e.InjectPendingPF(w.cpu), boom)
+	// Not tried again at every entry: the page backs off until the timer.
+	require.NoError(t, w.e.InjectPendingPF(w.cpu))
+	assert.Empty(t, w.m.Queued())
+	w.e.ReinjectFailedPF()
 	require.NoError(t, w.e.InjectPendingPF(w.cpu))
 	assert.Len(t, w.m.Queued(), 1)
+	assert.EqualValues(t, 1, w.e.Stats().Refused)
 }
 
 func TestReadPhysErrorChangesNothing(t *testing.T) {
@@ -658,7 +663,7 @@ func TestReadPhysErrorChangesNothing(t *testing.T) {
 func TestPageArrivingBeforeTheWatchIsSeen(t *testing.T) {
 	// The first translation says missing; by the time the watch is in
 	// place the page is there. No watch event will ever come for it.
-	g := &fakeGuest{tr: swapmem.Translation{PA: 0x5000, PageSize: 4096}, presentAfterWatch: true}
+	g := &fakeGuest{tr: swapmem.Translation{PA: 0x5000, PageSize: 4096, Backed: true}, presentAfterWatch: true}
 	e := swapmem.New(g, swapmem.Config{})
 	var rec recorder
 	tx, err := e.ReadData(swapmem.Request{CR3: 1, VA: 0x1010, Len: 8, Done: rec.done})

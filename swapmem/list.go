@@ -27,6 +27,18 @@ func (l *ilist[T]) pushBack(x *T) {
 	l.n++
 }
 
+func (l *ilist[T]) pushFront(x *T) {
+	lx := l.at(x)
+	lx.prev, lx.next, lx.in = nil, l.head, l
+	if l.head != nil {
+		l.at(l.head).prev = x
+	} else {
+		l.tail = x
+	}
+	l.head = x
+	l.n++
+}
+
 // remove unlinks x; it does nothing if x is not in l.
 func (l *ilist[T]) remove(x *T) {
 	lx := l.at(x)

@@ -15,8 +15,9 @@ import (
 // sequence of operations decoded from bytes, checking after each one that:
 // every Done receives exactly the bytes the guest held, exactly once; there
 // are never two swapmem #PFs in the guest; no #PF is injected in the wrong
-// CR3 or ring or while an event is pending; removed transactions never
-// complete; and, once everything is drained, no watch is left.
+// CR3 or ring or while an event is pending; no #PF is injected for a page
+// that is not backed; removed transactions never complete; and, once
+// everything is drained, no watch is left.
 
 const (
 	simPages   = 12
@@ -45,6 +46,7 @@ type sim struct {
 	cpus     []*swapmemtest.VCPU
 	procs    []*swapmemtest.Space
 	seeds    []uint64
+	holes    []map[uint64]bool // per process: unmapped pages of its region
 	live     []*simReq
 	done     int
 	failed   int
@@ -65,6 +67,7 @@ func newSim(fail func(string, ...any)) *sim {
 	for i := 0; i < simProcs; i++ {
 		s.procs = append(s.procs, nil)
 		s.seeds = append(s.seeds, 0)
+		s.holes = append(s.holes, nil)
 		s.spawn(i)
 	}
 	for i := 0; i < simCPUs; i++ {
@@ -77,7 +80,7 @@ func newSim(fail func(string, ...any)) *sim {
 func (s *sim) spawn(i int) {
 	p := s.m.NewSpace()
 	s.nextSeed++
-	s.procs[i], s.seeds[i] = p, s.nextSeed
+	s.procs[i], s.seeds[i], s.holes[i] = p, s.nextSeed, map[uint64]bool{}
 	if err := p.MapRange(userBase, simPages*4096, swapmemtest.UserRW); err != nil {
 		s.fail("%v", err)
 	}
@@ -143,7 +146,9 @@ func (s *sim) read(b *byteSource) {
 	r.req.Done = func(rd swapmem.Read) { s.complete(r, rd) }
 	tx, err := s.e.ReadData(r.req)
 	if err != nil {
-		s.fail("ReadData %d: %v", r.id, err)
+		if !errors.Is(err, swapmem.ErrNotBacked) || !s.overHole(r) {
+			s.fail("ReadData %d: %v", r.id, err)
+		}
 		return
 	}
 	r.tx = tx
@@ -162,7 +167,7 @@ func (s *sim) complete(r *simReq, rd swapmem.Read) {
 	case r.removed:
 		s.fail("request %d: Done after removal", r.id)
 	case rd.Err != nil:
-		if !errors.Is(rd.Err, swapmem.ErrNotServiced) {
+		if !errors.Is(rd.Err, swapmem.ErrNotServiced) && !errors.Is(rd.Err, swapmem.ErrDeadline) && !errors.Is(rd.Err, swapmem.ErrNotBacked) {
 			s.fail("request %d: unexpected error %v", r.id, rd.Err)
 		}
 		if rd.Data != nil {
@@ -182,8 +187,28 @@ func (s *sim) complete(r *simReq, rd swapmem.Read) {
 	r.finished = true
 }
 
+// overHole reports whether r's range includes an unmapped page.
+func (s *sim) overHole(r *simReq) bool {
+	for i, p := range s.procs {
+		if p != r.space {
+			continue
+		}
+		for va := r.req.VA &^ 0xfff; va < r.req.VA+uint64(r.req.Len); va += 4096 {
+			if s.holes[i][va] {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // checkFault verifies a newly injected #PF against the live requests.
 func (s *sim) checkFault(f swapmemtest.Fault) {
+	tr, err := s.m.Translate(f.CR3, f.VA)
+	write := f.Code&swapmem.PFErrWrite != 0
+	if err != nil || !(tr.Present && write && !tr.Writable) && !(!tr.Present && tr.Backed) {
+		s.fail("#PF %+v for a page that is not backed (%+v, %v)", f, tr, err)
+	}
 	for _, r := range s.live {
 		o := r.req.Options
 		if r.finished || r.removed || o&swapmem.NoFault != 0 {
@@ -234,7 +259,7 @@ func (s *sim) inject(c *swapmemtest.VCPU) {
 }
 
 func (s *sim) step(b *byteSource) {
-	op := b.next() % 14
+	op := b.next() % 15
 	cpu := s.cpus[b.next()%simCPUs]
 	proc := b.next() % simProcs
 	page := uint64(b.next() % simPages)
@@ -244,7 +269,15 @@ func (s *sim) step(b *byteSource) {
 	case 2, 3:
 		s.inject(cpu)
 	case 4:
+		// The hypervisor confirms the delivery of what it injected, or
+		// (an older wiring) does not.
+		q := s.m.Queued()
 		s.m.Deliver()
+		if b.next()%2 == 0 {
+			for _, f := range q {
+				s.e.PFDelivered(f.VA)
+			}
+		}
 	case 5:
 		ring := 0
 		if b.next()%2 == 1 {
@@ -306,6 +339,8 @@ func (s *sim) step(b *byteSource) {
 		} else {
 			_ = s.procs[proc].MoveTable(userBase + page*4096)
 		}
+	case 14:
+		s.toggleHole(proc, userBase+page*4096)
 	}
 	if v := s.m.Violations; len(v) > 0 {
 		s.fail("guest saw: %v", v)
@@ -313,10 +348,32 @@ func (s *sim) step(b *byteSource) {
 	s.prune()
 }
 
+// toggleHole unmaps a page of a process (munmap), or maps it again, in
+// swap, with its old bytes.
+func (s *sim) toggleHole(proc int, va uint64) {
+	p := s.procs[proc]
+	if s.holes[proc][va] {
+		if err := p.MapSwapped(va, swapmemtest.UserRW, patternRange(s.seeds[proc], va, 4096)); err != nil {
+			s.fail("map swapped: %v", err)
+		}
+		delete(s.holes[proc], va)
+		return
+	}
+	if err := p.Unmap(va); err != nil {
+		s.fail("unmap: %v", err)
+	}
+	s.holes[proc][va] = true
+}
+
 // drain lets every live request finish: each gets the context it needs,
 // the guest touches what NoFault requests wait for, and lost faults time
-// out.
+// out. The holes are filled first.
 func (s *sim) drain() {
+	for i := range s.procs {
+		for va := range s.holes[i] {
+			s.toggleHole(i, va)
+		}
+	}
 	for _, c := range s.cpus {
 		c.SetEventPending(false)
 	}

@@ -3,6 +3,7 @@ package swapmem
 import (
 	"fmt"
 	"io"
+	"time"
 )
 
 // InjectPendingPF injects one #PF for a waiting page if the moment is right
@@ -16,6 +17,13 @@ import (
 // injects the #PF through c.InjectPF or arms the breakpoint agent with
 // c.InjectBPFault. It costs O(1) in the number of live transactions and
 // allocates nothing. On a closed engine it does nothing.
+//
+// When c refuses the injection, InjectPendingPF returns the error and the
+// page is not tried again before the next ReinjectFailedPF, so that a page
+// that cannot be armed does not cost every VM entry a try. A page whose
+// injections have been refused for Config.MaxAttempts × Config.Timeout
+// (as long as that many lost faults take; a successful injection starts
+// the count again) fails its transactions with ErrNotServiced.
 func (e *Engine) InjectPendingPF(c CPU) error {
 	if e.nready.Load() == 0 || e.busy.Load() {
 		return nil
@@ -25,12 +33,18 @@ func (e *Engine) InjectPendingPF(c CPU) error {
 	}
 	cr3, ring := c.CR3(), c.Ring()
 	e.mu.Lock()
-	defer e.mu.Unlock()
+	batch, err := e.injectPending(c, cr3, ring)
+	e.mu.Unlock()
+	runBatch(batch)
+	return err
+}
+
+func (e *Engine) injectPending(c CPU, cr3 uint64, ring int) (*Transaction, error) {
 	budget := MaxPreInjectCalls
 	for !e.closed && e.pending == nil && !e.orphan.active {
 		s := e.pick(cr3, ring)
 		if s == nil {
-			return nil
+			return nil, nil
 		}
 		e.dequeue(s)
 		s.state = slotClaimed
@@ -43,15 +57,21 @@ func (e *Engine) InjectPendingPF(c CPU) error {
 		if !ok {
 			e.stats.Vetoed++
 			e.setPending(nil)
-			e.enqueue(s) // to the back: the others get their turn
+			e.requeue(s, false) // to the back: the others get their turn
 			if budget == 0 {
-				return nil
+				return nil, nil
 			}
+			continue
+		}
+		if !injectable(s.w.tr, s.write()) {
+			// No longer backed: its watch fired while PreInject ran.
+			e.setPending(nil)
+			e.park(s)
 			continue
 		}
 		return e.inject(c, s, ring)
 	}
-	return nil
+	return nil, nil
 }
 
 // pick returns the ready page that has waited longest among those c may
@@ -112,8 +132,10 @@ func (e *Engine) ask(s *slot, cr3 uint64, budget *int) bool {
 	return false
 }
 
-// inject raises the #PF for the claimed slot s.
-func (e *Engine) inject(c CPU, s *slot, ring int) error {
+// inject raises the #PF for the claimed slot s. When c refuses, s backs
+// off until the next timer tick, or fails its transactions (returned as a
+// batch) once its injections have been refused for refuseLimit.
+func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 	var err error
 	if s.key.class&BPFault != 0 {
 		err = c.InjectBPFault(s.key.page)
@@ -132,29 +154,56 @@ func (e *Engine) inject(c CPU, s *slot, ring int) error {
 	}
 	if err != nil {
 		e.setPending(nil)
-		e.enqueue(s)
-		return fmt.Errorf("swapmem: injecting #PF for %#x: %w", s.key.page, err)
+		e.stats.Refused++
+		now := e.clock()
+		if !s.refusing {
+			s.refusing, s.refusedSince = true, now
+		}
+		if limit := e.refuseLimit(); now-s.refusedSince >= limit {
+			ferr := fmt.Errorf("%w: %#x in CR3 %#x: injection refused for %v: %w", ErrNotServiced, s.key.page, s.w.key.cr3, limit, err)
+			return e.failSlot(s, ferr, nil), fmt.Errorf("swapmem: injecting #PF for %#x: %w", s.key.page, err)
+		}
+		s.state = slotBackoff
+		s.queue = &e.backoff
+		e.backoff.pushBack(s)
+		return nil, fmt.Errorf("swapmem: injecting #PF for %#x: %w", s.key.page, err)
 	}
+	s.refusing = false
 	s.state = slotPending
+	s.delivered = false
 	s.attempts++
-	s.since = e.now()
+	s.since = e.clock()
 	e.stats.Injected++
-	return nil
+	return nil, nil
 }
 
-// CancelPendingPF puts the page of a pending #PF for va back in its queue
-// (IntSwapMemCancelPendingPF). Call it when the hypervisor had to inject
-// another event instead of ours; the cancelled attempt does not count
-// towards Config.MaxAttempts.
+// refuseLimit is how long the CPU may keep refusing a page's injection
+// before its transactions fail: as long as MaxAttempts lost faults take.
+func (e *Engine) refuseLimit() time.Duration {
+	return time.Duration(e.maxAttempts) * e.timeout
+}
+
+// CancelPendingPF puts the page of a pending #PF for va back at the front
+// of its queue (IntSwapMemCancelPendingPF), to be injected again at the next
+// entry that may take it. Call it when the #PF did not reach the guest: the
+// hypervisor had to inject another event instead of ours, or the exit
+// after the entry that injected it shows it in the IDT-vectoring
+// information (its delivery was interrupted). The cancelled attempt does
+// not count towards Config.MaxAttempts. For the #PF of a removed
+// transaction, it frees the guest-wide pending slot. A #PF already reported
+// delivered (PFDelivered) is not cancelled.
 func (e *Engine) CancelPendingPF(va uint64) {
 	page := va &^ pageMask
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if s := e.pending; s != nil && s.state == slotPending && s.key.page == page {
+		if s.delivered {
+			return // a late report: the guest has it
+		}
 		s.attempts--
 		e.stats.Cancelled++
 		e.setPending(nil)
-		e.enqueue(s)
+		e.requeue(s, true)
 		return
 	}
 	if e.orphan.active && e.orphan.page == page {
@@ -162,32 +211,76 @@ func (e *Engine) CancelPendingPF(va uint64) {
 	}
 }
 
-// ReinjectFailedPF re-arms a pending #PF older than Config.Timeout
-// (IntSwapMemReinjectFailedPF); call it from a timer. A page whose #PF has
-// been injected Config.MaxAttempts times fails its transactions instead:
-// their Done runs with Err wrapping ErrNotServiced.
+// PFDelivered records that the pending #PF for va reached the guest: the
+// exit after the entry that injected it shows no delivery in progress (or
+// the breakpoint agent raised it). The page stays pending until it comes in
+// or Config.Timeout passes from now. Removing its transactions from now on
+// frees the guest-wide pending slot at once; if they were already removed,
+// it is freed now.
+func (e *Engine) PFDelivered(va uint64) {
+	page := va &^ pageMask
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if s := e.pending; s != nil && s.state == slotPending && s.key.page == page {
+		if !s.delivered {
+			s.delivered = true
+			s.since = e.clock()
+			e.stats.Delivered++
+		}
+		return
+	}
+	if e.orphan.active && e.orphan.page == page {
+		e.stats.Delivered++
+		e.setOrphan(orphanPF{})
+	}
+}
+
+// ReinjectFailedPF runs the engine's timers (IntSwapMemReinjectFailedPF);
+// call it from a timer, a few times per Config.Timeout. It
+//
+//   - re-arms a pending #PF older than Config.Timeout; a page whose #PF has
+//     been injected Config.MaxAttempts times fails its transactions
+//     instead, with Err wrapping ErrNotServiced;
+//   - makes pages whose injection was refused schedulable again;
+//   - fails the transactions of a page that has not been backed for
+//     Config.Timeout, with Err wrapping ErrNotBacked;
+//   - fails every transaction whose deadline has passed, with Err wrapping
+//     ErrDeadline.
+//
+// Its cost is O(1) plus O(log n) for each transaction it ends and O(1) for
+// each page it makes schedulable; it does not look at the others.
 func (e *Engine) ReinjectFailedPF() {
 	e.mu.Lock()
-	now := e.now()
+	now := e.clock()
+	var batch *Transaction
 	if e.orphan.active && now-e.orphan.since >= e.timeout {
 		e.setOrphan(orphanPF{})
 	}
-	s := e.pending
-	if s == nil || s.state != slotPending || now-s.since < e.timeout {
-		e.mu.Unlock()
-		return
+	if s := e.pending; s != nil && s.state == slotPending && now-s.since >= e.timeout {
+		e.stats.TimedOut++
+		e.setPending(nil)
+		if s.attempts < e.maxAttempts {
+			e.requeue(s, false)
+		} else {
+			err := fmt.Errorf("%w: %#x in CR3 %#x after %d attempts", ErrNotServiced, s.key.page, s.w.key.cr3, s.attempts)
+			batch = e.failSlot(s, err, batch)
+		}
 	}
-	e.stats.TimedOut++
-	e.setPending(nil)
-	if s.attempts < e.maxAttempts {
-		e.enqueue(s)
-		e.mu.Unlock()
-		return
+	for s := e.backoff.head; s != nil; s = e.backoff.head {
+		e.dequeue(s)
+		e.requeue(s, false)
 	}
-	err := fmt.Errorf("%w: %#x in CR3 %#x after %d attempts", ErrNotServiced, s.key.page, s.w.key.cr3, s.attempts)
-	var batch *Transaction
-	for s.waiters.n > 0 && e.slots[s.key] == s {
-		batch = e.fail(s.waiters.head.tx, err, batch)
+	for s := e.parked.head; s != nil && now-s.since >= e.timeout; s = e.parked.head {
+		err := fmt.Errorf("%w: %#x in CR3 %#x", ErrNotBacked, s.key.page, s.w.key.cr3)
+		batch = e.failSlot(s, err, batch)
+		if e.parked.head == s {
+			break // cannot happen: a slot lives only while it has waiters
+		}
+	}
+	for len(e.dl) > 0 && e.dl[0].deadline <= now {
+		t := e.dl[0]
+		e.stats.Expired++
+		batch = e.fail(t, fmt.Errorf("%w: %#x+%d in CR3 %#x", ErrDeadline, t.va, len(t.buf), t.cr3), batch)
 	}
 	e.mu.Unlock()
 	runBatch(batch)
@@ -256,6 +349,7 @@ func (e *Engine) Stats() Stats {
 	s.Live = e.all.n
 	s.Pages = len(e.slots)
 	s.Watches = len(e.watches)
+	s.Spaces = len(e.spaces)
 	return s
 }
 

@@ -45,13 +45,24 @@ type Event struct {
 	InstrLen uint32
 }
 
-const eventValid = 1 << 31
+// Bits of the interruption-information fields.
+const (
+	eventValid = 1 << 31
+	// EventErrorValid says an error code comes with the event.
+	EventErrorValid = 1 << 11
+)
+
+// NMIUnblockedByIRET is bit 12 of the exit interruption information and of
+// the exit qualification of EPT violations: the exiting instruction was an
+// IRET that had unblocked NMIs (SDM Vol. 3C, "Information for VM Exits Due
+// to Vectored Events", "Exit Qualification for EPT Violations").
+const NMIUnblockedByIRET = 1 << 12
 
 // Info encodes the VM-entry interruption-information field.
 func (e Event) Info() uint32 {
 	v := uint32(e.Vector) | uint32(e.Type&7)<<8 | eventValid
 	if e.HasError {
-		v |= 1 << 11
+		v |= EventErrorValid
 	}
 	return v
 }
@@ -62,7 +73,7 @@ func DecodeEvent(info, errorCode uint32) (e Event, ok bool) {
 	if info&eventValid == 0 {
 		return Event{}, false
 	}
-	e = Event{Vector: uint8(info), Type: EventType(info >> 8 & 7), HasError: info&(1<<11) != 0}
+	e = Event{Vector: uint8(info), Type: EventType(info >> 8 & 7), HasError: info&EventErrorValid != 0}
 	if e.HasError {
 		e.ErrorCode = errorCode
 	}

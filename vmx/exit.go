@@ -85,6 +85,19 @@ type Exit struct {
 	FromRoot   bool // bit 29: exit from VMX root operation
 	Enclave    bool // bit 27
 	PendingMTF bool // bit 28
+
+	// The exit's state, read from the VMCS once, when the exit is taken,
+	// for every handler to share (SDM Vol. 3C, 28.2, "Recording VM-Exit
+	// Information"). Fields an exit reason does not record are zero.
+	RIP           uint64 // guest RIP: the exiting instruction
+	Qualification uint64 // exit qualification
+	GuestPA       uint64 // guest-physical address (EPT violation, misconfiguration)
+	// IDTVectoring is the IDT-vectoring information: an event whose
+	// delivery the exit interrupted.
+	IDTVectoring uint32
+	// Interruption and InterruptionError describe the exception or NMI
+	// that caused the exit (reason ExitExceptionOrNMI).
+	Interruption, InterruptionError uint32
 }
 
 // DecodeExit splits the 32-bit exit-reason field.

@@ -39,9 +39,11 @@ const (
 	GuestDebugCtl    Field = 0x2802
 	GuestPAT         Field = 0x2804
 	GuestEFER        Field = 0x2806
+	GuestPerfGlobal  Field = 0x2808 // guest IA32_PERF_GLOBAL_CTRL
 	GuestPDPTE0      Field = 0x280a
 	HostPAT          Field = 0x2c00
 	HostEFER         Field = 0x2c02
+	HostPerfGlobal   Field = 0x2c04 // host IA32_PERF_GLOBAL_CTRL
 )
 
 // 32-bit fields.
@@ -180,27 +182,35 @@ const (
 
 // Secondary processor-based VM-execution controls.
 const (
-	Proc2RDTSCP  = 1 << 3
-	Proc2INVPCID = 1 << 12
-	Proc2XSAVES  = 1 << 20
+	Proc2RDTSCP       = 1 << 3
+	Proc2INVPCID      = 1 << 12
+	Proc2ENCLSExiting = 1 << 15
+	Proc2XSAVES       = 1 << 20
+	Proc2PTGuestPA    = 1 << 24 // Intel PT uses guest physical addresses
+	Proc2UserWait     = 1 << 26 // enable user wait and pause (WAITPKG)
+	Proc2PCONFIG      = 1 << 27
+	Proc2ENCLV        = 1 << 28
 )
 
 // VM-exit controls.
 const (
 	ExitSaveDebug          = 1 << 2
 	ExitHostAddrSpaceSize  = 1 << 9
+	ExitLoadPerfGlobal     = 1 << 12
 	ExitAckInterrupt       = 1 << 15
 	ExitSavePAT            = 1 << 18
 	ExitLoadPAT            = 1 << 19
 	ExitSaveEFER           = 1 << 20
 	ExitLoadEFER           = 1 << 21
 	ExitSavePreemptionTime = 1 << 22
+	ExitClearRTITCtl       = 1 << 25
 )
 
 // VM-entry controls.
 const (
 	EntryLoadDebug = 1 << 2
 	EntryIA32eMode = 1 << 9
+	EntryLoadPerf  = 1 << 13 // load IA32_PERF_GLOBAL_CTRL
 	EntryLoadPAT   = 1 << 14
 	EntryLoadEFER  = 1 << 15
 )

@@ -12,7 +12,38 @@ package vmx
 
 // Model-specific registers (SDM Vol. 4, "Architectural MSRs").
 const (
+	MSRTSC               = 0x010 // IA32_TIME_STAMP_COUNTER
+	MSRAPICBase          = 0x01b // IA32_APIC_BASE
 	MSRFeatureControl    = 0x03a // IA32_FEATURE_CONTROL
+	MSRTSCAdjust         = 0x03b // IA32_TSC_ADJUST
+	MSRBIOSUpdateTrigger = 0x079 // IA32_BIOS_UPDT_TRIG
+	MSRSMMMonitorCtl     = 0x09b // IA32_SMM_MONITOR_CTL
+	MSRSMBase            = 0x09e // IA32_SMBASE
+	MSRMTRRCap           = 0x0fe // IA32_MTRRCAP
+	MSRMiscEnable        = 0x1a0 // IA32_MISC_ENABLE
+	MSRSMRRPhysBase      = 0x1f2 // IA32_SMRR_PHYSBASE
+	MSRSMRRPhysMask      = 0x1f3 // IA32_SMRR_PHYSMASK
+	MSRMTRRPhysBase0     = 0x200 // IA32_MTRR_PHYSBASE0; 0x200-0x21f: ten base/mask pairs and more
+	MSRMTRRPhysLast      = 0x21f
+	MSRMTRRFix64K        = 0x250 // IA32_MTRR_FIX64K_00000
+	MSRMTRRFix16K80000   = 0x258 // IA32_MTRR_FIX16K_80000
+	MSRMTRRFix16KA0000   = 0x259 // IA32_MTRR_FIX16K_A0000
+	MSRMTRRFix4KFirst    = 0x268 // IA32_MTRR_FIX4K_C0000
+	MSRMTRRFix4KLast     = 0x26f // IA32_MTRR_FIX4K_F8000
+	MSRMTRRDefType       = 0x2ff // IA32_MTRR_DEF_TYPE
+	MSRPerfCapabilities  = 0x345 // IA32_PERF_CAPABILITIES
+	MSRPerfGlobalCtrl    = 0x38f // IA32_PERF_GLOBAL_CTRL
+	MSRPEBSEnable        = 0x3f1 // IA32_PEBS_ENABLE
+	MSRRTITOutputBase    = 0x560 // IA32_RTIT_OUTPUT_BASE
+	MSRRTITOutputMask    = 0x561 // IA32_RTIT_OUTPUT_MASK_PTRS
+	MSRRTITCtl           = 0x570 // IA32_RTIT_CTL
+	MSRRTITStatus        = 0x571 // IA32_RTIT_STATUS
+	MSRRTITCR3Match      = 0x572 // IA32_RTIT_CR3_MATCH
+	MSRRTITAddr0A        = 0x580 // IA32_RTIT_ADDR0_A; up to ADDR3_B at 0x587
+	MSRRTITAddr3B        = 0x587
+	MSRDSArea            = 0x600 // IA32_DS_AREA
+	MSRTMEActivate       = 0x982 // IA32_TME_ACTIVATE
+	MSRDebugInterface    = 0xc80 // IA32_DEBUG_INTERFACE (silicon debug, DCI)
 	MSRVMXBasic          = 0x480 // IA32_VMX_BASIC
 	MSRPinbasedCtls      = 0x481 // IA32_VMX_PINBASED_CTLS
 	MSRProcbasedCtls     = 0x482 // IA32_VMX_PROCBASED_CTLS
@@ -32,6 +63,21 @@ const (
 	MSRTrueEntryCtls     = 0x490 // IA32_VMX_TRUE_ENTRY_CTLS
 	MSRVMFunc            = 0x491 // IA32_VMX_VMFUNC
 )
+
+// IA32_APIC_BASE bits (SDM Vol. 3A, "Local APIC Status and Location").
+const (
+	APICBaseBSP    = 1 << 8
+	APICBaseX2APIC = 1 << 10
+	APICBaseEnable = 1 << 11
+	APICBaseAddr   = 0xffff_ffff_f000 // bits MAXPHYADDR-1:12
+)
+
+// PerfCapPerfMetrics is IA32_PERF_CAPABILITIES bit 15: IA32_PERF_GLOBAL_CTRL
+// bit 48 enables the topdown metrics (SDM Vol. 3B, "Performance Monitoring").
+const PerfCapPerfMetrics = 1 << 15
+
+// PerfGlobalMetrics is IA32_PERF_GLOBAL_CTRL's bit for the metrics.
+const PerfGlobalMetrics = 1 << 48
 
 // IA32_FEATURE_CONTROL bits (SDM Vol. 3C, "Enabling and Entering VMX
 // Operation").

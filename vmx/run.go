@@ -64,6 +64,10 @@ type FXArea [512]byte
 // vmrun is implemented in run_amd64.s.
 func vmrun(r *GuestRegs, fx *byte, launched uint64) (rflags uint64)
 
+// fpSwitch (fpu_amd64.s) runs vmexit's floating-point switch on controls a
+// guest chose and returns the controls in force afterwards: tamahv's.
+func fpSwitch(mxcsr uint32, fcw uint16) (gotMXCSR uint32, gotFCW uint16)
+
 // Run enters the guest of the current VMCS with VMLAUNCH (launched false)
 // or VMRESUME, and returns at its next VM exit (nil) or when VM entry fails
 // (an *InsnError). The VMCS's HOST_RSP and HOST_RIP are written here: the

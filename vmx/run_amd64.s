@@ -1,6 +1,7 @@
 #include "textflag.h"
 #include "go_asm.h"
 #include "vmx_amd64.h"
+#include "fpu_amd64.h"
 
 #define HOST_RSP 0x6c14
 #define HOST_RIP 0x6c16
@@ -10,13 +11,16 @@
 // Stack while the guest runs (HOST_RSP points at it):
 //	0(SP)  r
 //	8(SP)  fx
-//	16(SP) the caller's BP
-//	24(SP) return address, then the arguments at 32(SP)...
+//	16(SP) tamahv's MXCSR, 20(SP) its x87 control word (HOST_FP_SAVE)
+//	24(SP) the caller's BP
+//	32(SP) return address, then the arguments at 40(SP)...
 TEXT ·vmrun(SB),NOSPLIT|NOFRAME,$0-32
 	MOVQ	r+0(FP), SI
 	MOVQ	fx+8(FP), DI
 	MOVQ	launched+16(FP), CX
 	PUSHQ	BP
+	PUSHQ	$0
+	HOST_FP_SAVE(0)
 	PUSHQ	DI
 	PUSHQ	SI
 
@@ -55,16 +59,22 @@ resume:
 	VMRESUME
 failed:
 	// VM entry failed: the guest registers are loaded, the stack is ours.
+	// The guest's x87/SSE state is loaded too (its area is unchanged).
 	PUSHFQ
 	POPQ	AX
 	POPQ	SI
 	POPQ	DI
+	HOST_FP_LOAD(0)
+	POPQ	CX
 	POPQ	BP
 	MOVQ	AX, rflags+24(FP)
 	RET
 
 // vmexit is HOST_RIP: the processor arrives with RSP = HOST_RSP, the
-// guest's registers live and the host's flags clear. It returns from vmrun
+// guest's registers live and the host's flags clear (so DF and AC are 0;
+// SDM Vol. 3C, "Loading Host RIP, RSP, SSP, and RFLAGS"). The guest's
+// x87/SSE state is saved and tamahv's controls loaded before any Go code
+// runs (fpu_amd64.h). It returns from vmrun
 // for it, so it moves SP without pushes of its own (with LEAQ, which the
 // assembler's push/pop accounting leaves alone).
 TEXT ·vmexit<>(SB),NOSPLIT|NOFRAME,$0
@@ -89,8 +99,9 @@ TEXT ·vmexit<>(SB),NOSPLIT|NOFRAME,$0
 	MOVQ	AX, GuestRegs_CR2(SI)
 	MOVQ	8(SP), DI		// fx
 	FXSAVE64	(DI)
-	MOVQ	16(SP), BP
-	LEAQ	24(SP), SP		// now at vmrun's return address
+	HOST_FP_LOAD(16)
+	MOVQ	24(SP), BP
+	LEAQ	32(SP), SP		// now at vmrun's return address
 	// vmrun's result, past the return address and three argument words.
 	MOVQ	$0, 32(SP)
 	RET

@@ -90,6 +90,12 @@ TEXT ·readCR3(SB),NOSPLIT,$0-8
 	MOVQ	AX, ret+0(FP)
 	RET
 
+// func writeCR3(v uint64)
+TEXT ·writeCR3(SB),NOSPLIT,$0-8
+	MOVQ	v+0(FP), AX
+	MOVQ	AX, CR3
+	RET
+
 // func sidt(p *[10]byte)
 TEXT ·sidt(SB),NOSPLIT,$0-8
 	MOVQ	p+0(FP), AX

@@ -96,8 +96,12 @@ cached:
 	LGDT	(DI)
 
 	// Long mode: CR4.PAE and PGE, CR3, EFER.LME, then CR0.PG with NE
-	// (which VMXON needs) and PE.
+	// (which VMXON needs) and PE. CR4.OSXSAVE is cleared whatever the
+	// loader left: the Go runtime then finds no AVX (internal/cpu needs
+	// OSXSAVE and XCR0.AVX), so tamahv's code never depends on XCR0,
+	// which the guest sets (hv handleXSETBV) and tamahv does not switch.
 	MOVL	CR4, AX
+	ANDL	$~(1<<18), AX
 	ORL	$((1<<5)|(1<<7)), AX
 	MOVL	AX, CR4
 	MOVL	$EARLY_PML4, AX

@@ -31,7 +31,7 @@ const (
 	GDT       = Reserved + 0x6000
 	GDTR      = Reserved + 0x6100
 	TSS       = Reserved + 0x7000
-	// Scratch is free for the monitor's own fixed-address structures.
+	// Scratch holds the page tables MapRAM adds for RAM above 4 GiB.
 	Scratch    = Reserved + 0x10000
 	ScratchEnd = RAMEnd
 )

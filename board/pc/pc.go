@@ -3,6 +3,7 @@
 package pc
 
 import (
+	"encoding/binary"
 	"fmt"
 	"runtime/goos"
 	"unsafe"
@@ -142,17 +143,68 @@ func (Hardware) CR4() uint64 { return readCR4() }
 // SetCR4 writes CR4.
 func (Hardware) SetCR4(v uint64) { writeCR4(v) }
 
-// PhysMem reads physical memory below 4 GiB, which the board maps one to
-// one.
+// PhysMem reads physical memory through the board's one-to-one map: the
+// first 4 GiB from start-up, and all RAM once MapRAM ran.
 type PhysMem struct{}
+
+// physTop is the end of the one-to-one map. Like the page tables it
+// describes, it belongs to the machine, not to any one object.
+var physTop uint64 = 1 << 32
 
 // mapped checks that n bytes at pa lie in the one-to-one map.
 func mapped(pa, n uint64) error {
-	if pa+n > 1<<32 || pa+n < pa {
+	if pa+n > physTop || pa+n < pa {
 		return fmt.Errorf("pc: %#x+%#x is not mapped", pa, n)
 	}
 	return nil
 }
+
+// MapRAM extends the board's one-to-one map, which start-up builds for the
+// first 4 GiB, up to top (the end of RAM in the memory map), with 1 GiB
+// pages where the processor has them, else 2 MiB pages. The tables it
+// needs come from the reserved area's Scratch pages. On an error the map
+// ends where it could go.
+func MapRAM(top uint64) error {
+	if top <= physTop {
+		return nil
+	}
+	pages1G := false
+	if max, _, _, _ := cpuid(0x80000000, 0); max >= 0x80000001 {
+		_, _, _, edx := cpuid(0x80000001, 0)
+		pages1G = edx&cpuidPage1GB != 0
+	}
+	next := uint64(Scratch)
+	t := pageTables{
+		read: func(pa uint64) uint64 {
+			var b [8]byte
+			_ = PhysMem{}.ReadPhys(pa, b[:])
+			return binary.LittleEndian.Uint64(b[:])
+		},
+		write: func(pa, v uint64) {
+			var b [8]byte
+			binary.LittleEndian.PutUint64(b[:], v)
+			_ = PhysMem{}.WritePhys(pa, b[:])
+		},
+		alloc: func() (uint64, error) {
+			if next+4096 > ScratchEnd {
+				return 0, fmt.Errorf("pc: the reserved area has no page left for page tables")
+			}
+			pa := next
+			next += 4096
+			var zero [4096]byte
+			return pa, PhysMem{}.WritePhys(pa, zero[:])
+		},
+	}
+	end, err := identityMap(t, EarlyPML4, physTop, top, pages1G)
+	writeCR3(readCR3()) // the new entries were not present: a flush for good measure
+	if end > physTop {
+		physTop = end
+	}
+	return err
+}
+
+// PhysTop returns the end of the board's one-to-one map.
+func PhysTop() uint64 { return physTop }
 
 // ReadPhys copies len(p) bytes at pa into p.
 func (PhysMem) ReadPhys(pa uint64, p []byte) error {
@@ -167,7 +219,3 @@ func (PhysMem) ReadPhys(pa uint64, p []byte) error {
 func BootInfo() (*multiboot.Info, error) {
 	return multiboot.Parse(PhysMem{}, bootMagic, uint64(bootInfo))
 }
-
-// PhysAddr returns the physical address of a Go object: the board maps
-// memory one to one, and the Go heap does not move objects.
-func PhysAddr(p unsafe.Pointer) uint64 { return uint64(uintptr(p)) }

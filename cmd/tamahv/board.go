@@ -3,7 +3,7 @@
 package main
 
 import (
-	"unsafe"
+	"fmt"
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/ept"
@@ -18,23 +18,29 @@ type board struct {
 	*pc.PageArena
 	pc.PhysMem
 	pc.Hardware
-	sink []byte
 }
 
 func newBoard(pages int) *board { return &board{PageArena: pc.NewPageArena(pages)} }
 
-// Sink implements machine.Board: 2 MiB, 2 MiB aligned, referenced by the
-// board.
+// Sink implements machine.Board: a block of the arena's.
 func (b *board) Sink() (uint64, error) {
-	if b.sink == nil {
-		b.sink = make([]byte, 2*ept.Size2M)
+	pa, _, err := b.Block(ept.Size2M, ept.Size2M)
+	return pa, err
+}
+
+// Reach implements machine.Board: the one-to-one map is extended to top.
+func (b *board) Reach(top uint64) uint64 {
+	if err := pc.MapRAM(top); err != nil {
+		fmt.Printf("tamahv: RAM above %#x out of tamahv's reach: %v\n", pc.PhysTop(), err)
 	}
-	return (pc.PhysAddr(unsafe.Pointer(&b.sink[0])) + ept.Size2M - 1) &^ (ept.Size2M - 1), nil
+	return pc.PhysTop()
 }
 
 func (b *board) PortIO(port uint16, size int, in bool, val uint32) uint32 {
 	return pc.PortIO(port, size, in, val)
 }
+
+func (b *board) TakeNMI() bool { return vmx.TakeNMI() }
 
 func (b *board) XSETBV(xcr uint32, v uint64) { pc.XSETBV(xcr, v) }
 

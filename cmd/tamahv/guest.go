@@ -50,6 +50,10 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		c.Initrd = [2]uint64{initrd.Start, initrd.End - initrd.Start}
 	}
 	pc.EnableXSAVE()
+	// NMIs that arrive while tamahv runs are counted for the guest.
+	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
+		return err
+	}
 	m, err := machine.New(newBoard(1024), c)
 	if err != nil {
 		return err

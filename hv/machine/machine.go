@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"time"
 
 	"github.com/tamahv/tamahv/ept"
@@ -38,12 +39,21 @@ type Board interface {
 	// the machine runs: every guest-physical page of tamahv's region maps
 	// there.
 	Sink() (uint64, error)
+	// Reach makes host-physical memory up to top readable through Memory
+	// where it can, and returns how far Memory reaches.
+	Reach(top uint64) uint64
 	// CPUID executes CPUID on the processor.
 	CPUID(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
 	// XSETBV loads an extended control register.
 	XSETBV(xcr uint32, v uint64)
 	// ReadMSR reads a model-specific register.
 	ReadMSR(msr uint32) uint64
+	// WriteMSR writes one, with a value tamahv's MSR policy checked.
+	WriteMSR(msr uint32, v uint64)
+	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
+	// in VMX root (the board's NMI handler counts them): the guest gets
+	// it at the next entry.
+	TakeNMI() bool
 	// PortIO does real port I/O of size bytes (1, 2 or 4) at port: an
 	// IN returns what it read, an OUT writes val.
 	PortIO(port uint16, size int, in bool, val uint32) uint32
@@ -100,6 +110,9 @@ type Machine struct {
 	VCPU *hv.VCPU
 	// EPT maps the guest's physical memory.
 	EPT *ept.EPT
+	// Phys is the guest's physical memory as tamahv may touch it: guest
+	// RAM only; it owns the EPT permissions tamahv changes.
+	Phys *hv.GuestPhys
 	// Memory is the guest memory introspection reads through, with the
 	// page-table watches.
 	Memory *hv.GuestMemory
@@ -162,9 +175,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := hv.MSRBitmap(msrBM, hv.GuestMSRFaults()...); err != nil {
-		return nil, err
-	}
+	hv.GuestMSRBitmap(msrBM)
 	ioA, bmA, err := m.page()
 	if err != nil {
 		return nil, err
@@ -201,6 +212,8 @@ func New(b Board, c Config) (*Machine, error) {
 	m.VCPU = v
 	v.CPUID = b.CPUID
 	v.XSETBV = b.XSETBV
+	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
+	v.TakeNMI = b.TakeNMI
 	v.Log = c.Log
 	if c.Console != [2]uint16{} {
 		v.OwnPorts(c.Console[0], c.Console[1])
@@ -214,26 +227,33 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	m.eptp = m.EPT.Pointer(false)
 	invalidate := func() { b.InvalidateEPT(m.eptp) }
-	m.Memory = &hv.GuestMemory{Walker: hv.Walker{Mem: b, Limit: max(ramTop, 1<<32)}, Mem: b,
-		EPT: m.EPT, Invalidate: invalidate, Hole: c.Own}
+	// Every guest-physical access on the guest's behalf goes through
+	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
+	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
-	unmapped.Install(v)
-	m.Memory.Install(v)
-	v.Mem = m.Memory
-	m.Agent = &hv.BreakpointAgent{Mem: b, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
+	if err := unmapped.Install(v); err != nil {
+		return nil, err
+	}
+	m.Memory = hv.NewGuestMemory(m.Phys, 0)
+	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
+	if err := m.Memory.Install(v); err != nil {
+		return nil, err
+	}
+	v.Mem = m.Phys
+	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
-		shadow, _, err := m.page()
-		if err != nil {
+		if m.Agent.ShadowPA, m.Agent.Shadow, err = m.page(); err != nil {
 			return nil, err
 		}
-		m.Agent.EPT, m.Agent.Shadow, m.Agent.Invalidate = m.EPT, shadow, invalidate
 	}
-	m.Agent.Install(v)
+	if err := m.Agent.Install(v); err != nil {
+		return nil, err
+	}
 	m.Engine = swapmem.New(m.Memory, c.Swap)
 	cpu := &hv.SwapCPU{V: v, Agent: m.Agent}
-	v.BeforeEntry = func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) }
+	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
@@ -244,17 +264,18 @@ func New(b Board, c Config) (*Machine, error) {
 			return nil, err
 		}
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, SecretPA: m.secret, Log: c.Log,
-			Paging: func(la57 bool) { m.Memory.Walker.LA57 = la57 }}
+			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe }}
 		v.Hypercalls = m.Monitor
+		m.Memory.OnWatchError = m.Monitor.WatchFailed
 	}
-	v.OnTimer = func(v *hv.VCPU) {
+	v.OnTick(func(v *hv.VCPU) {
 		m.Engine.ReinjectFailedPF()
 		if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
 			fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
 				m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
 			v.Report(m.log, true)
 		}
-	}
+	})
 	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
 	h := b.Host()
 	err = v.Init(hv.Setup{
@@ -284,7 +305,10 @@ func (m *Machine) SecretPA() uint64 { return m.secret }
 // writes tamahv's summary lines to the log.
 func (m *Machine) Run() error {
 	v := m.VCPU
-	if err := v.Run(); err != nil {
+	err := v.Run()
+	// The board owns the memory the processor used (VMCS, EPT, sink).
+	runtime.KeepAlive(m.board)
+	if err != nil {
 		fmt.Fprintf(m.log, "tamahv: guest stopped: %v\n", err)
 		v.Report(m.log, true)
 		return fmt.Errorf("%w: %w", ErrGuestFailed, err)

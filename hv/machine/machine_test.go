@@ -118,7 +118,10 @@ func (b *board) put64(pa, v uint64) {
 	binary.LittleEndian.PutUint64(x[:], v)
 	_ = b.WritePhys(pa, x[:])
 }
-func (b *board) Sink() (uint64, error) { return 0x1020_0000, nil }
+func (b *board) Sink() (uint64, error)   { return 0x1020_0000, nil }
+func (b *board) Reach(uint64) uint64     { return 1 << 32 }
+func (b *board) WriteMSR(uint32, uint64) {}
+func (b *board) TakeNMI() bool           { return false }
 func (b *board) CPUID(leaf, _ uint32) (uint32, uint32, uint32, uint32) {
 	return leaf + 1, 0, 0, 0
 }
@@ -174,23 +177,54 @@ func (b *board) run(cpl int) {
 
 func (b *board) exitWith(reason vmx.ExitReason) { b.vmcs.Fields[vmx.ExitReasonField] = uint64(reason) }
 
-func newMachine(t *testing.T) (*board, *machine.Machine, *bytes.Buffer) {
-	b := newBoard(t)
-	b.vmcs = hvtest.NewVMCS()
-	kernel := bzImage()
-	require.NoError(t, b.WritePhys(0x100_0000, kernel))
-	var log bytes.Buffer
-	m, err := machine.New(b, machine.Config{
+func newVMCS() *hvtest.VMCS { return hvtest.NewVMCS() }
+
+// exampleConfig is the machine of these tests: 512 MiB of RAM with
+// tamahv's region in it, COM1 kept, the kernel at 16 MiB.
+func exampleConfig(kernelLen uint64) machine.Config {
+	return machine.Config{
 		Caps: skylake(),
 		Memory: []hv.E820Entry{{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
 			{Addr: 0x10_0000, Size: 0x1ff0_0000, Type: hv.E820RAM}},
 		Own: [2]uint64{0x1000_0000, 0x1800_0000}, Console: [2]uint16{0x3f8, 0x3ff},
-		Kernel: [2]uint64{0x100_0000, uint64(len(kernel))}, Cmdline: "console=ttyS1",
-		Log: &log,
-	})
+		Kernel: [2]uint64{0x100_0000, kernelLen}, Cmdline: "console=ttyS1",
+	}
+}
+
+func newMachine(t *testing.T) (*board, *machine.Machine, *bytes.Buffer) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	var log bytes.Buffer
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = &log
+	m, err := machine.New(b, c)
 	require.NoError(t, err)
 	return b, m, &log
 }
+
+// mapProcess builds the process's page tables: its data page (holding
+// data) swapped out, and a request page.
+func (b *board) mapProcess(data []byte) {
+	b.put64(pml4+8*(dataVA>>39&511), pdpt|7)
+	b.put64(pdpt+8*(dataVA>>30&511), pd|7)
+	b.put64(pd+8*(dataVA>>21&511), pt|7)
+	b.put64(pt+8*(dataVA>>12&511), swapPTE)
+	b.put64(pt+8*(reqVA>>12&511), reqPA|7)
+	_ = b.WritePhys(dataPA, data)
+}
+
+// pagerWrite is the guest's page-fault handler writing the data page's
+// PTE: the watched page table makes it an EPT violation.
+func (b *board) pagerWrite() {
+	b.vmcs.Fields[vmx.GuestPhysAddr] = pt + 8*(dataVA>>12&511)
+	b.vmcs.Fields[vmx.ExitQualification] = 1<<1 | 1<<3 | 1<<5 | 1<<7 | 1<<8
+	b.exitWith(vmx.ExitEPTViolation)
+}
+
+// pagerDone is the write done, once tamahv let it through.
+func (b *board) pagerDone() { b.put64(pt+8*(dataVA>>12&511), dataPA|7) }
 
 // bzImage is a minimal Linux bzImage: boot protocol 2.15, four setup
 // sectors, then the protected-mode code.
@@ -221,13 +255,8 @@ func TestNewRefusesWithoutCaps(t *testing.T) {
 // and the exit.
 func TestGuestEndToEnd(t *testing.T) {
 	b, m, log := newMachine(t)
-	b.put64(pml4+8*(dataVA>>39&511), pdpt|7)
-	b.put64(pdpt+8*(dataVA>>30&511), pd|7)
-	b.put64(pd+8*(dataVA>>21&511), pt|7)
-	b.put64(pt+8*(dataVA>>12&511), swapPTE)
-	b.put64(pt+8*(reqVA>>12&511), reqPA|7)
 	want := bytes.Repeat([]byte("swapped!"), 512)
-	require.NoError(t, b.WritePhys(dataPA, want))
+	b.mapProcess(want)
 	req := hcall.SwapRequest{VA: dataVA, Len: 4096, Options: uint64(swapmem.UserFault), SHA256: sha256.Sum256(want)}.Encode()
 	require.NoError(t, b.WritePhys(reqPA, req[:]))
 
@@ -259,14 +288,8 @@ func TestGuestEndToEnd(t *testing.T) {
 			_, perm, _, _, ok := m.EPT.Lookup(pt)
 			require.True(t, ok)
 			assert.Zero(t, perm&ept.Write, "the page table is watched")
-		}, exit: func(b *board, r *vmx.GuestRegs) {
-			b.vmcs.Fields[vmx.GuestPhysAddr] = pt + 8*(dataVA>>12&511)
-			b.vmcs.Fields[vmx.ExitQualification] = 1<<1 | 1<<3 | 1<<5 | 1<<7 | 1<<8
-			b.exitWith(vmx.ExitEPTViolation)
-		}},
-		{name: "the write is done; status", check: func(b *board, r *vmx.GuestRegs) {
-			b.put64(pt+8*(dataVA>>12&511), dataPA|7)
-		}, exit: func(b *board, r *vmx.GuestRegs) {
+		}, exit: func(b *board, r *vmx.GuestRegs) { b.pagerWrite() }},
+		{name: "the write is done; status", check: func(b *board, r *vmx.GuestRegs) { b.pagerDone() }, exit: func(b *board, r *vmx.GuestRegs) {
 			r.RAX = hcall.SwapStatus
 			b.exitWith(vmx.ExitVMCALL)
 		}},

@@ -235,6 +235,9 @@ func (m *Machine) walk(cr3, va uint64) (swapmem.Translation, [4]uint64, int, err
 		path[n-1] = pa
 		e := m.entry(pa)
 		if e&PteP == 0 {
+			// A non-zero entry of a page table or directory holds a page
+			// elsewhere (here: a swap slot).
+			tr.Backed = e != 0 && level <= 1
 			return tr, path, n, nil
 		}
 		rw = rw && e&PteRW != 0

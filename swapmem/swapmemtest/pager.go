@@ -138,6 +138,26 @@ func (s *Space) SwapOut(va uint64) error {
 	})
 }
 
+// MapSwapped maps a 4 KiB page at va directly in swap, holding data (zeros
+// beyond it): the PTE goes from zero to a swap entry in one write.
+func (s *Space) MapSwapped(va uint64, p Perm, data []byte) error {
+	return s.m.mutate(func() error {
+		pa, e, level, err := s.m.leaf(s.CR3, va, 0, true)
+		if err != nil {
+			return err
+		}
+		if level != 0 || e != 0 {
+			return fmt.Errorf("%w: %#x", ErrMapConflict, va)
+		}
+		s.m.swapID++
+		page := make([]byte, pageSize)
+		copy(page, data)
+		s.m.swap[s.m.swapID] = page
+		s.m.setEntry(pa, s.m.swapID<<12|uint64(p)&permMask)
+		return nil
+	})
+}
+
 // SwapIn brings a swapped-out page at va back into a new frame; the guest
 // does this on a #PF, or by itself.
 func (s *Space) SwapIn(va uint64) error {

@@ -1,0 +1,61 @@
+package hv
+
+import "github.com/tamahv/tamahv/vmx"
+
+// cpuidLeafPMU is the architectural performance-monitoring leaf.
+const cpuidLeafPMU = 0xa
+
+// filterCPUID edits the host's CPUID answer r (EAX, EBX, ECX, EDX) for
+// leaf/sub into what the guest may see: no VMX, a hypervisor present,
+// OSXSAVE from the guest's CR4, and no feature the guest cannot use or
+// tamahv does not let it use (the MSR policy in msr.go).
+func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
+	switch leaf {
+	case 1:
+		// No VMX; a hypervisor is present; OSXSAVE follows the guest's
+		// CR4, not the host's.
+		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|cpuidOSXSAVE) | cpuidHypervisorBit
+		if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
+			r[vmx.ECX] |= cpuidOSXSAVE
+		}
+	case cpuidLeafPMU:
+		if v.VMCS.Read(vmx.EntryControls)&vmx.EntryLoadPerf == 0 {
+			// The counters could not be stopped in VMX root.
+			*r = [4]uint32{}
+		}
+	case 0x12, 0x14: // SGX and Intel PT enumeration
+		*r = [4]uint32{}
+	}
+	// Features tamahv never offers: the debug store (BTS/PEBS write to
+	// addresses the guest picks), SGX, and Intel PT (its output
+	// addresses are host-physical).
+	for _, f := range [...]vmx.CPUIDBit{vmx.CPUIDDS, vmx.CPUIDDTES64, vmx.CPUIDDSCPL, vmx.CPUIDSGX, vmx.CPUIDSGXLC, vmx.CPUIDPT} {
+		if f.In(leaf, sub) {
+			r[f.Reg] &^= f.Mask()
+		}
+	}
+	// Features whose instructions #UD with their control off.
+	var proc2 uint32
+	read := false
+	for _, g := range vmx.Proc2Gates() {
+		if !g.Feature.In(leaf, sub) {
+			continue
+		}
+		if !read {
+			proc2, read = uint32(v.VMCS.Read(vmx.Proc2Controls)), true
+		}
+		if proc2&g.Control == 0 {
+			r[g.Feature.Reg] &^= g.Feature.Mask()
+		}
+	}
+}
+
+// hasFeature reports whether the host's CPUID has flag f.
+func (v *VCPU) hasFeature(f vmx.CPUIDBit) bool {
+	if v.CPUID == nil {
+		return false
+	}
+	var r [4]uint32
+	r[0], r[1], r[2], r[3] = v.CPUID(f.Leaf, f.Subleaf)
+	return r[f.Reg]&f.Mask() != 0
+}

@@ -1,0 +1,78 @@
+package machine_test
+
+import (
+	"fmt"
+	"github.com/tamahv/tamahv/hv/machine"
+	"os"
+
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hcall"
+	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// A firmware author's own policy on tamahv's machine: a hypercall of its
+// own, an exit observer, and a swapmem read that tamahv starts itself.
+// The board here is a scripted fake; in an image it is the PC's (see
+// cmd/tamahv).
+func Example() {
+	b := newBoard(nil)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	_ = b.WritePhys(0x100_0000, kernel)
+	cfg := exampleConfig(uint64(len(kernel)))
+	cfg.Log = nil // tamahv's own lines are not part of the example's output
+	m, err := machine.New(b, cfg)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	// A hypercall of the firmware's own, for the guest kernel only.
+	const hcDouble = 0x100
+	_ = m.Monitor.Add(hcDouble, false, func(_ *hv.VCPU, a1, _, _ uint64) (uint64, bool) { return 2 * a1, false })
+
+	// An observer of every exit: count the guest's CPUIDs.
+	cpuids := 0
+	m.VCPU.Observe(func(_ *hv.VCPU, e vmx.Exit) {
+		if e.Reason == vmx.ExitCPUID {
+			cpuids++
+		}
+	})
+
+	// A read of the guest's memory that tamahv starts itself, the first
+	// time the guest process runs a CPUID: its data page is swapped out,
+	// so the engine has the guest fault it in.
+	started := false
+	m.VCPU.Observe(func(v *hv.VCPU, e vmx.Exit) {
+		if e.Reason != vmx.ExitCPUID || v.CPL() != 3 || started {
+			return
+		}
+		started = true
+		_, err := m.Engine.ReadData(swapmem.Request{
+			CR3: v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask, VA: dataVA, Len: 8, Options: swapmem.UserFault,
+			Done: func(r swapmem.Read) { fmt.Printf("tamahv read %q from the process\n", r.Data) },
+		})
+		if err != nil {
+			fmt.Println(err)
+		}
+	})
+
+	b.mapProcess([]byte("swapped!"))
+	b.script = []step{
+		{exit: func(b *board, r *vmx.GuestRegs) { b.run(3); r.RAX = 0; b.exitWith(vmx.ExitCPUID) }},
+		{exit: func(b *board, r *vmx.GuestRegs) { b.pagerWrite() }},
+		{check: func(b *board, r *vmx.GuestRegs) { b.pagerDone() },
+			exit: func(b *board, r *vmx.GuestRegs) { b.run(0); r.RAX, r.RDI = hcDouble, 21; b.exitWith(vmx.ExitVMCALL) }},
+		{check: func(b *board, r *vmx.GuestRegs) { fmt.Printf("the guest kernel got %d\n", r.RAX) },
+			exit: func(b *board, r *vmx.GuestRegs) { r.RAX, r.RDI = hcall.Exit, 0; b.exitWith(vmx.ExitVMCALL) }},
+	}
+	if err := m.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+	}
+	fmt.Printf("%d CPUID exits\n", cpuids)
+	// Output:
+	// tamahv read "swapped!" from the process
+	// the guest kernel got 42
+	// 1 CPUID exits
+}

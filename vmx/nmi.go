@@ -1,0 +1,30 @@
+package vmx
+
+import "sync/atomic"
+
+// nmis counts the NMIs that reached tamahv's IDT while it ran in VMX root
+// (between a VM exit and the next entry). It is package state because an
+// NMI handler has nothing else to write to: the processor hands it no
+// argument.
+var nmis atomic.Uint32
+
+// Implemented in nmi_amd64.s.
+func nmiEntry()
+func nmiEntryPC() uintptr
+
+// NMIHandler returns the address of tamahv's NMI handler, for IDT vector
+// 2: it counts the NMI and returns with IRETQ, using no register and no
+// stack but the interrupt frame. With "NMI exiting" on, an NMI that
+// arrives while the guest runs exits instead; one that arrives in VMX root
+// belongs to the guest as well (its local APIC, its counters, its
+// watchdog), and TakeNMI hands it over.
+func NMIHandler() uintptr { return nmiEntryPC() }
+
+// TakeNMI reports whether an NMI arrived in VMX root since the last call,
+// and forgets it: the caller injects one NMI into the guest however many
+// came in, as the processor keeps at most one pending.
+func TakeNMI() bool { return nmis.Swap(0) != 0 }
+
+// simulateNMI (nmi_amd64.s) delivers an NMI to nmiEntry in software, for
+// tests: it returns RFLAGS after the handler's IRETQ.
+func simulateNMI(rflags uint64) (after uint64)
