@@ -126,6 +126,9 @@ kmod:
 		rm -rf $(KHDR)/x; for p in $$pkgs; do dpkg-deb -x $(KHDR)/deb/$${p}_$$ver*.deb $(KHDR)/x || exit 1; done; \
 		sed -i "s|/usr/src/linux-headers-$$abi-common|$(abspath $(KHDR))/x/usr/src/linux-headers-$$abi-common|" $$hdr/Makefile; \
 	fi; \
+	cc=$$(grep -o 'gcc-[0-9]*$$' $$hdr/.kernelvariables); \
+	command -v $$cc >/dev/null || { \
+		echo "tamahv: no $$cc, which the guest kernel's headers ask for: the guest adversary's kernel attacks left out (see README)"; exit 0; }; \
 	rm -rf $(KMOD) && mkdir -p $(KMOD) && cp qemu/guest/kmod/Kbuild qemu/guest/kmod/*.c $(KMOD)/ && \
 	echo "tamahv: building the guest adversary's kernel module against $$abi ($$ver)" && \
 	$(MAKE) --no-print-directory -s -C $$hdr M=$(abspath $(KMOD)) modules >$(KMOD)/build.log 2>&1 || { cat $(KMOD)/build.log; exit 1; }; \

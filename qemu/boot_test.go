@@ -161,7 +161,7 @@ var (
 	}
 	ring3Attacks = []string{
 		"hash-kernel-va", "request-in-kernel", "kernelfault-option", "option-0",
-		"bpfault-kernel-va", "bpfault-unmapped", "nofault-left-pending", "mxcsr-unmasked", "hcexit-ring3",
+		"bpfault-kernel-va", "bpfault-unmapped", "bpfault-prot-none", "nofault-left-pending", "mxcsr-unmasked", "hcexit-ring3",
 	}
 	outcomeRE = regexp.MustCompile(`: (refused|survived) \(.+\)$`)
 )
@@ -217,7 +217,7 @@ func TestBochsLinuxGuest(t *testing.T) {
 		"kernel log":       "guest: kernel log clean",
 		"swap on zram":     "guest: swap on zram",
 		"swapread guest":   "swapread: tamahv read the range",
-		"ring-3 attacks":   "hvguest: 9 ring-3 attacks made, tamahv still answers",
+		"ring-3 attacks":   "hvguest: 10 ring-3 attacks made, tamahv still answers",
 	} {
 		t.Run(name, func(t *testing.T) {
 			l, _, ok := res.GuestLine(want)

@@ -46,10 +46,11 @@ var attacks = []struct {
 }{
 	{"hash-kernel-va", attackHashKernel},
 	{"request-in-kernel", attackRequestInKernel},
-	{"kernelfault-option", func() (string, string) { return attackOption("KernelFault", uint64(swapmem.KernelFault), false) }},
-	{"option-0", func() (string, string) { return attackOption("no option", 0, false) }},
+	{"kernelfault-option", func() (string, string) { return attackOption("KernelFault", uint64(swapmem.KernelFault), swapped) }},
+	{"option-0", func() (string, string) { return attackOption("no option", 0, swapped) }},
 	{"bpfault-kernel-va", attackBPFaultKernel},
-	{"bpfault-unmapped", func() (string, string) { return attackOption("BPFault", uint64(swapmem.BPFault), true) }},
+	{"bpfault-unmapped", func() (string, string) { return attackOption("BPFault", uint64(swapmem.BPFault), unmapped) }},
+	{"bpfault-prot-none", func() (string, string) { return attackOption("BPFault", uint64(swapmem.BPFault), protNone) }},
 	{"nofault-left-pending", attackNoFaultPending},
 	{"mxcsr-unmasked", attackMXCSR},
 	{"hcexit-ring3", attackExit},
@@ -262,25 +263,44 @@ func swappedOut(pages int) (mem []byte, va uint64, n int, want [32]byte, err err
 	return mem, uint64(base) + off, n, want, nil
 }
 
+// Where attackOption's read points.
+const (
+	swapped  = iota // the process's own swapped-out pages
+	unmapped        // an address with no mapping at all
+	protNone        // a page the process touched, then made PROT_NONE
+)
+
 // attackOption asks for a read of the process's own memory with options
-// ring 3 may not use (finding 7): a swapped-out page, or, with unmapped,
-// an address with no mapping at all.
-func attackOption(what string, opts uint64, unmapped bool) (string, string) {
+// ring 3 may not use, or with BPFault (granted by hc.ring3=bpfault) where
+// a fault raised in the kernel cannot be served (finding 7): Linux would
+// oops on a kernel-mode fault at an address with no VMA or no access.
+func attackOption(what string, opts uint64, where int) (string, string) {
 	var va uint64
 	var n int
 	var want [32]byte
-	if unmapped {
-		mem, err := syscall.Mmap(-1, 0, 16*pageSize, syscall.PROT_READ, syscall.MAP_PRIVATE|syscall.MAP_ANONYMOUS)
+	switch where {
+	case unmapped, protNone:
+		mem, err := syscall.Mmap(-1, 0, 16*pageSize, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANONYMOUS)
 		if err != nil {
 			return "FAILED", err.Error()
 		}
 		va = uint64(uintptr(unsafe.Pointer(&mem[0]))) + 8*pageSize
-		if err := syscall.Munmap(mem); err != nil {
+		n = pageSize
+		if where == unmapped {
+			err = syscall.Munmap(mem)
+		} else {
+			mem[8*pageSize] = 1
+			want = sha256.Sum256(mem[8*pageSize : 9*pageSize])
+			err = syscall.Mprotect(mem[8*pageSize:9*pageSize], syscall.PROT_NONE)
+			defer syscall.Munmap(mem)
+		}
+		if err != nil {
 			return "FAILED", err.Error()
 		}
-		n = pageSize
-		want = sha256.Sum256(make([]byte, n))
-	} else {
+		if where == unmapped {
+			want = sha256.Sum256(make([]byte, n))
+		}
+	default:
 		mem, v, l, w, err := swappedOut(4)
 		if err != nil {
 			return "FAILED", err.Error()
@@ -288,16 +308,13 @@ func attackOption(what string, opts uint64, unmapped bool) (string, string) {
 		defer syscall.Munmap(mem)
 		va, n, want = v, l, w
 	}
-	where := "swapped-out user pages"
-	if unmapped {
-		where = "an unmapped user address"
-	}
+	desc := map[int]string{swapped: "swapped-out user pages", unmapped: "an unmapped user address", protNone: "a PROT_NONE user page"}[where]
 	r := sendRequest(newRequest(va, n, opts, want))
 	if r == errDenied || r == errInvalid {
-		return "refused", fmt.Sprintf("%s read of %s %#x: %s", what, where, va, errName(r))
+		return "refused", fmt.Sprintf("%s read of %s %#x: %s", what, desc, va, errName(r))
 	}
-	if r != 0 || !unmapped {
-		return refusal(fmt.Sprintf("%s read of %s %#x", what, where, va), r, errDenied)
+	if r != 0 || where == swapped {
+		return refusal(fmt.Sprintf("%s read of %s %#x", what, desc, va), r, errDenied)
 	}
 	// A BPFault read the policy lets through (hc.ring3=bpfault): the
 	// process makes system calls, where the fault would be raised; the
@@ -311,9 +328,9 @@ func attackOption(what string, opts uint64, unmapped bool) (string, string) {
 		}
 	}
 	if s != hcall.StatusFailed {
-		return "FAILED", fmt.Sprintf("%s read of %s %#x accepted; status %s after %v", what, where, va, statusName(s), time.Since(start).Round(time.Millisecond))
+		return "FAILED", fmt.Sprintf("%s read of %s %#x accepted; status %s after %v", what, desc, va, statusName(s), time.Since(start).Round(time.Millisecond))
 	}
-	return "survived", fmt.Sprintf("%s read of %s %#x accepted, ended failed after %v", what, where, va, time.Since(start).Round(time.Millisecond))
+	return "survived", fmt.Sprintf("%s read of %s %#x accepted, ended failed after %v", what, desc, va, time.Since(start).Round(time.Millisecond))
 }
 
 // attackNoFaultPending leaves a NoFault read of a swapped-out page pending
