@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/tamahv/tamahv/ept"
@@ -322,9 +323,27 @@ func (m *Machine) Run() error {
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
 		st.Injected, st.Completed, st.Failed, st.Removed, m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Stale)
+	fmt.Fprintf(m.log, "tamahv: page-table writes emulated in their exit %d, opened until the next exit %d %v\n",
+		m.Memory.Emulated, m.Memory.Opened, fallbacks(m.Memory))
 	if m.Agent.Detour() != 0 {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
 	}
 	return nil
+}
+
+// fallbacks lists why page-table writes were not emulated, reason=count.
+func fallbacks(g *hv.GuestMemory) string {
+	var b strings.Builder
+	b.WriteString("(")
+	for i, n := range g.Fallbacks {
+		if n > 0 {
+			if b.Len() > 1 {
+				b.WriteString(" ")
+			}
+			fmt.Fprintf(&b, "%v=%d", hv.PTFallback(i), n)
+		}
+	}
+	b.WriteString(")")
+	return b.String()
 }
