@@ -5,6 +5,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/arch/x86/x86asm"
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/swapmem"
@@ -490,4 +491,82 @@ func BenchmarkPTWrite(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// FuzzPTWrite runs the page-table-write emulator on random instruction
+// bytes, registers, flags and reported addresses: it never panics, and
+// when it emulates, it wrote inside the watched page only, moved RIP by
+// the instruction's length and kept the page protected; when it does
+// not, it changed nothing but opened the page.
+func FuzzPTWrite(f *testing.F) {
+	for _, c := range [][]byte{
+		{0x48, 0x89, 0x07},                         // mov %rax,(%rdi)
+		{0x48, 0xc7, 0x07, 0, 0, 0, 0},             // movq $0,(%rdi)
+		{0x89, 0x07},                               // mov %eax,(%rdi)
+		{0x48, 0x87, 0x07},                         // xchg %rax,(%rdi)
+		{0xf0, 0x48, 0x0f, 0xb1, 0x17},             // lock cmpxchg %rdx,(%rdi)
+		{0xf0, 0x0f, 0xc7, 0x0f},                   // lock cmpxchg8b (%rdi)
+		{0xf0, 0x48, 0x0f, 0xc7, 0x0f},             // lock cmpxchg16b (%rdi)
+		{0xf0, 0x80, 0x27, 0xfd},                   // lock andb $0xfd,(%rdi)
+		{0xf0, 0x80, 0x0f, 0x02},                   // lock orb $2,(%rdi)
+		{0xf0, 0x48, 0x0f, 0xba, 0x37, 0x05},       // lock btrq $5,(%rdi)
+		{0xf0, 0x48, 0x0f, 0xab, 0x07},             // lock bts %rax,(%rdi)
+		{0x48, 0x0f, 0xc3, 0x07},                   // movnti %rax,(%rdi)
+		{0x65, 0x48, 0x89, 0x04, 0x25, 0, 0, 0, 0}, // mov %rax,%gs:0
+		{0x4c, 0x89, 0x64, 0xcb, 0x08},             // mov %r12,0x8(%rbx,%rcx,8)
+	} {
+		f.Add(c, uint64(0), uint64(newPTE), uint64(0), uint64(0), uint64(0x2), uint64(0), true)
+	}
+	f.Fuzz(func(t *testing.T, code []byte, rdiOff, rax, rcx, rdx, rflags, gla uint64, glaIsRDI bool) {
+		if len(code) > vmx.MaxInstructionLen {
+			code = code[:vmx.MaxInstructionLen]
+		}
+		fx := newPTFixture(t, swapPTE)
+		fx.code(code...)
+		v := fx.vcpu(t, nil)
+		m := fv(v).f
+		v.Regs = vmx.GuestRegs{RAX: rax, RCX: rcx, RDX: rdx, RBX: fx.kva - rdiOff, RSI: fx.kva, RDI: fx.kva + rdiOff%64, R12: rax}
+		m[vmx.GuestRSP] = fx.kva
+		m[vmx.GuestRFLAGS] = rflags&^vmx.RFLAGSTF | 0x2
+		m[vmx.GuestDR7] = 0x400
+		m[vmx.GuestGSBase] = fx.kva
+		m[vmx.GuestFSBase] = fx.kva - 8
+		if glaIsRDI {
+			gla = v.Regs.RDI
+		}
+		m[vmx.GuestLinearAddr] = gla
+		gpa := fx.pte&^0xfff | gla&0xfff
+		e := vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: gpa}
+		before := map[uint64][4096]byte{}
+		for pa, frame := range fx.g.mem {
+			before[pa] = *frame
+		}
+		regs := v.Regs
+		next := func(*VCPU, vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+		act, err := fx.gm.onViolation(v, e, next)
+		require.NoError(t, err)
+		assert.Equal(t, Resume, act)
+		for pa, frame := range fx.g.mem {
+			if pa != fx.pte&^0xfff {
+				assert.Equal(t, before[pa], *frame, "frame %#x changed", pa)
+			}
+		}
+		_, perm, _, _, _ := fx.g.ept.Lookup(fx.pte &^ 0xfff)
+		if fx.gm.Emulated == 1 {
+			n := m[vmx.GuestRIP] - ptRIP
+			inst, err := x86asm.Decode(fx.gm.emu.insn[:], 64)
+			require.NoError(t, err)
+			assert.Equal(t, uint64(inst.Len), n, "RIP moved past %v", inst)
+			if fx.gm.Failed == 0 { // else the watch is gone, and its protection
+				assert.Equal(t, ept.Read|ept.Exec, perm)
+			}
+			return
+		}
+		assert.Equal(t, uint64(1), fx.gm.Opened)
+		assert.Equal(t, uint64(ptRIP), m[vmx.GuestRIP])
+		assert.Equal(t, regs, v.Regs)
+		assert.Equal(t, rflags&^vmx.RFLAGSTF|0x2, m[vmx.GuestRFLAGS])
+		assert.Equal(t, before[fx.pte&^0xfff], *fx.g.mem[fx.pte&^0xfff])
+		assert.Equal(t, ept.RWX, perm)
+	})
 }
