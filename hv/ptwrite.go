@@ -42,7 +42,8 @@ import (
 // (base, index, displacement, RIP-relative, the FS or GS base) is the
 // guest-linear address the processor reported, it does not cross a page,
 // and the guest's tables translate it, writable from CPL 0 (CR0.WP,
-// SMAP), accessed and dirty, to the guest-physical address that exited.
+// SMAP, no protection keys in force), accessed and dirty, to the
+// guest-physical address that exited.
 // Anything else (another instruction, a prefix the forms do not take,
 // bytes that do not decode, an instruction that cannot be read) is left
 // to the processor: the page is opened and settled at the next exit, as
@@ -221,6 +222,11 @@ func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 		return false
 	}
 	if tr.User && cr4&vmx.CR4SMAP != 0 && rflags&vmx.RFLAGSAC == 0 {
+		return false
+	}
+	// A protection key may forbid the write: PKRU for user pages, the
+	// PKRS MSR for supervisor pages. Neither is read here.
+	if tr.User && cr4&vmx.CR4PKE != 0 || !tr.User && cr4&vmx.CR4PKS != 0 {
 		return false
 	}
 	for _, s := range g.emu.steps[:n] {

@@ -376,6 +376,18 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 				m[vmx.GuestLinearAddr] = r.RDI
 			},
 			why: FallbackAccess},
+		{name: "protection keys for supervisor pages", code: []byte{0x48, 0x89, 0x07},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) { m[vmx.GuestCR4] |= vmx.CR4PKS },
+			why:   FallbackAccess},
+		{name: "a user page under SMAP", code: []byte{0x48, 0x89, 0x07},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
+				f.g.mapPage(0x7f0000600000, f.pte&^0xfff, pteRW|pteUS)
+				f.g.setAD(0x7f0000600000)
+				r.RDI = 0x7f0000600000 | f.pte&0xfff
+				m[vmx.GuestLinearAddr] = r.RDI
+				m[vmx.GuestCR4] |= vmx.CR4SMAP
+			},
+			why: FallbackAccess},
 		{name: "CPL 3", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) { m[vmx.GuestSSAccess] |= 3 << 5 },
 			why:   FallbackMode},

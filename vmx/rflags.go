@@ -24,6 +24,10 @@ const (
 	// CR4SMAP is supervisor-mode access prevention (SDM Vol. 3A, 4.6,
 	// "Access Rights").
 	CR4SMAP = 1 << 21
+	// CR4PKE and CR4PKS enable protection keys for user-mode and
+	// supervisor-mode pages (SDM Vol. 3A, 4.6.2, "Protection Keys").
+	CR4PKE = 1 << 22
+	CR4PKS = 1 << 24
 	// EFERNXE enables the execute-disable bit of paging entries.
 	EFERNXE = 1 << 11
 	// DR7Enable are DR7's local and global enables of the four
