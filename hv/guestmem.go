@@ -47,6 +47,10 @@ type GuestMemory struct {
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
 	gen     uint64 // marks watches walked in this settle
+	// keep is set while a watch is walked again: pages it leaves wait in
+	// emptied, so that the new walk finds them still protected.
+	keep    bool
+	emptied []*hookedPage
 	emu     ptEmulator
 
 	// Counters. Writes counts guest writes to watched pages that were
@@ -192,10 +196,33 @@ func (g *GuestMemory) unhook(w *pteWatch) {
 		}
 		*l = hookLink{}
 		if hp.n--; hp.n == 0 && !hp.open {
-			g.drop(hp)
+			if g.keep {
+				g.emptied = append(g.emptied, hp)
+			} else {
+				g.drop(hp)
+			}
 		}
 	}
 	w.n = 0
+}
+
+// rehook walks w again. The pages of its old walk stay protected until the
+// new walk is hooked, so a watch alone on its pages does not give their
+// protection back only to take it again (an EPT merge, a split and an
+// INVEPT for each).
+func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, error) {
+	g.keep = true
+	g.unhook(w)
+	tr, _, err := g.hook(w)
+	g.keep = false
+	for _, hp := range g.emptied {
+		if hp.n == 0 && !hp.open && g.pages[hp.pa] == hp {
+			g.drop(hp)
+		}
+	}
+	clear(g.emptied)
+	g.emptied = g.emptied[:0]
+	return tr, err
 }
 
 func (g *GuestMemory) unwatch(w *pteWatch) {
@@ -307,8 +334,7 @@ func (g *GuestMemory) rewalk() {
 			continue
 		}
 		w.gen = g.gen
-		g.unhook(w)
-		tr, _, err := g.hook(w)
+		tr, err := g.rehook(w)
 		if err != nil {
 			g.fail(w, err)
 			continue

@@ -582,3 +582,21 @@ func FuzzPTWrite(f *testing.F) {
 		assert.Equal(t, ept.RWX, perm)
 	})
 }
+
+// TestRewalkKeepsProtection: an emulated write walks the watch again; the
+// watch is alone on its pages, and their protection stays through the
+// walk. Before, the walk gave the four pages' protection back and took it
+// again: an EPT merge, a split and an INVEPT on every write.
+func TestRewalkKeepsProtection(t *testing.T) {
+	f := newPTFixture(t, swapPTE)
+	f.code(0x48, 0x89, 0x07)
+	flushes, freed := f.g.flushes, f.g.phys.Freed
+	v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }, nil)})
+	require.NoError(t, v.Run())
+	require.Len(t, f.heard, 1)
+	assert.True(t, f.heard[0].Present)
+	assert.Equal(t, flushes, f.g.flushes, "no INVEPT")
+	assert.Equal(t, freed, f.g.phys.Freed, "no table merged")
+	assert.Equal(t, 4, f.gm.Watches())
+	f.protected(t)
+}
