@@ -161,8 +161,19 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e vmx.Exit, hp *hookedPage) (PTFallb
 	if g.Phys.ReadPhys(e.GuestPA, b) != nil {
 		return FallbackMemory, false
 	}
+	// The registers are kept, to be put back should guest RAM refuse the
+	// write after all: the processor then runs the instruction itself.
+	saved, rsp := v.Regs, uint64(0)
+	sp := in.reg != 0 && isRSP(in.reg)
+	if sp {
+		rsp = m.Read(vmx.GuestRSP)
+	}
 	flags, write := execute(v, &in, b, rflags)
 	if write && g.Phys.WritePhys(e.GuestPA, b) != nil {
+		v.Regs = saved
+		if sp {
+			m.Write(vmx.GuestRSP, rsp)
+		}
 		return FallbackMemory, false
 	}
 	if flags != rflags {
@@ -551,6 +562,12 @@ func gpr(r x86asm.Reg) (n, size int, high, ok bool) {
 		return int(r - x86asm.RAX), 8, false, true
 	}
 	return 0, 0, false, false
+}
+
+// isRSP reports whether r is RSP or a part of it.
+func isRSP(r x86asm.Reg) bool {
+	n, _, high, ok := gpr(r)
+	return ok && n == 4 && !high
 }
 
 // readGPR reads register n; RSP lives in the VMCS.

@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -599,4 +600,41 @@ func TestRewalkKeepsProtection(t *testing.T) {
 	assert.Equal(t, freed, f.g.phys.Freed, "no table merged")
 	assert.Equal(t, 4, f.gm.Watches())
 	f.protected(t)
+}
+
+// refusingWrites is host memory that reads but refuses every write.
+type refusingWrites struct{ Memory }
+
+func (refusingWrites) WritePhys(uint64, []byte) error { return errors.New("refused") }
+
+// TestRefusedWriteLeavesRegisters: should guest RAM refuse the write after
+// the instruction ran, the registers it changed are put back and the page
+// is opened for the processor to run it.
+func TestRefusedWriteLeavesRegisters(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		code []byte
+		regs func(f *ptFixture, r *vmx.GuestRegs)
+	}{
+		{"xchg %rax,(%rdi)", []byte{0x48, 0x87, 0x07}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }},
+		{"xchg %rsp,(%rdi)", []byte{0x48, 0x87, 0x27}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newPTFixture(t, swapPTE)
+			f.code(c.code...)
+			f.g.phys.Mem = refusingWrites{f.g.phys.Mem}
+			var before vmx.GuestRegs
+			v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) {
+				c.regs(f, r)
+				before = *r
+			}, func(t *testing.T, v *VCPU) {
+				assert.Equal(t, before, v.Regs)
+				assert.Equal(t, uint64(0x1234), fv(v).f[vmx.GuestRSP])
+				assert.Equal(t, uint64(ptRIP), fv(v).f[vmx.GuestRIP])
+			})})
+			fv(v).f[vmx.GuestRSP] = 0x1234
+			require.NoError(t, v.Run())
+			assert.Equal(t, uint64(1), f.gm.Fallbacks[FallbackMemory])
+		})
+	}
 }
