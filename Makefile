@@ -6,7 +6,7 @@
 #   make e2e-models boot every supported Bochs CPU model with the guest
 #   make e2e-swapmem the further swapmem cases on the Linux guest
 #   make e2e-overhead the guest without and with tamahv
-#   make fuzz       run the swapmem and hypercall fuzzers for FUZZTIME each (default 60s)
+#   make fuzz       run the swapmem, hypercall and page-table-write fuzzers for FUZZTIME each (default 60s)
 
 GO       ?= go
 BUILD    := build
@@ -191,6 +191,7 @@ e2e-models: deps-bochs deps-iso
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOperations -fuzztime $(FUZZTIME) ./swapmem/
 	$(GO) test -run '^$$' -fuzz FuzzHypercall -fuzztime $(FUZZTIME) ./hv/monitor/
+	$(GO) test -run '^$$' -fuzz FuzzPTWrite -fuzztime $(FUZZTIME) ./hv/
 
 clean:
 	rm -rf $(BUILD)

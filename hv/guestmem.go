@@ -15,14 +15,16 @@ import (
 // paging structures through it too (NewGuestMemory wires that).
 //
 // A watch write-protects every paging-structure page on its address's
-// walk. A guest write to such a page exits (EPT violation); the page is
-// opened and the guest goes on. At the next VM exit of any kind (the
-// VMX-preemption timer bounds the wait) the open pages are closed again
-// and every watch on them walked anew: its hooks follow the new walk, and
-// its function hears of a changed translation. This needs no monitor trap
-// flag, which not every processor has. Pages opened only for the
-// processor's own accessed and dirty flag updates are closed without a
-// walk.
+// walk. A guest write to such a page exits (EPT violation). An
+// instruction's write of one of the forms Linux writes its entries with is
+// emulated in that exit (ptwrite.go) and the watches on the page walked
+// anew at once: their hooks follow the new walk, and their functions hear
+// of a changed translation. Any other write opens the page and the guest
+// goes on; at the next VM exit of any kind (the VMX-preemption timer
+// bounds the wait) the open pages are closed again and the watches on them
+// walked anew. This needs no monitor trap flag, which not every processor
+// has. Pages opened only for the processor's own accessed and dirty flag
+// updates are closed without a walk.
 //
 // Each watched page keeps its watches in an intrusive list, so hooking
 // and unhooking a watch cost O(levels) whatever the number of watches
@@ -45,11 +47,21 @@ type GuestMemory struct {
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
 	gen     uint64 // marks watches walked in this settle
+	// keep is set while a watch is walked again: pages it leaves wait in
+	// emptied, so that the new walk finds them still protected.
+	keep    bool
+	emptied []*hookedPage
+	emu     ptEmulator
 
-	// Counters. Stale counts writes refused by a protection no watch
+	// Counters. Writes counts guest writes to watched pages that were
+	// walked; Emulated those an instruction made that were emulated in
+	// their exit, Opened those that opened the page instead, and
+	// Fallbacks why. Stale counts writes refused by a protection no watch
 	// holds any more (the page is opened and the translations flushed);
 	// Failed counts watches that failed to follow a new walk.
 	Writes, ADWrites, Changes, Stale, Failed uint64
+	Emulated, Opened                         uint64
+	Fallbacks                                [NumPTFallbacks]uint64
 }
 
 // NewGuestMemory returns the guest memory over p whose walker reads
@@ -184,10 +196,33 @@ func (g *GuestMemory) unhook(w *pteWatch) {
 		}
 		*l = hookLink{}
 		if hp.n--; hp.n == 0 && !hp.open {
-			g.drop(hp)
+			if g.keep {
+				g.emptied = append(g.emptied, hp)
+			} else {
+				g.drop(hp)
+			}
 		}
 	}
 	w.n = 0
+}
+
+// rehook walks w again. The pages of its old walk stay protected until the
+// new walk is hooked, so a watch alone on its pages does not give their
+// protection back only to take it again (an EPT merge, a split and an
+// INVEPT for each).
+func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, error) {
+	g.keep = true
+	g.unhook(w)
+	tr, _, err := g.hook(w)
+	g.keep = false
+	for _, hp := range g.emptied {
+		if hp.n == 0 && !hp.open && g.pages[hp.pa] == hp {
+			g.drop(hp)
+		}
+	}
+	clear(g.emptied)
+	g.emptied = g.emptied[:0]
+	return tr, err
 }
 
 func (g *GuestMemory) unwatch(w *pteWatch) {
@@ -226,6 +261,17 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, er
 	}
 	if hp == nil || !q.Write {
 		return next(v, e)
+	}
+	// An instruction's write (not the processor's accessed/dirty update
+	// during a page walk) is emulated where it can be.
+	if q.Translation {
+		why, ok := g.emulateWrite(v, e, hp)
+		if ok {
+			g.Emulated++
+			return Resume, nil
+		}
+		g.Opened++
+		g.Fallbacks[why]++
 	}
 	if !hp.open {
 		if err := g.Phys.SetWritable(pg, true); err != nil {
@@ -274,17 +320,21 @@ func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
 	}
 	g.open = g.open[:0]
 	g.Phys.Flush()
-	// Walk every watch on a written page again: the hooks follow the new
-	// walk. A watch's function may add or remove watches; the list is a
-	// copy, and removed watches are marked dead.
+	g.rewalk()
+}
+
+// rewalk walks every watch in g.scratch again: the hooks follow the new
+// walk, and a watch's function hears of a changed translation. A watch's
+// function may add or remove watches; the list is a copy, and removed
+// watches are marked dead.
+func (g *GuestMemory) rewalk() {
 	g.gen++
 	for _, w := range g.scratch {
 		if w.dead || w.gen == g.gen {
 			continue
 		}
 		w.gen = g.gen
-		g.unhook(w)
-		tr, _, err := g.hook(w)
+		tr, err := g.rehook(w)
 		if err != nil {
 			g.fail(w, err)
 			continue

@@ -52,6 +52,7 @@ type ownedPage struct {
 	protect int      // write protections held
 	claimed bool     // the breakpoint agent's
 	target  uint64   // claimed: the host page shown (0: the page itself)
+	noexec  bool     // a fetch trap (TrapFetch): execute permission taken
 }
 
 // Errors of guest-physical accesses.
@@ -164,6 +165,9 @@ func (g *GuestPhys) WriteProtect(pg uint64) error {
 	if err := g.Check(pg, ept.Size4K); err != nil {
 		return err
 	}
+	if err := g.dropTrap(pg); err != nil {
+		return err
+	}
 	if p := g.pages[pg]; p != nil {
 		if p.claimed {
 			return fmt.Errorf("%w: %#x holds the breakpoint agent's detour", ErrPageInUse, pg)
@@ -218,6 +222,9 @@ func (g *GuestPhys) Claim(pg uint64) error {
 	if err := g.Check(pg, ept.Size4K); err != nil {
 		return err
 	}
+	if err := g.dropTrap(pg); err != nil {
+		return err
+	}
 	if g.pages[pg] != nil {
 		return fmt.Errorf("%w: %#x is a watched page table", ErrPageInUse, pg)
 	}
@@ -250,6 +257,46 @@ func (g *GuestPhys) Release(pg uint64) error {
 		return fmt.Errorf("hv: %#x is not claimed", pg)
 	}
 	return g.restore(pg, p)
+}
+
+// TrapFetch takes the execute permission from the EPT entry of the guest
+// RAM page at pg, so that the guest's next instruction fetch from it
+// exits (ReturnTrap). Only a page nothing else of tamahv's changed can be
+// trapped, and the trap yields to every later use: WriteProtect and Claim
+// give the page its permissions back first.
+func (g *GuestPhys) TrapFetch(pg uint64) error {
+	if err := g.Check(pg, ept.Size4K); err != nil {
+		return err
+	}
+	if g.pages[pg] != nil {
+		return fmt.Errorf("%w: %#x", ErrPageInUse, pg)
+	}
+	p := g.page(pg)
+	if _, err := g.EPT.Protect(pg, p.base&^ept.Exec); err != nil {
+		delete(g.pages, pg)
+		g.spare = append(g.spare, p)
+		return err
+	}
+	p.noexec = true
+	g.dirty = true
+	return nil
+}
+
+// UntrapFetch gives a trapped page its permissions back.
+func (g *GuestPhys) UntrapFetch(pg uint64) error {
+	p := g.pages[pg]
+	if p == nil || !p.noexec {
+		return fmt.Errorf("hv: %#x has no fetch trap", pg)
+	}
+	return g.restore(pg, p)
+}
+
+// dropTrap ends a fetch trap on pg, if there is one.
+func (g *GuestPhys) dropTrap(pg uint64) error {
+	if p := g.pages[pg]; p != nil && p.noexec {
+		return g.restore(pg, p)
+	}
+	return nil
 }
 
 // reopen makes a guest RAM page that tamahv does not own read, write and

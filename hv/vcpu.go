@@ -226,6 +226,14 @@ func (v *VCPU) Counts() map[vmx.ExitReason]uint64 {
 	return m
 }
 
+// Count returns the number of exits of reason r so far.
+func (v *VCPU) Count(r vmx.ExitReason) uint64 {
+	if !r.Valid() {
+		return 0
+	}
+	return v.counts[r]
+}
+
 // CPL is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
 // 27.3.1.2, "Checks on Guest Segment Registers").
 func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/tamahv/tamahv/ept"
@@ -119,6 +120,8 @@ type Machine struct {
 	// Agent raises BPFault faults from the guest kernel's system-call
 	// path.
 	Agent *hv.BreakpointAgent
+	// Trap gives an exit at the guest's return from a user-mode #PF.
+	Trap *hv.ReturnTrap
 	// Engine reads guest memory, swapped out or not.
 	Engine *swapmem.Engine
 	// Monitor is the default policy (nil when Config.Policy replaced it).
@@ -252,7 +255,11 @@ func New(b Board, c Config) (*Machine, error) {
 		return nil, err
 	}
 	m.Engine = swapmem.New(m.Memory, c.Swap)
-	cpu := &hv.SwapCPU{V: v, Agent: m.Agent}
+	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
+	if err := m.Trap.Install(v); err != nil {
+		return nil, err
+	}
+	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent}, Trap: m.Trap, V: v}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
@@ -322,9 +329,27 @@ func (m *Machine) Run() error {
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
 		st.Injected, st.Completed, st.Failed, st.Removed, m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Stale)
+	fmt.Fprintf(m.log, "tamahv: page-table writes emulated in their exit %d, opened until the next exit %d %v; returns from user faults trapped %d of %d\n",
+		m.Memory.Emulated, m.Memory.Opened, fallbacks(m.Memory), m.Trap.Hits, m.Trap.Arms)
 	if m.Agent.Detour() != 0 {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
 	}
 	return nil
+}
+
+// fallbacks lists why page-table writes were not emulated, reason=count.
+func fallbacks(g *hv.GuestMemory) string {
+	var b strings.Builder
+	b.WriteString("(")
+	for i, n := range g.Fallbacks {
+		if n > 0 {
+			if b.Len() > 1 {
+				b.WriteString(" ")
+			}
+			fmt.Fprintf(&b, "%v=%d", hv.PTFallback(i), n)
+		}
+	}
+	b.WriteString(")")
+	return b.String()
 }

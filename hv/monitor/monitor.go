@@ -138,6 +138,7 @@ type read struct {
 	want     [32]byte
 	start    time.Time
 	exits    uint64
+	timer    uint64 // VMX-preemption-timer exits when the read began
 	injected uint64
 	missing  int
 	vetoes   int
@@ -289,7 +290,7 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		m.reads[cr3] = r
 	}
 	st := m.Engine.Stats()
-	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: v.Total(), injected: st.Injected}
+	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: v.Total(), timer: v.Count(vmx.ExitPreemptionTimer), injected: st.Injected}
 	var preInject func(cr3, va uint64) bool
 	if rq.Options&hcall.SwapVeto != 0 {
 		preInject = func(uint64, uint64) bool { r.vetoes++; return false }
@@ -334,6 +335,7 @@ func (m *Monitor) done(v *hv.VCPU, r *read, rd swapmem.Read) {
 	took := m.now().Sub(r.start)
 	inj := m.Engine.Stats().Injected - r.injected
 	exits := v.Total() - r.exits
+	timer := v.Count(vmx.ExitPreemptionTimer) - r.timer
 	switch {
 	case rd.Err != nil:
 		r.state = hcall.StatusFailed
@@ -343,8 +345,8 @@ func (m *Monitor) done(v *hv.VCPU, r *read, rd swapmem.Read) {
 		m.logf("tamahv: swapmem read FAILED: sha256 %x, the guest expected %x\n", sha256.Sum256(rd.Data), r.want)
 	default:
 		r.state = hcall.StatusOK
-		m.logf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d vetoed, %d exits, %v (flags %v)\n",
-			r.want, len(rd.Data), r.missing, inj, r.vetoes, exits, took.Round(time.Millisecond), rd.Flags)
+		m.logf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d vetoed, %d exits (%d preemption timer), %v (flags %v)\n",
+			r.want, len(rd.Data), r.missing, inj, r.vetoes, exits, timer, took.Round(time.Millisecond), rd.Flags)
 	}
 }
 

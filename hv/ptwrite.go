@@ -1,0 +1,621 @@
+package hv
+
+import (
+	"encoding/binary"
+	"math/bits"
+
+	"golang.org/x/arch/x86/x86asm"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// Page-table writes.
+//
+// A guest write to a watched paging-structure page exits (EPT violation).
+// GuestMemory settles it within that exit: it reads the writing
+// instruction at the guest's RIP through the guest's own page tables,
+// decodes it, and, when it is one of the forms Linux writes its entries
+// with, does what the processor would have done: the write through
+// GuestPhys, the registers and flags the instruction sets, RIP past it.
+// The watches on the page are then walked at once, so a watch's function
+// hears of the new translation in the exit the write caused, and no
+// read's progress waits for the next exit (the VMX-preemption timer when
+// the guest runs on).
+//
+// The forms (Intel SDM Vol. 2, each instruction's page), with a memory
+// destination of 1, 2, 4 or 8 bytes:
+//
+//   - MOV and MOVNTI from a register or an immediate (set_pte,
+//     native_set_pmd, pte_clear, ...);
+//   - XCHG with a register, locked or not (ptep_get_and_clear);
+//   - CMPXCHG, locked or not, CMPXCHG8B and CMPXCHG16B (try_cmpxchg on an
+//     entry, pmdp_establish);
+//   - OR, AND and XOR from a register or an immediate, locked or not
+//     (set_bit and clear_bit with a constant bit: ptep_set_wrprotect is
+//     LOCK ANDB);
+//   - BTS and BTR from a register or an immediate, locked or not
+//     (test_and_clear_bit: ptep_test_and_clear_young is LOCK BTR).
+//
+// The write must be exactly the access that exited: the instruction runs
+// in 64-bit mode at CPL 0, with no event being delivered, no single-step
+// and no enabled hardware breakpoint; its memory operand's linear address
+// (base, index, displacement, RIP-relative, the FS or GS base) is the
+// guest-linear address the processor reported, it does not cross a page,
+// and the guest's tables translate it, writable from CPL 0 (CR0.WP,
+// SMAP, no protection keys in force), accessed and dirty, to the
+// guest-physical address that exited.
+// Anything else (another instruction, a prefix the forms do not take,
+// bytes that do not decode, an instruction that cannot be read) is left
+// to the processor: the page is opened and settled at the next exit, as
+// for writes the processor's page walks make. Each such fallback is
+// counted by its reason.
+//
+// The exit path allocates one 24-byte object per emulated write:
+// x86asm.Decode returns the memory operand in an interface.
+
+// PTFallback is why a guest instruction's write to a watched page table
+// was not emulated, and the page was opened instead.
+type PTFallback uint8
+
+// Fallback reasons.
+const (
+	// FallbackEvent: the write was part of an event's delivery (the
+	// IDT-vectoring information is valid), not of the instruction at RIP.
+	FallbackEvent PTFallback = iota
+	// FallbackMode: the guest is not in 64-bit mode at CPL 0 with paging,
+	// or its paging mode is not the walker's.
+	FallbackMode
+	// FallbackDebug: RFLAGS.TF or a DR7 breakpoint would need a #DB.
+	FallbackDebug
+	// FallbackFetch: the instruction's bytes could not be read through
+	// the guest's tables (RIP unmapped, not guest RAM, not executable).
+	FallbackFetch
+	// FallbackDecode: the bytes are not one of the forms emulated here.
+	FallbackDecode
+	// FallbackOperand: the instruction's memory operand is not the access
+	// that exited (another address, a page crossed, misaligned).
+	FallbackOperand
+	// FallbackAccess: the guest's tables do not translate the operand to
+	// the exiting guest-physical address with the write allowed, accessed
+	// and dirty.
+	FallbackAccess
+	// FallbackMemory: guest RAM refused the access.
+	FallbackMemory
+	// NumPTFallbacks is the number of reasons.
+	NumPTFallbacks
+)
+
+var fallbackNames = [NumPTFallbacks]string{"event", "mode", "debug", "fetch", "decode", "operand", "access", "memory"}
+
+func (f PTFallback) String() string {
+	if f < NumPTFallbacks {
+		return fallbackNames[f]
+	}
+	return "unknown"
+}
+
+// ptEmulator is the emulator's scratch space, kept with the GuestMemory so
+// that an emulation allocates nothing of its own.
+type ptEmulator struct {
+	insn  [vmx.MaxInstructionLen]byte
+	buf   [16]byte
+	steps [5]Step
+}
+
+// ptInsn is a decoded write to emulate.
+type ptInsn struct {
+	op     x86asm.Op
+	size   int        // bytes written
+	la     uint64     // linear address of the access
+	reg    x86asm.Reg // the register operand (0: none)
+	imm    uint64     // the immediate, zero-extended from size
+	hasImm bool
+	bit    uint // BTS, BTR: the bit in the operand
+	len    int  // instruction length
+}
+
+// emulateWrite settles the write of the instruction at e.RIP to the
+// watched page hp within this exit. It returns false, and why, when it
+// left the instruction alone.
+func (g *GuestMemory) emulateWrite(v *VCPU, e vmx.Exit, hp *hookedPage) (PTFallback, bool) {
+	if _, ok := vmx.DecodeEvent(e.IDTVectoring, 0); ok {
+		return FallbackEvent, false
+	}
+	m := v.VMCS
+	if m.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || m.Read(vmx.GuestCSAccess)&vmx.SegmentL == 0 || v.CPL() != 0 {
+		return FallbackMode, false
+	}
+	cr0, cr4 := m.Read(vmx.GuestCR0), m.Read(vmx.GuestCR4)
+	if cr0&vmx.CR0PG == 0 || (cr4&vmx.CR4LA57 != 0) != g.Walker.LA57 {
+		return FallbackMode, false
+	}
+	rflags := m.Read(vmx.GuestRFLAGS)
+	if rflags&vmx.RFLAGSTF != 0 || m.Read(vmx.GuestDR7)&vmx.DR7Enable != 0 {
+		return FallbackDebug, false
+	}
+	cr3 := m.Read(vmx.GuestCR3) & CR3Mask
+	n, ok := g.fetch(cr3, e.RIP, cr4)
+	if !ok {
+		return FallbackFetch, false
+	}
+	inst, err := x86asm.Decode(g.emu.insn[:n], 64)
+	if err != nil {
+		return FallbackDecode, false
+	}
+	var in ptInsn
+	mem, ok := parseWrite(&inst, &in)
+	if !ok {
+		return FallbackDecode, false
+	}
+	if !g.operand(v, e.RIP, mem, &in) {
+		return FallbackOperand, false
+	}
+	if in.la&0xfff+uint64(in.size) > 0x1000 || (in.op == x86asm.CMPXCHG16B && in.la%16 != 0) ||
+		m.Read(vmx.GuestLinearAddr) != in.la {
+		return FallbackOperand, false
+	}
+	if !g.writable(cr3, in.la, e.GuestPA, cr0, cr4, rflags) {
+		return FallbackAccess, false
+	}
+	b := g.emu.buf[:in.size]
+	if g.Phys.ReadPhys(e.GuestPA, b) != nil {
+		return FallbackMemory, false
+	}
+	// The registers are kept, to be put back should guest RAM refuse the
+	// write after all: the processor then runs the instruction itself.
+	saved, rsp := v.Regs, uint64(0)
+	sp := in.reg != 0 && isRSP(in.reg)
+	if sp {
+		rsp = m.Read(vmx.GuestRSP)
+	}
+	flags, write := execute(v, &in, b, rflags)
+	if write && g.Phys.WritePhys(e.GuestPA, b) != nil {
+		v.Regs = saved
+		if sp {
+			m.Write(vmx.GuestRSP, rsp)
+		}
+		return FallbackMemory, false
+	}
+	if flags != rflags {
+		m.Write(vmx.GuestRFLAGS, flags)
+	}
+	// The instruction completed: RIP moves past it and blocking by STI
+	// or MOV SS ends. The VM-exit instruction length is undefined for EPT
+	// violations (SDM Vol. 3C, 28.2.5); the decoded length is exact.
+	m.Write(vmx.GuestRIP, e.RIP+uint64(in.len))
+	if s := m.Read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
+		m.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+	}
+	if write {
+		g.Writes++
+		g.scratch = g.scratch[:0]
+		for l := hp.head; l != nil; l = l.next {
+			g.scratch = append(g.scratch, l.w)
+		}
+		g.rewalk()
+	}
+	return 0, true
+}
+
+// fetch reads up to 15 bytes of the instruction at rip, executed at CPL 0,
+// into g.emu.insn: through the guest's tables and GuestPhys, across a page
+// where the next one is there. It returns how many it read.
+func (g *GuestMemory) fetch(cr3, rip, cr4 uint64) (int, bool) {
+	b := &g.emu.insn
+	n := min(len(b), 0x1000-int(rip&0xfff))
+	if !g.fetchable(cr3, rip, cr4, b[:n]) {
+		return 0, false
+	}
+	if n < len(b) && g.fetchable(cr3, rip+uint64(n), cr4, b[n:]) {
+		n = len(b)
+	}
+	return n, true
+}
+
+// fetchable reads p from the code at va, which CPL 0 may execute.
+func (g *GuestMemory) fetchable(cr3, va, cr4 uint64, p []byte) bool {
+	tr, _, err := g.Walker.Walk(cr3, va, &g.emu.steps)
+	if err != nil || !tr.Present || tr.NX || tr.User && cr4&vmx.CR4SMEP != 0 {
+		return false
+	}
+	return g.Phys.ReadPhys(tr.PA, p) == nil
+}
+
+// writable reports whether the guest's tables translate la to gpa, with a
+// write from CPL 0 allowed and nothing left for the processor to set: the
+// walk the processor did before the access exited.
+func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
+	tr, n, err := g.Walker.Walk(cr3, la, &g.emu.steps)
+	if err != nil || !tr.Present || tr.PA != gpa {
+		return false
+	}
+	if !tr.Writable && cr0&vmx.CR0WP != 0 {
+		return false
+	}
+	if tr.User && cr4&vmx.CR4SMAP != 0 && rflags&vmx.RFLAGSAC == 0 {
+		return false
+	}
+	// A protection key may forbid the write: PKRU for user pages, the
+	// PKRS MSR for supervisor pages. Neither is read here.
+	if tr.User && cr4&vmx.CR4PKE != 0 || !tr.User && cr4&vmx.CR4PKS != 0 {
+		return false
+	}
+	for _, s := range g.emu.steps[:n] {
+		if s.Entry&vmx.PTEAccessed == 0 {
+			return false
+		}
+	}
+	return g.emu.steps[n-1].Entry&vmx.PTEDirty != 0
+}
+
+// parseWrite checks that inst is one of the emulated forms and fills in
+// what in needs but the address; it returns the memory operand.
+func parseWrite(inst *x86asm.Inst, in *ptInsn) (x86asm.Mem, bool) {
+	var none x86asm.Mem
+	if inst.Mode != 64 || inst.AddrSize != 64 || inst.Len <= 0 || inst.Len > vmx.MaxInstructionLen {
+		return none, false
+	}
+	lock, segs := false, 0
+	for _, p := range inst.Prefix {
+		if p == 0 {
+			break
+		}
+		if p&(x86asm.PrefixIgnored|x86asm.PrefixInvalid) != 0 {
+			return none, false
+		}
+		p &^= x86asm.PrefixImplicit // marks a prefix the text implies: REX.W
+		switch b := byte(p); {
+		case b == 0xf0:
+			lock = true
+		case b == 0x66:
+		case b == 0x26 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x64 || b == 0x65:
+			segs++
+		case b&0xf0 == 0x40 && p&0xff00 == 0:
+		default:
+			return none, false // REP, XACQUIRE/XRELEASE, address size, VEX
+		}
+	}
+	if segs > 1 || inst.Args[2] != nil {
+		return none, false
+	}
+	in.op, in.size, in.len = inst.Op, inst.MemBytes, inst.Len
+	a0, a1 := inst.Args[0], inst.Args[1]
+	switch inst.Op {
+	case x86asm.MOV, x86asm.MOVNTI:
+		if lock {
+			return none, false // #UD
+		}
+	case x86asm.XCHG:
+		if _, ok := a1.(x86asm.Mem); ok {
+			a0, a1 = a1, a0
+		}
+		if _, ok := a1.(x86asm.Reg); !ok {
+			return none, false
+		}
+	case x86asm.CMPXCHG:
+		if _, ok := a1.(x86asm.Reg); !ok {
+			return none, false
+		}
+	case x86asm.CMPXCHG8B, x86asm.CMPXCHG16B:
+		want := 8
+		if inst.Op == x86asm.CMPXCHG16B {
+			want = 16
+		}
+		if a1 != nil || in.size != want {
+			return none, false
+		}
+	case x86asm.OR, x86asm.AND, x86asm.XOR, x86asm.BTS, x86asm.BTR:
+	default:
+		return none, false
+	}
+	mem, ok := a0.(x86asm.Mem)
+	if !ok {
+		return none, false
+	}
+	switch in.size {
+	case 1, 2, 4, 8:
+	case 16:
+		if inst.Op != x86asm.CMPXCHG16B {
+			return none, false
+		}
+	default:
+		return none, false
+	}
+	switch a := a1.(type) {
+	case nil:
+		if in.op != x86asm.CMPXCHG8B && in.op != x86asm.CMPXCHG16B {
+			return none, false
+		}
+	case x86asm.Reg:
+		if _, size, _, ok := gpr(a); !ok || size != in.size {
+			return none, false
+		}
+		in.reg = a
+	case x86asm.Imm:
+		if in.op == x86asm.MOVNTI || in.op == x86asm.XCHG || in.op == x86asm.CMPXCHG {
+			return none, false
+		}
+		in.imm, in.hasImm = uint64(a)&sizeMask(in.size), true
+	default:
+		return none, false
+	}
+	if (in.op == x86asm.BTS || in.op == x86asm.BTR) && in.size == 1 {
+		return none, false
+	}
+	return mem, true
+}
+
+// operand computes the linear address the instruction writes (and, for
+// BTS and BTR, the bit): base + index×scale + displacement, RIP-relative
+// from the next instruction, plus the FS or GS base; ES, CS, SS and DS
+// have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4, "Segment Loading
+// Instructions in IA-32e Mode").
+func (g *GuestMemory) operand(v *VCPU, rip uint64, mem x86asm.Mem, in *ptInsn) bool {
+	var la uint64
+	switch mem.Base {
+	case 0:
+	case x86asm.RIP:
+		la = rip + uint64(in.len)
+	default:
+		n, size, _, ok := gpr(mem.Base)
+		if !ok || size != 8 {
+			return false
+		}
+		la = readGPR(v, n)
+	}
+	if mem.Index != 0 {
+		n, size, _, ok := gpr(mem.Index)
+		if !ok || size != 8 || n == 4 {
+			return false
+		}
+		switch mem.Scale {
+		case 1, 2, 4, 8:
+		default:
+			return false
+		}
+		la += readGPR(v, n) * uint64(mem.Scale)
+	}
+	la += uint64(mem.Disp)
+	switch mem.Segment {
+	case 0, x86asm.ES, x86asm.CS, x86asm.SS, x86asm.DS:
+	case x86asm.FS:
+		la += v.VMCS.Read(vmx.GuestFSBase)
+	case x86asm.GS:
+		la += v.VMCS.Read(vmx.GuestGSBase)
+	default:
+		return false
+	}
+	if in.op == x86asm.BTS || in.op == x86asm.BTR {
+		width := uint(in.size * 8)
+		if in.hasImm {
+			in.bit = uint(in.imm) & (width - 1)
+		} else {
+			// A register bit offset is signed and may leave the
+			// operand: the access is the operand-sized word that holds
+			// the bit (SDM Vol. 2A, "BT—Bit Test", Bit(BitBase,
+			// BitOffset)).
+			off := signExtend(regValue(v, in.reg), in.size)
+			in.bit = uint(off) & (width - 1)
+			la += uint64(off>>bits.TrailingZeros(width)) * uint64(in.size)
+		}
+	}
+	in.la = la
+	return true
+}
+
+// execute does the instruction's work on the memory operand b (read from
+// guest RAM, written back when it returns write) and its registers; it
+// returns the new RFLAGS.
+func execute(v *VCPU, in *ptInsn, b []byte, rflags uint64) (uint64, bool) {
+	if in.size == 16 { // CMPXCHG16B
+		lo, hi := binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint64(b[8:])
+		if lo == v.Regs.RAX && hi == v.Regs.RDX {
+			binary.LittleEndian.PutUint64(b, v.Regs.RBX)
+			binary.LittleEndian.PutUint64(b[8:], v.Regs.RCX)
+			return rflags | vmx.RFLAGSZF, true
+		}
+		v.Regs.RAX, v.Regs.RDX = lo, hi
+		return rflags &^ vmx.RFLAGSZF, false
+	}
+	old := load(b)
+	src := in.imm
+	if !in.hasImm && in.reg != 0 {
+		src = regValue(v, in.reg)
+	}
+	res := old
+	switch in.op {
+	case x86asm.MOV, x86asm.MOVNTI:
+		res = src
+	case x86asm.XCHG:
+		res = src
+		setReg(v, in.reg, old)
+	case x86asm.CMPXCHG:
+		acc := v.Regs.RAX & sizeMask(in.size)
+		rflags = subFlags(rflags, acc, old, in.size)
+		if acc != old {
+			// The processor writes the destination back unchanged and
+			// loads the accumulator.
+			setGPR(v, 0, in.size, old)
+			return rflags, false
+		}
+		res = src
+	case x86asm.CMPXCHG8B:
+		cmp := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
+		if old != cmp {
+			v.Regs.RAX, v.Regs.RDX = old&0xffffffff, old>>32
+			return rflags &^ vmx.RFLAGSZF, false
+		}
+		res = v.Regs.RCX<<32 | v.Regs.RBX&0xffffffff
+		rflags |= vmx.RFLAGSZF
+	case x86asm.OR:
+		res = old | src
+		rflags = logicFlags(rflags, res, in.size)
+	case x86asm.AND:
+		res = old & src
+		rflags = logicFlags(rflags, res, in.size)
+	case x86asm.XOR:
+		res = old ^ src
+		rflags = logicFlags(rflags, res, in.size)
+	case x86asm.BTS, x86asm.BTR:
+		// CF is the bit; OF, SF, AF and PF are undefined and left alone;
+		// ZF is unaffected.
+		rflags &^= vmx.RFLAGSCF
+		if old>>in.bit&1 != 0 {
+			rflags |= vmx.RFLAGSCF
+		}
+		if in.op == x86asm.BTS {
+			res = old | 1<<in.bit
+		} else {
+			res = old &^ (1 << in.bit)
+		}
+	}
+	store(b, res)
+	return rflags, true
+}
+
+// logicFlags are the flags of OR, AND and XOR: CF and OF clear, SF, ZF
+// and PF from the result, AF (undefined) clear.
+func logicFlags(rflags, res uint64, size int) uint64 {
+	rflags &^= vmx.RFLAGSArith
+	return rflags | resultFlags(res, size)
+}
+
+// subFlags are the flags of CMP a, b (a - b), as CMPXCHG sets them.
+func subFlags(rflags, a, b uint64, size int) uint64 {
+	mask := sizeMask(size)
+	res := (a - b) & mask
+	sign := uint64(1) << (8*size - 1)
+	rflags &^= vmx.RFLAGSArith
+	rflags |= resultFlags(res, size)
+	if a < b {
+		rflags |= vmx.RFLAGSCF
+	}
+	if (a^b)&(a^res)&sign != 0 {
+		rflags |= vmx.RFLAGSOF
+	}
+	if (a^b^res)&0x10 != 0 {
+		rflags |= vmx.RFLAGSAF
+	}
+	return rflags
+}
+
+// resultFlags are SF, ZF and PF of a result of size bytes.
+func resultFlags(res uint64, size int) uint64 {
+	var f uint64
+	if res&sizeMask(size) == 0 {
+		f |= vmx.RFLAGSZF
+	}
+	if res>>(8*size-1)&1 != 0 {
+		f |= vmx.RFLAGSSF
+	}
+	if bits.OnesCount8(uint8(res))%2 == 0 {
+		f |= vmx.RFLAGSPF
+	}
+	return f
+}
+
+func sizeMask(size int) uint64 {
+	if size >= 8 {
+		return ^uint64(0)
+	}
+	return 1<<(8*size) - 1
+}
+
+func signExtend(v uint64, size int) int64 {
+	s := 64 - 8*uint(size)
+	return int64(v<<s) >> s
+}
+
+// load reads a little-endian value of len(b) (1, 2, 4 or 8) bytes.
+func load(b []byte) uint64 {
+	var v uint64
+	for i := len(b) - 1; i >= 0; i-- {
+		v = v<<8 | uint64(b[i])
+	}
+	return v
+}
+
+// store writes v in len(b) little-endian bytes.
+func store(b []byte, v uint64) {
+	for i := range b {
+		b[i] = byte(v >> (8 * i))
+	}
+}
+
+// gpr returns the number (RAX = 0 ... R15 = 15) and size of a general
+// purpose register, and whether it is AH, CH, DH or BH (bits 15:8).
+func gpr(r x86asm.Reg) (n, size int, high, ok bool) {
+	switch {
+	case r >= x86asm.AL && r <= x86asm.BL:
+		return int(r - x86asm.AL), 1, false, true
+	case r >= x86asm.AH && r <= x86asm.BH:
+		return int(r - x86asm.AH), 1, true, true
+	case r >= x86asm.SPB && r <= x86asm.DIB:
+		return int(r-x86asm.SPB) + 4, 1, false, true
+	case r >= x86asm.R8B && r <= x86asm.R15B:
+		return int(r-x86asm.R8B) + 8, 1, false, true
+	case r >= x86asm.AX && r <= x86asm.R15W:
+		return int(r - x86asm.AX), 2, false, true
+	case r >= x86asm.EAX && r <= x86asm.R15L:
+		return int(r - x86asm.EAX), 4, false, true
+	case r >= x86asm.RAX && r <= x86asm.R15:
+		return int(r - x86asm.RAX), 8, false, true
+	}
+	return 0, 0, false, false
+}
+
+// isRSP reports whether r is RSP or a part of it.
+func isRSP(r x86asm.Reg) bool {
+	n, _, high, ok := gpr(r)
+	return ok && n == 4 && !high
+}
+
+// readGPR reads register n; RSP lives in the VMCS.
+func readGPR(v *VCPU, n int) uint64 {
+	if n == 4 {
+		return v.VMCS.Read(vmx.GuestRSP)
+	}
+	return v.Regs.GPR(n)
+}
+
+func writeGPR(v *VCPU, n int, val uint64) {
+	if n == 4 {
+		v.VMCS.Write(vmx.GuestRSP, val)
+		return
+	}
+	v.Regs.SetGPR(n, val)
+}
+
+// regValue reads a register operand, zero-extended.
+func regValue(v *VCPU, r x86asm.Reg) uint64 {
+	n, size, high, _ := gpr(r)
+	full := readGPR(v, n)
+	if high {
+		return full >> 8 & 0xff
+	}
+	return full & sizeMask(size)
+}
+
+// setReg writes a register operand as the processor does: 8 and 16 bits
+// merge into the register, 32 bits zero the upper half.
+func setReg(v *VCPU, r x86asm.Reg, val uint64) {
+	n, size, high, _ := gpr(r)
+	if high {
+		full := readGPR(v, n)
+		writeGPR(v, n, full&^0xff00|(val&0xff)<<8)
+		return
+	}
+	setGPR(v, n, size, val)
+}
+
+func setGPR(v *VCPU, n, size int, val uint64) {
+	switch size {
+	case 1, 2:
+		m := sizeMask(size)
+		writeGPR(v, n, readGPR(v, n)&^m|val&m)
+	case 4:
+		writeGPR(v, n, val&0xffffffff)
+	default:
+		writeGPR(v, n, val)
+	}
+}
