@@ -16,6 +16,3 @@ const (
 	// PTEAddress is the physical-address field of an entry.
 	PTEAddress = 0x000f_ffff_ffff_f000
 )
-
-// EFERNXE enables execute-disable (IA32_EFER bit 11).
-const EFERNXE = 1 << 11
