@@ -33,8 +33,8 @@ import (
 // always with a memory destination (ModR/M.mod ≠ 3). Prefixes: at most
 // one each of LOCK (not on MOV and MOVNTI: #UD), 66 (not with REX.W,
 // which overrides it) and a segment override; FS and GS add their base,
-// ES, CS, SS and DS are ignored in 64-bit mode (SDM Vol. 2A, 2.2.1.x,
-// Vol. 3A, 3.4.4); then a REX prefix right before the opcode. REP/REPNE
+// ES, CS, SS and DS have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4), and
+// are accepted alone only, as are FS and GS; then a REX prefix right before the opcode. REP/REPNE
 // (and so XACQUIRE/XRELEASE), the address-size prefix 67, VEX and EVEX
 // are refused, as is a REX prefix followed by a legacy one.
 //
@@ -84,8 +84,9 @@ const (
 	rexB    = 0x1 // extends ModR/M.rm or SIB.base
 )
 
-// ModR/M and SIB fields (SDM Vol. 2A, 2.1.5, Tables 2-2 and 2-3; 2.2.1.6,
-// "RIP-Relative Addressing").
+// ModR/M and SIB fields (SDM Vol. 2A, 2.1.5, Tables 2-2 and 2-3; in
+// 64-bit mode 2.2.1.6, "RIP-Relative Addressing", and Table 2-5, "Special
+// Cases of REX Encodings": R12 and R13 as a base take these forms too).
 const (
 	modReg     = 3 // mod: a register, no memory operand
 	rmSIB      = 4 // rm (mod ≠ 3): a SIB byte follows
@@ -128,7 +129,7 @@ type ptMem struct {
 	seg   ptSeg
 }
 
-// Immediate kinds.
+// Source operand kinds.
 const (
 	immNone     = iota
 	imm8        // ib, zero-extended (BTS, BTR bit offsets; byte operands)
@@ -421,8 +422,8 @@ func rexBit(rex, bit byte, shift uint) byte {
 
 // gprOperand is the register numbered n (ModR/M.reg with REX.R) of size
 // bytes. Without a REX prefix, byte registers 4 to 7 are AH, CH, DH and
-// BH; with one, SPL, BPL, SIL and DIL (SDM Vol. 2A, 2.2.1.2, Table 3-2
-// of Vol. 1).
+// BH; with one, SPL, BPL, SIL and DIL (SDM Vol. 2A, 2.2.1.2, "More on REX
+// Prefix Fields", and Table 3-1).
 func gprOperand(n byte, size int, rex bool) ptReg {
 	if size == 1 && !rex && n >= 4 && n < 8 {
 		return ptReg{num: n - 4, size: 1, high: true}
