@@ -192,6 +192,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOperations -fuzztime $(FUZZTIME) ./swapmem/
 	$(GO) test -run '^$$' -fuzz FuzzHypercall -fuzztime $(FUZZTIME) ./hv/monitor/
 	$(GO) test -run '^$$' -fuzz FuzzPTWrite -fuzztime $(FUZZTIME) ./hv/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeWrite -fuzztime $(FUZZTIME) ./hv/
 
 clean:
 	rm -rf $(BUILD)

@@ -4,8 +4,6 @@ import (
 	"encoding/binary"
 	"math/bits"
 
-	"golang.org/x/arch/x86/x86asm"
-
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -50,8 +48,8 @@ import (
 // for writes the processor's page walks make. Each such fallback is
 // counted by its reason.
 //
-// The exit path allocates one 24-byte object per emulated write:
-// x86asm.Decode returns the memory operand in an interface.
+// The instructions are decoded by decodeWrite (ptdecode.go), which knows
+// these forms only and allocates nothing: the exit path allocates nothing.
 
 // PTFallback is why a guest instruction's write to a watched page table
 // was not emulated, and the page was opened instead.
@@ -104,11 +102,12 @@ type ptEmulator struct {
 
 // ptInsn is a decoded write to emulate.
 type ptInsn struct {
-	op     x86asm.Op
-	size   int        // bytes written
-	la     uint64     // linear address of the access
-	reg    x86asm.Reg // the register operand (0: none)
-	imm    uint64     // the immediate, zero-extended from size
+	op     ptOp
+	size   int    // bytes written
+	mem    ptMem  // the memory operand
+	la     uint64 // its linear address
+	reg    ptReg  // the register operand (size 0: none)
+	imm    uint64 // the immediate, zero-extended from size (BTS, BTR: from 8 bits)
 	hasImm bool
 	bit    uint // BTS, BTR: the bit in the operand
 	len    int  // instruction length
@@ -138,19 +137,14 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e vmx.Exit, hp *hookedPage) (PTFallb
 	if !ok {
 		return FallbackFetch, false
 	}
-	inst, err := x86asm.Decode(g.emu.insn[:n], 64)
-	if err != nil {
-		return FallbackDecode, false
-	}
 	var in ptInsn
-	mem, ok := parseWrite(&inst, &in)
-	if !ok {
+	if !decodeWrite(g.emu.insn[:n], &in) {
 		return FallbackDecode, false
 	}
-	if !g.operand(v, e.RIP, mem, &in) {
+	if !g.operand(v, e.RIP, &in) {
 		return FallbackOperand, false
 	}
-	if in.la&0xfff+uint64(in.size) > 0x1000 || (in.op == x86asm.CMPXCHG16B && in.la%16 != 0) ||
+	if in.la&0xfff+uint64(in.size) > 0x1000 || (in.op == opCMPXCHG16B && in.la%16 != 0) ||
 		m.Read(vmx.GuestLinearAddr) != in.la {
 		return FallbackOperand, false
 	}
@@ -164,7 +158,7 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e vmx.Exit, hp *hookedPage) (PTFallb
 	// The registers are kept, to be put back should guest RAM refuse the
 	// write after all: the processor then runs the instruction itself.
 	saved, rsp := v.Regs, uint64(0)
-	sp := in.reg != 0 && isRSP(in.reg)
+	sp := in.reg.size != 0 && in.reg.num == 4 && !in.reg.high
 	if sp {
 		rsp = m.Read(vmx.GuestRSP)
 	}
@@ -248,144 +242,32 @@ func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 	return g.emu.steps[n-1].Entry&vmx.PTEDirty != 0
 }
 
-// parseWrite checks that inst is one of the emulated forms and fills in
-// what in needs but the address; it returns the memory operand.
-func parseWrite(inst *x86asm.Inst, in *ptInsn) (x86asm.Mem, bool) {
-	var none x86asm.Mem
-	if inst.Mode != 64 || inst.AddrSize != 64 || inst.Len <= 0 || inst.Len > vmx.MaxInstructionLen {
-		return none, false
-	}
-	lock, segs := false, 0
-	for _, p := range inst.Prefix {
-		if p == 0 {
-			break
-		}
-		if p&(x86asm.PrefixIgnored|x86asm.PrefixInvalid) != 0 {
-			return none, false
-		}
-		p &^= x86asm.PrefixImplicit // marks a prefix the text implies: REX.W
-		switch b := byte(p); {
-		case b == 0xf0:
-			lock = true
-		case b == 0x66:
-		case b == 0x26 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x64 || b == 0x65:
-			segs++
-		case b&0xf0 == 0x40 && p&0xff00 == 0:
-		default:
-			return none, false // REP, XACQUIRE/XRELEASE, address size, VEX
-		}
-	}
-	if segs > 1 || inst.Args[2] != nil {
-		return none, false
-	}
-	in.op, in.size, in.len = inst.Op, inst.MemBytes, inst.Len
-	a0, a1 := inst.Args[0], inst.Args[1]
-	switch inst.Op {
-	case x86asm.MOV, x86asm.MOVNTI:
-		if lock {
-			return none, false // #UD
-		}
-	case x86asm.XCHG:
-		if _, ok := a1.(x86asm.Mem); ok {
-			a0, a1 = a1, a0
-		}
-		if _, ok := a1.(x86asm.Reg); !ok {
-			return none, false
-		}
-	case x86asm.CMPXCHG:
-		if _, ok := a1.(x86asm.Reg); !ok {
-			return none, false
-		}
-	case x86asm.CMPXCHG8B, x86asm.CMPXCHG16B:
-		want := 8
-		if inst.Op == x86asm.CMPXCHG16B {
-			want = 16
-		}
-		if a1 != nil || in.size != want {
-			return none, false
-		}
-	case x86asm.OR, x86asm.AND, x86asm.XOR, x86asm.BTS, x86asm.BTR:
-	default:
-		return none, false
-	}
-	mem, ok := a0.(x86asm.Mem)
-	if !ok {
-		return none, false
-	}
-	switch in.size {
-	case 1, 2, 4, 8:
-	case 16:
-		if inst.Op != x86asm.CMPXCHG16B {
-			return none, false
-		}
-	default:
-		return none, false
-	}
-	switch a := a1.(type) {
-	case nil:
-		if in.op != x86asm.CMPXCHG8B && in.op != x86asm.CMPXCHG16B {
-			return none, false
-		}
-	case x86asm.Reg:
-		if _, size, _, ok := gpr(a); !ok || size != in.size {
-			return none, false
-		}
-		in.reg = a
-	case x86asm.Imm:
-		if in.op == x86asm.MOVNTI || in.op == x86asm.XCHG || in.op == x86asm.CMPXCHG {
-			return none, false
-		}
-		in.imm, in.hasImm = uint64(a)&sizeMask(in.size), true
-	default:
-		return none, false
-	}
-	if (in.op == x86asm.BTS || in.op == x86asm.BTR) && in.size == 1 {
-		return none, false
-	}
-	return mem, true
-}
-
 // operand computes the linear address the instruction writes (and, for
 // BTS and BTR, the bit): base + index×scale + displacement, RIP-relative
 // from the next instruction, plus the FS or GS base; ES, CS, SS and DS
 // have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4, "Segment Loading
 // Instructions in IA-32e Mode").
-func (g *GuestMemory) operand(v *VCPU, rip uint64, mem x86asm.Mem, in *ptInsn) bool {
+func (g *GuestMemory) operand(v *VCPU, rip uint64, in *ptInsn) bool {
+	mem := &in.mem
 	var la uint64
-	switch mem.Base {
-	case 0:
-	case x86asm.RIP:
+	switch mem.base {
+	case memNone:
+	case memRIP:
 		la = rip + uint64(in.len)
 	default:
-		n, size, _, ok := gpr(mem.Base)
-		if !ok || size != 8 {
-			return false
-		}
-		la = readGPR(v, n)
+		la = readGPR(v, int(mem.base))
 	}
-	if mem.Index != 0 {
-		n, size, _, ok := gpr(mem.Index)
-		if !ok || size != 8 || n == 4 {
-			return false
-		}
-		switch mem.Scale {
-		case 1, 2, 4, 8:
-		default:
-			return false
-		}
-		la += readGPR(v, n) * uint64(mem.Scale)
+	if mem.index != memNone {
+		la += readGPR(v, int(mem.index)) * uint64(mem.scale)
 	}
-	la += uint64(mem.Disp)
-	switch mem.Segment {
-	case 0, x86asm.ES, x86asm.CS, x86asm.SS, x86asm.DS:
-	case x86asm.FS:
+	la += uint64(mem.disp)
+	switch mem.seg {
+	case segFS:
 		la += v.VMCS.Read(vmx.GuestFSBase)
-	case x86asm.GS:
+	case segGS:
 		la += v.VMCS.Read(vmx.GuestGSBase)
-	default:
-		return false
 	}
-	if in.op == x86asm.BTS || in.op == x86asm.BTR {
+	if in.op == opBTS || in.op == opBTR {
 		width := uint(in.size * 8)
 		if in.hasImm {
 			in.bit = uint(in.imm) & (width - 1)
@@ -419,17 +301,17 @@ func execute(v *VCPU, in *ptInsn, b []byte, rflags uint64) (uint64, bool) {
 	}
 	old := load(b)
 	src := in.imm
-	if !in.hasImm && in.reg != 0 {
+	if !in.hasImm && in.reg.size != 0 {
 		src = regValue(v, in.reg)
 	}
 	res := old
 	switch in.op {
-	case x86asm.MOV, x86asm.MOVNTI:
+	case opMOV, opMOVNTI:
 		res = src
-	case x86asm.XCHG:
+	case opXCHG:
 		res = src
 		setReg(v, in.reg, old)
-	case x86asm.CMPXCHG:
+	case opCMPXCHG:
 		acc := v.Regs.RAX & sizeMask(in.size)
 		rflags = subFlags(rflags, acc, old, in.size)
 		if acc != old {
@@ -439,7 +321,7 @@ func execute(v *VCPU, in *ptInsn, b []byte, rflags uint64) (uint64, bool) {
 			return rflags, false
 		}
 		res = src
-	case x86asm.CMPXCHG8B:
+	case opCMPXCHG8B:
 		cmp := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
 		if old != cmp {
 			v.Regs.RAX, v.Regs.RDX = old&0xffffffff, old>>32
@@ -447,23 +329,23 @@ func execute(v *VCPU, in *ptInsn, b []byte, rflags uint64) (uint64, bool) {
 		}
 		res = v.Regs.RCX<<32 | v.Regs.RBX&0xffffffff
 		rflags |= vmx.RFLAGSZF
-	case x86asm.OR:
+	case opOR:
 		res = old | src
 		rflags = logicFlags(rflags, res, in.size)
-	case x86asm.AND:
+	case opAND:
 		res = old & src
 		rflags = logicFlags(rflags, res, in.size)
-	case x86asm.XOR:
+	case opXOR:
 		res = old ^ src
 		rflags = logicFlags(rflags, res, in.size)
-	case x86asm.BTS, x86asm.BTR:
+	case opBTS, opBTR:
 		// CF is the bit; OF, SF, AF and PF are undefined and left alone;
 		// ZF is unaffected.
 		rflags &^= vmx.RFLAGSCF
 		if old>>in.bit&1 != 0 {
 			rflags |= vmx.RFLAGSCF
 		}
-		if in.op == x86asm.BTS {
+		if in.op == opBTS {
 			res = old | 1<<in.bit
 		} else {
 			res = old &^ (1 << in.bit)
@@ -542,34 +424,6 @@ func store(b []byte, v uint64) {
 	}
 }
 
-// gpr returns the number (RAX = 0 ... R15 = 15) and size of a general
-// purpose register, and whether it is AH, CH, DH or BH (bits 15:8).
-func gpr(r x86asm.Reg) (n, size int, high, ok bool) {
-	switch {
-	case r >= x86asm.AL && r <= x86asm.BL:
-		return int(r - x86asm.AL), 1, false, true
-	case r >= x86asm.AH && r <= x86asm.BH:
-		return int(r - x86asm.AH), 1, true, true
-	case r >= x86asm.SPB && r <= x86asm.DIB:
-		return int(r-x86asm.SPB) + 4, 1, false, true
-	case r >= x86asm.R8B && r <= x86asm.R15B:
-		return int(r-x86asm.R8B) + 8, 1, false, true
-	case r >= x86asm.AX && r <= x86asm.R15W:
-		return int(r - x86asm.AX), 2, false, true
-	case r >= x86asm.EAX && r <= x86asm.R15L:
-		return int(r - x86asm.EAX), 4, false, true
-	case r >= x86asm.RAX && r <= x86asm.R15:
-		return int(r - x86asm.RAX), 8, false, true
-	}
-	return 0, 0, false, false
-}
-
-// isRSP reports whether r is RSP or a part of it.
-func isRSP(r x86asm.Reg) bool {
-	n, _, high, ok := gpr(r)
-	return ok && n == 4 && !high
-}
-
 // readGPR reads register n; RSP lives in the VMCS.
 func readGPR(v *VCPU, n int) uint64 {
 	if n == 4 {
@@ -587,25 +441,24 @@ func writeGPR(v *VCPU, n int, val uint64) {
 }
 
 // regValue reads a register operand, zero-extended.
-func regValue(v *VCPU, r x86asm.Reg) uint64 {
-	n, size, high, _ := gpr(r)
-	full := readGPR(v, n)
-	if high {
+func regValue(v *VCPU, r ptReg) uint64 {
+	full := readGPR(v, int(r.num))
+	if r.high {
 		return full >> 8 & 0xff
 	}
-	return full & sizeMask(size)
+	return full & sizeMask(int(r.size))
 }
 
 // setReg writes a register operand as the processor does: 8 and 16 bits
 // merge into the register, 32 bits zero the upper half.
-func setReg(v *VCPU, r x86asm.Reg, val uint64) {
-	n, size, high, _ := gpr(r)
-	if high {
+func setReg(v *VCPU, r ptReg, val uint64) {
+	n := int(r.num)
+	if r.high {
 		full := readGPR(v, n)
 		writeGPR(v, n, full&^0xff00|(val&0xff)<<8)
 		return
 	}
-	setGPR(v, n, size, val)
+	setGPR(v, n, int(r.size), val)
 }
 
 func setGPR(v *VCPU, n, size int, val uint64) {

@@ -1,0 +1,432 @@
+package hv
+
+import (
+	"encoding/binary"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// The decoder of the page-table-writing instructions (ptwrite.go).
+//
+// decodeWrite reads exactly the forms emulateWrite handles, in 64-bit
+// mode, into a ptInsn, and allocates nothing; any other byte string is
+// refused, and the write is left to the processor. The encoding is that
+// of the Intel SDM Vol. 2A, chapter 2, "Instruction Format": legacy
+// prefixes, an optional REX prefix, the opcode, ModR/M, SIB,
+// displacement, immediate. The forms, with the opcodes of each
+// instruction's page in Vol. 2A and 2B:
+//
+//	MOV        88 /r, 89 /r              r/m ← r
+//	           C6 /0 ib, C7 /0 iw/id     r/m ← imm (id sign-extended under REX.W)
+//	           A2, A3                    moffs ← AL/AX/EAX/RAX (a 64-bit address)
+//	MOVNTI     0F C3 /r                  m32/m64 ← r (no 66: "NP")
+//	XCHG       86 /r, 87 /r              r/m, r
+//	CMPXCHG    0F B0 /r, 0F B1 /r        r/m, r
+//	CMPXCHG8B  0F C7 /1                  m64 (no 66)
+//	CMPXCHG16B REX.W 0F C7 /1            m128 (no 66)
+//	OR         08 /r, 09 /r, 80 /1 ib, 81 /1 iw/id, 83 /1 ib (sign-extended)
+//	AND        20 /r, 21 /r, 80 /4 ib, 81 /4 iw/id, 83 /4 ib
+//	XOR        30 /r, 31 /r, 80 /6 ib, 81 /6 iw/id, 83 /6 ib
+//	BTS        0F AB /r, 0F BA /5 ib     r/m16/32/64
+//	BTR        0F B3 /r, 0F BA /6 ib
+//
+// always with a memory destination (ModR/M.mod ≠ 3). Prefixes: at most
+// one each of LOCK (not on MOV and MOVNTI: #UD), 66 (not with REX.W,
+// which overrides it) and a segment override; FS and GS add their base,
+// ES, CS, SS and DS have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4), and
+// are accepted alone only, as are FS and GS; then a REX prefix right before the opcode. REP/REPNE
+// (and so XACQUIRE/XRELEASE), the address-size prefix 67, VEX and EVEX
+// are refused, as is a REX prefix followed by a legacy one.
+//
+// The tests check it against golang.org/x/arch/x86/x86asm: whenever it
+// accepts a byte string, x86asm decodes the same instruction, operands,
+// length and memory operand.
+
+// ptOp is an emulated instruction.
+type ptOp uint8
+
+// The emulated instructions.
+const (
+	opNone ptOp = iota
+	opMOV
+	opMOVNTI
+	opXCHG
+	opCMPXCHG
+	opCMPXCHG8B
+	opCMPXCHG16B
+	opOR
+	opAND
+	opXOR
+	opBTS
+	opBTR
+)
+
+// Legacy prefixes (SDM Vol. 2A, 2.1.1, "Instruction Prefixes").
+const (
+	prefixLock   = 0xf0 // group 1: LOCK
+	prefixOpSize = 0x66 // group 3: operand-size override
+	prefixES     = 0x26 // group 2: segment overrides; ES, CS, SS and DS
+	prefixCS     = 0x2e //   have base 0 in 64-bit mode (SDM Vol. 3A,
+	prefixSS     = 0x36 //   3.4.4, "Segment Loading Instructions in
+	prefixDS     = 0x3e //   IA-32e Mode")
+	prefixFS     = 0x64
+	prefixGS     = 0x65
+)
+
+// The REX prefix, 0100WRXB (SDM Vol. 2A, 2.2.1, "REX Prefixes",
+// Table 2-4).
+const (
+	rexMask = 0xf0
+	rexBase = 0x40
+	rexW    = 0x8 // 64-bit operand size
+	rexR    = 0x4 // extends ModR/M.reg
+	rexX    = 0x2 // extends SIB.index
+	rexB    = 0x1 // extends ModR/M.rm or SIB.base
+)
+
+// ModR/M and SIB fields (SDM Vol. 2A, 2.1.5, Tables 2-2 and 2-3; in
+// 64-bit mode 2.2.1.6, "RIP-Relative Addressing", and Table 2-5, "Special
+// Cases of REX Encodings": R12 and R13 as a base take these forms too).
+const (
+	modReg     = 3 // mod: a register, no memory operand
+	rmSIB      = 4 // rm (mod ≠ 3): a SIB byte follows
+	rmDisp32   = 5 // rm with mod 0: RIP + disp32 in 64-bit mode
+	sibNoIndex = 4 // index (REX.X clear): no index
+	sibNoBase  = 5 // base with mod 0: no base, disp32
+)
+
+// ptSeg is the segment override of a memory operand whose base counts in
+// 64-bit mode.
+type ptSeg uint8
+
+// Segments.
+const (
+	segNone ptSeg = iota // no override, or ES, CS, SS, DS: base 0
+	segFS
+	segGS
+)
+
+// ptReg is a general-purpose register operand.
+type ptReg struct {
+	num  uint8 // RAX = 0 ... R15 = 15
+	size uint8 // 1, 2, 4 or 8 bytes; 0: no register
+	high bool  // AH, CH, DH or BH: bits 15:8 of register num
+}
+
+// memNone and memRIP are ptMem's base and index when there is no
+// register, and its base for RIP-relative addressing.
+const (
+	memNone = -1
+	memRIP  = 16
+)
+
+// ptMem is a memory operand: seg:[base + index×scale + disp].
+type ptMem struct {
+	base  int8  // a 64-bit register number, memRIP or memNone
+	index int8  // a 64-bit register number or memNone
+	scale uint8 // 1, 2, 4 or 8 with a SIB byte, 0 without
+	disp  int64
+	seg   ptSeg
+}
+
+// Source operand kinds.
+const (
+	immNone     = iota
+	imm8        // ib, zero-extended (BTS, BTR bit offsets; byte operands)
+	imm8Signed  // ib, sign-extended to the operand size (83)
+	immOperand  // iw or id (id sign-extended to 64 bits under REX.W)
+	immMoffs    // no immediate: a 64-bit address (A2, A3)
+	immModRMReg // none: the source is ModR/M.reg
+)
+
+// decodeWrite decodes the instruction at the start of b (its first 15
+// bytes at most) into in, when it is one of the emulated forms.
+func decodeWrite(b []byte, in *ptInsn) bool {
+	*in = ptInsn{}
+	if len(b) > vmx.MaxInstructionLen {
+		b = b[:vmx.MaxInstructionLen]
+	}
+	var lock, opSize, seg bool
+	i := 0
+prefixes:
+	for ; i < len(b); i++ {
+		switch p := b[i]; p {
+		case prefixLock:
+			if lock {
+				return false
+			}
+			lock = true
+		case prefixOpSize:
+			if opSize {
+				return false
+			}
+			opSize = true
+		case prefixES, prefixCS, prefixSS, prefixDS, prefixFS, prefixGS:
+			if seg {
+				return false // which wins is not the same everywhere
+			}
+			seg = true
+			switch p {
+			case prefixFS:
+				in.mem.seg = segFS
+			case prefixGS:
+				in.mem.seg = segGS
+			}
+		default:
+			break prefixes
+		}
+	}
+	var rex byte
+	if i < len(b) && b[i]&rexMask == rexBase {
+		rex = b[i]
+		i++
+	}
+	size := 4
+	switch {
+	case rex&rexW != 0:
+		if opSize {
+			return false // ignored under REX.W: refused like any stray prefix
+		}
+		size = 8
+	case opSize:
+		size = 2
+	}
+	if i >= len(b) {
+		return false
+	}
+	opc := b[i]
+	i++
+	src := immModRMReg
+	group := grpNone // the group whose operation ModR/M.reg selects
+	if opc != 0x0f {
+		if opc&1 == 0 { // each one-byte form here: even is the byte form
+			size = 1
+		}
+		switch opc {
+		case 0x08, 0x09:
+			in.op = opOR
+		case 0x20, 0x21:
+			in.op = opAND
+		case 0x30, 0x31:
+			in.op = opXOR
+		case 0x86, 0x87:
+			in.op = opXCHG
+		case 0x88, 0x89:
+			in.op = opMOV
+		case 0x80:
+			group, src = grp1, imm8
+		case 0x81:
+			group, src = grp1, immOperand
+		case 0x83:
+			group, src = grp1, imm8Signed
+		case 0xc6:
+			group, src = grp11, imm8
+		case 0xc7:
+			group, src = grp11, immOperand
+		case 0xa2, 0xa3:
+			in.op, src = opMOV, immMoffs
+		default:
+			return false
+		}
+	} else {
+		if i >= len(b) {
+			return false
+		}
+		opc = b[i]
+		i++
+		switch opc {
+		case 0xb0:
+			in.op, size = opCMPXCHG, 1
+		case 0xb1:
+			in.op = opCMPXCHG
+		case 0xab:
+			in.op = opBTS
+		case 0xb3:
+			in.op = opBTR
+		case 0xba:
+			group, src = grp8, imm8
+		case 0xc3:
+			if opSize {
+				return false // NP 0F C3: #UD
+			}
+			in.op = opMOVNTI
+		case 0xc7:
+			if opSize {
+				return false
+			}
+			group, src = grp9, immNone
+		default:
+			return false
+		}
+	}
+	in.size = size
+
+	if src == immMoffs {
+		// MOV moffs, rAX: no ModR/M; an address of the address size,
+		// 64 bits (SDM Vol. 2A, "MOV—Move", note 3).
+		if i+8 > len(b) {
+			return false
+		}
+		in.mem = ptMem{base: memNone, index: memNone, disp: int64(binary.LittleEndian.Uint64(b[i:])), seg: in.mem.seg}
+		in.reg = ptReg{num: 0, size: uint8(size)}
+		i += 8
+	} else {
+		if i >= len(b) {
+			return false
+		}
+		modrm := b[i]
+		i++
+		mod, reg, rm := modrm>>6, modrm>>3&7, modrm&7
+		if mod == modReg {
+			return false
+		}
+		if group != grpNone {
+			if !groupOp(group, reg, in) {
+				return false
+			}
+		} else {
+			in.reg = gprOperand(reg|rexBit(rex, rexR, 3), size, rex != 0)
+		}
+		var ok bool
+		if i, ok = in.mem.decode(b, i, mod, rm, rex); !ok {
+			return false
+		}
+	}
+
+	var immLen int
+	switch src {
+	case imm8, imm8Signed:
+		immLen = 1
+	case immOperand:
+		immLen = min(size, 4)
+	}
+	if i+immLen > len(b) {
+		return false
+	}
+	switch src {
+	case imm8:
+		in.imm, in.hasImm = uint64(b[i]), true
+	case imm8Signed:
+		in.imm, in.hasImm = uint64(int64(int8(b[i])))&sizeMask(size), true
+	case immOperand:
+		if immLen == 2 {
+			in.imm = uint64(binary.LittleEndian.Uint16(b[i:]))
+		} else {
+			in.imm = uint64(int64(int32(binary.LittleEndian.Uint32(b[i:])))) & sizeMask(size)
+		}
+		in.hasImm = true
+	}
+	i += immLen
+
+	if lock && (in.op == opMOV || in.op == opMOVNTI) {
+		return false // #UD
+	}
+	if size == 1 && (in.op == opBTS || in.op == opBTR) {
+		return false
+	}
+	in.len = i
+	return true
+}
+
+// Opcode groups: ModR/M.reg selects the operation (SDM Vol. 2A, Table
+// A-6, "Opcode Extensions for One- and Two-byte Opcodes by Group
+// Number").
+const (
+	grpNone = iota
+	grp1    // 80, 81, 83
+	grp8    // 0F BA
+	grp9    // 0F C7
+	grp11   // C6, C7
+)
+
+// groupOp sets the operation of group's ModR/M.reg, and for group 9 its
+// operand size.
+func groupOp(group int, reg byte, in *ptInsn) bool {
+	switch {
+	case group == grp1 && reg == 1:
+		in.op = opOR
+	case group == grp1 && reg == 4:
+		in.op = opAND
+	case group == grp1 && reg == 6:
+		in.op = opXOR
+	case group == grp8 && reg == 5:
+		in.op = opBTS
+	case group == grp8 && reg == 6:
+		in.op = opBTR
+	case group == grp9 && reg == 1:
+		in.op = opCMPXCHG8B
+		if in.size == 8 { // REX.W
+			in.op, in.size = opCMPXCHG16B, 16
+		} else {
+			in.size = 8
+		}
+	case group == grp11 && reg == 0:
+		in.op = opMOV
+	default:
+		return false
+	}
+	return true
+}
+
+// decode reads the memory operand of ModR/M mod (0, 1 or 2) and rm, its
+// SIB byte and displacement, from b at i; it returns where they end.
+func (m *ptMem) decode(b []byte, i int, mod, rm, rex byte) (int, bool) {
+	m.base, m.index = memNone, memNone
+	disp := 0
+	switch mod {
+	case 1:
+		disp = 1
+	case 2:
+		disp = 4
+	}
+	switch {
+	case rm == rmSIB:
+		if i >= len(b) {
+			return 0, false
+		}
+		sib := b[i]
+		i++
+		m.scale = 1 << (sib >> 6)
+		if index := sib>>3&7 | rexBit(rex, rexX, 3); index != sibNoIndex { // REX.X with 100 is R12
+			m.index = int8(index)
+		}
+		if base := sib & 7; base == sibNoBase && mod == 0 {
+			disp = 4
+		} else {
+			m.base = int8(base | rexBit(rex, rexB, 3))
+		}
+	case rm == rmDisp32 && mod == 0:
+		m.base, disp = memRIP, 4
+	default:
+		m.base = int8(rm | rexBit(rex, rexB, 3))
+	}
+	if i+disp > len(b) {
+		return 0, false
+	}
+	switch disp {
+	case 1:
+		m.disp = int64(int8(b[i]))
+	case 4:
+		m.disp = int64(int32(binary.LittleEndian.Uint32(b[i:])))
+	}
+	return i + disp, true
+}
+
+// rexBit is REX bit bit of rex, shifted left by shift.
+func rexBit(rex, bit byte, shift uint) byte {
+	if rex&bit != 0 {
+		return 1 << shift
+	}
+	return 0
+}
+
+// gprOperand is the register numbered n (ModR/M.reg with REX.R) of size
+// bytes. Without a REX prefix, byte registers 4 to 7 are AH, CH, DH and
+// BH; with one, SPL, BPL, SIL and DIL (SDM Vol. 2A, 2.2.1.2, "More on REX
+// Prefix Fields", and Table 3-1).
+func gprOperand(n byte, size int, rex bool) ptReg {
+	if size == 1 && !rex && n >= 4 && n < 8 {
+		return ptReg{num: n - 4, size: 1, high: true}
+	}
+	return ptReg{num: n, size: uint8(size)}
+}
