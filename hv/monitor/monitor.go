@@ -111,6 +111,10 @@ type Monitor struct {
 	Mem Memory
 	// Engine serves swap reads (nil: none).
 	Engine *swapmem.Engine
+	// Spaces names address spaces: reads are kept per address space, the
+	// user and kernel CR3 of an isolated process being one (nil: page-table
+	// bases compared exactly).
+	Spaces *hv.AddressSpaces
 	// SecretPA is the page hcall.Secret reports (0: none).
 	SecretPA uint64
 	// Log receives one line per swap read (nil: discarded), at most a
@@ -126,7 +130,7 @@ type Monitor struct {
 	Status int
 
 	extra      map[uint64]extra // functions an embedder added
-	reads      map[uint64]*read // by address space (CR3 without PCID)
+	reads      map[uint64]*read // by address space (Spaces.Of)
 	logSecond  time.Time
 	logLines   int
 	suppressed int
@@ -201,7 +205,7 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 		if m.Engine == nil {
 			return hcall.Unknown, false
 		}
-		r := m.reads[v.VMCS.Read(vmx.GuestCR3)&hv.CR3Mask]
+		r := m.reads[m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3))]
 		if r == nil {
 			return hcall.Invalid, false
 		}
@@ -247,7 +251,9 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&cr0PG == 0 {
 		return hcall.Invalid
 	}
-	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
+	// The caller's address space: a process calling from user mode shows
+	// its user CR3, the kernel its kernel CR3; both name one space.
+	cr3 := m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3))
 	la57 := v.VMCS.Read(vmx.GuestCR4)&cr4LA57 != 0
 	if m.Paging != nil {
 		m.Paging(la57)
