@@ -89,7 +89,9 @@ func (m PTIMode) String() string {
 //     PGD carries the same kernel half, so K never maps more of it.
 //
 // Until then CR3s are compared exactly: a transient mismatch (another
-// processor writing the tables during the check) only delays the decision.
+// processor writing the tables during the check) only delays the decision
+// to a later exit. A pair is checked only when an exit's CR3 or CPL
+// differs from the previous exit's: at most two 4 KiB reads, no allocation.
 // The guest kernel could feign either answer, but it decides its own
 // processes' isolation anyway; user mode controls neither CR3 nor the
 // tables' kernel-chosen addresses.
@@ -101,7 +103,6 @@ type AddressSpaces struct {
 	lastCR3          uint64
 	lastCPL          int
 	seen             bool
-	tried            uint64 // the user PGD last checked for a pair
 	system           uint64 // the latest kernel address space seen (0: none)
 	user, kernel     [4096]byte
 	Checks, Observed uint64 // counters: pair checks made, exits looked at
@@ -166,10 +167,6 @@ func (s *AddressSpaces) Observe(cr3 uint64, cpl int, long bool) {
 			s.pti, s.system = PTIOff, base
 			return
 		}
-		if base == s.tried {
-			return
-		}
-		s.tried = base
 		if s.pair(base&^PTIUserBit, base) {
 			s.pti, s.system = PTIOn, base&^PTIUserBit
 		}
