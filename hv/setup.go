@@ -27,12 +27,12 @@ type Setup struct {
 	ExceptionBM uint32
 }
 
-// Segment access rights (SDM Vol. 3C, "Guest Register State").
+// Segment access rights, short names for vmx's.
 const (
-	arCode32   = 0xc09b // P, S, execute/read accessed, D, G
-	arData32   = 0xc093 // P, S, read/write accessed, D/B, G
-	arTSSBusy  = 0x008b // P, 32-bit busy TSS
-	arUnusable = 0x10000
+	arCode32   = vmx.AccessCode32
+	arData32   = vmx.AccessData32
+	arTSSBusy  = vmx.AccessTSSBusy32
+	arUnusable = vmx.AccessUnusable
 )
 
 // Init writes every VMCS field for a guest entering the 32-bit Linux boot

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // PhysReader reads guest-physical memory.
@@ -13,15 +14,15 @@ type PhysReader interface {
 	ReadPhys(pa uint64, p []byte) error
 }
 
-// Paging-entry bits (Intel SDM Vol. 3A, "4-Level Paging and 5-Level
-// Paging").
+// Paging-entry bits, short names for vmx's.
 const (
-	pteP    = 1 << 0
-	pteRW   = 1 << 1
-	pteUS   = 1 << 2
-	ptePS   = 1 << 7
-	pteXD   = 1 << 63
-	pteAddr = 0x000f_ffff_ffff_f000
+	pteP    = vmx.PTEPresent
+	pteRW   = vmx.PTEWritable
+	pteUS   = vmx.PTEUser
+	ptePS   = vmx.PTEPageSize
+	ptePAT  = vmx.PTELargePAT
+	pteXD   = vmx.PTEExecuteDisable
+	pteAddr = vmx.PTEAddress
 )
 
 // pteLinuxProtNone is Linux's _PAGE_PROTNONE (the G bit) in a not-present
@@ -45,6 +46,9 @@ type Walker struct {
 	Mem PhysReader
 	// LA57 selects 5-level paging (CR4.LA57).
 	LA57 bool
+	// NoNXE says IA32_EFER.NXE is clear: bit 63 of an entry is then
+	// reserved, not execute-disable.
+	NoNXE bool
 	// MaxPhys is the physical-address width (default 46 bits); entries
 	// pointing above it are reserved-bit violations.
 	MaxPhys uint
@@ -107,7 +111,12 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 			tr.Backed = e != 0 && level <= 2 && e&pteLinuxProtNone == 0
 			return tr, n, nil
 		}
-		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) {
+		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) || (w.NoNXE && e&pteXD != 0) {
+			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
+		}
+		if large := e&ptePS != 0 && level > 1; large && e&(uint64(1)<<(12+9*uint(level-1))-1)&^ptePAT&^0xfff != 0 {
+			// A 2 MiB or 1 GiB page's address bits below its size, but
+			// for PAT (bit 12), are reserved.
 			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
 		}
 		rw = rw && e&pteRW != 0

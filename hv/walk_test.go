@@ -88,3 +88,46 @@ func TestWalkerRejectsBadTables(t *testing.T) {
 	assert.Equal(t, 2, n)
 	assert.Equal(t, Step{Level: 3, PA: 0x2000, Entry: 0}, s[1])
 }
+
+// TestWalkerLargePageReservedBitsAndXD: a 2 MiB or 1 GiB leaf with an
+// address bit below its size set (PAT aside), and XD with EFER.NXE clear,
+// are reserved-bit violations, as the processor's walk would fault on
+// them (finding 26).
+func TestWalkerLargePageReservedBitsAndXD(t *testing.T) {
+	mem := make(physBytes, 0x4000)
+	put := func(pa, v uint64) { binary.LittleEndian.PutUint64(mem[pa:], v) }
+	const va = 0x40_0000 // PML4[0] → PDPT[0] → PD[2]
+	put(0x1000, 0x2000|pteP|pteRW)
+	put(0x2000, 0x3000|pteP|pteRW)
+	w := &Walker{Mem: mem}
+	for _, c := range []struct {
+		name  string
+		pdpte uint64 // 0: keep the PD
+		pde   uint64
+		ok    bool
+	}{
+		{"2 MiB page", 0, 0x20_0000 | ptePS | pteP, true},
+		{"2 MiB page with PAT", 0, 0x20_0000 | ptePAT | ptePS | pteP, true},
+		{"2 MiB page, bit 13 set", 0, 0x20_2000 | ptePS | pteP, false},
+		{"2 MiB page, bit 20 set", 0, 0x30_0000 | ptePS | pteP, false},
+		{"1 GiB page", 0x4000_0000 | ptePS | pteP, 0, true},
+		{"1 GiB page, bit 21 set", 0x4020_0000 | ptePS | pteP, 0, false},
+		{"XD with NXE", 0, 0x20_0000 | ptePS | pteP | pteXD, true},
+	} {
+		put(0x2000, 0x3000|pteP|pteRW)
+		if c.pdpte != 0 {
+			put(0x2000, c.pdpte)
+		}
+		put(0x3000+8*(va>>21&511), c.pde)
+		tr, err := w.Translate(0x1000, va)
+		if c.ok {
+			require.NoError(t, err, c.name)
+			assert.True(t, tr.Present, c.name)
+		} else {
+			assert.ErrorIs(t, err, ErrReservedBit, c.name)
+		}
+	}
+	w.NoNXE = true
+	_, err := w.Translate(0x1000, va)
+	assert.ErrorIs(t, err, ErrReservedBit, "XD is reserved with EFER.NXE clear")
+}

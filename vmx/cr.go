@@ -27,6 +27,15 @@ const (
 	EFERLME = 1 << 8
 	EFERLMA = 1 << 10
 
+	// Segment access rights as the VMCS holds them (SDM Vol. 3C, 24.4.1,
+	// "Guest Register State"): flat 32-bit code (P, S, execute/read
+	// accessed, D, G) and data (P, S, read/write accessed, D/B, G), a busy
+	// 32-bit TSS, and an unusable segment.
+	AccessCode32    = 0xc09b
+	AccessData32    = 0xc093
+	AccessTSSBusy32 = 0x008b
+	AccessUnusable  = 0x10000
+
 	// SegmentL is the L (64-bit code) bit of a segment's access rights.
 	SegmentL = 1 << 13
 	// SegmentTypeMask is the type field of a segment's access rights.

@@ -279,7 +279,7 @@ func New(b Board, c Config) (*Machine, error) {
 			return nil, err
 		}
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
-			Paging: func(la57 bool) { m.Memory.Walker.LA57 = la57 }}
+			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe }}
 		v.Hypercalls = m.Monitor
 		m.Memory.OnWatchError = m.Monitor.WatchFailed
 	}

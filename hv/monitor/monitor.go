@@ -123,8 +123,8 @@ type Monitor struct {
 	// Now is the clock (nil: time.Now).
 	Now func() time.Time
 	// Paging is told, before a request is read, whether the guest uses
-	// 5-level paging (nil: not told).
-	Paging func(la57 bool)
+	// 5-level paging and execute-disable (nil: not told).
+	Paging func(la57, nxe bool)
 
 	// Status is the exit status the guest gave with hcall.Exit.
 	Status int
@@ -227,8 +227,6 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 const (
 	ring3Options  = swapmem.UserFault | swapmem.NoFault | swapmem.WriteFault | swapmem.NoDups
 	faultOptions  = swapmem.UserFault | swapmem.NoFault | swapmem.BPFault
-	cr4LA57       = 1 << 12
-	cr0PG         = 1 << 31
 	requestInPage = 4096 - hcall.SwapRequestSize
 )
 
@@ -248,15 +246,15 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	}
 	// The request is read through the guest's IA-32e page tables: the
 	// guest must be using them.
-	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&cr0PG == 0 {
+	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG == 0 {
 		return hcall.Invalid
 	}
 	// The caller's address space: a process calling from user mode shows
 	// its user CR3, the kernel its kernel CR3; both name one space.
 	cr3 := m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3))
-	la57 := v.VMCS.Read(vmx.GuestCR4)&cr4LA57 != 0
+	la57 := v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0
 	if m.Paging != nil {
-		m.Paging(la57)
+		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE != 0)
 	}
 	r := m.reads[cr3]
 	if r != nil && r.state == hcall.StatusPending {
