@@ -241,6 +241,7 @@ func TestBochsLinuxGuest(t *testing.T) {
 	t.Run("breakpoint agent", func(t *testing.T) {
 		l, _ := lineWith(res.Lines, "tamahv: breakpoint agent at")
 		assert.Regexp(t, `agent at 0xffffffff[0-9a-f]+: \d+ hits, [1-9]\d* faults raised`, l)
+		t.Log(l)
 	})
 }
 
