@@ -528,7 +528,9 @@ func (m *Monitor) WatchFailed(cr3, va uint64, err error) {
 	if m.Engine == nil || m.Engine.RemoveTransactionsForVaSpace(cr3) != nil {
 		return
 	}
-	if r := m.reads[cr3&hv.CR3Mask]; r != nil && r.state == hcall.StatusPending {
+	// The watch's CR3 is the address space the read was requested for
+	// (Spaces.Of then): the reads' key as it is.
+	if r := m.reads[cr3]; r != nil && r.state == hcall.StatusPending {
 		r.state = hcall.StatusFailed
 	}
 }
