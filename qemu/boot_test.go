@@ -298,11 +298,19 @@ func TestBochsSwapmemCases(t *testing.T) {
 	}
 	require.Len(t, reqs, 8, "user, bp, nofault, veto, cow, exit, user, hole:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
 	// Every read but the exiting process's completes; in order: user, bp,
-	// nofault, veto, cow, user.
-	require.Len(t, results, 6)
-	for _, r := range results {
+	// nofault, veto, cow, exit, user (the hole's read is partial). The
+	// exiting process's read ends too: its pages are no longer backed.
+	require.Len(t, results, 7)
+	for i, r := range results {
+		if i == 5 {
+			assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read FAILED"), r)
+			assert.Contains(t, r, "not backed")
+			continue
+		}
 		assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
 	}
+	partial, _ := lineWith(res.Lines, "tamahv: swapmem read partial")
+	assert.Contains(t, partial, "4 pages not mapped left out")
 	assert.Contains(t, reqs[2], "(NoFault)")
 	assert.Contains(t, results[2], " 0 #PFs injected", "NoFault injects nothing")
 	assert.Contains(t, reqs[3], "every injection vetoed")
