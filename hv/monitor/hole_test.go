@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -83,4 +84,25 @@ func TestReadOfHolesOnlyOrTooManyPartsIsRefused(t *testing.T) {
 	// NoFault reads are not cut: they wait for every page.
 	assert.Zero(t, g.swapRead(0, userBuf, 4, uint64(swapmem.NoFault), nil))
 	assert.Equal(t, uint64(hcall.StatusPending), g.status())
+}
+
+// When one part of a read cut at a hole fails, the read fails and the
+// other parts leave the engine at once.
+func TestReadAcrossAHoleFailsAsAWhole(t *testing.T) {
+	g := newGuest(t, 0)
+	var now time.Duration
+	g.mon.Engine = swapmem.New(g.m, swapmem.Config{Now: func() time.Duration { return now }})
+	for _, p := range []uint64{0, 1, 3} {
+		require.NoError(t, g.proc.SwapOut(userBuf+p*4096))
+	}
+	require.NoError(t, g.proc.Unmap(userBuf+2*4096))
+	assert.Zero(t, g.swapRead(0, userBuf, 4*4096, uint64(swapmem.UserFault), nil))
+	assert.Equal(t, 2, g.mon.Engine.Stats().Live, "two parts")
+	// The page of the second part is unmapped too while it waits.
+	require.NoError(t, g.proc.Unmap(userBuf+3*4096))
+	now += 2 * swapmem.DefaultTimeout
+	g.mon.Engine.ReinjectFailedPF()
+	assert.Equal(t, uint64(hcall.StatusFailed), g.status())
+	assert.Zero(t, g.mon.Engine.Stats().Live, "the first part removed")
+	assert.Contains(t, g.log.String(), "tamahv: swapmem read FAILED: swapmem: page is not backed")
 }
