@@ -35,7 +35,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -99,8 +99,40 @@ payload: deps-iso
 	@mkdir -p $(PAYLOAD)/root/lib/modules
 	find $(PAYLOAD)/deb/x/lib/modules \( -name zsmalloc.ko -o -name zram.ko \) -exec cp {} $(PAYLOAD)/root/lib/modules/ \;
 	cp qemu/guest/init $(PAYLOAD)/root/init
+	@$(MAKE) --no-print-directory kmod
 	GOOS=linux GOARCH=amd64 CGO_ENABLED=0 $(GO) build -trimpath -o $(PAYLOAD)/root/bin/hvguest ./cmd/hvguest
 	cd $(PAYLOAD)/root && find . | sort | cpio -o -H newc --quiet | gzip -9 > ../initrd.gz
+
+# The guest adversary's kernel module, built against the guest kernel's
+# headers: Debian's linux-headers-<abi>-amd64, linux-headers-<abi>-common
+# and linux-kbuild-<major.minor> of exactly the guest kernel's version,
+# downloaded and unpacked under $(KHDR) (not installed). Offline, put those
+# three .deb files in $(KHDR)/deb. Without them the module is left out and
+# the end-to-end test skips the kernel attacks, saying so.
+KHDR := $(PAYLOAD)/headers
+KMOD := $(PAYLOAD)/kmod
+kmod:
+	@rm -f $(PAYLOAD)/root/lib/modules/tamahv_adversary.ko
+	@img=$$(cat $(PAYLOAD)/kernel.version); abi=$${img#linux-image-}; abi=$${abi%-amd64}; \
+	ver=$$(dpkg-deb -f $(PAYLOAD)/deb/$$img*.deb Version); mm=$$(echo $$abi | cut -d. -f1,2); \
+	hdr=$(KHDR)/x/usr/src/linux-headers-$$abi-amd64; \
+	pkgs="linux-headers-$$abi-amd64 linux-headers-$$abi-common linux-kbuild-$$mm"; \
+	if [ ! -f $$hdr/Makefile ]; then \
+		mkdir -p $(KHDR)/deb; \
+		for p in $$pkgs; do ls $(KHDR)/deb/$${p}_$$ver*.deb >/dev/null 2>&1 || \
+			(cd $(KHDR)/deb && apt-get download $$p=$$ver 2>&1 | grep -v '^W:'; true); done; \
+		for p in $$pkgs; do ls $(KHDR)/deb/$${p}_$$ver*.deb >/dev/null 2>&1 || { \
+			echo "tamahv: no $${p}_$$ver .deb for the guest adversary's kernel module: kernel attacks left out (see README)"; exit 0; }; done; \
+		rm -rf $(KHDR)/x; for p in $$pkgs; do dpkg-deb -x $(KHDR)/deb/$${p}_$$ver*.deb $(KHDR)/x || exit 1; done; \
+		sed -i "s|/usr/src/linux-headers-$$abi-common|$(abspath $(KHDR))/x/usr/src/linux-headers-$$abi-common|" $$hdr/Makefile; \
+	fi; \
+	cc=$$(grep -o 'gcc-[0-9]*$$' $$hdr/.kernelvariables); \
+	command -v $$cc >/dev/null || { \
+		echo "tamahv: no $$cc, which the guest kernel's headers ask for: the guest adversary's kernel attacks left out (see README)"; exit 0; }; \
+	rm -rf $(KMOD) && mkdir -p $(KMOD) && cp qemu/guest/kmod/Kbuild qemu/guest/kmod/*.c $(KMOD)/ && \
+	echo "tamahv: building the guest adversary's kernel module against $$abi ($$ver)" && \
+	$(MAKE) --no-print-directory -s -C $$hdr M=$(abspath $(KMOD)) modules >$(KMOD)/build.log 2>&1 || { cat $(KMOD)/build.log; exit 1; }; \
+	strip --strip-debug -o $(PAYLOAD)/root/lib/modules/tamahv_adversary.ko $(KMOD)/tamahv_adversary.ko
 
 iso: image payload deps-iso
 	@echo "tamahv: building $(ISO)"
