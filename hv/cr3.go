@@ -2,6 +2,8 @@ package hv
 
 import (
 	"encoding/binary"
+	"sync"
+	"sync/atomic"
 
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -95,17 +97,23 @@ func (m PTIMode) String() string {
 // The guest kernel could feign either answer, but it decides its own
 // processes' isolation anyway; user mode controls neither CR3 nor the
 // tables' kernel-chosen addresses.
+//
+// Its methods may be called from several vCPUs at once: Of and PTI read
+// atomically; an exit that finds another vCPU learning skips its turn.
 type AddressSpaces struct {
 	// Mem reads the guest's top-level tables: guest RAM only (GuestPhys).
 	Mem PhysReader
 
-	pti              PTIMode
-	lastCR3          uint64
-	lastCPL          int
-	seen             bool
-	system           uint64 // the latest kernel address space seen (0: none)
-	user, kernel     [4096]byte
-	Checks, Observed uint64 // counters: pair checks made, exits looked at
+	pti    atomic.Uint32 // a PTIMode
+	system atomic.Uint64 // the latest kernel address space seen (0: none)
+
+	mu           sync.Mutex // the rest
+	lastCR3      uint64
+	lastCPL      int
+	seen         bool
+	user, kernel [4096]byte
+	// Counters (under mu): pair checks made, exits looked at.
+	Checks, Observed uint64
 }
 
 // PTI returns what is known of the guest's page-table isolation.
@@ -113,7 +121,12 @@ func (s *AddressSpaces) PTI() PTIMode {
 	if s == nil {
 		return PTIUnknown
 	}
-	return s.pti
+	return PTIMode(s.pti.Load())
+}
+
+func (s *AddressSpaces) decide(m PTIMode, system uint64) {
+	s.pti.Store(uint32(m))
+	s.system.Store(system)
 }
 
 // Of returns the address space of cr3 (AddressSpace with what is known of
@@ -130,14 +143,18 @@ func (s *AddressSpaces) Install(v *VCPU) {
 
 // ObserveVCPU learns from v's state at a VM exit. Once isolation is known
 // it reads one VMCS field; until then two more, and it checks a pair of
-// tables only when CR3 changed.
+// tables only when CR3 or CPL changed.
 func (s *AddressSpaces) ObserveVCPU(v *VCPU) {
+	if !s.mu.TryLock() {
+		return // another vCPU is learning: a later exit will do
+	}
+	defer s.mu.Unlock()
 	s.Observed++
 	cr3 := v.VMCS.Read(vmx.GuestCR3)
-	if s.pti != PTIUnknown {
+	if s.PTI() != PTIUnknown {
 		if !s.seen || cr3 != s.lastCR3 {
 			s.seen, s.lastCR3 = true, cr3
-			s.system = s.Of(cr3)
+			s.system.Store(s.Of(cr3))
 		}
 		return
 	}
@@ -147,15 +164,21 @@ func (s *AddressSpaces) ObserveVCPU(v *VCPU) {
 	}
 	s.seen, s.lastCR3, s.lastCPL = true, cr3, cpl
 	long := v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&cr0PG != 0
-	s.Observe(cr3, cpl, long)
+	s.observe(cr3, cpl, long)
 }
 
 // Observe learns from one exit's CR3 and CPL; long says the guest runs in
 // IA-32e mode with paging.
 func (s *AddressSpaces) Observe(cr3 uint64, cpl int, long bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.observe(cr3, cpl, long)
+}
+
+func (s *AddressSpaces) observe(cr3 uint64, cpl int, long bool) {
 	base := cr3 & CR3Mask
-	if s.pti != PTIUnknown {
-		s.system = s.Of(cr3)
+	if s.PTI() != PTIUnknown {
+		s.system.Store(s.Of(cr3))
 		return
 	}
 	if !long || base == 0 {
@@ -164,17 +187,17 @@ func (s *AddressSpaces) Observe(cr3 uint64, cpl int, long bool) {
 	switch cpl {
 	case 3:
 		if base&PTIUserBit == 0 {
-			s.pti, s.system = PTIOff, base
+			s.decide(PTIOff, base)
 			return
 		}
 		if s.pair(base&^PTIUserBit, base) {
-			s.pti, s.system = PTIOn, base&^PTIUserBit
+			s.decide(PTIOn, base&^PTIUserBit)
 		}
 	case 0:
 		// Bit 12 clear at CPL 0 is a kernel PGD with isolation, and any
 		// PGD (all map the kernel half) without.
 		if base&PTIUserBit == 0 {
-			s.system = base
+			s.system.Store(base)
 		}
 	}
 }
@@ -220,11 +243,16 @@ func presentEntries(b []byte) int {
 // maps the kernel half alike; the latest one seen is live, or was
 // moments ago.
 func (s *AddressSpaces) System() uint64 {
-	if s == nil || s.system == 0 || s.Mem == nil {
+	if s == nil || s.Mem == nil {
 		return 0
 	}
-	if s.Mem.ReadPhys(s.system+2048, s.kernel[:2048]) != nil || presentEntries(s.kernel[:2048]) == 0 {
+	sys := s.system.Load()
+	if sys == 0 {
 		return 0
 	}
-	return s.system
+	var half [2048]byte
+	if s.Mem.ReadPhys(sys+2048, half[:]) != nil || presentEntries(half[:]) == 0 {
+		return 0
+	}
+	return sys
 }

@@ -197,3 +197,27 @@ func TestAddressSpacesObserveExits(t *testing.T) {
 	assert.Equal(t, k, s.System())
 	require.NoError(t, m.Err())
 }
+
+// Several vCPUs may learn and ask at once (run with -race).
+func TestAddressSpacesConcurrentUse(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, u := ptiProcess(t, g)
+	s := &AddressSpaces{Mem: g.phys}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 100; i++ {
+			s.Observe(k, 0, true)
+			s.Observe(u, 3, true)
+		}
+	}()
+	for i := 0; i < 100; i++ {
+		if cr3 := s.Of(u); cr3 != u {
+			assert.Equal(t, k, cr3)
+		}
+		_ = s.System()
+	}
+	<-done
+	assert.Equal(t, PTIOn, s.PTI())
+	assert.Equal(t, k, s.Of(u))
+}
