@@ -54,6 +54,13 @@ type BreakpointAgent struct {
 	// Shadow nil the int3 is written in place.
 	Shadow   *[4096]byte
 	ShadowPA uint64
+	// Spaces names the guest's address spaces: the int3 raises the fault
+	// when the address space at the detour (the kernel CR3 of a
+	// user/kernel pair) is the one armed (nil: page-table bases compared
+	// exactly).
+	Spaces *AddressSpaces
+	// Delivery follows the raised #PF to the guest (nil: not followed).
+	Delivery *PFDelivery
 
 	split   bool // the current arming uses the split view
 	noSplit bool // the split view was given up
@@ -191,7 +198,8 @@ func (a *BreakpointAgent) resolve(cr3, addr uint64) (uint64, error) {
 }
 
 // Arm makes the next time the guest passes the detour in address space cr3
-// raise a #PF for va. Each Arm checks the detour again: a changed
+// (AddressSpaces.Of: the kernel PGD of a user/kernel pair, which maps
+// the kernel text) raise a #PF for va. Each Arm checks the detour again: a changed
 // IA32_LSTAR means finding it anew, and its page must still translate to
 // the same guest RAM.
 func (a *BreakpointAgent) Arm(cr3, va uint64) error {
@@ -340,18 +348,23 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 		if err := a.remove(); err != nil {
 			return Stop, err
 		}
-		if v.VMCS.Read(vmx.GuestCR3)&CR3Mask != a.cr3 {
+		if a.Spaces.Of(v.VMCS.Read(vmx.GuestCR3)) != a.cr3 {
 			a.Passed++ // another address space: rewritten at a later exit
 			return Resume, nil
 		}
-		a.want = false
-		a.Raised++
 		code := uint32(0)
 		if a.va < 1<<47 {
 			code = 4 // a user address: the fault is taken as a user access
 		}
+		if v.Inject(vmx.Exception(vmx.VectorPF, code, 0)) != nil {
+			a.Passed++ // the event queue is full: rewritten at a later exit
+			return Resume, nil
+		}
+		a.want = false
+		a.Raised++
 		v.Regs.CR2 = a.va
-		return Resume, v.Inject(vmx.Exception(vmx.VectorPF, code, 0))
+		a.Delivery.queued(a.va)
+		return Resume, nil
 	})
 	if err != nil {
 		return err

@@ -217,6 +217,7 @@ func TestBochsLinuxGuest(t *testing.T) {
 		"kernel log":       "guest: kernel log clean",
 		"swap on zram":     "guest: swap on zram",
 		"swapread guest":   "swapread: tamahv read the range",
+		"swapread hole":    "swapread: tamahv read the range but its hole",
 		"ring-3 attacks":   "hvguest: 10 ring-3 attacks made, tamahv still answers",
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -266,7 +267,8 @@ func TestBochsLinuxGuest(t *testing.T) {
 			continue
 		}
 		for _, r := range res.Lines[i+1:] {
-			if strings.HasPrefix(r, "tamahv: swapmem read ok") || strings.HasPrefix(r, "tamahv: swapmem read FAILED") {
+			if strings.HasPrefix(r, "tamahv: swapmem read ok") || strings.HasPrefix(r, "tamahv: swapmem read FAILED") ||
+				strings.HasPrefix(r, "tamahv: swapmem read partial") {
 				reads = append(reads, r)
 				break
 			}
@@ -285,12 +287,46 @@ func TestBochsLinuxGuest(t *testing.T) {
 			t.Log(ok)
 		})
 	}
+	// A 64-page range, swapped out, with 4 pages in the middle unmapped:
+	// tamahv leaves the hole out, reads the rest and checks its hash;
+	// the process lives on (its guest line above) and the kernel log
+	// stays clean.
+	t.Run("swapmem hole", func(t *testing.T) {
+		l, _, ok := res.GuestLine("swapread: hole of 4 pages")
+		require.True(t, ok, "guest:\n%s", tail(res.GuestSerial(), 30))
+		f := strings.Fields(l)
+		require.GreaterOrEqual(t, len(f), 14)
+		partial, _ := lineWith(res.Lines, "tamahv: swapmem read partial")
+		assert.Contains(t, partial, "sha256 "+f[len(f)-1], "tamahv checked the hash of the mapped parts")
+		assert.Contains(t, partial, " 4 pages not mapped left out")
+		var req string
+		for _, r := range res.Lines {
+			if strings.HasPrefix(r, "tamahv: swapmem read of") && strings.Contains(r, "pages not mapped skipped") {
+				req = r
+			}
+		}
+		assert.Contains(t, req, "4 pages not mapped skipped")
+		t.Log(req)
+		t.Log(partial)
+	})
+	// The guest runs with Linux's default mitigations: page-table
+	// isolation on, which tamahv learnt.
+	t.Run("page-table isolation", func(t *testing.T) {
+		assert.Contains(t, res.GuestSerial(), "Kernel/User page tables isolation: enabled")
+		if !withModule {
+			t.Skip("tamahv's final report needs the guest's exit through the module")
+		}
+		l, _ := lineWith(res.Lines, "tamahv: page-table isolation")
+		assert.True(t, strings.HasPrefix(l, "tamahv: page-table isolation on"), l)
+		t.Log(l)
+	})
 	t.Run("breakpoint agent", func(t *testing.T) {
 		if !withModule {
 			t.Skip("tamahv's final report needs the guest's exit through the module")
 		}
 		l, _ := lineWith(res.Lines, "tamahv: breakpoint agent at")
 		assert.Regexp(t, `agent at 0xffffffff[0-9a-f]+: \d+ hits, [1-9]\d* faults raised`, l)
+		t.Log(l)
 	})
 }
 
@@ -345,13 +381,21 @@ func TestBochsSwapmemCases(t *testing.T) {
 			t.Log(l)
 		}
 	}
-	require.Len(t, reqs, 7, "user, bp, nofault, veto, cow, exit, user:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
+	require.Len(t, reqs, 8, "user, bp, nofault, veto, cow, exit, user, hole:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
 	// Every read but the exiting process's completes; in order: user, bp,
-	// nofault, veto, cow, user.
-	require.Len(t, results, 6)
-	for _, r := range results {
+	// nofault, veto, cow, exit, user (the hole's read is partial). The
+	// exiting process's read ends too: its pages are no longer backed.
+	require.Len(t, results, 7)
+	for i, r := range results {
+		if i == 5 {
+			assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read FAILED"), r)
+			assert.Contains(t, r, "not backed")
+			continue
+		}
 		assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
 	}
+	partial, _ := lineWith(res.Lines, "tamahv: swapmem read partial")
+	assert.Contains(t, partial, "4 pages not mapped left out")
 	assert.Contains(t, reqs[2], "(NoFault)")
 	assert.Contains(t, results[2], " 0 #PFs injected", "NoFault injects nothing")
 	assert.Contains(t, reqs[3], "every injection vetoed")

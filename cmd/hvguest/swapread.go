@@ -51,13 +51,13 @@ func pagemap(va uintptr, n int) (swapped, present int, err error) {
 
 func swapRead(args []string) error {
 	if len(args) < 1 {
-		return errors.New("swapread user|bp|nofault [pages]")
+		return errors.New("swapread user|bp|nofault|veto|cow|exit|hole [pages]")
 	}
 	mode := args[0]
 	opts, ok := map[string]uint64{
 		"user": uint64(swapmem.UserFault), "bp": uint64(swapmem.BPFault), "nofault": uint64(swapmem.NoFault),
 		"veto": uint64(swapmem.UserFault) | hcall.SwapVeto, "cow": uint64(swapmem.UserFault | swapmem.WriteFault),
-		"exit": uint64(swapmem.UserFault),
+		"exit": uint64(swapmem.UserFault), "hole": uint64(swapmem.UserFault),
 	}[mode]
 	if !ok {
 		return fmt.Errorf("unknown mode %q", mode)
@@ -84,6 +84,14 @@ func swapRead(args []string) error {
 	data := mem[off : off+n]
 	rand.New(rand.NewSource(int64(pages))).Read(data)
 	want := sha256.Sum256(data)
+	var hole holeRange
+	if mode == "hole" {
+		// The hash of what will be left once the hole is unmapped, taken
+		// before the pages go to swap.
+		if hole, err = holeIn(mem, off, n); err != nil {
+			return err
+		}
+	}
 
 	if mode == "cow" {
 		// Share the pages with a child: both see them read-only
@@ -116,6 +124,9 @@ func swapRead(args []string) error {
 		return fmt.Errorf("only %d of %d pages went to swap", swapped, span)
 	}
 
+	if mode == "hole" {
+		return holeRead(mem, off, n, opts, hole)
+	}
 	if mode == "exit" {
 		if r := send(base+off, n, want, opts); r != 0 {
 			return fmt.Errorf("HcSwapRead answered %#x", r)
@@ -179,5 +190,71 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 		return fmt.Errorf("tamahv reports status %d after %v", status, took)
 	}
 	fmt.Printf("swapread: tamahv read the range in %v of guest time; %d of %d pages present again\n", took.Round(time.Millisecond), present, span)
+	return nil
+}
+
+// holeCount is how many pages holeRead unmaps in the middle of the range.
+const holeCount = 4
+
+// holeRange is the part of the range holeRead unmaps: bytes lo to hi of
+// the data, and the SHA-256 of the data without them.
+type holeRange struct {
+	first, lo, hi int // first: its first page in the mapping
+	want          [32]byte
+}
+
+// holeIn picks the hole in the middle of the range.
+func holeIn(mem []byte, off, n int) (holeRange, error) {
+	span := len(mem) / pageSize
+	if span < holeCount+4 {
+		return holeRange{}, fmt.Errorf("hole: %d pages are too few", span)
+	}
+	h := holeRange{first: span/2 - holeCount/2}
+	h.lo, h.hi = h.first*pageSize-off, (h.first+holeCount)*pageSize-off
+	data := mem[off : off+n]
+	h.want = sha256.Sum256(append(append([]byte{}, data[:h.lo]...), data[h.hi:]...))
+	return h, nil
+}
+
+// holeRead unmaps the hole, swapped out with the rest, and asks for the
+// whole range: tamahv must leave the unmapped pages out (a fault there
+// would be SIGSEGV) and read the rest, whose SHA-256 the request carries
+// (hcall.StatusPartial).
+func holeRead(mem []byte, off, n int, opts uint64, h holeRange) error {
+	base := uintptr(unsafe.Pointer(&mem[0]))
+	hole := mem[h.first*pageSize : (h.first+holeCount)*pageSize]
+	data := mem[off : off+n]
+	lo, hi, want := h.lo, h.hi, h.want
+	if _, _, e := syscall.Syscall(syscall.SYS_MUNMAP, uintptr(unsafe.Pointer(&hole[0])), uintptr(len(hole)), 0); e != 0 {
+		return fmt.Errorf("munmap: %v", e)
+	}
+	fmt.Printf("swapread: hole of %d pages at %#x unmapped; the other %d bytes have sha256 %x\n", holeCount, base+uintptr(h.first*pageSize), n-(hi-lo), want)
+	start := time.Now()
+	if r := send(base+uintptr(off), n, want, opts); r != 0 {
+		return fmt.Errorf("HcSwapRead answered %#x", r)
+	}
+	status := uint64(hcall.StatusPending)
+	for i := 0; status == hcall.StatusPending; i++ {
+		if i%(1<<20) == 0 {
+			status = vmx.VMCALL(hcall.SwapStatus, 0, 0)
+			if time.Since(start) > 90*time.Second {
+				return errors.New("no answer from tamahv in 90 s")
+			}
+		}
+	}
+	if status != hcall.StatusPartial {
+		return fmt.Errorf("tamahv reports status %d for a range with a hole, want %d (partial)", status, hcall.StatusPartial)
+	}
+	// The process lives on, and the pages around the hole are its own.
+	for p := 0; p < lo; p += pageSize {
+		sink += data[p]
+	}
+	for p := hi; p < len(data); p += pageSize {
+		sink += data[p]
+	}
+	if sha256.Sum256(append(append([]byte{}, data[:lo]...), data[hi:]...)) != want {
+		return errors.New("the pages around the hole changed")
+	}
+	fmt.Printf("swapread: tamahv read the range but its hole in %v of guest time; the process lives on\n", time.Since(start).Round(time.Millisecond))
 	return nil
 }

@@ -15,7 +15,7 @@ import (
 )
 
 // The guest's serial console is COM2; tamahv keeps COM1.
-const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1 mitigations=off"
+const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1"
 
 // modules finds the kernel and initramfs among the Multiboot modules: the
 // kernel is the one whose name ends in "vmlinuz"; its arguments, if any,

@@ -35,8 +35,8 @@ const (
 	// (SwapRequestSize bytes, present, within one page), RSI its size. The
 	// read runs while the guest goes on; SwapStatus tells how it ended.
 	SwapRead = 3
-	// SwapStatus returns StatusPending, StatusOK or StatusFailed for the
-	// last SwapRead of the caller's address space.
+	// SwapStatus returns StatusPending, StatusOK, StatusFailed or
+	// StatusPartial for the last SwapRead of the caller's address space.
 	SwapStatus = 4
 )
 
@@ -45,6 +45,11 @@ const (
 	StatusPending = 1
 	StatusOK      = 2
 	StatusFailed  = 3
+	// StatusPartial: pages of the range are not mapped (a fault there
+	// would be SIGSEGV, so none is injected): they were left out, and the
+	// bytes of the mapped parts, joined in address order, were read and
+	// matched the request's SHA-256. A mismatch is StatusFailed.
+	StatusPartial = 4
 )
 
 // Error results.

@@ -50,7 +50,7 @@ func Example() {
 		}
 		started = true
 		_, err := m.Engine.ReadData(swapmem.Request{
-			CR3: v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask, VA: dataVA, Len: 8, Options: swapmem.UserFault,
+			CR3: m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3)), VA: dataVA, Len: 8, Options: swapmem.UserFault,
 			Done: func(r swapmem.Read) { fmt.Printf("tamahv read %q from the process\n", r.Data) },
 		})
 		if err != nil {

@@ -122,8 +122,15 @@ type Machine struct {
 	Agent *hv.BreakpointAgent
 	// Trap gives an exit at the guest's return from a user-mode #PF.
 	Trap *hv.ReturnTrap
-	// Engine reads guest memory, swapped out or not.
+	// Engine reads guest memory, swapped out or not. Its requests name
+	// address spaces as Spaces.Of does; CR3 0 is Spaces.System.
 	Engine *swapmem.Engine
+	// Spaces learns whether the guest isolates its page tables and names
+	// its address spaces: every CR3 comparison goes through it.
+	Spaces *hv.AddressSpaces
+	// Delivery follows each injected #PF to the guest and tells the
+	// engine whether it arrived.
+	Delivery *hv.PFDelivery
 	// Monitor is the default policy (nil when Config.Policy replaced it).
 	Monitor *monitor.Monitor
 	// Start is where the guest kernel starts.
@@ -238,13 +245,17 @@ func New(b Board, c Config) (*Machine, error) {
 	if err := unmapped.Install(v); err != nil {
 		return nil, err
 	}
+	m.Spaces = &hv.AddressSpaces{Mem: m.Phys}
+	m.Spaces.Install(v)
 	m.Memory = hv.NewGuestMemory(m.Phys, 0)
 	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
 	if err := m.Memory.Install(v); err != nil {
 		return nil, err
 	}
 	v.Mem = m.Phys
-	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) }}
+	m.Delivery = &hv.PFDelivery{}
+	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) },
+		Spaces: m.Spaces, Delivery: m.Delivery}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
 		if m.Agent.ShadowPA, m.Agent.Shadow, err = m.page(); err != nil {
@@ -254,12 +265,16 @@ func New(b Board, c Config) (*Machine, error) {
 	if err := m.Agent.Install(v); err != nil {
 		return nil, err
 	}
-	m.Engine = swapmem.New(m.Memory, c.Swap)
+	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces}, c.Swap)
+	m.Delivery.Reports = m.Engine
+	// Before the engine's entry hook: a fault lost at this entry is
+	// injected again at once.
+	m.Delivery.Install(v)
 	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
 	if err := m.Trap.Install(v); err != nil {
 		return nil, err
 	}
-	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent}, Trap: m.Trap, V: v}
+	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: m.Delivery}, Trap: m.Trap, V: v}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
@@ -270,7 +285,7 @@ func New(b Board, c Config) (*Machine, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, SecretPA: m.secret, Log: c.Log,
+		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
 			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe }}
 		v.Hypercalls = m.Monitor
 		m.Memory.OnWatchError = m.Monitor.WatchFailed
@@ -293,6 +308,38 @@ func New(b Board, c Config) (*Machine, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// ErrNoSystemSpace is the swapmem engine's error for a request with CR3 0
+// before the guest has shown its kernel address space.
+var ErrNoSystemSpace = errors.New("machine: the guest's kernel address space is not known yet")
+
+// swapGuest is the guest as the swapmem engine sees it: GuestMemory, with
+// the system address space (requests with CR3 0) learnt from the guest's
+// exits.
+type swapGuest struct {
+	*hv.GuestMemory
+	spaces *hv.AddressSpaces
+}
+
+// SystemCR3 implements swapmem.Guest: the guest's kernel address space, 0
+// while none is known.
+func (g swapGuest) SystemCR3() uint64 { return g.spaces.System() }
+
+// Translate implements swapmem.Guest; CR3 0 is no address space.
+func (g swapGuest) Translate(cr3, va uint64) (swapmem.Translation, error) {
+	if cr3 == 0 {
+		return swapmem.Translation{}, ErrNoSystemSpace
+	}
+	return g.GuestMemory.Translate(cr3, va)
+}
+
+// Watch implements swapmem.Guest; CR3 0 is no address space.
+func (g swapGuest) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
+	if cr3 == 0 {
+		return nil, ErrNoSystemSpace
+	}
+	return g.GuestMemory.Watch(cr3, va, changed)
 }
 
 // page allocates a page from the board.
@@ -335,6 +382,8 @@ func (m *Machine) Run() error {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
 	}
+	fmt.Fprintf(m.log, "tamahv: page-table isolation %v (%d pair checks); #PF deliveries %d confirmed, %d interrupted and re-queued, %d lost and cancelled\n",
+		m.Spaces.PTI(), m.Spaces.Checks, m.Delivery.Delivered, m.Delivery.Requeued, m.Delivery.Lost)
 	return nil
 }
 

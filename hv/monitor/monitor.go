@@ -111,6 +111,10 @@ type Monitor struct {
 	Mem Memory
 	// Engine serves swap reads (nil: none).
 	Engine *swapmem.Engine
+	// Spaces names address spaces: reads are kept per address space, the
+	// user and kernel CR3 of an isolated process being one (nil: page-table
+	// bases compared exactly).
+	Spaces *hv.AddressSpaces
 	// SecretPA is the page hcall.Secret reports (0: none).
 	SecretPA uint64
 	// Log receives one line per swap read (nil: discarded), at most a
@@ -126,7 +130,8 @@ type Monitor struct {
 	Status int
 
 	extra      map[uint64]extra // functions an embedder added
-	reads      map[uint64]*read // by address space (CR3 without PCID)
+	gen        uint64           // reads started
+	reads      map[uint64]*read // by address space (Spaces.Of)
 	logSecond  time.Time
 	logLines   int
 	suppressed int
@@ -143,6 +148,85 @@ type read struct {
 	missing  int
 	vetoes   int
 	reported bool // the watchdog spoke
+
+	// A read whose range has pages not mapped (see split) runs as one
+	// engine read per mapped part; their bytes gather in data.
+	gen     uint64 // this read's number: a late Done of an earlier read is ignored
+	skipped int    // pages not mapped, left out of the read
+	left    int    // parts not done yet
+	data    []byte
+	flags   swapmem.Flags
+	txs     []*swapmem.Transaction
+}
+
+// MaxParts bounds the mapped parts one swap read of a range with pages
+// not mapped may have; a range cut into more is refused.
+const MaxParts = 16
+
+// part is one mapped part of a read's range: n bytes at va, at offset
+// off of the gathered data.
+type part struct{ va, n, off uint64 }
+
+// split cuts the range [va, va+n) at the pages that no fault can bring in
+// (hv.Walker: a walk that ends at a zero entry or misses a table, as after
+// munmap; or fails) and returns the parts in between, and the first page
+// left out (r.skipped counts them). Reads without a fault (NoFault) wait
+// for every page and are not cut. A range with no such page is one part.
+func (m *Monitor) split(cr3, va, n uint64, opts swapmem.Options, r *read) ([]part, uint64) {
+	if opts&swapmem.NoFault != 0 {
+		return []part{{va, n, 0}}, 0
+	}
+	var parts []part
+	var hole, off uint64
+	end := va + n // the caller checked that the range does not wrap
+	for cur, next := va, uint64(0); cur < end; cur = next {
+		if next = cur&^0xfff + 0x1000; next == 0 || next > end {
+			next = end
+		}
+		tr, err := m.Mem.Translate(cr3, cur)
+		switch k := len(parts); {
+		case err != nil || !tr.Present && !tr.Backed:
+			if r.skipped == 0 {
+				hole = cur &^ 0xfff
+			}
+			r.skipped++
+		case k > 0 && parts[k-1].va+parts[k-1].n == cur:
+			parts[k-1].n += next - cur
+		default:
+			parts = append(parts, part{cur, next - cur, off})
+		}
+		if err == nil && (tr.Present || tr.Backed) {
+			off += next - cur
+		}
+	}
+	return parts, hole
+}
+
+// partDone gathers one part of a read cut by split.
+func (m *Monitor) partDone(v *hv.VCPU, r *read, gen, off uint64, rd swapmem.Read) {
+	if r.gen != gen || r.state != hcall.StatusPending {
+		return
+	}
+	if rd.Err != nil {
+		m.abandon(r)
+		m.done(v, r, rd)
+		return
+	}
+	copy(r.data[off:], rd.Data)
+	r.flags |= rd.Flags
+	if r.left--; r.left > 0 {
+		return
+	}
+	m.done(v, r, swapmem.Read{CR3: rd.CR3, VA: rd.VA, Data: r.data, Flags: r.flags})
+	r.data = nil
+}
+
+// abandon removes the live engine reads of r's parts.
+func (m *Monitor) abandon(r *read) {
+	for _, tx := range r.txs {
+		_ = m.Engine.RemoveTransaction(tx) // finished ones answer ErrNoTransaction
+	}
+	r.txs = nil
 }
 
 // Func is a hypercall function an embedder adds: it gets the arguments
@@ -202,7 +286,7 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 		if m.Engine == nil {
 			return hcall.Unknown, false
 		}
-		r := m.reads[v.VMCS.Read(vmx.GuestCR3)&hv.CR3Mask]
+		r := m.reads[m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3))]
 		if r == nil {
 			return hcall.Invalid, false
 		}
@@ -246,7 +330,9 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	if v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode == 0 || v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG == 0 {
 		return hcall.Invalid
 	}
-	cr3 := v.VMCS.Read(vmx.GuestCR3) & hv.CR3Mask
+	// The caller's address space: a process calling from user mode shows
+	// its user CR3, the kernel its kernel CR3; both name one space.
+	cr3 := m.Spaces.Of(v.VMCS.Read(vmx.GuestCR3))
 	la57 := v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0
 	if m.Paging != nil {
 		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE != 0)
@@ -290,24 +376,49 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		m.reads[cr3] = r
 	}
 	st := m.Engine.Stats()
-	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: v.Total(), timer: v.Count(vmx.ExitPreemptionTimer), injected: st.Injected}
+	m.gen++
+	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: v.Total(), timer: v.Count(vmx.ExitPreemptionTimer), injected: st.Injected, gen: m.gen}
 	var preInject func(cr3, va uint64) bool
 	if rq.Options&hcall.SwapVeto != 0 {
 		preInject = func(uint64, uint64) bool { r.vetoes++; return false }
 	}
-	tx, err := m.Engine.ReadData(swapmem.Request{CR3: cr3, VA: rq.VA, Len: int(rq.Len), Options: opts, PreInject: preInject,
-		Done: func(rd swapmem.Read) { m.done(v, r, rd) }})
-	if err != nil {
+	parts, hole := m.split(cr3, rq.VA, rq.Len, opts, r)
+	if r.skipped > 0 && (len(parts) == 0 || len(parts) > MaxParts) {
 		r.state = hcall.StatusFailed
-		m.logf("tamahv: swapmem read FAILED: %v\n", err)
+		m.logf("tamahv: swapmem read FAILED: %d pages of %#x+%d not mapped, the first at %#x, %d mapped parts\n", r.skipped, rq.VA, rq.Len, hole, len(parts))
 		return hcall.Invalid
 	}
-	if tx != nil {
-		r.missing = m.Engine.Stats().Pages - st.Pages
+	r.left = len(parts)
+	if r.skipped > 0 {
+		r.data = make([]byte, 0, rq.Len)
+		for _, p := range parts {
+			r.data = r.data[:len(r.data)+int(p.n)]
+		}
 	}
+	for _, p := range parts {
+		done := func(rd swapmem.Read) { m.done(v, r, rd) }
+		if r.skipped > 0 {
+			gen, off := r.gen, p.off
+			done = func(rd swapmem.Read) { m.partDone(v, r, gen, off, rd) }
+		}
+		tx, err := m.Engine.ReadData(swapmem.Request{CR3: cr3, VA: p.va, Len: int(p.n), Options: opts, PreInject: preInject, Done: done})
+		if err != nil {
+			m.abandon(r)
+			r.state = hcall.StatusFailed
+			m.logf("tamahv: swapmem read FAILED: %v\n", err)
+			return hcall.Invalid
+		}
+		if tx != nil {
+			r.txs = append(r.txs, tx)
+		}
+	}
+	r.missing = m.Engine.Stats().Pages - st.Pages
 	veto := ""
 	if preInject != nil {
 		veto = ", every injection vetoed"
+	}
+	if r.skipped > 0 {
+		veto += fmt.Sprintf(", %d pages not mapped skipped (the first at %#x), %d parts", r.skipped, hole, len(parts))
 	}
 	m.logf("tamahv: swapmem read of %d bytes at %#x in CR3 %#x (%v%s) from CPL %d: %d pages missing\n", rq.Len, rq.VA, cr3, opts, veto, cpl, r.missing)
 	return 0
@@ -343,6 +454,10 @@ func (m *Monitor) done(v *hv.VCPU, r *read, rd swapmem.Read) {
 	case sha256.Sum256(rd.Data) != r.want:
 		r.state = hcall.StatusFailed
 		m.logf("tamahv: swapmem read FAILED: sha256 %x, the guest expected %x\n", sha256.Sum256(rd.Data), r.want)
+	case r.skipped > 0:
+		r.state = hcall.StatusPartial
+		m.logf("tamahv: swapmem read partial: sha256 %x, %d bytes of the mapped parts, %d pages not mapped left out, %d pages faulted in, %d #PFs injected, %d exits, %v\n",
+			r.want, len(rd.Data), r.skipped, r.missing, inj, exits, took.Round(time.Millisecond))
 	default:
 		r.state = hcall.StatusOK
 		m.logf("tamahv: swapmem read ok: sha256 %x, %d bytes, %d pages faulted in, %d #PFs injected, %d vetoed, %d exits (%d preemption timer), %v (flags %v)\n",
@@ -415,7 +530,9 @@ func (m *Monitor) WatchFailed(cr3, va uint64, err error) {
 	if m.Engine == nil || m.Engine.RemoveTransactionsForVaSpace(cr3) != nil {
 		return
 	}
-	if r := m.reads[cr3&hv.CR3Mask]; r != nil && r.state == hcall.StatusPending {
+	// The watch's CR3 is the address space the read was requested for
+	// (Spaces.Of then): the reads' key as it is.
+	if r := m.reads[cr3]; r != nil && r.state == hcall.StatusPending {
 		r.state = hcall.StatusFailed
 	}
 }

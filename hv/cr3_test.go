@@ -1,0 +1,223 @@
+package hv
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/vmx"
+)
+
+func TestAddressSpaceNormalisation(t *testing.T) {
+	for _, c := range []struct {
+		cr3  uint64
+		pti  bool
+		want uint64
+	}{
+		{0x1234_5000, false, 0x1234_5000},
+		{0x1234_5018, false, 0x1234_5000},                // PWT, PCD
+		{0x1234_5fff, false, 0x1234_5000},                // PCID
+		{1<<63 | 0x1234_5001, false, 0x1234_5000},        // no-flush bit
+		{3<<61 | 0x1234_5000, false, 0x1234_5000},        // LAM bits
+		{0x1234_6000 | PTIUserBit, false, 0x1234_7000},   // without isolation bit 12 is an address bit
+		{0x1234_6000, true, 0x1234_6000},                 // kernel PGD
+		{0x1234_7000, true, 0x1234_6000},                 // user PGD: its kernel PGD
+		{1<<63 | 0x1234_7000 | 0x801, true, 0x1234_6000}, // user PCID 1|bit 11, no flush
+		{0x1234_6001, true, 0x1234_6000},                 // kernel PCID 1
+	} {
+		got := AddressSpace(c.cr3, c.pti)
+		assert.Equal(t, fmt.Sprintf("%#x", c.want), fmt.Sprintf("%#x", got), "%#x pti=%t", c.cr3, c.pti)
+		assert.Equal(t, got, AddressSpace(got, c.pti), "idempotent")
+	}
+	var s *AddressSpaces
+	assert.Equal(t, uint64(0x1234_7000), s.Of(0x1234_7801), "nil: exact")
+}
+
+// ptiProcess lays out an isolated Linux process in g: the kernel PGD at
+// g.cr3 (8 KiB aligned) and the user PGD in the next page, whose user
+// half is the kernel PGD's (the kernel copy carries NX and its own
+// accessed bits) and whose kernel half maps only a trampoline entry.
+func ptiProcess(t *testing.T, g *testGuest) (k, u uint64) {
+	k = g.cr3
+	require.Zero(t, k&(2*4096-1), "kernel PGD 8 KiB aligned")
+	u = g.frame()
+	require.Equal(t, k|PTIUserBit, u)
+	g.mapPage(0x400000, 0x300000, pteRW|pteUS)         // user code
+	g.mapPage(0x7fff_ffff_e000, 0x301000, pteRW|pteUS) // user stack
+	g.mapPage(0xffff_8880_0000_0000, 0, pteRW)         // direct map
+	g.mapPage(0xffff_ffff_8100_0000, 0x1000000, 0)     // kernel text
+	for i := uint64(0); i < 256; i++ {
+		e := g.mem.get64(k + 8*i)
+		g.mem.put64(u+8*i, e)
+		if e&pteP != 0 {
+			g.mem.put64(k+8*i, e|pteXD|1<<5) // NX and accessed in the kernel copy
+		}
+	}
+	g.mem.put64(u+8*508, g.frame()|pteP|pteRW) // cpu_entry_area
+	return k, u
+}
+
+// twoProcesses lays out two processes without isolation whose PGDs are
+// adjacent pages: a (bit 12 clear) and b = a|bit 12, each with its own user
+// tables and the same kernel half.
+func twoProcesses(t *testing.T, g *testGuest) (a, b uint64) {
+	a = g.cr3
+	b = g.frame()
+	require.Equal(t, a|PTIUserBit, b)
+	g.mapPage(0x400000, 0x300000, pteRW|pteUS)
+	g.mapPage(0xffff_8880_0000_0000, 0, pteRW)
+	g.mapPage(0xffff_ffff_8100_0000, 0x1000000, 0)
+	g.cr3 = b
+	g.mapPage(0x400000, 0x310000, pteRW|pteUS)
+	for i := uint64(256); i < 512; i++ {
+		g.mem.put64(b+8*i, g.mem.get64(a+8*i))
+	}
+	g.cr3 = a
+	return a, b
+}
+
+func TestAddressSpacesLearnIsolationFromThePair(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, u := ptiProcess(t, g)
+	s := &AddressSpaces{Mem: g.phys}
+	assert.Zero(t, s.System(), "no kernel address space seen yet")
+
+	s.Observe(k|1, 0, true)
+	assert.Equal(t, PTIUnknown, s.PTI(), "a kernel-mode exit proves nothing")
+	assert.Equal(t, k, s.System())
+	assert.Equal(t, u, s.Of(u|0x801), "unknown: exact")
+
+	s.Observe(u|0x801, 3, true)
+	assert.Equal(t, PTIOn, s.PTI())
+	assert.Equal(t, uint64(1), s.Checks)
+	for _, cr3 := range []uint64{k, k | 1, u, u | 0x801, 1<<63 | u | 0x801} {
+		assert.Equal(t, k, s.Of(cr3), "%#x", cr3)
+	}
+	assert.Equal(t, k, s.System())
+	// A kernel-mode exit in the entry trampoline (user CR3 at CPL 0)
+	// still names the kernel PGD.
+	s.Observe(u|0x801, 0, true)
+	assert.Equal(t, k, s.System())
+	assert.Equal(t, PTIOn, s.PTI(), "decided once")
+}
+
+func TestAddressSpacesKeepAdjacentProcessesApart(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	a, b := twoProcesses(t, g)
+	s := &AddressSpaces{Mem: g.phys}
+	s.Observe(b, 3, true)
+	assert.Equal(t, PTIUnknown, s.PTI(), "b and a are not a pair")
+	assert.Equal(t, uint64(1), s.Checks)
+	assert.Equal(t, b, s.Of(b))
+	assert.NotEqual(t, s.Of(a), s.Of(b))
+	s.Observe(a, 3, true)
+	assert.Equal(t, PTIOff, s.PTI(), "user mode with bit 12 clear")
+	assert.Equal(t, b, s.Of(b|5))
+	assert.Equal(t, a, s.Of(a))
+	assert.Equal(t, a, s.System())
+	s.Observe(b, 0, true)
+	assert.Equal(t, b, s.System(), "every PGD maps the kernel half")
+
+	// Same user tables in both (never so in Linux) are still not a pair:
+	// b maps as much of the kernel half as a.
+	for i := uint64(0); i < 256; i++ {
+		g.mem.put64(b+8*i, g.mem.get64(a+8*i))
+	}
+	s = &AddressSpaces{Mem: g.phys}
+	s.Observe(b, 3, true)
+	assert.Equal(t, PTIUnknown, s.PTI())
+}
+
+func TestAddressSpacesWaitThroughATornPair(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, u := ptiProcess(t, g)
+	saved := g.mem.get64(u)
+	g.mem.put64(u, saved^0x5000) // another processor half-way through set_pgd
+	s := &AddressSpaces{Mem: g.phys}
+	s.Observe(u, 3, true)
+	assert.Equal(t, PTIUnknown, s.PTI(), "a mismatch decides nothing")
+	assert.Equal(t, u, s.Of(u))
+	g.mem.put64(u, saved)
+	s.Observe(k, 0, true)
+	s.Observe(u, 3, true)
+	assert.Equal(t, PTIOn, s.PTI(), "checked again at a later exit")
+
+	// Only 32-bit or real-mode code, or a PGD outside guest RAM: nothing.
+	s = &AddressSpaces{Mem: g.phys}
+	s.Observe(0x1000, 3, false)
+	s.Observe(holeStart|PTIUserBit, 3, true)
+	assert.Equal(t, PTIUnknown, s.PTI())
+	// An empty user half is no pair either.
+	for i := uint64(0); i < 256; i++ {
+		g.mem.put64(u+8*i, 0)
+		g.mem.put64(k+8*i, 0)
+	}
+	s.Observe(u, 3, true)
+	assert.Equal(t, PTIUnknown, s.PTI())
+}
+
+func TestAddressSpacesSystemIsValidated(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, _ := ptiProcess(t, g)
+	s := &AddressSpaces{Mem: g.phys}
+	s.Observe(holeStart, 0, true)
+	assert.Zero(t, s.System(), "not guest RAM")
+	empty := g.frame()
+	s.Observe(empty&^PTIUserBit, 0, true)
+	if empty&PTIUserBit == 0 {
+		assert.Zero(t, s.System(), "maps nothing of the kernel")
+	}
+	s.Observe(k, 0, true)
+	assert.Equal(t, k, s.System())
+}
+
+func TestAddressSpacesObserveExits(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, u := ptiProcess(t, g)
+	m := newFakeVMCS()
+	v := NewVCPU(m, skylake())
+	s := &AddressSpaces{Mem: g.phys}
+	s.Install(v)
+	m.f[vmx.GuestRIP], m.f[vmx.ExitQualification], m.f[vmx.IDTVectoringInfo] = 0x1000, 0, 0
+	m.f[vmx.EntryControls] = vmx.EntryIA32eMode
+	m.f[vmx.GuestCR0] = cr0PG
+	m.f[vmx.GuestCR3] = k | 1
+	m.f[vmx.GuestSSAccess] = 0x93
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	assert.Equal(t, PTIUnknown, s.PTI())
+	m.f[vmx.GuestCR3] = u | 0x801
+	m.f[vmx.GuestSSAccess] = 0xf3 // DPL 3
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	v.observe(exitOf(v, vmx.ExitCPUID))
+	assert.Equal(t, PTIOn, s.PTI())
+	assert.Equal(t, uint64(1), s.Checks, "one check for one CR3")
+	assert.Equal(t, k, s.System())
+	require.NoError(t, m.Err())
+}
+
+// Several vCPUs may learn and ask at once (run with -race).
+func TestAddressSpacesConcurrentUse(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	k, u := ptiProcess(t, g)
+	s := &AddressSpaces{Mem: g.phys}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 100; i++ {
+			s.Observe(k, 0, true)
+			s.Observe(u, 3, true)
+		}
+	}()
+	for i := 0; i < 100; i++ {
+		if cr3 := s.Of(u); cr3 != u {
+			assert.Equal(t, k, cr3)
+		}
+		_ = s.System()
+	}
+	<-done
+	assert.Equal(t, PTIOn, s.PTI())
+	assert.Equal(t, k, s.Of(u))
+}
