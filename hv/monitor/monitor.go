@@ -303,8 +303,10 @@ func (m *Monitor) Call(v *hv.VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 
 // Options CPL 3 may use in a swap read: faults taken in user mode, or
 // none; BPFault only when granted. Option 0 (a fault in whatever ring the
-// guest is in) and KernelFault are kernel-mode faults on the caller's
-// behalf.
+// guest is in) and KernelFault are kernel-mode faults injected at whatever
+// point the kernel happens to run (atomic context, SMAP): their safety on
+// Linux is not shown, so no caller gets them; CPL 0 may use every other
+// option.
 const (
 	ring3Options  = swapmem.UserFault | swapmem.NoFault | swapmem.WriteFault | swapmem.NoDups
 	faultOptions  = swapmem.UserFault | swapmem.NoFault | swapmem.BPFault
@@ -360,6 +362,9 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		return hcall.Invalid
 	}
 	opts := swapmem.Options(rq.Options)
+	if opts&faultOptions == 0 || opts&swapmem.KernelFault != 0 {
+		return hcall.Denied
+	}
 	if cpl != 0 {
 		allowed := ring3Options
 		if m.Ring3&Ring3BPFault != 0 {

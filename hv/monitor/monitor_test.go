@@ -153,8 +153,12 @@ func TestRing3CannotReadKernelMemory(t *testing.T) {
 	assert.Zero(t, g.mon.Engine.Stats().Completed)
 
 	g.cpl(0)
-	assert.Zero(t, g.swapRead(0, kernelBuf, 8, 0, []byte(secretText)))
+	assert.Zero(t, g.swapRead(0, kernelBuf, 8, uint64(swapmem.NoFault), []byte(secretText)))
 	assert.Equal(t, uint64(hcall.StatusOK), g.status(), "the kernel may read its own memory")
+	// Kernel-mode faults at an arbitrary point of the guest kernel: no
+	// caller gets them.
+	assert.Equal(t, hcall.Denied, g.swapRead(0, kernelBuf, 8, 0, []byte(secretText)))
+	assert.Equal(t, hcall.Denied, g.swapRead(0, kernelBuf, 8, uint64(swapmem.KernelFault), []byte(secretText)))
 }
 
 // The request itself must be in the caller's memory: a process may not
