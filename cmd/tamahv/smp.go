@@ -1,0 +1,99 @@
+//go:build tamago
+
+package main
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/multiboot"
+)
+
+// visibleOption on tamahv's command line leaves the firmware's processor
+// tables unpatched.
+const visibleOption = "smp.visible"
+
+// holdProcessors brings every application processor the firmware lists
+// under tamahv before the guest starts: each is started and parked in VMX
+// root operation (where INIT is blocked and start-up IPIs are ignored),
+// and every processor but the bootstrap one is hidden from the guest's
+// copy of the MADT and MP table. It returns an error, and the guest must
+// not start, where an enabled processor answered but could not be held:
+// the guest could start that one natively.
+//
+// It prints these stable lines:
+//
+//	tamahv: processors: N listed (MADT|MP), bootstrap APIC ID N
+//	tamahv: AP APIC ID N: parked in VMX root operation (T)
+//	tamahv: AP APIC ID N: <why it is not held> (T)
+//	tamahv: hidden from the guest: APIC IDs [...]
+func holdProcessors(info *multiboot.Info) (*pc.SMP, error) {
+	procs, err := pc.FindProcessors(pc.PhysMem{})
+	if err != nil {
+		fmt.Printf("tamahv: processors: %v; only the bootstrap processor is known\n", err)
+		return nil, nil
+	}
+	bsp := pc.BSPAPICID()
+	var start, hide []uint32
+	for _, p := range procs.List {
+		if p.APICID == bsp || slices.Contains(hide, p.APICID) {
+			continue
+		}
+		hide = append(hide, p.APICID)
+		if p.Enabled {
+			start = append(start, p.APICID) // online-capable ones are not there yet
+		}
+	}
+	src := pc.SourceMADT
+	if procs.MADT == 0 {
+		src = pc.SourceMP
+	}
+	fmt.Printf("tamahv: processors: %d listed (%s), bootstrap APIC ID %d\n", len(procs.List), src, bsp)
+
+	var smp *pc.SMP
+	var refused []uint32
+	if len(start) > 0 {
+		var avail [][2]uint64
+		for _, r := range info.MemoryMap {
+			if r.Type == multiboot.MemAvailable {
+				avail = append(avail, [2]uint64{r.Base, r.Base + r.Length})
+			}
+		}
+		page, err := pc.TrampolinePage(avail)
+		if err != nil {
+			return nil, err
+		}
+		if smp, err = pc.StartAPs(start, page); err != nil {
+			return nil, err
+		}
+		for _, ap := range smp.APs {
+			fmt.Printf("tamahv: AP APIC ID %d: %v (%v)\n", ap.APICID, ap.Status, ap.Took.Round(time.Microsecond))
+			if !ap.Status.Held() && ap.Status != pc.APSilent {
+				refused = append(refused, ap.APICID)
+			}
+		}
+	}
+	// Until each AP runs as a vCPU, the guest sees the bootstrap
+	// processor only. With smp.visible on tamahv's command line the
+	// tables are left as they are (a test that the parked APs ignore
+	// the guest's INIT and start-up IPIs).
+	if slices.Contains(strings.Fields(info.Cmdline), visibleOption) {
+		fmt.Printf("tamahv: %s: the guest sees every processor; the APs stay parked\n", visibleOption)
+		hide = nil
+	}
+	for _, id := range hide {
+		if _, err := procs.Hide(pc.PhysMem{}, id); err != nil {
+			fmt.Printf("tamahv: hiding APIC ID %d: %v\n", id, err)
+		}
+	}
+	if len(hide) > 0 {
+		fmt.Printf("tamahv: hidden from the guest: APIC IDs %v\n", hide)
+	}
+	if len(refused) > 0 {
+		return smp, fmt.Errorf("processors tamahv cannot hold, which the guest could start natively: APIC IDs %v", refused)
+	}
+	return smp, nil
+}
