@@ -12,7 +12,8 @@
 //	tamahv: processors: ... (and the lines of holdProcessors)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
-//	tamahv: guest exited (status N) after N exits
+//	tamahv: vCPU N started
+//	tamahv: guest exited (status N) after N exits (vCPU 0: N)
 //	tamahv: halted
 package main
 

@@ -277,6 +277,13 @@ func New(b Board, c Config) (*Machine, error) {
 		}
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
+	started := false
+	v.OnEntry(func(*hv.VCPU) {
+		if !started {
+			started = true
+			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", 0)
+		}
+	})
 	h := b.Host()
 	err = v.Init(hv.Setup{
 		Host: h, EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
@@ -317,7 +324,7 @@ func (m *Machine) Run() error {
 	if m.Monitor != nil {
 		status = m.Monitor.Status
 	}
-	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits\n", status, v.Total())
+	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (vCPU 0: %d)\n", status, v.Total(), v.Total())
 	v.Report(m.log, false)
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
