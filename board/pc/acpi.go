@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // PhysRW reads and writes physical memory.
@@ -483,4 +484,22 @@ func hideEntry(m PhysRW, p *Processors, c Processor) (bool, error) {
 		return false, fmt.Errorf("pc: %s at %#x did not take the write (read-only memory?)", c.Source, base)
 	}
 	return true, nil
+}
+
+// Plan decides, from the firmware's list, which processors tamahv starts
+// and parks (every enabled one but the bootstrap processor) and which it
+// hides from the guest (every one but the bootstrap processor, online
+// capable ones included: they may appear later, and tamahv would not
+// hold them). Each APIC ID appears once, in the order listed.
+func (p *Processors) Plan(bsp uint32) (start, hide []uint32) {
+	for _, c := range p.List {
+		if c.APICID == bsp || slices.Contains(hide, c.APICID) {
+			continue
+		}
+		hide = append(hide, c.APICID)
+		if c.Enabled {
+			start = append(start, c.APICID)
+		}
+	}
+	return start, hide
 }

@@ -325,3 +325,16 @@ func TestHideReadOnlyTable(t *testing.T) {
 	require.Error(t, err, "the MP table did not change")
 	assert.Equal(t, 1, n, "the MADT did")
 }
+
+func TestPlan(t *testing.T) {
+	p := &Processors{List: []Processor{
+		{APICID: 0, Enabled: true}, {APICID: 1, Enabled: true}, {APICID: 2, OnlineCapable: true},
+		{APICID: 1, Enabled: true, X2APIC: true}, {APICID: 3}, {APICID: 0x100, Enabled: true, X2APIC: true},
+	}}
+	start, hide := p.Plan(0)
+	assert.Equal(t, []uint32{1, 0x100}, start, "enabled APs once each; not the BSP; not the absent ones")
+	assert.Equal(t, []uint32{1, 2, 3, 0x100}, hide)
+	start, hide = p.Plan(1)
+	assert.Equal(t, []uint32{0, 0x100}, start, "the BSP need not be APIC ID 0")
+	assert.Equal(t, []uint32{0, 2, 3, 0x100}, hide)
+}

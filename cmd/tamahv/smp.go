@@ -37,16 +37,7 @@ func holdProcessors(info *multiboot.Info) (*pc.SMP, error) {
 		return nil, nil
 	}
 	bsp := pc.BSPAPICID()
-	var start, hide []uint32
-	for _, p := range procs.List {
-		if p.APICID == bsp || slices.Contains(hide, p.APICID) {
-			continue
-		}
-		hide = append(hide, p.APICID)
-		if p.Enabled {
-			start = append(start, p.APICID) // online-capable ones are not there yet
-		}
-	}
+	start, hide := procs.Plan(bsp)
 	src := pc.SourceMADT
 	if procs.MADT == 0 {
 		src = pc.SourceMP
