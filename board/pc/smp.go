@@ -45,21 +45,6 @@ const (
 	reportWait   = time.Second
 )
 
-// AP is an application processor StartAPs tried to start.
-type AP struct {
-	// APICID is its local APIC ID, from the firmware's table.
-	APICID uint32
-	// Status is how far it got; only an AP whose Status is Held is under
-	// tamahv's control.
-	Status APStatus
-	// FeatureControl is IA32_FEATURE_CONTROL as the AP found it.
-	FeatureControl uint64
-	// Took is the time from INIT to its last report.
-	Took time.Duration
-
-	params *[4096]byte
-}
-
 // SMP holds the application processors and every page they use (their
 // parameter blocks, stacks, VMXON regions and the IDT) for as long as
 // tamahv runs: keep it reachable.

@@ -3,6 +3,7 @@ package pc
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 )
 
 // apTrampoline is the code an application processor runs from its
@@ -210,4 +211,34 @@ func TrampolinePage(regions [][2]uint64) (uint32, error) {
 		return 0, fmt.Errorf("pc: no available page below 640 KiB for the AP trampoline")
 	}
 	return uint32(best), nil
+}
+
+// AP is an application processor StartAPs tried to start.
+type AP struct {
+	// APICID is its local APIC ID, from the firmware's table.
+	APICID uint32
+	// Status is how far it got; only an AP whose Status is Held is under
+	// tamahv's control.
+	Status APStatus
+	// FeatureControl is IA32_FEATURE_CONTROL as the AP found it.
+	FeatureControl uint64
+	// Took is the time from INIT to its last report.
+	Took time.Duration
+
+	params *[4096]byte
+}
+
+// Unheld returns the APIC IDs of the APs that answered but are not under
+// tamahv's control: the guest could INIT and start them natively, so the
+// guest must not run. An AP that never answered is not among them (it
+// was sent INIT again and waits for a start-up IPI it would get only
+// from the guest, which does not see it).
+func Unheld(aps []AP) []uint32 {
+	var ids []uint32
+	for _, ap := range aps {
+		if !ap.Status.Held() && ap.Status != APSilent {
+			ids = append(ids, ap.APICID)
+		}
+	}
+	return ids
 }

@@ -124,3 +124,12 @@ func TestAPStatus(t *testing.T) {
 		assert.NotEmpty(t, s.String())
 	}
 }
+
+func TestUnheld(t *testing.T) {
+	aps := []AP{
+		{APICID: 1, Status: APParked}, {APICID: 2, Status: APSilent}, {APICID: 3, Status: APStarted},
+		{APICID: 4, Status: APNoVMX}, {APICID: 5, Status: APVMXLockedOff}, {APICID: 6, Status: APVMXONFailed},
+	}
+	assert.Equal(t, []uint32{3, 4, 5, 6}, Unheld(aps))
+	assert.Empty(t, Unheld(aps[:2]))
+}

@@ -62,10 +62,8 @@ func holdProcessors(info *multiboot.Info) (*pc.SMP, error) {
 		}
 		for _, ap := range smp.APs {
 			fmt.Printf("tamahv: AP APIC ID %d: %v (%v)\n", ap.APICID, ap.Status, ap.Took.Round(time.Microsecond))
-			if !ap.Status.Held() && ap.Status != pc.APSilent {
-				refused = append(refused, ap.APICID)
-			}
 		}
+		refused = pc.Unheld(smp.APs)
 	}
 	// Until each AP runs as a vCPU, the guest sees the bootstrap
 	// processor only. With smp.visible on tamahv's command line the
