@@ -47,8 +47,8 @@ func TestBochsSMP(t *testing.T) {
 		l, _ := lineWith(res.Lines, want)
 		assert.NotEmpty(t, l, "tamahv did not print %q", want)
 	}
-	if _, at, ok := res.GuestLine("guest: init started"); ok {
-		t.Logf("guest init after %v of wall time", at.Round(time.Millisecond))
+	if l, at, ok := res.GuestLine("guest: init started"); ok {
+		t.Logf("%s, after %v of wall time", l, at.Round(time.Millisecond))
 	}
 	exited, _ := lineWith(res.Lines, "tamahv: guest exited")
 	require.Equal(t, "tamahv: guest exited (status 0)", strings.SplitN(exited, " after", 2)[0], "tamahv:\n%s", res.Serial())

@@ -127,6 +127,8 @@ type Machine struct {
 	Start *hv.Start
 	// Linux is the loaded guest.
 	Linux *hv.Linux
+	// Shootdown carries EPT changes to every vCPU's processor.
+	Shootdown *hv.Shootdown
 
 	board  Board
 	log    io.Writer
@@ -226,7 +228,12 @@ func New(b Board, c Config) (*Machine, error) {
 		}
 	}
 	m.eptp = m.EPT.Pointer(false)
-	invalidate := func() { b.InvalidateEPT(m.eptp) }
+	// Every change to the EPT reaches every vCPU's processor through the
+	// shootdown (one vCPU today: its own INVEPT at the change).
+	m.Shootdown = hv.NewShootdown(1, func(int) { b.InvalidateEPT(m.eptp) })
+	invalidate := func() { m.Shootdown.Changed(0) }
+	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
+	v.Observe(func(*hv.VCPU, vmx.Exit) { m.Shootdown.Exit(0) })
 	// Every guest-physical access on the guest's behalf goes through
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
 	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}

@@ -315,6 +315,7 @@ func TestGuestEndToEnd(t *testing.T) {
 	assert.Equal(t, 1, strings.Count(log.String(), "tamahv: vCPU 0 started\n"), "once, at the first entry")
 	assert.EqualValues(t, 1, m.Engine.Stats().Injected)
 	assert.Positive(t, b.flush, "EPT flushed after the watch changed it")
+	assert.EqualValues(t, m.Shootdown.Generation(), b.flush, "one INVEPT per change, through the shootdown; the entry check finds nothing new")
 }
 
 func (b *board) logText(l *bytes.Buffer) string { return l.String() }
