@@ -242,3 +242,20 @@ func Unheld(aps []AP) []uint32 {
 	}
 	return ids
 }
+
+// PackageProcessors returns the number of logical processors in the
+// executing processor's package from CPUID leaf 0BH (SDM Vol. 2A, CPUID,
+// "Extended Topology Enumeration Leaf"): EBX[15:0] of the last level
+// whose type (ECX[15:8]) is not 0. leafB executes CPUID(0BH, subleaf).
+// It returns 0 where the leaf enumerates nothing.
+func PackageProcessors(leafB func(subleaf uint32) (eax, ebx, ecx, edx uint32)) int {
+	n := 0
+	for sub := uint32(0); sub < 8; sub++ {
+		_, b, c, _ := leafB(sub)
+		if c>>8&0xff == 0 {
+			break
+		}
+		n = int(b & 0xffff)
+	}
+	return n
+}

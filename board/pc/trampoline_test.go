@@ -133,3 +133,22 @@ func TestUnheld(t *testing.T) {
 	assert.Equal(t, []uint32{3, 4, 5, 6}, Unheld(aps))
 	assert.Empty(t, Unheld(aps[:2]))
 }
+
+func TestPackageProcessors(t *testing.T) {
+	levels := [][4]uint32{
+		{1, 2, 0x100, 0}, // SMT: 2 threads
+		{4, 8, 0x201, 0}, // core: 8 logical processors in the package
+		{0, 0, 0x002, 0}, // invalid: the end
+	}
+	leaf := func(l [][4]uint32) func(uint32) (uint32, uint32, uint32, uint32) {
+		return func(sub uint32) (uint32, uint32, uint32, uint32) {
+			if int(sub) >= len(l) {
+				return 0, 0, sub, 0
+			}
+			return l[sub][0], l[sub][1], l[sub][2], l[sub][3]
+		}
+	}
+	assert.Equal(t, 8, PackageProcessors(leaf(levels)))
+	assert.Equal(t, 2, PackageProcessors(leaf(levels[:1])))
+	assert.Zero(t, PackageProcessors(leaf(nil)))
+}

@@ -43,6 +43,11 @@ func holdProcessors(info *multiboot.Info) (*pc.SMP, error) {
 		src = pc.SourceMP
 	}
 	fmt.Printf("tamahv: processors: %d listed (%s), bootstrap APIC ID %d\n", len(procs.List), src, bsp)
+	if n := pc.LogicalProcessors(); n > len(start)+1 {
+		// A processor the firmware does not list is not started, so not
+		// held: a guest that guesses its APIC ID could start it.
+		fmt.Printf("tamahv: CPUID counts %d logical processors in this package, the firmware lists %d enabled: the others are not held\n", n, len(start)+1)
+	}
 
 	var smp *pc.SMP
 	var refused []uint32
