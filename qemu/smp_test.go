@@ -1,6 +1,8 @@
 package qemu
 
 import (
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -76,4 +78,32 @@ func guestContains(res *Result, s string) bool {
 		}
 	}
 	return false
+}
+
+// TestBochsSMPModels boots tamahv with 4 processors on each Bochs model
+// the guest runs on, up to the guest's start: every AP is parked and
+// hidden (make e2e-smp, or TAMAHV_E2E_SMP=1).
+func TestBochsSMPModels(t *testing.T) {
+	if os.Getenv("TAMAHV_E2E_SMP") == "" {
+		t.Skip("on demand: make e2e-smp (TAMAHV_E2E_SMP=1)")
+	}
+	iso := isoForTest(t)
+	needEmulator(t, Bochs)
+	for _, model := range []string{"corei7_skylake_x", "broadwell_ult"} {
+		t.Run(model, func(t *testing.T) {
+			res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Model: model, CPUs: 4, Timeout: 4 * time.Minute},
+				func(l string) bool { return strings.HasPrefix(l, "tamahv: guest started") || l == "tamahv: halted" })
+			t.Logf("tamahv:\n%s", res.Serial())
+			l, _ := lineWith(res.Lines, "tamahv: processors: 4 listed (MADT)")
+			assert.NotEmpty(t, l)
+			for id := 1; id < 4; id++ {
+				l, _ := lineWith(res.Lines, fmt.Sprintf("tamahv: AP APIC ID %d: parked in VMX root operation", id))
+				assert.NotEmpty(t, l, "AP %d", id)
+			}
+			l, _ = lineWith(res.Lines, "tamahv: hidden from the guest: APIC IDs [1 2 3]")
+			assert.NotEmpty(t, l)
+			l, _ = lineWith(res.Lines, "tamahv: guest started")
+			assert.NotEmpty(t, l)
+		})
+	}
 }

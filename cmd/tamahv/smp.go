@@ -78,10 +78,18 @@ func holdProcessors(info *multiboot.Info) (*pc.SMP, error) {
 		fmt.Printf("tamahv: %s: the guest sees every processor; the APs stay parked\n", visibleOption)
 		hide = nil
 	}
+	var why []string // each reason once, with the APIC IDs it held back
+	failed := map[string][]uint32{}
 	for _, id := range hide {
 		if _, err := procs.Hide(pc.PhysMem{}, id); err != nil {
-			fmt.Printf("tamahv: hiding APIC ID %d: %v\n", id, err)
+			if _, ok := failed[err.Error()]; !ok {
+				why = append(why, err.Error())
+			}
+			failed[err.Error()] = append(failed[err.Error()], id)
 		}
+	}
+	for _, w := range why {
+		fmt.Printf("tamahv: hiding APIC IDs %v: %s\n", failed[w], w)
 	}
 	if len(hide) > 0 {
 		fmt.Printf("tamahv: hidden from the guest: APIC IDs %v\n", hide)
