@@ -72,6 +72,8 @@ type lapic struct {
 	base uint64
 }
 
+// newLAPIC returns the BSP's local APIC, switched to x2APIC mode where an
+// APIC ID above 254 needs it.
 func newLAPIC(highestID uint32) (lapic, error) {
 	v := readMSR(msrAPICBase)
 	l := lapic{x2: v&apicBaseX2APIC != 0, base: v & apicBaseAddr}
@@ -114,6 +116,7 @@ func spin(d time.Duration, cond func() bool) bool {
 	}
 }
 
+// status reads the status the AP writes.
 func (a *AP) status() APStatus {
 	return APStatus(atomic.LoadUint32((*uint32)(unsafe.Pointer(&a.params[apStatus]))))
 }

@@ -133,6 +133,7 @@ const (
 	APVMXONFailed APStatus = 0x83
 )
 
+// String says in words how far the AP got.
 func (s APStatus) String() string {
 	switch s {
 	case APSilent:
