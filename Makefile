@@ -4,6 +4,7 @@
 #   make run        boot the ISO in Bochs (VMX with EPT); EMU=tcg or EMU=kvm for QEMU
 #   make test       vet, format check, host tests (-race), emulator tests
 #   make e2e-models boot every supported Bochs CPU model with the guest
+#   make e2e-smp    the 2-processor guest, and 4 processors on each guest model
 #   make e2e-swapmem the further swapmem cases on the Linux guest
 #   make e2e-overhead the guest without and with tamahv
 #   make fuzz       run the swapmem, hypercall and page-table-write fuzzers for FUZZTIME each (default 60s)
@@ -35,7 +36,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: kmod iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -184,6 +185,9 @@ host-test:
 test: deps-test deps-iso deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
 	$(GO) test -race -count=1 ./...
+
+e2e-smp: deps-bochs deps-iso
+	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 30m ./qemu/
 
 e2e-models: deps-bochs deps-iso
 	TAMAHV_E2E_MODELS=1 $(GO) test -count=1 -v -run TestBochsModels -timeout 40m ./qemu/

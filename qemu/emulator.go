@@ -53,6 +53,7 @@ type Config struct {
 	ISO      string        // the bootable image
 	Model    string        // Bochs CPU model (default corei7_skylake_x)
 	MemMiB   int           // guest-physical memory (default 1024)
+	CPUs     int           // processors (default 1)
 	Timeout  time.Duration // the emulator is ended after this long (default 2 minutes)
 	// Dir receives the serial log, the emulator's own log and its
 	// configuration (default: a new temporary directory).
@@ -67,6 +68,8 @@ const (
 	DefaultModel   = "corei7_skylake_x"
 	DefaultMemMiB  = 1024
 	DefaultTimeout = 2 * time.Minute
+	// MaxCPUs is the most processors a boot is given.
+	MaxCPUs = 8
 	// bochsIPS is the instructions per second Bochs emulates; its TSC
 	// runs at this rate.
 	bochsIPS = 200_000_000
@@ -102,6 +105,12 @@ func (c *Config) fill() error {
 	if c.Timeout == 0 {
 		c.Timeout = DefaultTimeout
 	}
+	if c.CPUs == 0 {
+		c.CPUs = 1
+	}
+	if c.CPUs < 1 || c.CPUs > MaxCPUs {
+		return fmt.Errorf("qemu: %d processors: give 1 to %d", c.CPUs, MaxCPUs)
+	}
 	return nil
 }
 
@@ -116,7 +125,7 @@ func GuestLog(dir string) string { return filepath.Join(dir, "guest.log") }
 func bochsrc(c *Config, dir string) string {
 	return strings.Join([]string{
 		fmt.Sprintf("megs: %d", c.MemMiB),
-		fmt.Sprintf("cpu: model=%s, count=1, ips=%d, reset_on_triple_fault=0", c.Model, bochsIPS),
+		fmt.Sprintf("cpu: model=%s, count=%d, ips=%d, reset_on_triple_fault=0", c.Model, c.CPUs, bochsIPS),
 		"romimage: file=/usr/share/bochs/BIOS-bochs-latest",
 		"vgaromimage: file=/usr/share/vgabios/vgabios.bin",
 		fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted", c.ISO),
@@ -151,7 +160,7 @@ func command(c *Config, dir string) (string, []string, error) {
 		return c.program("bochs"), []string{"-q", "-f", rc, "-rc", cmds}, nil
 	case TCG, KVM:
 		args := []string{
-			"-machine", "pc", "-m", fmt.Sprint(c.MemMiB),
+			"-machine", "pc", "-m", fmt.Sprint(c.MemMiB), "-smp", fmt.Sprint(c.CPUs),
 			"-cdrom", c.ISO, "-boot", "d",
 			"-display", "none", "-monitor", "none", "-no-reboot",
 			"-serial", "file:" + SerialLog(dir),

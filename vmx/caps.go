@@ -145,6 +145,11 @@ func (c *Caps) WriteBackVMCS() bool { return c.Basic>>50&0xf == 6 }
 // (IA32_VMX_MISC bits 4:0).
 func (c *Caps) PreemptionTimerShift() uint { return uint(c.Misc & 0x1f) }
 
+// WaitForSIPI reports whether a VM entry may put the guest in the
+// wait-for-SIPI activity state (IA32_VMX_MISC bit 8; SDM Vol. 3D,
+// "Miscellaneous Data").
+func (c *Caps) WaitForSIPI() bool { return c.Misc&(1<<8) != 0 }
+
 // EPT reports whether EPT with 4-level walks and write-back paging
 // structures can be used.
 func (c *Caps) EPT() bool {

@@ -9,9 +9,11 @@
 //
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
+//	tamahv: processors: ... (and the lines of holdProcessors)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
-//	tamahv: guest exited (status N) after N exits
+//	tamahv: vCPU N started
+//	tamahv: guest exited (status N) after N exits (vCPU 0: N)
 //	tamahv: halted
 package main
 
@@ -54,9 +56,14 @@ func main() {
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
 	if info, err := pc.BootInfo(); err == nil {
 		if kernel, initrd, cmdline := modules(info); kernel != nil {
-			if err := runGuest(caps, info, kernel, initrd, cmdline); err != nil {
+			smp, err := holdProcessors(info)
+			if err == nil {
+				err = runGuest(caps, info, kernel, initrd, cmdline)
+			}
+			if err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}
+			runtime.KeepAlive(smp) // the parked APs' pages
 		} else {
 			fmt.Println("tamahv: no guest (no kernel among the Multiboot modules)")
 		}

@@ -137,6 +137,8 @@ type Machine struct {
 	Start *hv.Start
 	// Linux is the loaded guest.
 	Linux *hv.Linux
+	// Shootdown carries EPT changes to every vCPU's processor.
+	Shootdown *hv.Shootdown
 
 	board  Board
 	log    io.Writer
@@ -236,7 +238,12 @@ func New(b Board, c Config) (*Machine, error) {
 		}
 	}
 	m.eptp = m.EPT.Pointer(false)
-	invalidate := func() { b.InvalidateEPT(m.eptp) }
+	// Every change to the EPT reaches every vCPU's processor through the
+	// shootdown (one vCPU today: its own INVEPT at the change).
+	m.Shootdown = hv.NewShootdown(1, func(int) { b.InvalidateEPT(m.eptp) })
+	invalidate := func() { m.Shootdown.Changed(0) }
+	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
+	v.Observe(func(*hv.VCPU, vmx.Exit) { m.Shootdown.Exit(0) })
 	// Every guest-physical access on the guest's behalf goes through
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
 	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
@@ -299,6 +306,13 @@ func New(b Board, c Config) (*Machine, error) {
 		}
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
+	started := false
+	v.OnEntry(func(*hv.VCPU) {
+		if !started {
+			started = true
+			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", 0)
+		}
+	})
 	h := b.Host()
 	err = v.Init(hv.Setup{
 		Host: h, EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
@@ -371,7 +385,7 @@ func (m *Machine) Run() error {
 	if m.Monitor != nil {
 		status = m.Monitor.Status
 	}
-	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits\n", status, v.Total())
+	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (vCPU 0: %d)\n", status, v.Total(), v.Total())
 	v.Report(m.log, false)
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"unsafe"
 
@@ -299,9 +300,11 @@ func TestGuestEndToEnd(t *testing.T) {
 	require.NoError(t, m.Run(), "log:\n%s", log)
 	assert.Empty(t, b.script)
 	assert.Contains(t, log.String(), "tamahv: swapmem read ok")
-	assert.Contains(t, log.String(), "tamahv: guest exited (status 5) after 7 exits")
+	assert.Contains(t, log.String(), "tamahv: guest exited (status 5) after 7 exits (vCPU 0: 7)")
+	assert.Equal(t, 1, strings.Count(log.String(), "tamahv: vCPU 0 started\n"), "once, at the first entry")
 	assert.EqualValues(t, 1, m.Engine.Stats().Injected)
 	assert.Positive(t, b.flush, "EPT flushed after the watch changed it")
+	assert.EqualValues(t, m.Shootdown.Generation(), b.flush, "one INVEPT per change, through the shootdown; the entry check finds nothing new")
 }
 
 func (b *board) logText(l *bytes.Buffer) string { return l.String() }

@@ -1,0 +1,65 @@
+package hv
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+func TestMakeAPWaitsForSIPI(t *testing.T) {
+	v, _ := scripted(t, nil)
+	require.NoError(t, v.MakeAP())
+	f := fv(v).f
+	assert.Equal(t, uint64(vmx.ActivityWaitForSIPI), f[vmx.GuestActivityState])
+	assert.Equal(t, uint64(0xf000), f[vmx.GuestCS], "the INIT state")
+	assert.Zero(t, f[vmx.GuestCR0]&vmx.CR0PE)
+	assert.Zero(t, f[vmx.EntryInterruptInfo], "nothing to inject into a waiting AP")
+}
+
+func TestMakeAPNeedsWaitForSIPI(t *testing.T) {
+	v, _ := scripted(t, nil)
+	caps := *v.Caps
+	caps.Misc &^= 1 << 8
+	v.Caps = &caps
+	assert.ErrorIs(t, v.MakeAP(), ErrNoWaitForSIPI)
+	assert.NotEqual(t, uint64(vmx.ActivityWaitForSIPI), fv(v).f[vmx.GuestActivityState])
+}
+
+// TestAPINITSIPISIPI plays what Linux does to bring an AP up, twice (CPU
+// offline then online): INIT, SIPI, SIPI; the second SIPI of each pair
+// finds the vCPU running and is ignored, and the INIT of the second round
+// puts the running vCPU back in wait-for-SIPI rather than stopping the
+// guest.
+func TestAPINITSIPISIPI(t *testing.T) {
+	sipi := func(vec uint64, check func(t *testing.T, v *VCPU)) exitStep {
+		return exitStep{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: vec}, check: check}
+	}
+	running := func(vec uint64) func(t *testing.T, v *VCPU) {
+		return func(t *testing.T, v *VCPU) {
+			f := fv(v).f
+			assert.Equal(t, uint64(vmx.ActivityActive), f[vmx.GuestActivityState])
+			assert.Equal(t, vec<<8, f[vmx.GuestCS])
+			assert.Equal(t, vec<<12, f[vmx.GuestCSBase])
+			assert.Zero(t, f[vmx.GuestRIP])
+		}
+	}
+	waiting := func(t *testing.T, v *VCPU) {
+		assert.Equal(t, uint64(vmx.ActivityWaitForSIPI), fv(v).f[vmx.GuestActivityState])
+		assert.Equal(t, uint64(0xfff0), fv(v).f[vmx.GuestRIP])
+	}
+	v, _ := scripted(t, []exitStep{
+		sipi(0x9a, running(0x9a)),
+		sipi(0x55, running(0x9a)), // ignored: the vCPU runs
+		{reason: vmx.ExitINIT, check: waiting},
+		{reason: vmx.ExitINIT, check: waiting}, // INIT while waiting: waits still
+		sipi(0x9b, running(0x9b)),
+		sipi(0x9b, running(0x9b)),
+	})
+	require.NoError(t, v.MakeAP())
+	require.NoError(t, v.Run(), "the guest ends itself by hypercall, not by INIT")
+	assert.Equal(t, uint64(2), v.counts[vmx.ExitINIT])
+	assert.Equal(t, uint64(4), v.counts[vmx.ExitSIPI])
+}

@@ -1,0 +1,131 @@
+package hv
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+)
+
+// Shootdown makes a change to the shared EPT reach every processor that
+// runs the guest before the changer relies on it. The EPT's paging
+// structures live in memory all vCPUs share, but each processor caches
+// translations (SDM Vol. 3C, "Caching Translation Information"), and
+// INVEPT invalidates only the executing processor's caches
+// ("Invalidating Cached Translation Information"). tamahv uses a
+// generation check before each VM entry plus a kick:
+//
+//   - A changer edits the EPT entries, then calls Changed: the
+//     generation goes up, the changer's own processor invalidates, and
+//     every other vCPU that is in the guest and has not seen the new
+//     generation is kicked (an NMI to its processor: NMI exiting makes it
+//     exit). Changed returns once each other vCPU is out of the guest or
+//     has seen the generation.
+//   - Each vCPU, before every VM entry (Enter), marks itself in the guest
+//     and then compares the generation with the one it last invalidated
+//     for: if it moved, it invalidates first. At each VM exit (Exit) it
+//     marks itself out.
+//
+// The order of the two stores and loads (the vCPU: mark, then read the
+// generation; the changer: bump, then read the marks) is the
+// store-then-load pattern that sequentially consistent atomics make safe:
+// either the vCPU sees the new generation before it enters, or the
+// changer sees the vCPU in the guest and waits for it. A vCPU out of the
+// guest caches translations that nothing uses until its next entry, which
+// invalidates. Without Kick, Changed waits for the vCPUs' next exit
+// anyway: the VMX-preemption timer bounds that by one period.
+//
+// No lock is held across VM entry; Changed spins, never sleeps, and runs
+// in VMX root operation on the changer's processor, which is itself out
+// of the guest, so two changers cannot wait for each other.
+type Shootdown struct {
+	gen  atomic.Uint64
+	cpus []ShootdownCPU
+	// Invalidate invalidates the EPT's cached translations on the
+	// calling processor, which runs vCPU i (INVEPT single-context).
+	Invalidate func(i int)
+	// Kick makes vCPU i exit soon (nil: wait for its preemption timer).
+	Kick func(i int)
+	// Spin is called while Changed waits (nil: busy loop). A test uses
+	// it to step the other vCPUs.
+	Spin func()
+}
+
+// ShootdownCPU is one vCPU's part of a Shootdown.
+type ShootdownCPU struct {
+	inGuest atomic.Bool
+	seen    atomic.Uint64
+	kicks   atomic.Uint64
+}
+
+// ErrNoCPU is returned for a vCPU index a Shootdown does not have.
+var ErrNoCPU = errors.New("hv: no such vCPU")
+
+// NewShootdown returns a Shootdown for n vCPUs.
+func NewShootdown(n int, invalidate func(i int)) *Shootdown {
+	return &Shootdown{cpus: make([]ShootdownCPU, n), Invalidate: invalidate}
+}
+
+// CPU returns vCPU i's state.
+func (s *Shootdown) CPU(i int) (*ShootdownCPU, error) {
+	if i < 0 || i >= len(s.cpus) {
+		return nil, fmt.Errorf("%w: %d of %d", ErrNoCPU, i, len(s.cpus))
+	}
+	return &s.cpus[i], nil
+}
+
+// Generation returns the number of changes so far.
+func (s *Shootdown) Generation() uint64 { return s.gen.Load() }
+
+// Enter runs on vCPU i's processor just before VM entry: it marks the
+// vCPU in the guest, then invalidates if the EPT changed since it last
+// did. It allocates nothing.
+func (s *Shootdown) Enter(i int) {
+	c := &s.cpus[i]
+	c.inGuest.Store(true)
+	if g := s.gen.Load(); c.seen.Load() != g {
+		if s.Invalidate != nil {
+			s.Invalidate(i)
+		}
+		c.seen.Store(g)
+	}
+}
+
+// Exit runs on vCPU i's processor at every VM exit.
+func (s *Shootdown) Exit(i int) { s.cpus[i].inGuest.Store(false) }
+
+// Changed runs on vCPU self's processor (out of the guest) after it
+// changed the EPT: see Shootdown. It returns the number of vCPUs it
+// kicked.
+func (s *Shootdown) Changed(self int) int {
+	g := s.gen.Add(1)
+	if s.Invalidate != nil {
+		s.Invalidate(self)
+	}
+	if self >= 0 && self < len(s.cpus) {
+		s.cpus[self].seen.Store(g)
+	}
+	kicked := 0
+	for i := range s.cpus {
+		c := &s.cpus[i]
+		if i == self || !c.inGuest.Load() || c.seen.Load() >= g {
+			continue
+		}
+		if s.Kick != nil {
+			c.kicks.Add(1)
+			s.Kick(i)
+			kicked++
+		}
+	}
+	for i := range s.cpus {
+		c := &s.cpus[i]
+		for i != self && c.inGuest.Load() && c.seen.Load() < g {
+			if s.Spin != nil {
+				s.Spin()
+			}
+		}
+	}
+	return kicked
+}
+
+// Kicks returns how often vCPU i was kicked.
+func (c *ShootdownCPU) Kicks() uint64 { return c.kicks.Load() }
