@@ -26,10 +26,11 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	case 0x12, 0x14: // SGX and Intel PT enumeration
 		*r = [4]uint32{}
 	}
-	// Features tamahv never offers: the debug store (BTS/PEBS write to
-	// addresses the guest picks), SGX, and Intel PT (its output
-	// addresses are host-physical).
-	for _, f := range [...]vmx.CPUIDBit{vmx.CPUIDDS, vmx.CPUIDDTES64, vmx.CPUIDDSCPL, vmx.CPUIDSGX, vmx.CPUIDSGXLC, vmx.CPUIDPT} {
+	if !flagLeaf(leaf) {
+		return
+	}
+	// Features tamahv never offers.
+	for _, f := range cpuidHidden() {
 		if f.In(leaf, sub) {
 			r[f.Reg] &^= f.Mask()
 		}
@@ -37,7 +38,9 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	// Features whose instructions #UD with their control off.
 	var proc2 uint32
 	read := false
-	for _, g := range vmx.Proc2Gates() {
+	gates := vmx.Proc2Gates()
+	for i := range gates {
+		g := &gates[i]
 		if !g.Feature.In(leaf, sub) {
 			continue
 		}
@@ -48,6 +51,25 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 			r[g.Feature.Reg] &^= g.Feature.Mask()
 		}
 	}
+}
+
+// cpuidHidden lists the features tamahv never offers: the debug store
+// (BTS/PEBS write to addresses the guest picks), SGX, and Intel PT (its
+// output addresses are host-physical).
+func cpuidHidden() [6]*vmx.CPUIDBit {
+	return [...]*vmx.CPUIDBit{&vmx.CPUIDDS, &vmx.CPUIDDTES64, &vmx.CPUIDDSCPL, &vmx.CPUIDSGX, &vmx.CPUIDSGXLC, &vmx.CPUIDPT}
+}
+
+// flagLeaf reports whether leaf holds a flag filterCPUID may clear: one
+// of cpuidHidden or of vmx.Proc2Gates. The answers of other leaves (leaf 0,
+// the cache and topology leaves, the brand string) pass through without
+// the scans, which cost a CPUID exit more than the rest of its handling.
+func flagLeaf(leaf uint32) bool {
+	switch leaf {
+	case 1, 7, 0xd, 0x80000001:
+		return true
+	}
+	return false
 }
 
 // hasFeature reports whether the host's CPUID has flag f.

@@ -90,9 +90,14 @@ const (
 
 // deliverEvent places the first queued event into the VM-entry fields if
 // the guest can take it now, else asks for an interrupt or NMI window.
+// With no event queued and no window asked for, it touches nothing.
 func (v *VCPU) deliverEvent() {
-	proc := v.VMCS.Read(vmx.ProcControls)
-	want := proc &^ (vmx.ProcInterruptWindow | vmx.ProcNMIWindow)
+	const windows = vmx.ProcInterruptWindow | vmx.ProcNMIWindow
+	if v.events.n == 0 && v.windows == 0 {
+		return
+	}
+	proc := v.read(vmx.ProcControls)
+	want := proc &^ windows
 	if e, ok := v.events.peek(); ok {
 		block := v.VMCS.Read(vmx.GuestInterruptibility)
 		switch {
@@ -111,8 +116,9 @@ func (v *VCPU) deliverEvent() {
 		}
 	}
 	if want != proc {
-		v.VMCS.Write(vmx.ProcControls, want)
+		v.write(vmx.ProcControls, want)
 	}
+	v.windows = want & windows
 }
 
 // placeEvent writes e into the VM-entry event fields. Every injection

@@ -106,6 +106,16 @@ type VCPU struct {
 	nrecent   uint64
 	events    eventQueue
 	launched  bool
+	// windows are the event-window exits deliverEvent last asked for in
+	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
+	// with none asked for and no event queued, an entry needs neither
+	// read nor write of the controls.
+	windows uint64
+	// timerLoaded is the VMX-preemption timer value last written to the
+	// VMCS, valid with timerKept: the field keeps it from entry to entry,
+	// as the exit controls do not save the timer into it.
+	timerLoaded uint32
+	timerKept   bool
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
@@ -271,7 +281,7 @@ func (v *VCPU) Run() error {
 		v.launched = true
 		act, err := v.exit()
 		if err == nil {
-			err = v.VMCS.Err()
+			err = v.err()
 		}
 		if err != nil {
 			return err
@@ -283,36 +293,89 @@ func (v *VCPU) Run() error {
 }
 
 // prepareEntry places a pending event, re-arms the timer and runs the
-// BeforeEntry hook.
+// OnEntry functions.
 func (v *VCPU) prepareEntry() error {
-	v.VMCS.ClearErr()
+	v.clearErr()
 	if v.TakeNMI != nil && v.TakeNMI() {
 		v.queueNMI()
 	}
 	v.deliverEvent()
-	if v.PreemptionTicks != 0 {
-		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
-	}
+	v.armTimer()
 	for _, f := range v.entries {
 		f(v)
+	}
+	return v.err()
+}
+
+// armTimer makes the next entry load the VMX-preemption timer with
+// PreemptionTicks. With "save VMX-preemption timer value" off, VM entry
+// loads the timer from the VMCS field and VM exit leaves the field alone
+// (SDM Vol. 3C, 26.7.4 "VMX-Preemption Timer" and 28.3.4 "Saving
+// VMX-Preemption Timer Value"): the field is written when the value
+// changes, not at every entry. The first entry of a VMCS checks the exit
+// controls and writes it.
+func (v *VCPU) armTimer() {
+	t := v.PreemptionTicks
+	if t == 0 || v.timerKept && v.launched && t == v.timerLoaded {
+		return
+	}
+	v.write(vmx.PreemptionTimerValue, uint64(t))
+	v.timerLoaded = t
+	v.timerKept = v.read(vmx.ExitControls)&vmx.ExitSavePreemptionTime == 0
+}
+
+// read and write are the run loop's VMCS accesses: a direct call of
+// HardwareVMCS's when v.VMCS is the processor's, the interface otherwise.
+func (v *VCPU) read(f vmx.Field) uint64 {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		return h.Read(f)
+	}
+	return v.VMCS.Read(f)
+}
+
+func (v *VCPU) write(f vmx.Field, val uint64) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		h.Write(f, val)
+		return
+	}
+	v.VMCS.Write(f, val)
+}
+
+func (v *VCPU) clearErr() {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		h.err = nil
+		return
+	}
+	v.VMCS.ClearErr()
+}
+
+func (v *VCPU) err() error {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		return h.err
 	}
 	return v.VMCS.Err()
 }
 
 // snapshot reads one VM exit's state from the VMCS: what every exit
-// records, and what this exit's reason records.
+// records, and what this exit's reason records. An exit of an
+// instruction that has neither an exit qualification nor a place in event
+// delivery (vmx.ExitReason.Plain) skips those two fields: the processor
+// cleared them.
 func (v *VCPU) snapshot() vmx.Exit {
-	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
-	e.RIP = v.VMCS.Read(vmx.GuestRIP)
-	e.Qualification = v.VMCS.Read(vmx.ExitQualification)
-	e.IDTVectoring = uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
+	e := vmx.DecodeExit(uint32(v.read(vmx.ExitReasonField)))
+	e.RIP = v.read(vmx.GuestRIP)
+	if e.Reason.Plain() && !e.EntryFail {
+		return e
+	}
+	e.Qualification = v.read(vmx.ExitQualification)
+	e.IDTVectoring = uint32(v.read(vmx.IDTVectoringInfo))
 	switch e.Reason {
 	case vmx.ExitEPTViolation, vmx.ExitEPTMisconfig:
-		e.GuestPA = v.VMCS.Read(vmx.GuestPhysAddr)
+		e.GuestPA = v.read(vmx.GuestPhysAddr)
 	case vmx.ExitExceptionOrNMI:
-		e.Interruption = uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
+		e.Interruption = uint32(v.read(vmx.ExitInterruptInfo))
 		if e.Interruption&vmx.EventErrorValid != 0 {
-			e.InterruptionError = uint32(v.VMCS.Read(vmx.ExitInterruptError))
+			e.InterruptionError = uint32(v.read(vmx.ExitInterruptError))
 		}
 	}
 	return e
@@ -348,10 +411,10 @@ func (v *VCPU) exit() (Action, error) {
 // skipInstruction advances RIP past e's instruction and drops blocking by
 // STI and MOV SS, as completing the instruction would.
 func (v *VCPU) skipInstruction(e vmx.Exit) {
-	n := v.VMCS.Read(vmx.ExitInstructionLen)
-	v.VMCS.Write(vmx.GuestRIP, e.RIP+n)
-	if s := v.VMCS.Read(vmx.GuestInterruptibility); s&3 != 0 {
-		v.VMCS.Write(vmx.GuestInterruptibility, s&^3)
+	n := v.read(vmx.ExitInstructionLen)
+	v.write(vmx.GuestRIP, e.RIP+n)
+	if s := v.read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
+		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}
 }
 

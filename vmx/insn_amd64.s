@@ -91,3 +91,21 @@ TEXT ·invvpid(SB),NOSPLIT,$0-24
 	POPQ	AX
 	MOVQ	AX, rflags+16(FP)
 	RET
+
+// func Read(f Field) (v uint64, ok bool)
+// ok is "above": neither CF (VMfailInvalid) nor ZF (VMfailValid).
+TEXT ·Read(SB),NOSPLIT,$0-17
+	MOVL	f+0(FP), DX
+	XORL	AX, AX
+	VMREAD_RAX_RDX
+	SETHI	ok+16(FP)
+	MOVQ	AX, v+8(FP)
+	RET
+
+// func Write(f Field, v uint64) (ok bool)
+TEXT ·Write(SB),NOSPLIT,$0-17
+	MOVL	f+0(FP), DX
+	MOVQ	v+8(FP), AX
+	VMWRITE_RDX_RAX
+	SETHI	ok+16(FP)
+	RET
