@@ -26,9 +26,13 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	case 0x12, 0x14: // SGX and Intel PT enumeration
 		*r = [4]uint32{}
 	}
-	if !flagLeaf(leaf) {
-		return
+	if flagLeaf(leaf) {
+		v.clearFlags(leaf, sub, r)
 	}
+}
+
+// clearFlags clears in r the flags of leaf/sub the guest may not see.
+func (v *VCPU) clearFlags(leaf, sub uint32, r *[4]uint32) {
 	// Features tamahv never offers.
 	for _, f := range cpuidHidden() {
 		if f.In(leaf, sub) {

@@ -324,18 +324,40 @@ func (v *VCPU) armTimer() {
 	v.timerKept = v.read(vmx.ExitControls)&vmx.ExitSavePreemptionTime == 0
 }
 
-// read and write are the run loop's VMCS accesses: a direct call of
-// HardwareVMCS's when v.VMCS is the processor's, the interface otherwise.
+// read, read2 and write are the run loop's VMCS accesses: for the
+// processor's VMCS they execute VMREAD and VMWRITE directly, without the
+// interface and HardwareVMCS's bookkeeping on success; for another VMCS (a
+// fake in tests) they go through the interface.
 func (v *VCPU) read(f vmx.Field) uint64 {
 	if h, ok := v.VMCS.(*HardwareVMCS); ok {
-		return h.Read(f)
+		x, ok := vmx.Read(f)
+		if !ok {
+			h.failed("VMREAD", f, 0)
+		}
+		return x
 	}
 	return v.VMCS.Read(f)
 }
 
+// read2 reads two fields, with one call for the processor's VMCS.
+func (v *VCPU) read2(f, g vmx.Field) (uint64, uint64) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		a, b, ok := vmx.Read2(f, g)
+		if !ok {
+			// Again one at a time, to record which failed.
+			h.Read(f)
+			h.Read(g)
+		}
+		return a, b
+	}
+	return v.VMCS.Read(f), v.VMCS.Read(g)
+}
+
 func (v *VCPU) write(f vmx.Field, val uint64) {
 	if h, ok := v.VMCS.(*HardwareVMCS); ok {
-		h.Write(f, val)
+		if !vmx.Write(f, val) {
+			h.failed("VMWRITE", f, val)
+		}
 		return
 	}
 	v.VMCS.Write(f, val)
@@ -362,13 +384,15 @@ func (v *VCPU) err() error {
 // delivery (vmx.ExitReason.Plain) skips those two fields: the processor
 // cleared them.
 func (v *VCPU) snapshot() vmx.Exit {
-	e := vmx.DecodeExit(uint32(v.read(vmx.ExitReasonField)))
-	e.RIP = v.read(vmx.GuestRIP)
+	reason, rip := v.read2(vmx.ExitReasonField, vmx.GuestRIP)
+	e := vmx.DecodeExit(uint32(reason))
+	e.RIP = rip
 	if e.Reason.Plain() && !e.EntryFail {
 		return e
 	}
-	e.Qualification = v.read(vmx.ExitQualification)
-	e.IDTVectoring = uint32(v.read(vmx.IDTVectoringInfo))
+	var idt uint64
+	e.Qualification, idt = v.read2(vmx.ExitQualification, vmx.IDTVectoringInfo)
+	e.IDTVectoring = uint32(idt)
 	switch e.Reason {
 	case vmx.ExitEPTViolation, vmx.ExitEPTMisconfig:
 		e.GuestPA = v.read(vmx.GuestPhysAddr)
@@ -396,8 +420,14 @@ func (v *VCPU) exit() (Action, error) {
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
-	v.requeueVectoring(e)
-	v.restoreNMIBlocking(e)
+	// The common exit interrupted no event delivery and is neither an
+	// exception nor an EPT violation: it skips both calls.
+	if e.IDTVectoring&vectoringValid != 0 {
+		v.requeueVectoring(e)
+	}
+	if e.Reason == vmx.ExitExceptionOrNMI || e.Reason == vmx.ExitEPTViolation {
+		v.restoreNMIBlocking(e)
+	}
 	act, err := v.dispatch(e)
 	if err != nil {
 		return Stop, err
@@ -411,9 +441,9 @@ func (v *VCPU) exit() (Action, error) {
 // skipInstruction advances RIP past e's instruction and drops blocking by
 // STI and MOV SS, as completing the instruction would.
 func (v *VCPU) skipInstruction(e vmx.Exit) {
-	n := v.read(vmx.ExitInstructionLen)
+	n, s := v.read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
 	v.write(vmx.GuestRIP, e.RIP+n)
-	if s := v.read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
+	if s&(blockingSTI|blockingMovSS) != 0 {
 		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}
 }

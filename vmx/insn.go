@@ -127,6 +127,10 @@ func VMWRITE(field uint32, v uint64) error {
 // the instruction and a flag, with no error value built.
 func Read(f Field) (v uint64, ok bool)
 
+// Read2 executes VMREAD of fields f1 and f2 in one call and reports
+// whether both succeeded.
+func Read2(f1, f2 Field) (v1, v2 uint64, ok bool)
+
 // Write executes VMWRITE of v to field f of the current VMCS and reports
 // whether it succeeded; Failure says why it did not.
 func Write(f Field, v uint64) (ok bool)
