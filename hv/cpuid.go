@@ -57,6 +57,17 @@ func (v *VCPU) clearFlags(leaf, sub uint32, r *[4]uint32) {
 	}
 }
 
+// filteredLeaf reports whether filterCPUID changes anything in leaf: the
+// leaves its switch edits and those flagLeaf names. The CPUID handler
+// skips the call for the others.
+func filteredLeaf(leaf uint32) bool {
+	switch leaf {
+	case 1, cpuidLeafPMU, 0x12, 0x14:
+		return true
+	}
+	return flagLeaf(leaf)
+}
+
 // cpuidHidden lists the features tamahv never offers: the debug store
 // (BTS/PEBS write to addresses the guest picks), SGX, and Intel PT (its
 // output addresses are host-physical).

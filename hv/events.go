@@ -90,12 +90,10 @@ const (
 
 // deliverEvent places the first queued event into the VM-entry fields if
 // the guest can take it now, else asks for an interrupt or NMI window.
-// With no event queued and no window asked for, it touches nothing.
+// prepareEntry calls it only with an event queued or a window asked for:
+// the common entry touches no control.
 func (v *VCPU) deliverEvent() {
 	const windows = vmx.ProcInterruptWindow | vmx.ProcNMIWindow
-	if v.events.n == 0 && v.windows == 0 {
-		return
-	}
 	proc := v.read(vmx.ProcControls)
 	want := proc &^ windows
 	if e, ok := v.events.peek(); ok {

@@ -222,3 +222,24 @@ func TestFlagLeavesCoverEveryFilteredFlag(t *testing.T) {
 	}
 	assert.False(t, flagLeaf(0))
 }
+
+// TestUnfilteredLeavesPassThrough: a leaf filteredLeaf leaves out is one
+// filterCPUID would not change, so the handler may skip the call.
+func TestUnfilteredLeavesPassThrough(t *testing.T) {
+	m := &arrayVMCS{}
+	v := NewVCPU(m, skylake())
+	for _, base := range []uint32{0, 0x40000000, 0x80000000} {
+		for leaf := base; leaf < base+0x40; leaf++ {
+			if filteredLeaf(leaf) {
+				continue
+			}
+			for sub := uint32(0); sub < 4; sub++ {
+				r := [4]uint32{^uint32(0), ^uint32(0), ^uint32(0), ^uint32(0)}
+				v.filterCPUID(leaf, sub, &r)
+				assert.Equal(t, [4]uint32{^uint32(0), ^uint32(0), ^uint32(0), ^uint32(0)}, r, "leaf %#x.%d", leaf, sub)
+			}
+		}
+	}
+	assert.True(t, filteredLeaf(1))
+	assert.False(t, filteredLeaf(0))
+}

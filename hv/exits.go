@@ -81,7 +81,9 @@ func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
 		if v.CPUID != nil {
 			r[0], r[1], r[2], r[3] = v.CPUID(leaf, sub)
 		}
-		v.filterCPUID(leaf, sub, &r)
+		if filteredLeaf(leaf) {
+			v.filterCPUID(leaf, sub, &r)
+		}
 		a, b, c, d = r[0], r[1], r[2], r[3]
 	}
 	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)

@@ -299,8 +299,12 @@ func (v *VCPU) prepareEntry() error {
 	if v.TakeNMI != nil && v.TakeNMI() {
 		v.queueNMI()
 	}
-	v.deliverEvent()
-	v.armTimer()
+	if v.events.n != 0 || v.windows != 0 {
+		v.deliverEvent()
+	}
+	if t := v.PreemptionTicks; t != 0 && (!v.timerKept || !v.launched || t != v.timerLoaded) {
+		v.armTimer()
+	}
 	for _, f := range v.entries {
 		f(v)
 	}
@@ -311,14 +315,11 @@ func (v *VCPU) prepareEntry() error {
 // PreemptionTicks. With "save VMX-preemption timer value" off, VM entry
 // loads the timer from the VMCS field and VM exit leaves the field alone
 // (SDM Vol. 3C, 26.7.4 "VMX-Preemption Timer" and 28.3.4 "Saving
-// VMX-Preemption Timer Value"): the field is written when the value
-// changes, not at every entry. The first entry of a VMCS checks the exit
-// controls and writes it.
+// VMX-Preemption Timer Value"): prepareEntry calls it when the value
+// changes and at the first entry of a VMCS (which checks the exit
+// controls), not at every entry.
 func (v *VCPU) armTimer() {
 	t := v.PreemptionTicks
-	if t == 0 || v.timerKept && v.launched && t == v.timerLoaded {
-		return
-	}
 	v.write(vmx.PreemptionTimerValue, uint64(t))
 	v.timerLoaded = t
 	v.timerKept = v.read(vmx.ExitControls)&vmx.ExitSavePreemptionTime == 0
@@ -383,9 +384,19 @@ func (v *VCPU) err() error {
 // instruction that has neither an exit qualification nor a place in event
 // delivery (vmx.ExitReason.Plain) skips those two fields: the processor
 // cleared them.
-func (v *VCPU) snapshot() vmx.Exit {
-	reason, rip := v.read2(vmx.ExitReasonField, vmx.GuestRIP)
-	e := vmx.DecodeExit(uint32(reason))
+func (v *VCPU) snapshot() (e vmx.Exit) {
+	// read2, written out: this is the hottest read of all.
+	var reason, rip uint64
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		var good bool
+		if reason, rip, good = vmx.Read2(vmx.ExitReasonField, vmx.GuestRIP); !good {
+			h.Read(vmx.ExitReasonField)
+			h.Read(vmx.GuestRIP)
+		}
+	} else {
+		reason, rip = v.VMCS.Read(vmx.ExitReasonField), v.VMCS.Read(vmx.GuestRIP)
+	}
+	e = vmx.DecodeExit(uint32(reason))
 	e.RIP = rip
 	if e.Reason.Plain() && !e.EntryFail {
 		return e
@@ -428,7 +439,11 @@ func (v *VCPU) exit() (Action, error) {
 	if e.Reason == vmx.ExitExceptionOrNMI || e.Reason == vmx.ExitEPTViolation {
 		v.restoreNMIBlocking(e)
 	}
-	act, err := v.dispatch(e)
+	h := v.handlers[e.Reason]
+	if h == nil {
+		h = fatal
+	}
+	act, err := h(v, e)
 	if err != nil {
 		return Stop, err
 	}
@@ -441,6 +456,22 @@ func (v *VCPU) exit() (Action, error) {
 // skipInstruction advances RIP past e's instruction and drops blocking by
 // STI and MOV SS, as completing the instruction would.
 func (v *VCPU) skipInstruction(e vmx.Exit) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		// read2 and write, written out: every instruction exit comes
+		// here.
+		n, s, good := vmx.Read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
+		if !good {
+			h.Read(vmx.ExitInstructionLen)
+			h.Read(vmx.GuestInterruptibility)
+		}
+		if !vmx.Write(vmx.GuestRIP, e.RIP+n) {
+			h.failed("VMWRITE", vmx.GuestRIP, e.RIP+n)
+		}
+		if s&(blockingSTI|blockingMovSS) != 0 {
+			h.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+		}
+		return
+	}
 	n, s := v.read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
 	v.write(vmx.GuestRIP, e.RIP+n)
 	if s&(blockingSTI|blockingMovSS) != 0 {
