@@ -102,7 +102,7 @@ func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
 	ret, stop := v.Hypercalls.Call(v, v.Regs.RAX, v.Regs.RDI, v.Regs.RSI, v.Regs.RDX)
 	v.Regs.RAX = ret
 	if stop {
-		v.skipInstruction(e)
+		v.skipInstruction(e.RIP)
 		return v.Stopped(nil)
 	}
 	return Next, nil

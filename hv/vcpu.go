@@ -396,8 +396,11 @@ func (v *VCPU) snapshot() (e vmx.Exit) {
 	} else {
 		reason, rip = v.VMCS.Read(vmx.ExitReasonField), v.VMCS.Read(vmx.GuestRIP)
 	}
-	e = vmx.DecodeExit(uint32(reason))
-	e.RIP = rip
+	e.Reason, e.RIP = vmx.ExitReason(reason), rip
+	if reason&^0xffff != 0 {
+		e = vmx.DecodeExit(uint32(reason))
+		e.RIP = rip
+	}
 	if e.Reason.Plain() && !e.EntryFail {
 		return e
 	}
@@ -448,14 +451,14 @@ func (v *VCPU) exit() (Action, error) {
 		return Stop, err
 	}
 	if act == Next {
-		v.skipInstruction(e)
+		v.skipInstruction(e.RIP)
 	}
 	return act, nil
 }
 
-// skipInstruction advances RIP past e's instruction and drops blocking by
-// STI and MOV SS, as completing the instruction would.
-func (v *VCPU) skipInstruction(e vmx.Exit) {
+// skipInstruction advances RIP past the exiting instruction at rip and
+// drops blocking by STI and MOV SS, as completing the instruction would.
+func (v *VCPU) skipInstruction(rip uint64) {
 	if h, ok := v.VMCS.(*HardwareVMCS); ok {
 		// read2 and write, written out: every instruction exit comes
 		// here.
@@ -464,8 +467,8 @@ func (v *VCPU) skipInstruction(e vmx.Exit) {
 			h.Read(vmx.ExitInstructionLen)
 			h.Read(vmx.GuestInterruptibility)
 		}
-		if !vmx.Write(vmx.GuestRIP, e.RIP+n) {
-			h.failed("VMWRITE", vmx.GuestRIP, e.RIP+n)
+		if !vmx.Write(vmx.GuestRIP, rip+n) {
+			h.failed("VMWRITE", vmx.GuestRIP, rip+n)
 		}
 		if s&(blockingSTI|blockingMovSS) != 0 {
 			h.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
@@ -473,7 +476,7 @@ func (v *VCPU) skipInstruction(e vmx.Exit) {
 		return
 	}
 	n, s := v.read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
-	v.write(vmx.GuestRIP, e.RIP+n)
+	v.write(vmx.GuestRIP, rip+n)
 	if s&(blockingSTI|blockingMovSS) != 0 {
 		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}

@@ -75,13 +75,20 @@ func fpSwitch(mxcsr uint32, fcw uint16) (gotMXCSR uint32, gotFCW uint16)
 // written at every entry, HOST_RIP, a constant, with VMLAUNCH). fx must be
 // 16-byte aligned.
 func Run(r *GuestRegs, fx *FXArea, launched bool) error {
-	l, insn := uint64(0), "VMLAUNCH"
+	l := uint64(0)
 	if launched {
-		l, insn = 1, "VMRESUME"
+		l = 1
 	}
-	rflags := vmrun(r, &fx[0], l)
-	if rflags&(rflagsCF|rflagsZF) == 0 {
-		return nil
+	if rflags := vmrun(r, &fx[0], l); rflags&(rflagsCF|rflagsZF) != 0 {
+		return entryFailed(launched, rflags)
 	}
-	return check(insn, rflags, readInsnError)
+	return nil
+}
+
+// entryFailed is the error of a VM entry that failed as rflags says.
+func entryFailed(launched bool, rflags uint64) error {
+	if launched {
+		return check("VMRESUME", rflags, readInsnError)
+	}
+	return check("VMLAUNCH", rflags, readInsnError)
 }
