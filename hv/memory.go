@@ -118,5 +118,11 @@ func (h *HardwareVMCS) failed(insn string, f vmx.Field, v uint64) {
 // Err returns the first failure since ClearErr.
 func (h *HardwareVMCS) Err() error { return h.err }
 
-// ClearErr forgets failures.
-func (h *HardwareVMCS) ClearErr() { h.err = nil }
+// ClearErr forgets failures. It stores only when there is one to forget:
+// the run loop calls it before every entry, and a pointer store costs a
+// write barrier whenever a collection is under way.
+func (h *HardwareVMCS) ClearErr() {
+	if h.err != nil {
+		h.err = nil
+	}
+}

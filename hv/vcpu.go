@@ -366,7 +366,7 @@ func (v *VCPU) write(f vmx.Field, val uint64) {
 
 func (v *VCPU) clearErr() {
 	if h, ok := v.VMCS.(*HardwareVMCS); ok {
-		h.err = nil
+		h.ClearErr()
 		return
 	}
 	v.VMCS.ClearErr()
