@@ -139,8 +139,7 @@ func (v *VCPU) placeEvent(e vmx.Event) {
 }
 
 // vectoringValid is the valid bit of the IDT-vectoring information (SDM
-// Vol. 3C, 24.9.3 "Information for VM Exits That Occur During Event
-// Delivery").
+// Vol. 3C, "Information for VM Exits That Occur During Event Delivery").
 const vectoringValid = 1 << 31
 
 // requeueVectoring puts back an event whose delivery the VM exit

@@ -314,8 +314,8 @@ func (v *VCPU) prepareEntry() error {
 // armTimer makes the next entry load the VMX-preemption timer with
 // PreemptionTicks. With "save VMX-preemption timer value" off, VM entry
 // loads the timer from the VMCS field and VM exit leaves the field alone
-// (SDM Vol. 3C, 26.7.4 "VMX-Preemption Timer" and 28.3.4 "Saving
-// VMX-Preemption Timer Value"): prepareEntry calls it when the value
+// (SDM Vol. 3C, "VMX-Preemption Timer" under VM entries, and "Saving
+// Non-Register State" under VM exits): prepareEntry calls it when the value
 // changes and at the first entry of a VMCS (which checks the exit
 // controls), not at every entry.
 func (v *VCPU) armTimer() {

@@ -115,9 +115,9 @@ func DecodeExit(v uint32) Exit {
 // exit qualification and is never taken during event delivery: for it the
 // processor clears the exit-qualification field and the valid bit of the
 // IDT-vectoring information (SDM Vol. 3C, 28.2.1 "Basic VM-Exit
-// Information": "for all other VM exits, the field is cleared"; 28.2.4
-// "Information for VM Exits During Event Delivery"). The run loop does not
-// read those fields for these exits.
+// Information": for the exits its table does not list, "the field is
+// cleared"; "Information for VM Exits During Event Delivery"). The run
+// loop does not read those fields for these exits.
 func (r ExitReason) Plain() bool {
 	switch r {
 	case ExitCPUID, ExitVMCALL, ExitRDMSR, ExitWRMSR, ExitXSETBV, ExitINVD, ExitWBINVD,
