@@ -26,10 +26,15 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	case 0x12, 0x14: // SGX and Intel PT enumeration
 		*r = [4]uint32{}
 	}
-	// Features tamahv never offers: the debug store (BTS/PEBS write to
-	// addresses the guest picks), SGX, and Intel PT (its output
-	// addresses are host-physical).
-	for _, f := range [...]vmx.CPUIDBit{vmx.CPUIDDS, vmx.CPUIDDTES64, vmx.CPUIDDSCPL, vmx.CPUIDSGX, vmx.CPUIDSGXLC, vmx.CPUIDPT} {
+	if flagLeaf(leaf) {
+		v.clearFlags(leaf, sub, r)
+	}
+}
+
+// clearFlags clears in r the flags of leaf/sub the guest may not see.
+func (v *VCPU) clearFlags(leaf, sub uint32, r *[4]uint32) {
+	// Features tamahv never offers.
+	for _, f := range cpuidHidden() {
 		if f.In(leaf, sub) {
 			r[f.Reg] &^= f.Mask()
 		}
@@ -37,7 +42,9 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	// Features whose instructions #UD with their control off.
 	var proc2 uint32
 	read := false
-	for _, g := range vmx.Proc2Gates() {
+	gates := vmx.Proc2Gates()
+	for i := range gates {
+		g := &gates[i]
 		if !g.Feature.In(leaf, sub) {
 			continue
 		}
@@ -48,6 +55,36 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 			r[g.Feature.Reg] &^= g.Feature.Mask()
 		}
 	}
+}
+
+// filteredLeaf reports whether filterCPUID changes anything in leaf: the
+// leaves its switch edits and those flagLeaf names. The CPUID handler
+// skips the call for the others.
+func filteredLeaf(leaf uint32) bool {
+	switch leaf {
+	case 1, cpuidLeafPMU, 0x12, 0x14:
+		return true
+	}
+	return flagLeaf(leaf)
+}
+
+// cpuidHidden lists the features tamahv never offers: the debug store
+// (BTS/PEBS write to addresses the guest picks), SGX, and Intel PT (its
+// output addresses are host-physical).
+func cpuidHidden() [6]*vmx.CPUIDBit {
+	return [...]*vmx.CPUIDBit{&vmx.CPUIDDS, &vmx.CPUIDDTES64, &vmx.CPUIDDSCPL, &vmx.CPUIDSGX, &vmx.CPUIDSGXLC, &vmx.CPUIDPT}
+}
+
+// flagLeaf reports whether leaf holds a flag filterCPUID may clear: one
+// of cpuidHidden or of vmx.Proc2Gates. The answers of other leaves (leaf 0,
+// the cache and topology leaves, the brand string) pass through without
+// the scans, which cost a CPUID exit more than the rest of its handling.
+func flagLeaf(leaf uint32) bool {
+	switch leaf {
+	case 1, 7, 0xd, 0x80000001:
+		return true
+	}
+	return false
 }
 
 // hasFeature reports whether the host's CPUID has flag f.

@@ -90,9 +90,12 @@ const (
 
 // deliverEvent places the first queued event into the VM-entry fields if
 // the guest can take it now, else asks for an interrupt or NMI window.
+// prepareEntry calls it only with an event queued or a window asked for:
+// the common entry touches no control.
 func (v *VCPU) deliverEvent() {
-	proc := v.VMCS.Read(vmx.ProcControls)
-	want := proc &^ (vmx.ProcInterruptWindow | vmx.ProcNMIWindow)
+	const windows = vmx.ProcInterruptWindow | vmx.ProcNMIWindow
+	proc := v.read(vmx.ProcControls)
+	want := proc &^ windows
 	if e, ok := v.events.peek(); ok {
 		block := v.VMCS.Read(vmx.GuestInterruptibility)
 		switch {
@@ -111,8 +114,9 @@ func (v *VCPU) deliverEvent() {
 		}
 	}
 	if want != proc {
-		v.VMCS.Write(vmx.ProcControls, want)
+		v.write(vmx.ProcControls, want)
 	}
+	v.windows = want & windows
 }
 
 // placeEvent writes e into the VM-entry event fields. Every injection
@@ -133,6 +137,10 @@ func (v *VCPU) placeEvent(e vmx.Event) {
 		v.VMCS.Write(vmx.EntryInstructionLen, uint64(e.InstrLen))
 	}
 }
+
+// vectoringValid is the valid bit of the IDT-vectoring information (SDM
+// Vol. 3C, "Information for VM Exits That Occur During Event Delivery").
+const vectoringValid = 1 << 31
 
 // requeueVectoring puts back an event whose delivery the VM exit
 // interrupted (IDT-vectoring information), ahead of everything else.

@@ -81,7 +81,9 @@ func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
 		if v.CPUID != nil {
 			r[0], r[1], r[2], r[3] = v.CPUID(leaf, sub)
 		}
-		v.filterCPUID(leaf, sub, &r)
+		if filteredLeaf(leaf) {
+			v.filterCPUID(leaf, sub, &r)
+		}
 		a, b, c, d = r[0], r[1], r[2], r[3]
 	}
 	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)
@@ -100,7 +102,7 @@ func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
 	ret, stop := v.Hypercalls.Call(v, v.Regs.RAX, v.Regs.RDI, v.Regs.RSI, v.Regs.RDX)
 	v.Regs.RAX = ret
 	if stop {
-		v.skipInstruction(e)
+		v.skipInstruction(e.RIP)
 		return v.Stopped(nil)
 	}
 	return Next, nil

@@ -237,7 +237,11 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 // Install intercepts v's EPT-violation exits, passing on the ones that are
 // not about watched pages, and observes every exit to settle open pages.
 func (g *GuestMemory) Install(v *VCPU) error {
-	v.Observe(g.settle)
+	v.Observe(func(v *VCPU, e vmx.Exit) {
+		if len(g.open) != 0 { // the common exit: one compare
+			g.settle(v, e)
+		}
+	})
 	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 

@@ -82,27 +82,47 @@ func cut(start, end uint64, hole [2]uint64) [][2]uint64 {
 }
 
 // HardwareVMCS is the current VMCS of the processor, through VMREAD and
-// VMWRITE.
+// VMWRITE. A successful access is the instruction and a flag test; the
+// error is built only when one fails.
 type HardwareVMCS struct{ err error }
 
 // Read executes VMREAD.
 func (h *HardwareVMCS) Read(f vmx.Field) uint64 {
-	v, err := vmx.VMREAD(uint32(f))
-	if err != nil && h.err == nil {
-		h.err = fmt.Errorf("VMREAD %#x: %w", uint32(f), err)
+	v, ok := vmx.Read(f)
+	if !ok {
+		h.failed("VMREAD", f, 0)
 	}
 	return v
 }
 
 // Write executes VMWRITE.
 func (h *HardwareVMCS) Write(f vmx.Field, v uint64) {
-	if err := vmx.VMWRITE(uint32(f), v); err != nil && h.err == nil {
+	if !vmx.Write(f, v) {
+		h.failed("VMWRITE", f, v)
+	}
+}
+
+// failed records the first failed access.
+func (h *HardwareVMCS) failed(insn string, f vmx.Field, v uint64) {
+	if h.err != nil {
+		return
+	}
+	err := vmx.Failure(insn)
+	if insn == "VMWRITE" {
 		h.err = fmt.Errorf("VMWRITE %#x=%#x: %w", uint32(f), v, err)
+	} else {
+		h.err = fmt.Errorf("VMREAD %#x: %w", uint32(f), err)
 	}
 }
 
 // Err returns the first failure since ClearErr.
 func (h *HardwareVMCS) Err() error { return h.err }
 
-// ClearErr forgets failures.
-func (h *HardwareVMCS) ClearErr() { h.err = nil }
+// ClearErr forgets failures. It stores only when there is one to forget:
+// the run loop calls it before every entry, and a pointer store costs a
+// write barrier whenever a collection is under way.
+func (h *HardwareVMCS) ClearErr() {
+	if h.err != nil {
+		h.err = nil
+	}
+}

@@ -7,7 +7,7 @@ import (
 )
 
 // HostState is what a VM exit loads into the processor (SDM Vol. 3C,
-// "Host-State Area"). HOST_RSP and HOST_RIP are written at each entry.
+// "Host-State Area"). HOST_RSP and HOST_RIP are written by vmx.Run.
 type HostState struct {
 	CR0, CR3, CR4                              uint64
 	FSBase, GSBase, TRBase, GDTRBase, IDTRBase uint64

@@ -106,6 +106,16 @@ type VCPU struct {
 	nrecent   uint64
 	events    eventQueue
 	launched  bool
+	// windows are the event-window exits deliverEvent last asked for in
+	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
+	// with none asked for and no event queued, an entry needs neither
+	// read nor write of the controls.
+	windows uint64
+	// timerLoaded is the VMX-preemption timer value last written to the
+	// VMCS, valid with timerKept: the field keeps it from entry to entry,
+	// as the exit controls do not save the timer into it.
+	timerLoaded uint32
+	timerKept   bool
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
@@ -279,7 +289,7 @@ func (v *VCPU) Run() error {
 		v.launched = true
 		act, err := v.exit()
 		if err == nil {
-			err = v.VMCS.Err()
+			err = v.err()
 		}
 		if err != nil {
 			return err
@@ -291,36 +301,127 @@ func (v *VCPU) Run() error {
 }
 
 // prepareEntry places a pending event, re-arms the timer and runs the
-// BeforeEntry hook.
+// OnEntry functions.
 func (v *VCPU) prepareEntry() error {
-	v.VMCS.ClearErr()
+	v.clearErr()
 	if v.TakeNMI != nil && v.TakeNMI() {
 		v.queueNMI()
 	}
-	v.deliverEvent()
-	if v.PreemptionTicks != 0 {
-		v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
+	if v.events.n != 0 || v.windows != 0 {
+		v.deliverEvent()
+	}
+	if t := v.PreemptionTicks; t != 0 && (!v.timerKept || !v.launched || t != v.timerLoaded) {
+		v.armTimer()
 	}
 	for _, f := range v.entries {
 		f(v)
+	}
+	return v.err()
+}
+
+// armTimer makes the next entry load the VMX-preemption timer with
+// PreemptionTicks. With "save VMX-preemption timer value" off, VM entry
+// loads the timer from the VMCS field and VM exit leaves the field alone
+// (SDM Vol. 3C, "VMX-Preemption Timer" under VM entries, and "Saving
+// Non-Register State" under VM exits): prepareEntry calls it when the value
+// changes and at the first entry of a VMCS (which checks the exit
+// controls), not at every entry.
+func (v *VCPU) armTimer() {
+	t := v.PreemptionTicks
+	v.write(vmx.PreemptionTimerValue, uint64(t))
+	v.timerLoaded = t
+	v.timerKept = v.read(vmx.ExitControls)&vmx.ExitSavePreemptionTime == 0
+}
+
+// read, read2 and write are the run loop's VMCS accesses: for the
+// processor's VMCS they execute VMREAD and VMWRITE directly, without the
+// interface and HardwareVMCS's bookkeeping on success; for another VMCS (a
+// fake in tests) they go through the interface.
+func (v *VCPU) read(f vmx.Field) uint64 {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		x, ok := vmx.Read(f)
+		if !ok {
+			h.failed("VMREAD", f, 0)
+		}
+		return x
+	}
+	return v.VMCS.Read(f)
+}
+
+// read2 reads two fields, with one call for the processor's VMCS.
+func (v *VCPU) read2(f, g vmx.Field) (uint64, uint64) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		a, b, ok := vmx.Read2(f, g)
+		if !ok {
+			// Again one at a time, to record which failed.
+			h.Read(f)
+			h.Read(g)
+		}
+		return a, b
+	}
+	return v.VMCS.Read(f), v.VMCS.Read(g)
+}
+
+func (v *VCPU) write(f vmx.Field, val uint64) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		if !vmx.Write(f, val) {
+			h.failed("VMWRITE", f, val)
+		}
+		return
+	}
+	v.VMCS.Write(f, val)
+}
+
+func (v *VCPU) clearErr() {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		h.ClearErr()
+		return
+	}
+	v.VMCS.ClearErr()
+}
+
+func (v *VCPU) err() error {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		return h.err
 	}
 	return v.VMCS.Err()
 }
 
 // snapshot reads one VM exit's state from the VMCS: what every exit
-// records, and what this exit's reason records.
-func (v *VCPU) snapshot() vmx.Exit {
-	e := vmx.DecodeExit(uint32(v.VMCS.Read(vmx.ExitReasonField)))
-	e.RIP = v.VMCS.Read(vmx.GuestRIP)
-	e.Qualification = v.VMCS.Read(vmx.ExitQualification)
-	e.IDTVectoring = uint32(v.VMCS.Read(vmx.IDTVectoringInfo))
+// records, and what this exit's reason records. An exit of an
+// instruction that has neither an exit qualification nor a place in event
+// delivery (vmx.ExitReason.Plain) skips those two fields: the processor
+// cleared them.
+func (v *VCPU) snapshot() (e vmx.Exit) {
+	// read2, written out: this is the hottest read of all.
+	var reason, rip uint64
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		var good bool
+		if reason, rip, good = vmx.Read2(vmx.ExitReasonField, vmx.GuestRIP); !good {
+			h.Read(vmx.ExitReasonField)
+			h.Read(vmx.GuestRIP)
+		}
+	} else {
+		reason, rip = v.VMCS.Read(vmx.ExitReasonField), v.VMCS.Read(vmx.GuestRIP)
+	}
+	e.Reason, e.RIP = vmx.ExitReason(reason), rip
+	if reason&^0xffff != 0 {
+		e = vmx.DecodeExit(uint32(reason))
+		e.RIP = rip
+	}
+	if e.Reason.Plain() && !e.EntryFail {
+		return e
+	}
+	var idt uint64
+	e.Qualification, idt = v.read2(vmx.ExitQualification, vmx.IDTVectoringInfo)
+	e.IDTVectoring = uint32(idt)
 	switch e.Reason {
 	case vmx.ExitEPTViolation, vmx.ExitEPTMisconfig:
-		e.GuestPA = v.VMCS.Read(vmx.GuestPhysAddr)
+		e.GuestPA = v.read(vmx.GuestPhysAddr)
 	case vmx.ExitExceptionOrNMI:
-		e.Interruption = uint32(v.VMCS.Read(vmx.ExitInterruptInfo))
+		e.Interruption = uint32(v.read(vmx.ExitInterruptInfo))
 		if e.Interruption&vmx.EventErrorValid != 0 {
-			e.InterruptionError = uint32(v.VMCS.Read(vmx.ExitInterruptError))
+			e.InterruptionError = uint32(v.read(vmx.ExitInterruptError))
 		}
 	}
 	return e
@@ -341,25 +442,51 @@ func (v *VCPU) exit() (Action, error) {
 	if e.EntryFail {
 		return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x%s", ErrEntryFailed, e.Reason, rip, qual, v.entryDiagnostic())
 	}
-	v.requeueVectoring(e)
-	v.restoreNMIBlocking(e)
-	act, err := v.dispatch(e)
+	// The common exit interrupted no event delivery and is neither an
+	// exception nor an EPT violation: it skips both calls.
+	if e.IDTVectoring&vectoringValid != 0 {
+		v.requeueVectoring(e)
+	}
+	if e.Reason == vmx.ExitExceptionOrNMI || e.Reason == vmx.ExitEPTViolation {
+		v.restoreNMIBlocking(e)
+	}
+	h := v.handlers[e.Reason]
+	if h == nil {
+		h = fatal
+	}
+	act, err := h(v, e)
 	if err != nil {
 		return Stop, err
 	}
 	if act == Next {
-		v.skipInstruction(e)
+		v.skipInstruction(e.RIP)
 	}
 	return act, nil
 }
 
-// skipInstruction advances RIP past e's instruction and drops blocking by
-// STI and MOV SS, as completing the instruction would.
-func (v *VCPU) skipInstruction(e vmx.Exit) {
-	n := v.VMCS.Read(vmx.ExitInstructionLen)
-	v.VMCS.Write(vmx.GuestRIP, e.RIP+n)
-	if s := v.VMCS.Read(vmx.GuestInterruptibility); s&3 != 0 {
-		v.VMCS.Write(vmx.GuestInterruptibility, s&^3)
+// skipInstruction advances RIP past the exiting instruction at rip and
+// drops blocking by STI and MOV SS, as completing the instruction would.
+func (v *VCPU) skipInstruction(rip uint64) {
+	if h, ok := v.VMCS.(*HardwareVMCS); ok {
+		// read2 and write, written out: every instruction exit comes
+		// here.
+		n, s, good := vmx.Read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
+		if !good {
+			h.Read(vmx.ExitInstructionLen)
+			h.Read(vmx.GuestInterruptibility)
+		}
+		if !vmx.Write(vmx.GuestRIP, rip+n) {
+			h.failed("VMWRITE", vmx.GuestRIP, rip+n)
+		}
+		if s&(blockingSTI|blockingMovSS) != 0 {
+			h.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+		}
+		return
+	}
+	n, s := v.read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
+	v.write(vmx.GuestRIP, rip+n)
+	if s&(blockingSTI|blockingMovSS) != 0 {
+		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}
 }
 

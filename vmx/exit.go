@@ -111,6 +111,22 @@ func DecodeExit(v uint32) Exit {
 	}
 }
 
+// Plain reports whether r is the exit of an instruction that records no
+// exit qualification and is never taken during event delivery: for it the
+// processor clears the exit-qualification field and the valid bit of the
+// IDT-vectoring information (SDM Vol. 3C, 28.2.1 "Basic VM-Exit
+// Information": for the exits its table does not list, "the field is
+// cleared"; "Information for VM Exits During Event Delivery"). The run
+// loop does not read those fields for these exits.
+func (r ExitReason) Plain() bool {
+	switch r {
+	case ExitCPUID, ExitVMCALL, ExitRDMSR, ExitWRMSR, ExitXSETBV, ExitINVD, ExitWBINVD,
+		ExitHLT, ExitRDTSC, ExitRDTSCP, ExitRDPMC:
+		return true
+	}
+	return false
+}
+
 // Valid reports whether r is one of the reasons named here; a handler table
 // indexed by reason must check it first.
 func (r ExitReason) Valid() bool {

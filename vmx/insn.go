@@ -122,6 +122,30 @@ func VMWRITE(field uint32, v uint64) error {
 	return check("VMWRITE", vmwrite(uint64(field), v), readInsnError)
 }
 
+// Read executes VMREAD of field f of the current VMCS and reports whether
+// it succeeded; Failure says why it did not. It is the exit path's read:
+// the instruction and a flag, with no error value built.
+func Read(f Field) (v uint64, ok bool)
+
+// Read2 executes VMREAD of fields f1 and f2 in one call and reports
+// whether both succeeded.
+func Read2(f1, f2 Field) (v1, v2 uint64, ok bool)
+
+// Write executes VMWRITE of v to field f of the current VMCS and reports
+// whether it succeeded; Failure says why it did not.
+func Write(f Field, v uint64) (ok bool)
+
+// Failure is the error of the VMX instruction insn, executed last by Read
+// or Write, which failed: VMfailValid with the VM-instruction error field
+// while a VMCS is current, else VMfailInvalid.
+func Failure(insn string) error {
+	n, ok := Read(VMCSInstructionError)
+	if !ok {
+		return &InsnError{Insn: insn}
+	}
+	return &InsnError{Insn: insn, Valid: true, Number: n}
+}
+
 // VMCALL calls the hypervisor from a guest.
 func VMCALL(nr, a1, a2 uint64) uint64 { return vmcall(nr, a1, a2) }
 

@@ -91,3 +91,37 @@ TEXT ·invvpid(SB),NOSPLIT,$0-24
 	POPQ	AX
 	MOVQ	AX, rflags+16(FP)
 	RET
+
+// func Read(f Field) (v uint64, ok bool)
+// ok is "above": neither CF (VMfailInvalid) nor ZF (VMfailValid).
+TEXT ·Read(SB),NOSPLIT,$0-17
+	MOVL	f+0(FP), DX
+	XORL	AX, AX
+	VMREAD_RAX_RDX
+	SETHI	ok+16(FP)
+	MOVQ	AX, v+8(FP)
+	RET
+
+// func Write(f Field, v uint64) (ok bool)
+TEXT ·Write(SB),NOSPLIT,$0-17
+	MOVL	f+0(FP), DX
+	MOVQ	v+8(FP), AX
+	VMWRITE_RDX_RAX
+	SETHI	ok+16(FP)
+	RET
+
+// func Read2(f1, f2 Field) (v1, v2 uint64, ok bool)
+TEXT ·Read2(SB),NOSPLIT,$0-25
+	MOVL	f1+0(FP), DX
+	XORL	AX, AX
+	VMREAD_RAX_RDX
+	SETHI	BX
+	MOVQ	AX, v1+8(FP)
+	MOVL	f2+4(FP), DX
+	XORL	AX, AX
+	VMREAD_RAX_RDX
+	SETHI	CX
+	ANDB	CX, BX
+	MOVQ	AX, v2+16(FP)
+	MOVB	BX, ok+24(FP)
+	RET

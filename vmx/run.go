@@ -71,13 +71,24 @@ func fpSwitch(mxcsr uint32, fcw uint16) (gotMXCSR uint32, gotFCW uint16)
 // Run enters the guest of the current VMCS with VMLAUNCH (launched false)
 // or VMRESUME, and returns at its next VM exit (nil) or when VM entry fails
 // (an *InsnError). The VMCS's HOST_RSP and HOST_RIP are written here: the
-// stub returns to Go like a function call, and Go stacks move. fx must be
+// stub returns to Go like a function call, and Go stacks move (HOST_RSP is
+// written at every entry, HOST_RIP, a constant, with VMLAUNCH). fx must be
 // 16-byte aligned.
 func Run(r *GuestRegs, fx *FXArea, launched bool) error {
 	l := uint64(0)
-	insn := "VMLAUNCH"
 	if launched {
-		l, insn = 1, "VMRESUME"
+		l = 1
 	}
-	return check(insn, vmrun(r, &fx[0], l), readInsnError)
+	if rflags := vmrun(r, &fx[0], l); rflags&(rflagsCF|rflagsZF) != 0 {
+		return entryFailed(launched, rflags)
+	}
+	return nil
+}
+
+// entryFailed is the error of a VM entry that failed as rflags says.
+func entryFailed(launched bool, rflags uint64) error {
+	if launched {
+		return check("VMRESUME", rflags, readInsnError)
+	}
+	return check("VMLAUNCH", rflags, readInsnError)
 }

@@ -24,12 +24,18 @@ TEXT ·vmrun(SB),NOSPLIT|NOFRAME,$0-32
 	PUSHQ	DI
 	PUSHQ	SI
 
+	// HOST_RSP at every entry: Go stacks move. HOST_RIP is the same
+	// address for every VMCS: written at VMLAUNCH, it holds for the
+	// VMRESUMEs that follow (VMCLEAR makes the next entry a VMLAUNCH).
 	MOVQ	$HOST_RSP, DX
 	MOVQ	SP, AX
 	VMWRITE_RDX_RAX
+	TESTQ	CX, CX
+	JNE	hostrip
 	MOVQ	$HOST_RIP, DX
 	LEAQ	·vmexit<>(SB), AX
 	VMWRITE_RDX_RAX
+hostrip:
 
 	FXRSTOR64	(DI)
 	MOVQ	GuestRegs_CR2(SI), AX
