@@ -33,7 +33,7 @@ func (v *VCPU) MakeAP() error {
 
 // apINIT is an application processor's answer to INIT: back to its INIT
 // state, waiting for a start-up IPI.
-func apINIT(v *VCPU, _ vmx.Exit, _ Handler) (Action, error) {
+func apINIT(v *VCPU, _ *vmx.Exit, _ Handler) (Action, error) {
 	v.waitForSIPI()
 	return Resume, nil
 }

@@ -304,7 +304,7 @@ func (a *BreakpointAgent) showShadow() error {
 
 // onViolation switches the split view: fetches get the shadow, reads and
 // writes the original.
-func (a *BreakpointAgent) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+func (a *BreakpointAgent) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	gpa := e.GuestPA
 	if !a.split || gpa&^0xfff != a.pa&^0xfff {
 		return next(v, e)
@@ -339,7 +339,7 @@ func (a *BreakpointAgent) Disarm() error {
 // #BP) and the EPT violations of its split view, and re-arm at later exits
 // (an observer). Other exits go on to the handling installed before.
 func (a *BreakpointAgent) Install(v *VCPU) error {
-	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 		ev, ok := vmx.DecodeEvent(e.Interruption, 0)
 		if !ok || ev.Vector != vmx.VectorBP || !a.installed || e.RIP != a.addr {
 			return next(v, e)
@@ -369,7 +369,7 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 	if err != nil {
 		return err
 	}
-	v.Observe(func(v *VCPU, e vmx.Exit) {
+	v.Observe(func(v *VCPU, e *vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
 			a.streak = 0
 		}

@@ -138,7 +138,7 @@ func (s *AddressSpaces) Of(cr3 uint64) uint64 {
 // Install makes s learn from every VM exit of v, before the exit is
 // handled: a handler sees the answer its own exit gave.
 func (s *AddressSpaces) Install(v *VCPU) {
-	v.Observe(func(v *VCPU, _ vmx.Exit) { s.ObserveVCPU(v) })
+	v.Observe(func(v *VCPU, _ *vmx.Exit) { s.ObserveVCPU(v) })
 }
 
 // ObserveVCPU learns from v's state at a VM exit. Once isolation is known

@@ -144,7 +144,7 @@ const vectoringValid = 1 << 31
 
 // requeueVectoring puts back an event whose delivery the VM exit
 // interrupted (IDT-vectoring information), ahead of everything else.
-func (v *VCPU) requeueVectoring(x vmx.Exit) {
+func (v *VCPU) requeueVectoring(x *vmx.Exit) {
 	e, ok := vmx.DecodeEvent(x.IDTVectoring, 0)
 	if !ok {
 		return
@@ -176,7 +176,7 @@ func (v *VCPU) requeueVectoring(x vmx.Exit) {
 // Guest Software After Handling an Exception"; KVM's
 // vmx_recover_nmi_blocking). A double fault or an exit during event
 // delivery does not restart the IRET.
-func (v *VCPU) restoreNMIBlocking(e vmx.Exit) {
+func (v *VCPU) restoreNMIBlocking(e *vmx.Exit) {
 	var unblocked bool
 	switch e.Reason {
 	case vmx.ExitExceptionOrNMI:

@@ -32,7 +32,7 @@ func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
 		vmx.ExitINVVPID, vmx.ExitVMFUNC, vmx.ExitGETSEC, vmx.ExitENCLS} {
 		h[r] = handleUD
 	}
-	h[vmx.ExitINVD] = func(*VCPU, vmx.Exit) (Action, error) { return Next, nil }
+	h[vmx.ExitINVD] = func(*VCPU, *vmx.Exit) (Action, error) { return Next, nil }
 	h[vmx.ExitXSETBV] = handleXSETBV
 	h[vmx.ExitRDMSR] = handleRDMSR
 	h[vmx.ExitWRMSR] = handleWRMSR
@@ -40,10 +40,10 @@ func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
 	h[vmx.ExitIO] = handleIO
 	h[vmx.ExitEPTViolation] = handleEPTViolation
 	h[vmx.ExitEPTMisconfig] = handleEPTMisconfig
-	h[vmx.ExitTripleFault] = func(v *VCPU, e vmx.Exit) (Action, error) {
+	h[vmx.ExitTripleFault] = func(v *VCPU, e *vmx.Exit) (Action, error) {
 		return v.Stopped(fmt.Errorf("%w at RIP %#x", ErrGuestTripleFault, e.RIP))
 	}
-	h[vmx.ExitPreemptionTimer] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+	h[vmx.ExitPreemptionTimer] = func(v *VCPU, _ *vmx.Exit) (Action, error) {
 		v.tick()
 		return Resume, nil
 	}
@@ -53,22 +53,22 @@ func defaultHandlers() (h [vmx.NumExitReasons]Handler) {
 	h[vmx.ExitINIT] = handleINIT
 	h[vmx.ExitSIPI] = handleSIPI
 	h[vmx.ExitTaskSwitch] = handleTaskSwitch
-	h[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ vmx.Exit) (Action, error) {
+	h[vmx.ExitMonitorTrapFlag] = func(v *VCPU, _ *vmx.Exit) (Action, error) {
 		v.VMCS.Write(vmx.ProcControls, v.VMCS.Read(vmx.ProcControls)&^vmx.ProcMonitorTrapFlag)
 		return Resume, nil
 	}
 	return h
 }
 
-func resume(*VCPU, vmx.Exit) (Action, error) { return Resume, nil }
+func resume(*VCPU, *vmx.Exit) (Action, error) { return Resume, nil }
 
 // handleUD answers instructions the guest may not use (VMX, SMX, SGX) with
 // #UD, as a processor without them would.
-func handleUD(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleUD(v *VCPU, _ *vmx.Exit) (Action, error) {
 	return Resume, v.InjectException(vmx.VectorUD, 0)
 }
 
-func handleCPUID(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleCPUID(v *VCPU, _ *vmx.Exit) (Action, error) {
 	leaf, sub := uint32(v.Regs.RAX), uint32(v.Regs.RCX)
 	var a, b, c, d uint32
 	switch {
@@ -94,7 +94,7 @@ func le32(s string) uint32 {
 	return uint32(s[0]) | uint32(s[1])<<8 | uint32(s[2])<<16 | uint32(s[3])<<24
 }
 
-func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
+func handleVMCALL(v *VCPU, e *vmx.Exit) (Action, error) {
 	if v.Hypercalls == nil {
 		v.Regs.RAX = hcall.Unknown
 		return Next, nil
@@ -113,7 +113,7 @@ func handleVMCALL(v *VCPU, e vmx.Exit) (Action, error) {
 // #GP(0) at CPL>0, for an XCR other than 0, and for a value
 // vmx.ValidXCR0 refuses. The processor checks the CPL and CR4.OSXSAVE
 // before the VM exit; the handler checks them again anyway.
-func handleXSETBV(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleXSETBV(v *VCPU, _ *vmx.Exit) (Action, error) {
 	if v.VMCS.Read(vmx.GuestCR4)&guestCR4X == 0 {
 		return Resume, v.InjectException(vmx.VectorUD, 0)
 	}
@@ -140,7 +140,7 @@ func (v *VCPU) cpl() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 // locked, VMX off.
 const FeatureControlGuest = vmx.FeatureControlLock
 
-func handleRDMSR(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleRDMSR(v *VCPU, _ *vmx.Exit) (Action, error) {
 	val, ok := v.rdmsr(uint32(v.Regs.RCX))
 	if !ok {
 		return Resume, v.InjectException(vmx.VectorGP, 0)
@@ -149,7 +149,7 @@ func handleRDMSR(v *VCPU, _ vmx.Exit) (Action, error) {
 	return Next, nil
 }
 
-func handleWRMSR(v *VCPU, _ vmx.Exit) (Action, error) {
+func handleWRMSR(v *VCPU, _ *vmx.Exit) (Action, error) {
 	// The policy is in msr.go.
 	if !v.wrmsr(uint32(v.Regs.RCX), v.Regs.RDX<<32|v.Regs.RAX&0xffffffff) {
 		return Resume, v.InjectException(vmx.VectorGP, 0)
@@ -174,7 +174,7 @@ const (
 	cr4PDPTEBits = vmx.CR4PGE | vmx.CR4PSE | vmx.CR4PAE | vmx.CR4SMEP
 )
 
-func handleCR(v *VCPU, e vmx.Exit) (Action, error) {
+func handleCR(v *VCPU, e *vmx.Exit) (Action, error) {
 	q := vmx.DecodeCRAccess(e.Qualification)
 	switch {
 	case q.CR == 0 && q.Type == vmx.CRCLTS:
@@ -374,7 +374,7 @@ func (v *VCPU) ownsPort(p uint16) bool {
 // 3C, "I/O-Bitmap Addresses"): one that starts below an owned range and
 // reaches into it, or a multi-byte access that wraps from port 0xffff to
 // 0, exits as a whole.
-func handleIO(v *VCPU, e vmx.Exit) (Action, error) {
+func handleIO(v *VCPU, e *vmx.Exit) (Action, error) {
 	io := vmx.DecodeIO(e.Qualification)
 	if io.Size != 1 && io.Size != 2 && io.Size != 4 {
 		return Stop, fmt.Errorf("%w: I/O exit with size %d at port %#x", ErrFatalExit, io.Size, io.Port)
@@ -543,7 +543,7 @@ func (v *VCPU) addressMask() uint64 {
 	return ^uint64(0)
 }
 
-func handleEPTViolation(v *VCPU, e vmx.Exit) (Action, error) {
+func handleEPTViolation(v *VCPU, e *vmx.Exit) (Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	gva := "n/a"
@@ -553,13 +553,13 @@ func handleEPTViolation(v *VCPU, e vmx.Exit) (Action, error) {
 	return Stop, fmt.Errorf("%w: EPT violation at GPA %#x (GVA %s, RIP %#x): %v", ErrFatalExit, gpa, gva, e.RIP, q)
 }
 
-func handleEPTMisconfig(_ *VCPU, e vmx.Exit) (Action, error) {
+func handleEPTMisconfig(_ *VCPU, e *vmx.Exit) (Action, error) {
 	return Stop, fmt.Errorf("%w: EPT misconfiguration at GPA %#x", ErrFatalExit, e.GuestPA)
 }
 
 // handleException reflects an intercepted exception or NMI back to the
 // guest.
-func handleException(v *VCPU, x vmx.Exit) (Action, error) {
+func handleException(v *VCPU, x *vmx.Exit) (Action, error) {
 	e, ok := vmx.DecodeEvent(x.Interruption, x.InterruptionError)
 	if !ok {
 		return Resume, nil

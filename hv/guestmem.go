@@ -237,7 +237,7 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 // Install intercepts v's EPT-violation exits, passing on the ones that are
 // not about watched pages, and observes every exit to settle open pages.
 func (g *GuestMemory) Install(v *VCPU) error {
-	v.Observe(func(v *VCPU, e vmx.Exit) {
+	v.Observe(func(v *VCPU, e *vmx.Exit) {
 		if len(g.open) != 0 { // the common exit: one compare
 			g.settle(v, e)
 		}
@@ -245,7 +245,7 @@ func (g *GuestMemory) Install(v *VCPU) error {
 	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 
-func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	pg := gpa &^ 0xfff
@@ -296,7 +296,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, er
 // guest wrote. It runs at the start of every VM exit, before the exit is
 // handled, while the guest is stopped. Its cost is the number of watches
 // on the written pages, each walked once.
-func (g *GuestMemory) settle(v *VCPU, _ vmx.Exit) {
+func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}

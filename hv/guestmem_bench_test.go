@@ -48,7 +48,7 @@ func BenchmarkSettleSharedPages(b *testing.B) {
 				if _, err := g.onViolation(v, ev, fatal); err != nil {
 					b.Fatal(err)
 				}
-				g.settle(v, vmx.Exit{Reason: vmx.ExitCPUID})
+				g.settle(v, &vmx.Exit{Reason: vmx.ExitCPUID})
 			}
 			b.StopTimer()
 			if g.Writes != uint64(b.N) {

@@ -61,7 +61,7 @@ func policyVCPU(t *testing.T, caps *vmx.Caps) (*VCPU, *fakeMSRs) {
 // cpuidOf runs the guest's CPUID through the handler.
 func cpuidOf(t *testing.T, v *VCPU, leaf, sub uint32) [4]uint32 {
 	v.Regs.RAX, v.Regs.RCX = uint64(leaf), uint64(sub)
-	act, err := handleCPUID(v, vmx.Exit{})
+	act, err := handleCPUID(v, &vmx.Exit{})
 	require.NoError(t, err)
 	require.Equal(t, Next, act)
 	return [4]uint32{uint32(v.Regs.RAX), uint32(v.Regs.RBX), uint32(v.Regs.RCX), uint32(v.Regs.RDX)}

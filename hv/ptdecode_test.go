@@ -531,8 +531,8 @@ func TestPTWriteNoAllocations(t *testing.T) {
 			m := fv(v).f
 			m[vmx.GuestLinearAddr] = f.kva
 			v.Regs.RDI = f.kva
-			e := vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
-			next := func(*VCPU, vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+			e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
+			next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
 			// A second watch on the same tables keeps them protected
 			// while the first is walked again, as a read's watches do.
 			_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(tr swapmem.Translation) {})

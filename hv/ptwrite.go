@@ -116,7 +116,7 @@ type ptInsn struct {
 // emulateWrite settles the write of the instruction at e.RIP to the
 // watched page hp within this exit. It returns false, and why, when it
 // left the instruction alone.
-func (g *GuestMemory) emulateWrite(v *VCPU, e vmx.Exit, hp *hookedPage) (PTFallback, bool) {
+func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
 	if _, ok := vmx.DecodeEvent(e.IDTVectoring, 0); ok {
 		return FallbackEvent, false
 	}

@@ -455,8 +455,8 @@ func TestPTWriteAllocations(t *testing.T) {
 	m := fv(v).f
 	m[vmx.GuestLinearAddr] = f.kva
 	v.Regs.RDI = f.kva
-	e := vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
-	next := func(*VCPU, vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+	e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
+	next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
 	// A second watch on the same tables keeps them protected while the
 	// first is walked again, as the many watches of a read do.
 	_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(swapmem.Translation) {})
@@ -488,7 +488,7 @@ func BenchmarkPTWrite(b *testing.B) {
 	m.f[vmx.GuestCR3] = f.g.cr3
 	m.f[vmx.GuestLinearAddr] = f.kva
 	v.Regs.RDI = f.kva
-	e := vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
+	e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
 	if _, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(swapmem.Translation) {}); err != nil {
 		b.Fatal(err)
 	}
@@ -548,13 +548,13 @@ func FuzzPTWrite(f *testing.F) {
 		}
 		m[vmx.GuestLinearAddr] = gla
 		gpa := fx.pte&^0xfff | gla&0xfff
-		e := vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: gpa}
+		e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: gpa}
 		before := map[uint64][4096]byte{}
 		for pa, frame := range fx.g.mem {
 			before[pa] = *frame
 		}
 		regs := v.Regs
-		next := func(*VCPU, vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+		next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
 		act, err := fx.gm.onViolation(v, e, next)
 		require.NoError(t, err)
 		assert.Equal(t, Resume, act)

@@ -65,7 +65,7 @@ func (r *ReturnTrap) Disarm() {
 	r.Phys.Flush()
 }
 
-func (r *ReturnTrap) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+func (r *ReturnTrap) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	if r.on && e.GuestPA&^0xfff == r.page && ept.DecodeViolation(e.Qualification).Fetch {
 		r.Disarm()
 		r.Hits++

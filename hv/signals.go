@@ -28,7 +28,7 @@ var (
 // wait for a SIPI); with one vCPU, this is the bootstrap processor and the
 // guest has no firmware there: tamahv reports the guest reset and stops
 // it, as a machine whose firmware is gone would stop.
-func handleINIT(v *VCPU, e vmx.Exit) (Action, error) {
+func handleINIT(v *VCPU, e *vmx.Exit) (Action, error) {
 	rip := e.RIP
 	v.initState()
 	v.logf("tamahv: guest INIT at RIP %#x: vCPU reset, guest stopped\n", rip)
@@ -93,7 +93,7 @@ func (v *VCPU) initState() {
 // the wait-for-SIPI state, which this single bootstrap vCPU never enters,
 // so in practice it is ignored, as the processor ignores a SIPI outside
 // that state.
-func handleSIPI(v *VCPU, e vmx.Exit) (Action, error) {
+func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
 	if v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
 		return Resume, nil
 	}
@@ -112,7 +112,7 @@ func handleSIPI(v *VCPU, e vmx.Exit) (Action, error) {
 // runs never uses once booted. Emulating it means the whole TSS save and
 // load of SDM Vol. 3A "Task Switching"; tamahv stops the guest instead,
 // with a line that says why, as the processor stops on a shutdown.
-func handleTaskSwitch(v *VCPU, e vmx.Exit) (Action, error) {
+func handleTaskSwitch(v *VCPU, e *vmx.Exit) (Action, error) {
 	ts := vmx.DecodeTaskSwitch(e.Qualification)
 	rip := e.RIP
 	v.logf("tamahv: guest task switch to TSS %#x by %v at RIP %#x: not emulated, guest shut down\n", ts.Selector, ts.Source, rip)

@@ -142,7 +142,7 @@ func isPF(e vmx.Event) bool {
 	return e.Type == vmx.EventHardwareException && e.Vector == vmx.VectorPF
 }
 
-func (d *PFDelivery) exit(v *VCPU, e vmx.Exit) {
+func (d *PFDelivery) exit(v *VCPU, e *vmx.Exit) {
 	if d.state != pfPlaced {
 		return
 	}

@@ -69,7 +69,7 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 			assert.Equal(t, []uint64{pfVA}, l.delivered)
 		},
 	}})
-	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 		return Resume, nil // the page opened for the write
 	}))
 	d.Install(v)
@@ -99,7 +99,7 @@ func TestPFDeliveryCancelsALostFault(t *testing.T) {
 			assert.Empty(t, l.delivered)
 		},
 	}})
-	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 		v.events = eventQueue{}
 		return Resume, v.InjectException(vmx.VectorGP, 0)
 	}))

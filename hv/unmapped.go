@@ -51,7 +51,7 @@ type Unmapped struct {
 // (GuestMemory, the breakpoint agent), so that it sees what they leave.
 func (u *Unmapped) Install(v *VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
 
-func (u *Unmapped) onViolation(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+func (u *Unmapped) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	_, perm, _, size, ok := u.EPT.Lookup(gpa)

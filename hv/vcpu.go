@@ -39,7 +39,7 @@ const (
 )
 
 // Handler handles one VM exit.
-type Handler func(v *VCPU, e vmx.Exit) (Action, error)
+type Handler func(v *VCPU, e *vmx.Exit) (Action, error)
 
 // ExitRecord is one entry of the ring of recent exits.
 type ExitRecord struct {
@@ -98,6 +98,7 @@ type VCPU struct {
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
 	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
+	cur       vmx.Exit                    // the exit being handled, shared by pointer
 	observers []Observer
 	entries   []func(v *VCPU)
 	ticks     []func(v *VCPU)
@@ -155,10 +156,10 @@ func NewVCPU(vmcs VMCS, caps *vmx.Caps) *VCPU {
 
 // Interceptor handles exits of one reason: it answers the exit itself, or
 // passes it on by calling next.
-type Interceptor func(v *VCPU, e vmx.Exit, next Handler) (Action, error)
+type Interceptor func(v *VCPU, e *vmx.Exit, next Handler) (Action, error)
 
 // Observer sees a VM exit before it is handled.
-type Observer func(v *VCPU, e vmx.Exit)
+type Observer func(v *VCPU, e *vmx.Exit)
 
 // Intercept puts h in front of the handling of reason r.
 func (v *VCPU) Intercept(r vmx.ExitReason, h Interceptor) error {
@@ -172,12 +173,12 @@ func (v *VCPU) Intercept(r vmx.ExitReason, h Interceptor) error {
 	if next == nil {
 		next = fatal
 	}
-	v.handlers[r] = func(v *VCPU, e vmx.Exit) (Action, error) { return h(v, e, next) }
+	v.handlers[r] = func(v *VCPU, e *vmx.Exit) (Action, error) { return h(v, e, next) }
 	return nil
 }
 
 // fatal is the handling of a reason without a handler.
-func fatal(v *VCPU, e vmx.Exit) (Action, error) {
+func fatal(v *VCPU, e *vmx.Exit) (Action, error) {
 	return Stop, fmt.Errorf("%w: %v at RIP %#x, qualification %#x", ErrFatalExit, e.Reason, e.RIP, e.Qualification)
 }
 
@@ -203,14 +204,14 @@ func (v *VCPU) OnTick(f func(v *VCPU)) {
 }
 
 // observe runs the observers.
-func (v *VCPU) observe(e vmx.Exit) {
+func (v *VCPU) observe(e *vmx.Exit) {
 	for _, o := range v.observers {
 		o(v, e)
 	}
 }
 
 // dispatch runs the handling of e: its interceptors, then the default.
-func (v *VCPU) dispatch(e vmx.Exit) (Action, error) {
+func (v *VCPU) dispatch(e *vmx.Exit) (Action, error) {
 	if h := v.handlers[e.Reason]; h != nil {
 		return h(v, e)
 	}
@@ -392,7 +393,9 @@ func (v *VCPU) err() error {
 // instruction that has neither an exit qualification nor a place in event
 // delivery (vmx.ExitReason.Plain) skips those two fields: the processor
 // cleared them.
-func (v *VCPU) snapshot() (e vmx.Exit) {
+func (v *VCPU) snapshot() *vmx.Exit {
+	e := &v.cur
+	*e = vmx.Exit{}
 	// read2, written out: this is the hottest read of all.
 	var reason, rip uint64
 	if h, ok := v.VMCS.(*HardwareVMCS); ok {
@@ -406,7 +409,7 @@ func (v *VCPU) snapshot() (e vmx.Exit) {
 	}
 	e.Reason, e.RIP = vmx.ExitReason(reason), rip
 	if reason&^0xffff != 0 {
-		e = vmx.DecodeExit(uint32(reason))
+		*e = vmx.DecodeExit(uint32(reason))
 		e.RIP = rip
 	}
 	if e.Reason.Plain() && !e.EntryFail {

@@ -288,7 +288,7 @@ func TestFatalExits(t *testing.T) {
 	v.Enter = func(*VCPU, bool) error { return errors.New("VMfailValid") }
 	assert.ErrorIs(t, v.Run(), ErrEntryFailed)
 
-	assert.Error(t, v.Intercept(35, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) { return next(v, e) }))
+	assert.Error(t, v.Intercept(35, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) { return next(v, e) }))
 	assert.Error(t, v.Intercept(vmx.ExitCPUID, nil))
 }
 
@@ -306,16 +306,16 @@ func TestExtensionOrder(t *testing.T) {
 	})
 	v.CPUID = func(uint32, uint32) (uint32, uint32, uint32, uint32) { note("default cpuid"); return 1, 2, 3, 4 }
 	for _, name := range []string{"first", "second"} {
-		require.NoError(t, v.Intercept(vmx.ExitCPUID, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+		require.NoError(t, v.Intercept(vmx.ExitCPUID, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 			note(name + " interceptor")
 			return next(v, e)
 		}))
-		v.Observe(func(v *VCPU, e vmx.Exit) { note(name + " observer " + e.Reason.String()) })
+		v.Observe(func(v *VCPU, e *vmx.Exit) { note(name + " observer " + e.Reason.String()) })
 		v.OnEntry(func(*VCPU) { note(name + " entry") })
 		v.OnTick(func(*VCPU) { note(name + " tick") })
 	}
 	// An interceptor that answers keeps the exit from those before it.
-	require.NoError(t, v.Intercept(vmx.ExitVMCALL, func(v *VCPU, e vmx.Exit, next Handler) (Action, error) {
+	require.NoError(t, v.Intercept(vmx.ExitVMCALL, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 		note("vmcall answered")
 		return v.Stopped(nil)
 	}))
@@ -366,7 +366,7 @@ func TestBitmaps(t *testing.T) {
 
 // exitOf snapshots the fake VMCS as an exit of reason r, as the run loop
 // would, for tests that call handlers directly.
-func exitOf(v *VCPU, r vmx.ExitReason) vmx.Exit {
+func exitOf(v *VCPU, r vmx.ExitReason) *vmx.Exit {
 	v.VMCS.Write(vmx.ExitReasonField, uint64(r))
 	return v.snapshot()
 }

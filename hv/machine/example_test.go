@@ -34,7 +34,7 @@ func Example() {
 
 	// An observer of every exit: count the guest's CPUIDs.
 	cpuids := 0
-	m.VCPU.Observe(func(_ *hv.VCPU, e vmx.Exit) {
+	m.VCPU.Observe(func(_ *hv.VCPU, e *vmx.Exit) {
 		if e.Reason == vmx.ExitCPUID {
 			cpuids++
 		}
@@ -44,7 +44,7 @@ func Example() {
 	// time the guest process runs a CPUID: its data page is swapped out,
 	// so the engine has the guest fault it in.
 	started := false
-	m.VCPU.Observe(func(v *hv.VCPU, e vmx.Exit) {
+	m.VCPU.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 		if e.Reason != vmx.ExitCPUID || v.CPL() != 3 || started {
 			return
 		}

@@ -243,7 +243,7 @@ func New(b Board, c Config) (*Machine, error) {
 	m.Shootdown = hv.NewShootdown(1, func(int) { b.InvalidateEPT(m.eptp) })
 	invalidate := func() { m.Shootdown.Changed(0) }
 	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
-	v.Observe(func(*hv.VCPU, vmx.Exit) { m.Shootdown.Exit(0) })
+	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
 	// Every guest-physical access on the guest's behalf goes through
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
 	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
