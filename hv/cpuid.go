@@ -2,9 +2,6 @@ package hv
 
 import "github.com/tamahv/tamahv/vmx"
 
-// cpuidLeafPMU is the architectural performance-monitoring leaf.
-const cpuidLeafPMU = 0xa
-
 // filterCPUID edits the host's CPUID answer r (EAX, EBX, ECX, EDX) for
 // leaf/sub into what the guest may see: no VMX, a hypervisor present,
 // OSXSAVE from the guest's CR4, and no feature the guest cannot use or
@@ -14,11 +11,11 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	case 1:
 		// No VMX; a hypervisor is present; OSXSAVE follows the guest's
 		// CR4, not the host's.
-		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|cpuidOSXSAVE) | cpuidHypervisorBit
+		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|vmx.CPUIDOSXSAVEBit) | vmx.CPUIDHypervisorBit
 		if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
-			r[vmx.ECX] |= cpuidOSXSAVE
+			r[vmx.ECX] |= vmx.CPUIDOSXSAVEBit
 		}
-	case cpuidLeafPMU:
+	case vmx.CPUIDLeafPMU:
 		if v.VMCS.Read(vmx.EntryControls)&vmx.EntryLoadPerf == 0 {
 			// The counters could not be stopped in VMX root.
 			*r = [4]uint32{}
@@ -62,7 +59,7 @@ func (v *VCPU) clearFlags(leaf, sub uint32, r *[4]uint32) {
 // skips the call for the others.
 func filteredLeaf(leaf uint32) bool {
 	switch leaf {
-	case 1, cpuidLeafPMU, 0x12, 0x14:
+	case 1, vmx.CPUIDLeafPMU, 0x12, 0x14:
 		return true
 	}
 	return flagLeaf(leaf)

@@ -80,12 +80,11 @@ func (v *VCPU) queueNMI() {
 // EventPending reports whether an event waits for the next VM entry.
 func (v *VCPU) EventPending() bool { return v.events.n > 0 }
 
-// Guest interruptibility bits (SDM Vol. 3C, "Guest Non-Register State").
+// Guest interruptibility bits, short names for vmx's.
 const (
-	blockingSTI   = 1 << 0
-	blockingMovSS = 1 << 1
-	blockingNMI   = 1 << 3
-	rflagsIF      = 1 << 9
+	blockingSTI   = vmx.BlockingSTI
+	blockingMovSS = vmx.BlockingMovSS
+	blockingNMI   = vmx.BlockingNMI
 )
 
 // deliverEvent places the first queued event into the VM-entry fields if
@@ -99,7 +98,7 @@ func (v *VCPU) deliverEvent() {
 	if e, ok := v.events.peek(); ok {
 		block := v.VMCS.Read(vmx.GuestInterruptibility)
 		switch {
-		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&rflagsIF == 0 || block&(blockingSTI|blockingMovSS) != 0):
+		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&vmx.RFLAGSIF == 0 || block&(blockingSTI|blockingMovSS) != 0):
 			want |= vmx.ProcInterruptWindow
 		case e.Type == vmx.EventNMI && block&(blockingNMI|blockingMovSS) != 0:
 			// NMI-window exiting needs virtual NMIs (SDM Vol. 3C,
@@ -137,10 +136,6 @@ func (v *VCPU) placeEvent(e vmx.Event) {
 		v.VMCS.Write(vmx.EntryInstructionLen, uint64(e.InstrLen))
 	}
 }
-
-// vectoringValid is the valid bit of the IDT-vectoring information (SDM
-// Vol. 3C, "Information for VM Exits That Occur During Event Delivery").
-const vectoringValid = 1 << 31
 
 // requeueVectoring puts back an event whose delivery the VM exit
 // interrupted (IDT-vectoring information), ahead of everything else.

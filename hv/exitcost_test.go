@@ -202,7 +202,7 @@ func TestIdleEntryLeavesControlsAlone(t *testing.T) {
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
 	require.NoError(t, v.prepareEntry())
 	assert.NotZero(t, m.f[vmx.ProcControls]&vmx.ProcInterruptWindow)
-	m.f[vmx.GuestRFLAGS] = rflagsIF
+	m.f[vmx.GuestRFLAGS] = vmx.RFLAGSIF
 	require.NoError(t, v.prepareEntry())
 	assert.Zero(t, m.f[vmx.ProcControls]&vmx.ProcInterruptWindow, "window closed")
 	assert.Equal(t, uint64(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}.Info()), m.f[vmx.EntryInterruptInfo])

@@ -11,9 +11,7 @@ import (
 
 // CPUID leaves tamahv answers itself.
 const (
-	CPUIDHypervisorBase = 0x40000000
-	cpuidHypervisorBit  = 1 << 31
-	cpuidOSXSAVE        = 1 << 27 // leaf 1 ECX
+	CPUIDHypervisorBase = vmx.CPUIDLeafHypervisor
 )
 
 // Signature is what CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
@@ -493,7 +491,7 @@ func (v *VCPU) stringIO(io vmx.IOAccess) (Action, error) {
 		count = v.Regs.RCX & mask
 	}
 	step := count * uint64(io.Size)
-	if v.VMCS.Read(vmx.GuestRFLAGS)&rflagsDF != 0 {
+	if v.VMCS.Read(vmx.GuestRFLAGS)&vmx.RFLAGSDF != 0 {
 		step = -step
 	}
 	reg := &v.Regs.RSI
@@ -516,8 +514,6 @@ func merge(reg, val, mask uint64) uint64 {
 	}
 	return val & mask
 }
-
-const rflagsDF = 1 << 10
 
 // addressMask is the mask of the exiting string instruction's address
 // size, from the VM-exit instruction information (SDM Vol. 3C,

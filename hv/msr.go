@@ -76,7 +76,7 @@ func policy(msr uint32) msrPolicy {
 // the bitmap's ranges always exit and raise #GP.
 func GuestMSRBitmap(b *[4096]byte) {
 	*b = [4096]byte{}
-	for m := uint32(0); m <= 0x1fff; m++ {
+	for m := uint32(0); m <= vmx.MSRBitmapLowEnd; m++ {
 		r, w := policy(m).exits()
 		if r {
 			b[m/8] |= 1 << (m % 8)
@@ -191,7 +191,7 @@ func (v *VCPU) perfGlobalMask() uint64 {
 	if v.CPUID == nil || v.VMCS.Read(vmx.EntryControls)&vmx.EntryLoadPerf == 0 {
 		return 0
 	}
-	a, _, c, d := v.CPUID(cpuidLeafPMU, 0)
+	a, _, c, d := v.CPUID(vmx.CPUIDLeafPMU, 0)
 	version, gp := a&0xff, a>>8&0xff
 	if version < 2 {
 		return 0

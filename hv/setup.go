@@ -224,11 +224,11 @@ func MSRBitmap(b *[4096]byte, msrs ...uint32) error {
 	for _, m := range msrs {
 		var base int
 		switch {
-		case m <= 0x1fff:
+		case m <= vmx.MSRBitmapLowEnd:
 			base = 0
-		case m >= 0xc0000000 && m <= 0xc0001fff:
+		case m >= vmx.MSRBitmapHighBase && m <= vmx.MSRBitmapHighEnd:
 			base = 1024
-			m -= 0xc0000000
+			m -= vmx.MSRBitmapHighBase
 		default:
 			return fmt.Errorf("hv: MSR %#x is outside the MSR bitmap", m)
 		}

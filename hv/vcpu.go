@@ -447,7 +447,7 @@ func (v *VCPU) exit() (Action, error) {
 	}
 	// The common exit interrupted no event delivery and is neither an
 	// exception nor an EPT violation: it skips both calls.
-	if e.IDTVectoring&vectoringValid != 0 {
+	if e.IDTVectoring&vmx.EventValid != 0 {
 		v.requeueVectoring(e)
 	}
 	if e.Reason == vmx.ExitExceptionOrNMI || e.Reason == vmx.ExitEPTViolation {

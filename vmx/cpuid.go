@@ -65,3 +65,16 @@ func Proc2Gates() [6]Gate {
 		{Proc2PCONFIG, CPUIDPCONFIG},
 	}
 }
+
+// CPUID leaves and bits tamahv answers itself (SDM Vol. 2A, "CPUID").
+const (
+	// CPUIDLeafHypervisor is the first leaf of the range CPUID leaves to
+	// hypervisors (0x40000000).
+	CPUIDLeafHypervisor = 0x40000000
+	// CPUIDLeafPMU is the architectural performance-monitoring leaf.
+	CPUIDLeafPMU = 0xa
+	// CPUIDHypervisorBit is leaf 1 ECX bit 31: running under a hypervisor.
+	CPUIDHypervisorBit = 1 << 31
+	// CPUIDOSXSAVEBit is leaf 1 ECX bit 27: CR4.OSXSAVE is set.
+	CPUIDOSXSAVEBit = 1 << 27
+)

@@ -47,7 +47,8 @@ type Event struct {
 
 // Bits of the interruption-information fields.
 const (
-	eventValid = 1 << 31
+	// EventValid says the field holds an event.
+	EventValid = 1 << 31
 	// EventErrorValid says an error code comes with the event.
 	EventErrorValid = 1 << 11
 )
@@ -60,7 +61,7 @@ const NMIUnblockedByIRET = 1 << 12
 
 // Info encodes the VM-entry interruption-information field.
 func (e Event) Info() uint32 {
-	v := uint32(e.Vector) | uint32(e.Type&7)<<8 | eventValid
+	v := uint32(e.Vector) | uint32(e.Type&7)<<8 | EventValid
 	if e.HasError {
 		v |= EventErrorValid
 	}
@@ -70,7 +71,7 @@ func (e Event) Info() uint32 {
 // DecodeEvent reads an interruption-information field (exit or IDT
 // vectoring) and its error code; ok is false when the valid bit is clear.
 func DecodeEvent(info, errorCode uint32) (e Event, ok bool) {
-	if info&eventValid == 0 {
+	if info&EventValid == 0 {
 		return Event{}, false
 	}
 	e = Event{Vector: uint8(info), Type: EventType(info >> 8 & 7), HasError: info&EventErrorValid != 0}
@@ -146,3 +147,12 @@ type IOAccess struct {
 func DecodeIO(q uint64) IOAccess {
 	return IOAccess{Size: int(q&7) + 1, In: q&8 != 0, String: q&16 != 0, Rep: q&32 != 0, Immediate: q&64 != 0, Port: uint16(q >> 16)}
 }
+
+// Guest interruptibility-state bits (SDM Vol. 3C, 24.4.2, "Guest
+// Non-Register State").
+const (
+	BlockingSTI   = 1 << 0
+	BlockingMovSS = 1 << 1
+	BlockingSMI   = 1 << 2
+	BlockingNMI   = 1 << 3
+)
