@@ -12,7 +12,7 @@ import (
 func TestMakeAPWaitsForSIPI(t *testing.T) {
 	v, _ := scripted(t, nil)
 	require.NoError(t, v.MakeAP())
-	f := fv(v).f
+	f := fv(v).Fields
 	assert.Equal(t, uint64(vmx.ActivityWaitForSIPI), f[vmx.GuestActivityState])
 	assert.Equal(t, uint64(0xf000), f[vmx.GuestCS], "the INIT state")
 	assert.Zero(t, f[vmx.GuestCR0]&vmx.CR0PE)
@@ -25,7 +25,7 @@ func TestMakeAPNeedsWaitForSIPI(t *testing.T) {
 	caps.Misc &^= 1 << 8
 	v.Caps = &caps
 	assert.ErrorIs(t, v.MakeAP(), ErrNoWaitForSIPI)
-	assert.NotEqual(t, uint64(vmx.ActivityWaitForSIPI), fv(v).f[vmx.GuestActivityState])
+	assert.NotEqual(t, uint64(vmx.ActivityWaitForSIPI), fv(v).Fields[vmx.GuestActivityState])
 }
 
 // TestAPINITSIPISIPI plays what Linux does to bring an AP up, twice (CPU
@@ -39,7 +39,7 @@ func TestAPINITSIPISIPI(t *testing.T) {
 	}
 	running := func(vec uint64) func(t *testing.T, v *VCPU) {
 		return func(t *testing.T, v *VCPU) {
-			f := fv(v).f
+			f := fv(v).Fields
 			assert.Equal(t, uint64(vmx.ActivityActive), f[vmx.GuestActivityState])
 			assert.Equal(t, vec<<8, f[vmx.GuestCS])
 			assert.Equal(t, vec<<12, f[vmx.GuestCSBase])
@@ -47,8 +47,8 @@ func TestAPINITSIPISIPI(t *testing.T) {
 		}
 	}
 	waiting := func(t *testing.T, v *VCPU) {
-		assert.Equal(t, uint64(vmx.ActivityWaitForSIPI), fv(v).f[vmx.GuestActivityState])
-		assert.Equal(t, uint64(0xfff0), fv(v).f[vmx.GuestRIP])
+		assert.Equal(t, uint64(vmx.ActivityWaitForSIPI), fv(v).Fields[vmx.GuestActivityState])
+		assert.Equal(t, uint64(0xfff0), fv(v).Fields[vmx.GuestRIP])
 	}
 	v, _ := scripted(t, []exitStep{
 		sipi(0x9a, running(0x9a)),

@@ -95,10 +95,10 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	require.NoError(t, a.Install(v))
 
 	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.ExitInterruptInfo] = bp
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.ExitInterruptInfo] = bp
 	// Hit in another process: passed on, rewritten later.
-	m.f[vmx.GuestCR3] = 0x9000
+	m.Fields[vmx.GuestCR3] = 0x9000
 	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
@@ -106,13 +106,13 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.False(t, v.EventPending())
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0x89), *at, "not rewritten while the guest sits on the detour")
-	m.f[vmx.GuestRIP] = 0x1234
+	m.Fields[vmx.GuestRIP] = 0x1234
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0xcc), *at, "rewritten at a later exit")
 
 	// Hit in the right process: the #PF replaces the #BP.
-	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.GuestCR3] = g.cr3 | 0x3 // PCID bits do not matter
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.GuestCR3] = g.cr3 | 0x3 // PCID bits do not matter
 	act, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
@@ -123,13 +123,13 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint64(va), v.Regs.CR2)
 	assert.Equal(t, uint64(2), a.Hits)
 	assert.Equal(t, uint64(1), a.Raised)
-	m.f[vmx.GuestRIP] = 0x1234
+	m.Fields[vmx.GuestRIP] = 0x1234
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, byte(0x89), *at, "disarmed after raising")
 	assert.Zero(t, g.phys.Owners())
 
 	// The guest's own int3 elsewhere goes back to the guest.
-	m.f[vmx.GuestRIP] = 0x4000
+	m.Fields[vmx.GuestRIP] = 0x4000
 	v.events = eventQueue{}
 	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
@@ -164,9 +164,9 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	require.NoError(t, g.phys.Check(pa, 1), "the detour's page is still guest RAM to tamahv")
 
 	// A read of the page: the original, readable and writable, not executable.
-	m.f[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
-	m.f[vmx.GuestPhysAddr] = pa
-	m.f[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
+	m.Fields[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
+	m.Fields[vmx.GuestPhysAddr] = pa
+	m.Fields[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
 	_, err := v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
@@ -174,7 +174,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	assert.Equal(t, ept.Read|ept.Write, perm)
 	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
 	*g.mem.at(pa + 1) = 0x42
-	m.f[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
+	m.Fields[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
 	_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.ept.Lookup(pa)
@@ -183,9 +183,9 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	assert.Equal(t, byte(0x42), a.Shadow[pa&0xfff+1])
 
 	// The guest reaches the detour in the right process.
-	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.GuestCR3] = g.cr3
-	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.GuestCR3] = g.cr3
+	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	_, err = v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	hpa, perm, _, size, _ := g.ept.Lookup(pa)
@@ -200,7 +200,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	require.NoError(t, a.Arm(g.cr3, va))
 	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
-		m.f[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
+		m.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
 		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
 		require.NoError(t, err)
 	}

@@ -181,15 +181,15 @@ func TestAddressSpacesObserveExits(t *testing.T) {
 	v := NewVCPU(m, skylake())
 	s := &AddressSpaces{Mem: g.phys}
 	s.Install(v)
-	m.f[vmx.GuestRIP], m.f[vmx.ExitQualification], m.f[vmx.IDTVectoringInfo] = 0x1000, 0, 0
-	m.f[vmx.EntryControls] = vmx.EntryIA32eMode
-	m.f[vmx.GuestCR0] = cr0PG
-	m.f[vmx.GuestCR3] = k | 1
-	m.f[vmx.GuestSSAccess] = 0x93
+	m.Fields[vmx.GuestRIP], m.Fields[vmx.ExitQualification], m.Fields[vmx.IDTVectoringInfo] = 0x1000, 0, 0
+	m.Fields[vmx.EntryControls] = vmx.EntryIA32eMode
+	m.Fields[vmx.GuestCR0] = cr0PG
+	m.Fields[vmx.GuestCR3] = k | 1
+	m.Fields[vmx.GuestSSAccess] = 0x93
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, PTIUnknown, s.PTI())
-	m.f[vmx.GuestCR3] = u | 0x801
-	m.f[vmx.GuestSSAccess] = 0xf3 // DPL 3
+	m.Fields[vmx.GuestCR3] = u | 0x801
+	m.Fields[vmx.GuestSSAccess] = 0xf3 // DPL 3
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, PTIOn, s.PTI())

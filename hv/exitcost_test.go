@@ -16,7 +16,7 @@ import (
 // a benchmark of the exit path measures the path rather than a map. It
 // counts the accesses, as the processor would execute VMREAD and VMWRITE.
 type arrayVMCS struct {
-	f             [0x7000]uint64
+	Fields        [0x7000]uint64
 	reads, writes uint64
 	// read and written count the accesses per field.
 	read, written [0x7000]uint32
@@ -25,13 +25,13 @@ type arrayVMCS struct {
 func (m *arrayVMCS) Read(f vmx.Field) uint64 {
 	m.reads++
 	m.read[f]++
-	return m.f[f]
+	return m.Fields[f]
 }
 
 func (m *arrayVMCS) Write(f vmx.Field, v uint64) {
 	m.writes++
 	m.written[f]++
-	m.f[f] = v
+	m.Fields[f] = v
 }
 
 // reset forgets the counts.
@@ -75,8 +75,8 @@ func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
 		if *n--; *n < 0 {
 			r = vmx.ExitTripleFault
 		}
-		m.f[vmx.ExitReasonField] = uint64(r)
-		m.f[vmx.ExitInstructionLen] = 2
+		m.Fields[vmx.ExitReasonField] = uint64(r)
+		m.Fields[vmx.ExitInstructionLen] = 2
 		v.Regs.RAX, v.Regs.RCX = 0, 0
 		return nil
 	}
@@ -128,13 +128,13 @@ func TestCPUIDExitIsCheap(t *testing.T) {
 func TestSnapshotReadsWhatTheReasonRecords(t *testing.T) {
 	m := &arrayVMCS{}
 	v := NewVCPU(m, skylake())
-	m.f[vmx.ExitQualification] = 0x1234
-	m.f[vmx.IDTVectoringInfo] = 0x80000b0e
+	m.Fields[vmx.ExitQualification] = 0x1234
+	m.Fields[vmx.IDTVectoringInfo] = 0x80000b0e
 	for r := vmx.ExitReason(0); r < vmx.NumExitReasons; r++ {
 		if !r.Valid() {
 			continue
 		}
-		m.f[vmx.ExitReasonField] = uint64(r)
+		m.Fields[vmx.ExitReasonField] = uint64(r)
 		e := v.snapshot()
 		if r.Plain() {
 			assert.Zero(t, e.Qualification, "%v", r)
@@ -151,7 +151,7 @@ func TestSnapshotReadsWhatTheReasonRecords(t *testing.T) {
 		assert.False(t, r.Plain(), "%v", r)
 	}
 	// A failed entry is read in full, whatever its reason.
-	m.f[vmx.ExitReasonField] = uint64(vmx.ExitCPUID) | 1<<31
+	m.Fields[vmx.ExitReasonField] = uint64(vmx.ExitCPUID) | 1<<31
 	assert.Equal(t, uint64(0x1234), v.snapshot().Qualification)
 }
 
@@ -169,20 +169,20 @@ func TestTimerArmedWhenItChanges(t *testing.T) {
 		v.launched = true
 	}
 	assert.Equal(t, uint32(1), m.written[vmx.PreemptionTimerValue])
-	assert.Equal(t, uint64(500), m.f[vmx.PreemptionTimerValue])
+	assert.Equal(t, uint64(500), m.Fields[vmx.PreemptionTimerValue])
 	v.PreemptionTicks = 700
 	require.NoError(t, v.prepareEntry())
 	require.NoError(t, v.prepareEntry())
 	assert.Equal(t, uint32(2), m.written[vmx.PreemptionTimerValue])
-	assert.Equal(t, uint64(700), m.f[vmx.PreemptionTimerValue])
+	assert.Equal(t, uint64(700), m.Fields[vmx.PreemptionTimerValue])
 
-	m.f[vmx.ExitControls] |= vmx.ExitSavePreemptionTime
+	m.Fields[vmx.ExitControls] |= vmx.ExitSavePreemptionTime
 	v.launched = false // a VMCS entered for the first time
 	m.reset()
 	for i := 0; i < 3; i++ {
 		require.NoError(t, v.prepareEntry())
 		v.launched = true
-		m.f[vmx.PreemptionTimerValue] = 3 // what the exit saved
+		m.Fields[vmx.PreemptionTimerValue] = 3 // what the exit saved
 	}
 	assert.Equal(t, uint32(3), m.written[vmx.PreemptionTimerValue])
 }
@@ -198,14 +198,14 @@ func TestIdleEntryLeavesControlsAlone(t *testing.T) {
 	require.NoError(t, v.prepareEntry())
 	assert.Zero(t, m.read[vmx.ProcControls]+m.written[vmx.ProcControls])
 
-	m.f[vmx.GuestRFLAGS] = 0 // IF clear
+	m.Fields[vmx.GuestRFLAGS] = 0 // IF clear
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
 	require.NoError(t, v.prepareEntry())
-	assert.NotZero(t, m.f[vmx.ProcControls]&vmx.ProcInterruptWindow)
-	m.f[vmx.GuestRFLAGS] = vmx.RFLAGSIF
+	assert.NotZero(t, m.Fields[vmx.ProcControls]&vmx.ProcInterruptWindow)
+	m.Fields[vmx.GuestRFLAGS] = vmx.RFLAGSIF
 	require.NoError(t, v.prepareEntry())
-	assert.Zero(t, m.f[vmx.ProcControls]&vmx.ProcInterruptWindow, "window closed")
-	assert.Equal(t, uint64(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}.Info()), m.f[vmx.EntryInterruptInfo])
+	assert.Zero(t, m.Fields[vmx.ProcControls]&vmx.ProcInterruptWindow, "window closed")
+	assert.Equal(t, uint64(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}.Info()), m.Fields[vmx.EntryInterruptInfo])
 	m.reset()
 	require.NoError(t, v.prepareEntry())
 	assert.Zero(t, m.read[vmx.ProcControls]+m.written[vmx.ProcControls])

@@ -124,25 +124,25 @@ func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 	for _, x := range bad {
 		steps = append(steps, exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, x&0xffffffff, x>>32 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(gpCode), fv(v).f[vmx.EntryInterruptInfo], "XCR0 %#x", x)
+				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "XCR0 %#x", x)
 			}})
 	}
 	steps = append(steps,
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 1, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(gpCode), fv(v).f[vmx.EntryInterruptInfo], "XCR1")
-				fv(v).f[vmx.GuestSSAccess] = 0x60 | arData32
+				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "XCR1")
+				fv(v).Fields[vmx.GuestSSAccess] = 0x60 | arData32
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(gpCode), fv(v).f[vmx.EntryInterruptInfo], "CPL 3")
-				fv(v).f[vmx.GuestSSAccess] = arData32
-				fv(v).f[vmx.GuestCR4] &^= guestCR4X
+				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "CPL 3")
+				fv(v).Fields[vmx.GuestSSAccess] = arData32
+				fv(v).Fields[vmx.GuestCR4] &^= guestCR4X
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo], "CR4.OSXSAVE clear")
-				fv(v).f[vmx.GuestCR4] |= guestCR4X
+				assert.Equal(t, uint64(udInfo), fv(v).Fields[vmx.EntryInterruptInfo], "CR4.OSXSAVE clear")
+				fv(v).Fields[vmx.GuestCR4] |= guestCR4X
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 0x602e7, 0 }},
 	)
@@ -154,7 +154,7 @@ func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 		}
 		return 0, 0, 0, 0
 	}
-	fv(v).f[vmx.GuestCR4] |= guestCR4X
+	fv(v).Fields[vmx.GuestCR4] |= guestCR4X
 	v.XSETBV = func(xcr uint32, val uint64) { loaded = append(loaded, val) }
 	require.NoError(t, v.Run())
 	assert.Equal(t, []uint64{0x602e7}, loaded, "only the valid value reaches XSETBV")
@@ -196,7 +196,7 @@ func crStep(qual, val uint64, fields map[vmx.Field]uint64, inject uint64, more f
 	return exitStep{reason: vmx.ExitCRAccess, fields: f,
 		regs: func(r *vmx.GuestRegs) { r.RAX, r.RCX = val, val },
 		check: func(t *testing.T, v *VCPU) {
-			assert.Equal(t, inject, fv(v).f[vmx.EntryInterruptInfo], "MOV to CR%d of %#x", qual&15, val)
+			assert.Equal(t, inject, fv(v).Fields[vmx.EntryInterruptInfo], "MOV to CR%d of %#x", qual&15, val)
 			if more != nil {
 				more(t, v)
 			}
@@ -206,8 +206,8 @@ func crStep(qual, val uint64, fields map[vmx.Field]uint64, inject uint64, more f
 func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 	const pgOn = vmx.CR0PG | vmx.CR0NE | vmx.CR0ET | vmx.CR0PE
 	notIA32e := func(t *testing.T, v *VCPU) {
-		assert.Zero(t, fv(v).f[vmx.GuestEFER]&eferLMA)
-		assert.Zero(t, fv(v).f[vmx.EntryControls]&vmx.EntryIA32eMode)
+		assert.Zero(t, fv(v).Fields[vmx.GuestEFER]&eferLMA)
+		assert.Zero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
 	}
 	long := map[vmx.Field]uint64{vmx.GuestEFER: eferLME | eferLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
 		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20, vmx.GuestCSAccess: csLong}
@@ -237,7 +237,7 @@ func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 		// Outside 64-bit mode the operand is EAX: RAX's upper half is not
 		// looked at.
 		crStep(movCR0RAX, 0xdead0000_00000031, prot, 0, func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(0x31), fv(v).f[vmx.CR0ReadShadow])
+			assert.Equal(t, uint64(0x31), fv(v).Fields[vmx.CR0ReadShadow])
 		}),
 		// Compatibility mode may turn paging off: IA-32e mode ends.
 		crStep(movCR0RAX, 0x31, with(compat, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.CR4ReadShadow), 0x20), 0, func(t *testing.T, v *VCPU) {
@@ -247,9 +247,9 @@ func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 		// and TR becomes a busy 64-bit TSS as VM entry requires.
 		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), eferLME, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.GuestTRAccess), 0x83), 0,
 			func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).f[vmx.GuestEFER])
-				assert.NotZero(t, fv(v).f[vmx.EntryControls]&vmx.EntryIA32eMode)
-				assert.Equal(t, uint64(0x8b), fv(v).f[vmx.GuestTRAccess])
+				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).Fields[vmx.GuestEFER])
+				assert.NotZero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
+				assert.Equal(t, uint64(0x8b), fv(v).Fields[vmx.GuestTRAccess])
 			}),
 	})
 	require.NoError(t, v.Run())
@@ -269,10 +269,10 @@ func TestCR4WritesTheProcessorRefuses(t *testing.T) {
 		crStep(movCR4RCX, 1<<32|0x20, long, gpCode, nil),                                                      // bits 63:32
 		crStep(movCR4RCX, 0x800020, map[vmx.Field]uint64{vmx.GuestCR0: 0x80000031, vmx.CR0ReadShadow: 0x80000011, vmx.GuestEFER: eferLME | eferLMA}, gpCode, nil), // CET without WP
 		crStep(movCR4RCX, 0x20020, long, 0, func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(0x20020), fv(v).f[vmx.CR4ReadShadow])
+			assert.Equal(t, uint64(0x20020), fv(v).Fields[vmx.CR4ReadShadow])
 		}),
 	})
-	fv(v).f[vmx.CR4GuestHostMask] = 0xffffffff
+	fv(v).Fields[vmx.CR4GuestHostMask] = 0xffffffff
 	require.NoError(t, v.Run())
 }
 
@@ -297,11 +297,11 @@ func TestPAEPagingLoadsThePDPTEs(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		crStep(movCR0RAX, pgOn, cr3(0x100020|0x18), 0, func(t *testing.T, v *VCPU) {
 			for i, e := range good {
-				assert.Equal(t, e, fv(v).f[vmx.GuestPDPTE(i)], "PDPTE %d", i)
+				assert.Equal(t, e, fv(v).Fields[vmx.GuestPDPTE(i)], "PDPTE %d", i)
 			}
-			assert.Zero(t, fv(v).f[vmx.EntryControls]&vmx.EntryIA32eMode, "PAE paging, not IA-32e")
+			assert.Zero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode, "PAE paging, not IA-32e")
 			for i := range good {
-				fv(v).f[vmx.GuestPDPTE(i)] = 0
+				fv(v).Fields[vmx.GuestPDPTE(i)] = 0
 			}
 		}),
 		crStep(movCR0RAX, pgOn, cr3(0x100040), gpCode, nil),   // reserved bit
@@ -320,7 +320,7 @@ func TestPAEPagingLoadsThePDPTEs(t *testing.T) {
 		}
 		return 0, 0, 0, 0
 	}
-	fv(v).f[vmx.CR4GuestHostMask] = 0xffffffff
+	fv(v).Fields[vmx.CR4GuestHostMask] = 0xffffffff
 	require.NoError(t, v.Run())
 }
 
@@ -329,16 +329,16 @@ func TestRealModeExceptionsCarryNoErrorCode(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitWRMSR, fields: real, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRFeatureControl },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(gpNoCode), fv(v).f[vmx.EntryInterruptInfo], "#GP in real mode: no error code")
-				fv(v).f[vmx.EntryInterruptInfo] = 0
+				assert.Equal(t, uint64(gpNoCode), fv(v).Fields[vmx.EntryInterruptInfo], "#GP in real mode: no error code")
+				fv(v).Fields[vmx.EntryInterruptInfo] = 0
 				c := &SwapCPU{V: v}
 				require.NoError(t, c.InjectPF(0x1000, 6))
-				assert.Equal(t, uint64(0x8000030e), fv(v).f[vmx.EntryInterruptInfo], "#PF in real mode: no error code")
-				fv(v).f[vmx.EntryInterruptInfo] = 0
+				assert.Equal(t, uint64(0x8000030e), fv(v).Fields[vmx.EntryInterruptInfo], "#PF in real mode: no error code")
+				fv(v).Fields[vmx.EntryInterruptInfo] = 0
 			}},
 		{reason: vmx.ExitWRMSR, fields: map[vmx.Field]uint64{vmx.GuestCR0: 0x31}, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRFeatureControl },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(gpCode), fv(v).f[vmx.EntryInterruptInfo], "#GP(0) in protected mode")
+				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "#GP(0) in protected mode")
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -358,14 +358,14 @@ func TestINITResetsTheVCPUAndStopsTheGuest(t *testing.T) {
 	v, _ := scripted(t, []exitStep{{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{
 		vmx.GuestCR0: 0xe0000031, vmx.CR0ReadShadow: 0xe0000011, vmx.GuestEFER: eferLME | eferLMA,
 		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20}}})
-	fv(v).f[vmx.EntryControls] |= vmx.EntryIA32eMode
+	fv(v).Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
 	var log strings.Builder
 	v.Log = &log
 	err := v.Run()
 	assert.ErrorIs(t, err, ErrGuestINIT)
 	assert.NotErrorIs(t, err, ErrFatalExit)
-	f := fv(v).f
+	f := fv(v).Fields
 	assert.Equal(t, uint64(0xfff0), f[vmx.GuestRIP])
 	assert.Equal(t, uint64(0xf000), f[vmx.GuestCS])
 	assert.Equal(t, uint64(0xffff0000), f[vmx.GuestCSBase])
@@ -384,15 +384,15 @@ func TestSIPIStartsOnlyAWaitingVCPU(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x10), fv(v).f[vmx.GuestCS], "ignored outside wait-for-SIPI")
-				fv(v).f[vmx.GuestActivityState] = vmx.ActivityWaitForSIPI
+				assert.Equal(t, uint64(0x10), fv(v).Fields[vmx.GuestCS], "ignored outside wait-for-SIPI")
+				fv(v).Fields[vmx.GuestActivityState] = vmx.ActivityWaitForSIPI
 			}},
 		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x9a00), fv(v).f[vmx.GuestCS])
-				assert.Equal(t, uint64(0x9a000), fv(v).f[vmx.GuestCSBase])
-				assert.Equal(t, uint64(vmx.ActivityActive), fv(v).f[vmx.GuestActivityState])
-				fv(v).f[vmx.GuestRIP] = 0x100000
+				assert.Equal(t, uint64(0x9a00), fv(v).Fields[vmx.GuestCS])
+				assert.Equal(t, uint64(0x9a000), fv(v).Fields[vmx.GuestCSBase])
+				assert.Equal(t, uint64(vmx.ActivityActive), fv(v).Fields[vmx.GuestActivityState])
+				fv(v).Fields[vmx.GuestRIP] = 0x100000
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -426,10 +426,10 @@ func TestStringIOAtTheConsoleTransfersNothing(t *testing.T) {
 	})
 	v.OwnPorts(0x3f8, 0x3ff)
 	v.PortIO = ports.io
-	rip := fv(v).f[vmx.GuestRIP]
+	rip := fv(v).Fields[vmx.GuestRIP]
 	require.NoError(t, v.Run())
 	assert.Empty(t, ports.ops, "no port is accessed")
-	assert.Equal(t, rip+4*3, fv(v).f[vmx.GuestRIP], "each instruction completes")
+	assert.Equal(t, rip+4*3, fv(v).Fields[vmx.GuestRIP], "each instruction completes")
 }
 
 func TestNewExitPathsAllocateNothing(t *testing.T) {
@@ -444,11 +444,11 @@ func TestNewExitPathsAllocateNothing(t *testing.T) {
 	v.Mem = mem
 	v.CPUID = func(l, s uint32) (uint32, uint32, uint32, uint32) { return 0x7, 0, 0, 0 }
 	v.XSETBV = func(uint32, uint64) {}
-	m.f[vmx.IDTVectoringInfo] = 0
-	m.f[vmx.ExitInstructionLen] = 2
-	m.f[vmx.ExitInstructionInfo] = 2 << 7
-	m.f[vmx.GuestCR4] |= guestCR4X | vmx.CR4PAE
-	m.f[vmx.GuestCR3] = 0x100000
+	m.Fields[vmx.IDTVectoringInfo] = 0
+	m.Fields[vmx.ExitInstructionLen] = 2
+	m.Fields[vmx.ExitInstructionInfo] = 2 << 7
+	m.Fields[vmx.GuestCR4] |= guestCR4X | vmx.CR4PAE
+	m.Fields[vmx.GuestCR3] = 0x100000
 	exits := []struct {
 		reason vmx.ExitReason
 		qual   uint64
@@ -458,12 +458,12 @@ func TestNewExitPathsAllocateNothing(t *testing.T) {
 		{vmx.ExitIO, ioQual(0x3f7, 2, false) | 16 | 32, func() { v.Regs.RCX = 3 }},
 		{vmx.ExitXSETBV, 0, func() { v.Regs.RCX, v.Regs.RAX, v.Regs.RDX = 0, 7, 0 }},
 		{vmx.ExitXSETBV, 0, func() { v.Regs.RCX, v.Regs.RAX, v.Regs.RDX = 0, 0x27, 0 }},
-		{vmx.ExitCRAccess, movCR0RAX, func() { m.f[vmx.GuestCR0], m.f[vmx.CR0ReadShadow], v.Regs.RAX = 0x31, 0x11, 0x80000031 }},
+		{vmx.ExitCRAccess, movCR0RAX, func() { m.Fields[vmx.GuestCR0], m.Fields[vmx.CR0ReadShadow], v.Regs.RAX = 0x31, 0x11, 0x80000031 }},
 	}
 	allocs := testing.AllocsPerRun(200, func() {
 		for _, x := range exits {
-			m.f[vmx.ExitReasonField] = uint64(x.reason)
-			m.f[vmx.ExitQualification] = x.qual
+			m.Fields[vmx.ExitReasonField] = uint64(x.reason)
+			m.Fields[vmx.ExitQualification] = x.qual
 			if x.before != nil {
 				x.before()
 			}
@@ -476,5 +476,5 @@ func TestNewExitPathsAllocateNothing(t *testing.T) {
 	})
 	assert.Zero(t, allocs)
 	assert.NotZero(t, ports)
-	assert.Equal(t, uint64(0x200001), m.f[vmx.GuestPDPTE(0)], "the PDPTEs were loaded")
+	assert.Equal(t, uint64(0x200001), m.Fields[vmx.GuestPDPTE(0)], "the PDPTEs were loaded")
 }

@@ -40,8 +40,8 @@ func BenchmarkSettleSharedPages(b *testing.B) {
 			g, pml4 := sharedWatches(b, n)
 			fv := newFakeVMCS()
 			v := &VCPU{VMCS: fv}
-			fv.f[vmx.GuestPhysAddr] = pml4
-			fv.f[vmx.ExitQualification] = 0x2 | 0x80 | 0x100 | 0x8 | 0x20
+			fv.Fields[vmx.GuestPhysAddr] = pml4
+			fv.Fields[vmx.ExitQualification] = 0x2 | 0x80 | 0x100 | 0x8 | 0x20
 			ev := exitOf(v, vmx.ExitEPTViolation)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {

@@ -93,14 +93,14 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 func TestSwapCPU(t *testing.T) {
 	v, m := scripted(t, nil)
 	c := &SwapCPU{V: v}
-	m.f[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
-	m.f[vmx.GuestSSAccess] = 0xf3         // DPL 3
+	m.Fields[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
+	m.Fields[vmx.GuestSSAccess] = 0xf3         // DPL 3
 	assert.Equal(t, uint64(0x1234_5000), c.CR3())
 	assert.Equal(t, 3, c.Ring())
 	assert.False(t, c.EventPending())
 	require.NoError(t, c.InjectPF(0x7000_1000, 6))
-	assert.Equal(t, uint64(0x80000b0e), m.f[vmx.EntryInterruptInfo])
-	assert.Equal(t, uint64(6), m.f[vmx.EntryExceptionError])
+	assert.Equal(t, uint64(0x80000b0e), m.Fields[vmx.EntryInterruptInfo])
+	assert.Equal(t, uint64(6), m.Fields[vmx.EntryExceptionError])
 	assert.Equal(t, uint64(0x7000_1000), v.Regs.CR2)
 	assert.True(t, c.EventPending())
 	assert.ErrorIs(t, c.InjectPF(0x7000_2000, 6), ErrEventTaken)

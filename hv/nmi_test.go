@@ -16,7 +16,7 @@ const (
 
 func TestNMIExitingAndVirtualNMIs(t *testing.T) {
 	v, _ := policyVCPU(t, skylake())
-	pin := fv(v).f[vmx.PinControls]
+	pin := fv(v).Fields[vmx.PinControls]
 	assert.NotZero(t, pin&vmx.PinNMIExiting, "guest NMIs exit instead of reaching tamahv")
 	assert.NotZero(t, pin&vmx.PinVirtualNMIs)
 }
@@ -28,18 +28,18 @@ func TestGuestNMIIsReinjected(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(nmiInfo), fv(v).f[vmx.EntryInterruptInfo])
-				fv(v).f[vmx.GuestInterruptibility] = blockingNMI // in the guest's handler
+				assert.Equal(t, uint64(nmiInfo), fv(v).Fields[vmx.EntryInterruptInfo])
+				fv(v).Fields[vmx.GuestInterruptibility] = blockingNMI // in the guest's handler
 			}},
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "blocked")
-				assert.NotZero(t, fv(v).f[vmx.ProcControls]&vmx.ProcNMIWindow)
+				assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo], "blocked")
+				assert.NotZero(t, fv(v).Fields[vmx.ProcControls]&vmx.ProcNMIWindow)
 			}},
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo}},
 		{reason: vmx.ExitNMIWindow, fields: map[vmx.Field]uint64{vmx.GuestInterruptibility: 0},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(nmiInfo), fv(v).f[vmx.EntryInterruptInfo])
+				assert.Equal(t, uint64(nmiInfo), fv(v).Fields[vmx.EntryInterruptInfo])
 				assert.False(t, v.EventPending(), "the third NMI merged with the second")
 			}},
 	})
@@ -53,9 +53,9 @@ func TestVectoredNMIIsReinjectedAtOnce(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitInterruptWindow, fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: nmiInfo, vmx.GuestInterruptibility: blockingNMI},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(nmiInfo), fv(v).f[vmx.EntryInterruptInfo], "NMI injected")
-				assert.Zero(t, fv(v).f[vmx.GuestInterruptibility]&blockingNMI, "blocking by NMI cleared (SDM 26.3.1.5)")
-				assert.Zero(t, fv(v).f[vmx.ProcControls]&vmx.ProcNMIWindow)
+				assert.Equal(t, uint64(nmiInfo), fv(v).Fields[vmx.EntryInterruptInfo], "NMI injected")
+				assert.Zero(t, fv(v).Fields[vmx.GuestInterruptibility]&blockingNMI, "blocking by NMI cleared (SDM 26.3.1.5)")
+				assert.Zero(t, fv(v).Fields[vmx.ProcControls]&vmx.ProcNMIWindow)
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -69,7 +69,7 @@ func TestNMIWindowNeedsVirtualNMIs(t *testing.T) {
 			caps.Pin.One &^= vmx.PinVirtualNMIs
 		}
 		v, _ := policyVCPU(t, caps)
-		f := fv(v).f
+		f := fv(v).Fields
 		assert.Equal(t, virtual, f[vmx.PinControls]&vmx.PinVirtualNMIs != 0)
 		assert.Equal(t, virtual, f[vmx.PinControls]&vmx.PinNMIExiting != 0, "NMI exiting comes with virtual NMIs")
 		f[vmx.GuestInterruptibility] = blockingNMI
@@ -91,7 +91,7 @@ func TestIRETUnblockingIsUndone(t *testing.T) {
 		v, _ := scripted(t, []exitStep{
 			{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: c.info, vmx.ExitInterruptError: 2},
 				check: func(t *testing.T, v *VCPU) {
-					assert.Equal(t, c.block, fv(v).f[vmx.GuestInterruptibility]&blockingNMI != 0, "info %#x", c.info)
+					assert.Equal(t, c.block, fv(v).Fields[vmx.GuestInterruptibility]&blockingNMI != 0, "info %#x", c.info)
 				}},
 		})
 		require.NoError(t, v.Run())
@@ -102,7 +102,7 @@ func TestIRETUnblockingIsUndone(t *testing.T) {
 // next entry.
 func TestNMIInRootIsInjected(t *testing.T) {
 	v, _ := policyVCPU(t, skylake())
-	f := fv(v).f
+	f := fv(v).Fields
 	pending := true
 	v.TakeNMI = func() bool {
 		p := pending

@@ -49,7 +49,7 @@ func (f *fakeMSRs) write(msr uint32, v uint64) {
 func policyVCPU(t *testing.T, caps *vmx.Caps) (*VCPU, *fakeMSRs) {
 	v := NewVCPU(newFakeVMCS(), caps)
 	require.NoError(t, v.Init(Setup{EPTP: 0x1e, VPID: 1}, &Start{CodeSel: 0x10, DataSel: 0x18}))
-	fv(v).f[vmx.ExitInstructionLen] = 2
+	fv(v).Fields[vmx.ExitInstructionLen] = 2
 	msrs := &fakeMSRs{m: map[uint32]uint64{
 		vmx.MSRTSC: 1_000_000, vmx.MSRAPICBase: 0xfee00000 | vmx.APICBaseEnable | vmx.APICBaseBSP,
 		vmx.MSRMiscEnable: 1<<0 | 1<<22 | 1<<34, 0x200: 0x6, vmx.MSRPerfCapabilities: 0,
@@ -70,7 +70,7 @@ func cpuidOf(t *testing.T, v *VCPU, leaf, sub uint32) [4]uint32 {
 // Finding 20: the guest's DR7 and IA32_DEBUGCTL survive exits.
 func TestDebugControlsAreSwitched(t *testing.T) {
 	v, _ := policyVCPU(t, skylake())
-	f := fv(v).f
+	f := fv(v).Fields
 	assert.NotZero(t, f[vmx.ExitControls]&vmx.ExitSaveDebug, "save debug controls")
 	assert.NotZero(t, f[vmx.EntryControls]&vmx.EntryLoadDebug, "load debug controls")
 	assert.Equal(t, uint64(0x400), f[vmx.GuestDR7], "DR7 at reset")
@@ -88,7 +88,7 @@ func TestCPUIDMatchesSecondaryControls(t *testing.T) {
 				caps.Proc2.One &^= g.Control
 			}
 			v, _ := policyVCPU(t, caps)
-			on := fv(v).f[vmx.Proc2Controls]&uint64(g.Control) != 0
+			on := fv(v).Fields[vmx.Proc2Controls]&uint64(g.Control) != 0
 			r := cpuidOf(t, v, g.Feature.Leaf, g.Feature.Subleaf)
 			shown := r[g.Feature.Reg]&g.Feature.Mask() != 0
 			assert.Equal(t, on, shown, "%s: control %#x on %v, feature shown %v", g.Feature.Name, g.Control, on, shown)
@@ -102,13 +102,13 @@ func TestCPUIDMatchesSecondaryControls(t *testing.T) {
 	caps := skylake()
 	caps.Proc2.One |= vmx.Proc2UserWait
 	v, _ := policyVCPU(t, caps)
-	assert.NotZero(t, fv(v).f[vmx.Proc2Controls]&vmx.Proc2UserWait)
+	assert.NotZero(t, fv(v).Fields[vmx.Proc2Controls]&vmx.Proc2UserWait)
 	assert.NotZero(t, cpuidOf(t, v, 7, 0)[vmx.ECX]&vmx.CPUIDWAITPKG.Mask())
 	// Bochs's Skylake has no such control: WAITPKG is hidden.
 	v, _ = policyVCPU(t, skylake())
 	assert.Zero(t, cpuidOf(t, v, 7, 0)[vmx.ECX]&vmx.CPUIDWAITPKG.Mask())
 	// PCONFIG is never offered.
-	assert.Zero(t, fv(v).f[vmx.Proc2Controls]&vmx.Proc2PCONFIG)
+	assert.Zero(t, fv(v).Fields[vmx.Proc2Controls]&vmx.Proc2PCONFIG)
 }
 
 // Features tamahv never offers are hidden: the debug store, SGX, Intel PT.
@@ -138,7 +138,7 @@ func TestCPUIDHidesTracingAndSGX(t *testing.T) {
 // TSC (tamahv's clock).
 func TestTSCWritesMoveOnlyTheOffset(t *testing.T) {
 	v, msrs := policyVCPU(t, skylake())
-	f := fv(v).f
+	f := fv(v).Fields
 	require.NotZero(t, f[vmx.ProcControls]&vmx.ProcTSCOffsetting)
 	require.True(t, v.wrmsr(vmx.MSRTSC, 5_000_000))
 	assert.Equal(t, uint64(4_000_000), f[vmx.TSCOffset])
@@ -172,8 +172,8 @@ func TestWRMSRThroughTheHandler(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitWRMSR, regs: func(r *vmx.GuestRegs) { r.RCX, r.RDX, r.RAX = vmx.MSRTSC, 0x1, 0xffff_ffff_0000_0010 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(1<<32|0x10-100), fv(v).f[vmx.TSCOffset])
-				assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "no #GP")
+				assert.Equal(t, uint64(1<<32|0x10-100), fv(v).Fields[vmx.TSCOffset])
+				assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo], "no #GP")
 			}},
 		{reason: vmx.ExitRDMSR, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRTSC },
 			check: func(t *testing.T, v *VCPU) {
@@ -182,9 +182,9 @@ func TestWRMSRThroughTheHandler(t *testing.T) {
 			}},
 	})
 	v.ReadMSR = func(uint32) uint64 { return 100 }
-	rip := fv(v).f[vmx.GuestRIP]
+	rip := fv(v).Fields[vmx.GuestRIP]
 	require.NoError(t, v.Run())
-	assert.Equal(t, rip+3*3, fv(v).f[vmx.GuestRIP])
+	assert.Equal(t, rip+3*3, fv(v).Fields[vmx.GuestRIP])
 }
 
 func TestAPICBaseNeverMoves(t *testing.T) {
@@ -250,7 +250,7 @@ func TestHostStateMSRs(t *testing.T) {
 // (a reserved bit would fail VM entry).
 func TestPerfGlobalCtrlIsSwitched(t *testing.T) {
 	v, msrs := policyVCPU(t, skylake())
-	f := fv(v).f
+	f := fv(v).Fields
 	assert.NotZero(t, f[vmx.ExitControls]&vmx.ExitLoadPerfGlobal)
 	assert.NotZero(t, f[vmx.EntryControls]&vmx.EntryLoadPerf)
 	assert.Zero(t, f[vmx.HostPerfGlobal])
@@ -269,5 +269,5 @@ func TestPerfGlobalCtrlIsSwitched(t *testing.T) {
 	caps := skylake()
 	caps.Exit.One |= vmx.ExitClearRTITCtl
 	v, _ = policyVCPU(t, caps)
-	assert.NotZero(t, fv(v).f[vmx.ExitControls]&vmx.ExitClearRTITCtl, "Intel PT stops at exit")
+	assert.NotZero(t, fv(v).Fields[vmx.ExitControls]&vmx.ExitClearRTITCtl, "Intel PT stops at exit")
 }

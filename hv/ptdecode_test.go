@@ -528,7 +528,7 @@ func TestPTWriteNoAllocations(t *testing.T) {
 			f := newPTFixture(t, swapPTE)
 			f.code(c.code...)
 			v := f.vcpu(t, nil)
-			m := fv(v).f
+			m := fv(v).Fields
 			m[vmx.GuestLinearAddr] = f.kva
 			v.Regs.RDI = f.kva
 			e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}

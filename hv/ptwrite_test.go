@@ -82,12 +82,12 @@ func (f *ptFixture) code(b ...byte) {
 // with the steps, the fixture's GuestMemory installed.
 func (f *ptFixture) vcpu(t *testing.T, steps []exitStep) *VCPU {
 	v, m := scripted(t, steps)
-	m.f[vmx.EntryControls] |= vmx.EntryIA32eMode
-	m.f[vmx.GuestCSAccess] = 0xa09b // L, not D
-	m.f[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
-	m.f[vmx.GuestCR3] = f.g.cr3
-	m.f[vmx.GuestCR4] |= vmx.CR4PAE
-	m.f[vmx.GuestRIP] = ptRIP
+	m.Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
+	m.Fields[vmx.GuestCSAccess] = 0xa09b // L, not D
+	m.Fields[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
+	m.Fields[vmx.GuestCR3] = f.g.cr3
+	m.Fields[vmx.GuestCR4] |= vmx.CR4PAE
+	m.Fields[vmx.GuestRIP] = ptRIP
 	require.NoError(t, f.gm.Install(v))
 	return v
 }
@@ -251,7 +251,7 @@ func TestPageTableWritesEmulated(t *testing.T) {
 			f.code(code...)
 			gpa := f.pte&^0xfff | la&0xfff
 			v := f.vcpu(t, []exitStep{write(la, gpa, func(r *vmx.GuestRegs) { c.regs(f, r) }, func(t *testing.T, v *VCPU) {
-				m := fv(v).f
+				m := fv(v).Fields
 				assert.Equal(t, c.want.mem, f.g.mem.get64(f.pte), "the watched entry %#x", f.g.mem.get64(f.pte))
 				assert.Equal(t, c.want.flags, m[vmx.GuestRFLAGS], "RFLAGS %#x", m[vmx.GuestRFLAGS])
 				assert.Equal(t, ptRIP+uint64(len(code)), m[vmx.GuestRIP], "RIP past the instruction")
@@ -263,12 +263,12 @@ func TestPageTableWritesEmulated(t *testing.T) {
 				assert.Equal(t, uint64(1), f.gm.Emulated)
 				assert.Zero(t, f.gm.Opened)
 			})})
-			fv(v).f[vmx.GuestRFLAGS] = 0x2 | c.flagsIn
+			fv(v).Fields[vmx.GuestRFLAGS] = 0x2 | c.flagsIn
 			for k, val := range c.fields {
-				fv(v).f[k] = val
+				fv(v).Fields[k] = val
 			}
 			if c.fields != nil {
-				fv(v).f[vmx.GuestGSBase] = f.kva - 0x10
+				fv(v).Fields[vmx.GuestGSBase] = f.kva - 0x10
 			}
 			require.NoError(t, v.Run())
 		})
@@ -412,7 +412,7 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			var rip uint64
 			steps := []exitStep{
 				write(f.kva, f.pte, nil, func(t *testing.T, v *VCPU) {
-					assert.Equal(t, rip, fv(v).f[vmx.GuestRIP], "RIP left")
+					assert.Equal(t, rip, fv(v).Fields[vmx.GuestRIP], "RIP left")
 					_, perm, _, _, _ := f.g.ept.Lookup(f.pte &^ 0xfff)
 					assert.Equal(t, ept.RWX, perm, "the page opened")
 					assert.Equal(t, uint64(swapPTE), f.g.mem.get64(f.pte), "memory left to the processor")
@@ -426,7 +426,7 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 				}},
 			}
 			v := f.vcpu(t, steps)
-			m := fv(v).f
+			m := fv(v).Fields
 			m[vmx.GuestDR7] = 0x400
 			steps[0].regs = func(r *vmx.GuestRegs) {
 				r.RDI, r.RAX = f.kva, newPTE
@@ -452,7 +452,7 @@ func TestPTWriteAllocations(t *testing.T) {
 	f := newPTFixture(t, swapPTE)
 	f.code(0x48, 0x89, 0x07)
 	v := f.vcpu(t, nil)
-	m := fv(v).f
+	m := fv(v).Fields
 	m[vmx.GuestLinearAddr] = f.kva
 	v.Regs.RDI = f.kva
 	e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
@@ -482,11 +482,11 @@ func BenchmarkPTWrite(b *testing.B) {
 	f := newPTFixture(b, swapPTE)
 	f.code(0x48, 0x89, 0x07)
 	v, m := scripted(&testing.T{}, nil)
-	m.f[vmx.EntryControls] |= vmx.EntryIA32eMode
-	m.f[vmx.GuestCSAccess] = 0xa09b
-	m.f[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
-	m.f[vmx.GuestCR3] = f.g.cr3
-	m.f[vmx.GuestLinearAddr] = f.kva
+	m.Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
+	m.Fields[vmx.GuestCSAccess] = 0xa09b
+	m.Fields[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
+	m.Fields[vmx.GuestCR3] = f.g.cr3
+	m.Fields[vmx.GuestLinearAddr] = f.kva
 	v.Regs.RDI = f.kva
 	e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
 	if _, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(swapmem.Translation) {}); err != nil {
@@ -536,7 +536,7 @@ func FuzzPTWrite(f *testing.F) {
 		fx := newPTFixture(t, swapPTE)
 		fx.code(code...)
 		v := fx.vcpu(t, nil)
-		m := fv(v).f
+		m := fv(v).Fields
 		v.Regs = vmx.GuestRegs{RAX: rax, RCX: rcx, RDX: rdx, RBX: fx.kva - rdiOff, RSI: fx.kva, RDI: fx.kva + rdiOff%64, R12: rax}
 		m[vmx.GuestRSP] = fx.kva
 		m[vmx.GuestRFLAGS] = rflags&^vmx.RFLAGSTF | 0x2
@@ -628,10 +628,10 @@ func TestRefusedWriteLeavesRegisters(t *testing.T) {
 				before = *r
 			}, func(t *testing.T, v *VCPU) {
 				assert.Equal(t, before, v.Regs)
-				assert.Equal(t, uint64(0x1234), fv(v).f[vmx.GuestRSP])
-				assert.Equal(t, uint64(ptRIP), fv(v).f[vmx.GuestRIP])
+				assert.Equal(t, uint64(0x1234), fv(v).Fields[vmx.GuestRSP])
+				assert.Equal(t, uint64(ptRIP), fv(v).Fields[vmx.GuestRIP])
 			})})
-			fv(v).f[vmx.GuestRSP] = 0x1234
+			fv(v).Fields[vmx.GuestRSP] = 0x1234
 			require.NoError(t, v.Run())
 			assert.Equal(t, uint64(1), f.gm.Fallbacks[FallbackMemory])
 		})

@@ -26,7 +26,7 @@ func TestReturnTrap(t *testing.T) {
 	v, m := scripted(t, []exitStep{
 		{reason: vmx.ExitCPUID, check: func(t *testing.T, v *VCPU) {
 			// A #PF goes in at CPL 3 (swapmem's UserFault).
-			fv(v).f[vmx.GuestRIP] = rip
+			fv(v).Fields[vmx.GuestRIP] = rip
 			require.NoError(t, cpu.InjectPF(0x7f0000001000, 4))
 			assert.Equal(t, uint64(1), trap.Arms)
 			_, perm, _, _, _ := g.ept.Lookup(codePA)
@@ -36,14 +36,14 @@ func TestReturnTrap(t *testing.T) {
 		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: codePA | rip&0xfff, vmx.ExitQualification: fetch},
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(1), trap.Hits)
-				assert.Equal(t, uint64(rip), fv(v).f[vmx.GuestRIP], "the instruction runs again")
+				assert.Equal(t, uint64(rip), fv(v).Fields[vmx.GuestRIP], "the instruction runs again")
 				_, perm, _, _, _ := g.ept.Lookup(codePA)
 				assert.Equal(t, ept.RWX, perm)
 				assert.Zero(t, g.phys.Owners())
 			}},
 	})
-	m.f[vmx.GuestCR3] = g.cr3
-	m.f[vmx.GuestSSAccess] |= 3 << 5
+	m.Fields[vmx.GuestCR3] = g.cr3
+	m.Fields[vmx.GuestSSAccess] |= 3 << 5
 	cpu = &TrapCPU{CPU: &SwapCPU{V: v}, Trap: trap, V: v}
 	require.NoError(t, trap.Install(v))
 	require.NoError(t, v.Run())
@@ -63,20 +63,20 @@ func TestReturnTrapOnlyInUserMode(t *testing.T) {
 	g.mapPage(0x401000, 0x601000, 0)
 	trap := &ReturnTrap{Phys: g.phys, Walker: &Walker{Mem: g.phys}}
 	v, m := scripted(t, nil)
-	m.f[vmx.GuestCR3] = g.cr3
-	m.f[vmx.GuestRIP] = 0x400000
-	m.f[vmx.EntryInterruptInfo] = 0
+	m.Fields[vmx.GuestCR3] = g.cr3
+	m.Fields[vmx.GuestRIP] = 0x400000
+	m.Fields[vmx.EntryInterruptInfo] = 0
 	cpu := &TrapCPU{CPU: &SwapCPU{V: v}, Trap: trap, V: v}
 	require.NoError(t, cpu.InjectPF(0x1000, 0))
 	assert.Zero(t, trap.Arms, "CPL 0")
 
-	m.f[vmx.GuestSSAccess] |= 3 << 5
-	m.f[vmx.EntryInterruptInfo] = 0
-	m.f[vmx.GuestRIP] = 0x401000
+	m.Fields[vmx.GuestSSAccess] |= 3 << 5
+	m.Fields[vmx.EntryInterruptInfo] = 0
+	m.Fields[vmx.GuestRIP] = 0x401000
 	require.NoError(t, cpu.InjectPF(0x1000, 4))
 	assert.Zero(t, trap.Arms, "a supervisor page")
-	m.f[vmx.EntryInterruptInfo] = 0
-	m.f[vmx.GuestRIP] = 0x402000
+	m.Fields[vmx.EntryInterruptInfo] = 0
+	m.Fields[vmx.GuestRIP] = 0x402000
 	require.NoError(t, cpu.InjectPF(0x1000, 4))
 	assert.Zero(t, trap.Arms, "not mapped")
 	assert.Zero(t, g.phys.Owners())

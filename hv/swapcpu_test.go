@@ -60,7 +60,7 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 		check: func(t *testing.T, v *VCPU) {
 			assert.Empty(t, l.delivered, "not delivered yet")
 			assert.Empty(t, l.cancelled)
-			assert.Equal(t, uint64(pf.Info()), fv(v).f[vmx.EntryInterruptInfo], "placed again")
+			assert.Equal(t, uint64(pf.Info()), fv(v).Fields[vmx.EntryInterruptInfo], "placed again")
 			assert.Equal(t, uint64(pfVA), v.Regs.CR2)
 		},
 	}, {
@@ -106,7 +106,7 @@ func TestPFDeliveryCancelsALostFault(t *testing.T) {
 	d.Install(v)
 	// The breakpoint agent queued the #PF behind an NMI that the guest
 	// blocks.
-	m.f[vmx.GuestInterruptibility] = blockingNMI
+	m.Fields[vmx.GuestInterruptibility] = blockingNMI
 	v.queueNMI()
 	require.NoError(t, v.Inject(vmx.Exception(vmx.VectorPF, 4, 0)))
 	v.Regs.CR2 = pfVA
@@ -128,7 +128,7 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	// Before: the request's user CR3 compared exactly. The user PGD maps
 	// only the entry trampoline: the detour cannot even be found.
 	a0 := g.agent(lstar, false)
-	m.f[vmx.GuestCR3] = u | 0x801
+	m.Fields[vmx.GuestCR3] = u | 0x801
 	cpu0 := &SwapCPU{V: v, Agent: a0}
 	assert.ErrorIs(t, cpu0.InjectBPFault(va), ErrNoDetour)
 
@@ -147,9 +147,9 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	assert.Equal(t, byte(0xcc), *at)
 
 	// The int3 is hit in kernel mode, on the kernel CR3 with its PCID.
-	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	m.f[vmx.GuestCR3] = k | 1
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	m.Fields[vmx.GuestCR3] = k | 1
 	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, Resume, act)
@@ -162,9 +162,9 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	// The raised #PF is followed: placed at the entry, delivered at the
 	// exit after it.
 	require.NoError(t, v.prepareEntry())
-	assert.Equal(t, uint64(e.Info()), m.f[vmx.EntryInterruptInfo])
+	assert.Equal(t, uint64(e.Info()), m.Fields[vmx.EntryInterruptInfo])
 	assert.Empty(t, l.delivered)
-	m.f[vmx.IDTVectoringInfo] = 0
+	m.Fields[vmx.IDTVectoringInfo] = 0
 	v.observe(exitOf(v, vmx.ExitCPUID))
 	assert.Equal(t, []uint64{va}, l.delivered)
 }
@@ -182,9 +182,9 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 	a.Spaces = s
 	require.NoError(t, a.Install(v))
 	require.NoError(t, a.Arm(pa, 0x400000))
-	m.f[vmx.GuestRIP] = detour
-	m.f[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	m.f[vmx.GuestCR3] = pb
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	m.Fields[vmx.GuestCR3] = pb
 	_, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1), a.Passed, "b is another process")

@@ -49,8 +49,8 @@ func TestUnbackedGuestPhysicalIsAnsweredAsHardwareWould(t *testing.T) {
 			assert.Equal(t, ept.RWX, p)
 			assert.Equal(t, ept.Uncacheable, mt)
 			assert.Equal(t, size, s, "page size")
-			assert.Equal(t, rip, fv(v).f[vmx.GuestRIP], "the access runs again")
-			assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "nothing injected")
+			assert.Equal(t, rip, fv(v).Fields[vmx.GuestRIP], "the access runs again")
+			assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo], "nothing injected")
 		}
 	}
 	steps := []exitStep{
@@ -62,20 +62,20 @@ func TestUnbackedGuestPhysicalIsAnsweredAsHardwareWould(t *testing.T) {
 		violation(0x1_4040_0000, qWrite, func(t *testing.T, v *VCPU) { mapped(0x1_4040_0000, ept.Size2M)(t, v) }),
 		// A fetch from tamahv's region: #UD, as executing all ones.
 		violation(0x1000_1000, qFetchSink, func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo])
-			assert.Equal(t, rip, fv(v).f[vmx.GuestRIP])
+			assert.Equal(t, uint64(udInfo), fv(v).Fields[vmx.EntryInterruptInfo])
+			assert.Equal(t, rip, fv(v).Fields[vmx.GuestRIP])
 			hpa, p, _, _, _ := e.Lookup(0x1000_1000)
 			assert.Equal(t, uint64(0x12001000), hpa, "still the sink")
 			assert.Equal(t, ept.Read|ept.Write, p, "still not executable")
 		}),
 		// A stale translation: RAM allows the read now; it runs again.
 		violation(0x2000, qRead, func(t *testing.T, v *VCPU) {
-			assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo])
+			assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo])
 		}),
 	}
 	v, ee, u := unmappedGuest(t, steps)
 	e = ee
-	rip = fv(v).f[vmx.GuestRIP]
+	rip = fv(v).Fields[vmx.GuestRIP]
 	flushes := 0
 	u.Invalidate = func() { flushes++ }
 	require.NoError(t, v.Run(), "no access ends tamahv")
@@ -106,7 +106,7 @@ func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
 			assert.Equal(t, ept.Uncacheable, mt)
 		}),
 		violation(0x1000_2000, qFetchSink, func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(udInfo), fv(v).f[vmx.EntryInterruptInfo])
+			assert.Equal(t, uint64(udInfo), fv(v).Fields[vmx.EntryInterruptInfo])
 		}),
 	})
 	e = ee

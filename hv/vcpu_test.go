@@ -2,7 +2,6 @@ package hv
 
 import (
 	"errors"
-	"fmt"
 	"strings"
 	"testing"
 
@@ -16,23 +15,9 @@ import (
 
 // fakeVMCS is a VMCS in a map; reading a field never written fails, as a
 // VMREAD of an unsupported field would.
-type fakeVMCS struct {
-	f   map[vmx.Field]uint64
-	err error
-}
+type fakeVMCS = hvtest.VMCS
 
-func newFakeVMCS() *fakeVMCS { return &fakeVMCS{f: map[vmx.Field]uint64{}} }
-
-func (m *fakeVMCS) Read(f vmx.Field) uint64 {
-	v, ok := m.f[f]
-	if !ok && m.err == nil {
-		m.err = fmt.Errorf("VMREAD %#x: unsupported field", uint32(f))
-	}
-	return v
-}
-func (m *fakeVMCS) Write(f vmx.Field, v uint64) { m.f[f] = v }
-func (m *fakeVMCS) Err() error                  { return m.err }
-func (m *fakeVMCS) ClearErr()                   { m.err = nil }
+func newFakeVMCS() *fakeVMCS { return hvtest.NewVMCS() }
 
 // skylake is the capability set of Bochs's corei7_skylake_x.
 func skylake() *vmx.Caps { return hvtest.Skylake() }
@@ -68,20 +53,20 @@ func scripted(t *testing.T, steps []exitStep) (*VCPU, *fakeVMCS) {
 		if i > 0 && steps[i-1].check != nil {
 			steps[i-1].check(t, v)
 		}
-		m.f[vmx.IDTVectoringInfo] = 0
-		m.f[vmx.EntryInterruptInfo] = 0
-		m.f[vmx.ExitInstructionLen] = 3
-		m.f[vmx.ExitQualification] = 0
+		m.Fields[vmx.IDTVectoringInfo] = 0
+		m.Fields[vmx.EntryInterruptInfo] = 0
+		m.Fields[vmx.ExitInstructionLen] = 3
+		m.Fields[vmx.ExitQualification] = 0
 		if i == len(steps) {
-			m.f[vmx.ExitReasonField] = uint64(vmx.ExitVMCALL)
+			m.Fields[vmx.ExitReasonField] = uint64(vmx.ExitVMCALL)
 			v.Regs.RAX = hcall.Exit
 			i++
 			return nil
 		}
 		s := steps[i]
-		m.f[vmx.ExitReasonField] = uint64(s.reason)
+		m.Fields[vmx.ExitReasonField] = uint64(s.reason)
 		for f, val := range s.fields {
-			m.f[f] = val
+			m.Fields[f] = val
 		}
 		if s.regs != nil {
 			s.regs(&v.Regs)
@@ -110,21 +95,21 @@ func (c *testCalls) Call(v *VCPU, nr, a1, a2, a3 uint64) (uint64, bool) {
 func TestInitControls(t *testing.T) {
 	v, _ := scripted(t, nil)
 	_ = v
-	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary|vmx.ProcTSCOffsetting), fv(v).f[vmx.ProcControls])
-	p2 := fv(v).f[vmx.Proc2Controls]
+	assert.Equal(t, uint64(0x04006172|vmx.ProcUseMSRBitmaps|vmx.ProcUseIOBitmaps|vmx.ProcActivateSecondary|vmx.ProcTSCOffsetting), fv(v).Fields[vmx.ProcControls])
+	p2 := fv(v).Fields[vmx.Proc2Controls]
 	assert.NotZero(t, p2&vmx.Proc2EnableEPT)
 	assert.NotZero(t, p2&vmx.Proc2Unrestricted)
 	assert.NotZero(t, p2&vmx.Proc2EnableVPID)
 	assert.NotZero(t, p2&vmx.Proc2RDTSCP, "RDTSCP stays usable")
-	assert.Equal(t, uint64(0x31), fv(v).f[vmx.GuestCR0], "PE, ET and the fixed NE")
-	assert.Equal(t, uint64(0x11), fv(v).f[vmx.CR0ReadShadow], "the guest does not see NE forced")
-	assert.Equal(t, uint64(0x20), fv(v).f[vmx.CR0GuestHostMask])
-	assert.Equal(t, uint64(0x2000), fv(v).f[vmx.GuestCR4])
-	assert.NotZero(t, fv(v).f[vmx.CR4GuestHostMask]&0x2000)
+	assert.Equal(t, uint64(0x31), fv(v).Fields[vmx.GuestCR0], "PE, ET and the fixed NE")
+	assert.Equal(t, uint64(0x11), fv(v).Fields[vmx.CR0ReadShadow], "the guest does not see NE forced")
+	assert.Equal(t, uint64(0x20), fv(v).Fields[vmx.CR0GuestHostMask])
+	assert.Equal(t, uint64(0x2000), fv(v).Fields[vmx.GuestCR4])
+	assert.NotZero(t, fv(v).Fields[vmx.CR4GuestHostMask]&0x2000)
 	assert.Equal(t, uint64(0x7000), v.Regs.RSI)
-	assert.Equal(t, uint64(0x10), fv(v).f[vmx.GuestCS])
-	assert.Equal(t, ^uint64(0), fv(v).f[vmx.VMCSLinkPointer])
-	assert.NotZero(t, fv(v).f[vmx.ExitControls]&vmx.ExitHostAddrSpaceSize)
+	assert.Equal(t, uint64(0x10), fv(v).Fields[vmx.GuestCS])
+	assert.Equal(t, ^uint64(0), fv(v).Fields[vmx.VMCSLinkPointer])
+	assert.NotZero(t, fv(v).Fields[vmx.ExitControls]&vmx.ExitHostAddrSpaceSize)
 
 	noEPT := skylake()
 	noEPT.Proc2.One &^= vmx.Proc2EnableEPT
@@ -145,9 +130,9 @@ func TestCPUIDHidesVMX(t *testing.T) {
 				assert.Equal(t, "tama", sig)
 			}},
 	})
-	rip := fv(v).f[vmx.GuestRIP]
+	rip := fv(v).Fields[vmx.GuestRIP]
 	require.NoError(t, v.Run())
-	assert.Equal(t, rip+3*3, fv(v).f[vmx.GuestRIP], "three instructions of 3 bytes skipped")
+	assert.Equal(t, rip+3*3, fv(v).Fields[vmx.GuestRIP], "three instructions of 3 bytes skipped")
 	assert.Equal(t, map[vmx.ExitReason]uint64{vmx.ExitCPUID: 2, vmx.ExitVMCALL: 1}, v.Counts())
 	assert.Equal(t, uint64(3), v.Total())
 	var b strings.Builder
@@ -159,12 +144,12 @@ func TestCPUIDHidesVMX(t *testing.T) {
 func TestVMXInstructionsRaiseUD(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitVMXON, check: func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(0x80000306), fv(v).f[vmx.EntryInterruptInfo], "#UD injected")
+			assert.Equal(t, uint64(0x80000306), fv(v).Fields[vmx.EntryInterruptInfo], "#UD injected")
 		}},
 	})
-	rip := fv(v).f[vmx.GuestRIP]
+	rip := fv(v).Fields[vmx.GuestRIP]
 	require.NoError(t, v.Run())
-	assert.Equal(t, rip+3, fv(v).f[vmx.GuestRIP], "VMXON not skipped, only the final VMCALL")
+	assert.Equal(t, rip+3, fv(v).Fields[vmx.GuestRIP], "VMXON not skipped, only the final VMCALL")
 }
 
 func TestHypercalls(t *testing.T) {
@@ -183,7 +168,7 @@ func TestMSRAndPorts(t *testing.T) {
 		{reason: vmx.ExitRDMSR, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRFeatureControl },
 			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(1), v.Regs.RAX, "locked, VMX off") }},
 		{reason: vmx.ExitRDMSR, regs: func(r *vmx.GuestRegs) { r.RCX = vmx.MSRVMXBasic },
-			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo]) }},
+			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo]) }},
 		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x3fd0008}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x1234 },
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(0x12ff), v.Regs.RAX, "IN AL from the console reads 0xff")
@@ -199,23 +184,23 @@ func TestCRWrites(t *testing.T) {
 		// MOV CR0, RAX with NE set: the shadow follows, NE stays.
 		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x0}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x31 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x31), fv(v).f[vmx.CR0ReadShadow])
-				assert.Equal(t, uint64(0x31), fv(v).f[vmx.GuestCR0])
+				assert.Equal(t, uint64(0x31), fv(v).Fields[vmx.CR0ReadShadow])
+				assert.Equal(t, uint64(0x31), fv(v).Fields[vmx.GuestCR0])
 			}},
 		// MOV CR4, RCX setting VMXE: #GP, the guest has no VMX.
 		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x104}, regs: func(r *vmx.GuestRegs) { r.RCX = 0x2020 },
-			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo]) }},
+			check: func(t *testing.T, v *VCPU) { assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo]) }},
 		// MOV CR4, RCX with PAE: shadow PAE, real PAE|VMXE.
 		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x104}, regs: func(r *vmx.GuestRegs) { r.RCX = 0x20 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x20), fv(v).f[vmx.CR4ReadShadow])
-				assert.Equal(t, uint64(0x2020), fv(v).f[vmx.GuestCR4])
+				assert.Equal(t, uint64(0x20), fv(v).Fields[vmx.CR4ReadShadow])
+				assert.Equal(t, uint64(0x2020), fv(v).Fields[vmx.GuestCR4])
 			}},
 		// Paging on with EFER.LME: IA-32e mode.
 		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x0, vmx.GuestEFER: eferLME}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x80000011 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).f[vmx.GuestEFER])
-				assert.NotZero(t, fv(v).f[vmx.EntryControls]&vmx.EntryIA32eMode)
+				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).Fields[vmx.GuestEFER])
+				assert.NotZero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -227,14 +212,14 @@ func TestXSETBV(t *testing.T) {
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 }},
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 5, 0 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "AVX without SSE")
+				assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo], "AVX without SSE")
 			}},
 		{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 0x1f, 0 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x80000b0d), fv(v).f[vmx.EntryInterruptInfo], "unsupported bits")
+				assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo], "unsupported bits")
 			}},
 	})
-	fv(v).f[vmx.GuestCR4] |= 1 << 18
+	fv(v).Fields[vmx.GuestCR4] |= 1 << 18
 	v.XSETBV = func(xcr uint32, val uint64) { loaded = append(loaded, val) }
 	require.NoError(t, v.Run())
 	assert.Equal(t, []uint64{7}, loaded)
@@ -243,13 +228,13 @@ func TestXSETBV(t *testing.T) {
 func TestEventsWaitForAWindow(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitCPUID, check: func(t *testing.T, v *VCPU) {
-			assert.Zero(t, fv(v).f[vmx.EntryInterruptInfo], "IF is clear: not injected")
-			assert.NotZero(t, fv(v).f[vmx.ProcControls]&vmx.ProcInterruptWindow)
-			fv(v).f[vmx.GuestRFLAGS] = 0x202
+			assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo], "IF is clear: not injected")
+			assert.NotZero(t, fv(v).Fields[vmx.ProcControls]&vmx.ProcInterruptWindow)
+			fv(v).Fields[vmx.GuestRFLAGS] = 0x202
 		}},
 		{reason: vmx.ExitInterruptWindow, check: func(t *testing.T, v *VCPU) {
-			assert.Equal(t, uint64(0x80000030), fv(v).f[vmx.EntryInterruptInfo], "vector 0x30 delivered")
-			assert.Zero(t, fv(v).f[vmx.ProcControls]&vmx.ProcInterruptWindow)
+			assert.Equal(t, uint64(0x80000030), fv(v).Fields[vmx.EntryInterruptInfo], "vector 0x30 delivered")
+			assert.Zero(t, fv(v).Fields[vmx.ProcControls]&vmx.ProcInterruptWindow)
 		}},
 	})
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
@@ -262,8 +247,8 @@ func TestVectoringEventIsReinjected(t *testing.T) {
 		// exit stands in; the #PF must come back first.
 		{reason: vmx.ExitInterruptWindow, fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: 0x80000b0e, vmx.IDTVectoringError: 6},
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(0x80000b0e), fv(v).f[vmx.EntryInterruptInfo])
-				assert.Equal(t, uint64(6), fv(v).f[vmx.EntryExceptionError])
+				assert.Equal(t, uint64(0x80000b0e), fv(v).Fields[vmx.EntryInterruptInfo])
+				assert.Equal(t, uint64(6), fv(v).Fields[vmx.EntryExceptionError])
 			}},
 	})
 	require.NoError(t, v.Run())
@@ -335,10 +320,10 @@ func TestExitPathAllocatesNothing(t *testing.T) {
 	v := NewVCPU(m, skylake())
 	require.NoError(t, v.Init(Setup{EPTP: 0x1e, VPID: 1}, &Start{CodeSel: 0x10, DataSel: 0x18}))
 	v.CPUID = func(l, s uint32) (uint32, uint32, uint32, uint32) { return 0, 0, 0, 0 }
-	m.f[vmx.ExitReasonField] = uint64(vmx.ExitCPUID)
-	m.f[vmx.ExitQualification] = 0
-	m.f[vmx.IDTVectoringInfo] = 0
-	m.f[vmx.ExitInstructionLen] = 2
+	m.Fields[vmx.ExitReasonField] = uint64(vmx.ExitCPUID)
+	m.Fields[vmx.ExitQualification] = 0
+	m.Fields[vmx.IDTVectoringInfo] = 0
+	m.Fields[vmx.ExitInstructionLen] = 2
 	allocs := testing.AllocsPerRun(1000, func() {
 		_ = v.prepareEntry()
 		if _, err := v.exit(); err != nil {
