@@ -205,7 +205,7 @@ func TestBochsLinuxGuest(t *testing.T) {
 	for _, l := range res.Lines {
 		// tamahv's counters and its answers to the swap reads (the
 		// attacks' among them).
-		if strings.HasPrefix(l, "tamahv: exits ") || strings.HasPrefix(l, "tamahv: swapmem") || strings.HasPrefix(l, "tamahv: page-table") || strings.HasPrefix(l, "tamahv: breakpoint") {
+		if strings.HasPrefix(l, "tamahv: exits ") || strings.HasPrefix(l, "tamahv: swapmem") || strings.HasPrefix(l, "tamahv: page-table") || strings.HasPrefix(l, "tamahv: breakpoint") || strings.HasPrefix(l, "tamahv: Go heap") {
 			t.Log(l)
 		}
 	}

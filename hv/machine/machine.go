@@ -304,6 +304,11 @@ func New(b Board, c Config) (*Machine, error) {
 				m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
 			v.Report(m.log, true)
 		}
+		// The vCPU's loop never blocks; yield at every tick so that the
+		// Go runtime's own goroutines (the garbage collector's workers)
+		// run and a collection ends: what guest requests allocated is
+		// given back.
+		runtime.Gosched()
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
 	started := false
@@ -396,6 +401,9 @@ func (m *Machine) Run() error {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
 	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	fmt.Fprintf(m.log, "tamahv: Go heap %d KiB in use, %d collections\n", ms.HeapAlloc>>10, ms.NumGC)
 	fmt.Fprintf(m.log, "tamahv: page-table isolation %v (%d pair checks); #PF deliveries %d confirmed, %d interrupted and re-queued, %d lost and cancelled\n",
 		m.Spaces.PTI(), m.Spaces.Checks, m.Delivery.Delivered, m.Delivery.Requeued, m.Delivery.Lost)
 	return nil
