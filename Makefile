@@ -184,7 +184,7 @@ host-test:
 # distribution is here, and skip with one line saying why when it is not.
 test: deps-test deps-iso deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 25m ./...
 
 e2e-smp: deps-bochs deps-iso
 	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 30m ./qemu/
