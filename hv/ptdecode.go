@@ -61,38 +61,29 @@ const (
 	opBTR
 )
 
-// Legacy prefixes (SDM Vol. 2A, 2.1.1, "Instruction Prefixes").
+// Encoding numbers, short names for vmx's.
 const (
-	prefixLock   = 0xf0 // group 1: LOCK
-	prefixOpSize = 0x66 // group 3: operand-size override
-	prefixES     = 0x26 // group 2: segment overrides; ES, CS, SS and DS
-	prefixCS     = 0x2e //   have base 0 in 64-bit mode (SDM Vol. 3A,
-	prefixSS     = 0x36 //   3.4.4, "Segment Loading Instructions in
-	prefixDS     = 0x3e //   IA-32e Mode")
-	prefixFS     = 0x64
-	prefixGS     = 0x65
-)
+	prefixLock   = vmx.PrefixLock
+	prefixOpSize = vmx.PrefixOpSize
+	prefixES     = vmx.PrefixES
+	prefixCS     = vmx.PrefixCS
+	prefixSS     = vmx.PrefixSS
+	prefixDS     = vmx.PrefixDS
+	prefixFS     = vmx.PrefixFS
+	prefixGS     = vmx.PrefixGS
 
-// The REX prefix, 0100WRXB (SDM Vol. 2A, 2.2.1, "REX Prefixes",
-// Table 2-4).
-const (
-	rexMask = 0xf0
-	rexBase = 0x40
-	rexW    = 0x8 // 64-bit operand size
-	rexR    = 0x4 // extends ModR/M.reg
-	rexX    = 0x2 // extends SIB.index
-	rexB    = 0x1 // extends ModR/M.rm or SIB.base
-)
+	rexMask = vmx.REXMask
+	rexBase = vmx.REXBase
+	rexW    = vmx.REXW
+	rexR    = vmx.REXR
+	rexX    = vmx.REXX
+	rexB    = vmx.REXB
 
-// ModR/M and SIB fields (SDM Vol. 2A, 2.1.5, Tables 2-2 and 2-3; in
-// 64-bit mode 2.2.1.6, "RIP-Relative Addressing", and Table 2-5, "Special
-// Cases of REX Encodings": R12 and R13 as a base take these forms too).
-const (
-	modReg     = 3 // mod: a register, no memory operand
-	rmSIB      = 4 // rm (mod ≠ 3): a SIB byte follows
-	rmDisp32   = 5 // rm with mod 0: RIP + disp32 in 64-bit mode
-	sibNoIndex = 4 // index (REX.X clear): no index
-	sibNoBase  = 5 // base with mod 0: no base, disp32
+	modReg     = vmx.ModRMReg
+	rmSIB      = vmx.ModRMSIB
+	rmDisp32   = vmx.ModRMDisp32
+	sibNoIndex = vmx.SIBNoIndex
+	sibNoBase  = vmx.SIBNoBase
 )
 
 // ptSeg is the segment override of a memory operand whose base counts in
