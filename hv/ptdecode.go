@@ -189,7 +189,7 @@ prefixes:
 	i++
 	src := immModRMReg
 	group := grpNone // the group whose operation ModR/M.reg selects
-	if opc != 0x0f {
+	if opc != vmx.OpcodeEscape {
 		if opc&1 == 0 { // each one-byte form here: even is the byte form
 			size = 1
 		}

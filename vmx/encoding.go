@@ -33,11 +33,10 @@ const (
 // "Special Cases of REX Encodings": R12 and R13 as a base take these
 // forms too).
 const (
-	ModRMReg      = 3 // mod: a register, no memory operand
-	ModRMSIB      = 4 // rm (mod ≠ 3): a SIB byte follows
-	ModRMDisp32   = 5 // rm with mod 0: RIP + disp32 in 64-bit mode
-	SIBNoIndex    = 4 // index (REX.X clear): no index
-	SIBNoBase     = 5 // base with mod 0: no base, disp32
-	OpcodeEscape  = 0x0f
-	MaxInsnLength = 15
+	ModRMReg     = 3 // mod: a register, no memory operand
+	ModRMSIB     = 4 // rm (mod ≠ 3): a SIB byte follows
+	ModRMDisp32  = 5 // rm with mod 0: RIP + disp32 in 64-bit mode
+	SIBNoIndex   = 4 // index (REX.X clear): no index
+	SIBNoBase    = 5 // base with mod 0: no base, disp32
+	OpcodeEscape = 0x0f
 )
