@@ -9,7 +9,7 @@
 //
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
-//	tamahv: processors: ... (and the lines of holdProcessors)
+//	tamahv: processors: ... (and the lines of pc.HoldProcessors)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
 //	tamahv: vCPU N started
@@ -21,6 +21,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
+	"strings"
 	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
@@ -56,7 +58,15 @@ func main() {
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
 	if info, err := pc.BootInfo(); err == nil {
 		if kernel, initrd, cmdline := modules(info); kernel != nil {
-			smp, err := holdProcessors(info)
+			var avail [][2]uint64
+			for _, r := range info.MemoryMap {
+				if r.Type == multiboot.MemAvailable {
+					avail = append(avail, [2]uint64{r.Base, r.Base + r.Length})
+				}
+			}
+			// smp.visible leaves the firmware's processor tables as they are.
+			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
+			smp, err := pc.HoldProcessors(avail, visible, os.Stdout)
 			if err == nil {
 				err = runGuest(caps, info, kernel, initrd, cmdline)
 			}
