@@ -420,6 +420,11 @@ func TestBochsSwapmemCases(t *testing.T) {
 		}
 	}
 	assert.Equal(t, 1, failed, "the killed process's read, and it only, fails")
+	for _, r := range results[13:] {
+		if strings.HasPrefix(r, "tamahv: swapmem read FAILED") {
+			assert.Contains(t, r, "deadline", "the killed process's NoFault read ends by its deadline")
+		}
+	}
 	partial, _ := lineWith(res.Lines, "tamahv: swapmem read partial")
 	assert.Contains(t, partial, "4 pages not mapped left out")
 	assert.Contains(t, reqs[2], "(NoFault)")
