@@ -139,11 +139,13 @@ func swapRead(args []string) error {
 		return holeRead(mem, off, n, opts, hole)
 	}
 	if mode == "exit" {
+		// Exit at once: each page needs the process in user mode for its
+		// #PF, so the read cannot complete before the exit.
+		fmt.Println("swapread: exiting with the read pending")
 		if r := send(base+off, n, want, opts); r != 0 {
 			return fmt.Errorf("HcSwapRead answered %#x", r)
 		}
-		fmt.Println("swapread: exiting with the read pending")
-		os.Exit(0)
+		syscall.RawSyscall(syscall.SYS_EXIT_GROUP, 0, 0, 0)
 	}
 	return request(mem, off, n, want, opts, touch)
 }
