@@ -455,14 +455,20 @@ func TestBochsSwapmemCases(t *testing.T) {
 var readOK = regexp.MustCompile(`read ok: sha256 [0-9a-f]+, (\d+) bytes, (\d+) pages faulted in, (\d+) #PFs injected, \d+ vetoed, (\d+) exits \((\d+) preemption timer\), (\S+) `)
 
 // perPage returns a read's figures per page of its range: VM exits and
-// wall time per page (tamahv's clock), and its preemption-timer exits.
+// wall time per page (tamahv's clock), and its preemption-timer exits. The
+// #PFs injected are the engine's during the read, other reads' included.
 func perPage(l string) string {
 	m := readOK.FindStringSubmatch(l)
 	if m == nil {
 		return "figures: none (" + l + ")"
 	}
 	n := func(s string) float64 { f, _ := strconv.ParseFloat(s, 64); return f }
-	pages := math.Ceil(n(m[1]) / 4096)
+	// The pages the range covers: those faulted in, else (none missing)
+	// its length in pages.
+	pages := n(m[2])
+	if pages == 0 {
+		pages = math.Ceil(n(m[1]) / 4096)
+	}
 	d, err := time.ParseDuration(m[6])
 	if err != nil {
 		return "figures: bad duration " + m[6]
@@ -473,6 +479,6 @@ func perPage(l string) string {
 
 func TestPerPage(t *testing.T) {
 	l := "tamahv: swapmem read ok: sha256 ab12, 262144 bytes, 65 pages faulted in, 65 #PFs injected, 0 vetoed, 130 exits (2 preemption timer), 130ms (flags 0)"
-	assert.Equal(t, "figures: 64 pages (65 faulted in, 65 #PFs): 2.03 exits a page, 2.031ms a page, 2 preemption-timer exits", perPage(l))
+	assert.Equal(t, "figures: 65 pages (65 faulted in, 65 #PFs): 2.00 exits a page, 2ms a page, 2 preemption-timer exits", perPage(l))
 	assert.Contains(t, perPage("tamahv: swapmem read FAILED: x"), "figures: none")
 }
