@@ -363,7 +363,7 @@ func TestBochsOverhead(t *testing.T) {
 // expects): NoFault (completes once the guest touches the pages), a
 // PreInject veto (nothing injected; completes the same way), WriteFault on
 // pages shared copy-on-write after fork, a process exiting with its read
-// pending (its read does not complete; the next process's read is served),
+// pending (its read ends, served or failed; the next process's is served),
 // a buffer that was a transparent huge page, two processes reading at
 // once, a 16 MiB read (4,096 pages), pages of a private file mapping
 // dropped from the page cache, a buffer a thread keeps writing during the

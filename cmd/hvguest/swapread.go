@@ -139,8 +139,9 @@ func swapRead(args []string) error {
 		return holeRead(mem, off, n, opts, hole)
 	}
 	if mode == "exit" {
-		// Exit at once: each page needs the process in user mode for its
-		// #PF, so the read cannot complete before the exit.
+		// Exit at once after the send. tamahv may still serve the read
+		// before the exit (each #PF is taken at the instruction after
+		// the hypercall); else the exit leaves the pages not backed.
 		fmt.Println("swapread: exiting with the read pending")
 		if r := send(base+off, n, want, opts); r != 0 {
 			return fmt.Errorf("HcSwapRead answered %#x", r)
