@@ -153,7 +153,9 @@ iso-native: payload deps-iso
 
 # The tamahv ISO with a guest command line that asks for the further
 # swapmem cases (NoFault, PreInject veto, WriteFault on copy-on-write,
-# a process exiting mid-read).
+# a process exiting mid-read, a former transparent huge page, two processes
+# reading at once, a process killed mid-read, 16 MiB, dropped pages of a
+# private file mapping, a buffer rewritten during the read).
 iso-cases: iso
 	@rm -rf $(BUILD)/iso-cases && cp -r $(BUILD)/iso $(BUILD)/iso-cases
 	cp qemu/grub-cases.cfg $(BUILD)/iso-cases/boot/grub/grub.cfg

@@ -2,10 +2,13 @@ package qemu
 
 import (
 	"context"
+	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -355,12 +358,19 @@ func TestBochsOverhead(t *testing.T) {
 	t.Logf("boot-to-init ratio under tamahv: %.3f", float64(at[1])/float64(at[0]))
 }
 
-// TestBochsSwapmemCases runs the further swapmem cases on the Linux guest:
-// NoFault (completes once the guest touches the pages), a PreInject veto
-// (nothing injected; completes the same way), WriteFault on pages shared
-// copy-on-write after fork, and a process exiting with its read pending
-// (its read does not complete; the next process's read is served). On
-// demand: make e2e-swapmem.
+// TestBochsSwapmemCases runs the further swapmem cases on the Linux guest,
+// each checked byte for byte (the guest sends the SHA-256 of what it
+// expects): NoFault (completes once the guest touches the pages), a
+// PreInject veto (nothing injected; completes the same way), WriteFault on
+// pages shared copy-on-write after fork, a process exiting with its read
+// pending (its read ends, served or failed; the next process's is served),
+// a buffer that was a transparent huge page, two processes reading at
+// once, a 16 MiB read (4,096 pages), pages of a private file mapping
+// dropped from the page cache, a buffer a thread keeps writing during the
+// read, and a process killed with SIGKILL while its read waits (its read
+// ends; the next process's read is served). It logs each read's VM exits,
+// preemption-timer exits and wall time per page. On demand: make
+// e2e-swapmem.
 func TestBochsSwapmemCases(t *testing.T) {
 	if os.Getenv("TAMAHV_E2E_SWAPMEM") == "" {
 		t.Skip("further swapmem cases run on demand: make e2e-swapmem")
@@ -368,7 +378,7 @@ func TestBochsSwapmemCases(t *testing.T) {
 	needEmulator(t, Bochs)
 	iso, err := filepath.Abs("../build/cases.iso")
 	require.NoError(t, err)
-	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 8 * time.Minute})
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Timeout: 15 * time.Minute})
 	var reqs, results []string
 	for _, l := range res.Lines {
 		switch {
@@ -376,23 +386,51 @@ func TestBochsSwapmemCases(t *testing.T) {
 			reqs = append(reqs, l)
 		case strings.HasPrefix(l, "tamahv: swapmem read ok"), strings.HasPrefix(l, "tamahv: swapmem read FAILED"):
 			results = append(results, l)
+			t.Log(perPage(l))
 		}
 		if strings.HasPrefix(l, "tamahv: swapmem") || strings.HasPrefix(l, "tamahv: guest exited") {
 			t.Log(l)
 		}
 	}
-	require.Len(t, reqs, 8, "user, bp, nofault, veto, cow, exit, user, hole:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
-	// Every read but the exiting process's completes; in order: user, bp,
-	// nofault, veto, cow, exit, user (the hole's read is partial). The
-	// exiting process's read ends too: its pages are no longer backed.
-	require.Len(t, results, 7)
-	for i, r := range results {
-		if i == 5 {
-			assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read FAILED"), r)
-			assert.Contains(t, r, "not backed")
-			continue
+	for _, l := range res.Guest {
+		if strings.HasPrefix(l, "swapread: ") {
+			t.Log("guest: " + l)
 		}
-		assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
+	}
+	// The reads asked for, in order: user, bp, nofault, veto, cow, exit,
+	// user, thp, pair (the peer's NoFault read, then this process's), the
+	// 16 MiB read, file (NoFault), writer, kill (the victim's NoFault read,
+	// then the later process's), hole.
+	require.Len(t, reqs, 16, "user, bp, nofault, veto, cow, exit, user, thp, pair x2, 16 MiB, file, writer, kill x2, hole:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 60))
+	// Every read but the killed process's completes (the hole's read is
+	// partial); the exiting process's read ends, served or failed (see
+	// below); the killed process's read ends by its deadline, not
+	// necessarily before the next read.
+	require.Len(t, results, 15, "guest:\n%s", tail(res.GuestSerial(), 60))
+	failed := 0
+	for i, r := range results {
+		switch {
+		case i == 5:
+			// The exiting process: tamahv serves its read before the
+			// exit if it can (each #PF is taken at the instruction
+			// after the hypercall), else the exit leaves its pages
+			// not backed and the read fails.
+			if strings.HasPrefix(r, "tamahv: swapmem read FAILED") {
+				assert.Contains(t, r, "not backed")
+			} else {
+				assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
+			}
+		case i >= 13 && strings.HasPrefix(r, "tamahv: swapmem read FAILED"):
+			failed++
+		default:
+			assert.True(t, strings.HasPrefix(r, "tamahv: swapmem read ok"), r)
+		}
+	}
+	assert.Equal(t, 1, failed, "the killed process's read, and it only, fails")
+	for _, r := range results[13:] {
+		if strings.HasPrefix(r, "tamahv: swapmem read FAILED") {
+			assert.Contains(t, r, "deadline", "the killed process's NoFault read ends by its deadline")
+		}
 	}
 	partial, _ := lineWith(res.Lines, "tamahv: swapmem read partial")
 	assert.Contains(t, partial, "4 pages not mapped left out")
@@ -403,6 +441,51 @@ func TestBochsSwapmemCases(t *testing.T) {
 	assert.NotContains(t, results[3], " 0 vetoed")
 	assert.Contains(t, reqs[4], "(UserFault|WriteFault)")
 	assert.NotContains(t, results[4], " 0 #PFs injected", "copy-on-write broken by injected write faults")
-	_, _, ok := res.GuestLine("guest: kernel log clean")
+	assert.Contains(t, reqs[7], "read of 2096952 bytes", "thp: 2 MiB less 200 bytes")
+	assert.Contains(t, reqs[8], "(NoFault)", "pair: the peer's read")
+	assert.Contains(t, reqs[10], "read of 16777216 bytes", "4,096 pages")
+	assert.Contains(t, reqs[11], "(NoFault)", "file")
+	assert.Contains(t, reqs[13], "(NoFault)", "kill: the victim's read")
+	// Each case's own verdict, from the guest.
+	for _, c := range []string{"thp", "pair", "file", "writer", "kill"} {
+		l, _, ok := res.GuestLine("swapread: " + c + " ok")
+		assert.True(t, ok, "%s:\nguest:\n%s", c, tail(res.GuestSerial(), 60))
+		t.Log(l)
+	}
+	_, _, ok := res.GuestLine("swapread: tamahv read the range")
+	assert.True(t, ok)
+	_, _, ok = res.GuestLine("guest: kernel log clean")
 	assert.True(t, ok, "guest:\n%s", tail(res.GuestSerial(), 30))
+}
+
+// readOK matches tamahv's "swapmem read ok" line.
+var readOK = regexp.MustCompile(`read ok: sha256 [0-9a-f]+, (\d+) bytes, (\d+) pages faulted in, (\d+) #PFs injected, \d+ vetoed, (\d+) exits \((\d+) preemption timer\), (\S+) `)
+
+// perPage returns a read's figures per page of its range: VM exits and
+// wall time per page (tamahv's clock), and its preemption-timer exits. The
+// #PFs injected are the engine's during the read, other reads' included.
+func perPage(l string) string {
+	m := readOK.FindStringSubmatch(l)
+	if m == nil {
+		return "figures: none (" + l + ")"
+	}
+	n := func(s string) float64 { f, _ := strconv.ParseFloat(s, 64); return f }
+	// The pages the range covers: those faulted in, else (none missing)
+	// its length in pages.
+	pages := n(m[2])
+	if pages == 0 {
+		pages = math.Ceil(n(m[1]) / 4096)
+	}
+	d, err := time.ParseDuration(m[6])
+	if err != nil {
+		return "figures: bad duration " + m[6]
+	}
+	return fmt.Sprintf("figures: %.0f pages (%s faulted in, %s #PFs): %.2f exits a page, %v a page, %s preemption-timer exits",
+		pages, m[2], m[3], n(m[4])/pages, (d / time.Duration(pages)).Round(time.Microsecond), m[5])
+}
+
+func TestPerPage(t *testing.T) {
+	l := "tamahv: swapmem read ok: sha256 ab12, 262144 bytes, 65 pages faulted in, 65 #PFs injected, 0 vetoed, 130 exits (2 preemption timer), 130ms (flags 0)"
+	assert.Equal(t, "figures: 65 pages (65 faulted in, 65 #PFs): 2.00 exits a page, 2ms a page, 2 preemption-timer exits", perPage(l))
+	assert.Contains(t, perPage("tamahv: swapmem read FAILED: x"), "figures: none")
 }

@@ -51,9 +51,20 @@ func pagemap(va uintptr, n int) (swapped, present int, err error) {
 
 func swapRead(args []string) error {
 	if len(args) < 1 {
-		return errors.New("swapread user|bp|nofault|veto|cow|exit|hole [pages]")
+		return errors.New("swapread user|bp|nofault|veto|cow|exit|hole|thp|pair|peer|kill|file|writer [pages]")
 	}
 	mode := args[0]
+	if run := caseMode(mode); run != nil {
+		pages := 16
+		if len(args) > 1 {
+			n, err := strconv.Atoi(args[1])
+			if err != nil || n < 1 || n > swapmem.MaxLen/pageSize {
+				return fmt.Errorf("bad page count %q", args[1])
+			}
+			pages = n
+		}
+		return run(pages)
+	}
 	opts, ok := map[string]uint64{
 		"user": uint64(swapmem.UserFault), "bp": uint64(swapmem.BPFault), "nofault": uint64(swapmem.NoFault),
 		"veto": uint64(swapmem.UserFault) | hcall.SwapVeto, "cow": uint64(swapmem.UserFault | swapmem.WriteFault),
@@ -128,11 +139,14 @@ func swapRead(args []string) error {
 		return holeRead(mem, off, n, opts, hole)
 	}
 	if mode == "exit" {
+		// Exit at once after the send. tamahv may still serve the read
+		// before the exit (each #PF is taken at the instruction after
+		// the hypercall); else the exit leaves the pages not backed.
+		fmt.Println("swapread: exiting with the read pending")
 		if r := send(base+off, n, want, opts); r != 0 {
 			return fmt.Errorf("HcSwapRead answered %#x", r)
 		}
-		fmt.Println("swapread: exiting with the read pending")
-		os.Exit(0)
+		syscall.RawSyscall(syscall.SYS_EXIT_GROUP, 0, 0, 0)
 	}
 	return request(mem, off, n, want, opts, touch)
 }
@@ -149,11 +163,24 @@ func send(va uintptr, n int, want [32]byte, opts uint64) uint64 {
 func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) error {
 	base := uintptr(unsafe.Pointer(&mem[0]))
 	span := len(mem) / pageSize
-	data := mem[off : off+n]
 	start := time.Now()
 	if r := send(base+uintptr(off), n, want, opts); r != 0 {
 		return fmt.Errorf("HcSwapRead answered %#x", r)
 	}
+	took, err := await(mem[off:off+n], opts, touch, start)
+	if err != nil {
+		return err
+	}
+	_, present, _ := pagemap(base, span)
+	fmt.Printf("swapread: tamahv read the range in %v of guest time; %d of %d pages present again\n", took.Round(time.Millisecond), present, span)
+	return nil
+}
+
+// await waits for the answer to the read of data sent at start, without
+// touching data (unless touch: then, after a while, the program reads the
+// pages itself, as the guest's own activity would). It fails unless the
+// read completed (hcall.StatusOK).
+func await(data []byte, opts uint64, touch bool, start time.Time) (time.Duration, error) {
 	// Wait without touching the buffer: spin in user mode (or, for
 	// BPFault, in a cheap system call), asking now and then. With NoFault
 	// nothing comes in until the buffer is read.
@@ -163,6 +190,8 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 	if bp {
 		every = 1 << 10
 	}
+	// Long reads get longer: 90 s and 20 ms a page of guest time.
+	limit := 90*time.Second + time.Duration(len(data)/pageSize)*20*time.Millisecond
 	for i := 0; status == hcall.StatusPending; i++ {
 		if bp {
 			syscall.Getppid()
@@ -177,20 +206,17 @@ func request(mem []byte, off, n int, want [32]byte, opts uint64, touch bool) err
 					sink += data[p]
 				}
 				sink += data[len(data)-1] // the last page, which it may start
-
 			}
-			if time.Since(start) > 90*time.Second {
-				return errors.New("no answer from tamahv in 90 s")
+			if time.Since(start) > limit {
+				return 0, fmt.Errorf("no answer from tamahv in %v", limit)
 			}
 		}
 	}
 	took := time.Since(start)
-	_, present, _ := pagemap(base, span)
 	if status != hcall.StatusOK {
-		return fmt.Errorf("tamahv reports status %d after %v", status, took)
+		return took, fmt.Errorf("tamahv reports status %d after %v", status, took)
 	}
-	fmt.Printf("swapread: tamahv read the range in %v of guest time; %d of %d pages present again\n", took.Round(time.Millisecond), present, span)
-	return nil
+	return took, nil
 }
 
 // holeCount is how many pages holeRead unmaps in the middle of the range.
