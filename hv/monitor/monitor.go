@@ -340,9 +340,6 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE != 0)
 	}
 	r := m.reads[cr3]
-	if r != nil && r.state == hcall.StatusPending {
-		return hcall.Busy
-	}
 	if req&0xfff > requestInPage {
 		return hcall.Invalid
 	}
@@ -374,11 +371,20 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 			return hcall.Denied
 		}
 	}
-	if r == nil {
+	switch {
+	case r == nil:
 		if r = m.slot(); r == nil {
 			return hcall.Busy
 		}
 		m.reads[cr3] = r
+	case r.state == hcall.StatusPending:
+		// The address space's earlier read gives way: a process asks
+		// for one read at a time, and a process that died with a read
+		// pending must not hold up the next one the kernel gives its
+		// page tables to. The earlier read's Done, if it comes, is
+		// ignored (gen).
+		m.abandon(r)
+		m.logf("tamahv: swapmem read in CR3 %#x replaced by a new one\n", cr3)
 	}
 	st := m.Engine.Stats()
 	m.gen++
