@@ -215,29 +215,6 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	return v.VMCS.Err()
 }
 
-// MSRBitmap fills an MSR bitmap (SDM Vol. 3C, "VM-Execution Controls",
-// MSR-Bitmap Address) so that reads and writes of the given MSRs exit and
-// every other MSR passes through. It fails for an MSR outside the two
-// ranges a bitmap covers.
-func MSRBitmap(b *[4096]byte, msrs ...uint32) error {
-	*b = [4096]byte{}
-	for _, m := range msrs {
-		var base int
-		switch {
-		case m <= vmx.MSRBitmapLowEnd:
-			base = 0
-		case m >= vmx.MSRBitmapHighBase && m <= vmx.MSRBitmapHighEnd:
-			base = 1024
-			m -= vmx.MSRBitmapHighBase
-		default:
-			return fmt.Errorf("hv: MSR %#x is outside the MSR bitmap", m)
-		}
-		b[base+int(m/8)] |= 1 << (m % 8)      // read
-		b[2048+base+int(m/8)] |= 1 << (m % 8) // write
-	}
-	return nil
-}
-
 // IOBitmaps fills the I/O bitmaps A (ports 0-0x7fff) and B so that the
 // given port ranges exit and every other port passes through.
 func IOBitmaps(a, b *[4096]byte, ranges ...[2]uint16) {

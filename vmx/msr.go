@@ -10,13 +10,10 @@
 // host.
 package vmx
 
-// The MSR bitmap's ranges (SDM Vol. 3C, 24.6.9, "MSR-Bitmap Address"):
-// reads of low MSRs at byte 0, of high MSRs at 1024, writes 2048 later.
-const (
-	MSRBitmapLowEnd   = 0x1fff     // low MSRs: 0 to 0x1fff
-	MSRBitmapHighBase = 0xc0000000 // high MSRs: 0xc0000000 to 0xc0001fff
-	MSRBitmapHighEnd  = 0xc0001fff
-)
+// MSRBitmapLowEnd is the last of the low MSRs an MSR bitmap covers (SDM
+// Vol. 3C, 24.6.9, "MSR-Bitmap Address"): their reads at byte 0, their
+// writes 2048 bytes later.
+const MSRBitmapLowEnd = 0x1fff
 
 // Model-specific registers (SDM Vol. 4, "Architectural MSRs").
 const (
