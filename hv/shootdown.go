@@ -52,10 +52,36 @@ type Shootdown struct {
 
 // ShootdownCPU is one vCPU's part of a Shootdown.
 type ShootdownCPU struct {
-	inGuest atomic.Bool
+	inGuest atomic.Uint32 // 1 in the guest, 0 out
 	seen    atomic.Uint64
 	kicks   atomic.Uint64
 }
+
+// ShootdownWords are the words of one vCPU's part of a Shootdown, for a
+// processor that keeps them in assembly (an application processor's exit
+// loop, which runs no Go): before each VM entry it stores 1 in InGuest,
+// then loads Generation and, where it differs from Seen, invalidates its
+// EPT translations and stores it in Seen; at each VM exit it stores 0 in
+// InGuest. The stores must be sequentially consistent (XCHG, or MOV then
+// MFENCE), as Enter and Exit are.
+type ShootdownWords struct {
+	Generation *atomic.Uint64
+	Seen       *atomic.Uint64
+	InGuest    *atomic.Uint32
+}
+
+// Words returns vCPU i's words, for a processor that keeps its part of
+// the protocol itself instead of calling Enter and Exit.
+func (s *Shootdown) Words(i int) (ShootdownWords, error) {
+	c, err := s.CPU(i)
+	if err != nil {
+		return ShootdownWords{}, err
+	}
+	return ShootdownWords{Generation: &s.gen, Seen: &c.seen, InGuest: &c.inGuest}, nil
+}
+
+// InGuest reports whether vCPU i is marked in the guest.
+func (c *ShootdownCPU) InGuest() bool { return c.inGuest.Load() != 0 }
 
 // ErrNoCPU is returned for a vCPU index a Shootdown does not have.
 var ErrNoCPU = errors.New("hv: no such vCPU")
@@ -81,7 +107,7 @@ func (s *Shootdown) Generation() uint64 { return s.gen.Load() }
 // did. It allocates nothing.
 func (s *Shootdown) Enter(i int) {
 	c := &s.cpus[i]
-	c.inGuest.Store(true)
+	c.inGuest.Store(1)
 	if g := s.gen.Load(); c.seen.Load() != g {
 		if s.Invalidate != nil {
 			s.Invalidate(i)
@@ -91,7 +117,7 @@ func (s *Shootdown) Enter(i int) {
 }
 
 // Exit runs on vCPU i's processor at every VM exit.
-func (s *Shootdown) Exit(i int) { s.cpus[i].inGuest.Store(false) }
+func (s *Shootdown) Exit(i int) { s.cpus[i].inGuest.Store(0) }
 
 // Changed runs on vCPU self's processor (out of the guest) after it
 // changed the EPT: see Shootdown. It returns the number of vCPUs it
@@ -107,7 +133,7 @@ func (s *Shootdown) Changed(self int) int {
 	kicked := 0
 	for i := range s.cpus {
 		c := &s.cpus[i]
-		if i == self || !c.inGuest.Load() || c.seen.Load() >= g {
+		if i == self || c.inGuest.Load() == 0 || c.seen.Load() >= g {
 			continue
 		}
 		if s.Kick != nil {
@@ -118,7 +144,7 @@ func (s *Shootdown) Changed(self int) int {
 	}
 	for i := range s.cpus {
 		c := &s.cpus[i]
-		for i != self && c.inGuest.Load() && c.seen.Load() < g {
+		for i != self && c.inGuest.Load() != 0 && c.seen.Load() < g {
 			if s.Spin != nil {
 				s.Spin()
 			}

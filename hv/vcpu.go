@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -94,6 +95,12 @@ type VCPU struct {
 	// in VMX root (vmx.TakeNMI in the image); it is injected at the next
 	// entry. Nil: none are counted.
 	TakeNMI func() bool
+	// Serial, where set, is held while the vCPU handles an exit and
+	// prepares its next entry, and released while the guest runs (never
+	// across VM entry). vCPUs whose exits are handled by goroutines of one
+	// program share one, so that their handlers never interleave, even
+	// where the Go runtime preempts a goroutine in a handler.
+	Serial sync.Locker
 
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
@@ -130,6 +137,9 @@ var (
 	ErrEntryFailed = errors.New("hv: VM entry failed")
 	ErrFatalExit   = errors.New("hv: fatal VM exit")
 	ErrUnknownExit = errors.New("hv: unknown exit reason")
+	// ErrStopped, from Enter, ends Run without an error: the machine
+	// stopped this vCPU (its guest ended elsewhere).
+	ErrStopped = errors.New("hv: vCPU stopped")
 )
 
 // NewVCPU returns a vCPU with the default exit handlers.
@@ -280,11 +290,25 @@ func (v *VCPU) logf(format string, args ...any) {
 // Run enters the guest and handles its exits until a handler stops it or
 // something fails. The exit path allocates nothing.
 func (v *VCPU) Run() error {
+	if v.Serial != nil {
+		v.Serial.Lock()
+		defer v.Serial.Unlock()
+	}
 	for {
 		if err := v.prepareEntry(); err != nil {
 			return err
 		}
-		if err := v.Enter(v, v.launched); err != nil {
+		if v.Serial != nil {
+			v.Serial.Unlock()
+		}
+		err := v.Enter(v, v.launched)
+		if v.Serial != nil {
+			v.Serial.Lock()
+		}
+		if errors.Is(err, ErrStopped) {
+			return nil
+		}
+		if err != nil {
 			return fmt.Errorf("%w: %v%s", ErrEntryFailed, err, v.entryDiagnostic())
 		}
 		v.launched = true
