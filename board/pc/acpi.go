@@ -424,7 +424,7 @@ func (p *Processors) Hide(m PhysRW, apicID uint32) (int, error) {
 		if c.APICID != apicID {
 			continue
 		}
-		changed, err := hideEntry(m, p, c)
+		changed, err := markEntry(m, p, c, false)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -435,25 +435,54 @@ func (p *Processors) Hide(m PhysRW, apicID uint32) (int, error) {
 	return n, errors.Join(errs...)
 }
 
-// hideEntry clears one entry's enabled flags and fixes its table.
-func hideEntry(m PhysRW, p *Processors, c Processor) (bool, error) {
+// Show lists the processor with apicID as enabled again in the tables it
+// was hidden from (Hide), for the guest to start: tamahv runs it as a
+// vCPU. It returns the number of entries changed.
+func (p *Processors) Show(m PhysRW, apicID uint32) (int, error) {
+	var entries []Processor
+	if p.MADT != 0 {
+		entries = append(entries, p.List...)
+	}
+	if p.MP != 0 {
+		entries = append(entries, p.mp...)
+	}
+	n := 0
+	var errs []error
+	for _, c := range entries {
+		if c.APICID != apicID || !c.Enabled {
+			continue
+		}
+		changed, err := markEntry(m, p, c, true)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if changed {
+			n++
+		}
+	}
+	return n, errors.Join(errs...)
+}
+
+// markEntry clears one entry's enabled flags (show false) or sets its
+// enabled flag again (show true), and fixes its table's checksum.
+func markEntry(m PhysRW, p *Processors, c Processor, show bool) (bool, error) {
 	var table []byte
 	var base uint64
 	var flagOff, sumOff int
-	var clearMask byte
+	var clearMask, setMask byte
 	var err error
 	switch c.Source {
 	case SourceMADT:
 		base, sumOff = p.MADT, sdtChecksumOff
 		table, err = readSDT(m, base, "APIC")
-		flagOff, clearMask = int(c.entry-base)+4, madtEnabled|madtOnlineCap
+		flagOff, clearMask, setMask = int(c.entry-base)+4, madtEnabled|madtOnlineCap, madtEnabled
 		if c.X2APIC {
 			flagOff = int(c.entry-base) + 8
 		}
 	case SourceMP:
 		base, sumOff = p.MP, mpChecksumOff
 		table, err = readMP(m, base)
-		flagOff, clearMask = int(c.entry-base)+3, mpCPUEnabled
+		flagOff, clearMask, setMask = int(c.entry-base)+3, mpCPUEnabled, mpCPUEnabled
 	default:
 		return false, fmt.Errorf("pc: processor from %q", c.Source)
 	}
@@ -463,11 +492,15 @@ func hideEntry(m PhysRW, p *Processors, c Processor) (bool, error) {
 	if flagOff < 0 || flagOff >= len(table) {
 		return false, fmt.Errorf("pc: %s entry at %#x outside its table", c.Source, c.entry)
 	}
-	if table[flagOff]&clearMask == 0 {
+	want := bytes.Clone(table)
+	if show {
+		want[flagOff] |= setMask
+	} else {
+		want[flagOff] &^= clearMask
+	}
+	if want[flagOff] == table[flagOff] {
 		return false, nil
 	}
-	want := bytes.Clone(table)
-	want[flagOff] &^= clearMask
 	want[sumOff] = 0
 	want[sumOff] = -sum8(want)
 	if err := m.WritePhys(base+uint64(flagOff), want[flagOff:flagOff+1]); err != nil {

@@ -338,3 +338,27 @@ func TestPlan(t *testing.T) {
 	assert.Equal(t, []uint32{0, 0x100}, start, "the BSP need not be APIC ID 0")
 	assert.Equal(t, []uint32{0, 2, 3, 0x100}, hide)
 }
+
+func TestShowUndoesHide(t *testing.T) {
+	f := bochsTables()
+	p, err := FindProcessors(f)
+	require.NoError(t, err)
+	_, err = p.Hide(f, 1)
+	require.NoError(t, err)
+	n, err := p.Show(f, 1)
+	require.NoError(t, err)
+	assert.Equal(t, 2, n, "the MADT entry and the MP entry")
+	again, err := FindProcessors(f) // checksums hold, or this would fail over
+	require.NoError(t, err)
+	assert.Equal(t, uint64(tMADT), again.MADT)
+	en, _ := ids(again.List)
+	assert.Equal(t, []uint32{0, 1, 0x100}, en, "as the firmware listed them")
+	en, _ = ids(again.mp)
+	assert.Equal(t, []uint32{0, 1}, en)
+	n, err = p.Show(f, 1)
+	require.NoError(t, err)
+	assert.Zero(t, n, "already shown")
+	n, err = p.Show(f, 2) // never enabled: stays as the firmware left it
+	require.NoError(t, err)
+	assert.Zero(t, n)
+}

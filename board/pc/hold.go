@@ -57,6 +57,7 @@ func HoldProcessors(avail [][2]uint64, visible bool, log io.Writer) (*SMP, error
 		if smp, err = StartAPs(start, page); err != nil {
 			return nil, err
 		}
+		smp.procs = procs
 		for _, ap := range smp.APs {
 			fmt.Fprintf(log, "tamahv: AP APIC ID %d: %v (%v)\n", ap.APICID, ap.Status, ap.Took.Round(time.Microsecond))
 		}

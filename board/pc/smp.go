@@ -3,6 +3,7 @@
 package pc
 
 import (
+	"encoding/binary"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -16,6 +17,7 @@ func apFault()
 func apEntryPC() uint64
 func apNMIPC() uint64
 func apFaultPC() uint64
+func apExitPC() uint64
 func mmioRead32(pa uint64) uint32
 func mmioWrite32(pa uint64, v uint32)
 
@@ -51,6 +53,7 @@ const (
 type SMP struct {
 	APs   []AP
 	arena *PageArena
+	procs *Processors // the tables the APs were hidden from
 }
 
 // BSPAPICID returns the bootstrap processor's local APIC ID: the x2APIC ID
@@ -159,8 +162,11 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 			}
 		}
 		ap.params, _ = s.arena.Bytes(pages[0])
+		ap.paramsPA, ap.idtPA = pages[0], idtPA
 		p := APParams(Descriptor(GDT, 5*8-1), Descriptor(idtPA, 4095), pages[1]+4096, pages[2])
 		copy(ap.params[:], p[:])
+		// The exit loop's stack: two slots at the top, NMI frames below.
+		binary.LittleEndian.PutUint64(ap.params[apExitRSP:], pages[1]+4096-64)
 		code, err := Trampoline(trampoline, readCR3(), apEntryPC(), pages[0])
 		if err != nil {
 			return nil, err

@@ -2,6 +2,8 @@
 
 #include "textflag.h"
 #include "layout_amd64.h"
+#include "../../vmx/vmx_amd64.h"
+#include "apvcpu_amd64.h"
 
 // Offsets in the AP parameter block (trampoline.go).
 #define AP_GDTR		0
@@ -11,6 +13,62 @@
 #define AP_STATUS	48
 #define AP_APICID	52
 #define AP_FEATCTL	56
+#define AP_CMD		64
+#define AP_FLAGS	68
+#define AP_ARG0		72
+#define AP_ARG1		80
+#define AP_RET0		88
+#define AP_RET1		96
+#define AP_RET2		104
+#define AP_RET3		112
+#define AP_GEN		120
+#define AP_SEEN		128
+#define AP_INGUEST	136
+#define AP_NMIS		144
+#define AP_STOP		148
+#define AP_TICKS	152
+#define AP_EPTDESC	160
+#define AP_LAUNCH	176
+#define AP_EXITRSP	184
+#define AP_ENTRIES	192
+
+// Mailbox commands (mailbox.go).
+#define CMD_VMPTRLD	1
+#define CMD_VMREAD	2
+#define CMD_VMWRITE	3
+#define CMD_CPUID	4
+#define CMD_RDMSR	5
+#define CMD_WRMSR	6
+#define CMD_XSETBV	7
+#define CMD_RUN		8
+#define CMD_PARK	9
+#define CMD_REGS	10
+
+// vmx.GuestRegs (vmx/run.go); apvcpu_test.go checks the offsets.
+#define R_RAX	0
+#define R_RCX	8
+#define R_RDX	16
+#define R_RBX	24
+#define R_RBP	32
+#define R_RSI	40
+#define R_RDI	48
+#define R_R8	56
+#define R_R9	64
+#define R_R10	72
+#define R_R11	80
+#define R_R12	88
+#define R_R13	96
+#define R_R14	104
+#define R_R15	112
+#define R_CR2	120
+
+// VMCS fields (vmx/fields.go) and exit reasons the loop reads.
+#define F_EXIT_REASON	0x4402
+#define F_IDT_VECTORING	0x4408
+#define F_ACTIVITY	0x4826
+#define EXIT_PREEMPTION	52
+#define ACTIVITY_SIPI	3
+#define MSR_GS_BASE	0xc0000101
 
 // MSRs (SDM Vol. 4) and bits (SDM Vol. 3C, "Enabling and Entering VMX
 // Operation"; Vol. 3D, appendix A).
@@ -46,6 +104,13 @@ TEXT ·apEntry(SB),NOSPLIT|NOFRAME,$0
 	RETFQ
 
 TEXT apLong<>(SB),NOSPLIT|NOFRAME,$0
+	// GS base = the parameter block, before any NMI can arrive: the
+	// NMI handler counts there (apNMI).
+	MOVL	$MSR_GS_BASE, CX
+	MOVQ	DI, AX
+	MOVQ	DI, DX
+	SHRQ	$32, DX
+	WRMSR
 	LIDT	AP_IDTR(DI)
 	MOVL	$1, AP_STATUS(DI)		// APStarted
 
@@ -112,8 +177,19 @@ locked:
 	BYTE	$0xf3; BYTE $0x0f; BYTE $0xc7; BYTE $0x77; BYTE $AP_VMXON	// VMXON AP_VMXON(DI)
 	JCS	fail
 	JEQ	fail
+	// CR4.OSXSAVE where the processor has XSAVE: the exit loop loads
+	// the guest's XCR0 with XSETBV.
+	MOVL	$1, AX
+	XORL	CX, CX
+	CPUID
+	TESTL	$(1<<26), CX
+	JZ	parked
+	MOVQ	CR4, AX
+	ORQ	$(1<<18), AX
+	MOVQ	AX, CR4
+parked:
 	MOVL	$2, AP_STATUS(DI)		// APParked
-	JMP	park
+	JMP	apLoop<>(SB)
 fail:
 	MOVL	R10, AP_STATUS(DI)
 park:
@@ -121,8 +197,11 @@ park:
 	HLT
 	JMP	park
 
-// apNMI is a parked AP's NMI handler: back to the halt loop.
+// apNMI is an AP's NMI handler in VMX root operation: it counts the NMI
+// in the AP's parameter block (GS base) for the guest, as vmx.NMIHandler
+// does on the bootstrap processor, and returns to the loop.
 TEXT ·apNMI(SB),NOSPLIT|NOFRAME,$0
+	LOCK_INCL_GS_NMIS
 	IRETQ
 
 // apFault is a parked AP's handler for every other vector: it halts.
@@ -162,4 +241,282 @@ TEXT ·mmioWrite32(SB),NOSPLIT,$0-12
 	MOVQ	pa+0(FP), AX
 	MOVL	v+8(FP), BX
 	MOVL	BX, (AX)
+	RET
+
+// apLoop is an AP's exit loop, in VMX root operation with interrupts off
+// and DI pointing at its parameter block, for as long as tamahv runs. It
+// waits for a command from the bootstrap processor in the block's
+// mailbox (mailbox.go), executes it, writes the results and clears the
+// command. CMD_RUN enters the guest of the AP's current VMCS; at the exit
+// the guest's registers are stored and the command cleared, except for a
+// VMX-preemption-timer exit that interrupted no event delivery, which the
+// loop answers itself by entering again. Before every entry the loop
+// keeps its part of the EPT shootdown (hv.Shootdown): it marks itself in
+// the guest (not when the guest waits for a start-up IPI: it runs nothing
+// there, and the IPI exits), then compares the generation with the one it
+// last invalidated for; at every exit it marks itself out.
+//
+// The loop's stack is AP_EXITRSP, also HOST_RSP: 0(SP) holds the block's
+// address for the exit path, 8(SP) is its scratch slot; an NMI's frame
+// goes below.
+TEXT apLoop<>(SB),NOSPLIT|NOFRAME,$0
+	MOVQ	AP_EXITRSP(DI), SP
+	MOVQ	DI, 0(SP)
+	JMP	apWait<>(SB)
+
+// apWait waits for the next command and executes it.
+TEXT apWait<>(SB),NOSPLIT|NOFRAME,$0
+wait:
+	MOVL	AP_CMD(DI), AX
+	TESTL	AX, AX
+	JNZ	dispatch
+	PAUSE
+	JMP	wait
+dispatch:
+	CMPL	AX, $CMD_VMREAD
+	JEQ	vmread
+	CMPL	AX, $CMD_VMWRITE
+	JEQ	vmwrite
+	CMPL	AX, $CMD_RUN
+	JEQ	run
+	CMPL	AX, $CMD_CPUID
+	JEQ	cpuid
+	CMPL	AX, $CMD_RDMSR
+	JEQ	rdmsr
+	CMPL	AX, $CMD_WRMSR
+	JEQ	wrmsr
+	CMPL	AX, $CMD_XSETBV
+	JEQ	xsetbv
+	CMPL	AX, $CMD_VMPTRLD
+	JEQ	vmptrld
+	CMPL	AX, $CMD_REGS
+	JEQ	regs
+	CMPL	AX, $CMD_PARK
+	JEQ	halt
+	MOVL	$-1, AX				// unknown command
+	JMP	apDone<>(SB)
+run:
+	JMP	apRun<>(SB)
+
+vmread:
+	MOVQ	AP_ARG0(DI), DX
+	VMREAD_RAX_RDX
+	PUSHFQ
+	POPQ	BX
+	MOVQ	AX, AP_RET0(DI)
+	MOVQ	BX, AX
+	JMP	apDone<>(SB)
+
+vmwrite:
+	MOVQ	AP_ARG0(DI), DX
+	MOVQ	AP_ARG1(DI), AX
+	VMWRITE_RDX_RAX
+	PUSHFQ
+	POPQ	AX
+	JMP	apDone<>(SB)
+
+vmptrld:
+	LEAQ	AP_ARG0(DI), AX
+	VMCLEAR_RAX
+	PUSHFQ
+	POPQ	BX
+	TESTQ	$0x41, BX			// CF or ZF
+	JNZ	vmptrldFailed
+	LEAQ	AP_ARG0(DI), AX
+	VMPTRLD_RAX
+	PUSHFQ
+	POPQ	BX
+vmptrldFailed:
+	MOVQ	BX, AX
+	JMP	apDone<>(SB)
+
+cpuid:
+	MOVL	AP_ARG0(DI), AX
+	MOVL	AP_ARG1(DI), CX
+	CPUID
+	MOVQ	AX, AP_RET0(DI)
+	MOVQ	BX, AP_RET1(DI)
+	MOVQ	CX, AP_RET2(DI)
+	MOVQ	DX, AP_RET3(DI)
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+
+rdmsr:
+	MOVL	AP_ARG0(DI), CX
+	RDMSR
+	SHLQ	$32, DX
+	ORQ	DX, AX
+	MOVQ	AX, AP_RET0(DI)
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+
+wrmsr:
+	MOVL	AP_ARG0(DI), CX
+	MOVQ	AP_ARG1(DI), AX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
+	WRMSR
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+
+xsetbv:
+	MOVL	AP_ARG0(DI), CX
+	MOVQ	AP_ARG1(DI), AX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
+	XSETBV_
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+
+regs:
+	MOVQ	CR0, AX
+	MOVQ	AX, AP_RET0(DI)
+	MOVQ	CR3, AX
+	MOVQ	AX, AP_RET1(DI)
+	MOVQ	CR4, AX
+	MOVQ	AX, AP_RET2(DI)
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+
+halt:
+	JMP	apHalt<>(SB)
+
+// apDone ends a command: AX is RFLAGS after its instruction (CF or ZF: it
+// failed), or 0.
+TEXT apDone<>(SB),NOSPLIT|NOFRAME,$0
+	MOVL	AX, AP_FLAGS(DI)
+	XORL	AX, AX
+	XCHGL	AX, AP_CMD(DI)			// results first: XCHG orders them
+	JMP	apWait<>(SB)
+
+// apHalt parks the AP for good: NMIs are counted and return here.
+TEXT apHalt<>(SB),NOSPLIT|NOFRAME,$0
+	CLI
+	HLT
+	JMP	apHalt<>(SB)
+
+// apRun enters the guest: AP_ARG0 is the vmx.GuestRegs, AP_ARG1 whether
+// the VMCS was launched (VMRESUME).
+TEXT apRun<>(SB),NOSPLIT|NOFRAME,$0
+	MOVL	AP_STOP(DI), AX
+	TESTL	AX, AX
+	JNZ	stopped
+	MOVQ	$F_ACTIVITY, DX
+	VMREAD_RAX_RDX
+	MOVQ	AP_INGUEST(DI), BX
+	XORL	CX, CX
+	CMPQ	AX, $ACTIVITY_SIPI
+	JEQ	mark
+	MOVL	$1, CX
+mark:
+	XCHGL	CX, 0(BX)			// a full barrier before the load
+	MOVQ	AP_GEN(DI), BX
+	MOVQ	0(BX), R8
+	MOVQ	AP_SEEN(DI), BX
+	CMPQ	R8, 0(BX)
+	JEQ	enter
+	LEAQ	AP_EPTDESC(DI), AX
+	MOVQ	$2, DX				// all-context
+	INVEPT_RDX_RAX
+	MOVQ	R8, 0(BX)
+enter:
+	INCQ	AP_ENTRIES(DI)
+	MOVQ	AP_ARG0(DI), SI
+	MOVQ	R_CR2(SI), AX
+	MOVQ	AX, CR2
+	MOVQ	AP_ARG1(DI), BX
+	TESTQ	BX, BX
+	JNE	loadregs
+	MOVL	$1, AP_LAUNCH(DI)		// the first entry: VMLAUNCH
+loadregs:
+	MOVQ	R_RAX(SI), AX
+	MOVQ	R_RCX(SI), CX
+	MOVQ	R_RDX(SI), DX
+	MOVQ	R_RBP(SI), BP
+	MOVQ	R_R8(SI), R8
+	MOVQ	R_R9(SI), R9
+	MOVQ	R_R10(SI), R10
+	MOVQ	R_R11(SI), R11
+	MOVQ	R_R12(SI), R12
+	MOVQ	R_R13(SI), R13
+	MOVQ	R_R14(SI), R14
+	MOVQ	R_R15(SI), R15
+	TESTQ	BX, BX
+	MOVQ	R_RBX(SI), BX			// MOV leaves the flags alone
+	MOVQ	R_RDI(SI), DI
+	MOVQ	R_RSI(SI), SI
+	JNE	resume
+	VMLAUNCH
+	JMP	entryFailed
+resume:
+	VMRESUME
+entryFailed:
+	PUSHFQ
+	POPQ	AX
+	MOVQ	0(SP), DI
+	MOVQ	AP_INGUEST(DI), BX
+	XORL	CX, CX
+	XCHGL	CX, 0(BX)
+	MOVQ	AP_ARG1(DI), BX
+	TESTQ	BX, BX
+	JNE	failed
+	MOVL	$2, AP_LAUNCH(DI)		// VMLAUNCH failed
+failed:
+	JMP	apDone<>(SB)
+stopped:
+	JMP	apHalt<>(SB)
+
+// apExit is HOST_RIP of every AP's VMCS: RSP = HOST_RSP = AP_EXITRSP, the
+// guest's registers live, interrupts off.
+TEXT apExit<>(SB),NOSPLIT|NOFRAME,$0
+	XCHGQ	DI, 0(SP)			// DI: the block; the guest's RDI in the slot
+	MOVQ	SI, 8(SP)
+	MOVQ	AP_ARG0(DI), SI
+	MOVQ	AX, R_RAX(SI)
+	MOVQ	CX, R_RCX(SI)
+	MOVQ	DX, R_RDX(SI)
+	MOVQ	BX, R_RBX(SI)
+	MOVQ	BP, R_RBP(SI)
+	MOVQ	R8, R_R8(SI)
+	MOVQ	R9, R_R9(SI)
+	MOVQ	R10, R_R10(SI)
+	MOVQ	R11, R_R11(SI)
+	MOVQ	R12, R_R12(SI)
+	MOVQ	R13, R_R13(SI)
+	MOVQ	R14, R_R14(SI)
+	MOVQ	R15, R_R15(SI)
+	MOVQ	0(SP), AX
+	MOVQ	AX, R_RDI(SI)
+	MOVQ	8(SP), AX
+	MOVQ	AX, R_RSI(SI)
+	MOVQ	DI, 0(SP)
+	MOVQ	CR2, AX
+	MOVQ	AX, R_CR2(SI)
+	MOVQ	AP_INGUEST(DI), BX
+	XORL	CX, CX
+	XCHGL	CX, 0(BX)
+	MOVQ	$1, AP_ARG1(DI)			// entered: VMRESUME from now on
+	MOVL	AP_STOP(DI), AX
+	TESTL	AX, AX
+	JNZ	stopped
+	MOVQ	$F_EXIT_REASON, DX
+	VMREAD_RAX_RDX
+	CMPQ	AX, $EXIT_PREEMPTION
+	JNE	post
+	MOVQ	$F_IDT_VECTORING, DX
+	VMREAD_RAX_RDX
+	TESTL	$0x80000000, AX
+	JNZ	post
+	INCQ	AP_TICKS(DI)
+	JMP	apRun<>(SB)
+post:
+	XORL	AX, AX
+	JMP	apDone<>(SB)
+stopped:
+	JMP	apHalt<>(SB)
+
+// func apExitPC() uint64
+TEXT ·apExitPC(SB),NOSPLIT,$0-8
+	MOVQ	$apExit<>(SB), AX
+	MOVQ	AX, ret+0(FP)
 	RET

@@ -226,7 +226,9 @@ type AP struct {
 	// Took is the time from INIT to its last report.
 	Took time.Duration
 
-	params *[4096]byte
+	params   *[4096]byte
+	paramsPA uint64 // the parameter block's address: the AP's GS base
+	idtPA    uint64 // the APs' IDT
 }
 
 // Unheld returns the APIC IDs of the APs that answered but are not under

@@ -1,0 +1,204 @@
+//go:build tamago
+
+package pc
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/tamahv/tamahv/vmx"
+)
+
+// ErrAPStopped is APVCPU.Enter's answer once Stop was called.
+var ErrAPStopped = errors.New("pc: the application processor's vCPU was stopped")
+
+// launchWait is how long after VMLAUNCH was tried an AP that reported no
+// failure counts as in the guest (VM-entry checks fail at the
+// instruction; a guest in wait-for-SIPI runs nothing that would show
+// success).
+const launchWait = time.Millisecond
+
+// APVCPU is a held application processor as a vCPU's processor: its exit
+// loop (apLoop) runs the guest and executes VMX instructions, CPUID, MSR
+// accesses and XSETBV for the bootstrap processor, which handles the
+// exits. Its methods run on the bootstrap processor.
+type APVCPU struct {
+	ap      *AP
+	mb      mailbox
+	procs   *Processors
+	running bool
+	stopped atomic.Bool
+	tried   time.Time // when VMLAUNCH was first seen tried
+	err     error     // the first command that got no answer
+}
+
+// VCPUs returns the held APs as vCPU processors, in the order started.
+func (s *SMP) VCPUs() []*APVCPU {
+	if s == nil {
+		return nil
+	}
+	var out []*APVCPU
+	for i := range s.APs {
+		ap := &s.APs[i]
+		if ap.Status.Held() {
+			out = append(out, &APVCPU{ap: ap, mb: mailbox{p: ap.params, timeout: time.Second}, procs: s.procs})
+		}
+	}
+	return out
+}
+
+// APICID is the AP's local APIC ID.
+func (a *APVCPU) APICID() uint32 { return a.ap.APICID }
+
+// Err returns the first command the AP did not answer.
+func (a *APVCPU) Err() error { return a.err }
+
+func (a *APVCPU) call(cmd uint32, a0, a1 uint64) [4]uint64 {
+	r, _, err := a.mb.call(cmd, a0, a1)
+	if err != nil && a.err == nil {
+		a.err = err
+	}
+	return r
+}
+
+// LoadVMCS makes the VMCS at pa current on the AP and points its host
+// RSP and RIP at the exit loop.
+func (a *APVCPU) LoadVMCS(pa uint64) error {
+	if _, err := a.mb.vmx("VMPTRLD", cmdVMPTRLD, pa, 0); err != nil {
+		return err
+	}
+	if err := a.VMWrite(uint32(vmx.HostRSP), binaryU64(a.ap.params[apExitRSP:])); err != nil {
+		return err
+	}
+	return a.VMWrite(uint32(vmx.HostRIP), apExitPC())
+}
+
+// VMRead reads a field of the AP's current VMCS.
+func (a *APVCPU) VMRead(f uint32) (uint64, error) {
+	return a.mb.vmx("VMREAD", cmdVMREAD, uint64(f), 0)
+}
+
+// VMWrite writes a field of the AP's current VMCS.
+func (a *APVCPU) VMWrite(f uint32, v uint64) error {
+	_, err := a.mb.vmx("VMWRITE", cmdVMWRITE, uint64(f), v)
+	return err
+}
+
+// CPUID executes CPUID on the AP.
+func (a *APVCPU) CPUID(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32) {
+	r := a.call(cmdCPUID, uint64(leaf), uint64(subleaf))
+	return uint32(r[0]), uint32(r[1]), uint32(r[2]), uint32(r[3])
+}
+
+// ReadMSR reads an MSR of the AP.
+func (a *APVCPU) ReadMSR(msr uint32) uint64 { return a.call(cmdRDMSR, uint64(msr), 0)[0] }
+
+// WriteMSR writes an MSR of the AP.
+func (a *APVCPU) WriteMSR(msr uint32, v uint64) { a.call(cmdWRMSR, uint64(msr), v) }
+
+// XSETBV loads an extended control register of the AP.
+func (a *APVCPU) XSETBV(xcr uint32, v uint64) { a.call(cmdXSETBV, uint64(xcr), v) }
+
+// TakeNMI reports, and forgets, an NMI that reached the AP in VMX root.
+func (a *APVCPU) TakeNMI() bool { return atomic.SwapUint32(a.mb.u32(apNMIs), 0) != 0 }
+
+// Bind tells the AP's loop where its EPT shootdown words are.
+func (a *APVCPU) Bind(gen, seen *atomic.Uint64, inGuest *atomic.Uint32) {
+	atomic.StoreUint64(a.mb.u64(apGen), uint64(uintptr(unsafe.Pointer(gen))))
+	atomic.StoreUint64(a.mb.u64(apSeen), uint64(uintptr(unsafe.Pointer(seen))))
+	atomic.StoreUint64(a.mb.u64(apInGuest), uint64(uintptr(unsafe.Pointer(inGuest))))
+}
+
+// Host returns the state the AP's exits load: tamahv's page tables, GDT
+// and TSS, the APs' IDT, the AP's own control registers, EFER and PAT,
+// and its parameter block as GS base (the NMI handler counts there).
+func (a *APVCPU) Host() HostRegisters {
+	h := Host()
+	r := a.call(cmdRegs, 0, 0)
+	h.CR0, h.CR3, h.CR4 = r[0], r[1], r[2]
+	h.EFER, h.PAT = a.ReadMSR(msrEFER), a.ReadMSR(msrPAT)
+	h.FSBase, h.GSBase, h.IDTRBase = 0, a.ap.paramsPA, a.ap.idtPA
+	return h
+}
+
+// Enter runs the guest on the AP with r's registers until its next exit
+// that the AP does not answer itself, yielding the calling goroutine
+// meanwhile; r must stay where it is (a heap object) while the AP runs.
+func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
+	if a.stopped.Load() {
+		return ErrAPStopped
+	}
+	l := uint64(0)
+	if launched {
+		l = 1
+	}
+	if err := a.mb.post(cmdRun, uint64(uintptr(unsafe.Pointer(r))), l); err != nil {
+		return err
+	}
+	a.running = true
+	for a.mb.busy() {
+		if a.stopped.Load() {
+			return ErrAPStopped
+		}
+		runtime.Gosched()
+	}
+	a.running = false
+	if flags := atomic.LoadUint32(a.mb.u32(apFlags)); flags&flagsFailed != 0 {
+		ie, _ := a.VMRead(uint32(vmx.InstructionError))
+		insn := "VMRESUME"
+		if !launched {
+			insn = "VMLAUNCH"
+		}
+		return fmt.Errorf("pc: %s on APIC ID %d failed (RFLAGS %#x, VM-instruction error %d)", insn, a.ap.APICID, flags, ie)
+	}
+	return nil
+}
+
+// Pending reports whether an exit of the AP waits to be handled.
+func (a *APVCPU) Pending() bool { return a.running && !a.mb.busy() }
+
+// Started reports, once the AP's first VM entry was tried (done), whether
+// it failed.
+func (a *APVCPU) Started() (done bool, err error) {
+	switch atomic.LoadUint32(a.mb.u32(apLaunch)) {
+	case 0:
+		return false, nil
+	case 2:
+		return true, fmt.Errorf("pc: VMLAUNCH on APIC ID %d failed", a.ap.APICID)
+	}
+	if a.tried.IsZero() {
+		a.tried = time.Now()
+	}
+	return time.Since(a.tried) >= launchWait && atomic.LoadUint32(a.mb.u32(apLaunch)) == 1, nil
+}
+
+// Show lists the AP in the guest's processor tables.
+func (a *APVCPU) Show() error {
+	if a.procs == nil {
+		return errors.New("pc: no processor tables")
+	}
+	_, err := a.procs.Show(PhysMem{}, a.ap.APICID)
+	return err
+}
+
+// Stop makes the AP stay in VMX root operation from its next exit on, and
+// Enter return ErrAPStopped.
+func (a *APVCPU) Stop() {
+	a.stopped.Store(true)
+	atomic.StoreUint32(a.mb.u32(apStop), 1)
+}
+
+// Park halts an AP that runs no vCPU for good (its loop would spin).
+func (a *APVCPU) Park() error { return a.mb.post(cmdPark, 0, 0) }
+
+// Counts returns the AP's VM entries and the preemption-timer exits it
+// answered itself.
+func (a *APVCPU) Counts() (entries, ticks uint64) {
+	return atomic.LoadUint64(a.mb.u64(apEntries)), atomic.LoadUint64(a.mb.u64(apTicks))
+}
+
+func binaryU64(b []byte) uint64 { return *(*uint64)(unsafe.Pointer(&b[0])) }

@@ -1,0 +1,116 @@
+package pc
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+	"unsafe"
+)
+
+// The mailbox in an AP's parameter block, after the start-up fields
+// (trampoline.go): the bootstrap processor writes a command's arguments,
+// then the command; the AP's exit loop (apLoop, smp_amd64.s, which has the
+// same numbers) executes it, writes the results and clears the command.
+const (
+	apCmd      = 64  // uint32: the command; 0 once done
+	apFlags    = 68  // uint32: RFLAGS after its instruction (CF or ZF: failed)
+	apArg0     = 72  // arguments
+	apArg1     = 80  //
+	apRet0     = 88  // results
+	apRet1     = 96  //
+	apRet2     = 104 //
+	apRet3     = 112 //
+	apGen      = 120 // *uint64: the EPT shootdown's generation
+	apSeen     = 128 // *uint64: the generation this AP last invalidated for
+	apInGuest  = 136 // *uint32: 1 while this AP runs the guest
+	apNMIs     = 144 // uint32: NMIs that reached the AP in VMX root (apNMI)
+	apStop     = 148 // uint32: 1: stay in VMX root from the next exit on
+	apTicks    = 152 // uint64: VMX-preemption-timer exits the AP answered
+	apEPTDesc  = 160 // 16 bytes: the INVEPT descriptor
+	apLaunch   = 176 // uint32: 1 once VMLAUNCH was tried, 2 where it failed
+	apExitRSP  = 184 // the exit loop's stack, HOST_RSP
+	apEntries  = 192 // uint64: VM entries
+	apBlockEnd = 200
+)
+
+// Mailbox commands.
+const (
+	cmdVMPTRLD = 1  // VMCLEAR, VMPTRLD [arg0]
+	cmdVMREAD  = 2  // ret0 = VMCS[arg0]
+	cmdVMWRITE = 3  // VMCS[arg0] = arg1
+	cmdCPUID   = 4  // ret0-3 = CPUID(arg0, arg1)
+	cmdRDMSR   = 5  // ret0 = MSR[arg0]
+	cmdWRMSR   = 6  // MSR[arg0] = arg1
+	cmdXSETBV  = 7  // XCR[arg0] = arg1
+	cmdRun     = 8  // enter the guest: arg0 *vmx.GuestRegs, arg1 launched
+	cmdPark    = 9  // halt for good
+	cmdRegs    = 10 // ret0-2 = CR0, CR3, CR4
+)
+
+// rflags bits that report a failed VMX instruction (SDM Vol. 3C,
+// "Conventions": VMfailInvalid sets CF, VMfailValid ZF).
+const flagsFailed = 1<<0 | 1<<6
+
+// ErrAPSilent is returned when an AP does not answer a command in time:
+// it stopped (a fault in VMX root halts it) or never ran its loop.
+var ErrAPSilent = errors.New("pc: the application processor does not answer")
+
+// ErrAPBusy is returned for a command sent while the AP runs the guest or
+// another command.
+var ErrAPBusy = errors.New("pc: the application processor is busy")
+
+// mailbox drives one AP's exit loop through its parameter block.
+type mailbox struct {
+	p *[4096]byte
+	// timeout bounds the wait for a command's answer.
+	timeout time.Duration
+}
+
+func (m mailbox) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&m.p[off])) }
+func (m mailbox) u64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&m.p[off])) }
+
+// busy reports whether the AP has not finished its last command.
+func (m mailbox) busy() bool { return atomic.LoadUint32(m.u32(apCmd)) != 0 }
+
+// post sends a command without waiting for its end.
+func (m mailbox) post(cmd uint32, a0, a1 uint64) error {
+	if m.busy() {
+		return ErrAPBusy
+	}
+	atomic.StoreUint64(m.u64(apArg0), a0)
+	atomic.StoreUint64(m.u64(apArg1), a1)
+	atomic.StoreUint32(m.u32(apCmd), cmd)
+	return nil
+}
+
+// call sends a command and waits (spinning) for the AP's answer; it
+// returns the four result words and the instruction's RFLAGS.
+func (m mailbox) call(cmd uint32, a0, a1 uint64) ([4]uint64, uint32, error) {
+	if err := m.post(cmd, a0, a1); err != nil {
+		return [4]uint64{}, 0, err
+	}
+	start := time.Now()
+	for n := 0; m.busy(); n++ {
+		if n%1024 == 0 && time.Since(start) > m.timeout {
+			return [4]uint64{}, 0, fmt.Errorf("%w (command %d)", ErrAPSilent, cmd)
+		}
+	}
+	return [4]uint64{
+		atomic.LoadUint64(m.u64(apRet0)), atomic.LoadUint64(m.u64(apRet1)),
+		atomic.LoadUint64(m.u64(apRet2)), atomic.LoadUint64(m.u64(apRet3)),
+	}, atomic.LoadUint32(m.u32(apFlags)), nil
+}
+
+// vmx calls a command that executes a VMX instruction and turns a failure
+// into an error.
+func (m mailbox) vmx(name string, cmd uint32, a0, a1 uint64) (uint64, error) {
+	r, flags, err := m.call(cmd, a0, a1)
+	if err != nil {
+		return 0, err
+	}
+	if flags&flagsFailed != 0 {
+		return 0, fmt.Errorf("pc: %s %#x on the application processor failed (RFLAGS %#x)", name, a0, flags)
+	}
+	return r[0], nil
+}
