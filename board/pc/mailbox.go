@@ -31,7 +31,8 @@ const (
 	apLaunch   = 176 // uint32: 1 once VMLAUNCH was tried, 2 where it failed
 	apExitRSP  = 184 // the exit loop's stack, HOST_RSP
 	apEntries  = 192 // uint64: VM entries
-	apBlockEnd = 200
+	apRegs     = 200 // *vmx.GuestRegs of the guest being run
+	apBlockEnd = 208
 )
 
 // Mailbox commands.

@@ -113,7 +113,7 @@ func TestExitLoopNumbers(t *testing.T) {
 		"AP_RET0": apRet0, "AP_RET1": apRet1, "AP_RET2": apRet2, "AP_RET3": apRet3,
 		"AP_GEN": apGen, "AP_SEEN": apSeen, "AP_INGUEST": apInGuest, "AP_NMIS": apNMIs,
 		"AP_STOP": apStop, "AP_TICKS": apTicks, "AP_EPTDESC": apEPTDesc, "AP_LAUNCH": apLaunch,
-		"AP_EXITRSP": apExitRSP, "AP_ENTRIES": apEntries,
+		"AP_EXITRSP": apExitRSP, "AP_ENTRIES": apEntries, "AP_REGS": apRegs,
 		"AP_STATUS": apStatus, "AP_APICID": apAPICID, "AP_FEATCTL": apFeatCtl,
 		"CMD_VMPTRLD": cmdVMPTRLD, "CMD_VMREAD": cmdVMREAD, "CMD_VMWRITE": cmdVMWRITE,
 		"CMD_CPUID": cmdCPUID, "CMD_RDMSR": cmdRDMSR, "CMD_WRMSR": cmdWRMSR,

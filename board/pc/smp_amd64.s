@@ -31,6 +31,7 @@
 #define AP_LAUNCH	176
 #define AP_EXITRSP	184
 #define AP_ENTRIES	192
+#define AP_REGS		200
 
 // Mailbox commands (mailbox.go).
 #define CMD_VMPTRLD	1
@@ -258,14 +259,66 @@ TEXT ·mmioWrite32(SB),NOSPLIT,$0-12
 //
 // The loop's stack is AP_EXITRSP, also HOST_RSP: 0(SP) holds the block's
 // address for the exit path, 8(SP) is its scratch slot; an NMI's frame
-// goes below.
+// goes below. The loop is one function, entered at its start both from
+// apLong (no guest registers to store yet: AP_REGS is 0) and at every VM
+// exit (HOST_RIP), so that its jumps stay within it.
 TEXT apLoop<>(SB),NOSPLIT|NOFRAME,$0
 	MOVQ	AP_EXITRSP(DI), SP
 	MOVQ	DI, 0(SP)
-	JMP	apWait<>(SB)
+	JMP	apExit<>(SB)
 
-// apWait waits for the next command and executes it.
-TEXT apWait<>(SB),NOSPLIT|NOFRAME,$0
+// apExit is HOST_RIP of every AP's VMCS: RSP = HOST_RSP = AP_EXITRSP, the
+// guest's registers live, interrupts off.
+TEXT apExit<>(SB),NOSPLIT|NOFRAME,$0
+	XCHGQ	DI, 0(SP)			// DI: the block; the guest's RDI in the slot
+	MOVQ	SI, 8(SP)
+	MOVQ	AP_REGS(DI), SI
+	TESTQ	SI, SI
+	JNZ	store
+	MOVQ	DI, 0(SP)			// from apLong: no guest yet
+	JMP	wait
+store:
+	MOVQ	AX, R_RAX(SI)
+	MOVQ	CX, R_RCX(SI)
+	MOVQ	DX, R_RDX(SI)
+	MOVQ	BX, R_RBX(SI)
+	MOVQ	BP, R_RBP(SI)
+	MOVQ	R8, R_R8(SI)
+	MOVQ	R9, R_R9(SI)
+	MOVQ	R10, R_R10(SI)
+	MOVQ	R11, R_R11(SI)
+	MOVQ	R12, R_R12(SI)
+	MOVQ	R13, R_R13(SI)
+	MOVQ	R14, R_R14(SI)
+	MOVQ	R15, R_R15(SI)
+	MOVQ	0(SP), AX
+	MOVQ	AX, R_RDI(SI)
+	MOVQ	8(SP), AX
+	MOVQ	AX, R_RSI(SI)
+	MOVQ	DI, 0(SP)
+	MOVQ	CR2, AX
+	MOVQ	AX, R_CR2(SI)
+	MOVQ	AP_INGUEST(DI), BX
+	XORL	CX, CX
+	XCHGL	CX, 0(BX)
+	MOVQ	$1, AP_ARG1(DI)			// entered: VMRESUME from now on
+	MOVL	AP_STOP(DI), AX
+	TESTL	AX, AX
+	JNZ	halt
+	MOVQ	$F_EXIT_REASON, DX
+	VMREAD_RAX_RDX
+	CMPQ	AX, $EXIT_PREEMPTION
+	JNE	post
+	MOVQ	$F_IDT_VECTORING, DX
+	VMREAD_RAX_RDX
+	TESTL	$0x80000000, AX
+	JNZ	post
+	INCQ	AP_TICKS(DI)
+	JMP	run
+post:
+	XORL	AX, AX
+	JMP	done
+
 wait:
 	MOVL	AP_CMD(DI), AX
 	TESTL	AX, AX
@@ -278,7 +331,7 @@ dispatch:
 	CMPL	AX, $CMD_VMWRITE
 	JEQ	vmwrite
 	CMPL	AX, $CMD_RUN
-	JEQ	run
+	JEQ	runcmd
 	CMPL	AX, $CMD_CPUID
 	JEQ	cpuid
 	CMPL	AX, $CMD_RDMSR
@@ -294,9 +347,12 @@ dispatch:
 	CMPL	AX, $CMD_PARK
 	JEQ	halt
 	MOVL	$-1, AX				// unknown command
-	JMP	apDone<>(SB)
-run:
-	JMP	apRun<>(SB)
+done:
+	// AX: RFLAGS after the instruction (CF or ZF: it failed), or 0.
+	MOVL	AX, AP_FLAGS(DI)
+	XORL	AX, AX
+	XCHGL	AX, AP_CMD(DI)			// results first: XCHG orders them
+	JMP	wait
 
 vmread:
 	MOVQ	AP_ARG0(DI), DX
@@ -305,7 +361,7 @@ vmread:
 	POPQ	BX
 	MOVQ	AX, AP_RET0(DI)
 	MOVQ	BX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 vmwrite:
 	MOVQ	AP_ARG0(DI), DX
@@ -313,7 +369,7 @@ vmwrite:
 	VMWRITE_RDX_RAX
 	PUSHFQ
 	POPQ	AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 vmptrld:
 	LEAQ	AP_ARG0(DI), AX
@@ -328,7 +384,7 @@ vmptrld:
 	POPQ	BX
 vmptrldFailed:
 	MOVQ	BX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 cpuid:
 	MOVL	AP_ARG0(DI), AX
@@ -339,7 +395,7 @@ cpuid:
 	MOVQ	CX, AP_RET2(DI)
 	MOVQ	DX, AP_RET3(DI)
 	XORL	AX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 rdmsr:
 	MOVL	AP_ARG0(DI), CX
@@ -348,7 +404,7 @@ rdmsr:
 	ORQ	DX, AX
 	MOVQ	AX, AP_RET0(DI)
 	XORL	AX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 wrmsr:
 	MOVL	AP_ARG0(DI), CX
@@ -357,7 +413,7 @@ wrmsr:
 	SHRQ	$32, DX
 	WRMSR
 	XORL	AX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 xsetbv:
 	MOVL	AP_ARG0(DI), CX
@@ -366,7 +422,7 @@ xsetbv:
 	SHRQ	$32, DX
 	XSETBV_
 	XORL	AX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 regs:
 	MOVQ	CR0, AX
@@ -376,31 +432,22 @@ regs:
 	MOVQ	CR4, AX
 	MOVQ	AX, AP_RET2(DI)
 	XORL	AX, AX
-	JMP	apDone<>(SB)
+	JMP	done
 
 halt:
-	JMP	apHalt<>(SB)
-
-// apDone ends a command: AX is RFLAGS after its instruction (CF or ZF: it
-// failed), or 0.
-TEXT apDone<>(SB),NOSPLIT|NOFRAME,$0
-	MOVL	AX, AP_FLAGS(DI)
-	XORL	AX, AX
-	XCHGL	AX, AP_CMD(DI)			// results first: XCHG orders them
-	JMP	apWait<>(SB)
-
-// apHalt parks the AP for good: NMIs are counted and return here.
-TEXT apHalt<>(SB),NOSPLIT|NOFRAME,$0
+	// Parked for good: NMIs are counted and return here.
 	CLI
 	HLT
-	JMP	apHalt<>(SB)
+	JMP	halt
 
-// apRun enters the guest: AP_ARG0 is the vmx.GuestRegs, AP_ARG1 whether
-// the VMCS was launched (VMRESUME).
-TEXT apRun<>(SB),NOSPLIT|NOFRAME,$0
+runcmd:
+	// AP_ARG0: the vmx.GuestRegs; AP_ARG1: launched (VMRESUME).
+	MOVQ	AP_ARG0(DI), AX
+	MOVQ	AX, AP_REGS(DI)
+run:
 	MOVL	AP_STOP(DI), AX
 	TESTL	AX, AX
-	JNZ	stopped
+	JNZ	halt
 	MOVQ	$F_ACTIVITY, DX
 	VMREAD_RAX_RDX
 	MOVQ	AP_INGUEST(DI), BX
@@ -421,7 +468,7 @@ mark:
 	MOVQ	R8, 0(BX)
 enter:
 	INCQ	AP_ENTRIES(DI)
-	MOVQ	AP_ARG0(DI), SI
+	MOVQ	AP_REGS(DI), SI
 	MOVQ	R_CR2(SI), AX
 	MOVQ	AX, CR2
 	MOVQ	AP_ARG1(DI), BX
@@ -459,61 +506,9 @@ entryFailed:
 	XCHGL	CX, 0(BX)
 	MOVQ	AP_ARG1(DI), BX
 	TESTQ	BX, BX
-	JNE	failed
+	JNE	done
 	MOVL	$2, AP_LAUNCH(DI)		// VMLAUNCH failed
-failed:
-	JMP	apDone<>(SB)
-stopped:
-	JMP	apHalt<>(SB)
-
-// apExit is HOST_RIP of every AP's VMCS: RSP = HOST_RSP = AP_EXITRSP, the
-// guest's registers live, interrupts off.
-TEXT apExit<>(SB),NOSPLIT|NOFRAME,$0
-	XCHGQ	DI, 0(SP)			// DI: the block; the guest's RDI in the slot
-	MOVQ	SI, 8(SP)
-	MOVQ	AP_ARG0(DI), SI
-	MOVQ	AX, R_RAX(SI)
-	MOVQ	CX, R_RCX(SI)
-	MOVQ	DX, R_RDX(SI)
-	MOVQ	BX, R_RBX(SI)
-	MOVQ	BP, R_RBP(SI)
-	MOVQ	R8, R_R8(SI)
-	MOVQ	R9, R_R9(SI)
-	MOVQ	R10, R_R10(SI)
-	MOVQ	R11, R_R11(SI)
-	MOVQ	R12, R_R12(SI)
-	MOVQ	R13, R_R13(SI)
-	MOVQ	R14, R_R14(SI)
-	MOVQ	R15, R_R15(SI)
-	MOVQ	0(SP), AX
-	MOVQ	AX, R_RDI(SI)
-	MOVQ	8(SP), AX
-	MOVQ	AX, R_RSI(SI)
-	MOVQ	DI, 0(SP)
-	MOVQ	CR2, AX
-	MOVQ	AX, R_CR2(SI)
-	MOVQ	AP_INGUEST(DI), BX
-	XORL	CX, CX
-	XCHGL	CX, 0(BX)
-	MOVQ	$1, AP_ARG1(DI)			// entered: VMRESUME from now on
-	MOVL	AP_STOP(DI), AX
-	TESTL	AX, AX
-	JNZ	stopped
-	MOVQ	$F_EXIT_REASON, DX
-	VMREAD_RAX_RDX
-	CMPQ	AX, $EXIT_PREEMPTION
-	JNE	post
-	MOVQ	$F_IDT_VECTORING, DX
-	VMREAD_RAX_RDX
-	TESTL	$0x80000000, AX
-	JNZ	post
-	INCQ	AP_TICKS(DI)
-	JMP	apRun<>(SB)
-post:
-	XORL	AX, AX
-	JMP	apDone<>(SB)
-stopped:
-	JMP	apHalt<>(SB)
+	JMP	done
 
 // func apExitPC() uint64
 TEXT ·apExitPC(SB),NOSPLIT,$0-8

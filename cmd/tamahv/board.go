@@ -44,8 +44,10 @@ func (b *board) TakeNMI() bool { return vmx.TakeNMI() }
 
 func (b *board) XSETBV(xcr uint32, v uint64) { pc.XSETBV(xcr, v) }
 
-func (b *board) Host() hv.HostState {
-	h := pc.Host()
+func (b *board) Host() hv.HostState { return hostState(pc.Host()) }
+
+// hostState is a processor's host state as hv writes it.
+func hostState(h pc.HostRegisters) hv.HostState {
 	return hv.HostState{
 		CR0: h.CR0, CR3: h.CR3, CR4: h.CR4, FSBase: h.FSBase, GSBase: h.GSBase,
 		TRBase: h.TRBase, GDTRBase: h.GDTRBase, IDTRBase: h.IDTRBase, EFER: h.EFER, PAT: h.PAT,

@@ -38,7 +38,7 @@ func modules(info *multiboot.Info) (kernel, initrd *multiboot.Module, cmdline st
 	return kernel, initrd, cmdline
 }
 
-func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string) error {
+func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *pc.SMP) error {
 	c := machine.Config{
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
@@ -54,7 +54,15 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
 		return err
 	}
-	m, err := machine.New(newBoard(1024), c)
+	var b machine.Board = newBoard(1024)
+	if aps := smp.VCPUs(); len(aps) > 0 {
+		sb := &smpBoard{board: b.(*board)}
+		for _, ap := range aps {
+			sb.aps = append(sb.aps, apCPU{ap})
+		}
+		b = sb
+	}
+	m, err := machine.New(b, c)
 	if err != nil {
 		return err
 	}

@@ -68,7 +68,7 @@ func main() {
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
 			smp, err := pc.HoldProcessors(avail, visible, os.Stdout)
 			if err == nil {
-				err = runGuest(caps, info, kernel, initrd, cmdline)
+				err = runGuest(caps, info, kernel, initrd, cmdline, smp)
 			}
 			if err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
