@@ -202,3 +202,38 @@ func (a *APVCPU) Counts() (entries, ticks uint64) {
 }
 
 func binaryU64(b []byte) uint64 { return *(*uint64)(unsafe.Pointer(&b[0])) }
+
+// KickBSP has the AP send an NMI to the bootstrap processor (APIC ID
+// bspAPIC) after it hands an exit over while inGuest says the bootstrap
+// processor runs the guest, counting each NMI in kicks first: the
+// bootstrap processor's NMI handling tells these from the guest's by the
+// count.
+func (a *APVCPU) KickBSP(inGuest, kicks *atomic.Uint32, bspAPIC uint32) {
+	atomic.StoreUint32(a.mb.u32(apBSPAPIC), bspAPIC)
+	atomic.StoreUint64(a.mb.u64(apBSPKicks), uint64(uintptr(unsafe.Pointer(kicks))))
+	atomic.StoreUint64(a.mb.u64(apBSPIn), uint64(uintptr(unsafe.Pointer(inGuest))))
+}
+
+// Kick sends the AP an NMI from the calling (bootstrap) processor's local
+// APIC, as the guest left it: an AP in the guest exits (NMI exiting). The
+// guest's own next destination in the xAPIC's ICR is kept.
+func (a *APVCPU) Kick() {
+	base := readMSR(msrAPICBase)
+	switch {
+	case base&apicBaseEnable == 0:
+		return
+	case base&apicBaseX2APIC != 0:
+		writeMSR(msrX2APICICR, uint64(a.ap.APICID)<<32|icrNMI|icrAssert)
+		return
+	}
+	mmio := base & apicBaseAddr
+	idle := func() bool { return mmioRead32(mmio+lapicICRLow)&icrPending == 0 }
+	for i := 0; i < 1000 && !idle(); i++ {
+	}
+	high := mmioRead32(mmio + lapicICRHigh)
+	mmioWrite32(mmio+lapicICRHigh, a.ap.APICID<<24)
+	mmioWrite32(mmio+lapicICRLow, icrNMI|icrAssert)
+	for i := 0; i < 1000 && !idle(); i++ {
+	}
+	mmioWrite32(mmio+lapicICRHigh, high)
+}

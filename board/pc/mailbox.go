@@ -32,7 +32,10 @@ const (
 	apExitRSP  = 184 // the exit loop's stack, HOST_RSP
 	apEntries  = 192 // uint64: VM entries
 	apRegs     = 200 // *vmx.GuestRegs of the guest being run
-	apBlockEnd = 208
+	apBSPIn    = 208 // *uint32: 1 while the bootstrap processor runs the guest (0: no kick)
+	apBSPKicks = 216 // *uint32: NMIs sent to the bootstrap processor, counted before each
+	apBSPAPIC  = 224 // uint32: the bootstrap processor's APIC ID
+	apBlockEnd = 232
 )
 
 // Mailbox commands.

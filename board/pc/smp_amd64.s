@@ -32,6 +32,19 @@
 #define AP_EXITRSP	184
 #define AP_ENTRIES	192
 #define AP_REGS		200
+#define AP_BSPINGUEST	208
+#define AP_BSPKICKS	216
+#define AP_BSPAPIC	224
+
+// The local APIC (smp.go).
+#define MSR_APIC_BASE	0x1b
+#define APIC_BASE_EN	0x800
+#define APIC_BASE_EXTD	0x400
+#define MSR_X2APIC_ICR	0x830
+#define LAPIC_ICR_LOW	0x300
+#define LAPIC_ICR_HIGH	0x310
+#define ICR_PENDING	0x1000
+#define ICR_NMI		0x4400
 
 // Mailbox commands (mailbox.go).
 #define CMD_VMPTRLD	1
@@ -316,8 +329,67 @@ store:
 	INCQ	AP_TICKS(DI)
 	JMP	run
 post:
+	// Hand the exit over, then kick the bootstrap processor out of the
+	// guest if it runs it: its handlers run only when it is in VMX root.
+	// The XCHG orders the post before the load of its mark (its side:
+	// mark, then look for posted exits; hv.Shootdown's pattern).
+	MOVL	$0, AP_FLAGS(DI)
 	XORL	AX, AX
-	JMP	done
+	XCHGL	AX, AP_CMD(DI)
+	MOVQ	AP_BSPINGUEST(DI), BX
+	TESTQ	BX, BX
+	JZ	wait
+	MOVL	0(BX), AX
+	TESTL	AX, AX
+	JZ	wait
+	MOVQ	AP_BSPKICKS(DI), BX
+	LOCK
+	INCL	0(BX)
+	// The NMI through this AP's local APIC (SDM Vol. 3A, "Issuing
+	// Interprocessor Interrupts"), as the guest left it: not at all where
+	// the guest disabled it; through the x2APIC's ICR MSR; or through the
+	// xAPIC's, keeping the destination the guest may have written for
+	// its own next IPI.
+	MOVL	$MSR_APIC_BASE, CX
+	RDMSR
+	TESTL	$APIC_BASE_EN, AX
+	JZ	wait
+	TESTL	$APIC_BASE_EXTD, AX
+	JNZ	x2apic
+	ANDL	$0xfffff000, AX
+	SHLQ	$32, DX
+	ORQ	DX, AX
+	MOVQ	AX, BX
+	MOVL	$1000, CX
+idle:
+	MOVL	LAPIC_ICR_LOW(BX), AX
+	TESTL	$ICR_PENDING, AX
+	JZ	send
+	PAUSE
+	LOOP	idle
+	JMP	wait
+send:
+	MOVL	LAPIC_ICR_HIGH(BX), R8
+	MOVL	AP_BSPAPIC(DI), AX
+	SHLL	$24, AX
+	MOVL	AX, LAPIC_ICR_HIGH(BX)
+	MOVL	$ICR_NMI, LAPIC_ICR_LOW(BX)
+	MOVL	$1000, CX
+sent:
+	MOVL	LAPIC_ICR_LOW(BX), AX
+	TESTL	$ICR_PENDING, AX
+	JZ	restore
+	PAUSE
+	LOOP	sent
+restore:
+	MOVL	R8, LAPIC_ICR_HIGH(BX)
+	JMP	wait
+x2apic:
+	MOVL	AP_BSPAPIC(DI), DX
+	MOVL	$ICR_NMI, AX
+	MOVL	$MSR_X2APIC_ICR, CX
+	WRMSR
+	JMP	wait
 
 wait:
 	MOVL	AP_CMD(DI), AX
