@@ -198,7 +198,6 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 
 	// Views chasing each other give the split view up.
 	require.NoError(t, a.Arm(g.cr3, va))
-	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
 		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
