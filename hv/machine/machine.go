@@ -651,19 +651,21 @@ func (m *Machine) startAPs() {
 				err = errors.New("the vCPU stopped")
 			}
 		}
+		// The shown vCPUs' handlers write the log too.
+		m.serial.Lock()
 		if err != nil {
 			a.state.CompareAndSwap(apStarting, apFinished)
 			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: VM entry failed: %v\n", a.ap.APICID(), err)
 			a.ap.Stop()
-			continue
+		} else {
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d waits for start-up\n", a.ap.APICID(), a.index)
+			if err := a.ap.Show(); err != nil {
+				a.state.Store(apFinished)
+				a.ap.Stop()
+				fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d not shown to the guest: %v\n", a.ap.APICID(), a.index, err)
+			}
 		}
-		if err := a.ap.Show(); err != nil {
-			a.state.Store(apFinished)
-			a.ap.Stop()
-			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d not shown to the guest: %v\n", a.ap.APICID(), a.index, err)
-			continue
-		}
-		fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d waits for start-up\n", a.ap.APICID(), a.index)
+		m.serial.Unlock()
 	}
 }
 
@@ -679,7 +681,12 @@ func (m *Machine) stopAPs() {
 			runtime.Gosched()
 		}
 		if !a.done.Load() {
+			// Its handlers may write the log too, unless one is stuck.
+			locked := m.serial.TryLock()
 			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d did not stop\n", a.ap.APICID(), a.index)
+			if locked {
+				m.serial.Unlock()
+			}
 		}
 	}
 }
