@@ -466,3 +466,23 @@ func TestSMPAPErrorStopsGuest(t *testing.T) {
 	assert.True(t, aps[1].stopped())
 	assert.NotContains(t, out, "did not stop")
 }
+
+// TestSMPGuestExitsOnAP: the guest's exit hypercall made on an AP ends
+// the guest as on vCPU 0: vCPU 0 stops at its next entry, and Run
+// reports the status.
+func TestSMPGuestExitsOnAP(t *testing.T) {
+	b, m, log, aps := newSMPMachine(t, 1, nil)
+	aps[0].script = []apStep{
+		{name: "SIPI", exit: sipi},
+		{name: "exit", exit: func(a *fakeAP, r *vmx.GuestRegs) {
+			a.run(0)
+			r.RAX, r.RDI = hcall.Exit, 9
+			a.exitWith(vmx.ExitVMCALL)
+		}},
+	}
+	b.idle = true
+	require.NoError(t, m.Run(), "log:\n%s", log)
+	assert.Contains(t, log.String(), "tamahv: guest exited (status 9) after ")
+	assert.Contains(t, log.String(), ", vCPU 1: 2)\n")
+	assert.True(t, aps[0].stopped())
+}
