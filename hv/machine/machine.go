@@ -402,7 +402,11 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 	if err := m.Trap.Install(v); err != nil {
 		return err
 	}
-	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v}
+	// Each vCPU arms a return trap of its own (its slot); every vCPU
+	// springs any of them.
+	slot := len(m.Deliveries)
+	m.Trap.Slots(slot + 1)
+	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v, Slot: slot}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	v.Hypercalls = policy
 	m.Deliveries = append(m.Deliveries, d)
