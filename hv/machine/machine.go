@@ -368,6 +368,7 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	for _, ap := range aps {
 		if err := m.addAP(ap, &c, setup, unmapped, policy); err != nil {
+			ap.Stop()
 			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
 		}
 	}

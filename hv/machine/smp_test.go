@@ -486,3 +486,30 @@ func TestSMPGuestExitsOnAP(t *testing.T) {
 	assert.Contains(t, log.String(), ", vCPU 1: 2)\n")
 	assert.True(t, aps[0].stopped())
 }
+
+// TestSMPAPNotUsedWithoutWaitForSIPI: where VM entry cannot leave a guest
+// waiting for its start-up IPI, New uses no AP (each is stopped, with a
+// line that says why) and the guest runs on vCPU 0.
+func TestSMPAPNotUsedWithoutWaitForSIPI(t *testing.T) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	ap := newFakeAP(t, b, 1)
+	var log bytes.Buffer
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = &log
+	c.Caps.Misc &^= 1 << 8 // IA32_VMX_MISC: no wait-for-SIPI
+	m, err := machine.New(&smpBoard{board: b, aps: []machine.AP{ap}}, c)
+	require.NoError(t, err)
+	assert.Len(t, m.VCPUs, 1)
+	assert.Contains(t, log.String(), "tamahv: AP APIC ID 1: not used: "+hv.ErrNoWaitForSIPI.Error()+"\n")
+	assert.True(t, ap.stopped())
+	b.script = []step{{name: "exit", exit: func(b *board, r *vmx.GuestRegs) {
+		b.run(0)
+		r.RAX, r.RDI = hcall.Exit, 0
+		b.exitWith(vmx.ExitVMCALL)
+	}}}
+	require.NoError(t, m.Run())
+	assert.Contains(t, log.String(), "tamahv: guest exited (status 0) after 1 exits (vCPU 0: 1)\n")
+}
