@@ -34,6 +34,18 @@ import (
 // its own page the views would chase each other; after a streak of
 // switches the agent writes the int3 in place instead.
 //
+// Several vCPUs share one agent, as they share the EPT and guest memory:
+// the int3 (or the split view) is there for all of them, and the fault is
+// raised on whichever vCPU passes the detour in the address space armed,
+// which is where the process runs. Install the agent on each vCPU
+// (InstallVCPU, with that vCPU's PFDelivery). What follows one vCPU from
+// an exit to its next is its own: the streak of view switches (one
+// instruction chasing the views is one vCPU's), and whether it stands at
+// the detour to run the original instruction after its int3 passed (the
+// int3 is written back only once no vCPU does). An int3 another vCPU ran
+// before this one's exit took it out is recognised at the detour and the
+// instruction run again.
+//
 // The guest's page tables say where the detour is, so the agent trusts
 // none of it: the code is read and the int3 written through GuestPhys,
 // the detour's page must be guest RAM mapped one to one (never tamahv's
@@ -62,10 +74,10 @@ type BreakpointAgent struct {
 	// Delivery follows the raised #PF to the guest (nil: not followed).
 	Delivery *PFDelivery
 
-	split   bool // the current arming uses the split view
-	noSplit bool // the split view was given up
-	view    int  // viewShadow or viewOriginal while split
-	streak  int
+	split    bool // the current arming uses the split view
+	noSplit  bool // the split view was given up
+	view     int  // viewShadow or viewOriginal while split
+	stepping int  // vCPUs that must run the detour's own instruction
 
 	addr, pa  uint64 // the detour (0: not found yet)
 	lstar     uint64 // the IA32_LSTAR the detour was found from
@@ -74,8 +86,24 @@ type BreakpointAgent struct {
 	want      bool
 	cr3, va   uint64
 
-	// Counters.
-	Hits, Raised, Passed, Switches uint64
+	// Counters. Late counts int3s run by a vCPU after another vCPU's
+	// exit had taken them out (each runs its instruction again).
+	Hits, Raised, Passed, Switches, Late uint64
+}
+
+// agentCPU is one vCPU's part of the agent.
+type agentCPU struct {
+	streak   int  // EPT violations of the split view in a row
+	stepping bool // at the detour, to run its own instruction once
+}
+
+// step marks c as having to run the detour's own instruction before the
+// int3 may be written back.
+func (a *BreakpointAgent) step(c *agentCPU) {
+	if !c.stepping {
+		c.stepping = true
+		a.stepping++
+	}
 }
 
 const (
@@ -304,13 +332,13 @@ func (a *BreakpointAgent) showShadow() error {
 
 // onViolation switches the split view: fetches get the shadow, reads and
 // writes the original.
-func (a *BreakpointAgent) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (a *BreakpointAgent) onViolation(c *agentCPU, v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	gpa := e.GuestPA
 	if !a.split || gpa&^0xfff != a.pa&^0xfff {
 		return next(v, e)
 	}
 	a.Switches++
-	if a.streak++; a.streak > maxStreak {
+	if c.streak++; c.streak > maxStreak {
 		// The views chase each other: write the int3 in place.
 		a.noSplit = true
 		if err := a.remove(); err != nil {
@@ -337,12 +365,32 @@ func (a *BreakpointAgent) Disarm() error {
 
 // Install makes a intercept v's #BP exits (the exception bitmap must have
 // #BP) and the EPT violations of its split view, and re-arm at later exits
-// (an observer). Other exits go on to the handling installed before.
-func (a *BreakpointAgent) Install(v *VCPU) error {
+// (an observer). Other exits go on to the handling installed before. The
+// faults it raises on v are followed by a.Delivery.
+func (a *BreakpointAgent) Install(v *VCPU) error { return a.InstallVCPU(v, a.Delivery) }
+
+// InstallVCPU is Install for one of several vCPUs that share the agent:
+// the faults it raises on v are followed by d, v's own PFDelivery.
+func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
+	c := &agentCPU{}
 	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 		ev, ok := vmx.DecodeEvent(e.Interruption, 0)
-		if !ok || ev.Vector != vmx.VectorBP || !a.installed || e.RIP != a.addr {
+		if !ok || ev.Vector != vmx.VectorBP || a.addr == 0 || e.RIP != a.addr {
 			return next(v, e)
+		}
+		if !a.installed {
+			// Another vCPU's exit took the int3 out after this vCPU
+			// ran it: run the instruction again, unless the guest's
+			// own int3 is at the detour.
+			var b [1]byte
+			if a.Phys.ReadPhys(a.pa, b[:]) != nil || b[0] == 0xcc {
+				return next(v, e)
+			}
+			a.Late++
+			if a.want {
+				a.step(c)
+			}
+			return Resume, nil
 		}
 		a.Hits++
 		if err := a.remove(); err != nil {
@@ -350,6 +398,7 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 		}
 		if a.Spaces.Of(v.VMCS.Read(vmx.GuestCR3)) != a.cr3 {
 			a.Passed++ // another address space: rewritten at a later exit
+			a.step(c)
 			return Resume, nil
 		}
 		code := uint32(0)
@@ -358,12 +407,13 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 		}
 		if v.Inject(vmx.Exception(vmx.VectorPF, code, 0)) != nil {
 			a.Passed++ // the event queue is full: rewritten at a later exit
+			a.step(c)
 			return Resume, nil
 		}
 		a.want = false
 		a.Raised++
 		v.Regs.CR2 = a.va
-		a.Delivery.queued(a.va)
+		d.queued(a.va)
 		return Resume, nil
 	})
 	if err != nil {
@@ -371,11 +421,17 @@ func (a *BreakpointAgent) Install(v *VCPU) error {
 	}
 	v.Observe(func(v *VCPU, e *vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
-			a.streak = 0
+			c.streak = 0
 		}
-		if a.want && !a.installed && e.RIP != a.addr {
+		if c.stepping && e.RIP != a.addr {
+			c.stepping = false
+			a.stepping--
+		}
+		if a.want && !a.installed && a.stepping == 0 && e.RIP != a.addr {
 			_ = a.install()
 		}
 	})
-	return v.Intercept(vmx.ExitEPTViolation, a.onViolation)
+	return v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+		return a.onViolation(c, v, e, next)
+	})
 }

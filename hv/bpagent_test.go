@@ -198,7 +198,6 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 
 	// Views chasing each other give the split view up.
 	require.NoError(t, a.Arm(g.cr3, va))
-	a.streak = 0
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
 		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
@@ -221,4 +220,100 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	assert.Equal(t, byte(0x89), *g.mem.at(pa), "the old one untouched")
 	require.NoError(t, a.Disarm())
 	assert.Zero(t, g.phys.Owners())
+}
+
+// TestBreakpointAgentSharedByVCPUs: two vCPUs share one agent, its int3
+// and the EPT. An int3 a vCPU ran before another vCPU's exit took it out
+// is run again, not given to the guest; the int3 is written back only
+// once no vCPU stands at the detour to run its own instruction; the fault
+// is raised on the vCPU that passes the detour in the address space
+// armed, and followed by that vCPU's delivery.
+func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	c, lstar, detour := entryCode()
+	g.loadKernel(c, nil)
+	at := g.mem.at(detour - kernelOff)
+	a := g.agent(lstar, false)
+	v0, m0 := scripted(t, nil)
+	v1, m1 := scripted(t, nil)
+	d0, d1 := &PFDelivery{}, &PFDelivery{}
+	require.NoError(t, a.InstallVCPU(v0, d0))
+	require.NoError(t, a.InstallVCPU(v1, d1))
+	const va = 0x7f0000001000
+	require.NoError(t, a.Arm(g.cr3, va))
+	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	for _, m := range []*fakeVMCS{m0, m1} {
+		m.Fields[vmx.GuestRIP] = detour
+		m.Fields[vmx.ExitInterruptInfo] = bp
+		m.Fields[vmx.GuestCR3] = 0x9000 // another process
+	}
+
+	// Both vCPUs ran the int3; vCPU 0's exit is handled first.
+	act, err := v0.dispatch(exitOf(v0, vmx.ExitExceptionOrNMI))
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.Equal(t, byte(0x89), *at, "original byte back")
+	act, err = v1.dispatch(exitOf(v1, vmx.ExitExceptionOrNMI))
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.False(t, v1.EventPending(), "vCPU 1's int3 was the agent's: not given to the guest")
+	assert.EqualValues(t, 1, a.Hits)
+	assert.EqualValues(t, 1, a.Passed)
+	assert.EqualValues(t, 1, a.Late)
+
+	// Not rewritten while either vCPU stands at the detour.
+	m0.Fields[vmx.GuestRIP] = 0x1234
+	v0.observe(exitOf(v0, vmx.ExitCPUID))
+	assert.Equal(t, byte(0x89), *at, "vCPU 1 has yet to run the detour's instruction")
+	m1.Fields[vmx.GuestRIP] = 0x1234
+	v1.observe(exitOf(v1, vmx.ExitCPUID))
+	assert.Equal(t, byte(0xcc), *at, "rewritten once both moved on")
+
+	// vCPU 1 passes in the process armed: the fault is raised there.
+	m1.Fields[vmx.GuestRIP] = detour
+	m1.Fields[vmx.GuestCR3] = g.cr3
+	_, err = v1.dispatch(exitOf(v1, vmx.ExitExceptionOrNMI))
+	require.NoError(t, err)
+	assert.True(t, v1.EventPending())
+	assert.False(t, v0.EventPending())
+	assert.Equal(t, uint64(va), v1.Regs.CR2)
+	assert.Equal(t, uint8(pfQueued), d1.state, "vCPU 1's delivery follows it")
+	assert.Equal(t, uint8(pfIdle), d0.state)
+	assert.EqualValues(t, 1, a.Raised)
+
+	// The guest's own int3 at the detour, with the agent's out, is the guest's.
+	*at = 0xcc
+	m0.Fields[vmx.GuestRIP] = detour
+	_, err = v0.dispatch(exitOf(v0, vmx.ExitExceptionOrNMI))
+	require.NoError(t, err)
+	e, _ := v0.events.peek()
+	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
+}
+
+// TestBreakpointAgentStreakIsPerVCPU: one vCPU whose instruction chases
+// the split views gives the split view up although another vCPU's exits
+// come in between.
+func TestBreakpointAgentStreakIsPerVCPU(t *testing.T) {
+	g := newTestGuest(t, ept.Options{ExecuteOnly: true})
+	c, lstar, detour := entryCode()
+	g.loadKernel(c, nil)
+	pa := detour - kernelOff
+	a := g.agent(lstar, true)
+	v0, m0 := scripted(t, nil)
+	v1, _ := scripted(t, nil)
+	require.NoError(t, a.InstallVCPU(v0, nil))
+	require.NoError(t, a.InstallVCPU(v1, nil))
+	require.NoError(t, a.Arm(g.cr3, 0x7f0000001000))
+	m0.Fields[vmx.GuestPhysAddr] = pa
+	for i := 0; i <= maxStreak+1 && !a.noSplit; i++ {
+		m0.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
+		e := exitOf(v0, vmx.ExitEPTViolation)
+		v0.observe(e)
+		_, err := v0.dispatch(e)
+		require.NoError(t, err)
+		v1.observe(exitOf(v1, vmx.ExitCPUID)) // vCPU 1 runs on
+	}
+	assert.True(t, a.noSplit, "vCPU 0's chase is seen")
+	assert.Equal(t, byte(0xcc), *g.mem.at(pa), "the int3 went in place")
+	require.NoError(t, a.Disarm())
 }

@@ -123,3 +123,47 @@ func TestFetchTrapYields(t *testing.T) {
 	_, perm, _, _, _ = g.ept.Lookup(pt)
 	assert.Equal(t, ept.Read|ept.Exec, perm)
 }
+
+// TestReturnTrapSlots: two vCPUs that share the trap arm a slot each: the
+// second vCPU's fault does not take the first's trap away, and a fetch
+// on either vCPU springs either trap.
+func TestReturnTrapSlots(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	const codeA, codeB = 0x600000, 0x601000
+	g.mapPage(0x400000, codeA, pteUS)
+	g.mapPage(0x401000, codeB, pteUS)
+	trap := &ReturnTrap{Phys: g.phys, Walker: &Walker{Mem: g.phys}}
+	trap.Slots(2)
+	v0, m0 := scripted(t, nil)
+	v1, m1 := scripted(t, nil)
+	require.NoError(t, trap.Install(v0))
+	require.NoError(t, trap.Install(v1))
+	cpus := []*TrapCPU{{CPU: &SwapCPU{V: v0}, Trap: trap, V: v0}, {CPU: &SwapCPU{V: v1}, Trap: trap, V: v1, Slot: 1}}
+	for i, m := range []*fakeVMCS{m0, m1} {
+		m.Fields[vmx.GuestCR3] = g.cr3
+		m.Fields[vmx.GuestSSAccess] |= 3 << 5
+		m.Fields[vmx.EntryInterruptInfo] = 0
+		m.Fields[vmx.GuestRIP] = 0x400000 + uint64(i)*0x1000
+		require.NoError(t, cpus[i].InjectPF(0x7f0000001000, 4))
+	}
+	assert.EqualValues(t, 2, trap.Arms)
+	for _, pa := range []uint64{codeA, codeB} {
+		_, perm, _, _, _ := g.ept.Lookup(pa)
+		assert.Equal(t, ept.Read|ept.Write, perm, "both pages trapped at once")
+	}
+
+	// vCPU 0 runs the process whose fault vCPU 1 injected.
+	fetch := uint64(0x4 | 0x8 | 0x10 | 0x80 | 0x100)
+	m0.Fields[vmx.GuestPhysAddr] = codeB
+	m0.Fields[vmx.ExitQualification] = fetch
+	act, err := v0.dispatch(exitOf(v0, vmx.ExitEPTViolation))
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.EqualValues(t, 1, trap.Hits)
+	_, perm, _, _, _ := g.ept.Lookup(codeB)
+	assert.Equal(t, ept.RWX, perm)
+	_, perm, _, _, _ = g.ept.Lookup(codeA)
+	assert.Equal(t, ept.Read|ept.Write, perm, "vCPU 0's own trap stays")
+	trap.Disarm()
+	assert.Zero(t, g.phys.Owners())
+}

@@ -8,6 +8,14 @@
 //
 // Nothing here touches the processor directly: the Board does. The image
 // passes board/pc's; host tests pass fakes.
+//
+// A Board that is also an SMPBoard gives one vCPU per application
+// processor besides vCPU 0, the bootstrap processor's. Every vCPU's exits
+// are handled by a goroutine of its own on the bootstrap processor, one
+// handler at a time (hv.VCPU.Serial): the guest's memory, the EPT, the
+// watcher, the agent, the engine and the policy are shared by all vCPUs;
+// what follows one vCPU from an exit to its next (the #PF a delivery
+// follows, the vCPU swapmem injects on) is per vCPU.
 package machine
 
 import (
@@ -16,6 +24,8 @@ import (
 	"io"
 	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tamahv/tamahv/ept"
@@ -106,9 +116,15 @@ const msrLSTAR = 0xc0000082
 
 // Machine is one guest, assembled and ready to run.
 type Machine struct {
-	// VCPU is the guest's processor; its exit handlers, observers and
-	// entry hooks are where extensions attach.
+	// VCPU is the guest's processor, vCPU 0 (the bootstrap processor);
+	// its exit handlers, observers and entry hooks are where extensions
+	// attach.
 	VCPU *hv.VCPU
+	// VCPUs are all the guest's processors: VCPUs[0] is VCPU, VCPUs[i]
+	// runs on the board's application processor i-1 (SMPBoard.APs). An
+	// extension that follows the guest's exits attaches to each; they all
+	// share one Serial, so that no two handlers run at once.
+	VCPUs []*hv.VCPU
 	// EPT maps the guest's physical memory.
 	EPT *ept.EPT
 	// Phys is the guest's physical memory as tamahv may touch it: guest
@@ -128,9 +144,11 @@ type Machine struct {
 	// Spaces learns whether the guest isolates its page tables and names
 	// its address spaces: every CR3 comparison goes through it.
 	Spaces *hv.AddressSpaces
-	// Delivery follows each injected #PF to the guest and tells the
-	// engine whether it arrived.
-	Delivery *hv.PFDelivery
+	// Delivery follows each #PF injected on vCPU 0 to the guest and
+	// tells the engine whether it arrived; Deliveries[i] does for vCPU i
+	// (Deliveries[0] is Delivery).
+	Delivery   *hv.PFDelivery
+	Deliveries []*hv.PFDelivery
 	// Monitor is the default policy (nil when Config.Policy replaced it).
 	Monitor *monitor.Monitor
 	// Start is where the guest kernel starts.
@@ -145,6 +163,31 @@ type Machine struct {
 	eptp   uint64
 	fx     *vmx.FXArea
 	secret uint64
+
+	serial sync.Mutex // every vCPU's Serial
+	aps    []*apVCPU
+	// ended is the first application processor's vCPU whose Run returned
+	// while the guest ran: vCPU 0 stops at its next entry.
+	ended atomic.Pointer[apVCPU]
+}
+
+// The states of an application processor's vCPU.
+const (
+	apStarting = iota
+	apShown
+	apFinished
+)
+
+// apVCPU is a vCPU that runs on an application processor.
+type apVCPU struct {
+	ap    AP
+	v     *hv.VCPU
+	index int // the vCPU's number
+	// state is apStarting, then apShown (Run shows it to the guest) or
+	// apFinished (its Run returned before): whichever comes first.
+	state atomic.Int32
+	done  atomic.Bool // Run returned; err is its result
+	err   error       // Run's result
 }
 
 // ErrGuestFailed is Run's error when the guest stopped on an error.
@@ -220,17 +263,10 @@ func New(b Board, c Config) (*Machine, error) {
 		return nil, err
 	}
 
-	v := hv.NewVCPU(vmcs, c.Caps)
-	m.VCPU = v
-	v.CPUID = b.CPUID
-	v.XSETBV = b.XSETBV
-	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
-	v.TakeNMI = b.TakeNMI
-	v.Log = c.Log
-	if c.Console != [2]uint16{} {
-		v.OwnPorts(c.Console[0], c.Console[1])
+	var aps []AP
+	if sb, ok := b.(SMPBoard); ok {
+		aps = sb.APs()
 	}
-	v.PortIO = b.PortIO
 	var ramTop uint64
 	for _, r := range c.Memory {
 		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
@@ -239,63 +275,63 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	m.eptp = m.EPT.Pointer(false)
 	// Every change to the EPT reaches every vCPU's processor through the
-	// shootdown (one vCPU today: its own INVEPT at the change).
-	m.Shootdown = hv.NewShootdown(1, func(int) { b.InvalidateEPT(m.eptp) })
+	// shootdown. All Go runs on the bootstrap processor, which is out of
+	// the guest whenever Go runs: every change is vCPU 0's (Changed(0)),
+	// and the board's INVEPT is its part; the application processors'
+	// exit loops keep theirs themselves (AP.Bind).
+	m.Shootdown = hv.NewShootdown(1+len(aps), func(int) { b.InvalidateEPT(m.eptp) })
 	invalidate := func() { m.Shootdown.Changed(0) }
-	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
-	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
 	// Every guest-physical access on the guest's behalf goes through
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
 	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
-	if err := unmapped.Install(v); err != nil {
-		return nil, err
-	}
 	m.Spaces = &hv.AddressSpaces{Mem: m.Phys}
-	m.Spaces.Install(v)
 	m.Memory = hv.NewGuestMemory(m.Phys, 0)
 	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
-	if err := m.Memory.Install(v); err != nil {
-		return nil, err
-	}
-	v.Mem = m.Phys
-	m.Delivery = &hv.PFDelivery{}
 	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) },
-		Spaces: m.Spaces, Delivery: m.Delivery}
+		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
 		if m.Agent.ShadowPA, m.Agent.Shadow, err = m.page(); err != nil {
 			return nil, err
 		}
 	}
-	if err := m.Agent.Install(v); err != nil {
-		return nil, err
-	}
 	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces}, c.Swap)
-	m.Delivery.Reports = m.Engine
-	// Before the engine's entry hook: a fault lost at this entry is
-	// injected again at once.
-	m.Delivery.Install(v)
 	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
-	if err := m.Trap.Install(v); err != nil {
-		return nil, err
-	}
-	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: m.Delivery}, Trap: m.Trap, V: v}
-	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
-	if hz := b.TSCHz(); hz != 0 {
-		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
-	}
-	v.Hypercalls = c.Policy
-	if c.Policy == nil {
+	policy := c.Policy
+	if policy == nil {
 		ring3, err := monitor.ParseCmdline(c.Options)
 		if err != nil {
 			return nil, err
 		}
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
-			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe }}
-		v.Hypercalls = m.Monitor
+			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe },
+			Exits:  m.exits}
+		policy = m.Monitor
 		m.Memory.OnWatchError = m.Monitor.WatchFailed
+	}
+
+	v := hv.NewVCPU(vmcs, c.Caps)
+	m.VCPU = v
+	m.VCPUs = []*hv.VCPU{v}
+	v.CPUID = b.CPUID
+	v.XSETBV = b.XSETBV
+	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
+	v.TakeNMI = b.TakeNMI
+	// Before vCPU 0's entry, the application processors' exits that wait
+	// are handled: their goroutines run while vCPU 0 yields, before it
+	// marks itself in the guest.
+	v.OnEntry(func(*hv.VCPU) { m.yieldToAPs() })
+	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
+	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
+	if err := m.attach(v, &c, unmapped, policy); err != nil {
+		return nil, err
+	}
+	m.Delivery = m.Deliveries[0]
+	m.Agent.Delivery = m.Delivery
+	if hz := b.TSCHz(); hz != 0 {
+		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
 	v.OnTick(func(v *hv.VCPU) {
 		m.Engine.ReinjectFailedPF()
@@ -310,7 +346,12 @@ func New(b Board, c Config) (*Machine, error) {
 		// given back.
 		runtime.Gosched()
 	})
-	v.Enter = func(v *hv.VCPU, launched bool) error { return b.Enter(&v.Regs, m.fx, launched) }
+	v.Enter = func(v *hv.VCPU, launched bool) error {
+		if m.ended.Load() != nil {
+			return hv.ErrStopped // an application processor's vCPU ended the guest
+		}
+		return b.Enter(&v.Regs, m.fx, launched)
+	}
 	started := false
 	v.OnEntry(func(*hv.VCPU) {
 		if !started {
@@ -318,15 +359,142 @@ func New(b Board, c Config) (*Machine, error) {
 			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", 0)
 		}
 	})
-	h := b.Host()
-	err = v.Init(hv.Setup{
-		Host: h, EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
+	setup := hv.Setup{
+		Host: b.Host(), EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
 		MSRBitmap: msrPA, IOBitmapA: ioA, IOBitmapB: ioB,
-	}, m.Start)
-	if err != nil {
+	}
+	if err := v.Init(setup, m.Start); err != nil {
 		return nil, err
 	}
+	for _, ap := range aps {
+		if err := m.addAP(ap, &c, setup, unmapped, policy); err != nil {
+			ap.Stop()
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
+		}
+	}
 	return m, nil
+}
+
+// attach wires v to the parts every vCPU shares: its ports, the
+// handlers and extensions, the policy and Serial. v gets its own #PF
+// delivery and its own swapmem CPU (Deliveries[i]).
+func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv.Hypercalls) error {
+	v.Serial = &m.serial
+	v.Log = c.Log
+	if c.Console != [2]uint16{} {
+		v.OwnPorts(c.Console[0], c.Console[1])
+	}
+	v.PortIO = m.board.PortIO
+	if err := unmapped.Install(v); err != nil {
+		return err
+	}
+	m.Spaces.Install(v)
+	if err := m.Memory.Install(v); err != nil {
+		return err
+	}
+	v.Mem = m.Phys
+	d := &hv.PFDelivery{Reports: m.Engine}
+	if err := m.Agent.InstallVCPU(v, d); err != nil {
+		return err
+	}
+	// Before the engine's entry hook: a fault lost at this entry is
+	// injected again at once.
+	d.Install(v)
+	if err := m.Trap.Install(v); err != nil {
+		return err
+	}
+	// Each vCPU arms a return trap of its own (its slot); every vCPU
+	// springs any of them.
+	slot := len(m.Deliveries)
+	m.Trap.Slots(slot + 1)
+	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v, Slot: slot}
+	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
+	v.Hypercalls = policy
+	m.Deliveries = append(m.Deliveries, d)
+	return nil
+}
+
+// addAP builds the vCPU of application processor ap: its VMCS, loaded
+// through ap, set up as vCPU 0's with ap's host state and its own VPID,
+// made an application processor that waits for the guest's start-up IPI,
+// bound to its part of the shootdown, and wired as vCPU 0.
+func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped, policy hv.Hypercalls) error {
+	i := len(m.VCPUs)
+	pa, page, err := m.page()
+	if err != nil {
+		return err
+	}
+	rev := c.Caps.Revision()
+	page[0], page[1], page[2], page[3] = byte(rev), byte(rev>>8), byte(rev>>16), byte(rev>>24)
+	vmcs, err := ap.LoadVMCS(pa)
+	if err != nil {
+		return err
+	}
+	v := hv.NewVCPU(vmcs, c.Caps)
+	v.CPUID = ap.CPUID
+	v.XSETBV = ap.XSETBV
+	v.ReadMSR, v.WriteMSR = ap.ReadMSR, ap.WriteMSR
+	v.TakeNMI = ap.TakeNMI
+	setup.Host, setup.VPID = ap.Host(), uint16(i+1)
+	if err := v.Init(setup, m.Start); err != nil {
+		return err
+	}
+	if err := v.MakeAP(); err != nil {
+		return err
+	}
+	w, err := m.Shootdown.Words(i)
+	if err != nil {
+		return err
+	}
+	if err := ap.Bind(w); err != nil {
+		return err
+	}
+	if err := m.attach(v, c, unmapped, policy); err != nil {
+		return err
+	}
+	// The application processor answers its preemption-timer exits
+	// itself: its timer only bounds how long a shootdown waits for it.
+	if t := m.VCPU.PreemptionTicks; t != 0 {
+		v.PreemptionTicks = max(t/10, 1)
+	}
+	v.Enter = func(v *hv.VCPU, launched bool) error { return ap.Enter(&v.Regs, launched) }
+	started := false
+	v.OnEntry(func(v *hv.VCPU) {
+		// Started at its first entry in an active state: after the
+		// guest's start-up IPI.
+		if !started && v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
+			started = true
+			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", i)
+		}
+	})
+	m.VCPUs = append(m.VCPUs, v)
+	m.aps = append(m.aps, &apVCPU{ap: ap, v: v, index: i})
+	return nil
+}
+
+// yieldToAPs lets the application processors' goroutines handle the
+// exits that wait, from vCPU 0's entry: Serial is released while they
+// run.
+func (m *Machine) yieldToAPs() {
+	for _, a := range m.aps {
+		if a.ap.Pending() {
+			m.serial.Unlock()
+			runtime.Gosched()
+			m.serial.Lock()
+			return
+		}
+	}
+}
+
+// exits returns the exits of every vCPU so far, and the
+// VMX-preemption-timer exits among them (the policy's figures). It runs
+// in a handler: Serial is held, no vCPU counts meanwhile.
+func (m *Machine) exits(*hv.VCPU) (total, timer uint64) {
+	for _, v := range m.VCPUs {
+		total += v.Total()
+		timer += v.Count(vmx.ExitPreemptionTimer)
+	}
+	return total, timer
 }
 
 // ErrNoSystemSpace is the swapmem engine's error for a request with CR3 0
@@ -374,24 +542,50 @@ func (m *Machine) page() (uint64, *[4096]byte, error) {
 // SecretPA is the page hcall.Secret reports.
 func (m *Machine) SecretPA() uint64 { return m.secret }
 
+// apWait bounds how long Run waits for an application processor's first
+// VM entry, and for its vCPU to stop.
+const apWait = time.Second
+
 // Run runs the guest until it exits (nil) or stops on an error, and
 // writes tamahv's summary lines to the log.
+//
+// With application processors, each vCPU's Run goes in a goroutine of its
+// own first; an application processor whose first VM entry (in the
+// wait-for-SIPI state) succeeds is shown to the guest, one whose entry
+// failed stays hidden and the guest runs without it. vCPU 0 runs in the
+// calling goroutine. The guest ends when vCPU 0's Run returns, or when an
+// application processor's does (its error, if any, is Run's): every
+// application processor is then stopped.
 func (m *Machine) Run() error {
-	v := m.VCPU
-	err := v.Run()
+	m.startAPs()
+	err := m.VCPU.Run()
+	ended := m.ended.Load()
+	m.stopAPs()
 	// The board owns the memory the processor used (VMCS, EPT, sink).
 	runtime.KeepAlive(m.board)
+	if err == nil && ended != nil && ended.err != nil {
+		err = fmt.Errorf("vCPU %d: %w", ended.index, ended.err)
+	}
 	if err != nil {
 		fmt.Fprintf(m.log, "tamahv: guest stopped: %v\n", err)
-		v.Report(m.log, true)
+		m.report(true)
 		return fmt.Errorf("%w: %w", ErrGuestFailed, err)
 	}
 	status := 0
 	if m.Monitor != nil {
 		status = m.Monitor.Status
 	}
-	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (vCPU 0: %d)\n", status, v.Total(), v.Total())
-	v.Report(m.log, false)
+	var total uint64
+	var each strings.Builder
+	for i, v := range m.VCPUs {
+		total += v.Total()
+		if i > 0 {
+			each.WriteString(", ")
+		}
+		fmt.Fprintf(&each, "vCPU %d: %d", i, v.Total())
+	}
+	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (%s)\n", status, total, each.String())
+	m.report(false)
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
 		st.Injected, st.Completed, st.Failed, st.Removed, m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Stale)
@@ -404,9 +598,102 @@ func (m *Machine) Run() error {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	fmt.Fprintf(m.log, "tamahv: Go heap %d KiB in use, %d collections\n", ms.HeapAlloc>>10, ms.NumGC)
+	var delivered, requeued, lost uint64
+	for _, d := range m.Deliveries {
+		delivered, requeued, lost = delivered+d.Delivered, requeued+d.Requeued, lost+d.Lost
+	}
 	fmt.Fprintf(m.log, "tamahv: page-table isolation %v (%d pair checks); #PF deliveries %d confirmed, %d interrupted and re-queued, %d lost and cancelled\n",
-		m.Spaces.PTI(), m.Spaces.Checks, m.Delivery.Delivered, m.Delivery.Requeued, m.Delivery.Lost)
+		m.Spaces.PTI(), m.Spaces.Checks, delivered, requeued, lost)
 	return nil
+}
+
+// report writes each vCPU's exits: vCPU 0's as the only vCPU's were,
+// the others' under a header line each.
+func (m *Machine) report(recent bool) {
+	m.VCPU.Report(m.log, recent)
+	for _, a := range m.aps {
+		if !a.done.Load() {
+			continue // still running: its counts are not ours to read
+		}
+		fmt.Fprintf(m.log, "tamahv: vCPU %d exits\n", a.index)
+		a.v.Report(m.log, recent)
+	}
+}
+
+// startAPs runs each application processor's vCPU in a goroutine and
+// shows to the guest those whose first VM entry succeeded, waiting for
+// each at most apWait.
+func (m *Machine) startAPs() {
+	for _, a := range m.aps {
+		go func() {
+			a.err = a.v.Run()
+			if !a.state.CompareAndSwap(apStarting, apFinished) && a.state.Load() == apShown {
+				// Shown to the guest: its end is the guest's.
+				m.ended.CompareAndSwap(nil, a)
+			}
+			a.done.Store(true)
+		}()
+	}
+	deadline := time.Now().Add(apWait)
+	for _, a := range m.aps {
+		var err error
+		for {
+			done, serr := a.ap.Started()
+			if done {
+				err = serr
+				break
+			}
+			if !time.Now().Before(deadline) {
+				err = fmt.Errorf("no first VM entry within %v", apWait)
+				break
+			}
+			runtime.Gosched()
+		}
+		if err == nil && !a.state.CompareAndSwap(apStarting, apShown) {
+			// Its Run ended before the guest could know it.
+			err = a.err
+			if err == nil {
+				err = errors.New("the vCPU stopped")
+			}
+		}
+		// The shown vCPUs' handlers write the log too.
+		m.serial.Lock()
+		if err != nil {
+			a.state.CompareAndSwap(apStarting, apFinished)
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: VM entry failed: %v\n", a.ap.APICID(), err)
+			a.ap.Stop()
+		} else {
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d waits for start-up\n", a.ap.APICID(), a.index)
+			if err := a.ap.Show(); err != nil {
+				a.state.Store(apFinished)
+				a.ap.Stop()
+				fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d not shown to the guest: %v\n", a.ap.APICID(), a.index, err)
+			}
+		}
+		m.serial.Unlock()
+	}
+}
+
+// stopAPs stops every application processor's vCPU and waits for their
+// goroutines, at most apWait.
+func (m *Machine) stopAPs() {
+	for _, a := range m.aps {
+		a.ap.Stop()
+	}
+	deadline := time.Now().Add(apWait)
+	for _, a := range m.aps {
+		for !a.done.Load() && time.Now().Before(deadline) {
+			runtime.Gosched()
+		}
+		if !a.done.Load() {
+			// Its handlers may write the log too, unless one is stuck.
+			locked := m.serial.TryLock()
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: vCPU %d did not stop\n", a.ap.APICID(), a.index)
+			if locked {
+				m.serial.Unlock()
+			}
+		}
+	}
 }
 
 // fallbacks lists why page-table writes were not emulated, reason=count.

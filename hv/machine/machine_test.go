@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"unsafe"
@@ -35,6 +36,9 @@ type board struct {
 	vmcs   *hvtest.VMCS
 	script []step
 	flush  int
+	// idle: once the script has run out, the guest runs on, exiting at
+	// each preemption-timer tick (yielding to the other goroutines first).
+	idle bool
 }
 
 // step is one scripted VM exit: at the entry before it, check sees the
@@ -126,6 +130,12 @@ func (b *board) InvalidateEPT(uint64)             { b.flush++ }
 func (b *board) LoadVMCS(uint64) (hv.VMCS, error) { return b.vmcs, nil }
 
 func (b *board) Enter(r *vmx.GuestRegs, _ *vmx.FXArea, _ bool) error {
+	if len(b.script) == 0 && b.idle {
+		runtime.Gosched()
+		b.vmcs.Fields[vmx.ExitQualification], b.vmcs.Fields[vmx.IDTVectoringInfo] = 0, 0
+		b.exitWith(vmx.ExitPreemptionTimer)
+		return nil
+	}
 	if len(b.script) == 0 {
 		return errors.New("the script has ended")
 	}

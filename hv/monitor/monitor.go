@@ -125,6 +125,11 @@ type Monitor struct {
 	// Paging is told, before a request is read, whether the guest uses
 	// 5-level paging and execute-disable (nil: not told).
 	Paging func(la57, nxe bool)
+	// Exits returns the guest's VM exits so far and the
+	// VMX-preemption-timer exits among them, for a read's figures: with
+	// several vCPUs, a read may start on one and end on another (nil: v's
+	// own counts).
+	Exits func(v *hv.VCPU) (total, timer uint64)
 
 	// Status is the exit status the guest gave with hcall.Exit.
 	Status int
@@ -388,7 +393,8 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	}
 	st := m.Engine.Stats()
 	m.gen++
-	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: v.Total(), timer: v.Count(vmx.ExitPreemptionTimer), injected: st.Injected, gen: m.gen}
+	exits, timer := m.exits(v)
+	*r = read{state: hcall.StatusPending, want: rq.SHA256, start: m.now(), exits: exits, timer: timer, injected: st.Injected, gen: m.gen}
 	var preInject func(cr3, va uint64) bool
 	if rq.Options&hcall.SwapVeto != 0 {
 		preInject = func(uint64, uint64) bool { r.vetoes++; return false }
@@ -453,11 +459,20 @@ func (m *Monitor) slot() *read {
 	return nil
 }
 
+// exits returns the exit counts a read's figures are taken from.
+func (m *Monitor) exits(v *hv.VCPU) (total, timer uint64) {
+	if m.Exits != nil {
+		return m.Exits(v)
+	}
+	return v.Total(), v.Count(vmx.ExitPreemptionTimer)
+}
+
 func (m *Monitor) done(v *hv.VCPU, r *read, rd swapmem.Read) {
 	took := m.now().Sub(r.start)
 	inj := m.Engine.Stats().Injected - r.injected
-	exits := v.Total() - r.exits
-	timer := v.Count(vmx.ExitPreemptionTimer) - r.timer
+	exits, timer := m.exits(v)
+	exits -= r.exits
+	timer -= r.timer
 	switch {
 	case rd.Err != nil:
 		r.state = hcall.StatusFailed

@@ -339,3 +339,23 @@ func TestAddedFunctions(t *testing.T) {
 	assert.EqualValues(t, 42, ret)
 	assert.Equal(t, 1, calls)
 }
+
+// TestReadFiguresCountEveryVCPU: with Exits set, a read's exit figures
+// are the guest's, whichever vCPUs made them (a read may start on one
+// vCPU and end on another's exit).
+func TestReadFiguresCountEveryVCPU(t *testing.T) {
+	g := newGuest(t, 0)
+	calls := 0
+	g.mon.Exits = func(v *hv.VCPU) (uint64, uint64) {
+		assert.Same(t, g.v, v)
+		calls++
+		if calls == 1 {
+			return 10, 2 // at the start
+		}
+		return 17, 5
+	}
+	want := bytes.Repeat([]byte("user"), 1024)
+	assert.Zero(t, g.swapRead(0, userBuf, 4096, uint64(swapmem.UserFault), want))
+	assert.Equal(t, 2, calls)
+	assert.Contains(t, g.log.String(), "7 exits (3 preemption timer)")
+}
