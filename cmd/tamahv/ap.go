@@ -5,6 +5,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/hv"
@@ -76,3 +77,8 @@ func (v *apVMCS) Write(f vmx.Field, x uint64) {
 func (v *apVMCS) Err() error { return v.err }
 
 func (v *apVMCS) ClearErr() { v.err = nil }
+
+// KickBSP implements machine.Kicker.
+func (a apCPU) KickBSP(inGuest, kicks *atomic.Uint32) {
+	a.APVCPU.KickBSP(inGuest, kicks, pc.BSPAPICID())
+}

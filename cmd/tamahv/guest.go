@@ -58,6 +58,12 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 	if aps := smp.VCPUs(); len(aps) > 0 {
 		sb := &smpBoard{board: b.(*board)}
 		for _, ap := range aps {
+			// The exit loop answers, on the right processor.
+			_, ebx, _, _ := ap.CPUID(1, 0)
+			if err := ap.Err(); err != nil || ebx>>24 != ap.APICID()&0xff {
+				fmt.Printf("tamahv: AP APIC ID %d: exit loop does not answer (%v, CPUID APIC ID %d); parked\n", ap.APICID(), err, ebx>>24)
+				continue
+			}
 			sb.aps = append(sb.aps, apCPU{ap})
 		}
 		b = sb

@@ -1,6 +1,8 @@
 package machine
 
 import (
+	"sync/atomic"
+
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -59,4 +61,16 @@ type SMPBoard interface {
 	Board
 	// APs returns the application processors held for the guest.
 	APs() []AP
+}
+
+// Kicker is an AP that shortens two waits with NMIs: the bootstrap
+// processor's for the AP's exits (it handles them only when out of the
+// guest), and a shootdown's for the AP (until it leaves the guest). The
+// machine tells these NMIs from the guest's by counting them.
+type Kicker interface {
+	// KickBSP has the AP send the bootstrap processor an NMI after each
+	// exit it hands over while inGuest is 1, counting it in kicks first.
+	KickBSP(inGuest, kicks *atomic.Uint32)
+	// Kick sends the AP an NMI from the bootstrap processor.
+	Kick()
 }

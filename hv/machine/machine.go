@@ -165,6 +165,9 @@ type Machine struct {
 	secret uint64
 
 	serial sync.Mutex // every vCPU's Serial
+	// bspKick counts the application processors' NMIs to the bootstrap
+	// processor (Kicker).
+	bspKick kicks
 	aps    []*apVCPU
 	// ended is the first application processor's vCPU whose Run returned
 	// while the guest ran: vCPU 0 stops at its next entry.
@@ -183,6 +186,7 @@ type apVCPU struct {
 	ap    AP
 	v     *hv.VCPU
 	index int // the vCPU's number
+	kick  kicks // the shootdown's NMIs to the AP
 	// state is apStarting, then apShown (Run shows it to the guest) or
 	// apFinished (its Run returned before): whichever comes first.
 	state atomic.Int32
@@ -280,6 +284,18 @@ func New(b Board, c Config) (*Machine, error) {
 	// and the board's INVEPT is its part; the application processors'
 	// exit loops keep theirs themselves (AP.Bind).
 	m.Shootdown = hv.NewShootdown(1+len(aps), func(int) { b.InvalidateEPT(m.eptp) })
+	// A shootdown kicks an application processor in the guest out of it
+	// where the AP can be kicked; else it waits for the AP's timer.
+	m.Shootdown.Kick = func(i int) {
+		if i < 1 || i > len(m.aps) {
+			return
+		}
+		a := m.aps[i-1]
+		if k, ok := a.ap.(Kicker); ok {
+			a.kick.sent.Add(1)
+			k.Kick()
+		}
+	}
 	invalidate := func() { m.Shootdown.Changed(0) }
 	// Every guest-physical access on the guest's behalf goes through
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
@@ -318,7 +334,10 @@ func New(b Board, c Config) (*Machine, error) {
 	v.CPUID = b.CPUID
 	v.XSETBV = b.XSETBV
 	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
-	v.TakeNMI = b.TakeNMI
+	v.TakeNMI = func() bool { return b.TakeNMI() && !m.bspKick.take(true) }
+	if err := v.Intercept(vmx.ExitExceptionOrNMI, m.bspKick.intercept); err != nil {
+		return nil, err
+	}
 	// Before vCPU 0's entry, the application processors' exits that wait
 	// are handled: their goroutines run while vCPU 0 yields, before it
 	// marks itself in the guest.
@@ -431,10 +450,14 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		return err
 	}
 	v := hv.NewVCPU(vmcs, c.Caps)
+	a := &apVCPU{ap: ap, index: i}
 	v.CPUID = ap.CPUID
 	v.XSETBV = ap.XSETBV
 	v.ReadMSR, v.WriteMSR = ap.ReadMSR, ap.WriteMSR
-	v.TakeNMI = ap.TakeNMI
+	v.TakeNMI = func() bool { return ap.TakeNMI() && !a.kick.take(true) }
+	if err := v.Intercept(vmx.ExitExceptionOrNMI, a.kick.intercept); err != nil {
+		return err
+	}
 	setup.Host, setup.VPID = ap.Host(), uint16(i+1)
 	if err := v.Init(setup, m.Start); err != nil {
 		return err
@@ -468,8 +491,49 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		}
 	})
 	m.VCPUs = append(m.VCPUs, v)
-	m.aps = append(m.aps, &apVCPU{ap: ap, v: v, index: i})
+	a.v = v
+	m.aps = append(m.aps, a)
+	if k, ok := ap.(Kicker); ok {
+		bsp, err := m.Shootdown.Words(0)
+		if err != nil {
+			return err
+		}
+		k.KickBSP(bsp.InGuest, &m.bspKick.sent)
+	}
 	return nil
+}
+
+// kicks counts the NMIs tamahv sends one processor to make it leave the
+// guest, and tells them from the guest's NMIs: an NMI that arrives while
+// kicks are outstanding is taken for one (an NMI of the guest's that
+// arrives at the same moment may be taken for it too and lost, as NMIs
+// that come while one is blocked are).
+type kicks struct {
+	sent  atomic.Uint32 // counted by the sender before each NMI
+	taken uint32        // NMIs taken for kicks (under Serial)
+}
+
+// take reports whether an NMI is a kick, and counts it; all takes every
+// outstanding kick (NMIs that reached VMX root are reported as one).
+func (k *kicks) take(all bool) bool {
+	sent := k.sent.Load()
+	if sent == k.taken {
+		return false
+	}
+	if all {
+		k.taken = sent
+	} else {
+		k.taken++
+	}
+	return true
+}
+
+// intercept answers an NMI exit that was a kick: the guest never sees it.
+func (k *kicks) intercept(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
+	if vmx.EventType(e.Interruption>>8&7) == vmx.EventNMI && k.take(false) {
+		return hv.Resume, nil
+	}
+	return next(v, e)
 }
 
 // yieldToAPs lets the application processors' goroutines handle the

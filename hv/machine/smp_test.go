@@ -513,3 +513,84 @@ func TestSMPAPNotUsedWithoutWaitForSIPI(t *testing.T) {
 	require.NoError(t, m.Run())
 	assert.Contains(t, log.String(), "tamahv: guest exited (status 0) after 1 exits (vCPU 0: 1)\n")
 }
+
+// kickAP is a fakeAP that can be kicked (machine.Kicker).
+type kickAP struct {
+	*fakeAP
+	bspIn, bspKicks *atomic.Uint32
+	kicked          int
+}
+
+func (k *kickAP) KickBSP(inGuest, kicks *atomic.Uint32) { k.bspIn, k.bspKicks = inGuest, kicks }
+func (k *kickAP) Kick()                                 { k.kicked++ }
+
+// TestSMPKicksAreNotTheGuests: the NMIs tamahv sends to make a processor
+// leave the guest never reach the guest, the guest's own NMIs do. A
+// shootdown kicks an AP in the guest, whose NMI exit is then answered
+// without an NMI for its guest; a second NMI exit, with no kick
+// outstanding, is the guest's and is injected. The AP is told vCPU 0's
+// in-guest mark and where to count its kicks of the bootstrap processor;
+// vCPU 0 takes an NMI of an AP's for a kick, and its guest's NMI after
+// that for the guest's.
+func TestSMPKicksAreNotTheGuests(t *testing.T) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	ap := &kickAP{fakeAP: newFakeAP(t, b, 1)}
+	log := &lockedBuffer{}
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = log
+	m, err := machine.New(&smpBoard{board: b, aps: []machine.AP{ap}}, c)
+	require.NoError(t, err)
+	w0, err := m.Shootdown.Words(0)
+	require.NoError(t, err)
+	require.Same(t, w0.InGuest, ap.bspIn, "the AP kicks vCPU 0 only while it is in the guest")
+	require.NotNil(t, ap.bspKicks)
+
+	nmi := func(a *fakeAP, r *vmx.GuestRegs) {
+		a.exitWith(vmx.ExitExceptionOrNMI)
+		a.vmcs.Fields[vmx.ExitInterruptInfo] = 1<<31 | uint64(vmx.EventNMI)<<8 | vmx.VectorNMI
+	}
+	injected := func(a *fakeAP) bool {
+		info := a.vmcs.Fields[vmx.EntryInterruptInfo]
+		return info&(1<<31) != 0 && info>>8&7 == uint64(vmx.EventNMI)
+	}
+	ap.script = []apStep{
+		{name: "SIPI", exit: sipi},
+		{name: "kicked by a shootdown", exit: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.EqualValues(t, 1, a.words.InGuest.Load())
+			m.Shootdown.Kick(1) // what a change made meanwhile on vCPU 0's processor does
+			nmi(a, r)
+		}},
+		{name: "the kick is not the guest's", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.Equal(t, 1, ap.kicked)
+			assert.False(t, injected(a), "a kick reached the guest")
+		}, exit: nmi},
+		{name: "the guest's NMI", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.True(t, injected(a), "the guest's NMI was lost")
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) { a.exitWith(vmx.ExitCPUID) }},
+	}
+	b.script = []step{
+		{name: "an AP's kick", exit: func(b *board, r *vmx.GuestRegs) {
+			<-ap.done
+			ap.bspKicks.Add(1)
+			b.exitWith(vmx.ExitExceptionOrNMI)
+			b.vmcs.Fields[vmx.ExitInterruptInfo] = 1<<31 | uint64(vmx.EventNMI)<<8 | vmx.VectorNMI
+		}},
+		{name: "the guest's NMI", check: func(b *board, r *vmx.GuestRegs) {
+			assert.Zero(t, b.vmcs.Fields[vmx.EntryInterruptInfo]&(1<<31), "the AP's kick reached the guest")
+		}, exit: func(b *board, r *vmx.GuestRegs) {
+			b.exitWith(vmx.ExitExceptionOrNMI)
+			b.vmcs.Fields[vmx.ExitInterruptInfo] = 1<<31 | uint64(vmx.EventNMI)<<8 | vmx.VectorNMI
+		}},
+		{name: "exit", check: func(b *board, r *vmx.GuestRegs) {
+			assert.NotZero(t, b.vmcs.Fields[vmx.EntryInterruptInfo]&(1<<31), "the guest's NMI was lost")
+		}, exit: func(b *board, r *vmx.GuestRegs) {
+			b.run(0)
+			r.RAX, r.RDI = hcall.Exit, 0
+			b.exitWith(vmx.ExitVMCALL)
+		}},
+	}
+	require.NoError(t, m.Run(), "log:\n%s", log)
+}
