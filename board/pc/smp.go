@@ -21,7 +21,6 @@ func apExitPC() uint64
 func mmioRead32(pa uint64) uint32
 func mmioWrite32(pa uint64, v uint32)
 
-
 // Start-up timing (SDM Vol. 3A, "MP Initialization Example"): 10 ms
 // after INIT, 200 µs after each start-up IPI; then the AP has up to a
 // second to report.

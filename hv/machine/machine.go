@@ -168,7 +168,7 @@ type Machine struct {
 	// bspKick counts the application processors' NMIs to the bootstrap
 	// processor (Kicker).
 	bspKick kicks
-	aps    []*apVCPU
+	aps     []*apVCPU
 	// ended is the first application processor's vCPU whose Run returned
 	// while the guest ran: vCPU 0 stops at its next entry.
 	ended atomic.Pointer[apVCPU]
@@ -185,7 +185,7 @@ const (
 type apVCPU struct {
 	ap    AP
 	v     *hv.VCPU
-	index int // the vCPU's number
+	index int   // the vCPU's number
 	kick  kicks // the shootdown's NMIs to the AP
 	// state is apStarting, then apShown (Run shows it to the guest) or
 	// apFinished (its Run returned before): whichever comes first.
