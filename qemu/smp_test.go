@@ -46,7 +46,7 @@ func TestCPUCount(t *testing.T) {
 func TestBochsSMP(t *testing.T) {
 	iso := isoForTest(t)
 	needEmulator(t, Bochs)
-	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 10 * time.Minute})
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 12 * time.Minute})
 	checkSMP(t, res, 2)
 }
 
