@@ -189,7 +189,7 @@ test: deps-test deps-iso deps-bochs deps-qemu check
 	$(GO) test -race -count=1 -timeout 25m ./...
 
 e2e-smp: deps-bochs deps-iso
-	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 30m ./qemu/
+	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 50m ./qemu/
 
 e2e-models: deps-bochs deps-iso
 	TAMAHV_E2E_MODELS=1 $(GO) test -count=1 -v -run TestBochsModels -timeout 40m ./qemu/

@@ -334,8 +334,9 @@ func TestBochsLinuxGuest(t *testing.T) {
 }
 
 // TestBochsOverhead boots the same guest without and with tamahv, one
-// after the other, and reports the wall time to init and the cost of
-// CPUID inside the guest. On demand: make e2e-overhead.
+// after the other, on one processor and then on two, and reports the
+// wall time to init and the cost of CPUID inside the guest. On demand:
+// make e2e-overhead.
 func TestBochsOverhead(t *testing.T) {
 	if os.Getenv("TAMAHV_E2E_OVERHEAD") == "" {
 		t.Skip("overhead measurement runs on demand: make e2e-overhead")
@@ -345,17 +346,21 @@ func TestBochsOverhead(t *testing.T) {
 	native, err := filepath.Abs("../build/native.iso")
 	require.NoError(t, err)
 	done := func(l string) bool { return strings.HasPrefix(l, GuestPrefix+"hvguest: CPUID costs") }
-	var at [2]time.Duration
-	for i, img := range []string{native, iso} {
-		res := bootUntil(t, Config{Emulator: Bochs, ISO: img, Timeout: 6 * time.Minute}, done)
-		_, a, ok := res.GuestLine("guest: init started")
-		require.True(t, ok)
-		at[i] = a
-		cost, _, _ := res.GuestLine("hvguest: CPUID costs")
-		up, _, _ := res.GuestLine("guest: init started")
-		t.Logf("%s: init after %v of wall time (%s); %s", filepath.Base(img), a.Round(time.Millisecond), up, cost)
+	for _, cpus := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d processors", cpus), func(t *testing.T) {
+			var at [2]time.Duration
+			for i, img := range []string{native, iso} {
+				res := bootUntil(t, Config{Emulator: Bochs, ISO: img, CPUs: cpus, Timeout: 6 * time.Minute}, done)
+				_, a, ok := res.GuestLine("guest: init started")
+				require.True(t, ok)
+				at[i] = a
+				cost, _, _ := res.GuestLine("hvguest: CPUID costs")
+				up, _, _ := res.GuestLine("guest: init started")
+				t.Logf("%s: init after %v of wall time (%s); %s", filepath.Base(img), a.Round(time.Millisecond), up, cost)
+			}
+			t.Logf("boot-to-init ratio under tamahv, %d processors: %.3f", cpus, float64(at[1])/float64(at[0]))
+		})
 	}
-	t.Logf("boot-to-init ratio under tamahv: %.3f", float64(at[1])/float64(at[0]))
 }
 
 // TestBochsSwapmemCases runs the further swapmem cases on the Linux guest,

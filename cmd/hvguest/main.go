@@ -13,6 +13,9 @@
 //	                      through swapmem without touching it; MODE user spins in
 //	                      user mode (UserFault), bp loops on getppid (BPFault),
 //	                      nofault waits for the pages to be touched (NoFault)
+//	hvguest swapmigrate user|bp FROM TO [PAGES]
+//	                      the same read (UserFault or BPFault), sent on processor
+//	                      FROM; the process moves to processor TO before it waits
 //	hvguest attack [NAME...]
 //	                      make the ring-3 attacks on tamahv (all, or those named),
 //	                      each in a child process; one line per attack
@@ -34,7 +37,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|swapread MODE [PAGES]|attack [NAME...]|exit N")
+		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|swapread MODE [PAGES]|swapmigrate user|bp FROM TO [PAGES]|attack [NAME...]|exit N")
 		os.Exit(2)
 	}
 	if err := run(os.Args[1], os.Args[2:]); err != nil {
@@ -96,6 +99,8 @@ func run(cmd string, args []string) error {
 		fmt.Printf("hvguest: CPUID costs %d TSC ticks\n", cpuidTicks(n)/n)
 	case "swapread":
 		return swapRead(args)
+	case "swapmigrate":
+		return swapMigrate(args)
 	case "attack":
 		return attack(args)
 	case "exit":
