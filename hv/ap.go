@@ -42,4 +42,9 @@ func apINIT(v *VCPU, _ *vmx.Exit, _ Handler) (Action, error) {
 func (v *VCPU) waitForSIPI() {
 	v.initState()
 	v.VMCS.Write(vmx.GuestActivityState, vmx.ActivityWaitForSIPI)
+	v.sipiWait = true
 }
+
+// WaitsForSIPI reports whether the vCPU waits for a start-up IPI: put in
+// the wait-for-SIPI state (MakeAP, INIT) and not started since.
+func (v *VCPU) WaitsForSIPI() bool { return v.sipiWait }

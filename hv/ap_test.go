@@ -63,3 +63,25 @@ func TestAPINITSIPISIPI(t *testing.T) {
 	assert.Equal(t, uint64(2), v.counts[vmx.ExitINIT])
 	assert.Equal(t, uint64(4), v.counts[vmx.ExitSIPI])
 }
+
+// TestAPSIPIWhereTheExitSavedActive: an implementation may save the
+// activity state of a SIPI exit as active (Bochs does); the vCPU tamahv
+// put in wait-for-SIPI starts at the vector all the same, and a second
+// SIPI, with the vCPU running, is still ignored.
+func TestAPSIPIWhereTheExitSavedActive(t *testing.T) {
+	sipi := func(vec uint64, check func(t *testing.T, v *VCPU)) exitStep {
+		return exitStep{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{
+			vmx.ExitQualification: vec, vmx.GuestActivityState: vmx.ActivityActive}, check: check}
+	}
+	running := func(vec uint64) func(t *testing.T, v *VCPU) {
+		return func(t *testing.T, v *VCPU) {
+			assert.False(t, v.WaitsForSIPI())
+			assert.Equal(t, vec<<12, fv(v).Fields[vmx.GuestCSBase])
+			assert.Zero(t, fv(v).Fields[vmx.GuestRIP])
+		}
+	}
+	v, _ := scripted(t, []exitStep{sipi(0x9a, running(0x9a)), sipi(0x55, running(0x9a))})
+	require.NoError(t, v.MakeAP())
+	assert.True(t, v.WaitsForSIPI())
+	require.NoError(t, v.Run())
+}

@@ -94,9 +94,13 @@ func (v *VCPU) initState() {
 // so in practice it is ignored, as the processor ignores a SIPI outside
 // that state.
 func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
-	if v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
+	// The vCPU waits where tamahv put it in wait-for-SIPI (MakeAP, INIT)
+	// and has not been started since; the activity state the exit saved
+	// is not relied on (some implementations save it as active).
+	if !v.sipiWait && v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
 		return Resume, nil
 	}
+	v.sipiWait = false
 	vec := e.Qualification & 0xff
 	v.VMCS.Write(vmx.GuestCS, vec<<8)
 	v.VMCS.Write(vmx.GuestCSBase, vec<<12)

@@ -114,6 +114,7 @@ type VCPU struct {
 	nrecent   uint64
 	events    eventQueue
 	launched  bool
+	sipiWait  bool // in wait-for-SIPI, put there by tamahv
 	// windows are the event-window exits deliverEvent last asked for in
 	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
 	// with none asked for and no event queued, an entry needs neither

@@ -485,7 +485,7 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 	v.OnEntry(func(v *hv.VCPU) {
 		// Started at its first entry in an active state: after the
 		// guest's start-up IPI.
-		if !started && v.VMCS.Read(vmx.GuestActivityState) != vmx.ActivityWaitForSIPI {
+		if !started && !v.WaitsForSIPI() {
 			started = true
 			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", i)
 		}
