@@ -101,6 +101,10 @@ func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
 		return Resume, nil
 	}
 	v.sipiWait = false
+	// The INIT state again, whatever the exit saved of the waiting
+	// processor's state: a start-up IPI leaves every register as INIT
+	// left it but CS and RIP.
+	v.initState()
 	vec := e.Qualification & 0xff
 	v.VMCS.Write(vmx.GuestCS, vec<<8)
 	v.VMCS.Write(vmx.GuestCSBase, vec<<12)
