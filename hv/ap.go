@@ -32,8 +32,17 @@ func (v *VCPU) MakeAP() error {
 }
 
 // apINIT is an application processor's answer to INIT: back to its INIT
-// state, waiting for a start-up IPI.
-func apINIT(v *VCPU, _ *vmx.Exit, _ Handler) (Action, error) {
+// state, waiting for a start-up IPI. An INIT that exits before the vCPU
+// ran anything after its start-up IPI (the next exit, at the vector's
+// first instruction) is the INIT the guest sent before that IPI, held
+// while the vCPU waited (Bochs holds INIT in wait-for-SIPI): it would
+// undo the start, and the guest's second start-up IPI may have come while
+// the exit was being handled, in VMX root operation, where it is lost.
+// It is dropped, as it is on a processor that waits for SIPI.
+func apINIT(v *VCPU, e *vmx.Exit, _ Handler) (Action, error) {
+	if v.nrecent == v.sipiAt+1 && e.RIP == 0 {
+		return Resume, nil
+	}
 	v.waitForSIPI()
 	return Resume, nil
 }

@@ -85,3 +85,24 @@ func TestAPSIPIWhereTheExitSavedActive(t *testing.T) {
 	assert.True(t, v.WaitsForSIPI())
 	require.NoError(t, v.Run())
 }
+
+// TestAPINITHeldWhileWaiting: the INIT the guest sent before its
+// start-up IPI, held while the vCPU waited and delivered right after the
+// start (the next exit, RIP still at the vector's first instruction),
+// does not undo the start; an INIT once the vCPU ran does.
+func TestAPINITHeldWhileWaiting(t *testing.T) {
+	running := func(t *testing.T, v *VCPU) {
+		assert.False(t, v.WaitsForSIPI())
+		assert.Equal(t, uint64(0x9a000), fv(v).Fields[vmx.GuestCSBase])
+	}
+	v, _ := scripted(t, []exitStep{
+		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a}, check: running},
+		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0}, check: running},
+		{reason: vmx.ExitCPUID, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0x10}},
+		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0}, check: func(t *testing.T, v *VCPU) {
+			assert.True(t, v.WaitsForSIPI(), "an INIT after the vCPU ran resets it")
+		}},
+	})
+	require.NoError(t, v.MakeAP())
+	require.NoError(t, v.Run())
+}

@@ -101,6 +101,7 @@ func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
 		return Resume, nil
 	}
 	v.sipiWait = false
+	v.sipiAt = v.nrecent
 	// The INIT state again, whatever the exit saved of the waiting
 	// processor's state: a start-up IPI leaves every register as INIT
 	// left it but CS and RIP.

@@ -114,7 +114,8 @@ type VCPU struct {
 	nrecent   uint64
 	events    eventQueue
 	launched  bool
-	sipiWait  bool // in wait-for-SIPI, put there by tamahv
+	sipiWait  bool   // in wait-for-SIPI, put there by tamahv
+	sipiAt    uint64 // nrecent at the last start-up IPI that started the vCPU
 	// windows are the event-window exits deliverEvent last asked for in
 	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
 	// with none asked for and no event queued, an entry needs neither
