@@ -41,6 +41,9 @@ func (v *VCPU) MakeAP() error {
 // It is dropped, as it is on a processor that waits for SIPI.
 func apINIT(v *VCPU, e *vmx.Exit, _ Handler) (Action, error) {
 	if v.nrecent == v.sipiAt+1 && e.RIP == 0 {
+		// The start again: the state this exit saved need not be
+		// valid for an entry (Bochs saves the waiting processor's).
+		v.startAt(v.sipiVector)
 		return Resume, nil
 	}
 	v.waitForSIPI()

@@ -101,17 +101,20 @@ func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
 		return Resume, nil
 	}
 	v.sipiWait = false
-	v.sipiAt = v.nrecent
-	// The INIT state again, whatever the exit saved of the waiting
-	// processor's state: a start-up IPI leaves every register as INIT
-	// left it but CS and RIP.
+	v.sipiAt, v.sipiVector = v.nrecent, e.Qualification&0xff
+	v.startAt(v.sipiVector)
+	return Resume, nil
+}
+
+// startAt starts the vCPU in real-address mode at vector×4096 with every
+// other register in its INIT state, whatever the last exit saved of the
+// waiting processor's state: what a start-up IPI does.
+func (v *VCPU) startAt(vec uint64) {
 	v.initState()
-	vec := e.Qualification & 0xff
 	v.VMCS.Write(vmx.GuestCS, vec<<8)
 	v.VMCS.Write(vmx.GuestCSBase, vec<<12)
 	v.VMCS.Write(vmx.GuestRIP, 0)
 	v.VMCS.Write(vmx.GuestActivityState, vmx.ActivityActive)
-	return Resume, nil
 }
 
 // handleTaskSwitch shuts the guest down. A task switch exits

@@ -104,18 +104,19 @@ type VCPU struct {
 
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
-	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
-	cur       vmx.Exit                    // the exit being handled, shared by pointer
-	observers []Observer
-	entries   []func(v *VCPU)
-	ticks     []func(v *VCPU)
-	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
-	recent    [recentExits]ExitRecord
-	nrecent   uint64
-	events    eventQueue
-	launched  bool
-	sipiWait  bool   // in wait-for-SIPI, put there by tamahv
-	sipiAt    uint64 // nrecent at the last start-up IPI that started the vCPU
+	handlers   [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
+	cur        vmx.Exit                    // the exit being handled, shared by pointer
+	observers  []Observer
+	entries    []func(v *VCPU)
+	ticks      []func(v *VCPU)
+	counts     [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent     [recentExits]ExitRecord
+	nrecent    uint64
+	events     eventQueue
+	launched   bool
+	sipiWait   bool   // in wait-for-SIPI, put there by tamahv
+	sipiAt     uint64 // nrecent at the last start-up IPI that started the vCPU
+	sipiVector uint64 // and its vector
 	// windows are the event-window exits deliverEvent last asked for in
 	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
 	// with none asked for and no event queued, an entry needs neither

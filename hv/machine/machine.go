@@ -352,7 +352,18 @@ func New(b Board, c Config) (*Machine, error) {
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
+	dbgTicks := 0
 	v.OnTick(func(v *hv.VCPU) {
+		dbgTicks++
+		if dbgTicks%200 == 0 && len(m.aps) > 0 {
+			a := m.aps[0]
+			type counter interface{ Counts() (uint64, uint64) }
+			var en, tk uint64
+			if c, ok := a.ap.(counter); ok {
+				en, tk = c.Counts()
+			}
+			fmt.Fprintf(m.log, "tamahv: debug vCPU1 total %d pending %v entries %d ticks %d bspkicks %d/%d recent %v\n", a.v.Total(), a.ap.Pending(), en, tk, m.bspKick.sent.Load(), m.bspKick.taken, a.v.Recent()[max(0, len(a.v.Recent())-3):])
+		}
 		m.Engine.ReinjectFailedPF()
 		if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
 			fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
