@@ -38,12 +38,14 @@ func (v *VCPU) MakeAP() error {
 // while the vCPU waited (Bochs holds INIT in wait-for-SIPI): it would
 // undo the start, and the guest's second start-up IPI may have come while
 // the exit was being handled, in VMX root operation, where it is lost.
-// It is dropped, as it is on a processor that waits for SIPI.
+// It is dropped, as it is on a processor that waits for SIPI; so are the
+// INITs right after it (Bochs delivers the de-assert as another INIT).
 func apINIT(v *VCPU, e *vmx.Exit, _ Handler) (Action, error) {
 	if v.nrecent == v.sipiAt+1 && e.RIP == 0 {
 		// The start again: the state this exit saved need not be
 		// valid for an entry (Bochs saves the waiting processor's).
 		v.startAt(v.sipiVector)
+		v.sipiAt = v.nrecent // and an INIT after it (its de-assert)
 		return Resume, nil
 	}
 	v.waitForSIPI()

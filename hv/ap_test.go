@@ -97,7 +97,15 @@ func TestAPINITHeldWhileWaiting(t *testing.T) {
 	}
 	v, _ := scripted(t, []exitStep{
 		{reason: vmx.ExitSIPI, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x9a}, check: running},
-		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0}, check: running},
+		// The exit saves what it likes of the waiting processor's state.
+		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0, vmx.GuestCSBase: 0xffff0000,
+			vmx.GuestActivityState: vmx.ActivityWaitForSIPI, vmx.GuestTRAccess: 1 << 16}, check: func(t *testing.T, v *VCPU) {
+			running(t, v)
+			f := fv(v).Fields
+			assert.Equal(t, uint64(vmx.ActivityActive), f[vmx.GuestActivityState])
+			assert.Equal(t, uint64(0x8b), f[vmx.GuestTRAccess], "started again from the INIT state")
+		}},
+		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0}, check: running}, // the de-assert
 		{reason: vmx.ExitCPUID, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0x10}},
 		{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{vmx.GuestRIP: 0}, check: func(t *testing.T, v *VCPU) {
 			assert.True(t, v.WaitsForSIPI(), "an INIT after the vCPU ran resets it")
