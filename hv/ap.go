@@ -62,3 +62,8 @@ func (v *VCPU) waitForSIPI() {
 // WaitsForSIPI reports whether the vCPU waits for a start-up IPI: put in
 // the wait-for-SIPI state (MakeAP, INIT) and not started since.
 func (v *VCPU) WaitsForSIPI() bool { return v.sipiWait }
+
+// ReceiveINIT puts an application processor's vCPU in its INIT state,
+// waiting for a start-up IPI, as an INIT does (tamahv virtualizes the
+// guest's INIT IPIs: hv/machine). Call it before an entry.
+func (v *VCPU) ReceiveINIT() { v.waitForSIPI() }

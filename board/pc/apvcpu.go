@@ -237,3 +237,26 @@ func (a *APVCPU) Kick() {
 	}
 	mmioWrite32(mmio+lapicICRHigh, high)
 }
+
+// LAPICRead reads the AP's local APIC register at off (xAPIC, at the
+// address IA32_APIC_BASE gives).
+func (a *APVCPU) LAPICRead(off uint32) uint32 {
+	base := a.ReadMSR(msrAPICBase) & apicBaseAddr
+	return uint32(a.call(cmdMMIORd, base+uint64(off&0xff0), 0)[0])
+}
+
+// LAPICWrite writes the AP's local APIC register at off.
+func (a *APVCPU) LAPICWrite(off, v uint32) {
+	base := a.ReadMSR(msrAPICBase) & apicBaseAddr
+	a.call(cmdMMIOWr, base+uint64(off&0xff0), uint64(v))
+}
+
+// LAPICRead reads the calling processor's local APIC register at off.
+func LAPICRead(off uint32) uint32 {
+	return mmioRead32(readMSR(msrAPICBase)&apicBaseAddr + uint64(off&0xff0))
+}
+
+// LAPICWrite writes the calling processor's local APIC register at off.
+func LAPICWrite(off, v uint32) {
+	mmioWrite32(readMSR(msrAPICBase)&apicBaseAddr+uint64(off&0xff0), v)
+}

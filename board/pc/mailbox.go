@@ -50,6 +50,8 @@ const (
 	cmdRun     = 8  // enter the guest: arg0 *vmx.GuestRegs, arg1 launched
 	cmdPark    = 9  // halt for good
 	cmdRegs    = 10 // ret0-2 = CR0, CR3, CR4
+	cmdMMIORd  = 11 // ret0 = the 32 bits at physical arg0 (the AP's local APIC)
+	cmdMMIOWr  = 12 // the 32 bits at physical arg0 = arg1
 )
 
 // rflags bits that report a failed VMX instruction (SDM Vol. 3C,

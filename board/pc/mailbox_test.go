@@ -121,7 +121,7 @@ func TestExitLoopNumbers(t *testing.T) {
 		"AP_STATUS": apStatus, "AP_APICID": apAPICID, "AP_FEATCTL": apFeatCtl,
 		"CMD_VMPTRLD": cmdVMPTRLD, "CMD_VMREAD": cmdVMREAD, "CMD_VMWRITE": cmdVMWRITE,
 		"CMD_CPUID": cmdCPUID, "CMD_RDMSR": cmdRDMSR, "CMD_WRMSR": cmdWRMSR,
-		"CMD_XSETBV": cmdXSETBV, "CMD_RUN": cmdRun, "CMD_PARK": cmdPark, "CMD_REGS": cmdRegs,
+		"CMD_XSETBV": cmdXSETBV, "CMD_RUN": cmdRun, "CMD_PARK": cmdPark, "CMD_REGS": cmdRegs, "CMD_MMIOREAD": cmdMMIORd, "CMD_MMIOWRITE": cmdMMIOWr,
 		"R_RAX": uint64(unsafe.Offsetof(r.RAX)), "R_RCX": uint64(unsafe.Offsetof(r.RCX)),
 		"R_RDX": uint64(unsafe.Offsetof(r.RDX)), "R_RBX": uint64(unsafe.Offsetof(r.RBX)),
 		"R_RBP": uint64(unsafe.Offsetof(r.RBP)), "R_RSI": uint64(unsafe.Offsetof(r.RSI)),

@@ -57,6 +57,8 @@
 #define CMD_RUN		8
 #define CMD_PARK	9
 #define CMD_REGS	10
+#define CMD_MMIOREAD	11
+#define CMD_MMIOWRITE	12
 
 // vmx.GuestRegs (vmx/run.go); apvcpu_test.go checks the offsets.
 #define R_RAX	0
@@ -416,6 +418,10 @@ dispatch:
 	JEQ	vmptrld
 	CMPL	AX, $CMD_REGS
 	JEQ	regs
+	CMPL	AX, $CMD_MMIOREAD
+	JEQ	mmioread
+	CMPL	AX, $CMD_MMIOWRITE
+	JEQ	mmiowrite
 	CMPL	AX, $CMD_PARK
 	JEQ	halt
 	MOVL	$-1, AX				// unknown command
@@ -503,6 +509,20 @@ regs:
 	MOVQ	AX, AP_RET1(DI)
 	MOVQ	CR4, AX
 	MOVQ	AX, AP_RET2(DI)
+	XORL	AX, AX
+	JMP	done
+
+mmioread:
+	MOVQ	AP_ARG0(DI), BX
+	MOVL	0(BX), AX
+	MOVQ	AX, AP_RET0(DI)
+	XORL	AX, AX
+	JMP	done
+
+mmiowrite:
+	MOVQ	AP_ARG0(DI), BX
+	MOVQ	AP_ARG1(DI), AX
+	MOVL	AX, 0(BX)
 	XORL	AX, AX
 	JMP	done
 

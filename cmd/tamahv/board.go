@@ -79,3 +79,9 @@ func (b *board) InvalidateEPT(eptp uint64) {
 func (b *board) Enter(r *vmx.GuestRegs, fx *vmx.FXArea, launched bool) error {
 	return vmx.Run(r, fx, launched)
 }
+
+// LAPICRead implements machine.LAPIC: the bootstrap processor's.
+func (b *board) LAPICRead(off uint32) uint32 { return pc.LAPICRead(off) }
+
+// LAPICWrite implements machine.LAPIC.
+func (b *board) LAPICWrite(off, val uint32) { pc.LAPICWrite(off, val) }

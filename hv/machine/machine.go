@@ -165,6 +165,10 @@ type Machine struct {
 	secret uint64
 
 	serial sync.Mutex // every vCPU's Serial
+	// APIC emulates the guest's local APIC writes where the guest has
+	// application processors (virtualizeINIT); nil otherwise.
+	APIC    *hv.APICWrites
+	apicIDs []uint32 // vCPU i's local APIC ID
 	// bspKick counts the application processors' NMIs to the bootstrap
 	// processor (Kicker).
 	bspKick kicks
@@ -187,6 +191,9 @@ type apVCPU struct {
 	v     *hv.VCPU
 	index int   // the vCPU's number
 	kick  kicks // the shootdown's NMIs to the AP
+	// initPending: the guest sent the vCPU an INIT (virtualINIT), which
+	// its next entry applies.
+	initPending bool
 	// state is apStarting, then apShown (Run shows it to the guest) or
 	// apFinished (its Run returned before): whichever comes first.
 	state atomic.Int32
@@ -352,18 +359,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
-	dbgTicks := 0
 	v.OnTick(func(v *hv.VCPU) {
-		dbgTicks++
-		if dbgTicks%200 == 0 && len(m.aps) > 0 {
-			a := m.aps[0]
-			type counter interface{ Counts() (uint64, uint64) }
-			var en, tk uint64
-			if c, ok := a.ap.(counter); ok {
-				en, tk = c.Counts()
-			}
-			fmt.Fprintf(m.log, "tamahv: debug vCPU1 total %d pending %v entries %d ticks %d bspkicks %d/%d recent %v\n", a.v.Total(), a.ap.Pending(), en, tk, m.bspKick.sent.Load(), m.bspKick.taken, a.v.Recent()[max(0, len(a.v.Recent())-3):])
-		}
 		m.Engine.ReinjectFailedPF()
 		if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
 			fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
@@ -402,7 +398,110 @@ func New(b Board, c Config) (*Machine, error) {
 			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
 		}
 	}
+	if err := m.virtualizeINIT(); err != nil {
+		return nil, err
+	}
 	return m, nil
+}
+
+// LAPIC is a processor whose local APIC registers tamahv reads and writes
+// for the guest: a Board's (the bootstrap processor's) or an AP's (its
+// own).
+type LAPIC interface {
+	LAPICRead(off uint32) uint32
+	LAPICWrite(off, val uint32)
+}
+
+// IA32_APIC_BASE (SDM Vol. 4) and its address bits.
+const (
+	msrAPICBase  = 0x1b
+	apicBaseAddr = 0xf_ffff_f000
+)
+
+// virtualizeINIT makes tamahv see the INIT IPIs the guest sends to its
+// application processors, where it has some and every processor's local
+// APIC is reachable: the local APIC's page is mapped without write access
+// and every write emulated (hv.APICWrites), an INIT to an AP's vCPU
+// applied by tamahv (virtualINIT) instead of sent.
+func (m *Machine) virtualizeINIT() error {
+	if len(m.aps) == 0 {
+		return nil
+	}
+	bsp, ok := m.board.(LAPIC)
+	if !ok {
+		return nil
+	}
+	lapics := []LAPIC{bsp}
+	for _, a := range m.aps {
+		l, ok := a.ap.(LAPIC)
+		if !ok {
+			return nil
+		}
+		lapics = append(lapics, l)
+	}
+	_, ebx, _, _ := m.board.CPUID(1, 0)
+	m.apicIDs = []uint32{ebx >> 24}
+	for _, a := range m.aps {
+		m.apicIDs = append(m.apicIDs, a.ap.APICID())
+	}
+	base := m.board.ReadMSR(msrAPICBase) & apicBaseAddr
+	if _, err := m.EPT.Protect(base, ept.Read); err != nil {
+		return fmt.Errorf("machine: the local APIC's page: %w", err)
+	}
+	m.Shootdown.Changed(0)
+	m.APIC = &hv.APICWrites{Mem: m.Memory, Base: base,
+		Read:  func(v *hv.VCPU, off uint32) uint32 { return lapics[m.index(v)].LAPICRead(off) },
+		Write: func(v *hv.VCPU, off, val uint32) { lapics[m.index(v)].LAPICWrite(off, val) },
+		INIT:  m.virtualINIT,
+	}
+	for _, v := range m.VCPUs {
+		if err := m.APIC.Install(v); err != nil {
+			return err
+		}
+	}
+	for _, a := range m.aps {
+		a.v.OnEntry(func(v *hv.VCPU) {
+			if a.initPending {
+				a.initPending = false
+				v.ReceiveINIT()
+			}
+		})
+	}
+	return nil
+}
+
+// index returns v's number.
+func (m *Machine) index(v *hv.VCPU) int {
+	for i, w := range m.VCPUs {
+		if w == v {
+			return i
+		}
+	}
+	return 0
+}
+
+// virtualINIT applies an INIT IPI v sends (the ICR's low and high
+// words): an application processor's vCPU it reaches goes to its INIT
+// state, waiting for a start-up IPI, at its next entry (kicked out of the
+// guest first); one that waits already stays as it is. An INIT that
+// reaches the bootstrap processor goes out as written (tamahv stops the
+// guest at its INIT exit).
+func (m *Machine) virtualINIT(v *hv.VCPU, low, high uint32) bool {
+	targets := hv.INITTargets(low, high, m.index(v), m.apicIDs)
+	if targets&1 != 0 {
+		return false
+	}
+	for i, a := range m.aps {
+		if targets&(1<<(i+1)) == 0 || a.v.WaitsForSIPI() {
+			continue
+		}
+		a.initPending = true
+		if k, ok := a.ap.(Kicker); ok && a.v != v {
+			a.kick.sent.Add(1)
+			k.Kick()
+		}
+	}
+	return true
 }
 
 // attach wires v to the parts every vCPU shares: its ports, the
