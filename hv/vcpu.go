@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 
 	"github.com/tamahv/tamahv/vmx"
@@ -521,9 +522,23 @@ func (v *VCPU) skipInstruction(rip uint64) {
 }
 
 func (v *VCPU) entryDiagnostic() string {
-	return fmt.Sprintf(" (RIP %#x CR0 %#x CR4 %#x EFER %#x entry controls %#x)",
-		v.VMCS.Read(vmx.GuestRIP), v.VMCS.Read(vmx.GuestCR0), v.VMCS.Read(vmx.GuestCR4),
-		v.VMCS.Read(vmx.GuestEFER), v.VMCS.Read(vmx.EntryControls))
+	r := v.VMCS.Read
+	var seg strings.Builder
+	for _, f := range [][5]any{
+		{"CS", vmx.GuestCS, vmx.GuestCSBase, vmx.GuestCSLimit, vmx.GuestCSAccess},
+		{"SS", vmx.GuestSS, vmx.GuestSSBase, vmx.GuestSSLimit, vmx.GuestSSAccess},
+		{"DS", vmx.GuestDS, vmx.GuestDSBase, vmx.GuestDSLimit, vmx.GuestDSAccess},
+		{"ES", vmx.GuestES, vmx.GuestESBase, vmx.GuestESLimit, vmx.GuestESAccess},
+		{"FS", vmx.GuestFS, vmx.GuestFSBase, vmx.GuestFSLimit, vmx.GuestFSAccess},
+		{"GS", vmx.GuestGS, vmx.GuestGSBase, vmx.GuestGSLimit, vmx.GuestGSAccess},
+		{"TR", vmx.GuestTR, vmx.GuestTRBase, vmx.GuestTRLimit, vmx.GuestTRAccess},
+		{"LDTR", vmx.GuestLDTR, vmx.GuestLDTRBase, vmx.GuestLDTRLimit, vmx.GuestLDTRAccess},
+	} {
+		fmt.Fprintf(&seg, " %s %#x/%#x/%#x/%#x", f[0], r(f[1].(vmx.Field)), r(f[2].(vmx.Field)), r(f[3].(vmx.Field)), r(f[4].(vmx.Field)))
+	}
+	return fmt.Sprintf(" (RIP %#x CR0 %#x CR4 %#x EFER %#x entry controls %#x RFLAGS %#x interruptibility %#x activity %d pending debug %#x;%s)",
+		r(vmx.GuestRIP), r(vmx.GuestCR0), r(vmx.GuestCR4), r(vmx.GuestEFER), r(vmx.EntryControls),
+		r(vmx.GuestRFLAGS), r(vmx.GuestInterruptibility), r(vmx.GuestActivityState), r(vmx.GuestPendingDebug), seg.String())
 }
 
 // Report writes the exit counts, one reason per line, and the recent
