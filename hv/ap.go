@@ -18,8 +18,8 @@ var ErrNoWaitForSIPI = errors.New("hv: the processor has no wait-for-SIPI activi
 // v in real mode at vector×4096), and an INIT that reaches v later exits
 // too and puts it back in wait-for-SIPI instead of stopping the guest, as
 // INIT does to an application processor (SDM Vol. 3A, "MP Initialization
-// Protocol"). The VMX-preemption timer counts in the wait-for-SIPI state,
-// so a waiting AP still exits once a period.
+// Protocol"). The VMX-preemption timer causes no exit in the
+// wait-for-SIPI state: a waiting AP exits only for its start-up IPI.
 func (v *VCPU) MakeAP() error {
 	if v.Caps == nil || !v.Caps.WaitForSIPI() {
 		return ErrNoWaitForSIPI
@@ -32,22 +32,8 @@ func (v *VCPU) MakeAP() error {
 }
 
 // apINIT is an application processor's answer to INIT: back to its INIT
-// state, waiting for a start-up IPI. An INIT that exits before the vCPU
-// ran anything after its start-up IPI (the next exit, at the vector's
-// first instruction) is the INIT the guest sent before that IPI, held
-// while the vCPU waited (Bochs holds INIT in wait-for-SIPI): it would
-// undo the start, and the guest's second start-up IPI may have come while
-// the exit was being handled, in VMX root operation, where it is lost.
-// It is dropped, as it is on a processor that waits for SIPI; so are the
-// INITs right after it (Bochs delivers the de-assert as another INIT).
-func apINIT(v *VCPU, e *vmx.Exit, _ Handler) (Action, error) {
-	if v.nrecent == v.sipiAt+1 && e.RIP == 0 {
-		// The start again: the state this exit saved need not be
-		// valid for an entry (Bochs saves the waiting processor's).
-		v.startAt(v.sipiVector)
-		v.sipiAt = v.nrecent // and an INIT after it (its de-assert)
-		return Resume, nil
-	}
+// state, waiting for a start-up IPI.
+func apINIT(v *VCPU, _ *vmx.Exit, _ Handler) (Action, error) {
 	v.waitForSIPI()
 	return Resume, nil
 }

@@ -101,8 +101,7 @@ func handleSIPI(v *VCPU, e *vmx.Exit) (Action, error) {
 		return Resume, nil
 	}
 	v.sipiWait = false
-	v.sipiAt, v.sipiVector = v.nrecent, e.Qualification&0xff
-	v.startAt(v.sipiVector)
+	v.startAt(e.Qualification & 0xff)
 	return Resume, nil
 }
 

@@ -105,19 +105,17 @@ type VCPU struct {
 
 	pdptes [32]byte // loadPDPTEs reads here: the exit path allocates nothing
 
-	handlers   [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
-	cur        vmx.Exit                    // the exit being handled, shared by pointer
-	observers  []Observer
-	entries    []func(v *VCPU)
-	ticks      []func(v *VCPU)
-	counts     [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
-	recent     [recentExits]ExitRecord
-	nrecent    uint64
-	events     eventQueue
-	launched   bool
-	sipiWait   bool   // in wait-for-SIPI, put there by tamahv
-	sipiAt     uint64 // nrecent at the last start-up IPI that started the vCPU
-	sipiVector uint64 // and its vector
+	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
+	cur       vmx.Exit                    // the exit being handled, shared by pointer
+	observers []Observer
+	entries   []func(v *VCPU)
+	ticks     []func(v *VCPU)
+	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent    [recentExits]ExitRecord
+	nrecent   uint64
+	events    eventQueue
+	launched  bool
+	sipiWait  bool // in wait-for-SIPI, put there by tamahv
 	// windows are the event-window exits deliverEvent last asked for in
 	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
 	// with none asked for and no event queued, an entry needs neither
@@ -336,6 +334,12 @@ func (v *VCPU) prepareEntry() error {
 	if v.TakeNMI != nil && v.TakeNMI() {
 		v.queueNMI()
 	}
+	if v.sipiWait {
+		// A processor waiting for SIPI takes no event, and VM entry
+		// fails with one (SDM Vol. 3C, "Checks on Guest Non-Register
+		// State"): what came for it is lost, as on the processor.
+		v.events = eventQueue{}
+	}
 	if v.events.n != 0 || v.windows != 0 {
 		v.deliverEvent()
 	}
@@ -344,6 +348,9 @@ func (v *VCPU) prepareEntry() error {
 	}
 	for _, f := range v.entries {
 		f(v)
+	}
+	if v.sipiWait && v.VMCS.Read(vmx.EntryInterruptInfo)&vmx.EventValid != 0 {
+		v.VMCS.Write(vmx.EntryInterruptInfo, 0) // an extension's injection
 	}
 	return v.err()
 }

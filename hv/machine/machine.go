@@ -345,11 +345,13 @@ func New(b Board, c Config) (*Machine, error) {
 	if err := v.Intercept(vmx.ExitExceptionOrNMI, m.bspKick.intercept); err != nil {
 		return nil, err
 	}
-	// Before vCPU 0's entry, the application processors' exits that wait
-	// are handled: their goroutines run while vCPU 0 yields, before it
-	// marks itself in the guest.
-	v.OnEntry(func(*hv.VCPU) { m.yieldToAPs() })
+	// Before vCPU 0's entry, it marks itself in the guest, then the
+	// application processors' exits that wait are handled (their
+	// goroutines run while vCPU 0 yields): an AP that posts an exit after
+	// the look sees the mark and kicks it. A change made meanwhile is
+	// vCPU 0's processor's own (Changed(0)), which waits for nobody there.
 	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
+	v.OnEntry(func(*hv.VCPU) { m.yieldToAPs() })
 	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
 	if err := m.attach(v, &c, unmapped, policy); err != nil {
 		return nil, err
