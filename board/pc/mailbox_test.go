@@ -132,7 +132,8 @@ func TestExitLoopNumbers(t *testing.T) {
 		"R_R15": uint64(unsafe.Offsetof(r.R15)), "R_CR2": uint64(unsafe.Offsetof(r.CR2)),
 		"F_EXIT_REASON": uint64(vmx.ExitReasonField), "F_IDT_VECTORING": uint64(vmx.IDTVectoringInfo),
 		"F_ACTIVITY": uint64(vmx.GuestActivityState), "EXIT_PREEMPTION": uint64(vmx.ExitPreemptionTimer),
-		"ACTIVITY_SIPI": uint64(vmx.ActivityWaitForSIPI),
+		"ACTIVITY_SIPI": uint64(vmx.ActivityWaitForSIPI), "F_INTERRUPTIBILITY": uint64(vmx.GuestInterruptibility),
+		"BLOCKING_SMI": uint64(vmx.BlockingSMI),
 	}
 	for name, v := range want {
 		got, ok := d[name]

@@ -82,6 +82,8 @@
 #define F_EXIT_REASON	0x4402
 #define F_IDT_VECTORING	0x4408
 #define F_ACTIVITY	0x4826
+#define F_INTERRUPTIBILITY	0x4824
+#define BLOCKING_SMI	4
 #define EXIT_PREEMPTION	52
 #define ACTIVITY_SIPI	3
 #define MSR_GS_BASE	0xc0000101
@@ -559,6 +561,15 @@ mark:
 	INVEPT_RDX_RAX
 	MOVQ	R8, 0(BX)
 enter:
+	// Blocking by SMI outside SMM fails VM entry; Bochs saves it for an
+	// AP it started (its SMIs stay disabled), so it goes.
+	MOVQ	$F_INTERRUPTIBILITY, DX
+	VMREAD_RAX_RDX
+	TESTL	$BLOCKING_SMI, AX
+	JZ	counted
+	ANDL	$~BLOCKING_SMI, AX
+	VMWRITE_RDX_RAX
+counted:
 	INCQ	AP_ENTRIES(DI)
 	MOVQ	AP_REGS(DI), SI
 	MOVQ	R_CR2(SI), AX
