@@ -30,7 +30,7 @@ type APVCPU struct {
 	ap      *AP
 	mb      mailbox
 	procs   *Processors
-	running bool
+	running atomic.Bool
 	stopped atomic.Bool
 	tried   time.Time // when VMLAUNCH was first seen tried
 	err     error     // the first command that got no answer
@@ -139,14 +139,14 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 	if err := a.mb.post(cmdRun, uint64(uintptr(unsafe.Pointer(r))), l); err != nil {
 		return err
 	}
-	a.running = true
+	a.running.Store(true)
 	for a.mb.busy() {
 		if a.stopped.Load() {
 			return ErrAPStopped
 		}
 		runtime.Gosched()
 	}
-	a.running = false
+	a.running.Store(false)
 	if flags := atomic.LoadUint32(a.mb.u32(apFlags)); flags&flagsFailed != 0 {
 		ie, _ := a.VMRead(uint32(vmx.InstructionError))
 		insn := "VMRESUME"
@@ -159,7 +159,7 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 }
 
 // Pending reports whether an exit of the AP waits to be handled.
-func (a *APVCPU) Pending() bool { return a.running && !a.mb.busy() }
+func (a *APVCPU) Pending() bool { return a.running.Load() && !a.mb.busy() }
 
 // Started reports, once the AP's first VM entry was tried (done), whether
 // it failed.
@@ -216,19 +216,24 @@ func (a *APVCPU) KickBSP(inGuest, kicks *atomic.Uint32, bspAPIC uint32) {
 
 // Kick sends the AP an NMI from the calling (bootstrap) processor's local
 // APIC, as the guest left it: an AP in the guest exits (NMI exiting). The
-// guest's own next destination in the xAPIC's ICR is kept.
-func (a *APVCPU) Kick() {
+// guest's own next destination in the xAPIC's ICR is kept. It reports
+// whether the NMI went: not where the guest disabled that local APIC or
+// kept its ICR busy.
+func (a *APVCPU) Kick() bool {
 	base := readMSR(msrAPICBase)
 	switch {
 	case base&apicBaseEnable == 0:
-		return
+		return false
 	case base&apicBaseX2APIC != 0:
 		writeMSR(msrX2APICICR, uint64(a.ap.APICID)<<32|icrNMI|icrAssert)
-		return
+		return true
 	}
 	mmio := base & apicBaseAddr
 	idle := func() bool { return mmioRead32(mmio+lapicICRLow)&icrPending == 0 }
 	for i := 0; i < 1000 && !idle(); i++ {
+	}
+	if !idle() {
+		return false
 	}
 	high := mmioRead32(mmio + lapicICRHigh)
 	mmioWrite32(mmio+lapicICRHigh, a.ap.APICID<<24)
@@ -236,6 +241,7 @@ func (a *APVCPU) Kick() {
 	for i := 0; i < 1000 && !idle(); i++ {
 	}
 	mmioWrite32(mmio+lapicICRHigh, high)
+	return true
 }
 
 // LAPICRead reads the AP's local APIC register at off (xAPIC, at the

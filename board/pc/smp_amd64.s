@@ -346,14 +346,13 @@ post:
 	MOVL	0(BX), AX
 	TESTL	AX, AX
 	JZ	wait
-	MOVQ	AP_BSPKICKS(DI), BX
-	LOCK
-	INCL	0(BX)
+	MOVQ	AP_BSPKICKS(DI), R9
 	// The NMI through this AP's local APIC (SDM Vol. 3A, "Issuing
 	// Interprocessor Interrupts"), as the guest left it: not at all where
 	// the guest disabled it; through the x2APIC's ICR MSR; or through the
 	// xAPIC's, keeping the destination the guest may have written for
-	// its own next IPI.
+	// its own next IPI. Each NMI is counted before it goes, only if it
+	// goes.
 	MOVL	$MSR_APIC_BASE, CX
 	RDMSR
 	TESTL	$APIC_BASE_EN, AX
@@ -373,6 +372,8 @@ idle:
 	LOOP	idle
 	JMP	wait
 send:
+	LOCK
+	INCL	0(R9)
 	MOVL	LAPIC_ICR_HIGH(BX), R8
 	MOVL	AP_BSPAPIC(DI), AX
 	SHLL	$24, AX
@@ -389,6 +390,8 @@ restore:
 	MOVL	R8, LAPIC_ICR_HIGH(BX)
 	JMP	wait
 x2apic:
+	LOCK
+	INCL	0(R9)
 	MOVL	AP_BSPAPIC(DI), DX
 	MOVL	$ICR_NMI, AX
 	MOVL	$MSR_X2APIC_ICR, CX

@@ -71,6 +71,7 @@ type Kicker interface {
 	// KickBSP has the AP send the bootstrap processor an NMI after each
 	// exit it hands over while inGuest is 1, counting it in kicks first.
 	KickBSP(inGuest, kicks *atomic.Uint32)
-	// Kick sends the AP an NMI from the bootstrap processor.
-	Kick()
+	// Kick sends the AP an NMI from the bootstrap processor, and reports
+	// whether it went (the guest can disable the local APIC).
+	Kick() bool
 }

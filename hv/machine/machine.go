@@ -298,9 +298,10 @@ func New(b Board, c Config) (*Machine, error) {
 			return
 		}
 		a := m.aps[i-1]
-		if k, ok := a.ap.(Kicker); ok {
+		// Counted once sent: this processor holds Serial, so the AP's
+		// NMI is taken (under Serial) after the count.
+		if k, ok := a.ap.(Kicker); ok && k.Kick() {
 			a.kick.sent.Add(1)
-			k.Kick()
 		}
 	}
 	invalidate := func() { m.Shootdown.Changed(0) }
@@ -498,9 +499,8 @@ func (m *Machine) virtualINIT(v *hv.VCPU, low, high uint32) bool {
 			continue
 		}
 		a.initPending = true
-		if k, ok := a.ap.(Kicker); ok && a.v != v {
+		if k, ok := a.ap.(Kicker); ok && a.v != v && k.Kick() {
 			a.kick.sent.Add(1)
-			k.Kick()
 		}
 	}
 	return true

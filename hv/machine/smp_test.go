@@ -522,7 +522,7 @@ type kickAP struct {
 }
 
 func (k *kickAP) KickBSP(inGuest, kicks *atomic.Uint32) { k.bspIn, k.bspKicks = inGuest, kicks }
-func (k *kickAP) Kick()                                 { k.kicked++ }
+func (k *kickAP) Kick() bool                            { k.kicked++; return true }
 
 // TestSMPKicksAreNotTheGuests: the NMIs tamahv sends to make a processor
 // leave the guest never reach the guest, the guest's own NMIs do. A
