@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 )
 
 // Shootdown makes a change to the shared EPT reach every processor that
@@ -48,6 +49,28 @@ type Shootdown struct {
 	// Spin is called while Changed waits (nil: busy loop). A test uses
 	// it to step the other vCPUs.
 	Spin func()
+	// Limit bounds Changed's wait for one vCPU (0: none), measured with
+	// Now (nanoseconds; nil: time.Now). A vCPU that neither leaves the
+	// guest nor sees the change by then (a guest that disabled the
+	// kicks' local APIC and waits in a deep C-state, where the preemption
+	// timer stops) is recorded (Stuck) and Changed returns: the change
+	// does not hold for that vCPU, and the machine must stop the guest.
+	Limit time.Duration
+	Now   func() int64
+	stuck atomic.Int32 // 1 + the first vCPU Changed gave up on; 0: none
+}
+
+// Stuck reports the first vCPU a change gave up waiting for (Limit).
+func (s *Shootdown) Stuck() (int, bool) {
+	n := s.stuck.Load()
+	return int(n) - 1, n != 0
+}
+
+func (s *Shootdown) now() int64 {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now().UnixNano()
 }
 
 // ShootdownCPU is one vCPU's part of a Shootdown.
@@ -142,11 +165,21 @@ func (s *Shootdown) Changed(self int) int {
 			kicked++
 		}
 	}
+	var start int64
 	for i := range s.cpus {
 		c := &s.cpus[i]
-		for i != self && c.inGuest.Load() != 0 && c.seen.Load() < g {
+		for n := 0; i != self && c.inGuest.Load() != 0 && c.seen.Load() < g; n++ {
 			if s.Spin != nil {
 				s.Spin()
+			}
+			if s.Limit == 0 || n%256 != 0 {
+				continue
+			}
+			if start == 0 {
+				start = s.now()
+			} else if s.now()-start > int64(s.Limit) {
+				s.stuck.CompareAndSwap(0, int32(i+1))
+				break
 			}
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -133,4 +134,25 @@ func TestShootdownConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 	assert.Equal(t, uint64(2*changes), s.Generation())
+}
+
+// TestShootdownGivesUpOnAStuckVCPU: a vCPU that never leaves the guest
+// (no kick reaches it, its timer stopped) holds Changed only up to Limit;
+// the change is then recorded as not holding for it.
+func TestShootdownGivesUpOnAStuckVCPU(t *testing.T) {
+	tlb := newFakeTLBs(3)
+	s := NewShootdown(3, tlb.invalidate)
+	s.Enter(2)
+	var clock int64
+	s.Now = func() int64 { return clock }
+	s.Spin = func() { clock += int64(time.Millisecond) }
+	s.Limit = time.Second
+	_, stuck := s.Stuck()
+	require.False(t, stuck)
+	tlb.ept.Add(1)
+	s.Changed(0)
+	i, stuck := s.Stuck()
+	assert.True(t, stuck)
+	assert.Equal(t, 2, i)
+	assert.Less(t, clock, int64(2*time.Second), "gave up at the limit")
 }

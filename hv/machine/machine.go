@@ -169,6 +169,8 @@ type Machine struct {
 	// application processors (virtualizeINIT); nil otherwise.
 	APIC    *hv.APICWrites
 	apicIDs []uint32 // vCPU i's local APIC ID
+	// stuckErr: a vCPU never left the guest for an EPT change.
+	stuckErr error
 	// bspKick counts the application processors' NMIs to the bootstrap
 	// processor (Kicker).
 	bspKick kicks
@@ -291,6 +293,7 @@ func New(b Board, c Config) (*Machine, error) {
 	// and the board's INVEPT is its part; the application processors'
 	// exit loops keep theirs themselves (AP.Bind).
 	m.Shootdown = hv.NewShootdown(1+len(aps), func(int) { b.InvalidateEPT(m.eptp) })
+	m.Shootdown.Limit = time.Second
 	// A shootdown kicks an application processor in the guest out of it
 	// where the AP can be kicked; else it waits for the AP's timer.
 	m.Shootdown.Kick = func(i int) {
@@ -378,6 +381,12 @@ func New(b Board, c Config) (*Machine, error) {
 	v.Enter = func(v *hv.VCPU, launched bool) error {
 		if m.ended.Load() != nil {
 			return hv.ErrStopped // an application processor's vCPU ended the guest
+		}
+		if i, stuck := m.Shootdown.Stuck(); stuck {
+			// An EPT change does not hold on vCPU i: tamahv's
+			// protections cannot be trusted there.
+			m.stuckErr = fmt.Errorf("vCPU %d did not leave the guest for an EPT change within %v", i, m.Shootdown.Limit)
+			return hv.ErrStopped
 		}
 		return b.Enter(&v.Regs, m.fx, launched)
 	}
@@ -741,6 +750,9 @@ func (m *Machine) Run() error {
 	runtime.KeepAlive(m.board)
 	if err == nil && ended != nil && ended.err != nil {
 		err = fmt.Errorf("vCPU %d: %w", ended.index, ended.err)
+	}
+	if err == nil && m.stuckErr != nil {
+		err = m.stuckErr
 	}
 	if err != nil {
 		fmt.Fprintf(m.log, "tamahv: guest stopped: %v\n", err)
