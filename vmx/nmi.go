@@ -28,3 +28,11 @@ func TakeNMI() bool { return nmis.Swap(0) != 0 }
 // simulateNMI (nmi_amd64.s) delivers an NMI to nmiEntry in software, for
 // tests: it returns RFLAGS after the handler's IRETQ.
 func simulateNMI(rflags uint64) (after uint64)
+
+// unblockNMIs is implemented in nmi_amd64.s.
+func unblockNMIs()
+
+// UnblockNMIs ends the blocking of NMIs an NMI exit leaves on the
+// executing processor (an IRETQ to itself): call it after handling an NMI
+// exit, so that the next NMI (the guest's, or a kick) is delivered.
+func UnblockNMIs() { unblockNMIs() }

@@ -41,3 +41,29 @@ TEXT nmiFrame<>(SB),NOSPLIT|NOFRAME,$0
 	PUSHQ	CX
 	PUSHQ	AX
 	JMP	·nmiEntry(SB)
+
+// func unblockNMIs()
+//
+// unblockNMIs executes IRETQ to the instruction after its own frame:
+// after an NMI exit, NMIs stay blocked in VMX root until an IRET (SDM
+// Vol. 3C, "Saving Non-Register State" and "NMI exiting"), and VM entry
+// does not unblock them on every implementation (Bochs): this is that
+// IRET.
+TEXT ·unblockNMIs(SB),NOSPLIT,$0-0
+	CALL	iretFrame<>(SB)
+	RET
+
+// iretFrame turns its return address into an interrupt frame and returns
+// through it with IRETQ.
+TEXT iretFrame<>(SB),NOSPLIT|NOFRAME,$0
+	POPQ	AX			// RIP: back in unblockNMIs
+	MOVQ	SP, BX			// RSP after the return
+	XORQ	CX, CX
+	MOVW	SS, CX
+	PUSHQ	CX
+	PUSHQ	BX
+	PUSHFQ
+	MOVW	CS, CX
+	PUSHQ	CX
+	PUSHQ	AX
+	IRETQ

@@ -18,3 +18,14 @@ func TestNMIHandlerCountsAndReturns(t *testing.T) {
 	assert.False(t, TakeNMI(), "taken once")
 	assert.NotZero(t, NMIHandler())
 }
+
+// TestUnblockNMIsKeepsTheStack: the IRETQ returns to the caller with the
+// stack as it was, time after time (an unbalanced frame would crash long
+// before the end), and counts no NMI.
+func TestUnblockNMIsKeepsTheStack(t *testing.T) {
+	TakeNMI()
+	for i := 0; i < 100000; i++ {
+		UnblockNMIs()
+	}
+	assert.False(t, TakeNMI())
+}

@@ -324,6 +324,13 @@ store:
 	JNZ	halt
 	MOVQ	$F_EXIT_REASON, DX
 	VMREAD_RAX_RDX
+	TESTQ	AX, AX				// exception or NMI
+	JNZ	reason
+	// An NMI exit leaves NMIs blocked until an IRET, which VM entry
+	// does not stand in for everywhere (Bochs): one to itself.
+	CALL	apIRET<>(SB)
+	XORL	AX, AX
+reason:
 	CMPQ	AX, $EXIT_PREEMPTION
 	JNE	post
 	MOVQ	$F_IDT_VECTORING, DX
@@ -615,6 +622,21 @@ entryFailed:
 	JNE	done
 	MOVL	$2, AP_LAUNCH(DI)		// VMLAUNCH failed
 	JMP	done
+
+// apIRET returns to its caller through IRETQ, ending the blocking of
+// NMIs an NMI exit left.
+TEXT apIRET<>(SB),NOSPLIT|NOFRAME,$0
+	POPQ	AX
+	MOVQ	SP, BX
+	XORQ	CX, CX
+	MOVW	SS, CX
+	PUSHQ	CX
+	PUSHQ	BX
+	PUSHFQ
+	MOVW	CS, CX
+	PUSHQ	CX
+	PUSHQ	AX
+	IRETQ
 
 // func apExitPC() uint64
 TEXT ·apExitPC(SB),NOSPLIT,$0-8

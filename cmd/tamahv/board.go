@@ -85,3 +85,6 @@ func (b *board) LAPICRead(off uint32) uint32 { return pc.LAPICRead(off) }
 
 // LAPICWrite implements machine.LAPIC.
 func (b *board) LAPICWrite(off, val uint32) { pc.LAPICWrite(off, val) }
+
+// UnblockNMIs implements machine.NMIUnblocker.
+func (b *board) UnblockNMIs() { vmx.UnblockNMIs() }

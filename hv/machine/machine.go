@@ -346,6 +346,9 @@ func New(b Board, c Config) (*Machine, error) {
 	v.XSETBV = b.XSETBV
 	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
 	v.TakeNMI = func() bool { return b.TakeNMI() && !m.bspKick.take(true) }
+	if u, ok := b.(NMIUnblocker); ok {
+		m.bspKick.unblock = u.UnblockNMIs
+	}
 	if err := v.Intercept(vmx.ExitExceptionOrNMI, m.bspKick.intercept); err != nil {
 		return nil, err
 	}
@@ -630,8 +633,9 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 // arrives at the same moment may be taken for it too and lost, as NMIs
 // that come while one is blocked are).
 type kicks struct {
-	sent  atomic.Uint32 // counted by the sender before each NMI
-	taken uint32        // NMIs taken for kicks (under Serial)
+	sent    atomic.Uint32 // counted by the sender before each NMI
+	taken   uint32        // NMIs taken for kicks (under Serial)
+	unblock func()        // unblocks NMIs on the processor (vCPU 0's only)
 }
 
 // take reports whether an NMI is a kick, and counts it; all takes every
@@ -650,11 +654,25 @@ func (k *kicks) take(all bool) bool {
 }
 
 // intercept answers an NMI exit that was a kick: the guest never sees it.
+// An NMI exit leaves NMIs blocked on its processor until an IRET; unblock
+// ends that where it runs on it (vCPU 0's).
 func (k *kicks) intercept(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
-	if vmx.EventType(e.Interruption>>8&7) == vmx.EventNMI && k.take(false) {
+	if vmx.EventType(e.Interruption>>8&7) != vmx.EventNMI {
+		return next(v, e)
+	}
+	if k.unblock != nil {
+		k.unblock()
+	}
+	if k.take(false) {
 		return hv.Resume, nil
 	}
 	return next(v, e)
+}
+
+// NMIUnblocker is a Board that can end the blocking of NMIs an NMI exit
+// leaves on the bootstrap processor (an IRET to itself).
+type NMIUnblocker interface {
+	UnblockNMIs()
 }
 
 // yieldToAPs lets the application processors' goroutines handle the
