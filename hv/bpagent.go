@@ -89,6 +89,9 @@ type BreakpointAgent struct {
 	// Counters. Late counts int3s run by a vCPU after another vCPU's
 	// exit had taken them out (each runs its instruction again).
 	Hits, Raised, Passed, Switches, Late uint64
+	// Dropped counts arms whose page was no longer backed at the hit (the
+	// address space was another process's by then): no fault raised.
+	Dropped uint64
 }
 
 // agentCPU is one vCPU's part of the agent.
@@ -399,6 +402,15 @@ func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
 		if a.Spaces.Of(v.VMCS.Read(vmx.GuestCR3)) != a.cr3 {
 			a.Passed++ // another address space: rewritten at a later exit
 			a.step(c)
+			return Resume, nil
+		}
+		// The page must still want the fault here: a process that exited
+		// with its read armed may have left its page-table root to
+		// another, where va is not backed and a #PF from the system-call
+		// path would oops the kernel. Such an arm is dropped.
+		if tr, err := a.Walker.Translate(v.VMCS.Read(vmx.GuestCR3)&CR3Mask, a.va); err == nil && !tr.Present && !tr.Backed {
+			a.want = false
+			a.Dropped++
 			return Resume, nil
 		}
 		code := uint32(0)

@@ -89,6 +89,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	v, m := scripted(t, nil)
 	a := g.agent(lstar, false)
 	const cr3, va = 0x7f0000001000, 0x7f0000001000
+	g.swappedOut(va)
 	require.NoError(t, a.Arm(g.cr3, va))
 	assert.Equal(t, detour, a.Detour())
 	assert.Equal(t, byte(0xcc), *at, "int3 written")
@@ -155,6 +156,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	v, m := scripted(t, nil)
 	require.NoError(t, a.Install(v))
 	const va = 0x7f0000001000
+	g.swappedOut(va)
 	require.NoError(t, a.Arm(g.cr3, va))
 	assert.Equal(t, byte(0x89), *g.mem.at(pa), "guest memory keeps its byte")
 	assert.Equal(t, byte(0xcc), a.Shadow[pa&0xfff], "the shadow has the int3")
@@ -240,6 +242,7 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	require.NoError(t, a.InstallVCPU(v0, d0))
 	require.NoError(t, a.InstallVCPU(v1, d1))
 	const va = 0x7f0000001000
+	g.swappedOut(va)
 	require.NoError(t, a.Arm(g.cr3, va))
 	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	for _, m := range []*fakeVMCS{m0, m1} {
@@ -316,4 +319,33 @@ func TestBreakpointAgentStreakIsPerVCPU(t *testing.T) {
 	assert.True(t, a.noSplit, "vCPU 0's chase is seen")
 	assert.Equal(t, byte(0xcc), *g.mem.at(pa), "the int3 went in place")
 	require.NoError(t, a.Disarm())
+}
+
+// swappedOut makes va's PTE a swap entry: not present, backed.
+func (g *testGuest) swappedOut(va uint64) { g.mem.put64(g.entry(va, 1), swapPTE) }
+
+// TestBreakpointAgentDropsAnArmNoLongerBacked: a process exited with its
+// BPFault read armed and its page-table root went to another process,
+// where va is not backed: the int3 hit there raises nothing (a #PF from
+// the system-call path would oops the kernel), the arm is dropped.
+func TestBreakpointAgentDropsAnArmNoLongerBacked(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	c, lstar, detour := entryCode()
+	g.loadKernel(c, nil)
+	v, m := scripted(t, nil)
+	a := g.agent(lstar, false)
+	const va = 0x7f0000001000
+	g.swappedOut(va)
+	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Install(v))
+	g.mem.put64(g.entry(va, 1), 0) // the new owner of the root has nothing there
+	m.Fields[vmx.GuestRIP] = detour
+	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
+	m.Fields[vmx.GuestCR3] = g.cr3
+	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
+	require.NoError(t, err)
+	assert.Equal(t, Resume, act)
+	assert.Zero(t, a.Raised)
+	assert.EqualValues(t, 1, a.Dropped)
+	assert.False(t, v.EventPending(), "no #PF raised")
 }
