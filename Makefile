@@ -36,7 +36,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: kmod e2e-smp iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -161,6 +161,13 @@ iso-cases: iso
 	cp qemu/grub-cases.cfg $(BUILD)/iso-cases/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/cases.iso $(BUILD)/iso-cases 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
+# The tamahv ISO that runs every application processor as a vCPU
+# (smp.vcpus on tamahv's command line).
+iso-smp: iso
+	@rm -rf $(BUILD)/iso-smp && cp -r $(BUILD)/iso $(BUILD)/iso-smp
+	cp qemu/grub-smp.cfg $(BUILD)/iso-smp/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/smp.iso $(BUILD)/iso-smp 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
 e2e-swapmem: iso-cases deps-bochs
 	TAMAHV_E2E_SWAPMEM=1 $(GO) test -count=1 -v -run 'TestBochsSwapmemCases' -timeout 30m ./qemu/
 
@@ -188,7 +195,7 @@ test: deps-test deps-iso deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
 	$(GO) test -race -count=1 -timeout 25m ./...
 
-e2e-smp: deps-bochs deps-iso
+e2e-smp: iso-smp deps-bochs
 	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 50m ./qemu/
 
 e2e-models: deps-bochs deps-iso

@@ -3,6 +3,7 @@ package qemu
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -33,6 +34,46 @@ func TestCPUCount(t *testing.T) {
 }
 
 // TestBochsSMP boots the Linux guest under tamahv on a two-processor
+// Bochs with tamahv's default, the application processors parked (no
+// smp.vcpus on its command line): tamahv finds the second processor in
+// the MADT, parks it in VMX root operation before the guest starts and
+// hides it from the guest's MADT, so the guest runs on the one processor
+// tamahv virtualizes and no processor runs natively.
+func TestBochsSMP(t *testing.T) {
+	iso := isoForTest(t)
+	needEmulator(t, Bochs)
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 8 * time.Minute})
+	t.Logf("tamahv:\n%s", res.Serial())
+	for _, want := range []string{
+		"tamahv: processors: 2 listed (MADT), bootstrap APIC ID 0",
+		"tamahv: AP APIC ID 1: parked in VMX root operation",
+		"tamahv: hidden from the guest: APIC IDs [1]",
+		"tamahv: guest started",
+	} {
+		l, _ := lineWith(res.Lines, want)
+		assert.NotEmpty(t, l, "tamahv did not print %q", want)
+	}
+	if l, at, ok := res.GuestLine("guest: init started"); ok {
+		t.Logf("%s, after %v of wall time", l, at.Round(time.Millisecond))
+	}
+	exited, _ := lineWith(res.Lines, "tamahv: guest exited")
+	require.Equal(t, "tamahv: guest exited (status 0)", strings.SplitN(exited, " after", 2)[0], "tamahv:\n%s", res.Serial())
+	for _, l := range res.Guest {
+		if strings.Contains(l, "smp") || strings.Contains(l, "CPU") || strings.Contains(l, "APIC") {
+			t.Log(l)
+		}
+	}
+	for _, want := range []string{"guest: kernel log clean", "hvguest: running under tamahv"} {
+		l, _, ok := res.GuestLine(want)
+		assert.True(t, ok, "the guest did not print %q", want)
+		assert.NotContains(t, l, "FAILED")
+	}
+	assert.True(t, guestContains(res, "smp: Brought up 1 node, 1 CPU"), "the guest runs on one processor")
+	assert.True(t, guestContains(res, "smpboot: Total of 1 processors activated"))
+	assert.False(t, guestContains(res, "Brought up 1 node, 2 CPUs"), "the guest brought up a processor tamahv does not virtualize")
+}
+
+// TestBochsSMPGuest boots the Linux guest under tamahv on a two-processor
 // Bochs (corei7_skylake_x): tamahv finds the second processor in the
 // MADT and runs it as vCPU 1, which Linux brings up itself through
 // INIT-SIPI-SIPI. The guest's init (qemu/guest/init) then runs hvguest
@@ -43,8 +84,11 @@ func TestCPUCount(t *testing.T) {
 // line counts both vCPUs' exits. It logs the figures of issue 8: the boot
 // to the guest's init, the exits per vCPU, the swap read with the reader
 // on CPU 1.
-func TestBochsSMP(t *testing.T) {
-	iso := isoForTest(t)
+func TestBochsSMPGuest(t *testing.T) {
+	if os.Getenv("TAMAHV_E2E_SMP") == "" {
+		t.Skip("on demand: make e2e-smp (TAMAHV_E2E_SMP=1)")
+	}
+	iso := isoForSMP(t)
 	needEmulator(t, Bochs)
 	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 12 * time.Minute})
 	checkSMP(t, res, 2)
@@ -256,7 +300,7 @@ func TestBochsSMPModels(t *testing.T) {
 	if os.Getenv("TAMAHV_E2E_SMP") == "" {
 		t.Skip("on demand: make e2e-smp (TAMAHV_E2E_SMP=1)")
 	}
-	iso := isoForTest(t)
+	iso := isoForSMP(t)
 	needEmulator(t, Bochs)
 	for _, model := range []string{"corei7_skylake_x", "broadwell_ult"} {
 		t.Run(model, func(t *testing.T) {
@@ -327,4 +371,15 @@ func TestPinnedRead(t *testing.T) {
 	assert.Contains(t, got, "figures: 19 pages (19 faulted in, 19 #PFs): 2.00 exits a page, 5ms a page, 1 preemption-timer exits")
 	assert.Contains(t, pinnedRead(res, "cpu 0 swapread-bp"), "none")
 	assert.Contains(t, pinnedRead(res, "cpu 1 swapread-user"), "none")
+}
+
+// isoForSMP is the ISO make iso-smp builds: tamahv with smp.vcpus, every
+// application processor a vCPU.
+func isoForSMP(t *testing.T) string {
+	iso, err := filepath.Abs("../build/smp.iso")
+	require.NoError(t, err)
+	if _, err := os.Stat(iso); err != nil {
+		t.Skip("no build/smp.iso: make iso-smp builds it")
+	}
+	return iso
 }

@@ -38,7 +38,7 @@ func modules(info *multiboot.Info) (kernel, initrd *multiboot.Module, cmdline st
 	return kernel, initrd, cmdline
 }
 
-func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *pc.SMP) error {
+func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *pc.SMP, vcpus bool) error {
 	c := machine.Config{
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
@@ -55,7 +55,14 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		return err
 	}
 	var b machine.Board = newBoard(1024)
-	if aps := smp.VCPUs(); len(aps) > 0 {
+	if aps := smp.VCPUs(); len(aps) > 0 && !vcpus {
+		// Parked for good: halted in VMX root, hidden from the guest.
+		for _, ap := range aps {
+			if err := ap.Park(); err != nil {
+				fmt.Printf("tamahv: AP APIC ID %d: %v\n", ap.APICID(), err)
+			}
+		}
+	} else if len(aps) > 0 {
 		sb := &smpBoard{board: b.(*board)}
 		for _, ap := range aps {
 			// The exit loop answers, on the right processor.

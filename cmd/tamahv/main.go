@@ -67,8 +67,11 @@ func main() {
 			// smp.visible leaves the firmware's processor tables as they are.
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
 			smp, err := pc.HoldProcessors(avail, visible, os.Stdout)
+			// smp.vcpus runs every held application processor as a
+			// vCPU; without it they stay parked and hidden.
+			vcpus := slices.Contains(strings.Fields(info.Cmdline), "smp.vcpus")
 			if err == nil {
-				err = runGuest(caps, info, kernel, initrd, cmdline, smp)
+				err = runGuest(caps, info, kernel, initrd, cmdline, smp, vcpus)
 			}
 			if err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
