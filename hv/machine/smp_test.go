@@ -594,3 +594,39 @@ func TestSMPKicksAreNotTheGuests(t *testing.T) {
 	}
 	require.NoError(t, m.Run(), "log:\n%s", log)
 }
+
+// deafAP is a kickAP whose kicks never go out (the guest disabled the
+// local APIC they would go through).
+type deafAP struct{ *kickAP }
+
+func (d *deafAP) Kick() bool { d.kicked++; return false }
+
+// TestSMPUnsentKickIsNotCounted: a shootdown's kick that did not go out
+// is not counted, so the guest's own NMI on that AP still reaches it.
+func TestSMPUnsentKickIsNotCounted(t *testing.T) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	ap := &deafAP{&kickAP{fakeAP: newFakeAP(t, b, 1)}}
+	log := &lockedBuffer{}
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = log
+	m, err := machine.New(&smpBoard{board: b, aps: []machine.AP{ap}}, c)
+	require.NoError(t, err)
+	ap.script = []apStep{
+		{name: "SIPI", exit: sipi},
+		{name: "a kick that does not go out, then the guest's NMI", exit: func(a *fakeAP, r *vmx.GuestRegs) {
+			m.Shootdown.Kick(1)
+			a.exitWith(vmx.ExitExceptionOrNMI)
+			a.vmcs.Fields[vmx.ExitInterruptInfo] = 1<<31 | uint64(vmx.EventNMI)<<8 | vmx.VectorNMI
+		}},
+		{name: "injected", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.Equal(t, 1, ap.kicked)
+			info := a.vmcs.Fields[vmx.EntryInterruptInfo]
+			assert.True(t, info&(1<<31) != 0 && info>>8&7 == uint64(vmx.EventNMI), "the guest's NMI was taken for the kick")
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) { a.exitWith(vmx.ExitCPUID) }},
+	}
+	b.script = []step{waitFor(0, ap.fakeAP)}
+	require.NoError(t, m.Run(), "log:\n%s", log)
+}
