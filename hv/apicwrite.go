@@ -115,7 +115,7 @@ func (a *APICWrites) decode(v *VCPU, e *vmx.Exit) (uint32, int, error) {
 }
 
 // INITTargets returns the vCPUs an INIT IPI reaches, as a bit mask over
-// apicIDs (vCPU i has APIC ID apicIDs[i]): from the ICR's shorthand, or
+// apicIDs (vCPU i has APIC ID apicIDs[i]; at most 64): from the ICR's shorthand, or
 // its physical destination; a logical destination reaches every vCPU but
 // the sender (tamahv does not follow the guest's logical IDs). self is
 // the sender's index. A level de-assert (the old INIT de-assert) reaches

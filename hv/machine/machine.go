@@ -439,7 +439,7 @@ const (
 // and every write emulated (hv.APICWrites), an INIT to an AP's vCPU
 // applied by tamahv (virtualINIT) instead of sent.
 func (m *Machine) virtualizeINIT() error {
-	if len(m.aps) == 0 {
+	if len(m.aps) == 0 || len(m.VCPUs) > 64 { // hv.INITTargets's mask
 		return nil
 	}
 	bsp, ok := m.board.(LAPIC)
