@@ -3,7 +3,11 @@
 // Command tamahv is the hypervisor image: it boots on a PC-compatible
 // machine, reports the processor's VMX capabilities, enters VMX operation
 // and runs the Linux kernel it finds among the Multiboot modules as its
-// guest, with swapmem serving the guest's swap-read hypercalls.
+// guest, with swapmem serving the guest's swap-read hypercalls. Its own
+// command line takes hc.ring3= (the default policy's grants to ring 3),
+// smp.vcpus (every application processor runs a vCPU; without it they
+// stay parked and hidden) and smp.visible (a test knob: the processor
+// tables are left unpatched).
 //
 // It prints stable lines that users and tests rely on:
 //
@@ -12,8 +16,9 @@
 //	tamahv: processors: ... (and the lines of pc.HoldProcessors)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
+//	tamahv: AP APIC ID N: vCPU i waits for start-up (with smp.vcpus)
 //	tamahv: vCPU N started
-//	tamahv: guest exited (status N) after N exits (vCPU 0: N)
+//	tamahv: guest exited (status N) after N exits (vCPU 0: a, vCPU 1: b, ...)
 //	tamahv: halted
 package main
 
