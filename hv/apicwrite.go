@@ -8,20 +8,19 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// Local APIC registers and interrupt-command bits (SDM Vol. 3A, "Local
-// APIC Register Address Map", "Interrupt Command Register (ICR)").
+// The local APIC's numbers (vmx/apic.go), short names.
 const (
-	apicICRLow        = 0x300
-	apicICRHigh       = 0x310
-	icrDeliveryMode   = 7 << 8
-	icrDeliveryINIT   = 5 << 8
-	icrLevelAssert    = 1 << 14
-	icrLevelTriggered = 1 << 15
-	icrLogical        = 1 << 11
-	icrShorthand      = 3 << 18
-	icrSelf           = 1 << 18
-	icrAllIncSelf     = 2 << 18
-	icrAllExclSelf    = 3 << 18
+	apicICRLow        = vmx.APICICRLow
+	apicICRHigh       = vmx.APICICRHigh
+	icrDeliveryMode   = vmx.ICRDeliveryMode
+	icrDeliveryINIT   = vmx.ICRDeliveryINIT
+	icrLevelAssert    = vmx.ICRLevelAssert
+	icrLevelTriggered = vmx.ICRLevelTriggered
+	icrLogical        = vmx.ICRLogical
+	icrShorthand      = vmx.ICRShorthand
+	icrSelf           = vmx.ICRSelf
+	icrAllIncSelf     = vmx.ICRAllIncSelf
+	icrAllExclSelf    = vmx.ICRAllExclSelf
 )
 
 // APICWrites emulates the guest's writes to its local APIC's registers

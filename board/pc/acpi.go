@@ -411,34 +411,19 @@ func mpProcessors(m PhysRW, pa uint64) ([]Processor, error) {
 // online capable) and the table's checksum is fixed; each write is read
 // back. It reports how many entries it changed.
 func (p *Processors) Hide(m PhysRW, apicID uint32) (int, error) {
-	var entries []Processor
-	if p.MADT != 0 {
-		entries = append(entries, p.List...)
-	}
-	if p.MP != 0 {
-		entries = append(entries, p.mp...)
-	}
-	n := 0
-	var errs []error
-	for _, c := range entries {
-		if c.APICID != apicID {
-			continue
-		}
-		changed, err := markEntry(m, p, c, false)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		if changed {
-			n++
-		}
-	}
-	return n, errors.Join(errs...)
+	return p.mark(m, apicID, false)
 }
 
 // Show lists the processor with apicID as enabled again in the tables it
 // was hidden from (Hide), for the guest to start: tamahv runs it as a
 // vCPU. It returns the number of entries changed.
 func (p *Processors) Show(m PhysRW, apicID uint32) (int, error) {
+	return p.mark(m, apicID, true)
+}
+
+// mark hides (show false) or shows every table entry of the processor
+// with apicID; Show leaves an entry the firmware did not enable alone.
+func (p *Processors) mark(m PhysRW, apicID uint32, show bool) (int, error) {
 	var entries []Processor
 	if p.MADT != 0 {
 		entries = append(entries, p.List...)
@@ -449,10 +434,10 @@ func (p *Processors) Show(m PhysRW, apicID uint32) (int, error) {
 	n := 0
 	var errs []error
 	for _, c := range entries {
-		if c.APICID != apicID || !c.Enabled {
+		if c.APICID != apicID || show && !c.Enabled {
 			continue
 		}
-		changed, err := markEntry(m, p, c, true)
+		changed, err := markEntry(m, p, c, show)
 		if err != nil {
 			errs = append(errs, err)
 		}

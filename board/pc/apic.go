@@ -1,20 +1,20 @@
 package pc
 
-// Local APIC (SDM Vol. 3A, "Advanced Programmable Interrupt Controller
-// (APIC)"): IA32_APIC_BASE, the interrupt command register in xAPIC and
-// x2APIC mode, and the INIT and start-up delivery modes.
+import "github.com/tamahv/tamahv/vmx"
+
+// The local APIC's numbers (vmx/apic.go), short names for the board.
 const (
-	msrAPICBase    = 0x1b
-	apicBaseX2APIC = 1 << 10
-	apicBaseAddr   = 0xf_ffff_f000
-	msrX2APICICR   = 0x830
-	lapicICRLow    = 0x300
-	lapicICRHigh   = 0x310
-	icrINIT        = 5 << 8
-	icrStartUp     = 6 << 8
-	icrNMI         = 4 << 8
-	apicBaseEnable = 1 << 11
-	icrAssert      = 1 << 14
-	icrPending     = 1 << 12
+	msrAPICBase    = vmx.MSRAPICBase
+	apicBaseX2APIC = vmx.APICBaseX2APIC
+	apicBaseEnable = vmx.APICBaseEnable
+	apicBaseAddr   = vmx.APICBaseAddr
+	msrX2APICICR   = vmx.MSRX2APICICR
+	lapicICRLow    = vmx.APICICRLow
+	lapicICRHigh   = vmx.APICICRHigh
+	icrINIT        = vmx.ICRDeliveryINIT
+	icrStartUp     = vmx.ICRDeliveryStart
+	icrNMI         = vmx.ICRDeliveryNMI
+	icrAssert      = vmx.ICRLevelAssert
+	icrPending     = vmx.ICRPending
 	cpuidX2APIC    = 1 << 21 // CPUID.1:ECX
 )

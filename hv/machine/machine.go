@@ -427,12 +427,6 @@ type LAPIC interface {
 	LAPICWrite(off, val uint32)
 }
 
-// IA32_APIC_BASE (SDM Vol. 4) and its address bits.
-const (
-	msrAPICBase  = 0x1b
-	apicBaseAddr = 0xf_ffff_f000
-)
-
 // virtualizeINIT makes tamahv see the INIT IPIs the guest sends to its
 // application processors, where it has some and every processor's local
 // APIC is reachable: the local APIC's page is mapped without write access
@@ -459,7 +453,7 @@ func (m *Machine) virtualizeINIT() error {
 	for _, a := range m.aps {
 		m.apicIDs = append(m.apicIDs, a.ap.APICID())
 	}
-	base := m.board.ReadMSR(msrAPICBase) & apicBaseAddr
+	base := m.board.ReadMSR(vmx.MSRAPICBase) & vmx.APICBaseAddr
 	if _, err := m.EPT.Protect(base, ept.Read); err != nil {
 		return fmt.Errorf("machine: the local APIC's page: %w", err)
 	}
