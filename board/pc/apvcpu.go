@@ -33,6 +33,7 @@ type APVCPU struct {
 	running atomic.Bool
 	stopped atomic.Bool
 	tried   time.Time // when VMLAUNCH was first seen tried
+	lapic   uint64    // the local APIC's address (apicBase)
 	err     error     // the first command that got no answer
 }
 
@@ -247,14 +248,22 @@ func (a *APVCPU) Kick() bool {
 // LAPICRead reads the AP's local APIC register at off (xAPIC, at the
 // address IA32_APIC_BASE gives).
 func (a *APVCPU) LAPICRead(off uint32) uint32 {
-	base := a.ReadMSR(msrAPICBase) & apicBaseAddr
-	return uint32(a.call(cmdMMIORd, base+uint64(off&0xff0), 0)[0])
+	return uint32(a.call(cmdMMIORd, a.apicBase()+uint64(off&0xff0), 0)[0])
 }
 
 // LAPICWrite writes the AP's local APIC register at off.
 func (a *APVCPU) LAPICWrite(off, v uint32) {
-	base := a.ReadMSR(msrAPICBase) & apicBaseAddr
-	a.call(cmdMMIOWr, base+uint64(off&0xff0), uint64(v))
+	a.call(cmdMMIOWr, a.apicBase()+uint64(off&0xff0), uint64(v))
+}
+
+// apicBase is the AP's local APIC address, read once: the guest cannot
+// move it (hv's MSR policy refuses a new base), so every emulated write
+// costs one command, not two.
+func (a *APVCPU) apicBase() uint64 {
+	if a.lapic == 0 {
+		a.lapic = a.ReadMSR(msrAPICBase) & apicBaseAddr
+	}
+	return a.lapic
 }
 
 // LAPICRead reads the calling processor's local APIC register at off.

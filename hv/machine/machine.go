@@ -167,8 +167,9 @@ type Machine struct {
 	serial sync.Mutex // every vCPU's Serial
 	// APIC emulates the guest's local APIC writes where the guest has
 	// application processors (virtualizeINIT); nil otherwise.
-	APIC    *hv.APICWrites
-	apicIDs []uint32 // vCPU i's local APIC ID
+	APIC      *hv.APICWrites
+	apicIDs   []uint32 // vCPU i's local APIC ID
+	vcpuIndex map[*hv.VCPU]int
 	// stuckErr: a vCPU never left the guest for an EPT change.
 	stuckErr error
 	// bspKick counts the application processors' NMIs to the bootstrap
@@ -449,6 +450,10 @@ func (m *Machine) virtualizeINIT() error {
 		lapics = append(lapics, l)
 	}
 	_, ebx, _, _ := m.board.CPUID(1, 0)
+	m.vcpuIndex = make(map[*hv.VCPU]int, len(m.VCPUs))
+	for i, v := range m.VCPUs {
+		m.vcpuIndex[v] = i
+	}
 	m.apicIDs = []uint32{ebx >> 24}
 	for _, a := range m.aps {
 		m.apicIDs = append(m.apicIDs, a.ap.APICID())
@@ -479,15 +484,9 @@ func (m *Machine) virtualizeINIT() error {
 	return nil
 }
 
-// index returns v's number.
-func (m *Machine) index(v *hv.VCPU) int {
-	for i, w := range m.VCPUs {
-		if w == v {
-			return i
-		}
-	}
-	return 0
-}
+// index returns v's number (one map lookup: it runs in every emulated
+// local APIC write).
+func (m *Machine) index(v *hv.VCPU) int { return m.vcpuIndex[v] }
 
 // virtualINIT applies an INIT IPI v sends (the ICR's low and high
 // words): an application processor's vCPU it reaches goes to its INIT
