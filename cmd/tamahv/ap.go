@@ -83,4 +83,3 @@ func (a apCPU) KickBSP(inGuest, kicks *atomic.Uint32) {
 	a.APVCPU.KickBSP(inGuest, kicks, pc.BSPAPICID())
 }
 
-func (a apCPU) Counts() (uint64, uint64) { return a.APVCPU.Counts() }
