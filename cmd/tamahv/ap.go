@@ -82,4 +82,3 @@ func (v *apVMCS) ClearErr() { v.err = nil }
 func (a apCPU) KickBSP(inGuest, kicks *atomic.Uint32) {
 	a.APVCPU.KickBSP(inGuest, kicks, pc.BSPAPICID())
 }
-
