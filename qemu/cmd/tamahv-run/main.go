@@ -22,6 +22,7 @@ func main() {
 	emu := flag.String("emu", "bochs", "emulator: bochs (VMX with EPT), tcg (QEMU, no VMX) or kvm (QEMU with nested VMX)")
 	model := flag.String("model", qemu.DefaultModel, "Bochs CPU model")
 	mem := flag.Int("mem", qemu.DefaultMemMiB, "memory in MiB")
+	cpus := flag.Int("cpus", 1, "processors")
 	timeout := flag.Duration("timeout", 10*time.Minute, "time limit")
 	dir := flag.String("logs", "", "directory for the serial log and the emulator's logs (default: a new temporary one)")
 	flag.Parse()
@@ -37,7 +38,7 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer cancel()
-	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, Timeout: *timeout, Dir: *dir}
+	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, CPUs: *cpus, Timeout: *timeout, Dir: *dir}
 	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v)\n", c.ISO, describe(c), *timeout)
 	res, err := qemu.Run(ctx, c, os.Stdout, func(l string) bool { return l == "tamahv: halted" })
 	if res != nil {
@@ -52,7 +53,7 @@ func main() {
 func describe(c qemu.Config) string {
 	switch c.Emulator {
 	case qemu.Bochs:
-		return "Bochs (" + c.Model + ", VMX with EPT)"
+		return fmt.Sprintf("Bochs (%s, VMX with EPT, %d processors)", c.Model, c.CPUs)
 	case qemu.KVM:
 		return "QEMU with KVM and nested VMX"
 	}
