@@ -22,6 +22,10 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 		}
 	case 0x12, 0x14: // SGX and Intel PT enumeration
 		*r = [4]uint32{}
+	case vmx.CPUIDLeafTSC, vmx.CPUIDLeafFrequency:
+		if v.hideTSCLeaves() {
+			*r = [4]uint32{}
+		}
 	}
 	if flagLeaf(leaf) {
 		v.clearFlags(leaf, sub, r)
@@ -59,7 +63,7 @@ func (v *VCPU) clearFlags(leaf, sub uint32, r *[4]uint32) {
 // skips the call for the others.
 func filteredLeaf(leaf uint32) bool {
 	switch leaf {
-	case 1, vmx.CPUIDLeafPMU, 0x12, 0x14:
+	case 1, vmx.CPUIDLeafPMU, 0x12, 0x14, vmx.CPUIDLeafTSC, vmx.CPUIDLeafFrequency:
 		return true
 	}
 	return flagLeaf(leaf)
@@ -92,4 +96,44 @@ func (v *VCPU) hasFeature(f vmx.CPUIDBit) bool {
 	var r [4]uint32
 	r[0], r[1], r[2], r[3] = v.CPUID(f.Leaf, f.Subleaf)
 	return r[f.Reg]&f.Mask() != 0
+}
+
+// Values of VCPU.tscLeaves.
+const (
+	tscLeavesUnknown = iota
+	tscLeavesPass
+	tscLeavesHidden
+)
+
+// hideTSCLeaves reports whether leaves 0x15 and 0x16 read as zeros: their
+// TSC frequency is more than 5% from TSCHz (VCPU.TSCHz). It reads both
+// leaves once.
+func (v *VCPU) hideTSCLeaves() bool {
+	if v.tscLeaves == tscLeavesUnknown {
+		v.tscLeaves = tscLeavesPass
+		if v.TSCHz != 0 && v.CPUID != nil {
+			var l15, l16 [4]uint32
+			l15[0], l15[1], l15[2], l15[3] = v.CPUID(vmx.CPUIDLeafTSC, 0)
+			l16[0], l16[1], l16[2], l16[3] = v.CPUID(vmx.CPUIDLeafFrequency, 0)
+			if hz := LeafTSCHz(l15, l16); hz != 0 && (hz > v.TSCHz+v.TSCHz/20 || hz < v.TSCHz-v.TSCHz/20) {
+				v.tscLeaves = tscLeavesHidden
+			}
+		}
+	}
+	return v.tscLeaves == tscLeavesHidden
+}
+
+// LeafTSCHz returns the TSC frequency in Hz that CPUID leaves 0x15 (l15)
+// and 0x16 (l16) give, as an operating system reads them: the crystal
+// clock times the ratio, or, where the crystal is not enumerated, the
+// base frequency of leaf 0x16. 0: not enumerated.
+func LeafTSCHz(l15, l16 [4]uint32) uint64 {
+	den, num, crystal := uint64(l15[vmx.EAX]), uint64(l15[vmx.EBX]), uint64(l15[vmx.ECX])
+	switch {
+	case den == 0 || num == 0:
+		return 0
+	case crystal != 0:
+		return crystal * num / den
+	}
+	return uint64(l16[vmx.EAX]) * 1_000_000
 }

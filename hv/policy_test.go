@@ -29,6 +29,10 @@ func hostCPUID(leaf, sub uint32) (a, b, c, d uint32) {
 		return 1, 1, 1, 1
 	case leaf == 0x80000001:
 		return 0, 0, 0, 1 << 27
+	case leaf == vmx.CPUIDLeafTSC: // Bochs's Skylake: no crystal, ratio 292/2
+		return 2, 292, 0, 0
+	case leaf == vmx.CPUIDLeafFrequency: // 3.5 GHz base, 3.5 GHz max, 100 MHz bus
+		return 3500, 3500, 100, 0
 	}
 	return 0, 0, 0, 0
 }
@@ -270,4 +274,48 @@ func TestPerfGlobalCtrlIsSwitched(t *testing.T) {
 	caps.Exit.One |= vmx.ExitClearRTITCtl
 	v, _ = policyVCPU(t, caps)
 	assert.NotZero(t, fv(v).Fields[vmx.ExitControls]&vmx.ExitClearRTITCtl, "Intel PT stops at exit")
+}
+
+// The TSC frequency CPUID's leaves give, as Linux reads them.
+func TestLeafTSCHz(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		l15, l16 [4]uint32
+		want     uint64
+	}{
+		{"crystal enumerated", [4]uint32{2, 176, 24_000_000}, [4]uint32{2000}, 2_112_000_000},
+		{"no crystal: base frequency", [4]uint32{2, 292}, [4]uint32{3500}, 3_500_000_000},
+		{"no ratio", [4]uint32{0, 0, 24_000_000}, [4]uint32{3500}, 0},
+		{"nothing", [4]uint32{}, [4]uint32{}, 0},
+	} {
+		assert.Equal(t, c.want, LeafTSCHz(c.l15, c.l16), c.name)
+	}
+}
+
+// Leaves 0x15 and 0x16 read as zeros where they disagree with the TSC
+// tamahv measured (Bochs: 3.5 GHz in CPUID, 200 MHz counted), so that the
+// guest calibrates its TSC; they pass where they agree or nothing was
+// measured.
+func TestCPUIDTSCLeavesFollowTheMeasuredTSC(t *testing.T) {
+	for _, c := range []struct {
+		hz     uint64
+		hidden bool
+	}{
+		{200_000_000, true},
+		{3_400_000_000, false}, // within 5%
+		{3_600_000_000, false},
+		{3_000_000_000, true},
+		{0, false},
+	} {
+		v, _ := policyVCPU(t, skylake())
+		v.TSCHz = c.hz
+		l15, l16 := cpuidOf(t, v, vmx.CPUIDLeafTSC, 0), cpuidOf(t, v, vmx.CPUIDLeafFrequency, 0)
+		if c.hidden {
+			assert.Equal(t, [4]uint32{}, l15, "%d Hz", c.hz)
+			assert.Equal(t, [4]uint32{}, l16, "%d Hz", c.hz)
+		} else {
+			assert.Equal(t, [4]uint32{2, 292, 0, 0}, l15, "%d Hz", c.hz)
+			assert.Equal(t, [4]uint32{3500, 3500, 100, 0}, l16, "%d Hz", c.hz)
+		}
+	}
 }

@@ -76,6 +76,13 @@ type VCPU struct {
 	// CPUID executes CPUID for the guest (the host's values, filtered by
 	// the CPUID handler).
 	CPUID func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
+	// TSCHz is the TSC frequency tamahv measured (0: unknown). Where the
+	// frequency CPUID's leaves 0x15 and 0x16 give is more than 5% from
+	// it, both leaves read as zeros (not enumerated) and the guest
+	// calibrates its TSC itself, as it does on processors without them:
+	// an emulated processor may report its model's frequency while its
+	// TSC counts at the emulator's rate.
+	TSCHz uint64
 	// XSETBV loads XCR0 with a value the handler checked.
 	XSETBV func(xcr uint32, v uint64)
 	// PortIO does real port I/O for the bytes of an exiting I/O
@@ -132,6 +139,9 @@ type VCPU struct {
 	exited  error
 	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
 	tscAdjust uint64
+	// tscLeaves is whether leaves 0x15 and 0x16 pass (tscLeavesPass) or
+	// read as zeros (tscLeavesHidden), decided at their first read.
+	tscLeaves uint8
 }
 
 // Errors of the run loop.

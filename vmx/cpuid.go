@@ -73,6 +73,12 @@ const (
 	CPUIDLeafHypervisor = 0x40000000
 	// CPUIDLeafPMU is the architectural performance-monitoring leaf.
 	CPUIDLeafPMU = 0xa
+	// CPUIDLeafTSC is the time-stamp counter and core crystal clock leaf
+	// (0x15): TSC = crystal (ECX, Hz; 0: not enumerated) × EBX / EAX.
+	CPUIDLeafTSC = 0x15
+	// CPUIDLeafFrequency is the processor frequency leaf (0x16): EAX the
+	// base frequency in MHz.
+	CPUIDLeafFrequency = 0x16
 	// CPUIDHypervisorBit is leaf 1 ECX bit 31: running under a hypervisor.
 	CPUIDHypervisorBit = 1 << 31
 	// CPUIDOSXSAVEBit is leaf 1 ECX bit 27: CR4.OSXSAVE is set.
