@@ -202,6 +202,15 @@ type apVCPU struct {
 	state atomic.Int32
 	done  atomic.Bool // Run returned; err is its result
 	err   error       // Run's result
+	// out: the vCPU left the guest and its goroutine has not entered it
+	// again (it handles the exit, or waits for Serial to).
+	out atomic.Bool
+}
+
+// waiting reports whether the vCPU's goroutine has work that only runs
+// while vCPU 0 yields: an exit the AP posted, or one being handled.
+func (a *apVCPU) waiting() bool {
+	return a.ap.Pending() || (a.out.Load() && !a.done.Load())
 }
 
 // ErrGuestFailed is Run's error when the guest stopped on an error.
@@ -366,6 +375,9 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	m.Delivery = m.Deliveries[0]
 	m.Agent.Delivery = m.Delivery
+	// The guest's CPUID leaves 0x15 and 0x16 agree with the TSC tamahv
+	// measured, or read as zeros (hv.VCPU.TSCHz).
+	v.TSCHz = b.TSCHz()
 	if hz := b.TSCHz(); hz != 0 {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
@@ -569,6 +581,7 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 	v := hv.NewVCPU(vmcs, c.Caps)
 	a := &apVCPU{ap: ap, index: i}
 	v.CPUID = ap.CPUID
+	v.TSCHz = m.VCPU.TSCHz
 	v.XSETBV = ap.XSETBV
 	v.ReadMSR, v.WriteMSR = ap.ReadMSR, ap.WriteMSR
 	v.TakeNMI = func() bool { return ap.TakeNMI() && !a.kick.take(true) }
@@ -593,11 +606,18 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		return err
 	}
 	// The application processor answers its preemption-timer exits
-	// itself: its timer only bounds how long a shootdown waits for it.
-	if t := m.VCPU.PreemptionTicks; t != 0 {
-		v.PreemptionTicks = max(t/10, 1)
+	// itself: its timer only bounds how long a shootdown waits for it
+	// where a kick cannot reach it. It is vCPU 0's period: each exit wakes
+	// a processor the guest left idle.
+	v.PreemptionTicks = m.VCPU.PreemptionTicks
+	v.Enter = func(v *hv.VCPU, launched bool) error {
+		err := ap.Enter(&v.Regs, launched)
+		// Out of the guest until the next entry: its goroutine handles
+		// the exit, and vCPU 0 lets it (yieldToAPs).
+		a.out.Store(true)
+		return err
 	}
-	v.Enter = func(v *hv.VCPU, launched bool) error { return ap.Enter(&v.Regs, launched) }
+	v.OnEntry(func(*hv.VCPU) { a.out.Store(false) })
 	started := false
 	v.OnEntry(func(v *hv.VCPU) {
 		// Started at its first entry in an active state: after the
@@ -671,15 +691,30 @@ type NMIUnblocker interface {
 // yieldToAPs lets the application processors' goroutines handle the
 // exits that wait, from vCPU 0's entry: Serial is released while they
 // run.
+//
+// It yields until no AP's goroutine has such work (at most maxYields
+// times): one that found its exit while vCPU 0 held Serial would
+// otherwise wait for vCPU 0's next exit, up to a preemption-timer period.
 func (m *Machine) yieldToAPs() {
+	for n := 0; n < maxYields && m.apsWaiting(); n++ {
+		m.serial.Unlock()
+		runtime.Gosched()
+		m.serial.Lock()
+	}
+}
+
+// maxYields bounds yieldToAPs: a goroutine handles its exit within one
+// yield (its handlers never yield), so more means one that is stuck.
+const maxYields = 64
+
+// apsWaiting reports whether an AP's goroutine has work (apVCPU.waiting).
+func (m *Machine) apsWaiting() bool {
 	for _, a := range m.aps {
-		if a.ap.Pending() {
-			m.serial.Unlock()
-			runtime.Gosched()
-			m.serial.Lock()
-			return
+		if a.waiting() {
+			return true
 		}
 	}
+	return false
 }
 
 // exits returns the exits of every vCPU so far, and the

@@ -243,7 +243,7 @@ func TestSMPAPStartsAndRuns(t *testing.T) {
 	assert.Equal(t, b.vmcs.Fields[vmx.EPTPointer], f[vmx.EPTPointer], "one EPT")
 	assert.Equal(t, b.vmcs.Fields[vmx.MSRBitmap], f[vmx.MSRBitmap])
 	assert.EqualValues(t, 1<<12, f[vmx.HostGSBase], "the AP's host state")
-	assert.Equal(t, m.VCPU.PreemptionTicks/10, m.VCPUs[1].PreemptionTicks)
+	assert.Equal(t, m.VCPU.PreemptionTicks, m.VCPUs[1].PreemptionTicks)
 	assert.NotZero(t, m.VCPUs[1].PreemptionTicks)
 	rev, err := b.Bytes(ap.vmcsPA)
 	require.NoError(t, err)
@@ -269,11 +269,11 @@ func TestSMPAPStartsAndRuns(t *testing.T) {
 			assert.Contains(t, log.String(), "tamahv: vCPU 1 started\n")
 			assert.True(t, a.words.InGuest.Load() == 1, "marked in the guest when active")
 		}, exit: func(a *fakeAP, r *vmx.GuestRegs) {
-			r.RAX = 0x16
+			r.RAX = 0x17
 			a.exitWith(vmx.ExitCPUID)
 		}},
 		{name: "identify from user mode", check: func(a *fakeAP, r *vmx.GuestRegs) {
-			assert.EqualValues(t, 0x16+100, r.RAX, "the AP's CPUID")
+			assert.EqualValues(t, 0x17+100, r.RAX, "the AP's CPUID")
 		}, exit: func(a *fakeAP, r *vmx.GuestRegs) {
 			a.run(3)
 			r.RAX = hcall.Identify

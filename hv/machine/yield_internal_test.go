@@ -1,0 +1,66 @@
+package machine
+
+import (
+	"runtime"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+// pendingAP is an AP whose mailbox holds a posted exit or not.
+type pendingAP struct {
+	AP
+	pending bool
+}
+
+func (p *pendingAP) Pending() bool { return p.pending }
+
+// An AP's goroutine that found its exit while vCPU 0 held Serial waits for
+// Serial: its exit is no longer posted, but not handled either. vCPU 0's
+// entry yields until it is handled and the AP entered again; otherwise
+// the AP would wait out vCPU 0's time in the guest (up to a
+// preemption-timer period) for every such exit.
+func TestYieldToAPsWaitsForAnExitBeingHandled(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	m := &Machine{}
+	a := &apVCPU{ap: &pendingAP{}}
+	m.aps = []*apVCPU{a}
+	a.out.Store(true) // its Enter returned: the exit is its goroutine's
+	m.serial.Lock()   // vCPU 0 prepares its entry
+	handled := make(chan struct{})
+	go func() {
+		m.serial.Lock() // the AP's goroutine handles its exit
+		a.out.Store(false)
+		m.serial.Unlock()
+		close(handled)
+	}()
+	m.yieldToAPs()
+	assert.False(t, a.out.Load(), "vCPU 0 entered with the AP's exit unhandled")
+	m.serial.Unlock()
+	<-handled
+
+	// A posted exit is waited for the same way.
+	p := &pendingAP{pending: true}
+	a.ap = p
+	m.serial.Lock()
+	go func() {
+		m.serial.Lock()
+		p.pending = false
+		m.serial.Unlock()
+	}()
+	m.yieldToAPs()
+	assert.False(t, p.pending, "vCPU 0 entered with the AP's exit posted")
+	m.serial.Unlock()
+
+	// A vCPU whose Run returned has nothing to handle; one whose
+	// goroutine never comes holds vCPU 0 for maxYields yields at most.
+	a.ap = &pendingAP{}
+	a.out.Store(true)
+	a.done.Store(true)
+	assert.False(t, m.apsWaiting())
+	a.done.Store(false)
+	m.serial.Lock()
+	m.yieldToAPs()
+	m.serial.Unlock()
+	assert.True(t, a.out.Load())
+}
