@@ -145,6 +145,36 @@ func swapMigrate(args []string) error {
 	// The hypercalls, the move and the wait all happen on this thread.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	// A read can end before the move: every thread of the process takes
+	// the read's faults, not only this one, while the move waits for the
+	// guest's migration. Such a run shows nothing of a process that moves
+	// while it waits, so it is made again with twice the pages, up to
+	// migrateTries runs in all.
+	return retryMigrate(pages, func(pages int) error { return migrateOnce(opts, from, to, pages) })
+}
+
+// retryMigrate runs once with pages, and again with twice as many while
+// the read ended before the move, up to migrateTries runs.
+func retryMigrate(pages int, once func(pages int) error) error {
+	for try := 1; ; try++ {
+		err := once(pages)
+		if !errors.Is(err, errEndedEarly) || try == migrateTries || 2*pages > swapmem.MaxLen/pageSize {
+			return err
+		}
+		fmt.Printf("swapread: migrate: %v; again with %d pages\n", err, 2*pages)
+		pages *= 2
+	}
+}
+
+// migrateTries bounds swapMigrate's runs.
+const migrateTries = 3
+
+// errEndedEarly is migrateOnce's error for a read that ended before the
+// process moved.
+var errEndedEarly = errors.New("the read was no longer pending after the move")
+
+// migrateOnce is one run of swapMigrate with a read of pages pages.
+func migrateOnce(opts uint64, from, to, pages int) error {
 	if err := pinProcess(from); err != nil {
 		return err
 	}
@@ -152,6 +182,7 @@ func swapMigrate(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer syscall.Munmap(b.mem)
 	if err := b.pageOut(); err != nil {
 		return err
 	}
@@ -168,9 +199,7 @@ func swapMigrate(args []string) error {
 	status := vmx.VMCALL(hcall.SwapStatus, 0, 0)
 	fmt.Printf("swapread: migrate: read sent on CPU %d, process moved to CPU %d, status %d\n", from, to, status)
 	if status != hcall.StatusPending {
-		// The read ended before the move: this run proves nothing about
-		// a waiting process that moves.
-		return fmt.Errorf("the read was no longer pending after the move (status %d)", status)
+		return fmt.Errorf("%w (status %d)", errEndedEarly, status)
 	}
 	took, err := await(b.data, opts, false, start)
 	if err != nil {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"runtime"
 	"strconv"
@@ -104,4 +106,30 @@ func TestSwapMigrateArgs(t *testing.T) {
 	} {
 		assert.Error(t, swapMigrate(args), "%q", args)
 	}
+}
+
+// A read that ended before its process moved is made again with twice the
+// pages, at most migrateTries runs in all; any other outcome is final.
+func TestRetryMigrate(t *testing.T) {
+	var runs []int
+	early := func(ok int) func(int) error {
+		return func(pages int) error {
+			runs = append(runs, pages)
+			if len(runs) == ok {
+				return nil
+			}
+			return fmt.Errorf("%w (status 2)", errEndedEarly)
+		}
+	}
+	assert.NoError(t, retryMigrate(64, early(2)))
+	assert.Equal(t, []int{64, 128}, runs)
+
+	runs = nil
+	assert.ErrorIs(t, retryMigrate(64, early(0)), errEndedEarly)
+	assert.Equal(t, []int{64, 128, 256}, runs)
+
+	runs = nil
+	other := errors.New("answered on CPU 0, want 1")
+	assert.Equal(t, other, retryMigrate(64, func(pages int) error { runs = append(runs, pages); return other }))
+	assert.Equal(t, []int{64}, runs)
 }
