@@ -31,3 +31,25 @@ func openPTY() (master, slave *os.File, err error) {
 	}
 	return m, s, nil
 }
+
+// syscallNoCTTY keeps an opened terminal from becoming the controlling one.
+const syscallNoCTTY = syscall.O_NOCTTY
+
+// makeRaw puts the terminal f in raw mode: no line editing, echo, signals,
+// flow control or output processing (cfmakeraw(3)).
+func makeRaw(f *os.File) error {
+	var t syscall.Termios
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), syscall.TCGETS, uintptr(unsafe.Pointer(&t))); e != 0 {
+		return fmt.Errorf("qemu: reading the terminal's modes: %w", e)
+	}
+	t.Iflag &^= syscall.IGNBRK | syscall.BRKINT | syscall.PARMRK | syscall.ISTRIP | syscall.INLCR | syscall.IGNCR | syscall.ICRNL | syscall.IXON
+	t.Oflag &^= syscall.OPOST
+	t.Lflag &^= syscall.ECHO | syscall.ECHONL | syscall.ICANON | syscall.ISIG | syscall.IEXTEN
+	t.Cflag &^= syscall.CSIZE | syscall.PARENB
+	t.Cflag |= syscall.CS8
+	t.Cc[syscall.VMIN], t.Cc[syscall.VTIME] = 1, 0
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), syscall.TCSETS, uintptr(unsafe.Pointer(&t))); e != 0 {
+		return fmt.Errorf("qemu: setting the terminal raw: %w", e)
+	}
+	return nil
+}

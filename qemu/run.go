@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -102,7 +103,34 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 		tty = slave
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
-		go func() { _, _ = io.Copy(out, master) }()
+		// Its display goes to a terminal of its own, which the harness
+		// reads (screen.go).
+		screen, err := os.Create(dirFile(dir, "bochs.screen"))
+		if err != nil {
+			slave.Close()
+			return res, err
+		}
+		defer screen.Close()
+		var mu sync.Mutex
+		var stopScreen func()
+		defer func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if stopScreen != nil {
+				stopScreen()
+			}
+		}()
+		drain := &screenDrain{open: func(path string) {
+			stop, err := drainScreen(path, screen)
+			if err != nil {
+				fmt.Fprintf(out, "\nqemu: reading Bochs's display terminal %s: %v\n", path, err)
+				return
+			}
+			mu.Lock()
+			stopScreen = stop
+			mu.Unlock()
+		}}
+		go func() { _, _ = io.Copy(io.MultiWriter(out, drain), master) }()
 	} else {
 		cmd.Stdout, cmd.Stderr = out, out
 	}
