@@ -4,7 +4,7 @@
 #   make run        boot the ISO in Bochs (VMX with EPT); EMU=tcg or EMU=kvm for QEMU
 #   make test       vet, format check, host tests (-race), emulator tests
 #   make e2e-models boot every supported Bochs CPU model with the guest
-#   make e2e-smp    the 2-processor guest, and 4 processors on each guest model
+#   make e2e-smp    the 2-processor guest (parked and as vCPUs), 4 processors on each guest model
 #   make e2e-swapmem the further swapmem cases on the Linux guest
 #   make e2e-overhead the guest without and with tamahv
 #   make fuzz       run the swapmem, hypercall and page-table-write fuzzers for FUZZTIME each (default 60s)
@@ -36,7 +36,7 @@ PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 
-.PHONY: kmod e2e-smp iso-smp iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -161,12 +161,12 @@ iso-cases: iso
 	cp qemu/grub-cases.cfg $(BUILD)/iso-cases/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/cases.iso $(BUILD)/iso-cases 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
-# The tamahv ISO that runs every application processor as a vCPU
-# (smp.vcpus on tamahv's command line).
-iso-smp: iso
-	@rm -rf $(BUILD)/iso-smp && cp -r $(BUILD)/iso $(BUILD)/iso-smp
-	cp qemu/grub-smp.cfg $(BUILD)/iso-smp/boot/grub/grub.cfg
-	grub-mkrescue -o $(BUILD)/smp.iso $(BUILD)/iso-smp 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+# The tamahv ISO that keeps the application processors parked and hidden
+# (smp.park on tamahv's command line).
+iso-park: iso
+	@rm -rf $(BUILD)/iso-park && cp -r $(BUILD)/iso $(BUILD)/iso-park
+	cp qemu/grub-park.cfg $(BUILD)/iso-park/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/park.iso $(BUILD)/iso-park 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
 e2e-swapmem: iso-cases deps-bochs
 	TAMAHV_E2E_SWAPMEM=1 $(GO) test -count=1 -v -run 'TestBochsSwapmemCases' -timeout 30m ./qemu/
@@ -195,7 +195,7 @@ test: deps-test deps-iso deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
 	$(GO) test -race -count=1 -timeout 25m ./...
 
-e2e-smp: iso-smp deps-bochs
+e2e-smp: iso-park deps-bochs
 	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 50m ./qemu/
 
 e2e-models: deps-bochs deps-iso

@@ -88,6 +88,12 @@ func pinProcess(cpu int) error {
 			break
 		}
 	}
+	return pinSelf(cpu)
+}
+
+// pinSelf pins the calling thread to processor cpu and returns once it
+// runs there.
+func pinSelf(cpu int) error {
 	if err := pinThread(0, cpu); err != nil {
 		return err
 	}
@@ -113,8 +119,9 @@ func pinProcess(cpu int) error {
 // read whose process moves between processors while it waits. The
 // process runs on processor FROM while it fills the buffer, pushes it to
 // swap and sends the read; as soon as the hypercall returns, before it
-// waits or asks for the read's status, it moves all its threads to
-// processor TO; it checks there that the read is still pending and then
+// waits or asks for the read's status, the thread that sent it and waits
+// moves to processor TO (the process's other threads stay on FROM); it
+// checks there that the read is still pending and then
 // waits for tamahv's answer on TO (UserFault spinning in user mode, or
 // BPFault looping on getppid). The move happens at that one place in the
 // program, whatever the timing: between the request and the wait.
@@ -193,11 +200,14 @@ func migrateOnce(opts uint64, from, to, pages int) error {
 	if r := send(b.va(), len(b.data), b.want, opts); r != 0 {
 		return fmt.Errorf("HcSwapRead answered %#x", r)
 	}
-	if err := pinProcess(to); err != nil {
+	// Only this thread moves: one system call, where moving every thread
+	// of the process takes dozens, each return to user mode a fault for
+	// a UserFault read (and the read would end before the move).
+	if err := pinSelf(to); err != nil {
 		return err
 	}
 	status := vmx.VMCALL(hcall.SwapStatus, 0, 0)
-	fmt.Printf("swapread: migrate: read sent on CPU %d, process moved to CPU %d, status %d\n", from, to, status)
+	fmt.Printf("swapread: migrate: read sent on CPU %d, reader moved to CPU %d, status %d\n", from, to, status)
 	if status != hcall.StatusPending {
 		return fmt.Errorf("%w (status %d)", errEndedEarly, status)
 	}

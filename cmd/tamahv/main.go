@@ -5,9 +5,9 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
-// smp.vcpus (every application processor runs a vCPU; without it they
-// stay parked and hidden) and smp.visible (a test knob: the processor
-// tables are left unpatched).
+// smp.park (the application processors stay parked in VMX root operation
+// and hidden from the guest, instead of each running a vCPU) and
+// smp.visible (a test knob: the processor tables are left unpatched).
 //
 // It prints stable lines that users and tests rely on:
 //
@@ -16,7 +16,7 @@
 //	tamahv: processors: ... (and the lines of pc.HoldProcessors)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
-//	tamahv: AP APIC ID N: vCPU i waits for start-up (with smp.vcpus)
+//	tamahv: AP APIC ID N: vCPU i waits for start-up (without smp.park)
 //	tamahv: vCPU N started
 //	tamahv: guest exited (status N) after N exits (vCPU 0: a, vCPU 1: b, ...)
 //	tamahv: halted
@@ -72,9 +72,9 @@ func main() {
 			// smp.visible leaves the firmware's processor tables as they are.
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
 			smp, err := pc.HoldProcessors(avail, visible, os.Stdout)
-			// smp.vcpus runs every held application processor as a
-			// vCPU; without it they stay parked and hidden.
-			vcpus := slices.Contains(strings.Fields(info.Cmdline), "smp.vcpus")
+			// Every held application processor runs a vCPU; with
+			// smp.park they stay parked and hidden.
+			vcpus := !slices.Contains(strings.Fields(info.Cmdline), "smp.park")
 			if err == nil {
 				err = runGuest(caps, info, kernel, initrd, cmdline, smp, vcpus)
 			}
