@@ -155,26 +155,30 @@ func swapMigrate(args []string) error {
 	// A read can end before the move: every thread of the process takes
 	// the read's faults, not only this one, while the move waits for the
 	// guest's migration. Such a run shows nothing of a process that moves
-	// while it waits, so it is made again with twice the pages, up to
-	// migrateTries runs in all.
+	// while it waits, so it is made again with migrateGrowth times the
+	// pages, up to migrateTries runs in all.
 	return retryMigrate(pages, func(pages int) error { return migrateOnce(opts, from, to, pages) })
 }
 
-// retryMigrate runs once with pages, and again with twice as many while
-// the read ended before the move, up to migrateTries runs.
+// retryMigrate runs once with pages, and again with migrateGrowth times
+// as many while the read ended before the move, up to migrateTries runs.
 func retryMigrate(pages int, once func(pages int) error) error {
 	for try := 1; ; try++ {
 		err := once(pages)
-		if !errors.Is(err, errEndedEarly) || try == migrateTries || 2*pages > swapmem.MaxLen/pageSize {
+		if !errors.Is(err, errEndedEarly) || try == migrateTries || migrateGrowth*pages >= swapmem.MaxLen/pageSize {
 			return err
 		}
-		fmt.Printf("swapread: migrate: %v; again with %d pages\n", err, 2*pages)
-		pages *= 2
+		fmt.Printf("swapread: migrate: %v; again with %d pages\n", err, migrateGrowth*pages)
+		pages *= migrateGrowth
 	}
 }
 
-// migrateTries bounds swapMigrate's runs.
-const migrateTries = 3
+// migrateTries bounds swapMigrate's runs; each is migrateGrowth times
+// the previous one's pages (a buffer stays below swapmem.MaxLen).
+const (
+	migrateTries  = 3
+	migrateGrowth = 4
+)
 
 // errEndedEarly is migrateOnce's error for a read that ended before the
 // process moved.

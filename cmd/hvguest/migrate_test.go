@@ -108,8 +108,9 @@ func TestSwapMigrateArgs(t *testing.T) {
 	}
 }
 
-// A read that ended before its process moved is made again with twice the
-// pages, at most migrateTries runs in all; any other outcome is final.
+// A read that ended before its process moved is made again with
+// migrateGrowth times the pages, at most migrateTries runs in all and
+// below swapmem.MaxLen; any other outcome is final.
 func TestRetryMigrate(t *testing.T) {
 	var runs []int
 	early := func(ok int) func(int) error {
@@ -121,12 +122,16 @@ func TestRetryMigrate(t *testing.T) {
 			return fmt.Errorf("%w (status 2)", errEndedEarly)
 		}
 	}
-	assert.NoError(t, retryMigrate(64, early(2)))
-	assert.Equal(t, []int{64, 128}, runs)
+	assert.NoError(t, retryMigrate(16, early(2)))
+	assert.Equal(t, []int{16, 64}, runs)
 
 	runs = nil
-	assert.ErrorIs(t, retryMigrate(64, early(0)), errEndedEarly)
-	assert.Equal(t, []int{64, 128, 256}, runs)
+	assert.ErrorIs(t, retryMigrate(16, early(0)), errEndedEarly)
+	assert.Equal(t, []int{16, 64, 256}, runs)
+
+	runs = nil
+	assert.ErrorIs(t, retryMigrate(256, early(0)), errEndedEarly)
+	assert.Equal(t, []int{256, 1024}, runs, "4096 pages would pass swapmem.MaxLen")
 
 	runs = nil
 	other := errors.New("answered on CPU 0, want 1")
