@@ -611,13 +611,15 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 	// a processor the guest left idle.
 	v.PreemptionTicks = m.VCPU.PreemptionTicks
 	v.Enter = func(v *hv.VCPU, launched bool) error {
+		// From here the AP's exits are posted (AP.Pending) until Enter
+		// returns; then the vCPU is out of the guest until its next
+		// entry: its goroutine handles the exit, and vCPU 0 lets it
+		// (yieldToAPs).
+		a.out.Store(false)
 		err := ap.Enter(&v.Regs, launched)
-		// Out of the guest until the next entry: its goroutine handles
-		// the exit, and vCPU 0 lets it (yieldToAPs).
 		a.out.Store(true)
 		return err
 	}
-	v.OnEntry(func(*hv.VCPU) { a.out.Store(false) })
 	started := false
 	v.OnEntry(func(v *hv.VCPU) {
 		// Started at its first entry in an active state: after the
