@@ -310,7 +310,7 @@ func TestBochsSMPModels(t *testing.T) {
 	needEmulator(t, Bochs)
 	for _, model := range []string{"corei7_skylake_x", "broadwell_ult"} {
 		t.Run(model, func(t *testing.T) {
-			res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Model: model, CPUs: 4, Timeout: 15 * time.Minute})
+			res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, Model: model, CPUs: 4, Timeout: 20 * time.Minute})
 			checkSMP(t, res, 4)
 		})
 	}

@@ -179,6 +179,9 @@ type Machine struct {
 	// ended is the first application processor's vCPU whose Run returned
 	// while the guest ran: vCPU 0 stops at its next entry.
 	ended atomic.Pointer[apVCPU]
+	// clock is time.Now; lastTick is when tick last ran (vCPU 0's).
+	clock    func() time.Time
+	lastTick time.Time
 }
 
 // The states of an application processor's vCPU.
@@ -222,7 +225,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if c.Caps == nil {
 		return nil, errors.New("machine: no VMX capabilities")
 	}
-	m := &Machine{board: b, log: c.Log}
+	m := &Machine{board: b, log: c.Log, clock: time.Now}
 	if m.log == nil {
 		m.log = io.Discard
 	}
@@ -367,6 +370,11 @@ func New(b Board, c Config) (*Machine, error) {
 	// goroutines run while vCPU 0 yields): an AP that posts an exit after
 	// the look sees the mark and kicks it. A change made meanwhile is
 	// vCPU 0's processor's own (Changed(0)), which waits for nobody there.
+	v.OnEntry(func(v *hv.VCPU) {
+		if m.tickDue() {
+			m.tick(v)
+		}
+	})
 	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
 	v.OnEntry(func(*hv.VCPU) { m.yieldToAPs() })
 	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
@@ -382,17 +390,8 @@ func New(b Board, c Config) (*Machine, error) {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
 	v.OnTick(func(v *hv.VCPU) {
-		m.Engine.ReinjectFailedPF()
-		if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
-			fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
-				m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
-			v.Report(m.log, true)
-		}
-		// The vCPU's loop never blocks; yield at every tick so that the
-		// Go runtime's own goroutines (the garbage collector's workers)
-		// run and a collection ends: what guest requests allocated is
-		// given back.
-		runtime.Gosched()
+		m.lastTick = m.clock()
+		m.tick(v)
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error {
 		if m.ended.Load() != nil {
@@ -640,6 +639,41 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		k.KickBSP(bsp.InGuest, &m.bspKick.sent)
 	}
 	return nil
+}
+
+// tick is vCPU 0's periodic work: pending #PFs re-armed and deadlines
+// kept (the swapmem engine), the watchdog, and a yield to the Go runtime.
+// It runs at vCPU 0's VMX-preemption-timer exits and, where vCPU 0 exits
+// too often for its timer to expire (the timer restarts at every entry;
+// with APs, their kicks and local APIC writes keep it short), at an entry
+// tickPeriod after the last run (tickDue).
+func (m *Machine) tick(v *hv.VCPU) {
+	m.Engine.ReinjectFailedPF()
+	if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
+		fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
+			m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
+		v.Report(m.log, true)
+	}
+	// The vCPU's loop never blocks; yield at every tick so that the
+	// Go runtime's own goroutines (the garbage collector's workers)
+	// run and a collection ends: what guest requests allocated is
+	// given back.
+	runtime.Gosched()
+}
+
+// tickPeriod is how often tick runs at least while vCPU 0 exits: the
+// preemption timer's period.
+const tickPeriod = 10 * time.Millisecond
+
+// tickDue reports whether tickPeriod passed since tick last ran, and
+// counts a run from now if so.
+func (m *Machine) tickDue() bool {
+	now := m.clock()
+	if now.Sub(m.lastTick) < tickPeriod {
+		return false
+	}
+	m.lastTick = now
+	return true
 }
 
 // kicks counts the NMIs tamahv sends one processor to make it leave the

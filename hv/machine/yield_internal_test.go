@@ -3,6 +3,7 @@ package machine
 import (
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 )
@@ -63,4 +64,28 @@ func TestYieldToAPsWaitsForAnExitBeingHandled(t *testing.T) {
 	m.yieldToAPs()
 	m.serial.Unlock()
 	assert.True(t, a.out.Load())
+}
+
+// vCPU 0's tick work runs at least every tickPeriod while vCPU 0 keeps
+// exiting: its preemption timer restarts at every entry, and with APs
+// their kicks and local APIC writes make it exit more often than that, so
+// the engine's deadlines and re-armed faults would otherwise wait.
+func TestTickDueWithoutTimerExits(t *testing.T) {
+	now := time.Unix(1000, 0)
+	m := &Machine{clock: func() time.Time { return now }}
+	assert.True(t, m.tickDue(), "the first entry")
+	runs := 0
+	for i := 0; i < 100; i++ { // an exit every millisecond for 100 ms
+		now = now.Add(time.Millisecond)
+		if m.tickDue() {
+			runs++
+		}
+	}
+	assert.Equal(t, 10, runs)
+	// A timer exit's tick counts: the next is due a period later.
+	m.lastTick = now
+	now = now.Add(tickPeriod - time.Nanosecond)
+	assert.False(t, m.tickDue())
+	now = now.Add(time.Nanosecond)
+	assert.True(t, m.tickDue())
 }
