@@ -17,6 +17,7 @@ ISO      := $(BUILD)/tamahv.iso
 EMU      ?= bochs
 MODEL    ?= corei7_skylake_x
 TIMEOUT  ?= 10m
+CPUS     ?= 1
 FUZZTIME ?= 60s
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
@@ -175,7 +176,7 @@ e2e-overhead: iso iso-native deps-bochs
 	TAMAHV_E2E_OVERHEAD=1 $(GO) test -count=1 -v -run 'TestBochsOverhead' -timeout 30m ./qemu/
 
 run: iso $(if $(filter bochs,$(EMU)),deps-bochs,deps-qemu)
-	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -timeout $(TIMEOUT) $(ISO)
+	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -cpus $(CPUS) -timeout $(TIMEOUT) $(ISO)
 
 check: $(TAMAGO)
 	@echo "tamahv: go vet and gofmt"

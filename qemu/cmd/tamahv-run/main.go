@@ -4,7 +4,7 @@
 //
 // Usage:
 //
-//	tamahv-run [-emu bochs|tcg|kvm] [-model corei7_skylake_x] [-mem 1024] [-timeout 10m] build/tamahv.iso
+//	tamahv-run [-emu bochs|tcg|kvm] [-model corei7_skylake_x] [-mem 1024] [-cpus 1] [-timeout 10m] build/tamahv.iso
 package main
 
 import (
