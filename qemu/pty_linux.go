@@ -32,9 +32,6 @@ func openPTY() (master, slave *os.File, err error) {
 	return m, s, nil
 }
 
-// syscallNoCTTY keeps an opened terminal from becoming the controlling one.
-const syscallNoCTTY = syscall.O_NOCTTY
-
 // makeRaw puts the terminal f in raw mode: no line editing, echo, signals,
 // flow control or output processing (cfmakeraw(3)).
 func makeRaw(f *os.File) error {

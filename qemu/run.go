@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -111,24 +110,10 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			return res, err
 		}
 		defer screen.Close()
-		var mu sync.Mutex
-		var stopScreen func()
-		defer func() {
-			mu.Lock()
-			defer mu.Unlock()
-			if stopScreen != nil {
-				stopScreen()
-			}
-		}()
 		drain := &screenDrain{open: func(path string) {
-			stop, err := drainScreen(path, screen)
-			if err != nil {
+			if err := drainScreen(path, screen); err != nil {
 				fmt.Fprintf(out, "\nqemu: reading Bochs's display terminal %s: %v\n", path, err)
-				return
 			}
-			mu.Lock()
-			stopScreen = stop
-			mu.Unlock()
 		}}
 		go func() { _, _ = io.Copy(io.MultiWriter(out, drain), master) }()
 	} else {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"syscall"
 )
 
 // Bochs with its debugger built in (Debian's) draws the terminal display
@@ -53,16 +54,19 @@ func (d *screenDrain) Write(p []byte) (int, error) {
 
 // drainScreen reads the terminal at path, in raw mode (a canonical
 // terminal would hold a line without a newline, and its writer with it),
-// into w until the returned function closes it.
-func drainScreen(path string, w io.Writer) (stop func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|syscallNoCTTY, 0)
+// into w until the emulator that owns it closes it.
+func drainScreen(path string, w io.Writer) error {
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOCTTY, 0)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := makeRaw(f); err != nil {
 		f.Close()
-		return nil, err
+		return err
 	}
-	go func() { _, _ = io.Copy(w, f) }()
-	return func() { f.Close() }, nil
+	go func() {
+		defer f.Close()
+		_, _ = io.Copy(w, f)
+	}()
+	return nil
 }
