@@ -194,7 +194,9 @@ host-test:
 # distribution is here, and skip with one line saying why when it is not.
 test: deps-test deps-iso deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
-	$(GO) test -race -count=1 -timeout 25m ./...
+	@start=$$(date +%s); rc=0; $(GO) test -race -count=1 -timeout 60m ./... || rc=$$?; \
+	if [ -s $(PAYLOAD)/kernel.version ]; then echo "tamahv: the guest kernel the emulator tests booted: $$(cat $(PAYLOAD)/kernel.version) ($$(dpkg-deb -f $(PAYLOAD)/deb/$$(cat $(PAYLOAD)/kernel.version)*.deb Version 2>/dev/null))"; fi; \
+	echo "tamahv: go test took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 e2e-smp: iso-park deps-bochs
 	TAMAHV_E2E_SMP=1 $(GO) test -count=1 -v -run 'TestBochsSMP' -timeout 50m ./qemu/

@@ -40,7 +40,18 @@ func isoForTest(t *testing.T) string {
 	require.NoError(t, buildErr, "make iso:\n%s", buildOut)
 	iso, err := filepath.Abs("../build/tamahv.iso")
 	require.NoError(t, err)
+	t.Logf("the guest kernel: %s", guestKernel())
 	return iso
+}
+
+// guestKernel names the Debian kernel package make payload put in the
+// ISO.
+func guestKernel() string {
+	b, err := os.ReadFile("../build/payload/kernel.version")
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	return strings.TrimSpace(string(b))
 }
 
 func needEmulator(t *testing.T, e Emulator) {
@@ -69,6 +80,20 @@ func bootUntil(t *testing.T, c Config, until func(string) bool) *Result {
 	}
 	require.NoError(t, err)
 	return res
+}
+
+// logMilestones logs when the guest's init reached each of its steps
+// (its "guest: " lines and the attacks' outcomes), in wall time since the
+// emulator started: where a slow run spends its time.
+func logMilestones(t *testing.T, res *Result) {
+	t.Helper()
+	var b strings.Builder
+	for i, l := range res.Guest {
+		if strings.HasPrefix(l, "guest: ") || strings.HasPrefix(l, "hvguest: attack ") || strings.HasPrefix(l, "tamahv-adversary: ") {
+			fmt.Fprintf(&b, "%8v  %s\n", res.GuestAt[i].Round(time.Second), l)
+		}
+	}
+	t.Logf("milestones (wall time since the start):\n%s", b.String())
 }
 
 func tail(s string, n int) string {
@@ -189,8 +214,9 @@ func TestBochsLinuxGuest(t *testing.T) {
 	done := func(l string) bool {
 		return l == "tamahv: halted" || (!withModule && l == GuestPrefix+"guest: done")
 	}
-	res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Timeout: 10 * time.Minute}, done)
+	res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, Timeout: 30 * time.Minute}, done)
 	t.Logf("guest console:\n%s", res.GuestSerial())
+	logMilestones(t, res)
 	started, _ := lineWith(res.Lines, "tamahv: guest started")
 	require.NotEmpty(t, started, "tamahv did not start the guest:\n%s", res.Serial())
 	stopped, _ := lineWith(res.Lines, "tamahv: guest stopped")

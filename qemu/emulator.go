@@ -54,7 +54,14 @@ type Config struct {
 	Model    string        // Bochs CPU model (default corei7_skylake_x)
 	MemMiB   int           // guest-physical memory (default 1024)
 	CPUs     int           // processors (default 1)
-	Timeout  time.Duration // the emulator is ended after this long (default 2 minutes)
+	// Timeout is the outer limit: the emulator is ended after this long
+	// whatever it does (default 2 minutes).
+	Timeout time.Duration
+	// Stall ends the run when neither console grew for this long: no
+	// line from tamahv (whose "tamahv: alive" lines count the guest's
+	// exits while it runs) and none from the guest (default
+	// DefaultStall, never more than Timeout).
+	Stall time.Duration
 	// Dir receives the serial log, the emulator's own log and its
 	// configuration (default: a new temporary directory).
 	Dir string
@@ -68,6 +75,10 @@ const (
 	DefaultModel   = "corei7_skylake_x"
 	DefaultMemMiB  = 1024
 	DefaultTimeout = 2 * time.Minute
+	// DefaultStall is Config.Stall's default: longer than the guest's
+	// longest silence on a busy 2-core host (its kernel's start with
+	// several processors in Bochs, between tamahv's alive lines).
+	DefaultStall = 5 * time.Minute
 	// MaxCPUs is the most processors a boot is given.
 	MaxCPUs = 8
 	// bochsIPS is the instructions per second Bochs emulates; its TSC
@@ -105,6 +116,13 @@ func (c *Config) fill() error {
 	if c.Timeout == 0 {
 		c.Timeout = DefaultTimeout
 	}
+	if c.Stall == 0 {
+		c.Stall = DefaultStall
+	}
+	if c.Stall < 0 || c.Timeout < 0 {
+		return fmt.Errorf("qemu: negative time limit (timeout %v, stall %v)", c.Timeout, c.Stall)
+	}
+	c.Stall = min(c.Stall, c.Timeout)
 	if c.CPUs == 0 {
 		c.CPUs = 1
 	}

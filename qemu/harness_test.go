@@ -86,6 +86,36 @@ func TestRunTimeLimit(t *testing.T) {
 	assert.ErrorIs(t, syscall.Kill(readPID(t, c.Dir), 0), syscall.ESRCH)
 }
 
+// A run whose consoles stop growing ends at the stall limit, long before
+// its outer limit, saying where it was.
+func TestRunStall(t *testing.T) {
+	c := fakeConfig(t, "tamahv: guest started\n|tamahv: alive: 10 exits (vCPU 0: 10)\n", false, time.Minute)
+	c.Stall = 500 * time.Millisecond
+	start := time.Now()
+	res, err := Run(context.Background(), c, nil, func(string) bool { return false })
+	assert.ErrorIs(t, err, ErrStall)
+	assert.NotErrorIs(t, err, ErrTimeout)
+	assert.ErrorContains(t, err, `tamahv's last line "tamahv: alive: 10 exits (vCPU 0: 10)", the guest's last line none`)
+	assert.Less(t, time.Since(start), 30*time.Second)
+	assert.Len(t, res.Lines, 2)
+	assert.ErrorIs(t, syscall.Kill(readPID(t, c.Dir), 0), syscall.ESRCH)
+}
+
+// A run that keeps writing lines goes on past the stall limit.
+func TestRunSlowButProgressing(t *testing.T) {
+	lines := make([]string, 0, 101)
+	for i := 0; i < 100; i++ {
+		lines = append(lines, fmt.Sprintf("tamahv: alive: %d exits\n", i))
+	}
+	lines = append(lines, "tamahv: halted\n")
+	c := fakeConfig(t, strings.Join(lines, "|"), false, time.Minute)
+	c.Stall = time.Second // the script runs for about 2 s, a line every 20 ms
+	res, err := Run(context.Background(), c, nil, func(l string) bool { return l == "tamahv: halted" })
+	require.NoError(t, err)
+	assert.Greater(t, res.MatchedAfter, c.Stall, "the run outlived its stall limit")
+	assert.Len(t, res.Lines, 101)
+}
+
 func TestRunEmulatorExitsEarly(t *testing.T) {
 	c := fakeConfig(t, "only this", true, 20*time.Second)
 	res, err := Run(context.Background(), c, nil, func(l string) bool { return l == "never" })
@@ -112,6 +142,8 @@ func TestConfigErrors(t *testing.T) {
 	assert.ErrorContains(t, err, "unknown emulator")
 	_, err = Run(context.Background(), Config{ISO: "/nonexistent.iso"}, nil, nil)
 	assert.Error(t, err)
+	_, err = Run(context.Background(), Config{ISO: fakeISO(t), Stall: -time.Second}, nil, nil)
+	assert.ErrorContains(t, err, "negative time limit")
 	_, err = Run(context.Background(), Config{ISO: fakeISO(t), MemMiB: 256}, nil, nil)
 	assert.ErrorContains(t, err, "at least 512")
 	_, err = Run(context.Background(), Config{Emulator: TCG, ISO: fakeISO(t), Program: "/nonexistent/qemu", Dir: t.TempDir()}, nil, nil)

@@ -40,16 +40,33 @@ func (r *Result) GuestLine(prefix string) (line string, at time.Duration, ok boo
 	return "", 0, false
 }
 
+// where says where a run was: the last line of each console.
+func (r *Result) where() string {
+	last := func(l []string) string {
+		if len(l) == 0 {
+			return "none"
+		}
+		return fmt.Sprintf("%q", l[len(l)-1])
+	}
+	return "tamahv's last line " + last(r.Lines) + ", the guest's last line " + last(r.Guest)
+}
+
 // GuestSerial returns the guest's whole serial console.
 func (r *Result) GuestSerial() string { return strings.Join(r.Guest, "\n") }
 
-// ErrTimeout is returned when the time limit ends a boot.
+// ErrTimeout is returned when the outer time limit ends a boot.
 var ErrTimeout = errors.New("qemu: time limit reached")
+
+// ErrStall is returned when a boot ends because neither console grew for
+// Config.Stall.
+var ErrStall = errors.New("qemu: no progress")
 
 // Run boots c.ISO and follows its serial consoles: each complete line is
 // copied to echo (if not nil) and passed to until, the guest's behind
 // "guest| "; the run ends when until
-// returns true, when the emulator exits, or at the time limit. The
+// returns true, when the emulator exits, when neither console grew for
+// c.Stall (ErrStall, saying where both consoles were), or at the outer
+// limit c.Timeout (ErrTimeout). The
 // emulator is ended through the process group of the process Run started,
 // and its logs stay in the result's Dir.
 func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) bool) (*Result, error) {
@@ -143,6 +160,7 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 	defer tick.Stop()
 	var f, g follower
 	g.guest = true
+	progress := start // when a console last grew
 	for {
 		select {
 		case <-ctx.Done():
@@ -156,7 +174,7 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			f.poll(serial, res, echo, nil, start)
 			g.poll(guestLog, res, echo, nil, start)
 			res.Elapsed = time.Since(start)
-			return res, fmt.Errorf("%w after %v (logs in %s)", ErrTimeout, c.Timeout, dir)
+			return res, fmt.Errorf("%w after %v: %s (logs in %s)", ErrTimeout, c.Timeout, res.where(), dir)
 		case err := <-exited:
 			g.poll(guestLog, res, echo, until, start)
 			g.flush(res, echo, until, start)
@@ -168,11 +186,21 @@ func Run(ctx context.Context, c Config, echo io.Writer, until func(line string) 
 			}
 			return res, fmt.Errorf("qemu: %s exited (%v) before the expected output (logs in %s)", prog, err, dir)
 		case <-tick.C:
+			offs := f.off + g.off
 			if g.poll(guestLog, res, echo, until, start) || f.poll(serial, res, echo, until, start) {
 				stop()
 				<-exited
 				res.Elapsed = time.Since(start)
 				return res, nil
+			}
+			now := time.Now()
+			if f.off+g.off != offs {
+				progress = now
+			} else if now.Sub(progress) >= c.Stall {
+				stop()
+				<-exited
+				res.Elapsed = time.Since(start)
+				return res, fmt.Errorf("%w for %v, %v after the start: %s (logs in %s)", ErrStall, c.Stall, res.Elapsed.Round(time.Second), res.where(), dir)
 			}
 		}
 	}

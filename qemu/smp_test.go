@@ -47,7 +47,7 @@ func TestCPUCount(t *testing.T) {
 func TestBochsSMP(t *testing.T) {
 	iso := isoForTest(t)
 	needEmulator(t, Bochs)
-	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 14 * time.Minute})
+	res := bootUntilHalted(t, Config{Emulator: Bochs, ISO: iso, CPUs: 2, Timeout: 40 * time.Minute})
 	checkSMP(t, res, 2)
 }
 
@@ -92,6 +92,7 @@ func checkSMP(t *testing.T, res *Result, cpus int) {
 	t.Helper()
 	t.Logf("tamahv:\n%s", res.Serial())
 	t.Logf("guest console (tail):\n%s", tail(res.GuestSerial(), 80))
+	logMilestones(t, res)
 	for _, want := range []string{
 		fmt.Sprintf("tamahv: processors: %d listed (MADT)", cpus),
 		"tamahv: guest started",

@@ -98,7 +98,7 @@ type Config struct {
 	// Cmdline is the guest kernel's command line.
 	Cmdline string
 	// Options is tamahv's own command line: the hc.ring3= grants of the
-	// default policy.
+	// default policy, and the settings ParseOptions reads.
 	Options string
 	// Arena is how many pages New may take from the board for EPT
 	// tables (0: 1024).
@@ -182,6 +182,8 @@ type Machine struct {
 	// clock is time.Now; lastTick is when tick last ran (vCPU 0's).
 	clock    func() time.Time
 	lastTick time.Time
+	// alive writes tick's exits lines (Options.Alive).
+	alive aliveLog
 }
 
 // The states of an application processor's vCPU.
@@ -337,6 +339,15 @@ func New(b Board, c Config) (*Machine, error) {
 			return nil, err
 		}
 	}
+	opts, err := ParseOptions(c.Options)
+	if err != nil {
+		return nil, err
+	}
+	if c.Swap.Deadline == 0 && opts.SwapDeadline != 0 {
+		c.Swap.Deadline = opts.SwapDeadline
+		fmt.Fprintf(m.log, "tamahv: swap reads end after %v unless they set their own deadline\n", opts.SwapDeadline)
+	}
+	m.alive.every = opts.Alive
 	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces}, c.Swap)
 	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
 	policy := c.Policy
@@ -654,11 +665,59 @@ func (m *Machine) tick(v *hv.VCPU) {
 			m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
 		v.Report(m.log, true)
 	}
+	m.aliveLine()
 	// The vCPU's loop never blocks; yield at every tick so that the
 	// Go runtime's own goroutines (the garbage collector's workers)
 	// run and a collection ends: what guest requests allocated is
 	// given back.
 	runtime.Gosched()
+}
+
+// aliveLine writes "tamahv: alive: N exits (vCPU 0: a, ...)" when
+// Options.Alive passed since the last such line and the guest exited
+// since: a console that stays silent with the count unchanged is a guest
+// that makes no progress.
+func (m *Machine) aliveLine() {
+	if l := m.alive.line(m.clock(), m.exitCounts); l != "" {
+		fmt.Fprintln(m.log, l)
+	}
+}
+
+// aliveLog decides when the exits line is written.
+type aliveLog struct {
+	every time.Duration // 0: never
+	last  time.Time     // when a line was last due
+	exits uint64        // the count last written
+}
+
+// line returns the exits line if one is due at now and the count (from
+// counts) changed since the last, else "".
+func (a *aliveLog) line(now time.Time, counts func() (uint64, string)) string {
+	if a.every <= 0 || now.Sub(a.last) < a.every {
+		return ""
+	}
+	a.last = now
+	total, each := counts()
+	if total == a.exits {
+		return ""
+	}
+	a.exits = total
+	return fmt.Sprintf("tamahv: alive: %d exits (%s)", total, each)
+}
+
+// exitCounts returns the exits of all vCPUs and each one's, as
+// "vCPU 0: a, vCPU 1: b". Serial is held or the APs have stopped.
+func (m *Machine) exitCounts() (uint64, string) {
+	var total uint64
+	var each strings.Builder
+	for i, v := range m.VCPUs {
+		total += v.Total()
+		if i > 0 {
+			each.WriteString(", ")
+		}
+		fmt.Fprintf(&each, "vCPU %d: %d", i, v.Total())
+	}
+	return total, each.String()
 }
 
 // tickPeriod is how often tick runs at least while vCPU 0 exits: the
@@ -845,16 +904,8 @@ func (m *Machine) Run() error {
 	if m.Monitor != nil {
 		status = m.Monitor.Status
 	}
-	var total uint64
-	var each strings.Builder
-	for i, v := range m.VCPUs {
-		total += v.Total()
-		if i > 0 {
-			each.WriteString(", ")
-		}
-		fmt.Fprintf(&each, "vCPU %d: %d", i, v.Total())
-	}
-	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (%s)\n", status, total, each.String())
+	total, each := m.exitCounts()
+	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (%s)\n", status, total, each)
 	m.report(false)
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",

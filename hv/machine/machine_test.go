@@ -248,6 +248,30 @@ func TestNewRefusesWithoutCaps(t *testing.T) {
 	assert.Error(t, err)
 }
 
+// tamahv's command line sets the swap reads' deadline; a bad value stops
+// the machine's assembly with an error naming the option.
+func TestNewTakesOptions(t *testing.T) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	var log bytes.Buffer
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = &log
+	c.Options = "hc.ring3=secret swap.deadline=5s log.alive=10s"
+	_, err := machine.New(b, c)
+	require.NoError(t, err)
+	assert.Contains(t, log.String(), "tamahv: swap reads end after 5s unless they set their own deadline")
+
+	b = newBoard(t)
+	b.vmcs = newVMCS()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	c.Options = "swap.deadline=soon"
+	_, err = machine.New(b, c)
+	assert.ErrorIs(t, err, machine.ErrOption)
+	assert.ErrorContains(t, err, "swap.deadline")
+}
+
 // TestGuestEndToEnd runs the composed machine on a scripted guest: CPUID,
 // hypercalls from user mode, a swap read of a swapped-out page that
 // tamahv faults in through the guest's own page-fault handler (the #PF

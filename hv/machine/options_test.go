@@ -1,0 +1,52 @@
+package machine
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseOptions(t *testing.T) {
+	o, err := ParseOptions("hc.ring3=secret swap.deadline=5s smp.park log.alive=10s")
+	require.NoError(t, err)
+	assert.Equal(t, Options{SwapDeadline: 5 * time.Second, Alive: 10 * time.Second}, o)
+	o, err = ParseOptions("")
+	require.NoError(t, err)
+	assert.Equal(t, Options{}, o, "nothing set: the defaults")
+	o, err = ParseOptions("swap.deadline=1s swap.deadline=2m")
+	require.NoError(t, err)
+	assert.Equal(t, 2*time.Minute, o.SwapDeadline, "the last one counts")
+	for _, bad := range []string{
+		"swap.deadline=5", "swap.deadline=", "swap.deadline=fast", "swap.deadline=-1s",
+		"swap.deadline=10ms", "swap.deadline=11m", "log.alive=0s", "log.alive=500ms", "log.alive=2h",
+	} {
+		_, err := ParseOptions(bad)
+		assert.ErrorIs(t, err, ErrOption, bad)
+	}
+	_, err = ParseOptions("swap.deadline=fast")
+	assert.ErrorContains(t, err, "swap.deadline")
+}
+
+// The exits line comes at most once a period, and only when the guest
+// exited since the last one.
+func TestAliveLine(t *testing.T) {
+	now := time.Unix(1000, 0)
+	total, calls := uint64(0), 0
+	counts := func() (uint64, string) { calls++; return total, "vCPU 0: n" }
+	var off aliveLog
+	assert.Empty(t, off.line(now, counts), "off: no line")
+	assert.Zero(t, calls, "off: not even counted")
+
+	a := aliveLog{every: 5 * time.Second}
+	total = 7
+	assert.Equal(t, "tamahv: alive: 7 exits (vCPU 0: n)", a.line(now, counts))
+	total = 9
+	assert.Empty(t, a.line(now.Add(4*time.Second), counts), "within the period")
+	assert.Equal(t, "tamahv: alive: 9 exits (vCPU 0: n)", a.line(now.Add(5*time.Second), counts))
+	assert.Empty(t, a.line(now.Add(10*time.Second), counts), "no exit since: no line")
+	total = 10
+	assert.Empty(t, a.line(now.Add(12*time.Second), counts), "the unchanged count restarted the period")
+	assert.NotEmpty(t, a.line(now.Add(15*time.Second), counts))
+}
