@@ -50,10 +50,10 @@ var GuestModels = map[string]bool{"corei7_skylake_x": true, "broadwell_ult": tru
 // Config describes one boot.
 type Config struct {
 	Emulator Emulator
-	ISO      string        // the bootable image
-	Model    string        // Bochs CPU model (default corei7_skylake_x)
-	MemMiB   int           // guest-physical memory (default 1024)
-	CPUs     int           // processors (default 1)
+	ISO      string // the bootable image
+	Model    string // Bochs CPU model (default corei7_skylake_x)
+	MemMiB   int    // guest-physical memory (default 1024)
+	CPUs     int    // processors (default 1)
 	// Timeout is the outer limit: the emulator is ended after this long
 	// whatever it does (default 2 minutes).
 	Timeout time.Duration
