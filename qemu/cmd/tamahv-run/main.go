@@ -24,6 +24,7 @@ func main() {
 	mem := flag.Int("mem", qemu.DefaultMemMiB, "memory in MiB")
 	cpus := flag.Int("cpus", 1, "processors")
 	timeout := flag.Duration("timeout", 10*time.Minute, "time limit")
+	stall := flag.Duration("stall", qemu.DefaultStall, "end the run when neither console says anything for this long")
 	dir := flag.String("logs", "", "directory for the serial log and the emulator's logs (default: a new temporary one)")
 	flag.Parse()
 	if flag.NArg() != 1 {
@@ -38,8 +39,8 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer cancel()
-	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, CPUs: *cpus, Timeout: *timeout, Dir: *dir}
-	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v)\n", c.ISO, describe(c), *timeout)
+	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, CPUs: *cpus, Timeout: *timeout, Stall: *stall, Dir: *dir}
+	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v, %v without output)\n", c.ISO, describe(c), *timeout, *stall)
 	res, err := qemu.Run(ctx, c, os.Stdout, func(l string) bool { return l == "tamahv: halted" })
 	if res != nil {
 		fmt.Fprintf(os.Stderr, "tamahv-run: %v elapsed; logs in %s\n", res.Elapsed.Round(time.Millisecond), res.Dir)
