@@ -5,7 +5,7 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
-// smp.park (the application processors stay parked in VMX root operation
+// swap.deadline= and log.alive= (machine.ParseOptions), smp.park (the application processors stay parked in VMX root operation
 // and hidden from the guest, instead of each running a vCPU) and
 // smp.visible (a test knob: the processor tables are left unpatched).
 //
@@ -18,6 +18,7 @@
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
 //	tamahv: AP APIC ID N: vCPU i waits for start-up (without smp.park)
 //	tamahv: vCPU N started
+//	tamahv: alive: N exits (vCPU 0: a, vCPU 1: b, ...) (with log.alive=)
 //	tamahv: guest exited (status N) after N exits (vCPU 0: a, vCPU 1: b, ...)
 //	tamahv: halted
 package main
