@@ -5,9 +5,10 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
-// swap.deadline= and log.alive= (machine.ParseOptions), smp.park (the application processors stay parked in VMX root operation
-// and hidden from the guest, instead of each running a vCPU) and
-// smp.visible (a test knob: the processor tables are left unpatched).
+// swap.deadline= and log.alive= (machine.ParseOptions), smp.park (the
+// application processors stay parked in VMX root operation and hidden
+// from the guest, instead of each running a vCPU) and smp.visible (a test
+// knob: the processor tables are left unpatched).
 //
 // It prints stable lines that users and tests rely on:
 //
