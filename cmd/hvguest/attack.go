@@ -54,6 +54,10 @@ var attacks = []struct {
 	{"nofault-left-pending", attackNoFaultPending},
 	{"mxcsr-unmasked", attackMXCSR},
 	{"hcexit-ring3", attackExit},
+	{"nofault-large-reads", attackLargeReads},
+	{"slots-held", attackSlots},
+	{"writefault-dead-process", attackWriteFaultDead},
+	{"exit-storm", attackExitStorm},
 }
 
 // unmaskedSpin is in mxcsr_amd64.s.

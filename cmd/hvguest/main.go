@@ -19,6 +19,8 @@
 //	hvguest attack [NAME...]
 //	                      make the ring-3 attacks on tamahv (all, or those named),
 //	                      each in a child process; one line per attack
+//	hvguest innocent      make a few exits in user mode and end (a process
+//	                      that asks tamahv for nothing)
 //	hvguest exit N        end the guest with status N (tamahv refuses it
 //	                      from ring 3; the guest's init ends through its
 //	                      kernel module)
@@ -93,6 +95,8 @@ func run(cmd string, args []string) error {
 			return fmt.Errorf("tamahv's secret page at %#x is readable", pa)
 		}
 		fmt.Printf("hvguest: /dev/mem at %#x shows none of tamahv's bytes\n", pa)
+	case "innocent":
+		innocent()
 	case "cpuid-cost":
 		const n = 2000
 		cpuidTicks(100) // warm up
