@@ -200,7 +200,7 @@ var (
 		"cr0-nw-without-cd", "cr0-paging-off", "cr0-pg-without-pe", "cr0-bit32",
 		"cr4-pae-off", "cr4-la57-toggle", "cr4-vmxe", "cr4-bit32",
 		"io-inw-0x3f7", "io-inl-0x3f5", "io-inl-0x3fe", "io-inw-0xffff",
-		"mem-above-ram", "mem-above-4g", "wrmsr-tsc", "wrmsr-tsc-adjust",
+		"mem-above-ram", "mem-above-4g", "wrmsr-tsc", "wrmsr-tsc-adjust", "pte-store-forms",
 	}
 	ring3Attacks = []string{
 		"hash-kernel-va", "request-in-kernel", "kernelfault-option", "option-0",

@@ -34,6 +34,7 @@
 #include <crypto/sha2.h>
 #include <asm/asm.h>
 #include <asm/fpu/xcr.h>
+#include <asm/fpu/api.h>
 #include <asm/msr.h>
 #include <asm/msr-index.h>
 #include <asm/processor-flags.h>
@@ -518,6 +519,229 @@ out:
 }
 
 /*
+ * Stores to a page table tamahv watches, in forms beyond the 8-byte MOV
+ * Linux uses: partial widths, non-temporal, SSE, string, locked
+ * read-modify-writes and the 16-byte compare-exchange. A NoFault read of an
+ * untouched page makes tamahv watch the page table that maps it; each
+ * store goes to an unused entry of that table (a value with the present
+ * bit clear, so that no walker takes it for a mapping), is read back byte
+ * for byte, and the entry is cleared again. Whatever tamahv does with a
+ * store (emulate it, or let the processor make it), the table must hold
+ * exactly what the instruction wrote, and the guest must go on.
+ */
+#define FORM_SLOT 300 /* the first of the entries the stores use (even: 16-byte aligned) */
+
+static bool store_form(int form, u64 *e, const char **what, u64 want[2])
+{
+	u64 v = 0x0123456789abcd00ULL, w = 0x0fedcba987654300ULL, old, src[2];
+	void *dst;
+	size_t n;
+	u8 ok;
+
+	want[1] = 0;
+	switch (form) {
+	case 0:
+		*what = "MOV 8";
+		WRITE_ONCE(e[0], v);
+		want[0] = v;
+		break;
+	case 1:
+		*what = "MOV 1";
+		WRITE_ONCE(e[0], v);
+		WRITE_ONCE(((u8 *)e)[3], 0x5a);
+		want[0] = (v & ~0xff000000ULL) | 0x5a000000ULL;
+		break;
+	case 2:
+		*what = "MOV 2";
+		WRITE_ONCE(e[0], v);
+		WRITE_ONCE(((u16 *)e)[1], 0xa55a);
+		want[0] = (v & ~0xffff0000ULL) | 0xa55a0000ULL;
+		break;
+	case 3:
+		*what = "MOV 4";
+		WRITE_ONCE(e[0], v);
+		WRITE_ONCE(((u32 *)e)[1], 0x11223344);
+		want[0] = (v & 0xffffffffULL) | 0x1122334400000000ULL;
+		break;
+	case 4:
+		*what = "MOVNTI";
+		asm volatile("movnti %1, %0\n\tsfence" : "=m"(e[0]) : "r"(v) : "memory");
+		want[0] = v;
+		break;
+	case 5:
+		*what = "SSE MOVQ";
+		kernel_fpu_begin();
+		asm volatile("movq %1, %%xmm0\n\tmovq %%xmm0, %0" : "=m"(e[0]) : "r"(w) : "memory"); /* xmm0 is ours between kernel_fpu_begin and _end */
+		kernel_fpu_end();
+		want[0] = w;
+		break;
+	case 6:
+		*what = "REP MOVSB";
+		src[0] = v;
+		src[1] = w;
+		dst = e;
+		n = 16;
+		{
+			void *sp = src;
+
+			asm volatile("rep movsb" : "+D"(dst), "+S"(sp), "+c"(n) : : "memory");
+		}
+		want[0] = v;
+		want[1] = w;
+		break;
+	case 7:
+		*what = "REP STOSQ";
+		dst = e;
+		n = 2;
+		asm volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(w) : "memory");
+		want[0] = w;
+		want[1] = w;
+		break;
+	case 8:
+		*what = "LOCK CMPXCHG";
+		WRITE_ONCE(e[0], v);
+		old = cmpxchg(&e[0], v, w);
+		want[0] = old == v ? w : ~0ULL;
+		break;
+	case 9:
+		*what = "XCHG";
+		WRITE_ONCE(e[0], v);
+		old = xchg(&e[0], w);
+		want[0] = old == v ? w : ~0ULL;
+		break;
+	case 10:
+		*what = "LOCK OR";
+		WRITE_ONCE(e[0], v);
+		asm volatile("lock orq %1, %0" : "+m"(e[0]) : "r"(0xf0ULL) : "memory");
+		want[0] = v | 0xf0;
+		break;
+	case 11:
+		*what = "LOCK BTS";
+		WRITE_ONCE(e[0], v);
+		asm volatile("lock btsq %1, %0" : "+m"(e[0]) : "Ir"(62L) : "memory");
+		want[0] = v | (1ULL << 62);
+		break;
+	case 12:
+		*what = "LOCK BTR";
+		WRITE_ONCE(e[0], v);
+		asm volatile("lock btrq %1, %0" : "+m"(e[0]) : "Ir"(8L) : "memory");
+		want[0] = v & ~(1ULL << 8);
+		break;
+	case 13:
+		*what = "LOCK XADD";
+		WRITE_ONCE(e[0], v);
+		old = 0x100;
+		asm volatile("lock xaddq %0, %1" : "+r"(old), "+m"(e[0]) : : "memory");
+		want[0] = old == v ? v + 0x100 : ~0ULL;
+		break;
+	case 14:
+		*what = "LOCK CMPXCHG16B";
+		WRITE_ONCE(e[0], v);
+		WRITE_ONCE(e[1], w);
+		{
+			u64 lo = v, hi = w;
+
+			asm volatile("lock cmpxchg16b %[m]\n\tsete %[ok]"
+				     : [m] "+m"(*(u64(*)[2])e), "+a"(lo), "+d"(hi), [ok] "=qm"(ok)
+				     : "b"(w), "c"(v)
+				     : "memory");
+		}
+		want[0] = ok ? w : ~0ULL;
+		want[1] = ok ? v : ~0ULL;
+		break;
+	default:
+		return false;
+	}
+	return true;
+}
+
+static void attack_store_forms(const char *name)
+{
+	struct mm_struct *mm = current->mm;
+	struct vm_area_struct *vma;
+	struct swap_request *req;
+	unsigned long region, a, va;
+	pgd_t *pgd;
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t *pmd;
+	pte_t *pte;
+	spinlock_t *ptl;
+	u64 *e, want[2], got[2];
+	const char *what = "";
+	char bad[160] = "";
+	long r, s;
+	int form, forms = 0;
+	char c;
+
+	req = kzalloc(sizeof(*req), GFP_KERNEL);
+	region = vm_mmap(NULL, 0, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
+	if (!req || IS_ERR_VALUE(region) || !mm) {
+		report(name, "FAILED", "no memory for the attack");
+		goto out;
+	}
+	a = ALIGN(region, PMD_SIZE);
+	mmap_write_lock(mm);
+	vma = find_vma(mm, a);
+	if (vma)
+		vma->vm_flags |= VM_NOHUGEPAGE;
+	mmap_write_unlock(mm);
+	if (put_user(1, (char __user *)a)) {
+		report(name, "FAILED", "cannot touch %#lx", a);
+		goto out;
+	}
+	/* The read that makes tamahv watch the page table: an untouched page. */
+	va = a + 7 * PAGE_SIZE;
+	req->va = va;
+	req->len = PAGE_SIZE;
+	req->options = OPT_NOFAULT;
+	sha256_of(0, req->sha256);
+	r = hypercall(HC_SWAP_READ, (unsigned long)req, sizeof(*req));
+	if (r != 0) {
+		report(name, "FAILED", "HcSwapRead of an untouched page answered %ld", r);
+		goto out;
+	}
+
+	mmap_read_lock(mm);
+	pgd = pgd_offset(mm, a);
+	p4d = p4d_offset(pgd, a);
+	pud = pud_offset(p4d, a);
+	pmd = pmd_offset(pud, a);
+	if (pgd_none(*pgd) || p4d_none(*p4d) || pud_none(*pud) || pmd_none(*pmd) || pmd_large(*pmd)) {
+		mmap_read_unlock(mm);
+		report(name, "FAILED", "no page table for %#lx", a);
+		goto out;
+	}
+	pte = pte_offset_map_lock(mm, pmd, a, &ptl);
+	e = (u64 *)pte + FORM_SLOT;
+	for (form = 0; store_form(form, e, &what, want); form++) {
+		got[0] = READ_ONCE(e[0]);
+		got[1] = READ_ONCE(e[1]);
+		WRITE_ONCE(e[0], 0);
+		WRITE_ONCE(e[1], 0);
+		forms++;
+		if ((got[0] != want[0] || got[1] != want[1]) && !bad[0])
+			snprintf(bad, sizeof(bad), "%s left %#llx %#llx where %#llx %#llx belongs", what, got[0], got[1], want[0], want[1]);
+	}
+	pte_unmap_unlock(pte, ptl);
+	mmap_read_unlock(mm);
+
+	/* The read ends: its page comes in as the guest's own. */
+	if (get_user(c, (char __user *)va))
+		c = 0;
+	s = wait_status(2000);
+	if (bad[0])
+		report(name, "FAILED", "%s", bad);
+	else
+		report(name, "survived", "%d store forms to a watched page table, each read back exact; the read then ended %s",
+		       forms, status_name(s));
+out:
+	if (!IS_ERR_VALUE(region))
+		vm_munmap(region, 6 << 20);
+	kfree(req);
+}
+
+/*
  * Finding 10: XCR0 values the processor refuses. The guest kernel may run
  * without XSAVE (Linux turns it off on Bochs, whose XSAVE sizes it finds
  * inconsistent): CR4.OSXSAVE is then set for the attack and cleared again.
@@ -667,6 +891,7 @@ static void run_xsetbv(const struct attack *a) { attack_xsetbv(a->name, a->arg);
 static void run_io(const struct attack *a) { attack_io(a->name, a->arg, a->arg2); }
 static void run_mem(const struct attack *a) { attack_mem(a->name, a->arg); }
 static void run_tsc(const struct attack *a) { attack_tsc(a->name, a->arg); }
+static void run_store_forms(const struct attack *a) { attack_store_forms(a->name); }
 
 static void run_cr(const struct attack *a)
 {
@@ -726,6 +951,7 @@ static const struct attack attacks[] = {
 	{ "mem-above-4g", run_mem, 0x110000000ULL },
 	{ "wrmsr-tsc", run_tsc, 0 },
 	{ "wrmsr-tsc-adjust", run_tsc, 1 },
+	{ "pte-store-forms", run_store_forms },
 };
 
 static int set_attack(const char *val, const struct kernel_param *kp)
