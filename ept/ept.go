@@ -5,7 +5,9 @@
 // on demand, and decoding EPT-violation exit qualifications.
 //
 // Paging-structure pages come from a Tables implementation: the
-// hypervisor's hands out host memory; tests use a map.
+// hypervisor's hands out host memory; tests use a map. A table taken out
+// of the tree goes back to Tables only once the caller says that no
+// processor can still walk it (Reclaim).
 package ept
 
 import (
@@ -98,6 +100,9 @@ type EPT struct {
 	t    Tables
 	root uint64
 	opt  Options
+	// retired are the tables Merge took out of the tree and Reclaim has
+	// not given back to t yet.
+	retired []uint64
 }
 
 const maxGPA = 1 << 48
@@ -381,10 +386,14 @@ func (e *EPT) Unmap(gpa, size uint64) error {
 // (with 1 GiB pages) under its 1 GiB region, back into one large page
 // wherever the table's 512 entries map one aligned, contiguous host range
 // with the same permissions and memory type, and drops tables whose
-// entries are all empty. The tables are given back to Tables: splits made
-// by Protect and Retarget cost nothing once the page is as it was. It
-// returns the number of tables freed; when that is not 0 the caller must
-// invalidate EPT-derived translations (INVEPT) before the guest runs.
+// entries are all empty, so that splits made by Protect and Retarget cost
+// nothing once the page is as it was. It returns the number of tables it
+// took out; when that is not 0 the caller must invalidate EPT-derived
+// translations (INVEPT) before the guest runs.
+//
+// The tables taken out are retired, not given back: a processor's
+// paging-structure caches may still hold their addresses, and it walks
+// whatever is there until it invalidates. Reclaim gives them back.
 func (e *EPT) Merge(gpa uint64) (int, error) {
 	if gpa >= maxGPA {
 		return 0, ErrRange
@@ -464,8 +473,33 @@ func (e *EPT) collapse(parent *[512]uint64, i uint64, l int) (bool, error) {
 		merged = base | attrs | entryLarge
 	}
 	parent[i] = merged
-	e.t.Free(pa)
+	e.retired = append(e.retired, pa)
 	return true, nil
+}
+
+// Retired returns the number of tables Merge took out that Reclaim has
+// not given back yet.
+func (e *EPT) Retired() int { return len(e.retired) }
+
+// Reclaim gives the n tables Merge took out longest ago (at most all of
+// them) back to Tables and returns how many it gave. Every processor that
+// uses these tables caches translations through them (SDM Vol. 3C,
+// "Caching Translation Information": the paging-structure caches keep the
+// physical address of a table, not its contents), and a table handed out
+// again before it invalidates would be walked as the table it was: a page
+// table reused as a directory maps its new entries' tables into the
+// guest, a directory reused as a page table maps guest memory as a table.
+// Give a table back only when every such processor has invalidated
+// EPT-derived translations (INVEPT) since it was taken out, or has not run
+// the guest with this EPT since: count Retired before the invalidation,
+// reclaim that many after it.
+func (e *EPT) Reclaim(n int) int {
+	n = max(0, min(n, len(e.retired)))
+	for _, pa := range e.retired[:n] {
+		e.t.Free(pa)
+	}
+	e.retired = e.retired[:copy(e.retired, e.retired[n:])]
+	return n
 }
 
 // Violation is an EPT-violation exit qualification (SDM Vol. 3C, "Exit

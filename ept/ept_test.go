@@ -213,9 +213,10 @@ func TestUnmapAbove48BitsReturns(t *testing.T) {
 }
 
 // TestMergeFreesSplitTables: protecting a page splits its 1 GiB and 2 MiB
-// pages; once the page is as it was, Merge gives both tables back, so a
-// bounded table arena supports any number of protect/release cycles over
-// distinct regions (it filled after one region before).
+// pages; once the page is as it was, Merge takes both tables out and
+// Reclaim gives them back, so a bounded table arena supports any number of
+// protect/release cycles over distinct regions (it filled after one region
+// before).
 func TestMergeFreesSplitTables(t *testing.T) {
 	m := newMem()
 	e, err := New(m, Options{Pages1G: true, ExecuteOnly: true})
@@ -234,6 +235,7 @@ func TestMergeFreesSplitTables(t *testing.T) {
 		n, err := e.Merge(gpa)
 		require.NoError(t, err)
 		require.Equal(t, 2, n, "region %d", r)
+		require.Equal(t, 2, e.Reclaim(2))
 	}
 	assert.Equal(t, base, len(m.pages))
 	hpa, p, mt, size, ok := e.Lookup(0x12345678)
@@ -266,6 +268,7 @@ func TestMergeFreesSplitTables(t *testing.T) {
 	n, err = e.Merge(0x4000)
 	require.NoError(t, err)
 	assert.Equal(t, 2, n)
+	assert.Equal(t, 2, e.Reclaim(2))
 	assert.Equal(t, base, len(m.pages))
 
 	// Without 1 GiB pages only the 2 MiB level merges; memory types and
@@ -279,6 +282,7 @@ func TestMergeFreesSplitTables(t *testing.T) {
 	n, err = e2.Merge(0x1000)
 	require.NoError(t, err)
 	assert.Equal(t, 1, n, "the emptied page table")
+	assert.Equal(t, 1, e2.Reclaim(1))
 	assert.Equal(t, before-1, len(m2.pages))
 	_, _, _, _, ok = e2.Lookup(0x1000)
 	assert.False(t, ok)

@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
@@ -24,7 +25,16 @@ import (
 // bounds the wait) the open pages are closed again and the watches on them
 // walked anew. This needs no monitor trap flag, which not every processor
 // has. Pages opened only for the processor's own accessed and dirty flag
-// updates are closed without a walk.
+// updates are closed without a walk, unless a watch's entry there changed
+// otherwise while the page was open (another processor wrote it).
+//
+// A walk reads a paging-structure page before its protection holds on
+// every processor: a store from another processor may land in between,
+// and no exit would tell of it. So a watch whose walk read a page whose
+// protection did not hold yet is walked again once it holds (after the
+// flush that makes it hold): a changed translation is heard of, and a
+// walk that now reaches other pages is hooked to them, until the walk
+// reads only pages protected before it read them.
 //
 // Each watched page keeps its watches in an intrusive list, so hooking
 // and unhooking a watch cost O(levels) whatever the number of watches
@@ -47,6 +57,15 @@ type GuestMemory struct {
 	open    []uint64 // pages let open for a guest write
 	scratch []*pteWatch
 	gen     uint64 // marks watches walked in this settle
+	// epoch counts flushes: a page protected in the current epoch is not
+	// yet protected on every processor.
+	epoch uint64
+	// confirming are the watches of a rewalk to walk again once their
+	// protections hold; checked the pages opened only for accessed and
+	// dirty flag updates, whose watches' entries settle compares.
+	confirming []*pteWatch
+	checked    []*hookedPage
+	buf        [4096]byte // a page read by settle
 	// keep is set while a watch is walked again: pages it leaves wait in
 	// emptied, so that the new walk finds them still protected.
 	keep    bool
@@ -74,15 +93,19 @@ type hookedPage struct {
 	pa      uint64
 	head    *hookLink // the watches on this page
 	n       int
-	open    bool // let open for a write
-	written bool // a write other than an accessed/dirty update
+	open    bool   // let open for a write
+	written bool   // a write other than an accessed/dirty update
+	epoch   uint64 // the flush epoch its protection was taken in
 }
 
-// hookLink is one watch's place on one page's list.
+// hookLink is one watch's place on one page's list, with the entry its
+// walk read there.
 type hookLink struct {
 	w          *pteWatch
 	pg         *hookedPage
 	prev, next *hookLink
+	ent        uint64 // the entry's value
+	off        uint16 // the entry's offset in the page
 }
 
 type pteWatch struct {
@@ -107,11 +130,18 @@ func (g *GuestMemory) ReadPhys(pa uint64, p []byte) error { return g.Phys.ReadPh
 // SystemCR3 implements swapmem.Guest.
 func (g *GuestMemory) SystemCR3() uint64 { return g.System }
 
-// Watch implements swapmem.Guest.
+// Watch implements swapmem.Guest. The translation a new watch starts from
+// is the one its walk finds once its protections hold.
 func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
 	w := &pteWatch{cr3: cr3, va: va, fn: changed}
-	tr, _, err := g.hook(w)
-	g.Phys.Flush()
+	tr, fresh, err := g.hook(w)
+	for round := 0; err == nil && fresh && round < confirmRounds; round++ {
+		g.flush()
+		if tr, fresh, err = g.recheck(w); err != nil {
+			g.unhook(w)
+		}
+	}
+	g.flush()
 	if err != nil {
 		return nil, err
 	}
@@ -123,30 +153,33 @@ func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (
 func (g *GuestMemory) Watches() int { return len(g.pages) }
 
 // hook walks w's address and protects every paging-structure page on the
-// walk; it returns the translation and the entry that ended the walk.
-// The caller flushes.
-func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
+// walk. It returns the translation, and whether the walk read a page whose
+// protection does not hold yet (taken since the last flush): the walk is
+// then to be confirmed once it does (recheck). The caller flushes.
+func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, bool, error) {
 	var steps [5]Step
 	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
 	if err != nil {
-		return tr, 0, err
+		return tr, false, err
 	}
 	if g.pages == nil {
 		g.pages = map[uint64]*hookedPage{}
 	}
 	w.n = 0
+	fresh := false
 	for _, s := range steps[:n] {
 		pg := s.PA &^ 0xfff
 		hp := g.pages[pg]
 		if hp == nil {
 			if err := g.Phys.WriteProtect(pg); err != nil {
 				g.unhook(w)
-				return tr, 0, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
+				return tr, false, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
 			}
 			hp = g.newPage(pg)
 		}
+		fresh = fresh || hp.epoch == g.epoch
 		l := &w.links[w.n]
-		*l = hookLink{w: w, pg: hp, next: hp.head}
+		*l = hookLink{w: w, pg: hp, next: hp.head, ent: s.Entry, off: uint16(s.PA & 0xfff)}
 		if hp.head != nil {
 			hp.head.prev = l
 		}
@@ -154,11 +187,7 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, uint64, error) {
 		hp.n++
 		w.n++
 	}
-	last := uint64(0)
-	if n > 0 {
-		last = steps[n-1].Entry
-	}
-	return tr, last, nil
+	return tr, fresh, nil
 }
 
 func (g *GuestMemory) newPage(pg uint64) *hookedPage {
@@ -168,7 +197,7 @@ func (g *GuestMemory) newPage(pg uint64) *hookedPage {
 	} else {
 		hp = new(hookedPage)
 	}
-	*hp = hookedPage{pa: pg}
+	*hp = hookedPage{pa: pg, epoch: g.epoch}
 	g.pages[pg] = hp
 	return hp
 }
@@ -206,14 +235,14 @@ func (g *GuestMemory) unhook(w *pteWatch) {
 	w.n = 0
 }
 
-// rehook walks w again. The pages of its old walk stay protected until the
-// new walk is hooked, so a watch alone on its pages does not give their
-// protection back only to take it again (an EPT merge, a split and an
-// INVEPT for each).
-func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, error) {
+// rehook walks w again, as hook does. The pages of its old walk stay
+// protected until the new walk is hooked, so a watch alone on its pages
+// does not give their protection back only to take it again (an EPT
+// merge, a split and an INVEPT for each).
+func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, bool, error) {
 	g.keep = true
 	g.unhook(w)
-	tr, _, err := g.hook(w)
+	tr, fresh, err := g.hook(w)
 	g.keep = false
 	for _, hp := range g.emptied {
 		if hp.n == 0 && !hp.open && g.pages[hp.pa] == hp {
@@ -222,7 +251,55 @@ func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, error) {
 	}
 	clear(g.emptied)
 	g.emptied = g.emptied[:0]
-	return tr, err
+	return tr, fresh, err
+}
+
+// confirmRounds bounds the walks that confirm a hooked walk. Each round
+// reads one more level from pages protected before the walk read them, so
+// a 5-level walk is confirmed by the fifth; a walk that still changes
+// then runs through a page let open for a write, whose watches settle
+// walks again at the next exit.
+const confirmRounds = 6
+
+// recheck walks w again once the protections of its hooked walk hold. A
+// walk over the same pages keeps the hooks (with the entries it read); one
+// that reaches other pages is hooked anew, and recheck reports, as hook
+// does, whether that walk is to be confirmed in turn. On an error w may
+// still be hooked.
+func (g *GuestMemory) recheck(w *pteWatch) (swapmem.Translation, bool, error) {
+	var steps [5]Step
+	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
+	if err != nil {
+		return tr, false, err
+	}
+	same := n == w.n
+	for i := 0; same && i < n; i++ {
+		same = steps[i].PA&^0xfff == w.links[i].pg.pa
+	}
+	if !same {
+		return g.rehook(w)
+	}
+	for i := range n {
+		w.links[i].ent = steps[i].Entry
+	}
+	return tr, false, nil
+}
+
+// flush makes the EPT changes so far hold on every processor: the
+// protections taken before it hold from then on.
+func (g *GuestMemory) flush() {
+	g.Phys.Flush()
+	g.epoch++
+}
+
+// tell gives w's function a translation that differs from the last it
+// heard.
+func (g *GuestMemory) tell(w *pteWatch, tr swapmem.Translation) {
+	if tr != w.seen {
+		w.seen = tr
+		g.Changes++
+		w.fn(tr)
+	}
 }
 
 func (g *GuestMemory) unwatch(w *pteWatch) {
@@ -231,7 +308,7 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 	}
 	w.dead = true
 	g.unhook(w)
-	g.Phys.Flush()
+	g.flush()
 }
 
 // Install intercepts v's EPT-violation exits, passing on the ones that are
@@ -281,7 +358,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, e
 		if err := g.Phys.SetWritable(pg, true); err != nil {
 			return Stop, err
 		}
-		g.Phys.Flush()
+		g.flush()
 		hp.open = true
 		g.open = append(g.open, pg)
 	}
@@ -293,14 +370,20 @@ func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, e
 }
 
 // settle closes the open pages and walks again the watches on pages the
-// guest wrote. It runs at the start of every VM exit, before the exit is
-// handled, while the guest is stopped. Its cost is the number of watches
-// on the written pages, each walked once.
+// guest wrote. A page opened for the processor's accessed and dirty flag
+// updates may have been written by another processor as well while it
+// was open: once it is closed again, the entries its watches read there
+// are compared with what it holds, and the watches whose entry changed
+// otherwise are walked. It runs at the start of every VM exit, before the
+// exit is handled, while the guest is stopped. Its cost is the number of
+// watches on the written pages, each walked once, and a read and compare
+// for each on the others.
 func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}
 	g.scratch = g.scratch[:0]
+	g.checked = g.checked[:0]
 	for _, pg := range g.open {
 		hp := g.pages[pg]
 		if hp == nil {
@@ -319,37 +402,86 @@ func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
 			}
 		} else {
 			g.ADWrites++
+			g.checked = append(g.checked, hp)
 		}
 		hp.written = false
 	}
 	g.open = g.open[:0]
-	g.Phys.Flush()
+	g.flush()
+	for _, hp := range g.checked {
+		g.moved(hp)
+	}
+	clear(g.checked)
 	g.rewalk()
 }
 
+// moved adds to g.scratch the watches on hp whose entry there differs
+// from the one their walk read, but for accessed and dirty flags; all of
+// them when the page cannot be read.
+func (g *GuestMemory) moved(hp *hookedPage) {
+	err := g.Phys.ReadPhys(hp.pa, g.buf[:])
+	for l := hp.head; l != nil; l = l.next {
+		if err != nil || !sameEntry(binary.LittleEndian.Uint64(g.buf[l.off:]), l.ent) {
+			g.scratch = append(g.scratch, l.w)
+		}
+	}
+}
+
 // rewalk walks every watch in g.scratch again: the hooks follow the new
-// walk, and a watch's function hears of a changed translation. A watch's
-// function may add or remove watches; the list is a copy, and removed
-// watches are marked dead.
+// walk, and a watch's function hears of a changed translation. The
+// watches whose new walk reached a page protected anew are walked once
+// more when the protections hold (confirm). A watch's function may add or
+// remove watches; the list is a copy, and removed watches are marked dead.
 func (g *GuestMemory) rewalk() {
 	g.gen++
+	g.confirming = g.confirming[:0]
 	for _, w := range g.scratch {
 		if w.dead || w.gen == g.gen {
 			continue
 		}
 		w.gen = g.gen
-		tr, err := g.rehook(w)
+		tr, fresh, err := g.rehook(w)
 		if err != nil {
 			g.fail(w, err)
 			continue
 		}
-		if tr != w.seen {
-			w.seen = tr
-			g.Changes++
-			w.fn(tr)
+		if fresh {
+			g.confirming = append(g.confirming, w)
 		}
+		g.tell(w, tr)
 	}
-	g.Phys.Flush()
+	g.confirm()
+}
+
+// confirm flushes, then walks the watches in g.confirming again now that
+// their protections hold: a watch hears of a translation that changed
+// between its walk and its protection, and a walk that reaches other
+// pages by now is hooked to them and confirmed in the next round.
+func (g *GuestMemory) confirm() {
+	ws := g.confirming
+	for round := 0; round < confirmRounds && len(ws) > 0; round++ {
+		g.flush()
+		next := ws[:0]
+		for _, w := range ws {
+			if w.dead {
+				continue
+			}
+			tr, again, err := g.recheck(w)
+			if err != nil {
+				g.unhook(w)
+				g.fail(w, err)
+				continue
+			}
+			if again {
+				next = append(next, w)
+			}
+			g.tell(w, tr)
+		}
+		ws = next
+	}
+	clear(g.confirming)
+	g.confirming = g.confirming[:0]
+	g.flush()
 }
 
 // fail ends a watch that could not follow its walk: it holds no page any

@@ -34,15 +34,22 @@ type GuestPhys struct {
 	EPT *ept.EPT
 	// Hole is tamahv's own memory, [start, end).
 	Hole [2]uint64
-	// Invalidate flushes EPT-derived translations (INVEPT); Flush calls
-	// it after permission changes.
+	// Invalidate flushes EPT-derived translations (INVEPT) on every
+	// processor that runs the guest; Flush calls it after permission
+	// changes.
 	Invalidate func()
+	// Invalidated reports whether every Invalidate so far has reached
+	// each processor that runs the guest (nil: each has). EPT tables
+	// merged away wait until one has: a processor the invalidation
+	// missed may still walk them.
+	Invalidated func() bool
 
 	pages map[uint64]*ownedPage
 	spare []*ownedPage
 	dirty bool
 
-	// Freed counts EPT tables merged back and freed.
+	// Freed counts EPT tables merged back and given back to the page
+	// arena after the invalidation.
 	Freed uint64
 }
 
@@ -153,8 +160,7 @@ func (g *GuestPhys) restore(pg uint64, p *ownedPage) error {
 	if err := g.EPT.Retarget(pg, pg, p.base); err != nil {
 		return err
 	}
-	n, err := g.EPT.Merge(pg)
-	g.Freed += uint64(n)
+	_, err := g.EPT.Merge(pg)
 	return err
 }
 
@@ -321,10 +327,26 @@ func (g *GuestPhys) Owned(pg uint64) bool { return g.pages[pg] != nil }
 func (g *GuestPhys) Owners() int { return len(g.pages) }
 
 // Flush invalidates EPT-derived translations if permissions changed
-// since the last Flush.
+// since the last Flush. Once the invalidation has reached every
+// processor, the EPT tables merged away before it go back to the page
+// arena; until then a processor may still walk them, and a table handed
+// out again would be walked as the table it was.
 func (g *GuestPhys) Flush() {
-	if g.dirty && g.Invalidate != nil {
-		g.Invalidate()
+	if !g.dirty {
+		return
 	}
 	g.dirty = false
+	retired := 0
+	if g.EPT != nil {
+		retired = g.EPT.Retired()
+	}
+	if g.Invalidate != nil {
+		g.Invalidate()
+		if g.Invalidated != nil && !g.Invalidated() {
+			return
+		}
+	}
+	if retired > 0 {
+		g.Freed += uint64(g.EPT.Reclaim(retired))
+	}
 }

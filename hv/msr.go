@@ -15,15 +15,16 @@ import "github.com/tamahv/tamahv/vmx"
 type msrPolicy uint8
 
 const (
-	msrPass     msrPolicy = iota // not intercepted
-	msrFault                     // #GP both ways (absent for the guest)
-	msrFeature                   // IA32_FEATURE_CONTROL: locked, VMX off
-	msrTSC                       // reads offset, writes move the offset
-	msrTSCAdj                    // virtual, emulated with the offset
-	msrAPICBase                  // reads pass, writes checked: the base never moves
-	msrIgnored                   // reads pass, writes dropped
-	msrPerfGlob                  // IA32_PERF_GLOBAL_CTRL: kept in the VMCS
-	msrSMMMon                    // IA32_SMM_MONITOR_CTL: reads 0, writes #GP
+	msrPass      msrPolicy = iota // not intercepted
+	msrFault                      // #GP both ways (absent for the guest)
+	msrFeature                    // IA32_FEATURE_CONTROL: locked, VMX off
+	msrTSC                        // reads offset, writes move the offset
+	msrTSCAdj                     // virtual, emulated with the offset
+	msrAPICBase                   // reads pass, writes checked: the base never moves
+	msrIgnored                    // reads pass, writes dropped
+	msrPerfGlob                   // IA32_PERF_GLOBAL_CTRL: kept in the VMCS
+	msrSMMMon                     // IA32_SMM_MONITOR_CTL: reads 0, writes #GP
+	msrX2APICICR                  // IA32_X2APIC_ICR: reads pass, writes checked IPIs
 )
 
 // exits reports whether reads and writes of a class exit.
@@ -31,7 +32,7 @@ func (p msrPolicy) exits() (read, write bool) {
 	switch p {
 	case msrPass:
 		return false, false
-	case msrAPICBase, msrIgnored:
+	case msrAPICBase, msrIgnored, msrX2APICICR:
 		return false, true
 	}
 	return true, true
@@ -61,6 +62,8 @@ func policy(msr uint32) msrPolicy {
 		return msrPerfGlob
 	case msr == vmx.MSRSMMMonitorCtl:
 		return msrSMMMon
+	case msr == vmx.MSRX2APICICR:
+		return msrX2APICICR
 	case msr == vmx.MSRPEBSEnable, msr == vmx.MSRDSArea,
 		msr == vmx.MSRRTITOutputBase, msr == vmx.MSRRTITOutputMask,
 		msr >= vmx.MSRRTITCtl && msr <= vmx.MSRRTITCR3Match,
@@ -136,6 +139,8 @@ func (v *VCPU) wrmsr(msr uint32, val uint64) bool {
 		return true
 	case msrAPICBase:
 		return v.writeAPICBase(val)
+	case msrX2APICICR:
+		return v.writeX2APICICR(val)
 	case msrIgnored:
 		// MTRRs: with EPT the guest's memory types come from EPT and
 		// the guest's PAT, so its MTRRs would only change tamahv's.
@@ -180,6 +185,44 @@ func (v *VCPU) writeAPICBase(val uint64) bool {
 		return false
 	}
 	v.WriteMSR(vmx.MSRAPICBase, val&^vmx.APICBaseBSP|cur&vmx.APICBaseBSP)
+	return true
+}
+
+// x2APICICRWritable reports whether WRMSR may write val to the x2APIC's
+// interrupt command register on v's processor: its local APIC is in
+// x2APIC mode and no reserved bit is set. Otherwise the processor raises
+// #GP (SDM Vol. 3A, "x2APIC Register Availability", "Reserved Bit
+// Checking"), which tamahv's own WRMSR must not.
+func (v *VCPU) x2APICICRWritable(val uint64) bool {
+	if v.ReadMSR == nil || v.WriteMSR == nil {
+		return false
+	}
+	const x2APIC = vmx.APICBaseEnable | vmx.APICBaseX2APIC
+	return v.ReadMSR(vmx.MSRAPICBase)&x2APIC == x2APIC && val&vmx.X2APICICRReserved == 0
+}
+
+// writeX2APICICR sends the interrupt command of a vCPU that has no
+// APICWrites in front of it: the guest's only vCPU. An INIT or start-up
+// IPI reaches that vCPU's processor only: one to its own x2APIC ID is
+// sent as written, a broadcast or shorthand is sent to it alone, one to
+// any other destination is dropped (IPITargets with the vCPU as the only
+// one). Other IPIs go out as written.
+func (v *VCPU) writeX2APICICR(val uint64) bool {
+	if !v.x2APICICRWritable(val) {
+		return false
+	}
+	low, dest := uint32(val)&^icrPending, uint32(val>>32)
+	if m := low & icrDeliveryMode; m == icrDeliveryINIT || m == icrDeliveryStart {
+		self := uint32(v.ReadMSR(vmx.MSRX2APICID))
+		targets, exact := IPITargets(low, dest, true, 0, []uint32{self})
+		switch {
+		case targets == 0, m == icrDeliveryINIT && low&icrLevelTriggered != 0 && low&icrLevelAssert == 0:
+			return true // dropped
+		case !exact:
+			low, dest = low&^(icrShorthand|icrLogical), self
+		}
+	}
+	v.WriteMSR(vmx.MSRX2APICICR, uint64(dest)<<32|uint64(low))
 	return true
 }
 

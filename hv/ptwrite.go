@@ -1,7 +1,6 @@
 package hv
 
 import (
-	"encoding/binary"
 	"math/bits"
 
 	"github.com/tamahv/tamahv/vmx"
@@ -13,8 +12,13 @@ import (
 // GuestMemory settles it within that exit: it reads the writing
 // instruction at the guest's RIP through the guest's own page tables,
 // decodes it, and, when it is one of the forms Linux writes its entries
-// with, does what the processor would have done: the write through
-// GuestPhys, the registers and flags the instruction sets, RIP past it.
+// with, does what the processor would have done: the instruction's one
+// access to the entry, the registers and flags it sets, RIP past it.
+// The access is exact and atomic, as the guest's other processors and
+// their page walkers, which read entries without locks, rely on: a store
+// is one store of the instruction's width, a read-modify-write one locked
+// instruction on guest memory (GuestPhys's AtomicMemory), never a copy
+// and never a read, a computation and a write.
 // The watches on the page are then walked at once, so a watch's function
 // hears of the new translation in the exit the write caused, and no
 // read's progress waits for the next exit (the VMX-preemption timer when
@@ -39,6 +43,8 @@ import (
 // and no enabled hardware breakpoint; its memory operand's linear address
 // (base, index, displacement, RIP-relative, the FS or GS base) is the
 // guest-linear address the processor reported, it does not cross a page,
+// a read-modify-write's is naturally aligned (a locked access that splits
+// a cache line may fault in tamahv where split-lock detection is on),
 // and the guest's tables translate it, writable from CPL 0 (CR0.WP,
 // SMAP, no protection keys in force), accessed and dirty, to the
 // guest-physical address that exited.
@@ -71,13 +77,15 @@ const (
 	// FallbackDecode: the bytes are not one of the forms emulated here.
 	FallbackDecode
 	// FallbackOperand: the instruction's memory operand is not the access
-	// that exited (another address, a page crossed, misaligned).
+	// that exited (another address, a page crossed), or it is a
+	// read-modify-write's and not naturally aligned.
 	FallbackOperand
 	// FallbackAccess: the guest's tables do not translate the operand to
 	// the exiting guest-physical address with the write allowed, accessed
 	// and dirty.
 	FallbackAccess
-	// FallbackMemory: guest RAM refused the access.
+	// FallbackMemory: guest RAM refused the access, or the memory cannot
+	// make it with one instruction.
 	FallbackMemory
 	// NumPTFallbacks is the number of reasons.
 	NumPTFallbacks
@@ -96,7 +104,6 @@ func (f PTFallback) String() string {
 // that an emulation allocates nothing of its own.
 type ptEmulator struct {
 	insn  [vmx.MaxInstructionLen]byte
-	buf   [16]byte
 	steps [5]Step
 }
 
@@ -144,30 +151,19 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFall
 	if !g.operand(v, e.RIP, &in) {
 		return FallbackOperand, false
 	}
-	if in.la&0xfff+uint64(in.size) > 0x1000 || (in.op == opCMPXCHG16B && in.la%16 != 0) ||
+	if in.la&0xfff+uint64(in.size) > 0x1000 || in.locked() && in.la%uint64(in.size) != 0 ||
 		m.Read(vmx.GuestLinearAddr) != in.la {
 		return FallbackOperand, false
 	}
 	if !g.writable(cr3, in.la, e.GuestPA, cr0, cr4, rflags) {
 		return FallbackAccess, false
 	}
-	b := g.emu.buf[:in.size]
-	if g.Phys.ReadPhys(e.GuestPA, b) != nil {
-		return FallbackMemory, false
-	}
-	// The registers are kept, to be put back should guest RAM refuse the
-	// write after all: the processor then runs the instruction itself.
-	saved, rsp := v.Regs, uint64(0)
-	sp := in.reg.size != 0 && in.reg.num == 4 && !in.reg.high
-	if sp {
-		rsp = m.Read(vmx.GuestRSP)
-	}
-	flags, write := execute(v, &in, b, rflags)
-	if write && g.Phys.WritePhys(e.GuestPA, b) != nil {
-		v.Regs = saved
-		if sp {
-			m.Write(vmx.GuestRSP, rsp)
-		}
+	// The one access to guest memory: the instruction's own store or
+	// locked read-modify-write, through GuestPhys. Registers change only
+	// once it is done; should guest RAM refuse it, nothing changed and
+	// the processor runs the instruction itself.
+	flags, write, err := execute(g.Phys, e.GuestPA, v, &in, rflags)
+	if err != nil {
 		return FallbackMemory, false
 	}
 	if flags != rflags {
@@ -285,81 +281,104 @@ func (g *GuestMemory) operand(v *VCPU, rip uint64, in *ptInsn) bool {
 	return true
 }
 
-// execute does the instruction's work on the memory operand b (read from
-// guest RAM, written back when it returns write) and its registers; it
-// returns the new RFLAGS.
-func execute(v *VCPU, in *ptInsn, b []byte, rflags uint64) (uint64, bool) {
-	if in.size == 16 { // CMPXCHG16B
-		lo, hi := binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint64(b[8:])
-		if lo == v.Regs.RAX && hi == v.Regs.RDX {
-			binary.LittleEndian.PutUint64(b, v.Regs.RBX)
-			binary.LittleEndian.PutUint64(b[8:], v.Regs.RCX)
-			return rflags | vmx.RFLAGSZF, true
-		}
-		v.Regs.RAX, v.Regs.RDX = lo, hi
-		return rflags &^ vmx.RFLAGSZF, false
-	}
-	old := load(b)
+// locked reports whether the instruction reads and writes its memory
+// operand: it is emulated with one locked instruction, which must be
+// naturally aligned (AtomicMemory). A form the guest did not lock is
+// locked too: every outcome of the locked instruction is one the
+// unlocked instruction allows.
+func (in *ptInsn) locked() bool { return in.op != opMOV && in.op != opMOVNTI }
+
+// execute does the instruction's work: its one access to the memory
+// operand at pa, through m, and the registers it sets. It returns the new
+// RFLAGS and whether the operand was written; on an error nothing
+// changed.
+func execute(m AtomicMemory, pa uint64, v *VCPU, in *ptInsn, rflags uint64) (uint64, bool, error) {
 	src := in.imm
 	if !in.hasImm && in.reg.size != 0 {
 		src = regValue(v, in.reg)
 	}
-	res := old
 	switch in.op {
 	case opMOV, opMOVNTI:
-		res = src
+		return rflags, true, m.Store(pa, in.size, src)
 	case opXCHG:
-		res = src
+		old, err := m.Exchange(pa, in.size, src)
+		if err != nil {
+			return rflags, false, err
+		}
 		setReg(v, in.reg, old)
+		return rflags, true, nil
 	case opCMPXCHG:
 		acc := v.Regs.RAX & sizeMask(in.size)
-		rflags = subFlags(rflags, acc, old, in.size)
-		if acc != old {
-			// The processor writes the destination back unchanged and
-			// loads the accumulator.
-			setGPR(v, 0, in.size, old)
-			return rflags, false
+		old, swapped, err := m.CompareExchange(pa, in.size, acc, src)
+		if err != nil {
+			return rflags, false, err
 		}
-		res = src
+		rflags = subFlags(rflags, acc, old, in.size)
+		if !swapped {
+			// The accumulator is loaded with the operand (the processor
+			// writes the operand back unchanged).
+			setGPR(v, 0, in.size, old)
+		}
+		return rflags, swapped, nil
 	case opCMPXCHG8B:
 		cmp := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
-		if old != cmp {
-			v.Regs.RAX, v.Regs.RDX = old&0xffffffff, old>>32
-			return rflags &^ vmx.RFLAGSZF, false
+		val := v.Regs.RCX<<32 | v.Regs.RBX&0xffffffff
+		old, swapped, err := m.CompareExchange(pa, 8, cmp, val)
+		if err != nil {
+			return rflags, false, err
 		}
-		res = v.Regs.RCX<<32 | v.Regs.RBX&0xffffffff
-		rflags |= vmx.RFLAGSZF
-	case opOR:
-		res = old | src
-		rflags = logicFlags(rflags, res, in.size)
-	case opAND:
-		res = old & src
-		rflags = logicFlags(rflags, res, in.size)
-	case opXOR:
-		res = old ^ src
-		rflags = logicFlags(rflags, res, in.size)
+		if !swapped {
+			v.Regs.RAX, v.Regs.RDX = old&0xffffffff, old>>32
+			return rflags &^ vmx.RFLAGSZF, false, nil
+		}
+		return rflags | vmx.RFLAGSZF, true, nil
+	case opCMPXCHG16B:
+		old, swapped, err := m.CompareExchange16(pa, [2]uint64{v.Regs.RAX, v.Regs.RDX}, [2]uint64{v.Regs.RBX, v.Regs.RCX})
+		if err != nil {
+			return rflags, false, err
+		}
+		if !swapped {
+			v.Regs.RAX, v.Regs.RDX = old[0], old[1]
+			return rflags &^ vmx.RFLAGSZF, false, nil
+		}
+		return rflags | vmx.RFLAGSZF, true, nil
+	case opOR, opAND, opXOR:
+		var f uint64
+		var err error
+		switch in.op {
+		case opOR:
+			f, err = m.Or(pa, in.size, src)
+		case opAND:
+			f, err = m.And(pa, in.size, src)
+		default:
+			f, err = m.Xor(pa, in.size, src)
+		}
+		if err != nil {
+			return rflags, false, err
+		}
+		// CF and OF clear, SF, ZF and PF from the result, AF
+		// (undefined) clear.
+		return rflags&^vmx.RFLAGSArith | f&(vmx.RFLAGSSF|vmx.RFLAGSZF|vmx.RFLAGSPF), true, nil
 	case opBTS, opBTR:
+		var was bool
+		var err error
+		if in.op == opBTS {
+			was, err = m.BitTestAndSet(pa, in.size, in.bit)
+		} else {
+			was, err = m.BitTestAndReset(pa, in.size, in.bit)
+		}
+		if err != nil {
+			return rflags, false, err
+		}
 		// CF is the bit; OF, SF, AF and PF are undefined and left alone;
 		// ZF is unaffected.
 		rflags &^= vmx.RFLAGSCF
-		if old>>in.bit&1 != 0 {
+		if was {
 			rflags |= vmx.RFLAGSCF
 		}
-		if in.op == opBTS {
-			res = old | 1<<in.bit
-		} else {
-			res = old &^ (1 << in.bit)
-		}
+		return rflags, true, nil
 	}
-	store(b, res)
-	return rflags, true
-}
-
-// logicFlags are the flags of OR, AND and XOR: CF and OF clear, SF, ZF
-// and PF from the result, AF (undefined) clear.
-func logicFlags(rflags, res uint64, size int) uint64 {
-	rflags &^= vmx.RFLAGSArith
-	return rflags | resultFlags(res, size)
+	return rflags, false, ErrOperand
 }
 
 // subFlags are the flags of CMP a, b (a - b), as CMPXCHG sets them.
@@ -406,22 +425,6 @@ func sizeMask(size int) uint64 {
 func signExtend(v uint64, size int) int64 {
 	s := 64 - 8*uint(size)
 	return int64(v<<s) >> s
-}
-
-// load reads a little-endian value of len(b) (1, 2, 4 or 8) bytes.
-func load(b []byte) uint64 {
-	var v uint64
-	for i := len(b) - 1; i >= 0; i-- {
-		v = v<<8 | uint64(b[i])
-	}
-	return v
-}
-
-// store writes v in len(b) little-endian bytes.
-func store(b []byte, v uint64) {
-	for i := range b {
-		b[i] = byte(v >> (8 * i))
-	}
 }
 
 // readGPR reads register n; RSP lives in the VMCS.

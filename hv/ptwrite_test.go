@@ -362,6 +362,21 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 				m[vmx.GuestLinearAddr] = r.RDI
 			},
 			why: FallbackOperand},
+		{name: "lock or not aligned: left to the processor", code: []byte{0xf0, 0x48, 0x09, 0x07},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
+				r.RDI = f.kva + 4
+				m[vmx.GuestLinearAddr] = r.RDI
+			},
+			why: FallbackOperand},
+		{name: "xchg not aligned: left to the processor", code: []byte{0x87, 0x07},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
+				r.RDI = f.kva + 2
+				m[vmx.GuestLinearAddr] = r.RDI
+			},
+			why: FallbackOperand},
+		{name: "memory without single-instruction stores", code: []byte{0x48, 0x89, 0x07},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) { f.g.phys.Mem = struct{ Memory }{f.g.mem} },
+			why:   FallbackMemory},
 		{name: "a read-only mapping with CR0.WP", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
 				f.g.mapPage(elsewhere, f.pte&^0xfff, 0)
@@ -601,14 +616,32 @@ func TestRewalkKeepsProtection(t *testing.T) {
 	f.protected(t)
 }
 
-// refusingWrites is host memory that reads but refuses every write.
-type refusingWrites struct{ Memory }
+// refusingWrites is host memory that reads but refuses every change.
+type refusingWrites struct{ frameMem }
 
-func (refusingWrites) WritePhys(uint64, []byte) error { return errors.New("refused") }
+var errRefused = errors.New("refused")
 
-// TestRefusedWriteLeavesRegisters: should guest RAM refuse the write after
-// the instruction ran, the registers it changed are put back and the page
-// is opened for the processor to run it.
+func (refusingWrites) WritePhys(uint64, []byte) error          { return errRefused }
+func (refusingWrites) CopyPhys(uint64, uint64, uint64) error   { return errRefused }
+func (refusingWrites) Store(uint64, int, uint64) error         { return errRefused }
+func (refusingWrites) Or(uint64, int, uint64) (uint64, error)  { return 0, errRefused }
+func (refusingWrites) And(uint64, int, uint64) (uint64, error) { return 0, errRefused }
+func (refusingWrites) Xor(uint64, int, uint64) (uint64, error) { return 0, errRefused }
+func (refusingWrites) Exchange(uint64, int, uint64) (uint64, error) {
+	return 0, errRefused
+}
+func (refusingWrites) CompareExchange(uint64, int, uint64, uint64) (uint64, bool, error) {
+	return 0, false, errRefused
+}
+func (refusingWrites) CompareExchange16(uint64, [2]uint64, [2]uint64) ([2]uint64, bool, error) {
+	return [2]uint64{}, false, errRefused
+}
+func (refusingWrites) BitTestAndSet(uint64, int, uint) (bool, error)   { return false, errRefused }
+func (refusingWrites) BitTestAndReset(uint64, int, uint) (bool, error) { return false, errRefused }
+
+// TestRefusedWriteLeavesRegisters: should guest RAM refuse the
+// instruction's change, no register changes and the page is opened for
+// the processor to run it.
 func TestRefusedWriteLeavesRegisters(t *testing.T) {
 	for _, c := range []struct {
 		name string
@@ -617,11 +650,15 @@ func TestRefusedWriteLeavesRegisters(t *testing.T) {
 	}{
 		{"xchg %rax,(%rdi)", []byte{0x48, 0x87, 0x07}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }},
 		{"xchg %rsp,(%rdi)", []byte{0x48, 0x87, 0x27}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva }},
+		{"lock cmpxchg %rdx,(%rdi)", []byte{0xf0, 0x48, 0x0f, 0xb1, 0x17}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, 1 }},
+		{"lock cmpxchg16b (%rdi)", []byte{0xf0, 0x48, 0x0f, 0xc7, 0x0f}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, 1 }},
+		{"lock orq $1,(%rdi)", []byte{0xf0, 0x48, 0x83, 0x0f, 0x01}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva }},
+		{"lock btsq $1,(%rdi)", []byte{0xf0, 0x48, 0x0f, 0xba, 0x2f, 0x01}, func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f := newPTFixture(t, swapPTE)
 			f.code(c.code...)
-			f.g.phys.Mem = refusingWrites{f.g.phys.Mem}
+			f.g.phys.Mem = refusingWrites{f.g.mem}
 			var before vmx.GuestRegs
 			v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) {
 				c.regs(f, r)

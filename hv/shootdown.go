@@ -35,6 +35,11 @@ import (
 // invalidates. Without Kick, Changed waits for the vCPUs' next exit
 // anyway: the VMX-preemption timer bounds that by one period.
 //
+// When Changed returns without giving up on a vCPU, no processor holds a
+// translation from before the change: memory the change took out of the
+// EPT (a table merged away, GuestPhys.Flush) may be reused from then on,
+// and not before.
+//
 // No lock is held across VM entry; Changed spins, never sleeps, and runs
 // in VMX root operation on the changer's processor, which is itself out
 // of the guest, so two changers cannot wait for each other.

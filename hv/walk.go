@@ -19,6 +19,8 @@ const (
 	pteP    = vmx.PTEPresent
 	pteRW   = vmx.PTEWritable
 	pteUS   = vmx.PTEUser
+	pteA    = vmx.PTEAccessed
+	pteD    = vmx.PTEDirty
 	ptePS   = vmx.PTEPageSize
 	ptePAT  = vmx.PTELargePAT
 	pteXD   = vmx.PTEExecuteDisable
@@ -55,6 +57,10 @@ type Walker struct {
 	// Limit is the end of guest-physical memory; a walk leaving it stops
 	// with an error (0: no limit).
 	Limit uint64
+	// TopEntry makes every translation carry the top-level entry it went
+	// through (swapmem.Translation.Top): a watch then hears when that
+	// entry changes, as when the guest tears the address space down.
+	TopEntry bool
 
 	buf [8]byte
 }
@@ -104,6 +110,9 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 		e := binary.LittleEndian.Uint64(b[:])
 		steps[n] = Step{Level: level, PA: pa, Entry: e}
 		n++
+		if level == levels && w.TopEntry {
+			tr.Top = e & (pteAddr | pteP) // zero when not present
+		}
 		if e&pteP == 0 {
 			// Backed: a non-zero not-present PTE or PDE that is not Linux's
 			// PROT_NONE: a swap or migration entry, which a #PF brings back
@@ -125,7 +134,7 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 		if level == 1 || e&ptePS != 0 {
 			size := uint64(1) << (12 + 9*uint(level-1))
 			base := e & pteAddr &^ (size - 1)
-			return swapmem.Translation{PA: base | va&(size-1), PageSize: size, Present: true, Writable: rw, User: us, NX: xd}, n, nil
+			return swapmem.Translation{PA: base | va&(size-1), PageSize: size, Present: true, Writable: rw, User: us, NX: xd, Top: tr.Top}, n, nil
 		}
 		table = e & pteAddr
 	}
@@ -137,4 +146,15 @@ func (w *Walker) Translate(cr3, va uint64) (swapmem.Translation, error) {
 	var s [5]Step
 	tr, _, err := w.Walk(cr3, va, &s)
 	return tr, err
+}
+
+// sameEntry reports whether two values of one paging-structure entry walk
+// and translate alike: they differ at most in the accessed and dirty
+// flags of a present entry, which the processor sets as it walks.
+func sameEntry(a, b uint64) bool {
+	d := a ^ b
+	if a&pteP != 0 {
+		d &^= pteA | pteD
+	}
+	return d == 0
 }

@@ -7,10 +7,18 @@
 // safe moment, so that the guest's own memory manager brings the page back.
 // When every byte has been read the caller's Done function runs.
 //
-// The engine keeps at most one injected page fault pending in the whole guest.
-// Transactions that wait for the same page share one watch and one fault. The
-// per-VM-exit path, InjectPendingPF, costs O(1) in the number of live
-// transactions and allocates nothing.
+// The engine keeps at most one injected page fault pending in the whole guest,
+// and no address space keeps it from the others for longer than
+// Config.Timeout at a time. Transactions that wait for the same page share
+// one watch and one fault. The per-VM-exit path, InjectPendingPF, costs O(1)
+// in the number of live transactions and allocates nothing.
+//
+// A read keeps no buffer of its whole range: it keeps the pages read, each
+// as it arrives, and a read with Request.Stream passes its bytes on in
+// address order as they arrive, keeping only those that arrive ahead of a
+// missing page. A read never outlives its address space: when the
+// top-level entry on a waited page's walk goes away (Translation.Top), the
+// reads of that address space end with ErrSpaceGone.
 //
 // A fault is injected only for a page the guest can bring in: one whose walk
 // ends at a non-zero not-present entry (Translation.Backed: a swap or
@@ -136,6 +144,29 @@ type Translation struct {
 	// there could kill the process or oops the kernel, so the engine never
 	// injects one.
 	Backed bool
+	// Top is the top-level entry (PML4E, or PML5E with 5-level paging)
+	// the walk went through: its address and present bit only, 0 when it
+	// is not present. It names the part of the address space the page
+	// lies in. A top-level entry of a live process's user half stays as
+	// it is for the process's life: Linux clears them when it tears the
+	// address space down (and when the process unmaps a whole 512 GiB
+	// slot), before its top-level table can go to another process. The
+	// engine takes a change of a present Top on a waited page's walk for
+	// the end of that address space (ErrSpaceGone).
+	Top uint64
+}
+
+// TopPresent is the present bit of Translation.Top.
+const TopPresent = 1 << 0
+
+// BPWithdrawer is implemented by a Guest whose breakpoint agent can take
+// back an arming (CPU.InjectBPFault) before it raises its fault. The
+// engine calls WithdrawBPFault for the page it armed when no transaction
+// wants that fault any more (they ended, or the page came in by itself,
+// or the arming timed out), with its lock held: it must not call back
+// into the engine.
+type BPWithdrawer interface {
+	WithdrawBPFault(va uint64)
 }
 
 // Guest is the engine's view of guest memory. The hypervisor implements it;
@@ -179,6 +210,17 @@ type Request struct {
 	// Done is called exactly once when all Len bytes are read, or when the
 	// read fails (Read.Err); it may be nil.
 	Done func(Read)
+	// Stream, if set, receives the bytes as they are read, in address
+	// order: each piece once, as soon as every byte before it was read,
+	// and valid only during the call. Done's Read.Data is then nil. The
+	// engine keeps only the pages read ahead of one still missing, so a
+	// streaming read holds no more memory than those; without Stream the
+	// engine keeps every page read until Done. Stream is called with the
+	// engine's lock held: it must not call back into the engine. Pieces
+	// passed on do not make a read succeed: one that fails afterwards
+	// ends with Read.Err, and one that ReadData refuses may have passed
+	// on pieces before it found why.
+	Stream func(p []byte)
 	// PreInject is asked before each injection for the page at va, with the
 	// CR3 the fault would be taken in; false vetoes it. It may be nil.
 	PreInject func(cr3, va uint64) bool
@@ -191,8 +233,10 @@ type Request struct {
 // Read is what Done receives.
 type Read struct {
 	CR3, VA, PA uint64 // PA of the first byte
-	Data        []byte // valid only during the Done call
-	Flags       Flags
+	// Data holds the bytes read (nil for a Stream request). It is the
+	// transaction's own: the engine does not touch it after Done.
+	Data  []byte
+	Flags Flags
 	// Err is non-nil when the range could not be read: it wraps
 	// ErrNotServiced, ErrNotBacked or ErrDeadline, or a guest-memory error.
 	// Data is then nil.
@@ -262,4 +306,9 @@ var (
 	ErrNotBacked = errors.New("swapmem: page is not backed: no fault injected")
 	// ErrDeadline is the Read.Err of a transaction whose deadline passed.
 	ErrDeadline = errors.New("swapmem: read deadline passed")
+	// ErrSpaceGone is the Read.Err of every transaction of an address
+	// space whose top-level entry on a waited page's walk went away or
+	// changed (see Translation.Top): the address space was torn down, and
+	// its top-level table may already be another process's.
+	ErrSpaceGone = errors.New("swapmem: the address space's page tables went away")
 )

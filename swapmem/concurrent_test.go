@@ -28,6 +28,13 @@ func (c *atomicClock) now() time.Duration { return time.Duration(c.t.Load()) }
 // and after the concurrent phase every page is brought in and the engine is
 // driven until no transaction is left, so every accepted read is seen to end
 // exactly once, with the right bytes.
+//
+// Each vCPU also has a process of its own that only it runs, with a read
+// of a swapped-out page waiting before the goroutines start. A vCPU, and
+// the pager and timer, keep going until both those reads are done: each
+// vCPU has then injected a #PF while the others ran, however they
+// interleaved (or they give up after 20 times their turns, and the test
+// fails).
 func TestConcurrentVCPUs(t *testing.T) {
 	m := swapmemtest.NewMachine()
 	var procs []*swapmemtest.Space
@@ -39,6 +46,26 @@ func TestConcurrentVCPUs(t *testing.T) {
 	}
 	clk := &atomicClock{}
 	e := swapmem.New(m, swapmem.Config{Now: clk.now})
+
+	const vcpus = 2
+	var own [vcpus]struct {
+		p    *swapmemtest.Space
+		done atomic.Bool
+		err  error
+		data []byte
+	}
+	for c := range own {
+		o := &own[c]
+		o.p = m.NewSpace()
+		require.NoError(t, o.p.MapSwapped(userBase, swapmemtest.UserRW, patternRange(uint64(10+c), userBase, 4096)))
+		_, err := e.ReadData(swapmem.Request{CR3: o.p.CR3, VA: userBase, Len: 4096, Options: swapmem.UserFault, Deadline: time.Hour,
+			Done: func(rd swapmem.Read) {
+				o.err, o.data = rd.Err, append([]byte(nil), rd.Data...)
+				o.done.Store(true)
+			}})
+		require.NoError(t, err)
+	}
+	ownDone := func() bool { return own[0].done.Load() && own[1].done.Load() }
 
 	type req struct {
 		tx      *swapmem.Transaction
@@ -98,14 +125,18 @@ func TestConcurrentVCPUs(t *testing.T) {
 		mu.Unlock()
 	}
 
-	for c := 0; c < 2; c++ {
+	for c := 0; c < vcpus; c++ {
 		cpu := m.NewVCPU(c)
 		wg.Add(1)
 		go func(seed int64) {
 			defer wg.Done()
 			rng := rand.New(rand.NewSource(seed))
-			for i := 0; i < iters; i++ {
-				cpu.Switch(procs[rng.Intn(len(procs))].CR3, []int{0, 3}[rng.Intn(2)])
+			for i := 0; i < iters || !ownDone() && i < 20*iters; i++ {
+				if i%2 == 0 {
+					cpu.Switch(own[seed].p.CR3, 3)
+				} else {
+					cpu.Switch(procs[rng.Intn(len(procs))].CR3, []int{0, 3}[rng.Intn(2)])
+				}
 				guest.RLock()
 				assert.NoError(t, e.InjectPendingPF(cpu))
 				m.Deliver()
@@ -124,7 +155,7 @@ func TestConcurrentVCPUs(t *testing.T) {
 	go func() { // pager and timer
 		defer wg.Done()
 		rng := rand.New(rand.NewSource(11))
-		for i := 0; i < iters; i++ {
+		for i := 0; i < iters || !ownDone() && i < 20*iters; i++ {
 			p := procs[rng.Intn(len(procs))]
 			va := userBase + uint64(rng.Intn(16))*4096
 			guest.Lock()
@@ -158,6 +189,18 @@ func TestConcurrentVCPUs(t *testing.T) {
 	}()
 	wg.Wait()
 
+	// The concurrent injections happened: each vCPU's own read was
+	// faulted in by that vCPU, while the others ran.
+	injected := map[int]int{}
+	for _, f := range m.Delivered() {
+		injected[f.CPU]++
+	}
+	for c := range own {
+		require.NoError(t, own[c].err, "vCPU %d's own read", c)
+		assert.Equal(t, patternRange(uint64(10+c), userBase, 4096), own[c].data, "vCPU %d's own read", c)
+		assert.Positive(t, injected[c], "#PFs injected by vCPU %d", c)
+	}
+
 	// Drain: every page comes in, and the engine runs until nothing is live.
 	for _, p := range procs {
 		for pg := uint64(0); pg < 16; pg++ {
@@ -189,7 +232,7 @@ func TestConcurrentVCPUs(t *testing.T) {
 	assert.Equal(t, int64(done), ok.Load())
 	assert.Greater(t, done, 0)
 	st := e.Stats()
-	t.Logf("completed %d, re-entered %d, stats %+v", ok.Load(), reentred.Load(), st)
+	t.Logf("completed %d, re-entered %d, injected by vCPU %v, stats %+v", ok.Load(), reentred.Load(), injected, st)
 	require.NoError(t, e.Close())
 	assert.Zero(t, m.Watches())
 }

@@ -21,7 +21,17 @@ type Transaction struct {
 	done      func(Read)
 	preInject func(cr3, va uint64) bool
 
-	buf     []byte
+	n int // bytes requested
+	// stream passes bytes on in address order (Request.Stream); sent is
+	// how many it passed on.
+	stream func([]byte)
+	sent   int
+	// held are the bytes read and kept, by page of the range: those of a
+	// streaming read that wait for a page before them, or every page of
+	// a read without Stream until Done. Allocated at the first page kept.
+	held    [][]byte
+	heldN   int // bytes in held
+	data    []byte
 	pa      uint64
 	flags   Flags
 	missing int // waiters still attached
@@ -48,7 +58,7 @@ const (
 // waiter is one missing page of one transaction.
 type waiter struct {
 	tx   *Transaction
-	off  int // offset of the page's first wanted byte in tx.buf
+	off  int // offset of the page's first wanted byte in the range
 	n    int // bytes wanted from this page
 	s    *slot
 	link link[waiter]
@@ -147,6 +157,7 @@ type space struct {
 	cr3    uint64
 	txs    ilist[Transaction]
 	queues [numQueues]ilist[slot]
+	nready int // slots in queues
 }
 
 type orphanPF struct {
@@ -177,6 +188,17 @@ type Stats struct {
 	Failed    uint64 // transactions whose Done ran with an error
 	Expired   uint64 // transactions failed by their deadline (also in Failed)
 	Removed   uint64 // transactions removed before completing
+	// SpaceGone counts transactions ended because their address space's
+	// tables went away (ErrSpaceGone; also in Failed).
+	SpaceGone uint64
+	// Withdrawn counts breakpoint-agent armings taken back (BPWithdrawer).
+	Withdrawn uint64
+	// Held is the bytes live transactions hold: read, and not yet passed
+	// on (Stream) or delivered (Done).
+	Held int
+	// Yielded counts injections an address space gave up to another's
+	// after holding the in-flight #PF for Config.Timeout.
+	Yielded uint64
 }
 
 // Engine is the swapmem engine for one guest. Its methods are safe for
@@ -212,6 +234,24 @@ type Engine struct {
 	seq     uint64
 	nextID  uint64
 	stats   Stats
+	held    int // bytes all transactions hold
+	// run is the address space whose #PFs hold the guest-wide slot, or
+	// held it last, and since when it holds it with no other space's #PF
+	// in between (see mayInject).
+	run holdRun
+	// scratch is where a page is read before it is passed on or kept.
+	scratch [PageSize4K]byte
+}
+
+// holdRun is one address space's run of #PFs in the guest-wide slot.
+type holdRun struct {
+	cr3   uint64 // requested CR3 of the slots injected
+	since time.Duration
+	// yielding: the space has held the slot for Config.Timeout and gives
+	// way to others since yieldSince.
+	yielding   bool
+	yieldSince time.Duration
+	last       time.Duration // when its latest #PF left the slot
 }
 
 // New returns an engine that reads g's memory (IntSwapMemInit).
@@ -339,18 +379,20 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 	}
 	t := &Transaction{
 		e: e, cr3: r.CR3, tcr3: r.CR3, va: r.VA, opts: r.Options,
-		done: r.Done, preInject: r.PreInject, buf: make([]byte, r.Len),
+		done: r.Done, preInject: r.PreInject, n: r.Len, stream: r.Stream,
 	}
 	if t.tcr3 == 0 {
 		t.tcr3 = e.g.SystemCR3()
 	}
 	if err := e.readPresent(t); err != nil {
+		e.release(t)
 		e.mu.Unlock()
 		return nil, err
 	}
 	if len(t.waiters) > 0 {
 		if err := e.attach(t); err != nil {
 			e.forgetSpace(t.cr3)
+			e.release(t)
 			e.mu.Unlock()
 			return nil, err
 		}
@@ -361,6 +403,7 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 		e.forgetSpace(t.cr3)
 		t.state = txFinished
 		e.stats.Completed++
+		e.deliver(t)
 		e.mu.Unlock()
 		t.call(0)
 		return nil, nil
@@ -386,31 +429,28 @@ func (e *Engine) ReadData(r Request) (*Transaction, error) {
 	return t, nil
 }
 
-// readPresent translates the range, copies what is present and records a
-// waiter for each missing 4 KiB page. A missing page that a faulting request
-// could not fault in fails the request with ErrNotBacked.
+// readPresent translates the range a 4 KiB page at a time, reads what is
+// present and records a waiter for each missing page. A missing page that a
+// faulting request could not fault in fails the request with ErrNotBacked.
 func (e *Engine) readPresent(t *Transaction) error {
 	write := t.opts&WriteFault != 0
-	end := t.va + uint64(len(t.buf)) // may be 0 for a range ending at 2^64
+	end := t.va + uint64(t.n) // may be 0 for a range ending at 2^64
 	for cur := t.va; cur != end; {
+		n := chunk(cur, end, PageSize4K)
 		tr, err := e.g.Translate(t.tcr3, cur)
 		if t.opts&NoFault == 0 && (err != nil || !satisfies(tr, write) && !injectable(tr, write)) {
 			return fmt.Errorf("%w: %#x in CR3 %#x", ErrNotBacked, cur, t.tcr3)
 		}
 		if err == nil && satisfies(tr, write) {
-			n := chunk(cur, end, pageSize(tr))
-			off := cur - t.va
-			ok, err := e.readStable(t.tcr3, cur, tr, write, t.buf[off:off+n])
+			ok, err := e.readStable(t, cur, tr, write, int(n))
 			if err != nil {
 				return err
 			}
 			if ok {
-				t.collect(cur, tr.PA, tr.NX)
 				cur += n
 				continue
 			}
 		}
-		n := chunk(cur, end, PageSize4K)
 		t.waiters = append(t.waiters, waiter{tx: t, off: int(cur - t.va), n: int(n)})
 		cur += n
 	}
@@ -425,14 +465,6 @@ func chunk(cur, end, size uint64) uint64 {
 		n = end - cur
 	}
 	return n
-}
-
-func pageSize(tr Translation) uint64 {
-	switch tr.PageSize {
-	case PageSize2M, PageSize1G:
-		return tr.PageSize
-	}
-	return PageSize4K
 }
 
 func satisfies(tr Translation, write bool) bool {
@@ -471,14 +503,10 @@ func (e *Engine) attachOne(wt *waiter) error {
 	if satisfies(s.w.tr, s.write()) {
 		// In already: it came in before the watch was in place. If it moved
 		// again while it was read, the watch (in place now) reports where.
-		t := wt.tx
-		va := wt.va()
-		pa := s.w.tr.PA + va&pageMask
-		ok, err := e.readStable(t.tcr3, va, Translation{Present: true, PA: pa, Writable: s.w.tr.Writable}, s.write(), t.buf[wt.off:wt.off+wt.n])
+		tr := s.w.tr
+		tr.PA += wt.va() & pageMask
+		ok, err := e.readStable(wt.tx, wt.va(), tr, s.write(), wt.n)
 		if err != nil || ok {
-			if ok {
-				t.collect(va, pa, s.w.tr.NX)
-			}
 			e.releaseIfEmpty(s)
 			return err
 		}
@@ -556,30 +584,92 @@ func (e *Engine) releaseIfEmpty(s *slot) {
 	}
 }
 
-// readStable copies len(dst) bytes of va, which tr (va's translation, PA of
-// va itself) says is present, and walks again afterwards: another vCPU or
-// the guest's pager may have moved the page between the walk and the copy,
-// leaving another page's bytes in the frame. It reports false when va no
-// longer translates to the same frame with the access needed; dst is then
-// to be read again.
-func (e *Engine) readStable(cr3, va uint64, tr Translation, write bool, dst []byte) (bool, error) {
-	if err := e.g.ReadPhys(tr.PA, dst); err != nil {
-		return false, fmt.Errorf("swapmem: reading %#x (PA %#x) in CR3 %#x: %w", va, tr.PA, cr3, err)
+// readStable reads n bytes of t at va (within one page), which tr (va's
+// translation, PA of va itself) says is present, and walks again
+// afterwards: another vCPU or the guest's pager may have moved the page
+// between the walk and the copy, leaving another page's bytes in the
+// frame. Bytes read stably are t's (put); it reports false, and keeps
+// nothing, when va no longer translates to the same frame with the access
+// needed: the page is to be read again.
+func (e *Engine) readStable(t *Transaction, va uint64, tr Translation, write bool, n int) (bool, error) {
+	p := e.scratch[:n]
+	if err := e.g.ReadPhys(tr.PA, p); err != nil {
+		return false, fmt.Errorf("swapmem: reading %#x (PA %#x) in CR3 %#x: %w", va, tr.PA, t.tcr3, err)
 	}
-	again, err := e.g.Translate(cr3, va)
-	return err == nil && satisfies(again, write) && again.PA == tr.PA, nil
+	again, err := e.g.Translate(t.tcr3, va)
+	if err != nil || !satisfies(again, write) || again.PA != tr.PA {
+		return false, nil
+	}
+	e.put(t, int(va-t.va), p)
+	t.collect(va, tr.PA, tr.NX)
+	return true, nil
 }
 
-// readWaiter copies a waiter's bytes from a translation of its page.
+// readWaiter reads a waiter's bytes from a translation of its page.
 func (e *Engine) readWaiter(wt *waiter, tr Translation) error {
 	t := wt.tx
 	va := wt.va()
 	pa := tr.PA + va&pageMask
-	if err := e.g.ReadPhys(pa, t.buf[wt.off:wt.off+wt.n]); err != nil {
+	p := e.scratch[:wt.n]
+	if err := e.g.ReadPhys(pa, p); err != nil {
 		return fmt.Errorf("swapmem: reading %#x (PA %#x) in CR3 %#x: %w", va, pa, t.tcr3, err)
 	}
+	e.put(t, wt.off, p)
 	t.collect(va, pa, tr.NX)
 	return nil
+}
+
+// put takes the bytes p read at offset off of t's range (within one page
+// of it; p may be the scratch page): a streaming read passes them on at
+// once when every byte before them was passed on, with the pages kept
+// behind them; otherwise they are kept.
+func (e *Engine) put(t *Transaction, off int, p []byte) {
+	if t.stream != nil && off == t.sent {
+		t.stream(p)
+		t.sent += len(p)
+		for t.sent < t.n {
+			i := t.page(t.sent)
+			if t.held == nil || t.held[i] == nil {
+				break
+			}
+			q := t.held[i]
+			t.held[i] = nil
+			t.heldN -= len(q)
+			e.held -= len(q)
+			t.stream(q)
+			t.sent += len(q)
+		}
+		return
+	}
+	if t.held == nil {
+		t.held = make([][]byte, t.page(t.n-1)+1)
+	}
+	t.held[t.page(off)] = append([]byte(nil), p...)
+	t.heldN += len(p)
+	e.held += len(p)
+}
+
+// page returns the index of the page of t's range that holds offset off.
+func (t *Transaction) page(off int) int {
+	return (int(t.va&pageMask) + off) >> 12
+}
+
+// deliver makes the Read.Data of a read without Stream from the pages it
+// kept, in one buffer of its own. Called once every page is in.
+func (e *Engine) deliver(t *Transaction) {
+	if t.stream == nil {
+		t.data = make([]byte, 0, t.n)
+		for _, p := range t.held {
+			t.data = append(t.data, p...)
+		}
+	}
+	e.release(t)
+}
+
+// release drops the pages t keeps.
+func (e *Engine) release(t *Transaction) {
+	e.held -= t.heldN
+	t.held, t.heldN = nil, 0
 }
 
 // requeue makes a faulting slot that is in no list schedulable again: into
@@ -600,6 +690,7 @@ func (e *Engine) requeue(s *slot, front bool) {
 	}
 	s.state = slotReady
 	s.queue = q
+	s.sp.nready++
 	e.nready.Add(1)
 }
 
@@ -620,12 +711,16 @@ func (e *Engine) dequeue(s *slot) {
 	s.queue.remove(s)
 	s.queue = nil
 	if s.state == slotReady {
+		s.sp.nready--
 		e.nready.Add(-1)
 	}
 }
 
 // setPending changes the pending slot and the lock-free busy mark with it.
 func (e *Engine) setPending(s *slot) {
+	if p := e.pending; p != nil && p.state == slotPending && p.key.cr3 == e.run.cr3 {
+		e.run.last = e.clock()
+	}
 	e.pending = s
 	e.busy.Store(s != nil || e.orphan.active)
 }
@@ -656,6 +751,7 @@ func (e *Engine) freeSlot(s *slot) {
 	e.dequeue(s)
 	if e.pending == s {
 		if s.state == slotPending && !s.delivered {
+			e.withdraw(s)
 			e.setOrphan(orphanPF{active: true, page: s.key.page, since: s.since})
 		}
 		e.setPending(nil)
@@ -679,8 +775,18 @@ func (e *Engine) changed(w *watch, tr Translation) {
 		e.mu.Unlock()
 		return
 	}
+	old := w.tr
 	w.tr = tr
 	var batch *Transaction
+	if old.Top&TopPresent != 0 && tr.Top != old.Top {
+		// The address space was torn down: its reads end with it, and
+		// nothing of theirs is injected into whoever gets its tables.
+		err := fmt.Errorf("%w: CR3 %#x, top-level entry of %#x was %#x, now %#x", ErrSpaceGone, w.key.cr3, w.key.page, old.Top, tr.Top)
+		batch = e.endSpace(w.key.cr3, err, nil)
+		e.mu.Unlock()
+		runBatch(batch)
+		return
+	}
 	// Every processed slot leaves the watch, and failing a transaction may
 	// free other slots of it, so always restart from the front.
 	for !w.dead {
@@ -725,11 +831,49 @@ func (e *Engine) pageIn(s *slot, tr Translation, batch *Transaction) *Transactio
 		}
 	}
 	if e.pending == s {
-		// Our #PF (if any) did its job: the page is in.
+		// Our #PF (if any) did its job: the page is in. An arming the
+		// breakpoint agent has not raised yet is not needed any more.
+		if s.state == slotPending && !s.delivered {
+			e.withdraw(s)
+		}
 		e.setPending(nil)
 	}
 	e.freeSlot(s)
 	return batch
+}
+
+// endSpace fails every live transaction translated in address space tcr3
+// with err: those requested for it, and those of the system space (CR3 0)
+// that were translated in it.
+func (e *Engine) endSpace(tcr3 uint64, err error, batch *Transaction) *Transaction {
+	for sp := e.spaces[tcr3]; sp != nil && sp.txs.head != nil; sp = e.spaces[tcr3] {
+		e.stats.SpaceGone++
+		batch = e.fail(sp.txs.head, err, batch)
+	}
+	if sp := e.spaces[0]; sp != nil && tcr3 != 0 {
+		for t := sp.txs.head; t != nil; {
+			next := sp.txs.next(t)
+			if t.tcr3 == tcr3 {
+				e.stats.SpaceGone++
+				batch = e.fail(t, err, batch)
+			}
+			t = next
+		}
+	}
+	return batch
+}
+
+// withdraw takes back the breakpoint agent's arming for the pending slot
+// s, where the guest can (BPWithdrawer): no transaction wants its fault
+// any more.
+func (e *Engine) withdraw(s *slot) {
+	if s.key.class&BPFault == 0 {
+		return
+	}
+	if w, ok := e.g.(BPWithdrawer); ok {
+		w.WithdrawBPFault(s.key.page)
+		e.stats.Withdrawn++
+	}
 }
 
 // failSlot fails every transaction waiting for s with err.
@@ -763,8 +907,10 @@ func (e *Engine) finish(t *Transaction, err error, batch *Transaction) *Transact
 	t.err = err
 	if err != nil {
 		e.stats.Failed++
+		e.release(t)
 	} else {
 		e.stats.Completed++
+		e.deliver(t)
 	}
 	t.doneNext = batch
 	return t
@@ -781,7 +927,7 @@ func (e *Engine) unlink(t *Transaction) {
 		}
 	}
 	if t.opts&NoDups != 0 {
-		k := dupKey{t.cr3, t.va, len(t.buf), t.opts}
+		k := dupKey{t.cr3, t.va, t.n, t.opts}
 		if e.dups[k] == t {
 			delete(e.dups, k)
 		}
@@ -804,10 +950,11 @@ func (t *Transaction) call(extra Flags) {
 	}
 	r := Read{CR3: t.cr3, VA: t.va, PA: t.pa, Flags: t.flags | extra, Err: t.err}
 	if t.err == nil {
-		r.Data = t.buf
+		r.Data = t.data
 	} else {
 		r.PA = 0
 	}
+	t.data = nil
 	t.done(r)
 }
 

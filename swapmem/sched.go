@@ -11,7 +11,10 @@ import (
 //
 // It does nothing while a swapmem #PF is pending anywhere in the guest,
 // while c has an event pending, or when no waiting page may be faulted in
-// c's address space and ring. Otherwise it takes the page that has waited
+// c's address space and ring. An address space whose #PFs have held the
+// guest-wide slot one after the other for Config.Timeout gives way, for up
+// to Config.Timeout, to the other address spaces with a page waiting.
+// Otherwise it takes the page that has waited
 // longest among those that may, asks the PreInject functions of the
 // transactions waiting for it (a veto moves on to another page), and either
 // injects the #PF through c.InjectPF or arms the breakpoint agent with
@@ -75,7 +78,9 @@ func (e *Engine) injectPending(c CPU, cr3 uint64, ring int) (*Transaction, error
 }
 
 // pick returns the ready page that has waited longest among those c may
-// fault: the heads of at most six queues are compared.
+// fault: the heads of at most six queues are compared. The pages of c's
+// own address space are left out while it gives way to others
+// (mayInject).
 func (e *Engine) pick(cr3 uint64, ring int) *slot {
 	var best *slot
 	consider := func(sp *space) {
@@ -91,11 +96,44 @@ func (e *Engine) pick(cr3 uint64, ring int) *slot {
 			}
 		}
 	}
-	consider(e.spaces[cr3])
+	if sp := e.spaces[cr3]; e.mayInject(cr3, sp) {
+		consider(sp)
+	}
 	if cr3 != 0 {
 		consider(e.spaces[0])
 	}
 	return best
+}
+
+// mayInject reports whether the pages of address space cr3 (sp) may take
+// the guest-wide #PF slot now. An address space whose #PFs have held the
+// slot one after the other for Config.Timeout (with no other space's #PF
+// in between, and the slot never free for as long) gives way to the other
+// address spaces with a page ready, for up to Config.Timeout; then its run
+// starts again. One process cannot keep the slot from the others however
+// it answers its faults, nor is it kept waiting when nobody else waits.
+func (e *Engine) mayInject(cr3 uint64, sp *space) bool {
+	r := &e.run
+	if sp == nil || sp.nready == 0 || cr3 == 0 || cr3 != r.cr3 {
+		return true
+	}
+	now := e.clock()
+	if now-r.since < e.timeout || now-r.last >= e.timeout {
+		return true
+	}
+	if e.nready.Load() == int64(sp.nready) {
+		r.yielding = false // nobody else waits
+		return true
+	}
+	if !r.yielding {
+		r.yielding, r.yieldSince = true, now
+		e.stats.Yielded++
+	}
+	if now-r.yieldSince >= e.timeout {
+		*r = holdRun{cr3: cr3, since: now, last: now}
+		return true
+	}
+	return false
 }
 
 // ask consults the PreInject functions of s's waiters, with the lock
@@ -173,6 +211,11 @@ func (e *Engine) inject(c CPU, s *slot, ring int) (*Transaction, error) {
 	s.delivered = false
 	s.attempts++
 	s.since = e.clock()
+	if r := &e.run; s.key.cr3 != r.cr3 || s.since-r.last >= e.timeout {
+		// Another address space's turn, or the slot was free for long:
+		// a new run.
+		*r = holdRun{cr3: s.key.cr3, since: s.since, last: s.since}
+	}
 	e.stats.Injected++
 	return nil, nil
 }
@@ -258,6 +301,9 @@ func (e *Engine) ReinjectFailedPF() {
 	}
 	if s := e.pending; s != nil && s.state == slotPending && now-s.since >= e.timeout {
 		e.stats.TimedOut++
+		if !s.delivered {
+			e.withdraw(s)
+		}
 		e.setPending(nil)
 		if s.attempts < e.maxAttempts {
 			e.requeue(s, false)
@@ -280,7 +326,7 @@ func (e *Engine) ReinjectFailedPF() {
 	for len(e.dl) > 0 && e.dl[0].deadline <= now {
 		t := e.dl[0]
 		e.stats.Expired++
-		batch = e.fail(t, fmt.Errorf("%w: %#x+%d in CR3 %#x", ErrDeadline, t.va, len(t.buf), t.cr3), batch)
+		batch = e.fail(t, fmt.Errorf("%w: %#x+%d in CR3 %#x", ErrDeadline, t.va, t.n, t.cr3), batch)
 	}
 	e.mu.Unlock()
 	runBatch(batch)
@@ -306,6 +352,7 @@ func (e *Engine) RemoveTransaction(t *Transaction) error {
 func (e *Engine) remove(t *Transaction) {
 	e.drop(t)
 	e.unlink(t)
+	e.release(t)
 	t.state = txRemoved
 	e.stats.Removed++
 }
@@ -350,6 +397,7 @@ func (e *Engine) Stats() Stats {
 	s.Pages = len(e.slots)
 	s.Watches = len(e.watches)
 	s.Spaces = len(e.spaces)
+	s.Held = e.held
 	return s
 }
 
@@ -368,7 +416,7 @@ func (e *Engine) Dump(w io.Writer) {
 		e.all.n, len(e.slots), len(e.watches), pend)
 	for t := e.all.head; t != nil; t = e.all.next(t) {
 		fmt.Fprintf(w, "tx %d: cr3=%#x va=%#x len=%d opts=%v missing=%d flags=%v\n",
-			t.id, t.cr3, t.va, len(t.buf), t.opts, t.missing, t.flags)
+			t.id, t.cr3, t.va, t.n, t.opts, t.missing, t.flags)
 		for i := range t.waiters {
 			wt := &t.waiters[i]
 			if wt.s == nil {

@@ -20,10 +20,12 @@ func nmiEntryPC() uintptr
 // watchdog), and TakeNMI hands it over.
 func NMIHandler() uintptr { return nmiEntryPC() }
 
-// TakeNMI reports whether an NMI arrived in VMX root since the last call,
-// and forgets it: the caller injects one NMI into the guest however many
-// came in, as the processor keeps at most one pending.
-func TakeNMI() bool { return nmis.Swap(0) != 0 }
+// TakeNMI returns how many NMIs arrived in VMX root since the last call,
+// and forgets them. The count tells tamahv's own NMIs (kicks) from the
+// guest's one for one; NMIs that arrive while NMIs are blocked collapse
+// into one on the processor, so it can fall short of the NMIs sent, never
+// exceed them.
+func TakeNMI() uint32 { return nmis.Swap(0) }
 
 // simulateNMI (nmi_amd64.s) delivers an NMI to nmiEntry in software, for
 // tests: it returns RFLAGS after the handler's IRETQ.

@@ -101,10 +101,18 @@ func sum8(b []byte) byte {
 // KiB of base memory or 0xf0000-0xfffff). Tables with a bad signature,
 // length or checksum are passed over. It fails only when neither table
 // is found.
-func FindProcessors(m PhysRW) (*Processors, error) {
+func FindProcessors(m PhysRW) (*Processors, error) { return FindProcessorsAt(m, 0) }
+
+// FindProcessorsAt is FindProcessors with the ACPI RSDP at the physical
+// address rsdp, where the boot path knows it (on UEFI machines the EFI
+// configuration table's ACPI 2.0 entry, which firmware without a
+// compatibility module gives instead of a copy in the BIOS areas); 0
+// searches the legacy BIOS areas. The RSDP there is checked as a found
+// one is.
+func FindProcessorsAt(m PhysRW, rsdp uint64) (*Processors, error) {
 	p := &Processors{}
 	var errs []error
-	if madt, err := findMADT(m); err == nil {
+	if madt, err := findMADT(m, rsdp); err == nil {
 		p.MADT = madt
 		if p.List, err = madtProcessors(m, madt); err != nil {
 			p.MADT = 0
@@ -181,14 +189,30 @@ func rsdpOK(b []byte) bool {
 	return true
 }
 
-// findRSDP returns the RSDP's 36 bytes (20 for revision 0).
-func findRSDP(m PhysRW) ([]byte, error) {
-	pa, ok := uint64(0), false
-	if e := ebda(m); e != 0 {
-		pa, ok = scan(m, e, e+1024, "RSD PTR ", rsdpOK)
-	}
-	if !ok {
-		pa, ok = scan(m, biosAreaStart, biosAreaEnd, "RSD PTR ", rsdpOK)
+// findRSDP returns the RSDP's 36 bytes (20 for revision 0): the one at
+// at, or, where at is 0, the one found in the BIOS areas.
+func findRSDP(m PhysRW, at uint64) ([]byte, error) {
+	pa, ok := at, false
+	switch {
+	case at != 0:
+		b := make([]byte, 36)
+		if m.ReadPhys(at, b[:20]) != nil {
+			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x", at)
+		}
+		if b[15] >= 2 && m.ReadPhys(at, b) != nil {
+			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x", at)
+		}
+		ok = string(b[:8]) == "RSD PTR " && rsdpOK(b)
+		if !ok {
+			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x (signature or checksum)", at)
+		}
+	default:
+		if e := ebda(m); e != 0 {
+			pa, ok = scan(m, e, e+1024, "RSD PTR ", rsdpOK)
+		}
+		if !ok {
+			pa, ok = scan(m, biosAreaStart, biosAreaEnd, "RSD PTR ", rsdpOK)
+		}
 	}
 	if !ok {
 		return nil, errors.New("pc: no ACPI RSDP")
@@ -229,8 +253,8 @@ func readSDT(m PhysRW, pa uint64, sig string) ([]byte, error) {
 
 // findMADT follows the RSDP to the MADT: through the XSDT where revision
 // 2 gives one, else (or where the XSDT is bad) through the RSDT.
-func findMADT(m PhysRW) (uint64, error) {
-	rsdp, err := findRSDP(m)
+func findMADT(m PhysRW, at uint64) (uint64, error) {
+	rsdp, err := findRSDP(m, at)
 	if err != nil {
 		return 0, err
 	}
@@ -504,18 +528,30 @@ func markEntry(m PhysRW, p *Processors, c Processor, show bool) (bool, error) {
 	return true, nil
 }
 
-// Plan decides, from the firmware's list, which processors tamahv starts
-// and parks (every enabled one but the bootstrap processor) and which it
-// hides from the guest (every one but the bootstrap processor, online
-// capable ones included: they may appear later, and tamahv would not
-// hold them). Each APIC ID appears once, in the order listed.
+// All returns every processor the tables list: List, then, where List is
+// the MADT's, the MP table's (a processor both list appears twice).
+func (p *Processors) All() []Processor {
+	all := slices.Clone(p.List)
+	if p.MADT != 0 && p.MP != 0 {
+		all = append(all, p.mp...)
+	}
+	return all
+}
+
+// Plan decides, from the firmware's lists (MADT and MP table), which
+// processors tamahv starts and parks (every enabled or online-capable one
+// but the bootstrap processor: the guest could start the one, bring the
+// other online later) and which it hides from the guest (every one but the
+// bootstrap processor). Each APIC ID appears once, in the order listed.
 func (p *Processors) Plan(bsp uint32) (start, hide []uint32) {
-	for _, c := range p.List {
-		if c.APICID == bsp || slices.Contains(hide, c.APICID) {
+	for _, c := range p.All() {
+		if c.APICID == bsp {
 			continue
 		}
-		hide = append(hide, c.APICID)
-		if c.Enabled {
+		if !slices.Contains(hide, c.APICID) {
+			hide = append(hide, c.APICID)
+		}
+		if (c.Enabled || c.OnlineCapable) && !slices.Contains(start, c.APICID) {
 			start = append(start, c.APICID)
 		}
 	}

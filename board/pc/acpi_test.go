@@ -332,11 +332,48 @@ func TestPlan(t *testing.T) {
 		{APICID: 1, Enabled: true, X2APIC: true}, {APICID: 3}, {APICID: 0x100, Enabled: true, X2APIC: true},
 	}}
 	start, hide := p.Plan(0)
-	assert.Equal(t, []uint32{1, 0x100}, start, "enabled APs once each; not the BSP; not the absent ones")
+	assert.Equal(t, []uint32{1, 2, 0x100}, start, "enabled and online-capable APs once each; not the BSP; not the unusable ones")
 	assert.Equal(t, []uint32{1, 2, 3, 0x100}, hide)
 	start, hide = p.Plan(1)
-	assert.Equal(t, []uint32{0, 0x100}, start, "the BSP need not be APIC ID 0")
+	assert.Equal(t, []uint32{0, 2, 0x100}, start, "the BSP need not be APIC ID 0")
 	assert.Equal(t, []uint32{0, 2, 3, 0x100}, hide)
+}
+
+// TestPlanStartsWhatEitherTableLists: a processor only the MP table lists
+// (beside a MADT) is started and hidden too: the guest reads both tables.
+func TestPlanStartsWhatEitherTableLists(t *testing.T) {
+	f := bochsTables()
+	f.put(tMP, mpTable([2]byte{0, 3}, [2]byte{1, 1}, [2]byte{5, 1}))
+	p, err := FindProcessors(f)
+	require.NoError(t, err)
+	require.NotZero(t, p.MADT)
+	start, hide := p.Plan(0)
+	assert.Equal(t, []uint32{1, 2, 0x100, 5}, start)
+	assert.Equal(t, []uint32{1, 2, 0x100, 5}, hide)
+}
+
+// TestFindProcessorsAtAGivenRSDP: the RSDP the boot path gives (UEFI's
+// configuration table) is used where the BIOS areas have none, and
+// checked like a found one.
+func TestFindProcessorsAtAGivenRSDP(t *testing.T) {
+	f := bochsTables()
+	clear(f.low[tRSDP : tRSDP+36])
+	const at = 0x3fff0f00
+	f.put(at, rsdp(2, tRSDT, tXSDT))
+	p, err := FindProcessors(f)
+	require.NoError(t, err)
+	assert.Zero(t, p.MADT, "not in the BIOS areas")
+	p, err = FindProcessorsAt(f, at)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(tMADT), p.MADT)
+
+	f.high[at-tRSDT+16] ^= 1 // the checksum no longer holds
+	p, err = FindProcessorsAt(f, at)
+	require.NoError(t, err, "the MP table remains")
+	assert.Zero(t, p.MADT)
+	p, err = FindProcessorsAt(f, 0x7fff0000) // not mapped
+	require.NoError(t, err)
+	assert.Zero(t, p.MADT)
 }
 
 func TestShowUndoesHide(t *testing.T) {

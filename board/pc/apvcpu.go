@@ -104,8 +104,9 @@ func (a *APVCPU) WriteMSR(msr uint32, v uint64) { a.call(cmdWRMSR, uint64(msr), 
 // XSETBV loads an extended control register of the AP.
 func (a *APVCPU) XSETBV(xcr uint32, v uint64) { a.call(cmdXSETBV, uint64(xcr), v) }
 
-// TakeNMI reports, and forgets, an NMI that reached the AP in VMX root.
-func (a *APVCPU) TakeNMI() bool { return atomic.SwapUint32(a.mb.u32(apNMIs), 0) != 0 }
+// TakeNMI returns, and forgets, how many NMIs reached the AP in VMX root
+// (its NMI handler counts them in the mailbox).
+func (a *APVCPU) TakeNMI() uint32 { return a.mb.takeNMIs() }
 
 // Bind tells the AP's loop where its EPT shootdown words are.
 func (a *APVCPU) Bind(gen, seen *atomic.Uint64, inGuest *atomic.Uint32) {

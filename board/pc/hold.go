@@ -9,46 +9,54 @@ import (
 )
 
 // HoldProcessors brings every application processor the firmware lists
-// under tamahv before the guest starts: each is started and parked in VMX
-// root operation (where INIT is blocked and start-up IPIs are ignored),
-// and every processor but the bootstrap one is hidden from the guest's
-// copy of the MADT and MP table. It returns an error, and the guest must
-// not start, where an enabled processor answered but could not be held:
-// the guest could start that one natively.
+// under tamahv before the guest starts: each enabled or online-capable one
+// is started and parked in VMX root operation (where INIT is blocked and
+// start-up IPIs are ignored), and every processor but the bootstrap one
+// is hidden from the guest's copy of the MADT and MP table. It returns an
+// error, and the guest must not start, where tamahv cannot account for
+// every processor (Census.Check: no tables while CPUID counts more than
+// one logical processor, a listed processor that is not held, fewer held
+// in the bootstrap processor's package than CPUID counts there): the
+// guest could start such a processor natively.
 //
 // It prints these stable lines:
 //
 //	tamahv: processors: N listed (MADT|MP), bootstrap APIC ID N
+//	tamahv: processors: CPUID (leaf ...) counts N logical processors in the bootstrap processor's package
 //	tamahv: AP APIC ID N: parked in VMX root operation (T)
 //	tamahv: AP APIC ID N: <why it is not held> (T)
 //	tamahv: hidden from the guest: APIC IDs [...]
 //
 // avail is the memory map's available RAM, [start, end) each (the AP
-// trampoline's page comes from below 640 KiB in it); visible leaves the
-// firmware's processor tables unpatched (a test that the parked APs
-// ignore the guest's INIT and start-up IPIs). The returned SMP owns the
-// parked APs' pages: keep it for as long as they are parked.
-func HoldProcessors(avail [][2]uint64, visible bool, log io.Writer) (*SMP, error) {
-	procs, err := FindProcessors(PhysMem{})
+// trampoline's page comes from below 640 KiB in it); rsdp is the ACPI
+// RSDP's physical address where the boot path knows it (UEFI: the EFI
+// configuration table), 0 to search the legacy BIOS areas for it;
+// visible leaves the firmware's processor tables unpatched (a test that
+// the parked APs ignore the guest's INIT and start-up IPIs). The returned
+// SMP owns the parked APs' pages: keep it for as long as they are parked,
+// also where the guest must not start.
+func HoldProcessors(avail [][2]uint64, rsdp uint64, visible bool, log io.Writer) (*SMP, error) {
+	c := Census{BSP: BSPAPICID(), Topology: BSPTopology()}
+	cpuidLine := func() {
+		fmt.Fprintf(log, "tamahv: processors: CPUID (%s) counts %d logical processors in the bootstrap processor's package\n",
+			c.Topology.Leaf, c.Topology.Logical)
+	}
+	procs, err := FindProcessorsAt(PhysMem{}, rsdp)
 	if err != nil {
 		fmt.Fprintf(log, "tamahv: processors: %v; only the bootstrap processor is known\n", err)
-		return nil, nil
+		cpuidLine()
+		return nil, c.Check()
 	}
-	bsp := BSPAPICID()
-	start, hide := procs.Plan(bsp)
+	c.Tables, c.Listed = true, procs.All()
+	start, hide := procs.Plan(c.BSP)
 	src := SourceMADT
 	if procs.MADT == 0 {
 		src = SourceMP
 	}
-	fmt.Fprintf(log, "tamahv: processors: %d listed (%s), bootstrap APIC ID %d\n", len(procs.List), src, bsp)
-	if n := LogicalProcessors(); n > len(start)+1 {
-		// A processor the firmware does not list is not started, so not
-		// held: a guest that guesses its APIC ID could start it.
-		fmt.Fprintf(log, "tamahv: CPUID counts %d logical processors in this package, the firmware lists %d enabled: the others are not held\n", n, len(start)+1)
-	}
+	fmt.Fprintf(log, "tamahv: processors: %d listed (%s), bootstrap APIC ID %d\n", len(procs.List), src, c.BSP)
+	cpuidLine()
 
 	var smp *SMP
-	var refused []uint32
 	if len(start) > 0 {
 		page, err := TrampolinePage(avail)
 		if err != nil {
@@ -61,7 +69,7 @@ func HoldProcessors(avail [][2]uint64, visible bool, log io.Writer) (*SMP, error
 		for _, ap := range smp.APs {
 			fmt.Fprintf(log, "tamahv: AP APIC ID %d: %v (%v)\n", ap.APICID, ap.Status, ap.Took.Round(time.Microsecond))
 		}
-		refused = Unheld(smp.APs)
+		c.APs = smp.APs
 	}
 	// Until each AP runs as a vCPU, the guest sees the bootstrap
 	// processor only.
@@ -85,8 +93,5 @@ func HoldProcessors(avail [][2]uint64, visible bool, log io.Writer) (*SMP, error
 	if len(hide) > 0 {
 		fmt.Fprintf(log, "tamahv: hidden from the guest: APIC IDs %v\n", hide)
 	}
-	if len(refused) > 0 {
-		return smp, fmt.Errorf("processors tamahv cannot hold, which the guest could start natively: APIC IDs %v", refused)
-	}
-	return smp, nil
+	return smp, c.Check()
 }

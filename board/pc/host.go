@@ -82,6 +82,87 @@ func (PhysMem) CopyPhys(dst, src, n uint64) error {
 	return nil
 }
 
+// Store writes the low size bytes (1, 2, 4 or 8) of val at pa with one
+// MOV of that width; the operand lies within a page. With the other
+// methods below, PhysMem is an hv.AtomicMemory: tamahv's stores to guest
+// page tables.
+func (PhysMem) Store(pa uint64, size int, val uint64) error {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return err
+	}
+	return atomicStore(pa, size, val)
+}
+
+// Exchange writes the low size bytes of val at pa with one XCHG and
+// returns what was there; the operand is naturally aligned.
+func (PhysMem) Exchange(pa uint64, size int, val uint64) (uint64, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return 0, err
+	}
+	return atomicExchange(pa, size, val)
+}
+
+// CompareExchange writes the low size bytes of val at pa where they equal
+// old, with one LOCK CMPXCHG, and returns what the instruction read and
+// whether it wrote; the operand is naturally aligned.
+func (PhysMem) CompareExchange(pa uint64, size int, old, val uint64) (uint64, bool, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return 0, false, err
+	}
+	return atomicCompareExchange(pa, size, old, val)
+}
+
+// CompareExchange16 is CompareExchange of the 16 bytes at pa, 16-byte
+// aligned, with one LOCK CMPXCHG16B; element 0 is the low quadword.
+func (PhysMem) CompareExchange16(pa uint64, old, val [2]uint64) ([2]uint64, bool, error) {
+	if err := mapped(pa, 16); err != nil {
+		return [2]uint64{}, false, err
+	}
+	return atomicCompareExchange16(pa, old, val)
+}
+
+// Or ORs the low size bytes of val into the naturally aligned operand at
+// pa with one LOCK OR, and returns RFLAGS as the instruction left it.
+func (PhysMem) Or(pa uint64, size int, val uint64) (uint64, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return 0, err
+	}
+	return atomicOr(pa, size, val)
+}
+
+// And is Or's LOCK AND.
+func (PhysMem) And(pa uint64, size int, val uint64) (uint64, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return 0, err
+	}
+	return atomicAnd(pa, size, val)
+}
+
+// Xor is Or's LOCK XOR.
+func (PhysMem) Xor(pa uint64, size int, val uint64) (uint64, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return 0, err
+	}
+	return atomicXor(pa, size, val)
+}
+
+// BitTestAndSet sets bit bit of the naturally aligned 2, 4 or 8 bytes at
+// pa with one LOCK BTS, and reports the bit's old value.
+func (PhysMem) BitTestAndSet(pa uint64, size int, bit uint) (bool, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return false, err
+	}
+	return atomicBitTestAndSet(pa, size, bit)
+}
+
+// BitTestAndReset is BitTestAndSet's LOCK BTR: it clears the bit.
+func (PhysMem) BitTestAndReset(pa uint64, size int, bit uint) (bool, error) {
+	if err := mapped(pa, uint64(size)); err != nil {
+		return false, err
+	}
+	return atomicBitTestAndReset(pa, size, bit)
+}
+
 // SetNMIHandler points IDT vector 2 at handler, keeping the gate's
 // selector and type. TamaGo's own NMI handler acknowledges the local APIC
 // for its SMP and IRQ wake-ups, which tamahv does not use; tamahv's counts

@@ -76,6 +76,11 @@ type mailbox struct {
 func (m mailbox) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&m.p[off])) }
 func (m mailbox) u64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&m.p[off])) }
 
+// takeNMIs returns, and zeroes, the count of NMIs that reached the AP in
+// VMX root (apNMIs): its NMI handler adds one with a locked increment, so
+// none is lost between the read and the zero.
+func (m mailbox) takeNMIs() uint32 { return atomic.SwapUint32(m.u32(apNMIs), 0) }
+
 // busy reports whether the AP has not finished its last command.
 func (m mailbox) busy() bool { return atomic.LoadUint32(m.u32(apCmd)) != 0 }
 

@@ -177,3 +177,35 @@ func TestExitLoopEncodings(t *testing.T) {
 	assert.Equal(t, 2, n)
 	assert.Equal(t, uint64(apNMIs), uint64(0x90), "LOCK_INCL_GS_NMIS's displacement")
 }
+
+// TestMailboxTakeNMIsCountsEach: the AP's NMI handler counts NMIs in the
+// mailbox while the bootstrap processor takes them; every NMI is taken
+// exactly once, however the two interleave, and a take with none waiting
+// returns 0.
+func TestMailboxTakeNMIsCountsEach(t *testing.T) {
+	m := mailbox{p: new([4096]byte)}
+	assert.Zero(t, m.takeNMIs())
+	atomic.AddUint32(m.u32(apNMIs), 1)
+	atomic.AddUint32(m.u32(apNMIs), 1)
+	assert.EqualValues(t, 2, m.takeNMIs(), "two NMIs, two counted")
+	assert.Zero(t, m.takeNMIs())
+
+	const n = 100000
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < n; i++ {
+			atomic.AddUint32(m.u32(apNMIs), 1) // the handler's LOCK INCL
+		}
+	}()
+	var taken uint64
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		taken += uint64(m.takeNMIs())
+	}
+	assert.EqualValues(t, n, taken)
+}

@@ -189,12 +189,6 @@ func (s *SMP) start(l lapic, ap *AP, trampoline uint32) {
 	}
 }
 
-// LogicalProcessors returns the number of logical processors in the
-// bootstrap processor's package that CPUID enumerates (0 where leaf 0BH
-// is missing).
-func LogicalProcessors() int {
-	if max, _, _, _ := cpuid(0, 0); max < 0xb {
-		return 0
-	}
-	return PackageProcessors(func(sub uint32) (uint32, uint32, uint32, uint32) { return cpuid(0xb, sub) })
-}
+// BSPTopology returns CPUID's view of the bootstrap processor's package
+// (PackageTopology); it runs on the bootstrap processor.
+func BSPTopology() Topology { return PackageTopology(cpuid) }

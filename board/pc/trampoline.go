@@ -2,8 +2,14 @@ package pc
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"math/bits"
+	"slices"
+	"strings"
 	"time"
+
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // apTrampoline is the code an application processor runs from its
@@ -231,34 +237,151 @@ type AP struct {
 	idtPA    uint64 // the APs' IDT
 }
 
-// Unheld returns the APIC IDs of the APs that answered but are not under
-// tamahv's control: the guest could INIT and start them natively, so the
-// guest must not run. An AP that never answered is not among them (it
-// was sent INIT again and waits for a start-up IPI it would get only
-// from the guest, which does not see it).
-func Unheld(aps []AP) []uint32 {
-	var ids []uint32
-	for _, ap := range aps {
-		if !ap.Status.Held() && ap.Status != APSilent {
-			ids = append(ids, ap.APICID)
-		}
-	}
-	return ids
+// Topology is what CPUID tells of the bootstrap processor's package.
+type Topology struct {
+	// Logical is the number of logical processors in the package (1 at
+	// least).
+	Logical int
+	// Shift is the number of low APIC ID bits that tell the package's
+	// logical processors apart: processors whose APIC IDs agree above
+	// them are in the same package.
+	Shift uint
+	// Leaf says which CPUID leaf gave the numbers.
+	Leaf string
 }
 
-// PackageProcessors returns the number of logical processors in the
-// executing processor's package from CPUID leaf 0BH (SDM Vol. 2A, CPUID,
-// "Extended Topology Enumeration Leaf"): EBX[15:0] of the last level
-// whose type (ECX[15:8]) is not 0. leafB executes CPUID(0BH, subleaf).
-// It returns 0 where the leaf enumerates nothing.
-func PackageProcessors(leafB func(subleaf uint32) (eax, ebx, ecx, edx uint32)) int {
-	n := 0
-	for sub := uint32(0); sub < 8; sub++ {
-		_, b, c, _ := leafB(sub)
-		if c>>8&0xff == 0 {
-			break
+// PackageTopology reads the executing processor's package from CPUID
+// (SDM Vol. 2A, CPUID; Vol. 3A, "Hierarchical Mapping of Shared
+// Resources"). cpuid executes CPUID. Leaf 0BH, where its first subleaf
+// enumerates a level: the last level's logical processors (EBX[15:0]) and
+// APIC ID shift (EAX[4:0]). Else leaf 1: with HTT, EBX[23:16], the
+// package's largest number of logical processor IDs, and the bits they
+// take; without, one processor. (Bochs, for one, answers leaf 0BH with a
+// level of type 0 and the number of packages in EBX where each package
+// has one core of one thread; that is leaf 1's case.)
+func PackageTopology(cpuid func(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)) Topology {
+	if top, _, _, _ := cpuid(0, 0); top >= vmx.CPUIDLeafTopology {
+		var t Topology
+		for sub := uint32(0); sub < 8; sub++ {
+			a, b, c, _ := cpuid(vmx.CPUIDLeafTopology, sub)
+			if c>>8&0xff == 0 {
+				break
+			}
+			t = Topology{Logical: int(b & 0xffff), Shift: uint(a & 0x1f), Leaf: "leaf 0BH"}
 		}
-		n = int(b & 0xffff)
+		if t.Logical > 0 {
+			return t
+		}
 	}
-	return n
+	_, b, _, d := cpuid(1, 0)
+	if d&vmx.CPUIDHTT.Mask() == 0 {
+		return Topology{Logical: 1, Leaf: "leaf 1, no HTT"}
+	}
+	n := max(int(b>>vmx.CPUIDLeaf1LogicalShift&vmx.CPUIDLeaf1LogicalMask), 1)
+	return Topology{Logical: n, Shift: uint(bits.Len(uint(n - 1))), Leaf: "leaf 1"}
+}
+
+// ErrUnaccounted is the error of a Census that finds a processor tamahv
+// does not hold: the guest could start it outside VMX operation, where it
+// would run with no EPT and reach all of memory, tamahv's included.
+var ErrUnaccounted = errors.New("processors tamahv cannot account for")
+
+// Census is what tamahv knows of the machine's processors when it decides
+// whether the guest may start.
+type Census struct {
+	// Tables: the firmware's MADT or MP table was found.
+	Tables bool
+	// Listed are the processors the tables list (both tables'), the
+	// bootstrap processor's included.
+	Listed []Processor
+	// BSP is the bootstrap processor's APIC ID.
+	BSP uint32
+	// APs are the processors StartAPs tried, each with how far it got.
+	APs []AP
+	// Topology is CPUID's view of the bootstrap processor's package.
+	Topology Topology
+}
+
+// Check returns nil where tamahv holds every processor it can know of,
+// and else an error (ErrUnaccounted) that says which and why:
+//
+//   - with no MADT and no MP table, CPUID must count one logical
+//     processor in the bootstrap processor's package;
+//   - every listed processor that is enabled or online capable (the
+//     guest could start it, or bring it online later) but the bootstrap
+//     processor must be held (parked in VMX root operation, or a vCPU's
+//     processor): one that did not start, or started but could not enter
+//     VMX operation, waits outside VMX for a start-up IPI;
+//   - tamahv must hold at least as many processors in the bootstrap
+//     processor's package (APIC IDs equal above Topology.Shift) as CPUID
+//     counts there: a processor no table lists is never started.
+//
+// CPUID describes the executing processor's package only; it cannot tell
+// how many packages the machine has, so processors of a package that no
+// table lists at all are beyond what tamahv can account for. Listed
+// processors that are neither enabled nor online capable are not started
+// (the firmware says they cannot be used); where one exists in the
+// bootstrap processor's package, the count above finds it missing.
+func (c Census) Check() error {
+	held := map[uint32]bool{c.BSP: true}
+	status := map[uint32]APStatus{}
+	for _, ap := range c.APs {
+		status[ap.APICID] = ap.Status
+		if ap.Status.Held() {
+			held[ap.APICID] = true
+		}
+	}
+	var why []string
+	if !c.Tables {
+		if c.Topology.Logical > 1 {
+			why = append(why, fmt.Sprintf("no ACPI MADT or MP table, and CPUID (%s) counts %d logical processors in the bootstrap processor's package",
+				c.Topology.Leaf, c.Topology.Logical))
+		}
+		return unaccounted(why)
+	}
+	// Each reason once, with the APIC IDs it holds.
+	var reasons []string
+	ids := map[string][]uint32{}
+	seen := map[uint32]bool{}
+	for _, p := range c.Listed {
+		if seen[p.APICID] || held[p.APICID] || !p.Enabled && !p.OnlineCapable {
+			continue
+		}
+		seen[p.APICID] = true
+		kind := "enabled"
+		if !p.Enabled {
+			kind = "online capable"
+		}
+		r := "not started"
+		if st, ok := status[p.APICID]; ok {
+			r = st.String()
+		}
+		r = fmt.Sprintf("listed %s, %s", kind, r)
+		if _, ok := ids[r]; !ok {
+			reasons = append(reasons, r)
+		}
+		ids[r] = append(ids[r], p.APICID)
+	}
+	for _, r := range reasons {
+		why = append(why, fmt.Sprintf("APIC IDs %v: %s", ids[r], r))
+	}
+	var mine []uint32
+	for id := range held {
+		if id>>c.Topology.Shift == c.BSP>>c.Topology.Shift {
+			mine = append(mine, id)
+		}
+	}
+	if len(mine) < c.Topology.Logical {
+		slices.Sort(mine)
+		why = append(why, fmt.Sprintf("CPUID (%s) counts %d logical processors in the bootstrap processor's package, tamahv holds %d there (APIC IDs %v)",
+			c.Topology.Leaf, c.Topology.Logical, len(mine), mine))
+	}
+	return unaccounted(why)
+}
+
+func unaccounted(why []string) error {
+	if len(why) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %s", ErrUnaccounted, strings.Join(why, "; "))
 }

@@ -125,30 +125,143 @@ func TestAPStatus(t *testing.T) {
 	}
 }
 
-func TestUnheld(t *testing.T) {
-	aps := []AP{
-		{APICID: 1, Status: APParked}, {APICID: 2, Status: APSilent}, {APICID: 3, Status: APStarted},
-		{APICID: 4, Status: APNoVMX}, {APICID: 5, Status: APVMXLockedOff}, {APICID: 6, Status: APVMXONFailed},
-	}
-	assert.Equal(t, []uint32{3, 4, 5, 6}, Unheld(aps))
-	assert.Empty(t, Unheld(aps[:2]))
+// cpuidFunc is CPUID as a table: leaf<<8|subleaf to the four registers;
+// anything else reads as zeros.
+type cpuidFunc map[uint32][4]uint32
+
+func (c cpuidFunc) call(leaf, sub uint32) (uint32, uint32, uint32, uint32) {
+	r := c[leaf<<8|sub]
+	return r[0], r[1], r[2], r[3]
 }
 
-func TestPackageProcessors(t *testing.T) {
-	levels := [][4]uint32{
-		{1, 2, 0x100, 0}, // SMT: 2 threads
-		{4, 8, 0x201, 0}, // core: 8 logical processors in the package
-		{0, 0, 0x002, 0}, // invalid: the end
-	}
-	leaf := func(l [][4]uint32) func(uint32) (uint32, uint32, uint32, uint32) {
-		return func(sub uint32) (uint32, uint32, uint32, uint32) {
-			if int(sub) >= len(l) {
-				return 0, 0, sub, 0
-			}
-			return l[sub][0], l[sub][1], l[sub][2], l[sub][3]
+// bochsCPUID is the topology Bochs 2.7 reports with "cpu: count=P:C:T"
+// (P packages of C cores of T threads) on its corei7_skylake_x model: leaf
+// 1 counts C×T logical processor IDs with HTT set; leaf 0BH gives a level
+// of type 1 (SMT) or 2 (core) where there are several, and, where there
+// is no such level, answers its subleaf with type 0 and P in EBX.
+func bochsCPUID(p, c, th uint32) cpuidFunc {
+	bits := func(n uint32) uint32 {
+		s := uint32(0)
+		for (n-1)>>s != 0 {
+			s++
 		}
+		return s
 	}
-	assert.Equal(t, 8, PackageProcessors(leaf(levels)))
-	assert.Equal(t, 2, PackageProcessors(leaf(levels[:1])))
-	assert.Zero(t, PackageProcessors(leaf(nil)))
+	f := cpuidFunc{0: {0x16}, 1 << 8: {0x50654, (c * th) << 16, 0, 1 << 28}}
+	var levels [][4]uint32
+	if th > 1 {
+		levels = append(levels, [4]uint32{bits(th), th, 1 << 8})
+	}
+	if c > 1 {
+		levels = append(levels, [4]uint32{bits(c), c, 2 << 8})
+	}
+	if p > 1 {
+		levels = append(levels, [4]uint32{bits(p), p, 0})
+	} else if len(levels) == 0 {
+		levels = append(levels, [4]uint32{1, 1, 0})
+	}
+	for i, l := range levels {
+		l[2] |= uint32(i)
+		f[0xb<<8|uint32(i)] = l
+	}
+	return f
+}
+
+func TestPackageTopology(t *testing.T) {
+	cases := []struct {
+		name  string
+		cpuid cpuidFunc
+		want  Topology
+	}{
+		{"leaf 0BH: 2 threads, 8 logical processors", cpuidFunc{0: {0x16}, 0xb00: {1, 2, 0x100}, 0xb01: {4, 8, 0x201}},
+			Topology{8, 4, "leaf 0BH"}},
+		{"leaf 0BH: SMT only", cpuidFunc{0: {0x16}, 0xb00: {1, 2, 0x100}}, Topology{2, 1, "leaf 0BH"}},
+		{"Bochs, 1 processor", bochsCPUID(1, 1, 1), Topology{1, 0, "leaf 1"}},
+		{"Bochs, 2 processors: 2 packages of one", bochsCPUID(2, 1, 1), Topology{1, 0, "leaf 1"}},
+		{"Bochs, 4 processors", bochsCPUID(4, 1, 1), Topology{1, 0, "leaf 1"}},
+		{"Bochs, 1 package of 2 cores", bochsCPUID(1, 2, 1), Topology{2, 1, "leaf 0BH"}},
+		{"Bochs, 2 packages of 2 cores", bochsCPUID(2, 2, 1), Topology{2, 1, "leaf 0BH"}},
+		{"Bochs, 2 packages of 2 cores of 2 threads", bochsCPUID(2, 2, 2), Topology{2, 1, "leaf 0BH"}},
+		{"no leaf 0BH, HTT: leaf 1's count", cpuidFunc{0: {0xa}, 0x100: {0, 6 << 16, 0, 1 << 28}}, Topology{6, 3, "leaf 1"}},
+		{"no HTT: one", cpuidFunc{0: {0xa}, 0x100: {0, 6 << 16, 0, 0}}, Topology{1, 0, "leaf 1, no HTT"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			assert.Equal(t, c.want, PackageTopology(c.cpuid.call))
+		})
+	}
+}
+
+// TestProcessorCensus: the guest starts only where tamahv holds every
+// processor it can know of; otherwise the error says which and why.
+func TestProcessorCensus(t *testing.T) {
+	on := func(ids ...uint32) []Processor {
+		var l []Processor
+		for _, id := range ids {
+			l = append(l, Processor{APICID: id, Enabled: true, Source: SourceMADT})
+		}
+		return l
+	}
+	parked := func(ids ...uint32) []AP {
+		var l []AP
+		for _, id := range ids {
+			l = append(l, AP{APICID: id, Status: APParked})
+		}
+		return l
+	}
+	one := Topology{1, 0, "leaf 1"}
+	bochs2 := PackageTopology(bochsCPUID(2, 1, 1).call)
+	cases := []struct {
+		name string
+		c    Census
+		want string // "" where the guest may start
+	}{
+		{name: "Bochs, 1 processor", c: Census{Tables: true, Listed: on(0), Topology: PackageTopology(bochsCPUID(1, 1, 1).call)}},
+		{name: "Bochs, 2 processors", c: Census{Tables: true, Listed: on(0, 1), APs: parked(1), Topology: bochs2}},
+		{name: "Bochs, 4 processors", c: Census{Tables: true, Listed: on(0, 1, 2, 3), APs: parked(1, 2, 3),
+			Topology: PackageTopology(bochsCPUID(4, 1, 1).call)}},
+		{name: "the MADT and the MP table list the same", c: Census{Tables: true,
+			Listed: append(on(0, 1), Processor{APICID: 1, Enabled: true, Source: SourceMP}), APs: parked(1), Topology: bochs2}},
+		{name: "the BSP is not APIC ID 0", c: Census{Tables: true, Listed: on(0, 1), BSP: 1, APs: parked(0), Topology: bochs2}},
+		{name: "two packages of two, all held", c: Census{Tables: true, Listed: on(0, 1, 2, 3), APs: parked(1, 2, 3),
+			Topology: Topology{2, 1, "leaf 0BH"}}},
+		{name: "an unusable entry outside the package", c: Census{Tables: true, Listed: append(on(0, 1), Processor{APICID: 2}),
+			APs: parked(1), Topology: Topology{2, 1, "leaf 0BH"}}},
+		{name: "no tables, one logical processor", c: Census{Topology: one}},
+
+		{name: "no tables, CPUID counts two", c: Census{Topology: Topology{2, 1, "leaf 0BH"}},
+			want: "no ACPI MADT or MP table, and CPUID (leaf 0BH) counts 2 logical processors in the bootstrap processor's package"},
+		{name: "a listed AP that stayed silent", c: Census{Tables: true, Listed: on(0, 1, 2),
+			APs: []AP{{APICID: 1, Status: APParked}, {APICID: 2, Status: APSilent}}, Topology: bochs2},
+			want: "APIC IDs [2]: listed enabled, did not start"},
+		{name: "APs without VMX", c: Census{Tables: true, Listed: on(0, 1, 2),
+			APs: []AP{{APICID: 1, Status: APNoVMX}, {APICID: 2, Status: APNoVMX}}, Topology: bochs2},
+			want: "APIC IDs [1 2]: listed enabled, no VMX"},
+		{name: "an online-capable processor not started", c: Census{Tables: true,
+			Listed: append(on(0), Processor{APICID: 8, OnlineCapable: true}), Topology: one},
+			want: "APIC IDs [8]: listed online capable, not started"},
+		{name: "an online-capable processor that did not answer", c: Census{Tables: true,
+			Listed: append(on(0), Processor{APICID: 8, OnlineCapable: true}), APs: []AP{{APICID: 8}}, Topology: one},
+			want: "APIC IDs [8]: listed online capable, did not start"},
+		{name: "one only the MP table lists", c: Census{Tables: true,
+			Listed: append(on(0, 1), Processor{APICID: 5, Enabled: true, Source: SourceMP}), APs: parked(1), Topology: bochs2},
+			want: "APIC IDs [5]: listed enabled, not started"},
+		{name: "CPUID counts more in the package than the tables list", c: Census{Tables: true, Listed: on(0, 1), APs: parked(1),
+			Topology: Topology{4, 2, "leaf 0BH"}},
+			want: "CPUID (leaf 0BH) counts 4 logical processors in the bootstrap processor's package, tamahv holds 2 there (APIC IDs [0 1])"},
+		{name: "an unusable entry in the package", c: Census{Tables: true, Listed: append(on(0), Processor{APICID: 1}),
+			Topology: Topology{2, 1, "leaf 0BH"}},
+			want: "CPUID (leaf 0BH) counts 2 logical processors in the bootstrap processor's package, tamahv holds 1 there (APIC IDs [0])"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.c.Check()
+			if c.want == "" {
+				assert.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, ErrUnaccounted)
+			assert.Contains(t, err.Error(), c.want)
+		})
+	}
 }

@@ -40,7 +40,7 @@ func (b *board) PortIO(port uint16, size int, in bool, val uint32) uint32 {
 	return pc.PortIO(port, size, in, val)
 }
 
-func (b *board) TakeNMI() bool { return vmx.TakeNMI() }
+func (b *board) TakeNMI() uint32 { return vmx.TakeNMI() }
 
 func (b *board) XSETBV(xcr uint32, v uint64) { pc.XSETBV(xcr, v) }
 

@@ -15,6 +15,7 @@
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
 //	tamahv: processors: ... (and the lines of pc.HoldProcessors)
+//	tamahv: guest not started: <why> (a processor tamahv cannot account for; then it halts)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
 //	tamahv: AP APIC ID N: vCPU i waits for start-up (without smp.park)
@@ -73,14 +74,15 @@ func main() {
 			}
 			// smp.visible leaves the firmware's processor tables as they are.
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
-			smp, err := pc.HoldProcessors(avail, visible, os.Stdout)
+			smp, err := pc.HoldProcessors(avail, acpiRSDP(info), visible, os.Stdout)
 			// Every held application processor runs a vCPU; with
 			// smp.park they stay parked and hidden.
 			vcpus := !slices.Contains(strings.Fields(info.Cmdline), "smp.park")
-			if err == nil {
-				err = runGuest(caps, info, kernel, initrd, cmdline, smp, vcpus)
-			}
 			if err != nil {
+				// Fail closed: a processor tamahv does not hold could
+				// run the guest's code outside VMX operation.
+				fmt.Printf("tamahv: guest not started: %v\n", err)
+			} else if err := runGuest(caps, info, kernel, initrd, cmdline, smp, vcpus); err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}
 			runtime.KeepAlive(smp) // the parked APs' pages
@@ -94,6 +96,15 @@ func main() {
 	fmt.Println("tamahv: halted")
 	pc.Halt()
 }
+
+// acpiRSDP returns the physical address of the ACPI RSDP where the boot
+// path gives one, else 0, and pc.HoldProcessors searches the legacy BIOS
+// areas for it. Multiboot 1 carries none. A UEFI boot path passes the EFI
+// configuration table's ACPI 2.0 entry here: firmware without a
+// compatibility module keeps no RSDP in the BIOS areas, and without the
+// MADT tamahv cannot hold the application processors (it then refuses to
+// start the guest on a machine with more than one).
+func acpiRSDP(*multiboot.Info) uint64 { return 0 }
 
 func unavailable(reason string) {
 	fmt.Printf("tamahv: VMX unavailable: %s\n", reason)

@@ -36,7 +36,10 @@ const (
 	// read runs while the guest goes on; SwapStatus tells how it ended.
 	SwapRead = 3
 	// SwapStatus returns StatusPending, StatusOK, StatusFailed or
-	// StatusPartial for the last SwapRead of the caller's address space.
+	// StatusPartial for the last SwapRead of the caller's address space,
+	// or Invalid when it has none: it asked for none, or tamahv let its
+	// record go for another's, or the address space that asked was torn
+	// down (its top-level table may be the caller's now).
 	SwapStatus = 4
 )
 
@@ -59,9 +62,9 @@ const (
 	// Denied is the result of a function or argument the caller's
 	// privilege level may not use (-13, EACCES).
 	Denied = ^uint64(12)
-	// Busy is the result of SwapRead while the caller's address space has
-	// a read running, or while tamahv tracks as many reads as it can
-	// (-16, EBUSY).
+	// Busy is the result of SwapRead while tamahv holds as many reads, or
+	// as many bytes of reads, as it may and none of them has been pending
+	// long enough to give way (-16, EBUSY): ask again later.
 	Busy = ^uint64(15)
 	// Invalid is the result of bad arguments (-22, EINVAL).
 	Invalid = ^uint64(21)

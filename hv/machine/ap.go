@@ -32,9 +32,9 @@ type AP interface {
 	ReadMSR(msr uint32) uint64
 	// WriteMSR writes one, with a value tamahv's MSR policy checked.
 	WriteMSR(msr uint32, v uint64)
-	// TakeNMI reports, and forgets, an NMI that reached the AP while it
-	// was out of the guest.
-	TakeNMI() bool
+	// TakeNMI returns, and forgets, how many NMIs reached the AP while
+	// it was out of the guest (its exit loop counts them).
+	TakeNMI() uint32
 	// Bind tells the AP where its shootdown words are; before its first
 	// entry.
 	Bind(w hv.ShootdownWords) error

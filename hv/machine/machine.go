@@ -46,6 +46,9 @@ type Board interface {
 	Bytes(pa uint64) (*[4096]byte, error)
 	// Memory reads and writes physical memory (loading the guest).
 	hv.Memory
+	// AtomicMemory makes tamahv's stores to guest page tables single
+	// instructions (hv.GuestPhys's, over Memory).
+	hv.AtomicMemory
 	// Sink returns 2 MiB of host memory, 2 MiB aligned, kept as long as
 	// the machine runs: every guest-physical page of tamahv's region maps
 	// there.
@@ -61,10 +64,11 @@ type Board interface {
 	ReadMSR(msr uint32) uint64
 	// WriteMSR writes one, with a value tamahv's MSR policy checked.
 	WriteMSR(msr uint32, v uint64)
-	// TakeNMI reports, and forgets, an NMI that arrived while tamahv ran
-	// in VMX root (the board's NMI handler counts them): the guest gets
-	// it at the next entry.
-	TakeNMI() bool
+	// TakeNMI returns, and forgets, how many NMIs reached the processor
+	// while tamahv ran in VMX root (the board's NMI handler counts them):
+	// those that were not tamahv's own kicks are the guest's, which gets
+	// one at the next entry.
+	TakeNMI() uint32
 	// PortIO does real port I/O of size bytes (1, 2 or 4) at port: an
 	// IN returns what it read, an OUT writes val.
 	PortIO(port uint16, size int, in bool, val uint32) uint32
@@ -175,7 +179,10 @@ type Machine struct {
 	// bspKick counts the application processors' NMIs to the bootstrap
 	// processor (Kicker).
 	bspKick kicks
-	aps     []*apVCPU
+	// cutShort: vCPU 0's last entry was made to exit at once
+	// (kickedBeforeEntry); its goroutine's only.
+	cutShort bool
+	aps      []*apVCPU
 	// ended is the first application processor's vCPU whose Run returned
 	// while the guest ran: vCPU 0 stops at its next entry.
 	ended atomic.Pointer[apVCPU]
@@ -197,8 +204,13 @@ const (
 type apVCPU struct {
 	ap    AP
 	v     *hv.VCPU
-	index int   // the vCPU's number
-	kick  kicks // the shootdown's NMIs to the AP
+	index int // the vCPU's number
+	// kick counts the bootstrap processor's NMIs to the AP (a
+	// shootdown's, an INIT's), without a limit: NMIs are blocked on an AP
+	// only for the few instructions between an NMI exit and its loop's
+	// IRET, or in its NMI handler, and collapse there only if three
+	// arrive within them.
+	kick kicks
 	// initPending: the guest sent the vCPU an INIT (virtualINIT), which
 	// its next entry applies.
 	initPending bool
@@ -210,6 +222,8 @@ type apVCPU struct {
 	// out: the vCPU left the guest and its goroutine has not entered it
 	// again (it handles the exit, or waits for Serial to).
 	out atomic.Bool
+	// entries counts the vCPU's entries: each after an exit handled.
+	entries atomic.Uint64
 }
 
 // waiting reports whether the vCPU's goroutine has work that only runs
@@ -324,13 +338,19 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	invalidate := func() { m.Shootdown.Changed(0) }
 	// Every guest-physical access on the guest's behalf goes through
-	// Phys: guest RAM only, never tamahv's region, the sink or MMIO.
-	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
+	// Phys: guest RAM only, never tamahv's region, the sink or MMIO. An
+	// EPT table it merges away goes back to the arena only after a
+	// shootdown that reached every vCPU.
+	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate,
+		Invalidated: func() bool { _, stuck := m.Shootdown.Stuck(); return !stuck }}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	m.Spaces = &hv.AddressSpaces{Mem: m.Phys}
 	m.Memory = hv.NewGuestMemory(m.Phys, 0)
 	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
+	// Translations carry their top-level entry: reads end with their
+	// address space (swapmem.ErrSpaceGone, the monitor's records).
+	m.Memory.Walker.TopEntry = true
 	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) },
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
@@ -348,7 +368,7 @@ func New(b Board, c Config) (*Machine, error) {
 		fmt.Fprintf(m.log, "tamahv: swap reads end after %v unless they set their own deadline\n", opts.SwapDeadline)
 	}
 	m.alive.every = opts.Alive
-	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces}, c.Swap)
+	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces, m.Agent}, c.Swap)
 	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
 	policy := c.Policy
 	if policy == nil {
@@ -369,7 +389,7 @@ func New(b Board, c Config) (*Machine, error) {
 	v.CPUID = b.CPUID
 	v.XSETBV = b.XSETBV
 	v.ReadMSR, v.WriteMSR = b.ReadMSR, b.WriteMSR
-	v.TakeNMI = func() bool { return b.TakeNMI() && !m.bspKick.take(true) }
+	v.TakeNMI = func() bool { return m.bspKick.fromRoot(b.TakeNMI()) }
 	if u, ok := b.(NMIUnblocker); ok {
 		m.bspKick.unblock = u.UnblockNMIs
 	}
@@ -379,8 +399,10 @@ func New(b Board, c Config) (*Machine, error) {
 	// Before vCPU 0's entry, it marks itself in the guest, then the
 	// application processors' exits that wait are handled (their
 	// goroutines run while vCPU 0 yields): an AP that posts an exit after
-	// the look sees the mark and kicks it. A change made meanwhile is
-	// vCPU 0's processor's own (Changed(0)), which waits for nobody there.
+	// the look sees the mark and kicks it, and a kick that lands before
+	// VM entry makes the entry exit at once (v.Enter). A change made
+	// meanwhile is vCPU 0's processor's own (Changed(0)), which waits for
+	// nobody there.
 	v.OnEntry(func(v *hv.VCPU) {
 		if m.tickDue() {
 			m.tick(v)
@@ -401,6 +423,9 @@ func New(b Board, c Config) (*Machine, error) {
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
 	v.OnTick(func(v *hv.VCPU) {
+		if m.cutShort {
+			return // the exit kickedBeforeEntry asked for, not a period's end
+		}
 		m.lastTick = m.clock()
 		m.tick(v)
 	})
@@ -414,7 +439,24 @@ func New(b Board, c Config) (*Machine, error) {
 			m.stuckErr = fmt.Errorf("vCPU %d did not leave the guest for an EPT change within %v", i, m.Shootdown.Limit)
 			return hv.ErrStopped
 		}
-		return b.Enter(&v.Regs, m.fx, launched)
+		// The last look before VM entry, after every entry hook: what
+		// came since vCPU 0 marked itself in the guest makes the entry
+		// exit at once (the VMX-preemption timer at 0: SDM Vol. 3C,
+		// "VMX-Preemption Timer", an exit after any event injection and
+		// before the guest's first instruction); the next entry loads
+		// the timer's period again. Never two entries in a row, so
+		// that the guest on vCPU 0 runs between two such exits however
+		// often the application processors exit.
+		cut := !m.cutShort && v.PreemptionTicks != 0 && m.kickedBeforeEntry()
+		if cut {
+			v.VMCS.Write(vmx.PreemptionTimerValue, 0)
+		}
+		err := b.Enter(&v.Regs, m.fx, launched)
+		if cut {
+			v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
+		}
+		m.cutShort = cut
+		return err
 	}
 	started := false
 	v.OnEntry(func(*hv.VCPU) {
@@ -456,7 +498,7 @@ type LAPIC interface {
 // and every write emulated (hv.APICWrites), an INIT to an AP's vCPU
 // applied by tamahv (virtualINIT) instead of sent.
 func (m *Machine) virtualizeINIT() error {
-	if len(m.aps) == 0 || len(m.VCPUs) > 64 { // hv.INITTargets's mask
+	if len(m.aps) == 0 || len(m.VCPUs) > 64 { // hv.APICWrites's masks
 		return nil
 	}
 	bsp, ok := m.board.(LAPIC)
@@ -485,7 +527,7 @@ func (m *Machine) virtualizeINIT() error {
 		return fmt.Errorf("machine: the local APIC's page: %w", err)
 	}
 	m.Shootdown.Changed(0)
-	m.APIC = &hv.APICWrites{Mem: m.Memory, Base: base,
+	m.APIC = &hv.APICWrites{Mem: m.Memory, Base: base, IDs: m.apicIDs, Index: m.index,
 		Read:  func(v *hv.VCPU, off uint32) uint32 { return lapics[m.index(v)].LAPICRead(off) },
 		Write: func(v *hv.VCPU, off, val uint32) { lapics[m.index(v)].LAPICWrite(off, val) },
 		INIT:  m.virtualINIT,
@@ -510,14 +552,13 @@ func (m *Machine) virtualizeINIT() error {
 // local APIC write).
 func (m *Machine) index(v *hv.VCPU) int { return m.vcpuIndex[v] }
 
-// virtualINIT applies an INIT IPI v sends (the ICR's low and high
-// words): an application processor's vCPU it reaches goes to its INIT
-// state, waiting for a start-up IPI, at its next entry (kicked out of the
-// guest first); one that waits already stays as it is. An INIT that
-// reaches the bootstrap processor goes out as written (tamahv stops the
-// guest at its INIT exit).
-func (m *Machine) virtualINIT(v *hv.VCPU, low, high uint32) bool {
-	targets := hv.INITTargets(low, high, m.index(v), m.apicIDs)
+// virtualINIT applies an INIT IPI v sends to the vCPUs in targets (a mask
+// over m.apicIDs, from hv.IPITargets): an application processor's vCPU it
+// reaches goes to its INIT state, waiting for a start-up IPI, at its next
+// entry (kicked out of the guest first); one that waits already stays as
+// it is. An INIT that reaches the bootstrap processor is sent to the
+// vCPUs it reaches (tamahv stops the guest at its INIT exit).
+func (m *Machine) virtualINIT(v *hv.VCPU, targets uint64) bool {
 	if targets&1 != 0 {
 		return false
 	}
@@ -566,6 +607,11 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 	slot := len(m.Deliveries)
 	m.Trap.Slots(slot + 1)
 	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v, Slot: slot}
+	if mon := m.Monitor; mon != nil {
+		// The swap reads go on before the entry: their next pieces
+		// start, whose pages may then be faulted in at once.
+		v.OnEntry(func(*hv.VCPU) { mon.Pump() })
+	}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	v.Hypercalls = policy
 	m.Deliveries = append(m.Deliveries, d)
@@ -594,7 +640,7 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 	v.TSCHz = m.VCPU.TSCHz
 	v.XSETBV = ap.XSETBV
 	v.ReadMSR, v.WriteMSR = ap.ReadMSR, ap.WriteMSR
-	v.TakeNMI = func() bool { return ap.TakeNMI() && !a.kick.take(true) }
+	v.TakeNMI = func() bool { return a.kick.fromRoot(ap.TakeNMI()) }
 	if err := v.Intercept(vmx.ExitExceptionOrNMI, a.kick.intercept); err != nil {
 		return err
 	}
@@ -626,6 +672,7 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		// entry: its goroutine handles the exit, and vCPU 0 lets it
 		// (yieldToAPs).
 		a.out.Store(false)
+		a.entries.Add(1)
 		err := ap.Enter(&v.Regs, launched)
 		a.out.Store(true)
 		return err
@@ -648,6 +695,9 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 			return err
 		}
 		k.KickBSP(bsp.InGuest, &m.bspKick.sent)
+		// Each kicking AP may have one kick of vCPU 0 on its way, and
+		// vCPU 0's processor may latch one NMI more (kicks).
+		m.bspKick.limit = max(m.bspKick.limit, 1) + 1
 	}
 	return nil
 }
@@ -735,30 +785,64 @@ func (m *Machine) tickDue() bool {
 	return true
 }
 
-// kicks counts the NMIs tamahv sends one processor to make it leave the
-// guest, and tells them from the guest's NMIs: an NMI that arrives while
-// kicks are outstanding is taken for one (an NMI of the guest's that
-// arrives at the same moment may be taken for it too and lost, as NMIs
-// that come while one is blocked are).
+// kicks matches the NMIs tamahv sends one processor to make it leave the
+// guest (its kicks) with the NMIs the processor receives, one to one:
+// each NMI, whether it exits the guest or reaches VMX root, consumes one
+// outstanding kick, and an NMI that finds none outstanding is the
+// guest's. A kick whose NMI is still on its way when others arrive stays
+// outstanding, and its NMI is not taken for the guest's when it comes.
+//
+// The processor can receive fewer NMIs than were sent to it: NMIs that
+// arrive while NMIs are blocked there (in tamahv's NMI handler, or after
+// an NMI exit until unblock ends it) collapse into the one the processor
+// latches, so that one NMI is counted for several. The kicks left over
+// then consume the guest's next NMIs in their place: the guest loses
+// those, as it would lose an NMI that collapsed with another on the bare
+// processor, and never receives a kick as its NMI. limit bounds how many
+// NMIs the guest can lose that way, where no more kicks than limit can
+// have NMIs still to come at once: vCPU 0's, one for each application
+// processor that kicks it and one the processor latches. An AP kicks
+// after it hands over an exit and hands over its next only after this
+// processor handled that one and the AP entered the guest again, several
+// microseconds in which its previous kick's NMI has arrived. Once every
+// NMI that reached VMX root is matched, the kicks outstanding beyond limit
+// are ones whose NMIs collapsed, and are forgotten.
 type kicks struct {
-	sent    atomic.Uint32 // counted by the sender before each NMI
-	taken   uint32        // NMIs taken for kicks (under Serial)
-	unblock func()        // unblocks NMIs on the processor (vCPU 0's only)
+	sent    atomic.Uint32 // kicks sent, counted by the sender before each NMI
+	matched uint32        // kicks matched with an NMI (the vCPU's goroutine)
+	// held are NMIs taken from the board at an entry (kickedBeforeEntry),
+	// matched at the next.
+	held uint32
+	// limit is how many kicks can be on their way at once (0: no bound).
+	limit   uint32
+	unblock func() // unblocks NMIs on the processor (vCPU 0's only)
 }
 
-// take reports whether an NMI is a kick, and counts it; all takes every
-// outstanding kick (NMIs that reached VMX root are reported as one).
-func (k *kicks) take(all bool) bool {
-	sent := k.sent.Load()
-	if sent == k.taken {
-		return false
+// match matches n NMIs the processor received with outstanding kicks, one
+// each while there are any, and returns how many of them are the guest's.
+func (k *kicks) match(n uint32) uint32 {
+	m := min(n, k.sent.Load()-k.matched)
+	k.matched += m
+	return n - m
+}
+
+// fromRoot matches the n NMIs that reached VMX root (with those held at
+// the last entry), reports whether any of them is the guest's, and then
+// forgets the outstanding kicks beyond limit.
+func (k *kicks) fromRoot(n uint32) bool {
+	n, k.held = n+k.held, 0
+	guest := k.match(n)
+	if s := k.sent.Load(); k.limit != 0 && s-k.matched > k.limit {
+		k.matched = s - k.limit
 	}
-	if all {
-		k.taken = sent
-	} else {
-		k.taken++
-	}
-	return true
+	return guest > 0
+}
+
+// hold keeps n NMIs that reached VMX root for the next fromRoot, and
+// reports whether there were any.
+func (k *kicks) hold(n uint32) bool {
+	k.held += n
+	return n != 0
 }
 
 // intercept answers an NMI exit that was a kick: the guest never sees it.
@@ -771,10 +855,28 @@ func (k *kicks) intercept(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, 
 	if k.unblock != nil {
 		k.unblock()
 	}
-	if k.take(false) {
+	if k.match(1) == 0 {
 		return hv.Resume, nil
 	}
 	return next(v, e)
+}
+
+// kickedBeforeEntry reports, at vCPU 0's entry, whether an NMI reached
+// VMX root since the NMIs were last taken (an application processor's
+// kick that found vCPU 0 marked in the guest, or the guest's own NMI) or
+// an application processor's exit is posted: either would wait for vCPU
+// 0's next exit, up to a preemption-timer period. The NMIs are held for
+// the next entry's TakeNMI.
+func (m *Machine) kickedBeforeEntry() bool {
+	if m.bspKick.hold(m.board.TakeNMI()) {
+		return true
+	}
+	for _, a := range m.aps {
+		if !a.done.Load() && a.ap.Pending() {
+			return true
+		}
+	}
+	return false
 }
 
 // NMIUnblocker is a Board that can end the blocking of NMIs an NMI exit
@@ -787,14 +889,35 @@ type NMIUnblocker interface {
 // exits that wait, from vCPU 0's entry: Serial is released while they
 // run.
 //
-// It yields until no AP's goroutine has such work (at most maxYields
-// times): one that found its exit while vCPU 0 held Serial would
-// otherwise wait for vCPU 0's next exit, up to a preemption-timer period.
+// Each AP that has such work when it starts gets one turn: it yields
+// until that AP's exit is handled and its vCPU is back in the guest (or
+// has nothing left to do), at most maxYields times: one that found its
+// exit while vCPU 0 held Serial would otherwise wait for vCPU 0's next
+// exit, up to a preemption-timer period. An AP that exits again meanwhile
+// waits for vCPU 0's next entry (or kicks it out of the guest): the APs
+// and vCPU 0 take turns, and an AP that exits without pause (a CPUID
+// loop) gets one exit handled per vCPU 0 entry, not a run of them.
 func (m *Machine) yieldToAPs() {
-	for n := 0; n < maxYields && m.apsWaiting(); n++ {
+	var owed []*apVCPU
+	var at []uint64
+	for _, a := range m.aps {
+		if a.waiting() {
+			owed = append(owed, a)
+			at = append(at, a.entries.Load())
+		}
+	}
+	for n := 0; n < maxYields && len(owed) > 0; n++ {
 		m.serial.Unlock()
 		runtime.Gosched()
 		m.serial.Lock()
+		k := 0
+		for i, a := range owed {
+			if a.waiting() && a.entries.Load() == at[i] {
+				owed[k], at[k] = a, at[i]
+				k++
+			}
+		}
+		owed, at = owed[:k], at[:k]
 	}
 }
 
@@ -833,7 +956,13 @@ var ErrNoSystemSpace = errors.New("machine: the guest's kernel address space is 
 type swapGuest struct {
 	*hv.GuestMemory
 	spaces *hv.AddressSpaces
+	agent  *hv.BreakpointAgent
 }
+
+// WithdrawBPFault implements swapmem.BPWithdrawer: the engine arms the
+// agent for one page at a time, so the arming it takes back is the
+// agent's.
+func (g swapGuest) WithdrawBPFault(uint64) { _ = g.agent.Disarm() }
 
 // SystemCR3 implements swapmem.Guest: the guest's kernel address space, 0
 // while none is known.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"unsafe"
 
@@ -39,6 +40,11 @@ type board struct {
 	// idle: once the script has run out, the guest runs on, exiting at
 	// each preemption-timer tick (yielding to the other goroutines first).
 	idle bool
+	// leftover: the test expects steps of the script not to run; else
+	// it fails when it ends with any left.
+	leftover bool
+	// nmis are the NMIs that reached VMX root, for TakeNMI.
+	nmis atomic.Uint32
 }
 
 // step is one scripted VM exit: at the entry before it, check sees the
@@ -51,8 +57,28 @@ type step struct {
 
 const arenaBase = 0x1_0000_0000 // above the guest's RAM
 
+// newBoard returns an empty board. With a test, the test fails if it
+// ends with steps of the board's script that never ran (unless it set
+// leftover).
 func newBoard(t *testing.T) *board {
-	return &board{t: t, mem: map[uint64]*[4096]byte{}, next: arenaBase}
+	b := &board{t: t, mem: map[uint64]*[4096]byte{}, next: arenaBase}
+	if t != nil {
+		t.Cleanup(func() {
+			if !b.leftover {
+				assert.Empty(t, stepNames(b.script), "vCPU 0's steps that never ran")
+			}
+		})
+	}
+	return b
+}
+
+// stepNames names the steps of a script.
+func stepNames(s []step) []string {
+	var out []string
+	for _, st := range s {
+		out = append(out, st.name)
+	}
+	return out
 }
 
 func (b *board) page(pa uint64) *[4096]byte {
@@ -115,7 +141,7 @@ func (b *board) put64(pa, v uint64) {
 func (b *board) Sink() (uint64, error)   { return 0x1020_0000, nil }
 func (b *board) Reach(uint64) uint64     { return 1 << 32 }
 func (b *board) WriteMSR(uint32, uint64) {}
-func (b *board) TakeNMI() bool           { return false }
+func (b *board) TakeNMI() uint32         { return b.nmis.Swap(0) }
 func (b *board) CPUID(leaf, _ uint32) (uint32, uint32, uint32, uint32) {
 	return leaf + 1, 0, 0, 0
 }
@@ -192,6 +218,19 @@ func exampleConfig(kernelLen uint64) machine.Config {
 }
 
 func newMachine(t *testing.T) (*board, *machine.Machine, *bytes.Buffer) {
+	return newMachineWith(t, func(*machine.Config) {})
+}
+
+// newMachineWith is newMachine with the configuration changed by set.
+func newMachineWith(t *testing.T, set func(*machine.Config)) (*board, *machine.Machine, *bytes.Buffer) {
+	b, m, log, err := buildMachine(t, set)
+	require.NoError(t, err)
+	return b, m, log
+}
+
+// buildMachine builds the machine of these tests with the changes edit
+// makes to its configuration, and returns machine.New's error.
+func buildMachine(t *testing.T, edit func(*machine.Config)) (*board, *machine.Machine, *bytes.Buffer, error) {
 	b := newBoard(t)
 	b.vmcs = newVMCS()
 	kernel := bzImage()
@@ -199,9 +238,9 @@ func newMachine(t *testing.T) (*board, *machine.Machine, *bytes.Buffer) {
 	var log bytes.Buffer
 	c := exampleConfig(uint64(len(kernel)))
 	c.Log = &log
+	edit(&c)
 	m, err := machine.New(b, c)
-	require.NoError(t, err)
-	return b, m, &log
+	return b, m, &log, err
 }
 
 // mapProcess builds the process's page tables: its data page (holding
@@ -251,23 +290,11 @@ func TestNewRefusesWithoutCaps(t *testing.T) {
 // tamahv's command line sets the swap reads' deadline; a bad value stops
 // the machine's assembly with an error naming the option.
 func TestNewTakesOptions(t *testing.T) {
-	b := newBoard(t)
-	b.vmcs = newVMCS()
-	kernel := bzImage()
-	require.NoError(t, b.WritePhys(0x100_0000, kernel))
-	var log bytes.Buffer
-	c := exampleConfig(uint64(len(kernel)))
-	c.Log = &log
-	c.Options = "hc.ring3=secret swap.deadline=5s log.alive=10s"
-	_, err := machine.New(b, c)
+	_, _, log, err := buildMachine(t, func(c *machine.Config) { c.Options = "hc.ring3=secret swap.deadline=5s log.alive=10s" })
 	require.NoError(t, err)
 	assert.Contains(t, log.String(), "tamahv: swap reads end after 5s unless they set their own deadline")
 
-	b = newBoard(t)
-	b.vmcs = newVMCS()
-	require.NoError(t, b.WritePhys(0x100_0000, kernel))
-	c.Options = "swap.deadline=soon"
-	_, err = machine.New(b, c)
+	_, _, _, err = buildMachine(t, func(c *machine.Config) { c.Options = "swap.deadline=soon" })
 	assert.ErrorIs(t, err, machine.ErrOption)
 	assert.ErrorContains(t, err, "swap.deadline")
 }

@@ -57,6 +57,11 @@ type fakeAP struct {
 	stop          chan struct{} // closed by Stop
 	stopOnce      sync.Once
 	entries       int
+	// leftover: the test expects steps of the script not to run; else
+	// it fails when it ends with any left.
+	leftover bool
+	// nmis are the NMIs that reached the AP in VMX root, for TakeNMI.
+	nmis atomic.Uint32
 }
 
 // apStep is one scripted exit of an AP, as step is vCPU 0's.
@@ -66,9 +71,22 @@ type apStep struct {
 	exit  func(a *fakeAP, r *vmx.GuestRegs)
 }
 
+// newFakeAP returns an AP with an empty script; the test fails if it
+// ends with steps of the AP's script that never ran (unless it set
+// leftover).
 func newFakeAP(t *testing.T, b *board, id uint32) *fakeAP {
-	return &fakeAP{t: t, b: b, id: id, vmcs: newVMCS(), done: make(chan struct{}),
+	a := &fakeAP{t: t, b: b, id: id, vmcs: newVMCS(), done: make(chan struct{}),
 		entered: make(chan struct{}), shown: make(chan struct{}), stop: make(chan struct{})}
+	t.Cleanup(func() {
+		if !a.leftover {
+			var names []string
+			for _, s := range a.script {
+				names = append(names, s.name)
+			}
+			assert.Empty(t, names, "vCPU steps of APIC ID %d that never ran", id)
+		}
+	})
+	return a
 }
 
 func (a *fakeAP) APICID() uint32 { return a.id }
@@ -85,7 +103,7 @@ func (a *fakeAP) CPUID(leaf, _ uint32) (uint32, uint32, uint32, uint32) {
 func (a *fakeAP) XSETBV(uint32, uint64)   {}
 func (a *fakeAP) ReadMSR(uint32) uint64   { return 0 }
 func (a *fakeAP) WriteMSR(uint32, uint64) {}
-func (a *fakeAP) TakeNMI() bool           { return false }
+func (a *fakeAP) TakeNMI() uint32         { return a.nmis.Swap(0) }
 func (a *fakeAP) Bind(w hv.ShootdownWords) error {
 	a.words, a.bound = w, true
 	return nil

@@ -116,6 +116,11 @@ func FuzzHypercall(f *testing.F) {
 				cpu.Switch(space.CR3, []int{0, 3}[op[4]&1])
 				_ = g.mon.Engine.InjectPendingPF(cpu)
 				g.m.Deliver()
+			case 3:
+				g.mon.Pump()
+			}
+			if g.mon.Held() > monitor.ReadBudget {
+				t.Fatalf("reads hold %d bytes, above the budget", g.mon.Held())
 			}
 		}
 	})

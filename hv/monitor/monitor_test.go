@@ -43,6 +43,7 @@ type guest struct {
 func newGuest(t *testing.T, grants monitor.Ring3) *guest {
 	t.Helper()
 	m := swapmemtest.NewMachine()
+	m.TopEntries = true
 	g := &guest{t: t, m: m, proc: m.NewSpace(), vmcs: hvtest.NewVMCS(), clk: time.Unix(1e9, 0)}
 	require.NoError(t, g.proc.MapRange(userBuf, 4*4096, swapmemtest.UserRW))
 	require.NoError(t, g.proc.Write(userBuf, bytes.Repeat([]byte("user"), 4096)))

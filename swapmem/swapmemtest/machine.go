@@ -64,10 +64,14 @@ type Machine struct {
 	opMu sync.Mutex // serialises mutating operations, callbacks included
 	mu   sync.Mutex // guards the data below
 
-	frames  map[uint64]*[pageSize]byte
-	limit   uint64 // physical memory ends here
-	free    []uint64
-	spaces  map[uint64]*Space
+	frames map[uint64]*[pageSize]byte
+	limit  uint64 // physical memory ends here
+	free   []uint64
+	spaces map[uint64]*Space
+	// roots are the top-level tables of every space made: that of an
+	// exited space can still be walked (its user half is clear), as the
+	// processor can walk a freed PGD page.
+	roots   map[uint64]bool
 	system  *Space
 	hooks   map[uint64][]*hook // by physical address of a watched entry
 	nhooks  int
@@ -83,6 +87,9 @@ type Machine struct {
 	// Violations lists broken rules seen by the vCPUs (an injection while
 	// an event was pending, or while another swapmem #PF was undelivered).
 	Violations []string
+	// TopEntries makes translations carry the top-level entry their walk
+	// went through (swapmem.Translation.Top). Set it before any watch.
+	TopEntries bool
 }
 
 // Fault is a #PF injected by the engine.
@@ -111,6 +118,7 @@ func NewMachine() *Machine {
 		frames: make(map[uint64]*[pageSize]byte),
 		limit:  0x100000, // the first MiB is left alone, as on a PC
 		spaces: make(map[uint64]*Space),
+		roots:  make(map[uint64]bool),
 		hooks:  make(map[uint64][]*hook),
 		swap:   make(map[uint64][]byte),
 	}
@@ -190,6 +198,7 @@ func (m *Machine) newSpaceLocked() *Space {
 		}
 	}
 	m.spaces[root] = s
+	m.roots[root] = true
 	return s
 }
 
@@ -221,7 +230,7 @@ func index(va uint64, level int) uint64 { return va >> (12 + 9*uint(level)) & 51
 func (m *Machine) walk(cr3, va uint64) (swapmem.Translation, [4]uint64, int, error) {
 	var path [4]uint64
 	var tr swapmem.Translation
-	if m.spaces[cr3] == nil {
+	if !m.roots[cr3] {
 		return tr, path, 0, fmt.Errorf("%w: CR3 %#x", ErrNoSpace, cr3)
 	}
 	if !canonical48(va) {
@@ -234,6 +243,9 @@ func (m *Machine) walk(cr3, va uint64) (swapmem.Translation, [4]uint64, int, err
 		n := 4 - level
 		path[n-1] = pa
 		e := m.entry(pa)
+		if level == 3 && m.TopEntries {
+			tr.Top = e & (pteAddr | PteP)
+		}
 		if e&PteP == 0 {
 			// A non-zero entry of a page table or directory holds a page
 			// elsewhere (here: a swap slot).
@@ -248,7 +260,7 @@ func (m *Machine) walk(cr3, va uint64) (swapmem.Translation, [4]uint64, int, err
 			base := e & pteAddr &^ (size - 1)
 			tr = swapmem.Translation{
 				PA: base + va&(size-1), PageSize: size,
-				Present: true, Writable: rw, User: us, NX: nx,
+				Present: true, Writable: rw, User: us, NX: nx, Top: tr.Top,
 			}
 			return tr, path, n, nil
 		}

@@ -280,6 +280,31 @@ func (s *Space) Exit() error {
 	})
 }
 
+// Reuse returns a new process address space on the top-level table of s,
+// which exited: as when the kernel gives a freed PGD page to its next
+// process. The table is written anew (its user half cleared, its kernel
+// half the system space's), and watches on its entries see the writes.
+func (s *Space) Reuse() (*Space, error) {
+	m := s.m
+	var n *Space
+	err := m.mutate(func() error {
+		if !s.exited || m.spaces[s.CR3] != nil {
+			return fmt.Errorf("swapmemtest: CR3 %#x is in use", s.CR3)
+		}
+		for i := uint64(0); i < 512; i++ {
+			e := uint64(0)
+			if i >= 256 {
+				e = m.entry(m.system.CR3 + 8*i)
+			}
+			m.setEntry(s.CR3+8*i, e)
+		}
+		n = &Space{m: m, CR3: s.CR3}
+		m.spaces[s.CR3] = n
+		return nil
+	})
+	return n, err
+}
+
 // clearTable clears the first n entries of a table at the given level and
 // everything below them.
 func (m *Machine) clearTable(table uint64, level, n int) {

@@ -398,6 +398,58 @@ out:
 }
 
 /*
+ * table_region maps 6 MiB of anonymous memory into mm without huge pages
+ * and touches the first page at its first 2 MiB boundary, a: the page
+ * table that maps a then exists. It reports a failure under name and
+ * returns an error value, or the region's start.
+ */
+static unsigned long table_region(const char *name, struct mm_struct *mm, unsigned long *a)
+{
+	struct vm_area_struct *vma;
+	unsigned long region;
+
+	region = vm_mmap(NULL, 0, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
+	if (IS_ERR_VALUE(region) || !mm) {
+		report(name, "FAILED", "no memory for the attack");
+		return IS_ERR_VALUE(region) ? region : -ENOMEM;
+	}
+	*a = ALIGN(region, PMD_SIZE);
+	mmap_write_lock(mm);
+	vma = find_vma(mm, *a);
+	if (vma)
+		vma->vm_flags |= VM_NOHUGEPAGE;
+	mmap_write_unlock(mm);
+	if (put_user(1, (char __user *)*a)) {
+		report(name, "FAILED", "cannot touch %#lx", *a);
+		vm_munmap(region, 6 << 20);
+		return -EFAULT;
+	}
+	return region;
+}
+
+/* table_pmd returns the page-directory entry over a page table for a (mmap lock held), or NULL. */
+static pmd_t *table_pmd(struct mm_struct *mm, unsigned long a)
+{
+	pgd_t *pgd = pgd_offset(mm, a);
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t *pmd;
+
+	if (pgd_none(*pgd))
+		return NULL;
+	p4d = p4d_offset(pgd, a);
+	if (p4d_none(*p4d))
+		return NULL;
+	pud = pud_offset(p4d, a);
+	if (pud_none(*pud))
+		return NULL;
+	pmd = pmd_offset(pud, a);
+	if (pmd_none(*pmd) || pmd_large(*pmd))
+		return NULL;
+	return pmd;
+}
+
+/*
  * Finding 9: a paging-structure entry of the calling process pointed at
  * tamahv's secret page or at an MMIO page (legacy VGA memory), then a swap read
  * through it. pmd: the entry is a page-directory entry, so tamahv would
@@ -408,12 +460,8 @@ out:
 static void attack_tables(const char *name, bool pmd_level, bool mmio)
 {
 	struct mm_struct *mm = current->mm;
-	struct vm_area_struct *vma;
 	struct swap_request *req;
 	unsigned long region, a, va, flags, target;
-	pgd_t *pgd;
-	p4d_t *p4d;
-	pud_t *pud;
 	pmd_t *pmd, saved_pmd;
 	pte_t *pte = NULL, saved_pte;
 	long r, s = 0, s_after;
@@ -422,28 +470,13 @@ static void attack_tables(const char *name, bool pmd_level, bool mmio)
 
 	target = mmio ? MMIO_PA : hypercall(HC_SECRET, 0, 0);
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
-	region = vm_mmap(NULL, 0, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
-	if (!req || IS_ERR_VALUE(region) || !mm) {
-		report(name, "FAILED", "no memory for the attack");
+	region = table_region(name, mm, &a);
+	if (!req || IS_ERR_VALUE(region))
 		goto out;
-	}
-	a = ALIGN(region, PMD_SIZE);
-	mmap_write_lock(mm);
-	vma = find_vma(mm, a);
-	if (vma)
-		vma->vm_flags |= VM_NOHUGEPAGE;
-	mmap_write_unlock(mm);
-	if (put_user(1, (char __user *)a)) {
-		report(name, "FAILED", "cannot touch %#lx", a);
-		goto out;
-	}
 
 	mmap_read_lock(mm);
-	pgd = pgd_offset(mm, a);
-	p4d = p4d_offset(pgd, a);
-	pud = pud_offset(p4d, a);
-	pmd = pmd_offset(pud, a);
-	if (pgd_none(*pgd) || p4d_none(*p4d) || pud_none(*pud) || pmd_none(*pmd) || pmd_large(*pmd)) {
+	pmd = table_pmd(mm, a);
+	if (!pmd) {
 		mmap_read_unlock(mm);
 		report(name, "FAILED", "no page table for %#lx", a);
 		goto out;
@@ -658,12 +691,8 @@ static bool store_form(int form, u64 *e, const char **what, u64 want[2])
 static void attack_store_forms(const char *name)
 {
 	struct mm_struct *mm = current->mm;
-	struct vm_area_struct *vma;
 	struct swap_request *req;
 	unsigned long region, a, va;
-	pgd_t *pgd;
-	p4d_t *p4d;
-	pud_t *pud;
 	pmd_t *pmd;
 	pte_t *pte;
 	spinlock_t *ptl;
@@ -675,21 +704,9 @@ static void attack_store_forms(const char *name)
 	char c;
 
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
-	region = vm_mmap(NULL, 0, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
-	if (!req || IS_ERR_VALUE(region) || !mm) {
-		report(name, "FAILED", "no memory for the attack");
+	region = table_region(name, mm, &a);
+	if (!req || IS_ERR_VALUE(region))
 		goto out;
-	}
-	a = ALIGN(region, PMD_SIZE);
-	mmap_write_lock(mm);
-	vma = find_vma(mm, a);
-	if (vma)
-		vma->vm_flags |= VM_NOHUGEPAGE;
-	mmap_write_unlock(mm);
-	if (put_user(1, (char __user *)a)) {
-		report(name, "FAILED", "cannot touch %#lx", a);
-		goto out;
-	}
 	/* The read that makes tamahv watch the page table: an untouched page. */
 	va = a + 7 * PAGE_SIZE;
 	req->va = va;
@@ -703,11 +720,8 @@ static void attack_store_forms(const char *name)
 	}
 
 	mmap_read_lock(mm);
-	pgd = pgd_offset(mm, a);
-	p4d = p4d_offset(pgd, a);
-	pud = pud_offset(p4d, a);
-	pmd = pmd_offset(pud, a);
-	if (pgd_none(*pgd) || p4d_none(*p4d) || pud_none(*pud) || pmd_none(*pmd) || pmd_large(*pmd)) {
+	pmd = table_pmd(mm, a);
+	if (!pmd) {
 		mmap_read_unlock(mm);
 		report(name, "FAILED", "no page table for %#lx", a);
 		goto out;
