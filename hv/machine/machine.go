@@ -1047,7 +1047,7 @@ func (m *Machine) Run() error {
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	fmt.Fprintf(m.log, "tamahv: Go heap %d KiB in use, %d collections\n", ms.HeapAlloc>>10, ms.NumGC)
+	fmt.Fprintf(m.log, "tamahv: Go heap %d KiB in use, %d collections, heap space %d KiB (a bound on the most it held)\n", ms.HeapAlloc>>10, ms.NumGC, ms.HeapSys>>10)
 	var delivered, requeued, lost uint64
 	for _, d := range m.Deliveries {
 		delivered, requeued, lost = delivered+d.Delivered, requeued+d.Requeued, lost+d.Lost

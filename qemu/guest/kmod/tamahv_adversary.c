@@ -701,6 +701,7 @@ static void attack_store_forms(const char *name)
 	char bad[160] = "";
 	long r, s;
 	int form, forms = 0;
+	u64 t0, t1, t2;
 	char c;
 
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
@@ -708,6 +709,7 @@ static void attack_store_forms(const char *name)
 	if (!req || IS_ERR_VALUE(region))
 		goto out;
 	/* The read that makes tamahv watch the page table: an untouched page. */
+	t0 = ktime_get_ns();
 	va = a + 7 * PAGE_SIZE;
 	req->va = va;
 	req->len = PAGE_SIZE;
@@ -739,16 +741,18 @@ static void attack_store_forms(const char *name)
 	}
 	pte_unmap_unlock(pte, ptl);
 	mmap_read_unlock(mm);
+	t1 = ktime_get_ns();
 
 	/* The read ends: its page comes in as the guest's own. */
 	if (get_user(c, (char __user *)va))
 		c = 0;
 	s = wait_status(2000);
+	t2 = ktime_get_ns();
 	if (bad[0])
 		report(name, "FAILED", "%s", bad);
 	else
-		report(name, "survived", "%d store forms to a watched page table, each read back exact; the read then ended %s",
-		       forms, status_name(s));
+		report(name, "survived", "%d store forms to a watched page table in %llu us, each read back exact; the read then ended %s after %llu us more",
+		       forms, (t1 - t0) / 1000, status_name(s), (t2 - t1) / 1000);
 out:
 	if (!IS_ERR_VALUE(region))
 		vm_munmap(region, 6 << 20);
