@@ -221,11 +221,16 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	}
 	r := m.reads[cr3]
 	since := m.now()
+	if r.state == hcall.StatusPending || !r.start.IsZero() && since.Sub(r.start) < Tenure {
+		// The address space's place is aged from the first read of
+		// a run of reads each asked for within Tenure of the one
+		// before: a process cannot stay young by asking again, nor
+		// by slipping in a read that ends at once.
+		since = r.since
+	}
 	if r.state == hcall.StatusPending {
 		// The address space's earlier read gives way: a process asks
-		// for one read at a time. Its place is aged from its first
-		// read: a process cannot stay young by asking again.
-		since = r.since
+		// for one read at a time.
 		m.abandon(r)
 		m.logf("tamahv: swapmem read in CR3 %#x replaced by a new one\n", cr3)
 	}
