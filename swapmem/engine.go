@@ -239,6 +239,11 @@ type Engine struct {
 	// held it last, and since when it holds it with no other space's #PF
 	// in between (see mayInject).
 	run holdRun
+	// owed is the ready page that had waited longest when the slot last
+	// became free, and owedSince when: for a while only its address space
+	// may take the slot (pick).
+	owed      *slot
+	owedSince time.Duration
 	// scratch is where a page is read before it is passed on or kept.
 	scratch [PageSize4K]byte
 }
@@ -723,12 +728,47 @@ func (e *Engine) setPending(s *slot) {
 	}
 	e.pending = s
 	e.busy.Store(s != nil || e.orphan.active)
+	if s == nil && !e.orphan.active {
+		e.owe()
+	}
 }
 
 func (e *Engine) setOrphan(o orphanPF) {
 	e.orphan = o
 	e.busy.Store(e.pending != nil || o.active)
+	if e.pending == nil && !o.active {
+		e.owe()
+	}
 }
+
+// owe gives the free guest-wide slot, for a while (owedWindow), to the
+// address space of the ready page that has waited longest, whichever
+// space's vCPU asks first: the slot goes round the address spaces in the
+// order their pages became ready, and no group of processes can pass it
+// among themselves while another's page waits. Its cost is one look at
+// the head of each address space's queues, each time the slot becomes
+// free.
+func (e *Engine) owe() {
+	var best *slot
+	now := e.clock()
+	for cr3, sp := range e.spaces {
+		if cr3 != 0 && cr3 == e.run.cr3 && now-e.run.since >= e.timeout {
+			continue // it has had its run: it gives way (mayInject)
+		}
+		for i := range sp.queues {
+			if h := sp.queues[i].head; h != nil && (best == nil || h.seq < best.seq) {
+				best = h
+			}
+		}
+	}
+	e.owed, e.owedSince = best, now
+}
+
+// owedWindow is how long the slot stays owed to one address space: a
+// quarter of Config.Timeout. A space whose vCPU does not come for it in
+// that time (its process sleeps) loses its turn until the slot is free
+// again.
+func (e *Engine) owedWindow() time.Duration { return e.timeout / 4 }
 
 // detach removes one waiter from its slot, freeing the slot when it was the
 // last.

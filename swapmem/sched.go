@@ -80,7 +80,8 @@ func (e *Engine) injectPending(c CPU, cr3 uint64, ring int) (*Transaction, error
 // pick returns the ready page that has waited longest among those c may
 // fault: the heads of at most six queues are compared. The pages of c's
 // own address space are left out while it gives way to others
-// (mayInject).
+// (mayInject); while the slot is owed to another address space (owe),
+// none is.
 func (e *Engine) pick(cr3 uint64, ring int) *slot {
 	var best *slot
 	consider := func(sp *space) {
@@ -96,11 +97,22 @@ func (e *Engine) pick(cr3 uint64, ring int) *slot {
 			}
 		}
 	}
-	if sp := e.spaces[cr3]; e.mayInject(cr3, sp) {
-		consider(sp)
+	own, sys := e.spaces[cr3], e.spaces[0]
+	if o := e.owed; o != nil {
+		switch {
+		case o.state != slotReady || e.clock()-e.owedSince >= e.owedWindow():
+			e.owed = nil
+		case o.sp == sys && cr3 != 0:
+			own = nil // the slot is owed to the system address space
+		case o.sp != own:
+			return nil // owed to another address space
+		}
+	}
+	if e.mayInject(cr3, own) {
+		consider(own)
 	}
 	if cr3 != 0 {
-		consider(e.spaces[0])
+		consider(sys)
 	}
 	return best
 }
