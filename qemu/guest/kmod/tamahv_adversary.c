@@ -259,26 +259,37 @@ static long wait_status(int ms)
 	return s;
 }
 
-/* user_pte returns the PTE of addr in mm (mmap lock held), or NULL. */
-static pte_t *user_pte(struct mm_struct *mm, unsigned long addr)
+/*
+ * table_pmd returns the page-directory entry over a page table for a in mm
+ * (mmap lock held), or NULL.
+ */
+static pmd_t *table_pmd(struct mm_struct *mm, unsigned long a)
 {
-	pgd_t *pgd = pgd_offset(mm, addr);
+	pgd_t *pgd = pgd_offset(mm, a);
 	p4d_t *p4d;
 	pud_t *pud;
 	pmd_t *pmd;
 
 	if (pgd_none(*pgd))
 		return NULL;
-	p4d = p4d_offset(pgd, addr);
+	p4d = p4d_offset(pgd, a);
 	if (p4d_none(*p4d))
 		return NULL;
-	pud = pud_offset(p4d, addr);
+	pud = pud_offset(p4d, a);
 	if (pud_none(*pud) || pud_large(*pud))
 		return NULL;
-	pmd = pmd_offset(pud, addr);
+	pmd = pmd_offset(pud, a);
 	if (pmd_none(*pmd) || pmd_large(*pmd))
 		return NULL;
-	return pte_offset_kernel(pmd, addr);
+	return pmd;
+}
+
+/* user_pte returns the PTE of addr in mm (mmap lock held), or NULL. */
+static pte_t *user_pte(struct mm_struct *mm, unsigned long addr)
+{
+	pmd_t *pmd = table_pmd(mm, addr);
+
+	return pmd ? pte_offset_kernel(pmd, addr) : NULL;
 }
 
 /*
@@ -425,28 +436,6 @@ static unsigned long table_region(const char *name, struct mm_struct *mm, unsign
 		return -EFAULT;
 	}
 	return region;
-}
-
-/* table_pmd returns the page-directory entry over a page table for a (mmap lock held), or NULL. */
-static pmd_t *table_pmd(struct mm_struct *mm, unsigned long a)
-{
-	pgd_t *pgd = pgd_offset(mm, a);
-	p4d_t *p4d;
-	pud_t *pud;
-	pmd_t *pmd;
-
-	if (pgd_none(*pgd))
-		return NULL;
-	p4d = p4d_offset(pgd, a);
-	if (p4d_none(*p4d))
-		return NULL;
-	pud = pud_offset(p4d, a);
-	if (pud_none(*pud))
-		return NULL;
-	pmd = pmd_offset(pud, a);
-	if (pmd_none(*pmd) || pmd_large(*pmd))
-		return NULL;
-	return pmd;
 }
 
 /*
