@@ -59,7 +59,9 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 		// Parked for good: halted in VMX root, hidden from the guest.
 		for _, ap := range aps {
 			if err := ap.Park(); err != nil {
-				fmt.Printf("tamahv: AP APIC ID %d: %v\n", ap.APICID(), err)
+				// Fail closed: a processor tamahv cannot park is not
+				// accounted for.
+				return fmt.Errorf("AP APIC ID %d: not parked: %w; the guest is not started", ap.APICID(), err)
 			}
 		}
 	} else if len(aps) > 0 {
@@ -68,8 +70,9 @@ func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Mo
 			// The exit loop answers, on the right processor.
 			_, ebx, _, _ := ap.CPUID(1, 0)
 			if err := ap.Err(); err != nil || ebx>>24 != ap.APICID()&0xff {
-				fmt.Printf("tamahv: AP APIC ID %d: exit loop does not answer (%v, CPUID APIC ID %d); parked\n", ap.APICID(), err, ebx>>24)
-				continue
+				// Fail closed: it stays in VMX root operation, but
+				// tamahv cannot account for what it runs.
+				return fmt.Errorf("AP APIC ID %d: its exit loop does not answer (%v, CPUID APIC ID %d); the guest is not started", ap.APICID(), err, ebx>>24)
 			}
 			sb.aps = append(sb.aps, apCPU{ap})
 		}
