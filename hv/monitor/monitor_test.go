@@ -255,7 +255,7 @@ func TestPendingReadBlocksOnlyItsAddressSpace(t *testing.T) {
 
 // The monitor keeps at most MaxReads address spaces' reads; beyond that a
 // new address space is busy while all are pending, and takes the place of
-// one that ended otherwise.
+// one that ended, once that read started Tenure ago.
 func TestMaxReads(t *testing.T) {
 	g := newGuest(t, 0)
 	var spaces []*swapmemtest.Space
@@ -280,6 +280,9 @@ func TestMaxReads(t *testing.T) {
 	require.NoError(t, spaces[0].Touch(userBuf, false)) // its read ends (digest differs: failed)
 	g.vmcs.Fields[vmx.GuestCR3] = spaces[monitor.MaxReads].CR3
 	ret, _ := g.call(hcall.SwapRead, userReq, hcall.SwapRequestSize)
+	assert.Equal(t, hcall.Busy, ret, "a read that just ended keeps its record: its process may ask for its status")
+	g.clk = g.clk.Add(monitor.Tenure)
+	ret, _ = g.call(hcall.SwapRead, userReq, hcall.SwapRequestSize)
 	assert.Zero(t, ret)
 	assert.Equal(t, monitor.MaxReads, g.mon.Pending())
 }

@@ -280,8 +280,12 @@ func (m *Monitor) admit(r *read, need uint64) bool {
 		free += r.reserved
 	}
 	kept := m.reads[r.space] == r
-	record := kept || len(m.reads) < MaxReads || m.ended() != nil
 	now := m.now()
+	// A record to reuse: one whose read ended and started Tenure ago or
+	// more, else that of a read ended below. A read that ended lately
+	// keeps its record: its process may still ask for its status.
+	old := m.ended(now)
+	record := kept || len(m.reads) < MaxReads || old != nil
 	var victims []*read
 	for !record || need > free {
 		var v *read
@@ -307,7 +311,10 @@ func (m *Monitor) admit(r *read, need uint64) bool {
 	}
 	if !kept {
 		if len(m.reads) >= MaxReads {
-			m.forget(m.ended())
+			if old == nil {
+				old = victims[0]
+			}
+			m.forget(old)
 		}
 		m.reads[r.space] = r
 	}
@@ -323,12 +330,16 @@ func contains(rs []*read, r *read) bool {
 	return false
 }
 
-// ended returns the record of a read that ended, the earliest started
-// (nil if every read is pending).
-func (m *Monitor) ended() *read {
+// ended returns the record whose read ended and started earliest, of
+// those that started Tenure ago or more, or nil: a process that just had
+// its answer can still ask for its status.
+func (m *Monitor) ended(now time.Time) *read {
 	var e *read
 	for _, r := range m.reads {
-		if r.state != hcall.StatusPending && (e == nil || r.start.Before(e.start) || r.start.Equal(e.start) && r.space < e.space) {
+		if r.state == hcall.StatusPending || now.Sub(r.start) < Tenure {
+			continue
+		}
+		if e == nil || r.start.Before(e.start) || r.start.Equal(e.start) && r.space < e.space {
 			e = r
 		}
 	}

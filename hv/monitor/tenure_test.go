@@ -93,3 +93,30 @@ func TestTwoProcessesCannotHoldTheBudget(t *testing.T) {
 	}
 	assert.NotZero(t, served, "the victim's 4-byte read was busy in every one of 20 rounds over 180 s")
 }
+
+// A process whose read was served keeps its answer while the record
+// table is full: a newcomer that needs a record takes the place of a read
+// pending for Tenure or more before that of a read that just ended.
+func TestAnswerSurvivesAFullRecordTable(t *testing.T) {
+	g := newGuest(t, 0)
+	var hogs []*swapmemtest.Space
+	for i := 0; i < monitor.MaxReads; i++ {
+		s := g.newProcess(swapmem.NoFault)
+		require.Zero(t, g.as(s).ask(), "hog %d", i)
+		hogs = append(hogs, s)
+	}
+	g.clk = g.clk.Add(monitor.Tenure)
+	// The victim's read ends in its own hypercall (a present page).
+	victim := g.m.NewSpace()
+	require.NoError(t, victim.MapRange(userReq, 4096, swapmemtest.UserRW))
+	require.NoError(t, victim.MapRange(hogPresent, 4096, swapmemtest.UserRW))
+	require.NoError(t, victim.Write(hogPresent, []byte("here")))
+	hogRequest(t, victim, hogPresent, swapmem.NoFault, []byte("here"))
+	require.Zero(t, g.as(victim).ask())
+	require.EqualValues(t, hcall.StatusOK, g.as(victim).status())
+	// Every hog asks again; the one that lost its place needs a record.
+	for _, s := range hogs {
+		g.as(s).ask()
+	}
+	assert.EqualValues(t, hcall.StatusOK, g.as(victim).status(), "the served read's answer was forgotten for a newcomer")
+}
