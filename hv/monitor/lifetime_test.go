@@ -42,17 +42,27 @@ func (g *guest) ask() uint64 {
 	return ret
 }
 
+// hogs starts n processes, each with a NoFault read of a page that is
+// never served pending, and with a present page at hogPresent.
+func (g *guest) hogs(n int) []*swapmemtest.Space {
+	g.t.Helper()
+	var hogs []*swapmemtest.Space
+	for i := 0; i < n; i++ {
+		s := g.newProcess(swapmem.NoFault)
+		require.NoError(g.t, s.MapRange(hogPresent, 4096, swapmemtest.UserRW))
+		require.NoError(g.t, s.Write(hogPresent, []byte("here")))
+		require.Zero(g.t, g.as(s).ask(), "hog %d", i)
+		hogs = append(hogs, s)
+	}
+	return hogs
+}
+
 // 64 processes each keep a NoFault read that is never served pending,
 // asking again before its deadline: once they have held their places for
 // Tenure, another process's read takes one, and keeps it for Tenure.
 func TestProcessesCannotKeepEveryoneElseBusy(t *testing.T) {
 	g := newGuest(t, 0)
-	var hogs []*swapmemtest.Space
-	for i := 0; i < monitor.MaxReads; i++ {
-		s := g.newProcess(swapmem.NoFault)
-		require.Zero(t, g.as(s).ask(), "hog %d", i)
-		hogs = append(hogs, s)
-	}
+	hogs := g.hogs(monitor.MaxReads)
 	victim := g.newProcess(swapmem.UserFault)
 	assert.Equal(t, hcall.Busy, g.as(victim).ask(), "every place is young")
 

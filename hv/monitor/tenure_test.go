@@ -28,14 +28,7 @@ func hogRequest(t *testing.T, s *swapmemtest.Space, va uint64, opts swapmem.Opti
 // every 9 s do not keep every other process busy.
 func TestEndedReadDoesNotMakeAPlaceYoung(t *testing.T) {
 	g := newGuest(t, 0)
-	var hogs []*swapmemtest.Space
-	for i := 0; i < monitor.MaxReads; i++ {
-		s := g.newProcess(swapmem.NoFault)
-		require.NoError(t, s.MapRange(hogPresent, 4096, swapmemtest.UserRW))
-		require.NoError(t, s.Write(hogPresent, []byte("here")))
-		require.Zero(t, g.as(s).ask(), "hog %d", i)
-		hogs = append(hogs, s)
-	}
+	hogs := g.hogs(monitor.MaxReads)
 	victim := g.newProcess(swapmem.UserFault)
 	served := 0
 	for round := 0; round < 20; round++ {
@@ -99,12 +92,7 @@ func TestTwoProcessesCannotHoldTheBudget(t *testing.T) {
 // pending for Tenure or more before that of a read that just ended.
 func TestAnswerSurvivesAFullRecordTable(t *testing.T) {
 	g := newGuest(t, 0)
-	var hogs []*swapmemtest.Space
-	for i := 0; i < monitor.MaxReads; i++ {
-		s := g.newProcess(swapmem.NoFault)
-		require.Zero(t, g.as(s).ask(), "hog %d", i)
-		hogs = append(hogs, s)
-	}
+	hogs := g.hogs(monitor.MaxReads)
 	g.clk = g.clk.Add(monitor.Tenure)
 	// The victim's read ends in its own hypercall (a present page).
 	victim := g.m.NewSpace()
