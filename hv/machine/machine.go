@@ -191,6 +191,9 @@ type Machine struct {
 	lastTick time.Time
 	// alive writes tick's exits lines (Options.Alive).
 	alive aliveLog
+	// yield lets the APs' goroutines run in yieldToAPs (nil:
+	// runtime.Gosched; tests run a scripted AP instead).
+	yield func()
 }
 
 // The states of an application processor's vCPU.
@@ -906,9 +909,13 @@ func (m *Machine) yieldToAPs() {
 			at = append(at, a.entries.Load())
 		}
 	}
+	yield := m.yield
+	if yield == nil {
+		yield = runtime.Gosched
+	}
 	for n := 0; n < maxYields && len(owed) > 0; n++ {
 		m.serial.Unlock()
-		runtime.Gosched()
+		yield()
 		m.serial.Lock()
 		k := 0
 		for i, a := range owed {
