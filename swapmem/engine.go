@@ -789,6 +789,9 @@ func (e *Engine) detach(wt *waiter) {
 // swapmem #PFs are on their way into the guest at once.
 func (e *Engine) freeSlot(s *slot) {
 	e.dequeue(s)
+	if e.owed == s {
+		e.owed = nil // nobody waits there any more
+	}
 	if e.pending == s {
 		if s.state == slotPending && !s.delivered {
 			e.withdraw(s)

@@ -66,3 +66,33 @@ func faultSlotHogs(t *testing.T, hogs int) {
 	}
 	assert.NotZero(t, victimFaults, "the victim's page waited 20 s; yielded %d times", w.e.Stats().Yielded)
 }
+
+// A page the free slot is owed to that stops waiting (its read removed)
+// holds nobody back.
+func TestRemovedReadOwesNothing(t *testing.T) {
+	w := newWorld(t, 1)
+	a, other := w.m.NewSpace(), w.m.NewSpace()
+	require.NoError(t, a.MapSwapped(userBase, swapmemtest.UserRW, []byte("aaaa")))
+	require.NoError(t, a.MapSwapped(userBase+4096, swapmemtest.UserRW, []byte("aaaa")))
+	require.NoError(t, other.MapSwapped(userBase, swapmemtest.UserRW, []byte("bbbb")))
+	ac, oc := w.m.NewVCPU(0), w.m.NewVCPU(1)
+	ac.Switch(a.CR3, 3)
+	oc.Switch(other.CR3, 3)
+	// a's first page takes the slot; its second waits, the oldest.
+	_, err := w.e.ReadData(swapmem.Request{CR3: a.CR3, VA: userBase, Len: 4, Options: swapmem.UserFault})
+	require.NoError(t, err)
+	tx, err := w.e.ReadData(swapmem.Request{CR3: a.CR3, VA: userBase + 4096, Len: 4, Options: swapmem.UserFault})
+	require.NoError(t, err)
+	_, err = w.e.ReadData(swapmem.Request{CR3: other.CR3, VA: userBase, Len: 4, Options: swapmem.UserFault})
+	require.NoError(t, err)
+	require.NoError(t, w.e.InjectPendingPF(ac))
+	require.Len(t, w.m.Drop(), 1)
+	// The page comes in: the slot is free and owed to a's second page,
+	// whose read is then removed.
+	require.NoError(t, a.Touch(userBase, false))
+	require.NoError(t, w.e.RemoveTransaction(tx))
+	require.NoError(t, w.e.InjectPendingPF(oc))
+	q := w.m.Drop()
+	require.Len(t, q, 1, "the slot stayed owed to a page nobody waits for")
+	assert.Equal(t, other.CR3, q[0].CR3)
+}
