@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -345,33 +343,18 @@ func attackNoFaultPending() (string, string) {
 	if len(os.Args) > 4 && os.Args[4] == "hold" {
 		return holdNoFault()
 	}
-	holder := exec.Command("/proc/self/exe", "attack", "one", "nofault-left-pending", "hold")
-	out, err := holder.StdoutPipe()
+	h, err := startHolder("nofault-left-pending", "hold")
 	if err != nil {
 		return "FAILED", err.Error()
 	}
-	holder.Stderr = os.Stderr
-	if err := holder.Start(); err != nil {
-		return "FAILED", err.Error()
-	}
-	sc := bufio.NewScanner(out)
-	var held string
-	for sc.Scan() {
-		if l := sc.Text(); strings.HasPrefix(l, "hold: ") {
-			held = l
-			break
-		}
-	}
-	if held != "hold: pending" {
-		holder.Process.Kill()
-		holder.Wait()
-		return "FAILED", fmt.Sprintf("the holding process said %q", held)
+	if h.first != "hold: pending" {
+		h.kill()
+		return "FAILED", fmt.Sprintf("the holding process said %q", h.first)
 	}
 	// Another process's read, while the first one waits.
 	mem, va, n, want, err := swappedOut(8)
 	if err != nil {
-		holder.Process.Kill()
-		holder.Wait()
+		h.kill()
 		return "FAILED", err.Error()
 	}
 	defer syscall.Munmap(mem)
@@ -386,17 +369,12 @@ func attackNoFaultPending() (string, string) {
 		}
 	}
 	served := time.Since(start)
-	var rest bytes.Buffer
-	for sc.Scan() {
-		if l := sc.Text(); strings.HasPrefix(l, "hold: ") {
-			rest.WriteString(l)
-		}
-	}
-	werr := holder.Wait()
+	end := h.next()
+	h.in.Close()
+	werr := h.cmd.Wait()
 	if r != 0 || status != hcall.StatusOK {
 		return "FAILED", fmt.Sprintf("another process's read answered %s, status %s, while a NoFault read was pending", errName(r), statusName(status))
 	}
-	end := strings.TrimSpace(rest.String())
 	if werr != nil || !strings.HasPrefix(end, "hold: ended failed") {
 		return "FAILED", fmt.Sprintf("other process's read served in %v, but the NoFault read: %q (%v)", served.Round(time.Millisecond), end, werr)
 	}
