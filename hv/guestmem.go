@@ -302,14 +302,24 @@ func (g *GuestMemory) tell(w *pteWatch, tr swapmem.Translation) {
 	}
 }
 
+// unwatch ends w. The protections it gives back are relaxations: a
+// processor that still caches one takes a write exit that reopens the
+// page, so they reach the processors with the next flush, which Sync makes
+// at the latest. A read that ends gives back its watches' page tables in
+// one shootdown, not one for each.
 func (g *GuestMemory) unwatch(w *pteWatch) {
 	if w.dead {
 		return
 	}
 	w.dead = true
 	g.unhook(w)
-	g.flush()
 }
+
+// Sync makes the EPT changes not flushed yet (watches ended since the last
+// flush) hold on every processor. Call it before every VM entry, after
+// whatever may end watches in that exit: the exit's changes then cost one
+// shootdown.
+func (g *GuestMemory) Sync() { g.flush() }
 
 // Install intercepts v's EPT-violation exits, passing on the ones that are
 // not about watched pages, and observes every exit to settle open pages.

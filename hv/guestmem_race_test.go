@@ -170,6 +170,7 @@ func TestMergedTablesWaitWhileAProcessorMissedTheFlush(t *testing.T) {
 	f := splitTable(t, g.ept, arena, 0x600000)
 	require.NotZero(t, f)
 	cancel()
+	gm.Sync() // the entry after the exit that ended the watch
 	assert.Zero(t, splitTable(t, g.ept, arena, 0x600000), "merged")
 	assert.Equal(t, 2, g.ept.Retired(), "the 6 MiB region's table and the upper tables' one, retired")
 	assert.Zero(t, g.phys.Freed)
@@ -181,6 +182,7 @@ func TestMergedTablesWaitWhileAProcessorMissedTheFlush(t *testing.T) {
 	assert.NotEqual(t, f, splitTable(t, g.ept, arena, 0x600000))
 	reached = true
 	cancel()
+	gm.Sync()
 	assert.Zero(t, g.ept.Retired())
 	assert.Equal(t, uint64(4), g.phys.Freed)
 	assert.Contains(t, log, fmt.Sprintf("free %#x", f))
@@ -346,4 +348,33 @@ func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 	assert.Empty(t, other, "the watch whose entry did not change is not told")
 	_, perm, _, _, _ := g.ept.Lookup(pte &^ 0xfff)
 	assert.Equal(t, ept.Read|ept.Exec, perm, "closed again")
+}
+
+// TestEndedWatchesAreOneFlush: watches that end give their protections
+// back without a flush each; the next Sync (before the VM entry) makes all
+// of them hold in one, and only then do the tables merged away go back.
+func TestEndedWatchesAreOneFlush(t *testing.T) {
+	var log []string
+	g, _ := newArenaGuest(t, &log)
+	gm := NewGuestMemory(g.phys, g.cr3)
+	var cancels []func()
+	for i := range uint64(8) {
+		va := 0x7f0000000000 + i<<21 // a page table each, in its own region
+		g.next = 0x600000 + i<<21
+		g.mapPage(va, 0x3000000, pteRW|pteUS)
+		cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
+		require.NoError(t, err)
+		cancels = append(cancels, cancel)
+	}
+	before, retired := g.flushes, g.ept.Retired()
+	for _, c := range cancels {
+		c()
+	}
+	assert.Equal(t, before, g.flushes, "no flush while the watches end")
+	assert.Greater(t, g.ept.Retired(), retired, "their regions merged, the tables wait")
+	gm.Sync()
+	assert.Equal(t, before+1, g.flushes, "one flush for all")
+	assert.Zero(t, g.ept.Retired(), "the merged tables went back after it")
+	gm.Sync()
+	assert.Equal(t, before+1, g.flushes, "nothing left to flush")
 }

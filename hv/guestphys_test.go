@@ -417,6 +417,7 @@ func TestSplitTablesAreFreed(t *testing.T) {
 		cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 		require.NoError(t, err, "region %d at %#x", i, r)
 		cancel()
+		gm.Sync()
 	}
 	assert.Equal(t, uint64(400), g.phys.Freed)
 	assert.Equal(t, 4, gm.Watches())

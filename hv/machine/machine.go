@@ -616,6 +616,9 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 		v.OnEntry(func(*hv.VCPU) { mon.Pump() })
 	}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
+	// Last: the exit's ended watches reach every processor in one
+	// shootdown.
+	v.OnEntry(func(*hv.VCPU) { m.Memory.Sync() })
 	v.Hypercalls = policy
 	m.Deliveries = append(m.Deliveries, d)
 	return nil
