@@ -58,9 +58,11 @@ type BreakpointAgent struct {
 	// page there for as long as it is armed.
 	Phys   *GuestPhys
 	Walker *Walker
-	// LSTAR reads the guest's IA32_LSTAR (the MSR is not switched on VM
-	// exit, so the host reads the guest's value).
-	LSTAR func() uint64
+	// LSTAR reads the guest's IA32_LSTAR on vCPU v's processor (the MSR
+	// is not switched on VM exit, so the host reads the guest's value).
+	// A kernel may give each processor its own SYSCALL entry: the detour
+	// is found from the LSTAR of the vCPU that arms the agent.
+	LSTAR func(v *VCPU) uint64
 	// Shadow (a spare 4 KiB page of tamahv's at host-physical ShadowPA)
 	// gives the split view, which needs execute-only EPT pages; with
 	// Shadow nil the int3 is written in place.
@@ -182,10 +184,10 @@ func firstCall(read func(va uint64, p []byte) error, pc uint64) (target, after u
 // first Arm).
 func (a *BreakpointAgent) Detour() uint64 { return a.addr }
 
-// locate finds the detour through the current address space. Its page
-// must be guest RAM (GuestPhys.Check): the guest's page tables decide
-// where it is, and they may point anywhere.
-func (a *BreakpointAgent) locate(cr3 uint64) error {
+// locate finds the detour from the SYSCALL entry lstar through the
+// current address space. Its page must be guest RAM (GuestPhys.Check): the
+// guest's page tables decide where it is, and they may point anywhere.
+func (a *BreakpointAgent) locate(cr3, lstar uint64) error {
 	read := func(va uint64, p []byte) error {
 		for len(p) > 0 {
 			tr, err := a.Walker.Translate(cr3, va)
@@ -203,7 +205,6 @@ func (a *BreakpointAgent) locate(cr3 uint64) error {
 		}
 		return nil
 	}
-	lstar := a.LSTAR()
 	addr, err := FindDetour(read, lstar)
 	if err != nil {
 		return err
@@ -228,18 +229,20 @@ func (a *BreakpointAgent) resolve(cr3, addr uint64) (uint64, error) {
 	return tr.PA, nil
 }
 
-// Arm makes the next time the guest passes the detour in address space cr3
-// (AddressSpaces.Of: the kernel PGD of a user/kernel pair, which maps
-// the kernel text) raise a #PF for va. Each Arm checks the detour again: a changed
-// IA32_LSTAR means finding it anew, and its page must still translate to
-// the same guest RAM.
-func (a *BreakpointAgent) Arm(cr3, va uint64) error {
-	if a.addr == 0 || a.LSTAR() != a.lstar {
+// Arm, on vCPU v, makes the next time the guest passes the detour in
+// address space cr3 (AddressSpaces.Of: the kernel PGD of a user/kernel
+// pair, which maps the kernel text) raise a #PF for va. Each Arm checks
+// the detour again: an IA32_LSTAR on v other than the one the detour was
+// found from (changed, or another processor's) means finding it anew, and
+// its page must still translate to the same guest RAM.
+func (a *BreakpointAgent) Arm(v *VCPU, cr3, va uint64) error {
+	lstar := a.LSTAR(v)
+	if a.addr == 0 || lstar != a.lstar {
 		if err := a.remove(); err != nil {
 			return err
 		}
 		a.addr = 0
-		if err := a.locate(cr3); err != nil {
+		if err := a.locate(cr3, lstar); err != nil {
 			return err
 		}
 	} else {

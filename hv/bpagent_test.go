@@ -90,7 +90,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	a := g.agent(lstar, false)
 	const cr3, va = 0x7f0000001000, 0x7f0000001000
 	g.swappedOut(va)
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	assert.Equal(t, detour, a.Detour())
 	assert.Equal(t, byte(0xcc), *at, "int3 written")
 	require.NoError(t, a.Install(v))
@@ -138,7 +138,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
 
 	// A byte the guest patched while armed stays the guest's.
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	*at = 0xe9
 	require.NoError(t, a.Disarm())
 	assert.Equal(t, byte(0xe9), *at)
@@ -157,7 +157,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	require.NoError(t, a.Install(v))
 	const va = 0x7f0000001000
 	g.swappedOut(va)
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	assert.Equal(t, byte(0x89), *g.mem.at(pa), "guest memory keeps its byte")
 	assert.Equal(t, byte(0xcc), a.Shadow[pa&0xfff], "the shadow has the int3")
 	hpa, perm, _, _, _ := g.ept.Lookup(pa)
@@ -199,7 +199,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	assert.Greater(t, g.flushes, 3)
 
 	// Views chasing each other give the split view up.
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
 		_, err = v.dispatch(exitOf(v, vmx.ExitEPTViolation))
@@ -215,8 +215,8 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	require.NoError(t, a.Disarm())
 	c2, lstar2, detour2 := entryCodeAt(0xffffffff81b00000, 0xffffffff81700000)
 	g.loadKernel(c2, nil)
-	a.LSTAR = func() uint64 { return lstar2 }
-	require.NoError(t, a.Arm(g.cr3, va))
+	a.LSTAR = func(*VCPU) uint64 { return lstar2 }
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	assert.Equal(t, detour2, a.Detour())
 	assert.Equal(t, byte(0xcc), *g.mem.at(detour2 - kernelOff), "in place, at the new detour")
 	assert.Equal(t, byte(0x89), *g.mem.at(pa), "the old one untouched")
@@ -243,7 +243,7 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	require.NoError(t, a.InstallVCPU(v1, d1))
 	const va = 0x7f0000001000
 	g.swappedOut(va)
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	bp := uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	for _, m := range []*fakeVMCS{m0, m1} {
 		m.Fields[vmx.GuestRIP] = detour
@@ -306,7 +306,7 @@ func TestBreakpointAgentStreakIsPerVCPU(t *testing.T) {
 	v1, _ := scripted(t, nil)
 	require.NoError(t, a.InstallVCPU(v0, nil))
 	require.NoError(t, a.InstallVCPU(v1, nil))
-	require.NoError(t, a.Arm(g.cr3, 0x7f0000001000))
+	require.NoError(t, a.Arm(nil, g.cr3, 0x7f0000001000))
 	m0.Fields[vmx.GuestPhysAddr] = pa
 	for i := 0; i <= maxStreak+1 && !a.noSplit; i++ {
 		m0.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
@@ -336,7 +336,7 @@ func TestBreakpointAgentDropsAnArmNoLongerBacked(t *testing.T) {
 	a := g.agent(lstar, false)
 	const va = 0x7f0000001000
 	g.swappedOut(va)
-	require.NoError(t, a.Arm(g.cr3, va))
+	require.NoError(t, a.Arm(nil, g.cr3, va))
 	require.NoError(t, a.Install(v))
 	g.mem.put64(g.entry(va, 1), 0) // the new owner of the root has nothing there
 	m.Fields[vmx.GuestRIP] = detour
@@ -348,4 +348,35 @@ func TestBreakpointAgentDropsAnArmNoLongerBacked(t *testing.T) {
 	assert.Zero(t, a.Raised)
 	assert.EqualValues(t, 1, a.Dropped)
 	assert.False(t, v.EventPending(), "no #PF raised")
+}
+
+// TestBreakpointAgentFollowsTheArmingVCPUsLSTAR: a kernel that gives each
+// processor its own SYSCALL entry (two copies of the entry code). The
+// detour is found from the IA32_LSTAR of the vCPU that arms the agent, so
+// a fault armed from either is raised on that processor's own path.
+func TestBreakpointAgentFollowsTheArmingVCPUsLSTAR(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	c0, lstar0, detour0 := entryCode()
+	c1, lstar1, detour1 := entryCodeAt(0xffffffff81b00000, 0xffffffff81700000)
+	g.loadKernel(c0, nil)
+	g.loadKernel(c1, nil)
+	v0, _ := scripted(t, nil)
+	v1, _ := scripted(t, nil)
+	a := g.agent(0, false)
+	a.LSTAR = func(v *VCPU) uint64 {
+		if v == v1 {
+			return lstar1
+		}
+		return lstar0
+	}
+	const va = 0x7f0000001000
+	require.NoError(t, a.Arm(v1, g.cr3, va))
+	assert.Equal(t, detour1, a.Detour(), "vCPU 1's entry")
+	assert.Equal(t, byte(0xcc), *g.mem.at(detour1 - kernelOff))
+	require.NoError(t, a.Arm(v0, g.cr3, va))
+	assert.Equal(t, detour0, a.Detour(), "vCPU 0's entry")
+	assert.Equal(t, byte(0xcc), *g.mem.at(detour0 - kernelOff))
+	assert.NotEqual(t, byte(0xcc), *g.mem.at(detour1 - kernelOff), "vCPU 1's detour given back")
+	require.NoError(t, a.Disarm())
+	assert.Zero(t, g.phys.Owners())
 }

@@ -139,7 +139,7 @@ func (g *testGuest) loadKernel(c code, at map[uint64]uint64) {
 }
 
 func (g *testGuest) agent(lstar uint64, split bool) *BreakpointAgent {
-	a := &BreakpointAgent{Phys: g.phys, Walker: &Walker{Mem: g.phys}, LSTAR: func() uint64 { return lstar }}
+	a := &BreakpointAgent{Phys: g.phys, Walker: &Walker{Mem: g.phys}, LSTAR: func(*VCPU) uint64 { return lstar }}
 	if split {
 		// The shadow is a page of tamahv's, outside the guest's reach.
 		a.Shadow, a.ShadowPA = new([4096]byte), holeStart+0x7f000
@@ -258,7 +258,7 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 			require.NoError(t, g.mem.WritePhys(holeStart+0x5000, tamahv))
 			require.NoError(t, g.mem.WritePhys(sinkPA+0x5000, tamahv))
 			a := g.agent(lstar, split)
-			err := a.Arm(g.cr3, 0x7f0000001000)
+			err := a.Arm(nil, g.cr3, 0x7f0000001000)
 			require.ErrorIs(t, err, ErrNoDetour, "split %v, %#x", split, c.pa)
 			assert.ErrorIs(t, err, c.err)
 			hpa, perm, _, _, _ := g.ept.Lookup(holeStart + 0x5000)
@@ -277,12 +277,12 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 		c1, lstar, detour := entryCode()
 		g.loadKernel(c1, nil)
 		a := g.agent(lstar, split)
-		require.NoError(t, a.Arm(g.cr3, 0x7f0000001000))
+		require.NoError(t, a.Arm(nil, g.cr3, 0x7f0000001000))
 		assert.Equal(t, 1, g.phys.Owners())
 		require.NoError(t, a.Disarm())
 		assert.Zero(t, g.phys.Owners())
 		g.mapPage(detour&^0xfff, holeStart+0x5000, pteRW)
-		err := a.Arm(g.cr3, 0x7f0000001000)
+		err := a.Arm(nil, g.cr3, 0x7f0000001000)
 		assert.ErrorIs(t, err, ErrHole, "split %v", split)
 		hpa, perm, _, _, _ := g.ept.Lookup(holeStart + 0x5000)
 		assert.Equal(t, uint64(sinkPA+0x5000), hpa)
@@ -311,7 +311,7 @@ func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 		// The watch first: the agent is refused, the protection stays.
 		cancel, err := gm.Watch(g.cr3, user, func(swapmem.Translation) {})
 		require.NoError(t, err)
-		err = a.Arm(g.cr3, 0x7f0000001000)
+		err = a.Arm(nil, g.cr3, 0x7f0000001000)
 		assert.ErrorIs(t, err, ErrPageInUse, "split %v", split)
 		hpa, perm, _, _, _ := g.ept.Lookup(pt)
 		assert.Equal(t, pt, hpa)
@@ -323,7 +323,7 @@ func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 
 		// The agent first: the watch is refused, the agent's view stays,
 		// and both leave the page as it was.
-		require.NoError(t, a.Arm(g.cr3, 0x7f0000001000))
+		require.NoError(t, a.Arm(nil, g.cr3, 0x7f0000001000))
 		_, before, _, _, _ := g.ept.Lookup(pt)
 		_, err = gm.Watch(g.cr3, user, func(swapmem.Translation) {})
 		assert.ErrorIs(t, err, ErrPageInUse)

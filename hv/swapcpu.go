@@ -63,7 +63,7 @@ func (c *SwapCPU) InjectBPFault(va uint64) error {
 	if c.Agent == nil {
 		return ErrNoBreakpointAgent
 	}
-	return c.Agent.Arm(c.CR3(), va)
+	return c.Agent.Arm(c.V, c.CR3(), va)
 }
 
 // PFReports hears what became of an injected #PF (swapmem.Engine).

@@ -181,7 +181,7 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 	a := g.agent(lstar, false)
 	a.Spaces = s
 	require.NoError(t, a.Install(v))
-	require.NoError(t, a.Arm(pa, 0x400000))
+	require.NoError(t, a.Arm(v, pa, 0x400000))
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = pb

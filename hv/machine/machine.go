@@ -354,7 +354,7 @@ func New(b Board, c Config) (*Machine, error) {
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
 	m.Memory.Walker.TopEntry = true
-	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func() uint64 { return b.ReadMSR(msrLSTAR) },
+	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(msrLSTAR) },
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
