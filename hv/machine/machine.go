@@ -885,6 +885,14 @@ func (m *Machine) kickedBeforeEntry() bool {
 	return false
 }
 
+// EntryCounter is an AP that counts what its processor does without the
+// bootstrap processor: VM entries, preemption-timer exits it answered,
+// and entries it cut short (an NMI between its mark in the guest and the
+// entry: the entry exits at once, and the exit is handed over).
+type EntryCounter interface {
+	Counts() (entries, ticks, cuts uint64)
+}
+
 // NMIUnblocker is a Board that can end the blocking of NMIs an NMI exit
 // leaves on the bootstrap processor (an IRET to itself).
 type NMIUnblocker interface {
@@ -1076,6 +1084,11 @@ func (m *Machine) report(recent bool) {
 			continue // still running: its counts are not ours to read
 		}
 		fmt.Fprintf(m.log, "tamahv: vCPU %d exits\n", a.index)
+		if c, ok := a.ap.(EntryCounter); ok {
+			entries, ticks, cuts := c.Counts()
+			fmt.Fprintf(m.log, "tamahv: vCPU %d entered the guest %d times; its processor answered %d preemption-timer exits itself, and cut %d entries short for an NMI that came before them\n",
+				a.index, entries, ticks, cuts)
+		}
 		a.v.Report(m.log, recent)
 	}
 }
