@@ -197,10 +197,10 @@ func (a *APVCPU) Stop() {
 // Park halts an AP that runs no vCPU for good (its loop would spin).
 func (a *APVCPU) Park() error { return a.mb.post(cmdPark, 0, 0) }
 
-// Counts returns the AP's VM entries and the preemption-timer exits it
-// answered itself.
-func (a *APVCPU) Counts() (entries, ticks uint64) {
-	return atomic.LoadUint64(a.mb.u64(apEntries)), atomic.LoadUint64(a.mb.u64(apTicks))
+// Counts returns the AP's VM entries, the preemption-timer exits it
+// answered itself, and the entries an NMI cut short (apNMI).
+func (a *APVCPU) Counts() (entries, ticks, cuts uint64) {
+	return atomic.LoadUint64(a.mb.u64(apEntries)), atomic.LoadUint64(a.mb.u64(apTicks)), atomic.LoadUint64(a.mb.u64(apCuts))
 }
 
 func binaryU64(b []byte) uint64 { return *(*uint64)(unsafe.Pointer(&b[0])) }

@@ -35,7 +35,11 @@ const (
 	apBSPIn    = 208 // *uint32: 1 while the bootstrap processor runs the guest (0: no kick)
 	apBSPKicks = 216 // *uint32: NMIs sent to the bootstrap processor, counted before each
 	apBSPAPIC  = 224 // uint32: the bootstrap processor's APIC ID
-	apBlockEnd = 232
+	apWindow   = 232 // uint32: 1 from the mark in the guest to the VM exit (apNMI cuts the entry)
+	apCut      = 236 // uint32: 1 once the entry's VMX-preemption timer was set to 0
+	apTimer    = 240 // uint32: the timer value the cut entry replaced
+	apCuts     = 248 // uint64: entries cut because an NMI reached VMX root
+	apBlockEnd = 256
 )
 
 // Mailbox commands.

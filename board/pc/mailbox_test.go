@@ -115,6 +115,8 @@ func TestExitLoopNumbers(t *testing.T) {
 		"AP_STOP": apStop, "AP_TICKS": apTicks, "AP_EPTDESC": apEPTDesc, "AP_LAUNCH": apLaunch,
 		"AP_EXITRSP": apExitRSP, "AP_ENTRIES": apEntries, "AP_REGS": apRegs,
 		"AP_BSPINGUEST": apBSPIn, "AP_BSPKICKS": apBSPKicks, "AP_BSPAPIC": apBSPAPIC,
+		"AP_WINDOW": apWindow, "AP_CUT": apCut, "AP_TIMER": apTimer, "AP_CUTS": apCuts,
+		"F_TIMER_VALUE": uint64(vmx.PreemptionTimerValue),
 		"MSR_APIC_BASE": msrAPICBase, "APIC_BASE_EXTD": apicBaseX2APIC, "MSR_X2APIC_ICR": msrX2APICICR,
 		"LAPIC_ICR_LOW": lapicICRLow, "LAPIC_ICR_HIGH": lapicICRHigh, "ICR_PENDING": icrPending,
 		"ICR_NMI": icrNMI | icrAssert, "APIC_BASE_EN": apicBaseEnable,
@@ -141,7 +143,7 @@ func TestExitLoopNumbers(t *testing.T) {
 			assert.Equal(t, v, got, name)
 		}
 	}
-	assert.LessOrEqual(t, apEntries+8, apBlockEnd)
+	assert.LessOrEqual(t, apCuts+8, apBlockEnd)
 	assert.Less(t, apParamLen-1, apCmd, "the mailbox follows the start-up fields")
 }
 
@@ -174,8 +176,10 @@ func TestExitLoopEncodings(t *testing.T) {
 		assert.Equal(t, strings.TrimSpace(m[3]), strings.ToLower(x86asm.IntelSyntax(in, 0, nil)), m[1])
 		n++
 	}
-	assert.Equal(t, 2, n)
+	assert.Equal(t, 4, n)
 	assert.Equal(t, uint64(apNMIs), uint64(0x90), "LOCK_INCL_GS_NMIS's displacement")
+	assert.Equal(t, uint64(apWindow), uint64(0xe8), "CMPL_GS_WINDOW_0's displacement")
+	assert.Equal(t, uint64(apCut), uint64(0xec), "MOVL_1_GS_CUT's displacement")
 }
 
 // TestMailboxTakeNMIsCountsEach: the AP's NMI handler counts NMIs in the

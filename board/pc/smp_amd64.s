@@ -35,6 +35,10 @@
 #define AP_BSPINGUEST	208
 #define AP_BSPKICKS	216
 #define AP_BSPAPIC	224
+#define AP_WINDOW	232
+#define AP_CUT		236
+#define AP_TIMER	240
+#define AP_CUTS		248
 
 // The local APIC (smp.go).
 #define MSR_APIC_BASE	0x1b
@@ -83,6 +87,7 @@
 #define F_IDT_VECTORING	0x4408
 #define F_ACTIVITY	0x4826
 #define F_INTERRUPTIBILITY	0x4824
+#define F_TIMER_VALUE	0x482e
 #define BLOCKING_SMI	4
 #define EXIT_PREEMPTION	52
 #define ACTIVITY_SIPI	3
@@ -217,9 +222,25 @@ park:
 
 // apNMI is an AP's NMI handler in VMX root operation: it counts the NMI
 // in the AP's parameter block (GS base) for the guest, as vmx.NMIHandler
-// does on the bootstrap processor, and returns to the loop.
+// does on the bootstrap processor, and returns to the loop. An NMI that
+// lands between the loop's mark in the guest and its VM entry (AP_WINDOW)
+// would otherwise wait for the AP's next exit: it sets the entry's
+// VMX-preemption timer to 0, so that the entry exits at once (SDM Vol.
+// 3C, "VMX-Preemption Timer"), and the exit path hands the NMI over.
+// IRETQ restores the flags the compare changes.
 TEXT ·apNMI(SB),NOSPLIT|NOFRAME,$0
 	LOCK_INCL_GS_NMIS
+	CMPL_GS_WINDOW_0
+	JEQ	nmiret
+	PUSHQ	AX
+	PUSHQ	DX
+	XORL	AX, AX
+	MOVQ	$F_TIMER_VALUE, DX
+	VMWRITE_RDX_RAX
+	MOVL_1_GS_CUT
+	POPQ	DX
+	POPQ	AX
+nmiret:
 	IRETQ
 
 // apFault is a parked AP's handler for every other vector: it halts.
@@ -318,6 +339,7 @@ store:
 	MOVQ	AP_INGUEST(DI), BX
 	XORL	CX, CX
 	XCHGL	CX, 0(BX)
+	CALL	apUncut<>(SB)
 	MOVQ	$1, AP_ARG1(DI)			// entered: VMRESUME from now on
 	MOVL	AP_STOP(DI), AX
 	TESTL	AX, AX
@@ -336,6 +358,11 @@ reason:
 	MOVQ	$F_IDT_VECTORING, DX
 	VMREAD_RAX_RDX
 	TESTL	$0x80000000, AX
+	JNZ	post
+	// NMIs that reached VMX root (a kick, or the guest's own) go to the
+	// bootstrap processor with this exit: it matches them with its kicks.
+	MOVL	AP_NMIS(DI), AX
+	TESTL	AX, AX
 	JNZ	post
 	INCQ	AP_TICKS(DI)
 	JMP	run
@@ -565,11 +592,29 @@ mark:
 	MOVQ	0(BX), R8
 	MOVQ	AP_SEEN(DI), BX
 	CMPQ	R8, 0(BX)
-	JEQ	enter
+	JEQ	window
 	LEAQ	AP_EPTDESC(DI), AX
 	MOVQ	$2, DX				// all-context
 	INVEPT_RDX_RAX
 	MOVQ	R8, 0(BX)
+window:
+	// Marked in the guest, a kick may come: from here to the VM exit an
+	// NMI cuts the entry (apNMI). One that came since the bootstrap
+	// processor last took them cuts it now.
+	MOVQ	AP_INGUEST(DI), BX
+	MOVL	0(BX), AX
+	TESTL	AX, AX
+	JZ	enter
+	MOVQ	$F_TIMER_VALUE, DX
+	VMREAD_RAX_RDX
+	MOVL	AX, AP_TIMER(DI)
+	MOVL	$1, AP_WINDOW(DI)
+	MOVL	AP_NMIS(DI), AX
+	TESTL	AX, AX
+	JZ	enter
+	XORL	AX, AX
+	VMWRITE_RDX_RAX
+	MOVL	$1, AP_CUT(DI)
 enter:
 	// Blocking by SMI outside SMM fails VM entry; Bochs saves it for an
 	// AP it started (its SMIs stay disabled), so it goes.
@@ -617,11 +662,30 @@ entryFailed:
 	MOVQ	AP_INGUEST(DI), BX
 	XORL	CX, CX
 	XCHGL	CX, 0(BX)
+	MOVQ	AX, 8(SP)
+	CALL	apUncut<>(SB)
+	MOVQ	8(SP), AX
 	MOVQ	AP_ARG1(DI), BX
 	TESTQ	BX, BX
 	JNE	done
 	MOVL	$2, AP_LAUNCH(DI)		// VMLAUNCH failed
 	JMP	done
+
+// apUncut closes an AP's entry window (DI: its parameter block) once it
+// is out of the guest, and gives a cut entry's VMX-preemption timer value
+// back. It changes AX and DX.
+TEXT apUncut<>(SB),NOSPLIT|NOFRAME,$0
+	MOVL	$0, AP_WINDOW(DI)
+	MOVL	AP_CUT(DI), AX
+	TESTL	AX, AX
+	JZ	uncut
+	MOVL	$0, AP_CUT(DI)
+	INCQ	AP_CUTS(DI)
+	MOVL	AP_TIMER(DI), AX
+	MOVQ	$F_TIMER_VALUE, DX
+	VMWRITE_RDX_RAX
+uncut:
+	RET
 
 // apIRET returns to its caller through IRETQ, ending the blocking of
 // NMIs an NMI exit left.
