@@ -228,3 +228,48 @@ func TestKickBeforeEntryExitsAtOnce(t *testing.T) {
 	require.NoError(t, m.Run(), "log:\n%s", log)
 	assert.Empty(t, late)
 }
+
+// TestKickCheckKicksBeforeEntries: with smp.kickcheck=2, every second
+// entry of an application processor's vCPU starts with a kick sent. Its
+// NMI reaches the processor before the entry (counted in VMX root; the
+// processor's loop cuts the entry short, a preemption-timer exit) or in
+// the guest (an NMI exit): either way it is matched with its kick, and
+// the guest never receives it.
+func TestKickCheckKicksBeforeEntries(t *testing.T) {
+	b := newBoard(t)
+	b.vmcs = newVMCS()
+	kernel := bzImage()
+	require.NoError(t, b.WritePhys(0x100_0000, kernel))
+	ap := &kickAP{fakeAP: newFakeAP(t, b, 1)}
+	log := &lockedBuffer{}
+	c := exampleConfig(uint64(len(kernel)))
+	c.Log = log
+	c.Options = "smp.kickcheck=2"
+	m, err := machine.New(&smpBoard{board: b, aps: []machine.AP{ap}}, c)
+	require.NoError(t, err)
+	notInjected := func(a *fakeAP, r *vmx.GuestRegs) {
+		assert.False(t, nmiInjected(a.vmcs.Fields), "a kick's NMI reached the guest")
+	}
+	ap.script = []apStep{
+		{name: "SIPI (its entry waits for it: no kick)", exit: sipi},
+		{name: "a kick before the second entry, its NMI in VMX root: the entry is cut", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.Equal(t, 1, ap.kicked)
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) {
+			a.nmis.Add(1)
+			a.exitWith(vmx.ExitPreemptionTimer)
+		}},
+		{name: "the third entry: no kick", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			notInjected(a, r)
+			assert.Equal(t, 1, ap.kicked)
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) { a.exitWith(vmx.ExitCPUID) }},
+		{name: "a kick before the fourth, its NMI in the guest", check: func(a *fakeAP, r *vmx.GuestRegs) {
+			assert.Equal(t, 2, ap.kicked)
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) { nmiExit(a.vmcs.Fields) }},
+		{name: "answered", check: notInjected, exit: func(a *fakeAP, r *vmx.GuestRegs) { a.exitWith(vmx.ExitCPUID) }},
+	}
+	b.script = []step{waitFor(0, ap.fakeAP)}
+	require.NoError(t, m.Run(), "log:\n%s", log)
+	// Entries 2, 4 and 6 (the one after the script, which ends the AP).
+	assert.Equal(t, 3, ap.kicked)
+	assert.Contains(t, log.String(), "vCPU 1: 3 kicks sent just before an entry (smp.kickcheck)")
+}

@@ -179,6 +179,9 @@ type Machine struct {
 	// bspKick counts the application processors' NMIs to the bootstrap
 	// processor (Kicker).
 	bspKick kicks
+	// kickCheck: every kickCheck-th entry of an AP's vCPU starts with a
+	// kick sent (Options.KickCheck; 0: none).
+	kickCheck uint64
 	// cutShort: vCPU 0's last entry was made to exit at once
 	// (kickedBeforeEntry); its goroutine's only.
 	cutShort bool
@@ -227,6 +230,8 @@ type apVCPU struct {
 	out atomic.Bool
 	// entries counts the vCPU's entries: each after an exit handled.
 	entries atomic.Uint64
+	// checks counts the kicks kickBeforeEntry sent.
+	checks atomic.Uint64
 }
 
 // waiting reports whether the vCPU's goroutine has work that only runs
@@ -371,6 +376,7 @@ func New(b Board, c Config) (*Machine, error) {
 		fmt.Fprintf(m.log, "tamahv: swap reads end after %v unless they set their own deadline\n", opts.SwapDeadline)
 	}
 	m.alive.every = opts.Alive
+	m.kickCheck = opts.KickCheck
 	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces, m.Agent}, c.Swap)
 	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
 	policy := c.Policy
@@ -678,7 +684,9 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		// entry: its goroutine handles the exit, and vCPU 0 lets it
 		// (yieldToAPs).
 		a.out.Store(false)
-		a.entries.Add(1)
+		if n := a.entries.Add(1); m.kickCheck != 0 && n%m.kickCheck == 0 && !v.WaitsForSIPI() {
+			m.kickBeforeEntry(a)
+		}
 		err := ap.Enter(&v.Regs, launched)
 		a.out.Store(true)
 		return err
@@ -706,6 +714,15 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 		m.bspKick.limit = max(m.bspKick.limit, 1) + 1
 	}
 	return nil
+}
+
+// kickBeforeEntry sends a's processor a kick just before its entry
+// (Options.KickCheck), counted as a shootdown's are.
+func (m *Machine) kickBeforeEntry(a *apVCPU) {
+	if k, ok := a.ap.(Kicker); ok && k.Kick() {
+		a.kick.sent.Add(1)
+		a.checks.Add(1)
+	}
 }
 
 // tick is vCPU 0's periodic work: pending #PFs re-armed and deadlines
@@ -1088,6 +1105,9 @@ func (m *Machine) report(recent bool) {
 			entries, ticks, cuts := c.Counts()
 			fmt.Fprintf(m.log, "tamahv: vCPU %d entered the guest %d times; its processor answered %d preemption-timer exits itself, and cut %d entries short for an NMI that came before them\n",
 				a.index, entries, ticks, cuts)
+		}
+		if m.kickCheck != 0 {
+			fmt.Fprintf(m.log, "tamahv: vCPU %d: %d kicks sent just before an entry (%s)\n", a.index, a.checks.Load(), KickCheckOption)
 		}
 		a.v.Report(m.log, recent)
 	}

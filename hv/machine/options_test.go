@@ -9,9 +9,9 @@ import (
 )
 
 func TestParseOptions(t *testing.T) {
-	o, err := ParseOptions("hc.ring3=secret swap.deadline=5s smp.park log.alive=10s")
+	o, err := ParseOptions("hc.ring3=secret swap.deadline=5s smp.park log.alive=10s smp.kickcheck=50")
 	require.NoError(t, err)
-	assert.Equal(t, Options{SwapDeadline: 5 * time.Second, Alive: 10 * time.Second}, o)
+	assert.Equal(t, Options{SwapDeadline: 5 * time.Second, Alive: 10 * time.Second, KickCheck: 50}, o)
 	o, err = ParseOptions("")
 	require.NoError(t, err)
 	assert.Equal(t, Options{}, o, "nothing set: the defaults")
@@ -21,6 +21,7 @@ func TestParseOptions(t *testing.T) {
 	for _, bad := range []string{
 		"swap.deadline=5", "swap.deadline=", "swap.deadline=fast", "swap.deadline=-1s",
 		"swap.deadline=10ms", "swap.deadline=11m", "log.alive=0s", "log.alive=500ms", "log.alive=2h",
+		"smp.kickcheck=0", "smp.kickcheck=-1", "smp.kickcheck=x", "smp.kickcheck=1000001", "smp.kickcheck=",
 	} {
 		_, err := ParseOptions(bad)
 		assert.ErrorIs(t, err, ErrOption, bad)
