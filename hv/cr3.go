@@ -8,6 +8,9 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
+// CR3Mask keeps the page-table base of a CR3 value (no PCID, no flags).
+const CR3Mask = vmx.PTEAddress
+
 // CR3 names the top-level paging structure (PML4 or PML5) in bits 51:12;
 // with CR4.PCIDE its bits 11:0 are the PCID, else bits 3 and 4 are PWT and
 // PCD (SDM Vol. 3A, 4.5, "4-Level Paging and 5-Level Paging", Tables 4-12

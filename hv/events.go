@@ -77,8 +77,42 @@ func (v *VCPU) queueNMI() {
 	}
 }
 
-// EventPending reports whether an event waits for the next VM entry.
+// EventPending reports whether an event waits in the vCPU's queue for a
+// VM entry.
 func (v *VCPU) EventPending() bool { return v.events.n > 0 }
+
+// Queued reports whether an event in the vCPU's queue (not yet placed in
+// the VM-entry fields) satisfies match.
+func (v *VCPU) Queued(match func(vmx.Event) bool) bool {
+	for i := 0; i < v.events.n; i++ {
+		if match(v.events.buf[(v.events.head+i)%len(v.events.buf)]) {
+			return true
+		}
+	}
+	return false
+}
+
+// Placed reports whether the VM-entry event fields hold an event for the
+// coming entry.
+func (v *VCPU) Placed() bool {
+	return v.VMCS.Read(vmx.EntryInterruptInfo)&vmx.EventValid != 0
+}
+
+// ErrEventTaken is Place's error when the VM-entry fields already hold an
+// event: one entry delivers one.
+var ErrEventTaken = errors.New("hv: an event is already placed for VM entry")
+
+// Place writes e into the VM-entry event fields, for the coming entry
+// (after the run loop placed the first queued event: call it from an
+// OnEntry function or a handler). The queue's events wait for later
+// entries. An error code is dropped where the SDM forbids one (placeEvent).
+func (v *VCPU) Place(e vmx.Event) error {
+	if v.Placed() {
+		return ErrEventTaken
+	}
+	v.placeEvent(e)
+	return v.VMCS.Err()
+}
 
 // Guest interruptibility bits, short names for vmx's.
 const (

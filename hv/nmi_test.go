@@ -117,3 +117,21 @@ func TestNMIInRootIsInjected(t *testing.T) {
 	require.NoError(t, v.prepareEntry())
 	assert.Zero(t, f[vmx.EntryInterruptInfo], "nothing more")
 }
+
+// TestPlaceAndQueued: the API an extension places and looks at events
+// through. Place writes one event for the coming entry and refuses a
+// second; Queued looks at the queue, not at the fields.
+func TestPlaceAndQueued(t *testing.T) {
+	v, m := scripted(t, nil)
+	isNMI := func(e vmx.Event) bool { return e.Type == vmx.EventNMI }
+	assert.False(t, v.Placed())
+	require.NoError(t, v.Place(vmx.Exception(vmx.VectorPF, 2, 0)))
+	assert.True(t, v.Placed())
+	assert.Equal(t, uint64(vmx.Exception(vmx.VectorPF, 2, 0).Info()), m.Fields[vmx.EntryInterruptInfo])
+	assert.EqualValues(t, 2, m.Fields[vmx.EntryExceptionError])
+	assert.ErrorIs(t, v.Place(vmx.Exception(vmx.VectorGP, 0, 0)), ErrEventTaken, "one event an entry")
+	assert.False(t, v.Queued(isNMI))
+	v.queueNMI()
+	assert.True(t, v.Queued(isNMI))
+	assert.False(t, v.Queued(func(e vmx.Event) bool { return e.Vector == vmx.VectorPF }), "the placed #PF is not queued")
+}

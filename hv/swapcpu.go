@@ -6,15 +6,8 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// CR3Mask keeps the page-table base of a CR3 value (no PCID, no flags).
-const CR3Mask = pteAddr
-
 // ErrNoBreakpointAgent is InjectBPFault's error without an agent.
 var ErrNoBreakpointAgent = errors.New("hv: no breakpoint agent in this guest")
-
-// ErrEventTaken is InjectPF's error when an event is already placed for the
-// next VM entry.
-var ErrEventTaken = errors.New("hv: an event is already placed for VM entry")
 
 // SwapCPU is the exiting vCPU as swapmem sees it (swapmem.CPU).
 type SwapCPU struct {
@@ -38,21 +31,20 @@ func (c *SwapCPU) Ring() int { return c.V.CPL() }
 
 // EventPending reports an event queued or placed for the next VM entry.
 func (c *SwapCPU) EventPending() bool {
-	return c.V.EventPending() || c.V.VMCS.Read(vmx.EntryInterruptInfo)&(1<<31) != 0
+	return c.V.EventPending() || c.V.Placed()
 }
 
 // InjectPF places a #PF for va with errorCode in the VM-entry fields (the
 // scheduler runs after pending events were placed) and sets the guest's
 // CR2.
 func (c *SwapCPU) InjectPF(va uint64, errorCode uint32) error {
-	if c.EventPending() {
+	if c.V.EventPending() {
 		return ErrEventTaken
 	}
-	c.V.placeEvent(vmx.Exception(vmx.VectorPF, errorCode, 0))
-	c.V.Regs.CR2 = va
-	if err := c.V.VMCS.Err(); err != nil {
+	if err := c.V.Place(vmx.Exception(vmx.VectorPF, errorCode, 0)); err != nil {
 		return err
 	}
+	c.V.Regs.CR2 = va
 	c.Delivery.placed(va)
 	return nil
 }
@@ -166,10 +158,8 @@ func (d *PFDelivery) entry(v *VCPU) {
 		d.state = pfPlaced
 		return
 	}
-	for i := 0; i < v.events.n; i++ {
-		if isPF(v.events.buf[(v.events.head+i)%len(v.events.buf)]) {
-			return // behind another event
-		}
+	if v.Queued(isPF) {
+		return // behind another event
 	}
 	d.state = pfIdle
 	d.Lost++
