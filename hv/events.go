@@ -81,6 +81,10 @@ func (v *VCPU) queueNMI() {
 // VM entry.
 func (v *VCPU) EventPending() bool { return v.events.n > 0 }
 
+// DropEvents forgets the events queued for the guest, as an INIT makes the
+// processor forget what it had pending.
+func (v *VCPU) DropEvents() { v.events = eventQueue{} }
+
 // Queued reports whether an event in the vCPU's queue (not yet placed in
 // the VM-entry fields) satisfies match.
 func (v *VCPU) Queued(match func(vmx.Event) bool) bool {

@@ -7,45 +7,16 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/swapmem"
+	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// arrayVMCS is a VMCS fake that costs what an array access costs, so that
-// a benchmark of the exit path measures the path rather than a map. It
-// counts the accesses, as the processor would execute VMREAD and VMWRITE.
-type arrayVMCS struct {
-	Fields        [0x7000]uint64
-	reads, writes uint64
-	// read and written count the accesses per field.
-	read, written [0x7000]uint32
-}
+type arrayVMCS = hvtest.ArrayVMCS
 
-func (m *arrayVMCS) Read(f vmx.Field) uint64 {
-	m.reads++
-	m.read[f]++
-	return m.Fields[f]
-}
-
-func (m *arrayVMCS) Write(f vmx.Field, v uint64) {
-	m.writes++
-	m.written[f]++
-	m.Fields[f] = v
-}
-
-// reset forgets the counts.
-func (m *arrayVMCS) reset() {
-	m.reads, m.writes = 0, 0
-	m.read, m.written = [0x7000]uint32{}, [0x7000]uint32{}
-}
-
-func (m *arrayVMCS) Err() error { return nil }
-func (m *arrayVMCS) ClearErr()  {}
-
-// cpuidGuest is a vCPU wired as hv/machine wires it (the page-table
-// watcher and the breakpoint agent observing every exit, swapmem's
-// pre-entry injection, NMIs taken from VMX root, the preemption timer),
+// cpuidGuest is a vCPU wired as hv/machine wires its own parts (the
+// page-table watcher observing every exit, NMIs taken from VMX root, the
+// preemption timer; package pagein's test adds swapmem's hands),
 // whose guest executes CPUID (leaf 0) in a loop: Enter returns a CPUID exit
 // n times, then a triple fault that ends Run.
 func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
@@ -56,11 +27,6 @@ func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
 	machine := swapmemtest.NewMachine()
 	g := NewGuestMemory(&GuestPhys{Mem: machineMem{machine}}, 0)
 	require.NoError(tb, g.Install(v))
-	a := &BreakpointAgent{Phys: g.Phys, Walker: &g.Walker}
-	require.NoError(tb, a.Install(v))
-	eng := swapmem.New(g, swapmem.Config{})
-	cpu := &SwapCPU{V: v, Agent: a}
-	v.OnEntry(func(*VCPU) { _ = eng.InjectPendingPF(cpu) })
 	var nmis atomic.Uint32
 	v.TakeNMI = func() bool { return nmis.Swap(0) != 0 }
 	v.PreemptionTicks = 100000
@@ -92,8 +58,8 @@ func BenchmarkCPUIDExit(b *testing.B) {
 	err := v.Run()
 	b.StopTimer()
 	require.ErrorIs(b, err, ErrGuestTripleFault)
-	b.ReportMetric(float64(m.reads)/float64(b.N), "vmreads/exit")
-	b.ReportMetric(float64(m.writes)/float64(b.N), "vmwrites/exit")
+	b.ReportMetric(float64(m.Reads)/float64(b.N), "vmreads/exit")
+	b.ReportMetric(float64(m.Writes)/float64(b.N), "vmwrites/exit")
 }
 
 // TestCPUIDExitIsCheap checks what a CPUID exit costs in VMCS accesses:
@@ -103,23 +69,23 @@ func BenchmarkCPUIDExit(b *testing.B) {
 func TestCPUIDExitIsCheap(t *testing.T) {
 	n := 100
 	v, m := cpuidGuest(t, &n)
-	m.reset()
+	m.Reset()
 	require.ErrorIs(t, v.Run(), ErrGuestTripleFault)
 	assert.Equal(t, uint64(100), v.Counts()[vmx.ExitCPUID])
 	assert.Equal(t, uint64(0x756e6547), v.Regs.RBX)
 	// The triple fault that ends the run reads four fields.
-	assert.Equal(t, uint32(101), m.read[vmx.ExitReasonField])
-	assert.Equal(t, uint32(101), m.read[vmx.GuestRIP])
-	assert.Equal(t, uint32(1), m.read[vmx.ExitQualification], "CPUID records no qualification")
-	assert.Equal(t, uint32(1), m.read[vmx.IDTVectoringInfo], "CPUID is not taken in event delivery")
-	assert.Equal(t, uint32(100), m.read[vmx.ExitInstructionLen])
-	assert.Equal(t, uint32(100), m.read[vmx.GuestInterruptibility])
-	assert.Equal(t, uint32(100), m.written[vmx.GuestRIP])
-	assert.Equal(t, uint32(1), m.written[vmx.PreemptionTimerValue], "the timer is armed at the first entry only")
-	assert.Equal(t, uint32(1), m.read[vmx.ExitControls], "whether the exit saves the timer, asked once")
-	assert.Zero(t, m.read[vmx.ProcControls]+m.written[vmx.ProcControls], "no event, no window")
-	assert.Equal(t, uint64(4*100+4+1), m.reads, "VMREADs")
-	assert.Equal(t, uint64(100+1), m.writes, "VMWRITEs")
+	assert.Equal(t, uint32(101), m.FieldReads[vmx.ExitReasonField])
+	assert.Equal(t, uint32(101), m.FieldReads[vmx.GuestRIP])
+	assert.Equal(t, uint32(1), m.FieldReads[vmx.ExitQualification], "CPUID records no qualification")
+	assert.Equal(t, uint32(1), m.FieldReads[vmx.IDTVectoringInfo], "CPUID is not taken in event delivery")
+	assert.Equal(t, uint32(100), m.FieldReads[vmx.ExitInstructionLen])
+	assert.Equal(t, uint32(100), m.FieldReads[vmx.GuestInterruptibility])
+	assert.Equal(t, uint32(100), m.FieldWrites[vmx.GuestRIP])
+	assert.Equal(t, uint32(1), m.FieldWrites[vmx.PreemptionTimerValue], "the timer is armed at the first entry only")
+	assert.Equal(t, uint32(1), m.FieldReads[vmx.ExitControls], "whether the exit saves the timer, asked once")
+	assert.Zero(t, m.FieldReads[vmx.ProcControls]+m.FieldWrites[vmx.ProcControls], "no event, no window")
+	assert.Equal(t, uint64(4*100+4+1), m.Reads, "VMREADs")
+	assert.Equal(t, uint64(100+1), m.Writes, "VMWRITEs")
 }
 
 // TestSnapshotReadsWhatTheReasonRecords: exits that record a
@@ -162,29 +128,29 @@ func TestSnapshotReadsWhatTheReasonRecords(t *testing.T) {
 func TestTimerArmedWhenItChanges(t *testing.T) {
 	n := 10
 	v, m := cpuidGuest(t, &n)
-	m.reset()
+	m.Reset()
 	v.PreemptionTicks = 500
 	for i := 0; i < 3; i++ {
 		require.NoError(t, v.prepareEntry())
 		v.launched = true
 	}
-	assert.Equal(t, uint32(1), m.written[vmx.PreemptionTimerValue])
+	assert.Equal(t, uint32(1), m.FieldWrites[vmx.PreemptionTimerValue])
 	assert.Equal(t, uint64(500), m.Fields[vmx.PreemptionTimerValue])
 	v.PreemptionTicks = 700
 	require.NoError(t, v.prepareEntry())
 	require.NoError(t, v.prepareEntry())
-	assert.Equal(t, uint32(2), m.written[vmx.PreemptionTimerValue])
+	assert.Equal(t, uint32(2), m.FieldWrites[vmx.PreemptionTimerValue])
 	assert.Equal(t, uint64(700), m.Fields[vmx.PreemptionTimerValue])
 
 	m.Fields[vmx.ExitControls] |= vmx.ExitSavePreemptionTime
 	v.launched = false // a VMCS entered for the first time
-	m.reset()
+	m.Reset()
 	for i := 0; i < 3; i++ {
 		require.NoError(t, v.prepareEntry())
 		v.launched = true
 		m.Fields[vmx.PreemptionTimerValue] = 3 // what the exit saved
 	}
-	assert.Equal(t, uint32(3), m.written[vmx.PreemptionTimerValue])
+	assert.Equal(t, uint32(3), m.FieldWrites[vmx.PreemptionTimerValue])
 }
 
 // TestIdleEntryLeavesControlsAlone: with no event queued and no window
@@ -194,9 +160,9 @@ func TestTimerArmedWhenItChanges(t *testing.T) {
 func TestIdleEntryLeavesControlsAlone(t *testing.T) {
 	n := 10
 	v, m := cpuidGuest(t, &n)
-	m.reset()
+	m.Reset()
 	require.NoError(t, v.prepareEntry())
-	assert.Zero(t, m.read[vmx.ProcControls]+m.written[vmx.ProcControls])
+	assert.Zero(t, m.FieldReads[vmx.ProcControls]+m.FieldWrites[vmx.ProcControls])
 
 	m.Fields[vmx.GuestRFLAGS] = 0 // IF clear
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
@@ -206,9 +172,9 @@ func TestIdleEntryLeavesControlsAlone(t *testing.T) {
 	require.NoError(t, v.prepareEntry())
 	assert.Zero(t, m.Fields[vmx.ProcControls]&vmx.ProcInterruptWindow, "window closed")
 	assert.Equal(t, uint64(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}.Info()), m.Fields[vmx.EntryInterruptInfo])
-	m.reset()
+	m.Reset()
 	require.NoError(t, v.prepareEntry())
-	assert.Zero(t, m.read[vmx.ProcControls]+m.written[vmx.ProcControls])
+	assert.Zero(t, m.FieldReads[vmx.ProcControls]+m.FieldWrites[vmx.ProcControls])
 }
 
 // TestFlagLeavesCoverEveryFilteredFlag keeps flagLeaf, which lets the

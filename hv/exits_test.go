@@ -331,8 +331,7 @@ func TestRealModeExceptionsCarryNoErrorCode(t *testing.T) {
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(gpNoCode), fv(v).Fields[vmx.EntryInterruptInfo], "#GP in real mode: no error code")
 				fv(v).Fields[vmx.EntryInterruptInfo] = 0
-				c := &SwapCPU{V: v}
-				require.NoError(t, c.InjectPF(0x1000, 6))
+				require.NoError(t, v.Place(vmx.Exception(vmx.VectorPF, 6, 0)))
 				assert.Equal(t, uint64(0x8000030e), fv(v).Fields[vmx.EntryInterruptInfo], "#PF in real mode: no error code")
 				fv(v).Fields[vmx.EntryInterruptInfo] = 0
 			}},

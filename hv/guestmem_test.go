@@ -89,20 +89,3 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	assert.Equal(t, ept.RWX, perm, "protection dropped when no watch needs it")
 	assert.ErrorIs(t, g.ReadPhys(0x10000010, make([]byte, 4)), ErrHole)
 }
-
-func TestSwapCPU(t *testing.T) {
-	v, m := scripted(t, nil)
-	c := &SwapCPU{V: v}
-	m.Fields[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
-	m.Fields[vmx.GuestSSAccess] = 0xf3         // DPL 3
-	assert.Equal(t, uint64(0x1234_5000), c.CR3())
-	assert.Equal(t, 3, c.Ring())
-	assert.False(t, c.EventPending())
-	require.NoError(t, c.InjectPF(0x7000_1000, 6))
-	assert.Equal(t, uint64(0x80000b0e), m.Fields[vmx.EntryInterruptInfo])
-	assert.Equal(t, uint64(6), m.Fields[vmx.EntryExceptionError])
-	assert.Equal(t, uint64(0x7000_1000), v.Regs.CR2)
-	assert.True(t, c.EventPending())
-	assert.ErrorIs(t, c.InjectPF(0x7000_2000, 6), ErrEventTaken)
-	assert.ErrorIs(t, c.InjectBPFault(1), ErrNoBreakpointAgent)
-}

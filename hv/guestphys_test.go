@@ -126,7 +126,7 @@ func (g *testGuest) mapPage(va, pa, flags uint64) { g.mem.put64(g.entry(va, 1), 
 
 // loadKernel maps the code's pages at VA-kernelOff (or where at says)
 // and writes the code there.
-func (g *testGuest) loadKernel(c code, at map[uint64]uint64) {
+func (g *testGuest) loadKernel(c map[uint64]byte, at map[uint64]uint64) {
 	for va, b := range c {
 		page := va &^ 0xfff
 		pa, ok := at[page]
@@ -136,15 +136,6 @@ func (g *testGuest) loadKernel(c code, at map[uint64]uint64) {
 		g.mapPage(page, pa, pteRW)
 		*g.mem.at(pa + va&0xfff) = b
 	}
-}
-
-func (g *testGuest) agent(lstar uint64, split bool) *BreakpointAgent {
-	a := &BreakpointAgent{Phys: g.phys, Walker: &Walker{Mem: g.phys}, LSTAR: func(*VCPU) uint64 { return lstar }}
-	if split {
-		// The shadow is a page of tamahv's, outside the guest's reach.
-		a.Shadow, a.ShadowPA = new([4096]byte), holeStart+0x7f000
-	}
-	return a
 }
 
 func TestGuestPhysRefusesAllButGuestRAM(t *testing.T) {
@@ -236,109 +227,6 @@ func TestWalkerRefusesTamahvAndMMIOAsPageTables(t *testing.T) {
 	var b [4]byte
 	require.NoError(t, gm.ReadPhys(tr.PA, b[:]))
 	assert.Equal(t, [4]byte{0xab, 0xab, 0xab, 0xab}, b)
-}
-
-// TestBreakpointAgentRefusesADetourOutsideGuestRAM: the guest kernel maps
-// the detour's page into tamahv's region (the EPT root's page, say), onto
-// MMIO or beyond RAM. Before, the agent retargeted guest-physical X to
-// host-physical X (tamahv's memory, read/write, later RWX) or wrote 0xcc
-// there. Now Arm fails and neither the EPT nor tamahv's memory changes;
-// and a detour moved there after a good Arm is refused at the next Arm.
-func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
-	tamahv := bytes.Repeat([]byte{0x5a}, 4096)
-	for _, split := range []bool{true, false} {
-		for _, c := range []struct {
-			pa  uint64
-			err error
-		}{{holeStart + 0x5000, ErrHole}, {sinkPA + 0x5000, ErrHole}, {0xfee00000, ErrNotRAM}, {0x140000000, ErrNotRAM}} {
-			g := newTestGuest(t, ept.Options{ExecuteOnly: true})
-			c1, lstar, detour := entryCodeWith(0xffffffff81900ff3)
-			require.Zero(t, detour&0xfff, "the detour starts a page")
-			g.loadKernel(c1, map[uint64]uint64{detour: c.pa})
-			require.NoError(t, g.mem.WritePhys(holeStart+0x5000, tamahv))
-			require.NoError(t, g.mem.WritePhys(sinkPA+0x5000, tamahv))
-			a := g.agent(lstar, split)
-			err := a.Arm(nil, g.cr3, 0x7f0000001000)
-			require.ErrorIs(t, err, ErrNoDetour, "split %v, %#x", split, c.pa)
-			assert.ErrorIs(t, err, c.err)
-			hpa, perm, _, _, _ := g.ept.Lookup(holeStart + 0x5000)
-			assert.Equal(t, uint64(sinkPA+0x5000), hpa, "the guest still sees the sink there")
-			assert.Equal(t, ept.Read|ept.Write, perm)
-			var got [4096]byte
-			_ = g.mem.ReadPhys(holeStart+0x5000, got[:])
-			assert.Equal(t, tamahv, got[:], "tamahv's memory untouched")
-			_ = g.mem.ReadPhys(sinkPA+0x5000, got[:])
-			assert.Equal(t, tamahv, got[:], "the sink untouched")
-			assert.Zero(t, g.phys.Owners())
-		}
-
-		// Armed once on guest RAM, then moved into tamahv's region.
-		g := newTestGuest(t, ept.Options{ExecuteOnly: true})
-		c1, lstar, detour := entryCode()
-		g.loadKernel(c1, nil)
-		a := g.agent(lstar, split)
-		require.NoError(t, a.Arm(nil, g.cr3, 0x7f0000001000))
-		assert.Equal(t, 1, g.phys.Owners())
-		require.NoError(t, a.Disarm())
-		assert.Zero(t, g.phys.Owners())
-		g.mapPage(detour&^0xfff, holeStart+0x5000, pteRW)
-		err := a.Arm(nil, g.cr3, 0x7f0000001000)
-		assert.ErrorIs(t, err, ErrHole, "split %v", split)
-		hpa, perm, _, _, _ := g.ept.Lookup(holeStart + 0x5000)
-		assert.Equal(t, uint64(sinkPA+0x5000), hpa)
-		assert.Equal(t, ept.Read|ept.Write, perm)
-		assert.Zero(t, g.phys.Owners())
-	}
-}
-
-// TestAgentAndWatchesKeepTheirPermissions: the detour's page is also a
-// watched page table. Before, the agent's views replaced the watch's
-// write protection (PTE writes there went unseen; remove left the page
-// RWX while the watch counted it protected) and unhook restored
-// permissions captured under the agent's view. Now each refuses the
-// other's page, and each gets its own permissions back.
-func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
-	for _, split := range []bool{true, false} {
-		g := newTestGuest(t, ept.Options{ExecuteOnly: true})
-		gm := NewGuestMemory(g.phys, g.cr3)
-		const user = 0x7f0000000000 + 100<<12 // PTE index 100: clear of the code bytes
-		g.mapPage(user, 0x300000, pteRW|pteUS)
-		pt := g.entry(user, 1) &^ 0xfff
-		c, lstar, detour := entryCode()
-		g.loadKernel(c, map[uint64]uint64{detour &^ 0xfff: pt})
-		a := g.agent(lstar, split)
-
-		// The watch first: the agent is refused, the protection stays.
-		cancel, err := gm.Watch(g.cr3, user, func(swapmem.Translation) {})
-		require.NoError(t, err)
-		err = a.Arm(nil, g.cr3, 0x7f0000001000)
-		assert.ErrorIs(t, err, ErrPageInUse, "split %v", split)
-		hpa, perm, _, _, _ := g.ept.Lookup(pt)
-		assert.Equal(t, pt, hpa)
-		assert.Equal(t, ept.Read|ept.Exec, perm, "still write-protected")
-		assert.NotEqual(t, byte(0xcc), *g.mem.at(pt + detour&0xfff), "no int3 in the page table")
-		cancel()
-		_, perm, _, _, _ = g.ept.Lookup(pt)
-		assert.Equal(t, ept.RWX, perm)
-
-		// The agent first: the watch is refused, the agent's view stays,
-		// and both leave the page as it was.
-		require.NoError(t, a.Arm(nil, g.cr3, 0x7f0000001000))
-		_, before, _, _, _ := g.ept.Lookup(pt)
-		_, err = gm.Watch(g.cr3, user, func(swapmem.Translation) {})
-		assert.ErrorIs(t, err, ErrPageInUse)
-		_, after, _, _, _ := g.ept.Lookup(pt)
-		assert.Equal(t, before, after, "the agent's view untouched")
-		assert.Zero(t, gm.Watches())
-		require.NoError(t, a.Disarm())
-		hpa, perm, _, _, _ = g.ept.Lookup(pt)
-		assert.Equal(t, pt, hpa)
-		assert.Equal(t, ept.RWX, perm)
-		assert.Zero(t, g.phys.Owners())
-		cancel, err = gm.Watch(g.cr3, user, func(swapmem.Translation) {})
-		require.NoError(t, err)
-		cancel()
-	}
 }
 
 // TestWatchThatCannotFollowFails: the guest rewrites a watched entry so

@@ -85,7 +85,7 @@ func (v *VCPU) initState() {
 		edx = uint64(a) // the processor's signature
 	}
 	v.Regs = vmx.GuestRegs{RDX: edx}
-	v.events = eventQueue{}
+	v.DropEvents()
 }
 
 // handleSIPI starts a vCPU that waits for a SIPI at the vector's page in

@@ -115,6 +115,7 @@ type VCPU struct {
 	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
 	cur       vmx.Exit                    // the exit being handled, shared by pointer
 	observers []Observer
+	entered   uint64 // VM entries made (Entries)
 	entries   []func(v *VCPU)
 	ticks     []func(v *VCPU)
 	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
@@ -271,6 +272,11 @@ func (v *VCPU) Count(r vmx.ExitReason) uint64 {
 // 27.3.1.2, "Checks on Guest Segment Registers").
 func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 
+// Entries returns the number of VM entries prepared so far (PrepareEntry,
+// which Run calls before each). Read it under Serial where the vCPU shares
+// one: it grows before Serial is released for the entry.
+func (v *VCPU) Entries() uint64 { return v.entered }
+
 // Total returns the number of VM exits so far.
 func (v *VCPU) Total() uint64 {
 	var t uint64
@@ -324,10 +330,7 @@ func (v *VCPU) Run() error {
 			return fmt.Errorf("%w: %v%s", ErrEntryFailed, err, v.entryDiagnostic())
 		}
 		v.launched = true
-		act, err := v.exit()
-		if err == nil {
-			err = v.err()
-		}
+		act, err := v.HandleExit()
 		if err != nil {
 			return err
 		}
@@ -335,6 +338,22 @@ func (v *VCPU) Run() error {
 			return v.exited
 		}
 	}
+}
+
+// PrepareEntry is the first half of Run's loop, for a caller that makes
+// the VM entry itself: it places a pending event, re-arms the
+// VMX-preemption timer, runs the OnEntry functions and counts the entry.
+func (v *VCPU) PrepareEntry() error { return v.prepareEntry() }
+
+// HandleExit is the second half: it handles the VM exit the VMCS holds,
+// as Run does after each entry (observers, the interrupted event put back,
+// the exit's handling), and returns what the handling decided.
+func (v *VCPU) HandleExit() (Action, error) {
+	act, err := v.exit()
+	if err == nil {
+		err = v.err()
+	}
+	return act, err
 }
 
 // prepareEntry places a pending event, re-arms the timer and runs the
@@ -348,7 +367,7 @@ func (v *VCPU) prepareEntry() error {
 		// A processor waiting for SIPI takes no event, and VM entry
 		// fails with one (SDM Vol. 3C, "Checks on Guest Non-Register
 		// State"): what came for it is lost, as on the processor.
-		v.events = eventQueue{}
+		v.DropEvents()
 	}
 	if v.events.n != 0 || v.windows != 0 {
 		v.deliverEvent()
@@ -362,7 +381,11 @@ func (v *VCPU) prepareEntry() error {
 	if v.sipiWait && v.VMCS.Read(vmx.EntryInterruptInfo)&vmx.EventValid != 0 {
 		v.VMCS.Write(vmx.EntryInterruptInfo, 0) // an extension's injection
 	}
-	return v.err()
+	if err := v.err(); err != nil {
+		return err
+	}
+	v.entered++
+	return nil
 }
 
 // armTimer makes the next entry load the VMX-preemption timer with

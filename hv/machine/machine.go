@@ -32,6 +32,7 @@ import (
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/monitor"
+	"github.com/tamahv/tamahv/hv/pagein"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -139,9 +140,9 @@ type Machine struct {
 	Memory *hv.GuestMemory
 	// Agent raises BPFault faults from the guest kernel's system-call
 	// path.
-	Agent *hv.BreakpointAgent
+	Agent *pagein.BreakpointAgent
 	// Trap gives an exit at the guest's return from a user-mode #PF.
-	Trap *hv.ReturnTrap
+	Trap *pagein.ReturnTrap
 	// Engine reads guest memory, swapped out or not. Its requests name
 	// address spaces as Spaces.Of does; CR3 0 is Spaces.System.
 	Engine *swapmem.Engine
@@ -151,8 +152,8 @@ type Machine struct {
 	// Delivery follows each #PF injected on vCPU 0 to the guest and
 	// tells the engine whether it arrived; Deliveries[i] does for vCPU i
 	// (Deliveries[0] is Delivery).
-	Delivery   *hv.PFDelivery
-	Deliveries []*hv.PFDelivery
+	Delivery   *pagein.PFDelivery
+	Deliveries []*pagein.PFDelivery
 	// Monitor is the default policy (nil when Config.Policy replaced it).
 	Monitor *monitor.Monitor
 	// Start is where the guest kernel starts.
@@ -359,7 +360,7 @@ func New(b Board, c Config) (*Machine, error) {
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
 	m.Memory.Walker.TopEntry = true
-	m.Agent = &hv.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(msrLSTAR) },
+	m.Agent = &pagein.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(msrLSTAR) },
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
@@ -378,7 +379,7 @@ func New(b Board, c Config) (*Machine, error) {
 	m.alive.every = opts.Alive
 	m.kickCheck = opts.KickCheck
 	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces, m.Agent}, c.Swap)
-	m.Trap = &hv.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
+	m.Trap = &pagein.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
 	policy := c.Policy
 	if policy == nil {
 		ring3, err := monitor.ParseCmdline(c.Options)
@@ -601,7 +602,7 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 		return err
 	}
 	v.Mem = m.Phys
-	d := &hv.PFDelivery{Reports: m.Engine}
+	d := &pagein.PFDelivery{Reports: m.Engine}
 	if err := m.Agent.InstallVCPU(v, d); err != nil {
 		return err
 	}
@@ -615,7 +616,7 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 	// springs any of them.
 	slot := len(m.Deliveries)
 	m.Trap.Slots(slot + 1)
-	cpu := &hv.TrapCPU{CPU: &hv.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v, Slot: slot}
+	cpu := &pagein.TrapCPU{CPU: &pagein.SwapCPU{V: v, Agent: m.Agent, Spaces: m.Spaces, Delivery: d}, Trap: m.Trap, V: v, Slot: slot}
 	if mon := m.Monitor; mon != nil {
 		// The swap reads go on before the entry: their next pieces
 		// start, whose pages may then be faulted in at once.
@@ -991,7 +992,7 @@ var ErrNoSystemSpace = errors.New("machine: the guest's kernel address space is 
 type swapGuest struct {
 	*hv.GuestMemory
 	spaces *hv.AddressSpaces
-	agent  *hv.BreakpointAgent
+	agent  *pagein.BreakpointAgent
 }
 
 // WithdrawBPFault implements swapmem.BPWithdrawer: the engine arms the

@@ -9,9 +9,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/monitor"
+	"github.com/tamahv/tamahv/hv/pagein"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -38,7 +38,7 @@ func TestReadAcrossAnUnmappedHole(t *testing.T) {
 	assert.Equal(t, 3, g.mon.Engine.Stats().Pages, "the hole is not waited for")
 
 	// Faults go to the mapped pages only.
-	cpu := &hv.SwapCPU{V: g.v}
+	cpu := &pagein.SwapCPU{V: g.v}
 	g.vmcs.Fields[vmx.EntryInterruptInfo] = 0
 	require.NoError(t, g.mon.Engine.InjectPendingPF(cpu))
 	assert.Equal(t, uint64(userBuf), g.v.Regs.CR2)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hcall"
+	"github.com/tamahv/tamahv/hv/pagein"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -75,7 +76,7 @@ func TestReadsOfAnIsolatedProcessAreItsAddressSpace(t *testing.T) {
 	// The engine injects when the process runs in user mode again.
 	g.vmcs.Fields[vmx.GuestCR3] = user
 	g.cpl(3)
-	cpu := &hv.SwapCPU{V: g.v, Spaces: spaces}
+	cpu := &pagein.SwapCPU{V: g.v, Spaces: spaces}
 	assert.Equal(t, k, cpu.CR3())
 	g.vmcs.Fields[vmx.EntryInterruptInfo] = 0
 	require.NoError(t, g.mon.Engine.InjectPendingPF(cpu))

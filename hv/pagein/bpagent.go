@@ -1,4 +1,4 @@
-package hv
+package pagein
 
 import (
 	"errors"
@@ -7,6 +7,7 @@ import (
 	"golang.org/x/arch/x86/x86asm"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -56,13 +57,13 @@ type BreakpointAgent struct {
 	// Phys is guest RAM: the agent reads the guest's code, writes the
 	// int3 and shows its views only through it, and claims the detour's
 	// page there for as long as it is armed.
-	Phys   *GuestPhys
-	Walker *Walker
+	Phys   *hv.GuestPhys
+	Walker *hv.Walker
 	// LSTAR reads the guest's IA32_LSTAR on vCPU v's processor (the MSR
 	// is not switched on VM exit, so the host reads the guest's value).
 	// A kernel may give each processor its own SYSCALL entry: the detour
 	// is found from the LSTAR of the vCPU that arms the agent.
-	LSTAR func(v *VCPU) uint64
+	LSTAR func(v *hv.VCPU) uint64
 	// Shadow (a spare 4 KiB page of tamahv's at host-physical ShadowPA)
 	// gives the split view, which needs execute-only EPT pages; with
 	// Shadow nil the int3 is written in place.
@@ -72,7 +73,7 @@ type BreakpointAgent struct {
 	// when the address space at the detour (the kernel CR3 of a
 	// user/kernel pair) is the one armed (nil: page-table bases compared
 	// exactly).
-	Spaces *AddressSpaces
+	Spaces *hv.AddressSpaces
 	// Delivery follows the raised #PF to the guest (nil: not followed).
 	Delivery *PFDelivery
 
@@ -125,7 +126,7 @@ const (
 
 // ErrNoDetour is returned when the kernel's code does not have the
 // expected shape.
-var ErrNoDetour = errors.New("hv: no detour point found in the guest kernel")
+var ErrNoDetour = errors.New("pagein: no detour point found in the guest kernel")
 
 // FindDetour decodes the kernel from lstar and returns the address of the
 // instruction after do_syscall_64's first direct call. read reads guest
@@ -235,7 +236,7 @@ func (a *BreakpointAgent) resolve(cr3, addr uint64) (uint64, error) {
 // the detour again: an IA32_LSTAR on v other than the one the detour was
 // found from (changed, or another processor's) means finding it anew, and
 // its page must still translate to the same guest RAM.
-func (a *BreakpointAgent) Arm(v *VCPU, cr3, va uint64) error {
+func (a *BreakpointAgent) Arm(v *hv.VCPU, cr3, va uint64) error {
 	lstar := a.LSTAR(v)
 	if a.addr == 0 || lstar != a.lstar {
 		if err := a.remove(); err != nil {
@@ -338,7 +339,7 @@ func (a *BreakpointAgent) showShadow() error {
 
 // onViolation switches the split view: fetches get the shadow, reads and
 // writes the original.
-func (a *BreakpointAgent) onViolation(c *agentCPU, v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (a *BreakpointAgent) onViolation(c *agentCPU, v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	gpa := e.GuestPA
 	if !a.split || gpa&^0xfff != a.pa&^0xfff {
 		return next(v, e)
@@ -348,19 +349,19 @@ func (a *BreakpointAgent) onViolation(c *agentCPU, v *VCPU, e *vmx.Exit, next Ha
 		// The views chase each other: write the int3 in place.
 		a.noSplit = true
 		if err := a.remove(); err != nil {
-			return Stop, err
+			return hv.Stop, err
 		}
 		if a.want {
-			return Resume, a.install()
+			return hv.Resume, a.install()
 		}
-		return Resume, nil
+		return hv.Resume, nil
 	}
 	q := ept.DecodeViolation(e.Qualification)
 	if q.Fetch {
-		return Resume, a.showShadow()
+		return hv.Resume, a.showShadow()
 	}
 	a.view = viewOriginal
-	return Resume, a.retarget(a.pa&^0xfff, ept.Read|ept.Write)
+	return hv.Resume, a.retarget(a.pa&^0xfff, ept.Read|ept.Write)
 }
 
 // Disarm takes the int3 out of the guest.
@@ -373,13 +374,13 @@ func (a *BreakpointAgent) Disarm() error {
 // #BP) and the EPT violations of its split view, and re-arm at later exits
 // (an observer). Other exits go on to the handling installed before. The
 // faults it raises on v are followed by a.Delivery.
-func (a *BreakpointAgent) Install(v *VCPU) error { return a.InstallVCPU(v, a.Delivery) }
+func (a *BreakpointAgent) Install(v *hv.VCPU) error { return a.InstallVCPU(v, a.Delivery) }
 
 // InstallVCPU is Install for one of several vCPUs that share the agent:
 // the faults it raises on v are followed by d, v's own PFDelivery.
-func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
+func (a *BreakpointAgent) InstallVCPU(v *hv.VCPU, d *PFDelivery) error {
 	c := &agentCPU{}
-	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+	err := v.Intercept(vmx.ExitExceptionOrNMI, func(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 		ev, ok := vmx.DecodeEvent(e.Interruption, 0)
 		if !ok || ev.Vector != vmx.VectorBP || a.addr == 0 || e.RIP != a.addr {
 			return next(v, e)
@@ -396,25 +397,25 @@ func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
 			if a.want {
 				a.step(c)
 			}
-			return Resume, nil
+			return hv.Resume, nil
 		}
 		a.Hits++
 		if err := a.remove(); err != nil {
-			return Stop, err
+			return hv.Stop, err
 		}
 		if a.Spaces.Of(v.VMCS.Read(vmx.GuestCR3)) != a.cr3 {
 			a.Passed++ // another address space: rewritten at a later exit
 			a.step(c)
-			return Resume, nil
+			return hv.Resume, nil
 		}
 		// The page must still want the fault here: a process that exited
 		// with its read armed may have left its page-table root to
 		// another, where va is not backed and a #PF from the system-call
 		// path would oops the kernel. Such an arm is dropped.
-		if tr, err := a.Walker.Translate(v.VMCS.Read(vmx.GuestCR3)&CR3Mask, a.va); err == nil && !tr.Present && !tr.Backed {
+		if tr, err := a.Walker.Translate(v.VMCS.Read(vmx.GuestCR3)&hv.CR3Mask, a.va); err == nil && !tr.Present && !tr.Backed {
 			a.want = false
 			a.Dropped++
-			return Resume, nil
+			return hv.Resume, nil
 		}
 		code := uint32(0)
 		if a.va < 1<<47 {
@@ -423,18 +424,18 @@ func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
 		if v.Inject(vmx.Exception(vmx.VectorPF, code, 0)) != nil {
 			a.Passed++ // the event queue is full: rewritten at a later exit
 			a.step(c)
-			return Resume, nil
+			return hv.Resume, nil
 		}
 		a.want = false
 		a.Raised++
 		v.Regs.CR2 = a.va
 		d.queued(a.va)
-		return Resume, nil
+		return hv.Resume, nil
 	})
 	if err != nil {
 		return err
 	}
-	v.Observe(func(v *VCPU, e *vmx.Exit) {
+	v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
 			c.streak = 0
 		}
@@ -446,7 +447,7 @@ func (a *BreakpointAgent) InstallVCPU(v *VCPU, d *PFDelivery) error {
 			_ = a.install()
 		}
 	})
-	return v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+	return v.Intercept(vmx.ExitEPTViolation, func(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 		return a.onViolation(c, v, e, next)
 	})
 }

@@ -1,4 +1,4 @@
-package hv
+package pagein
 
 import (
 	"testing"
@@ -7,6 +7,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -20,10 +23,10 @@ const pfVA = 0x7f00_1234_5000
 
 // injectOnce makes the vCPU's first entry inject swapmem's #PF through
 // SwapCPU.InjectPF, as the engine's entry hook does.
-func injectOnce(t *testing.T, v *VCPU, d *PFDelivery) {
+func injectOnce(t *testing.T, v *hv.VCPU, d *PFDelivery) {
 	cpu := &SwapCPU{V: v, Delivery: d}
 	done := false
-	v.OnEntry(func(v *VCPU) {
+	v.OnEntry(func(v *hv.VCPU) {
 		if !done {
 			done = true
 			require.NoError(t, cpu.InjectPF(pfVA, 4))
@@ -34,9 +37,9 @@ func injectOnce(t *testing.T, v *VCPU, d *PFDelivery) {
 func TestPFDeliveryConfirmedAtTheNextExit(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
-	v, _ := scripted(t, []exitStep{{
-		reason: vmx.ExitCPUID,
-		check: func(t *testing.T, v *VCPU) {
+	v, _ := fakeguest.Scripted(t, []fakeguest.Step{{
+		Reason: vmx.ExitCPUID,
+		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Equal(t, []uint64{pfVA}, l.delivered, "no delivery in progress at the exit: delivered")
 			assert.Empty(t, l.cancelled)
 		},
@@ -52,25 +55,25 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
 	pf := vmx.Exception(vmx.VectorPF, 4, 0)
-	v, _ := scripted(t, []exitStep{{
+	v, _ := fakeguest.Scripted(t, []fakeguest.Step{{
 		// The #PF's delivery wrote the guest's stack, a page under EPT
 		// write protection: the exit interrupted the delivery.
-		reason: vmx.ExitEPTViolation,
-		fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: uint64(pf.Info()), vmx.IDTVectoringError: 4, vmx.GuestPhysAddr: 0x5000, vmx.ExitQualification: 2},
-		check: func(t *testing.T, v *VCPU) {
+		Reason: vmx.ExitEPTViolation,
+		Fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: uint64(pf.Info()), vmx.IDTVectoringError: 4, vmx.GuestPhysAddr: 0x5000, vmx.ExitQualification: 2},
+		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Empty(t, l.delivered, "not delivered yet")
 			assert.Empty(t, l.cancelled)
-			assert.Equal(t, uint64(pf.Info()), fv(v).Fields[vmx.EntryInterruptInfo], "placed again")
+			assert.Equal(t, uint64(pf.Info()), v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo], "placed again")
 			assert.Equal(t, uint64(pfVA), v.Regs.CR2)
 		},
 	}, {
-		reason: vmx.ExitCPUID,
-		check: func(t *testing.T, v *VCPU) {
+		Reason: vmx.ExitCPUID,
+		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Equal(t, []uint64{pfVA}, l.delivered)
 		},
 	}})
-	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
-		return Resume, nil // the page opened for the write
+	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
+		return hv.Resume, nil // the page opened for the write
 	}))
 	d.Install(v)
 	injectOnce(t, v, d)
@@ -83,31 +86,31 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 func TestPFDeliveryCancelsALostFault(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
-	v, m := scripted(t, []exitStep{{
-		reason: vmx.ExitCPUID,
-		check: func(t *testing.T, v *VCPU) {
+	v, m := fakeguest.Scripted(t, []fakeguest.Step{{
+		Reason: vmx.ExitCPUID,
+		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Empty(t, l.delivered, "still queued behind the blocked NMI")
 			assert.Empty(t, l.cancelled)
 		},
 	}, {
 		// An exit whose handling drops the vCPU's queued events and
 		// injects its own: the #PF is gone.
-		reason: vmx.ExitEPTViolation,
-		fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x5000, vmx.ExitQualification: 2},
-		check: func(t *testing.T, v *VCPU) {
+		Reason: vmx.ExitEPTViolation,
+		Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x5000, vmx.ExitQualification: 2},
+		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Equal(t, []uint64{pfVA}, l.cancelled, "cancelled at the entry that lost it")
 			assert.Empty(t, l.delivered)
 		},
 	}})
-	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
-		v.events = eventQueue{}
-		return Resume, v.InjectException(vmx.VectorGP, 0)
+	require.NoError(t, v.Intercept(vmx.ExitEPTViolation, func(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
+		v.DropEvents()
+		return hv.Resume, v.InjectException(vmx.VectorGP, 0)
 	}))
 	d.Install(v)
 	// The breakpoint agent queued the #PF behind an NMI that the guest
 	// blocks.
-	m.Fields[vmx.GuestInterruptibility] = blockingNMI
-	v.queueNMI()
+	m.Fields[vmx.GuestInterruptibility] = vmx.BlockingNMI
+	require.NoError(t, v.Inject(vmx.Event{Vector: vmx.VectorNMI, Type: vmx.EventNMI}))
 	require.NoError(t, v.Inject(vmx.Exception(vmx.VectorPF, 4, 0)))
 	v.Regs.CR2 = pfVA
 	d.queued(pfVA)
@@ -117,28 +120,28 @@ func TestPFDeliveryCancelsALostFault(t *testing.T) {
 }
 
 func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
-	g := newTestGuest(t, ept.Options{})
-	k, u := ptiProcess(t, g)
+	g := fakeguest.New(t, ept.Options{})
+	k, u := g.PTIProcess(t)
 	c, lstar, detour := entryCode()
-	g.loadKernel(c, nil)
-	at := g.mem.at(detour - kernelOff)
-	v, m := scripted(t, nil)
+	g.LoadKernel(c, nil)
+	at := g.Mem.At(detour - fakeguest.KernelOff)
+	v, m := fakeguest.Scripted(t, nil)
 	const va = 0x400000
 
 	// Before: the request's user CR3 compared exactly. The user PGD maps
 	// only the entry trampoline: the detour cannot even be found.
-	a0 := g.agent(lstar, false)
+	a0 := agent(g, lstar, false)
 	m.Fields[vmx.GuestCR3] = u | 0x801
 	cpu0 := &SwapCPU{V: v, Agent: a0}
 	assert.ErrorIs(t, cpu0.InjectBPFault(va), ErrNoDetour)
 
-	s := &AddressSpaces{Mem: g.phys}
+	s := &hv.AddressSpaces{Mem: g.Phys}
 	s.Observe(u|0x801, 3, true)
-	require.Equal(t, PTIOn, s.PTI())
+	require.Equal(t, hv.PTIOn, s.PTI())
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
 	d.Install(v)
-	a := g.agent(lstar, false)
+	a := agent(g, lstar, false)
 	a.Spaces, a.Delivery = s, d
 	require.NoError(t, a.Install(v))
 	cpu := &SwapCPU{V: v, Agent: a, Spaces: s, Delivery: d}
@@ -150,44 +153,61 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = k | 1
-	act, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
+	act, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
-	assert.Equal(t, Resume, act)
+	assert.Equal(t, hv.Resume, act)
 	assert.Equal(t, uint64(1), a.Raised)
 	assert.Zero(t, a.Passed)
-	e, _ := v.events.peek()
+	e, _ := fakeguest.FirstQueued(v)
 	assert.Equal(t, vmx.Exception(vmx.VectorPF, 4, 0), e)
 	assert.Equal(t, uint64(va), v.Regs.CR2)
 
 	// The raised #PF is followed: placed at the entry, delivered at the
 	// exit after it.
-	require.NoError(t, v.prepareEntry())
+	require.NoError(t, v.PrepareEntry())
 	assert.Equal(t, uint64(e.Info()), m.Fields[vmx.EntryInterruptInfo])
 	assert.Empty(t, l.delivered)
 	m.Fields[vmx.IDTVectoringInfo] = 0
-	v.observe(exitOf(v, vmx.ExitCPUID))
+	observe(t, v)
 	assert.Equal(t, []uint64{va}, l.delivered)
 }
 
 func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
-	g := newTestGuest(t, ept.Options{})
-	pa, pb := twoProcesses(t, g)
+	g := fakeguest.New(t, ept.Options{})
+	pa, pb := g.TwoProcesses(t)
 	c, lstar, detour := entryCode()
-	g.loadKernel(c, nil)
-	v, m := scripted(t, nil)
-	s := &AddressSpaces{Mem: g.phys}
+	g.LoadKernel(c, nil)
+	v, m := fakeguest.Scripted(t, nil)
+	s := &hv.AddressSpaces{Mem: g.Phys}
 	s.Observe(pa, 3, true)
-	require.Equal(t, PTIOff, s.PTI())
-	a := g.agent(lstar, false)
+	require.Equal(t, hv.PTIOff, s.PTI())
+	a := agent(g, lstar, false)
 	a.Spaces = s
 	require.NoError(t, a.Install(v))
 	require.NoError(t, a.Arm(v, pa, 0x400000))
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = pb
-	_, err := v.dispatch(exitOf(v, vmx.ExitExceptionOrNMI))
+	_, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1), a.Passed, "b is another process")
 	assert.Zero(t, a.Raised)
 	assert.False(t, v.EventPending())
+}
+
+func TestSwapCPU(t *testing.T) {
+	v, m := fakeguest.Scripted(t, nil)
+	c := &SwapCPU{V: v}
+	m.Fields[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
+	m.Fields[vmx.GuestSSAccess] = 0xf3         // DPL 3
+	assert.Equal(t, uint64(0x1234_5000), c.CR3())
+	assert.Equal(t, 3, c.Ring())
+	assert.False(t, c.EventPending())
+	require.NoError(t, c.InjectPF(0x7000_1000, 6))
+	assert.Equal(t, uint64(0x80000b0e), m.Fields[vmx.EntryInterruptInfo])
+	assert.Equal(t, uint64(6), m.Fields[vmx.EntryExceptionError])
+	assert.Equal(t, uint64(0x7000_1000), v.Regs.CR2)
+	assert.True(t, c.EventPending())
+	assert.ErrorIs(t, c.InjectPF(0x7000_2000, 6), hv.ErrEventTaken)
+	assert.ErrorIs(t, c.InjectBPFault(1), ErrNoBreakpointAgent)
 }

@@ -1,7 +1,8 @@
-package hv
+package pagein
 
 import (
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -28,8 +29,8 @@ import (
 // by another (the first trap serves both).
 type ReturnTrap struct {
 	// Phys owns the EPT permissions; Walker translates the guest's RIP.
-	Phys   *GuestPhys
-	Walker *Walker
+	Phys   *hv.GuestPhys
+	Walker *hv.Walker
 
 	traps []fetchTrap // by slot
 
@@ -51,7 +52,7 @@ func (r *ReturnTrap) Slots(n int) {
 }
 
 // Install intercepts v's EPT violations for fetches from the trapped page.
-func (r *ReturnTrap) Install(v *VCPU) error {
+func (r *ReturnTrap) Install(v *hv.VCPU) error {
 	return v.Intercept(vmx.ExitEPTViolation, r.onViolation)
 }
 
@@ -98,14 +99,14 @@ func (r *ReturnTrap) disarm(i int) {
 	r.Phys.Flush()
 }
 
-func (r *ReturnTrap) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (r *ReturnTrap) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	if len(r.traps) != 0 && ept.DecodeViolation(e.Qualification).Fetch {
 		pg := e.GuestPA &^ 0xfff
 		for i := range r.traps {
 			if t := &r.traps[i]; t.on && t.page == pg {
 				r.disarm(i)
 				r.Hits++
-				return Resume, nil
+				return hv.Resume, nil
 			}
 		}
 	}
@@ -117,7 +118,7 @@ func (r *ReturnTrap) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, er
 type TrapCPU struct {
 	swapmem.CPU
 	Trap *ReturnTrap
-	V    *VCPU
+	V    *hv.VCPU
 	// Slot is the trap's slot this vCPU arms (its number among the
 	// vCPUs that share Trap).
 	Slot int

@@ -1,22 +1,31 @@
-package hv
+// Package pagein is swapmem's hands in the guest: it injects the page
+// faults that bring a swapped-out page back (SwapCPU, in user mode, or
+// through the BreakpointAgent's int3 detour in the guest kernel), follows
+// each to the guest (PFDelivery), and traps the return from a user fault
+// (ReturnTrap). It extends a vCPU through hv's exported API only.
+package pagein
 
 import (
 	"errors"
 
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
 // ErrNoBreakpointAgent is InjectBPFault's error without an agent.
-var ErrNoBreakpointAgent = errors.New("hv: no breakpoint agent in this guest")
+var ErrNoBreakpointAgent = errors.New("pagein: no breakpoint agent in this guest")
+
+var _ swapmem.CPU = (*SwapCPU)(nil)
 
 // SwapCPU is the exiting vCPU as swapmem sees it (swapmem.CPU).
 type SwapCPU struct {
-	V *VCPU
+	V *hv.VCPU
 	// Agent raises BPFault faults (nil: none in this guest).
 	Agent *BreakpointAgent
 	// Spaces names the guest's address spaces (nil: page-table bases
 	// compared exactly).
-	Spaces *AddressSpaces
+	Spaces *hv.AddressSpaces
 	// Delivery follows each injected #PF to the guest (nil: the engine's
 	// timeout is the only news of a lost one).
 	Delivery *PFDelivery
@@ -39,7 +48,7 @@ func (c *SwapCPU) EventPending() bool {
 // CR2.
 func (c *SwapCPU) InjectPF(va uint64, errorCode uint32) error {
 	if c.V.EventPending() {
-		return ErrEventTaken
+		return hv.ErrEventTaken
 	}
 	if err := c.V.Place(vmx.Exception(vmx.VectorPF, errorCode, 0)); err != nil {
 		return err
@@ -110,7 +119,7 @@ const (
 // placed the first queued event). Install it before the engine's
 // InjectPendingPF runs at entry, so that a cancelled fault can be injected
 // again at the same entry.
-func (d *PFDelivery) Install(v *VCPU) {
+func (d *PFDelivery) Install(v *hv.VCPU) {
 	v.Observe(d.exit)
 	v.OnEntry(d.entry)
 }
@@ -134,7 +143,7 @@ func isPF(e vmx.Event) bool {
 	return e.Type == vmx.EventHardwareException && e.Vector == vmx.VectorPF
 }
 
-func (d *PFDelivery) exit(v *VCPU, e *vmx.Exit) {
+func (d *PFDelivery) exit(v *hv.VCPU, e *vmx.Exit) {
 	if d.state != pfPlaced {
 		return
 	}
@@ -150,7 +159,7 @@ func (d *PFDelivery) exit(v *VCPU, e *vmx.Exit) {
 	}
 }
 
-func (d *PFDelivery) entry(v *VCPU) {
+func (d *PFDelivery) entry(v *hv.VCPU) {
 	if d.state != pfQueued {
 		return
 	}
