@@ -21,9 +21,9 @@ import (
 // emulated in that exit (ptwrite.go) and the watches on the page walked
 // anew at once: their hooks follow the new walk, and their functions hear
 // of a changed translation. Any other write opens the page and the guest
-// goes on; at the next VM exit of any kind (the VMX-preemption timer
-// bounds the wait) the open pages are closed again and the watches on them
-// walked anew. This needs no monitor trap flag, which not every processor
+// goes on; at the next VM exit of any kind once the writer entered the
+// guest again (the VMX-preemption timer bounds the wait) the open pages
+// are closed again and the watches on them walked anew. This needs no monitor trap flag, which not every processor
 // has. Pages opened only for the processor's own accessed and dirty flag
 // updates are closed without a walk, unless a watch's entry there changed
 // otherwise while the page was open (another processor wrote it).
@@ -54,7 +54,7 @@ type GuestMemory struct {
 
 	pages   map[uint64]*hookedPage
 	spare   []*hookedPage
-	open    []uint64 // pages let open for a guest write
+	open    []openPage // pages let open for a guest write
 	scratch []*pteWatch
 	gen     uint64 // marks watches walked in this settle
 	// epoch counts flushes: a page protected in the current epoch is not
@@ -370,7 +370,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, e
 		}
 		g.flush()
 		hp.open = true
-		g.open = append(g.open, pg)
+		g.open = append(g.open, openPage{pg: pg, by: v, at: v.Entries()})
 	}
 	// The processor's own accessed/dirty updates are walk accesses.
 	if !(q.LinearValid && !q.Translation) {
@@ -385,16 +385,28 @@ func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, e
 // was open: once it is closed again, the entries its watches read there
 // are compared with what it holds, and the watches whose entry changed
 // otherwise are walked. It runs at the start of every VM exit, before the
-// exit is handled, while the guest is stopped. Its cost is the number of
-// watches on the written pages, each walked once, and a read and compare
-// for each on the others.
+// exit is handled. A page opened for a vCPU stays open until that vCPU
+// entered the guest again (and, with it, made its write): closed at its
+// own next exit or at another vCPU's after that. Its cost is the number
+// of watches on the written pages, each walked once, and a read and
+// compare for each on the others.
 func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}
 	g.scratch = g.scratch[:0]
 	g.checked = g.checked[:0]
-	for _, pg := range g.open {
+	left := g.open[:0]
+	for _, o := range g.open {
+		if o.by != v && o.by.Entries() == o.at {
+			// Its vCPU has not entered the guest since the page was
+			// opened for it: closing it now would fault the write again,
+			// and another vCPU that exits often would keep it from ever
+			// being made.
+			left = append(left, o)
+			continue
+		}
+		pg := o.pg
 		hp := g.pages[pg]
 		if hp == nil {
 			continue
@@ -416,13 +428,22 @@ func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
 		}
 		hp.written = false
 	}
-	g.open = g.open[:0]
+	clear(g.open[len(left):])
+	g.open = left
 	g.flush()
 	for _, hp := range g.checked {
 		g.moved(hp)
 	}
 	clear(g.checked)
 	g.rewalk()
+}
+
+// openPage is a page let open for a guest write of vCPU by, at its entry
+// count at.
+type openPage struct {
+	pg uint64
+	by *VCPU
+	at uint64
 }
 
 // moved adds to g.scratch the watches on hp whose entry there differs
@@ -513,5 +534,4 @@ func (g *GuestMemory) fail(w *pteWatch, err error) {
 
 var (
 	_ swapmem.Guest = (*GuestMemory)(nil)
-	_ swapmem.CPU   = (*SwapCPU)(nil)
 )

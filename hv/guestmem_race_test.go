@@ -378,3 +378,53 @@ func TestEndedWatchesAreOneFlush(t *testing.T) {
 	gm.Sync()
 	assert.Equal(t, before+1, g.flushes, "nothing left to flush")
 }
+
+// TestOpenPageWaitsForItsWriter: a page let open for vCPU A's write stays
+// open through vCPU B's exits until A entered the guest again (and with
+// it made its write); B's exits after that close it. Closed at B's first
+// exit, A's write would fault again at every entry while B exits often
+// enough, and never be made.
+func TestOpenPageWaitsForItsWriter(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	const va = 0x7f0000400000
+	g.mapPage(va, 0x3000000, pteRW|pteUS)
+	pte := g.entry(va, 1)
+	gm := NewGuestMemory(g.phys, g.cr3)
+	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
+	require.NoError(t, err)
+	defer cancel()
+	a, ma := scripted(t, nil)
+	b, _ := scripted(t, nil)
+	require.NoError(t, gm.Install(a))
+	require.NoError(t, gm.Install(b))
+	writable := func() bool {
+		_, perm, _, _, _ := g.ept.Lookup(pte &^ 0xfff)
+		return perm&ept.Write != 0
+	}
+	b.VMCS.Write(vmx.ExitQualification, 0)
+	exit := func(v *VCPU, r vmx.ExitReason) {
+		v.VMCS.Write(vmx.ExitReasonField, uint64(r))
+		v.VMCS.Write(vmx.IDTVectoringInfo, 0)
+		v.VMCS.Write(vmx.ExitInstructionLen, 3)
+		_, err := v.HandleExit()
+		require.NoError(t, err)
+	}
+	ma.Fields[vmx.GuestPhysAddr] = pte
+	ma.Fields[vmx.ExitQualification] = qualFlags
+	exit(a, vmx.ExitEPTViolation)
+	require.True(t, writable(), "opened for A's write")
+	for range 3 {
+		exit(b, vmx.ExitPreemptionTimer)
+		assert.True(t, writable(), "B's exits leave it open: A has not entered since")
+	}
+	require.NoError(t, a.PrepareEntry())
+	exit(b, vmx.ExitPreemptionTimer)
+	assert.False(t, writable(), "closed at B's exit once A entered")
+	assert.Equal(t, uint64(1), gm.ADWrites)
+
+	// Opened again: A's own next exit closes it.
+	exit(a, vmx.ExitEPTViolation)
+	require.True(t, writable())
+	exit(a, vmx.ExitPreemptionTimer)
+	assert.False(t, writable(), "closed at A's own next exit")
+}
