@@ -5,6 +5,7 @@ package pc
 import (
 	"errors"
 	"fmt"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -29,7 +30,7 @@ const launchWait = time.Millisecond
 type APVCPU struct {
 	ap      *AP
 	mb      mailbox
-	procs   *Processors
+	procs   *acpi.Processors
 	running atomic.Bool
 	stopped atomic.Bool
 	tried   time.Time // when VMLAUNCH was first seen tried

@@ -4,6 +4,7 @@ package pc
 
 import (
 	"fmt"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"io"
 	"time"
 )
@@ -41,7 +42,7 @@ func HoldProcessors(avail [][2]uint64, rsdp uint64, visible bool, log io.Writer)
 		fmt.Fprintf(log, "tamahv: processors: CPUID (%s) counts %d logical processors in the bootstrap processor's package\n",
 			c.Topology.Leaf, c.Topology.Logical)
 	}
-	procs, err := FindProcessorsAt(PhysMem{}, rsdp)
+	procs, err := acpi.FindProcessorsAt(PhysMem{}, rsdp)
 	if err != nil {
 		fmt.Fprintf(log, "tamahv: processors: %v; only the bootstrap processor is known\n", err)
 		cpuidLine()
@@ -49,9 +50,9 @@ func HoldProcessors(avail [][2]uint64, rsdp uint64, visible bool, log io.Writer)
 	}
 	c.Tables, c.Listed = true, procs.All()
 	start, hide := procs.Plan(c.BSP)
-	src := SourceMADT
+	src := acpi.SourceMADT
 	if procs.MADT == 0 {
-		src = SourceMP
+		src = acpi.SourceMP
 	}
 	fmt.Fprintf(log, "tamahv: processors: %d listed (%s), bootstrap APIC ID %d\n", len(procs.List), src, c.BSP)
 	cpuidLine()

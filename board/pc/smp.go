@@ -5,6 +5,7 @@ package pc
 import (
 	"encoding/binary"
 	"fmt"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -36,7 +37,7 @@ const (
 type SMP struct {
 	APs   []AP
 	arena *PageArena
-	procs *Processors // the tables the APs were hidden from
+	procs *acpi.Processors // the tables the APs were hidden from
 }
 
 // BSPAPICID returns the bootstrap processor's local APIC ID: the x2APIC ID

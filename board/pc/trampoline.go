@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"math/bits"
 	"slices"
 	"strings"
@@ -293,7 +294,7 @@ type Census struct {
 	Tables bool
 	// Listed are the processors the tables list (both tables'), the
 	// bootstrap processor's included.
-	Listed []Processor
+	Listed []acpi.Processor
 	// BSP is the bootstrap processor's APIC ID.
 	BSP uint32
 	// APs are the processors StartAPs tried, each with how far it got.

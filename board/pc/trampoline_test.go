@@ -2,6 +2,7 @@ package pc
 
 import (
 	"encoding/binary"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"strings"
 	"testing"
 
@@ -195,10 +196,10 @@ func TestPackageTopology(t *testing.T) {
 // TestProcessorCensus: the guest starts only where tamahv holds every
 // processor it can know of; otherwise the error says which and why.
 func TestProcessorCensus(t *testing.T) {
-	on := func(ids ...uint32) []Processor {
-		var l []Processor
+	on := func(ids ...uint32) []acpi.Processor {
+		var l []acpi.Processor
 		for _, id := range ids {
-			l = append(l, Processor{APICID: id, Enabled: true, Source: SourceMADT})
+			l = append(l, acpi.Processor{APICID: id, Enabled: true, Source: acpi.SourceMADT})
 		}
 		return l
 	}
@@ -221,11 +222,11 @@ func TestProcessorCensus(t *testing.T) {
 		{name: "Bochs, 4 processors", c: Census{Tables: true, Listed: on(0, 1, 2, 3), APs: parked(1, 2, 3),
 			Topology: PackageTopology(bochsCPUID(4, 1, 1).call)}},
 		{name: "the MADT and the MP table list the same", c: Census{Tables: true,
-			Listed: append(on(0, 1), Processor{APICID: 1, Enabled: true, Source: SourceMP}), APs: parked(1), Topology: bochs2}},
+			Listed: append(on(0, 1), acpi.Processor{APICID: 1, Enabled: true, Source: acpi.SourceMP}), APs: parked(1), Topology: bochs2}},
 		{name: "the BSP is not APIC ID 0", c: Census{Tables: true, Listed: on(0, 1), BSP: 1, APs: parked(0), Topology: bochs2}},
 		{name: "two packages of two, all held", c: Census{Tables: true, Listed: on(0, 1, 2, 3), APs: parked(1, 2, 3),
 			Topology: Topology{2, 1, "leaf 0BH"}}},
-		{name: "an unusable entry outside the package", c: Census{Tables: true, Listed: append(on(0, 1), Processor{APICID: 2}),
+		{name: "an unusable entry outside the package", c: Census{Tables: true, Listed: append(on(0, 1), acpi.Processor{APICID: 2}),
 			APs: parked(1), Topology: Topology{2, 1, "leaf 0BH"}}},
 		{name: "no tables, one logical processor", c: Census{Topology: one}},
 
@@ -238,18 +239,18 @@ func TestProcessorCensus(t *testing.T) {
 			APs: []AP{{APICID: 1, Status: APNoVMX}, {APICID: 2, Status: APNoVMX}}, Topology: bochs2},
 			want: "APIC IDs [1 2]: listed enabled, no VMX"},
 		{name: "an online-capable processor not started", c: Census{Tables: true,
-			Listed: append(on(0), Processor{APICID: 8, OnlineCapable: true}), Topology: one},
+			Listed: append(on(0), acpi.Processor{APICID: 8, OnlineCapable: true}), Topology: one},
 			want: "APIC IDs [8]: listed online capable, not started"},
 		{name: "an online-capable processor that did not answer", c: Census{Tables: true,
-			Listed: append(on(0), Processor{APICID: 8, OnlineCapable: true}), APs: []AP{{APICID: 8}}, Topology: one},
+			Listed: append(on(0), acpi.Processor{APICID: 8, OnlineCapable: true}), APs: []AP{{APICID: 8}}, Topology: one},
 			want: "APIC IDs [8]: listed online capable, did not start"},
 		{name: "one only the MP table lists", c: Census{Tables: true,
-			Listed: append(on(0, 1), Processor{APICID: 5, Enabled: true, Source: SourceMP}), APs: parked(1), Topology: bochs2},
+			Listed: append(on(0, 1), acpi.Processor{APICID: 5, Enabled: true, Source: acpi.SourceMP}), APs: parked(1), Topology: bochs2},
 			want: "APIC IDs [5]: listed enabled, not started"},
 		{name: "CPUID counts more in the package than the tables list", c: Census{Tables: true, Listed: on(0, 1), APs: parked(1),
 			Topology: Topology{4, 2, "leaf 0BH"}},
 			want: "CPUID (leaf 0BH) counts 4 logical processors in the bootstrap processor's package, tamahv holds 2 there (APIC IDs [0 1])"},
-		{name: "an unusable entry in the package", c: Census{Tables: true, Listed: append(on(0), Processor{APICID: 1}),
+		{name: "an unusable entry in the package", c: Census{Tables: true, Listed: append(on(0), acpi.Processor{APICID: 1}),
 			Topology: Topology{2, 1, "leaf 0BH"}},
 			want: "CPUID (leaf 0BH) counts 2 logical processors in the bootstrap processor's package, tamahv holds 1 there (APIC IDs [0])"},
 	}

@@ -1,4 +1,7 @@
-package pc
+// Package acpi reads the firmware's processor tables (the ACPI MADT, found
+// through the RSDP, and the MP table) from physical memory, and patches
+// them: tamahv hides a processor from the guest, or shows it, by its entry.
+package acpi
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package pc
+package acpi
 
 import (
 	"encoding/binary"
