@@ -142,7 +142,7 @@ func TestFindRejectsMalformed(t *testing.T) {
 	good := Tamahv(Address{HeaderAddr: 0x100100, LoadAddr: 0x100000, LoadEndAddr: 0x102000, BSSEndAddr: 0x200000}, 0x101000)
 	const at = 0x100
 	// fix recomputes the checksum after a mutation.
-	fix := func(b []byte) { le.PutUint32(b[12:], -(le.Uint32(b)+le.Uint32(b[4:])+le.Uint32(b[8:]))) }
+	fix := func(b []byte) { le.PutUint32(b[12:], -(le.Uint32(b) + le.Uint32(b[4:]) + le.Uint32(b[8:]))) }
 	for name, c := range map[string]struct {
 		mutate func(h []byte)
 		want   error
