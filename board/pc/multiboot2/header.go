@@ -59,16 +59,21 @@ const (
 	// TagOptional lets a boot loader that does not know a tag ignore it.
 	TagOptional = 1 << 0
 
-	ConsoleRequired  = 1 << 0
-	ConsoleEGAText   = 1 << 1 // the image can use an EGA text console
-	headerFixedSize  = 16
-	addressTagSize   = 24
-	entryTagSize     = 12
-	consoleTagSize   = 12
-	fbTagSize        = 20
-	tagHeaderSize    = 8
-	maxInfoRequests  = 64
-	maxHeaderTagSize = SearchSize
+	// ConsoleRequired asks for a console the image can use.
+	ConsoleRequired = 1 << 0
+	// ConsoleEGAText says the image can use an EGA text console.
+	ConsoleEGAText = 1 << 1
+)
+
+// Header and tag sizes, and what Find accepts.
+const (
+	headerFixedSize = 16
+	tagHeaderSize   = 8
+	addressTagSize  = 24
+	entryTagSize    = 12
+	consoleTagSize  = 12
+	fbTagSize       = 20
+	maxInfoRequests = 64
 )
 
 // Requests returns the information tags tamahv's header asks for: the
@@ -217,7 +222,7 @@ func decode(b []byte, off int) (Header, error) {
 		return Header{}, fmt.Errorf("%w: architecture %d, want %d", ErrHeader, arch, ArchI386)
 	}
 	length := int(le.Uint32(b[8:]))
-	if length < headerFixedSize+tagHeaderSize || length > len(b) || length > maxHeaderTagSize {
+	if length < headerFixedSize+tagHeaderSize || length > len(b) || length > SearchSize {
 		return Header{}, fmt.Errorf("%w: header length %d", ErrHeader, length)
 	}
 	var h Header
@@ -416,8 +421,8 @@ func Patch(img []byte, bssEnd uint64) (Offset, error) {
 	if end > 1<<32 {
 		return 0, fmt.Errorf("%w: reserved end %#x above 4 GiB", ErrLayout, end)
 	}
-	probe := Tamahv(Address{}, 1)
-	off, ok := freeRoom(img, used(f, img), limit, uint64(len(probe.Bytes())))
+	sized := Tamahv(Address{}, 1)
+	off, ok := freeRoom(img, used(f, img), limit, uint64(len(sized.Bytes())))
 	if !ok {
 		return 0, ErrNoRoom
 	}
