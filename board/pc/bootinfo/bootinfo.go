@@ -24,6 +24,7 @@ const (
 	Multiboot2 Protocol = 2
 )
 
+// String names the protocol as boot loaders do.
 func (p Protocol) String() string {
 	switch p {
 	case Multiboot1:
@@ -44,6 +45,7 @@ const (
 	UEFI Firmware = 2
 )
 
+// String names the firmware kind.
 func (f Firmware) String() string {
 	switch f {
 	case BIOS:
@@ -86,7 +88,7 @@ type Info struct {
 	// e820.FromLoader makes it fit for a guest.
 	MemoryMap []e820.Entry
 	// Framebuffer is the video mode the boot loader left; nil: none
-	// given.
+	// given (always so with Multiboot 1, whose parser does not read it).
 	Framebuffer *multiboot2.Framebuffer
 	// EFI is set when the boot loader passed an EFI system table or EFI
 	// memory map.

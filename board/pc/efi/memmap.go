@@ -35,6 +35,7 @@ const (
 	UnacceptedMemory
 )
 
+// String names t as the UEFI specification does, in lower case.
 func (t MemoryType) String() string {
 	names := [...]string{
 		"reserved", "loader code", "loader data", "boot services code", "boot services data",
