@@ -7,7 +7,7 @@
 #   make e2e-smp    the 2-processor guest (parked and as vCPUs), 4 processors on each guest model
 #   make e2e-swapmem the further swapmem cases on the Linux guest
 #   make e2e-overhead the guest without and with tamahv
-#   make fuzz       run the swapmem, hypercall and page-table-write fuzzers for FUZZTIME each (default 60s)
+#   make fuzz       run the swapmem, hypercall, page-table-write and Multiboot2 fuzzers for FUZZTIME each (default 60s)
 
 GO       ?= go
 BUILD    := build
@@ -216,6 +216,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHypercall -fuzztime $(FUZZTIME) ./hv/monitor/
 	$(GO) test -run '^$$' -fuzz FuzzPTWrite -fuzztime $(FUZZTIME) ./hv/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeWrite -fuzztime $(FUZZTIME) ./hv/
+	$(GO) test -run '^$$' -fuzz FuzzMultiboot2 -fuzztime $(FUZZTIME) ./board/pc/multiboot2/
 
 clean:
 	rm -rf $(BUILD)
