@@ -1,6 +1,9 @@
-// Package acpi reads the firmware's processor tables (the ACPI MADT, found
-// through the RSDP, and the MP table) from physical memory, and patches
-// them: tamahv hides a processor from the guest, or shows it, by its entry.
+// Package acpi reads the firmware's tables from physical memory: the ACPI
+// Root System Description Pointer (RSDP), wherever the boot path finds it
+// (the legacy BIOS areas, the EFI configuration table, or the copy a
+// Multiboot2 boot loader hands over), and the processor tables (the MADT
+// found through it, and the MP table), which it also patches: tamahv hides
+// a processor from the guest, or shows it, by its entry.
 package acpi
 
 import (
@@ -88,15 +91,7 @@ const (
 
 // ErrNoTables is returned when the firmware offers neither a MADT nor an
 // MP table.
-var ErrNoTables = errors.New("pc: no ACPI MADT and no MP table")
-
-func sum8(b []byte) byte {
-	var s byte
-	for _, c := range b {
-		s += c
-	}
-	return s
-}
+var ErrNoTables = errors.New("acpi: no ACPI MADT and no MP table")
 
 // FindProcessors finds the firmware's processor list: the ACPI MADT (the
 // RSDP in the first KiB of the EBDA or in 0xe0000-0xfffff, then the XSDT
@@ -174,22 +169,11 @@ func scan(m PhysRW, start, end uint64, sig string, check func(b []byte) bool) (u
 	return 0, false
 }
 
-// rsdpOK checks an RSDP: the ACPI 1.0 checksum over 20 bytes and, from
-// revision 2, the extended checksum over its length.
+// rsdpOK checks an RSDP (Parse): the ACPI 1.0 checksum over 20 bytes
+// and, from revision 2, the length and the extended checksum.
 func rsdpOK(b []byte) bool {
-	if len(b) < 20 || sum8(b[:20]) != 0 {
-		return false
-	}
-	if b[15] >= 2 {
-		if len(b) < 36 {
-			return false
-		}
-		n := binary.LittleEndian.Uint32(b[20:])
-		if n < 36 || uint64(n) > uint64(len(b)) || sum8(b[:n]) != 0 {
-			return false
-		}
-	}
-	return true
+	_, err := Parse(b)
+	return err == nil
 }
 
 // findRSDP returns the RSDP's 36 bytes (20 for revision 0): the one at
@@ -200,14 +184,14 @@ func findRSDP(m PhysRW, at uint64) ([]byte, error) {
 	case at != 0:
 		b := make([]byte, 36)
 		if m.ReadPhys(at, b[:20]) != nil {
-			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x", at)
+			return nil, fmt.Errorf("acpi: no ACPI RSDP at %#x", at)
 		}
 		if b[15] >= 2 && m.ReadPhys(at, b) != nil {
-			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x", at)
+			return nil, fmt.Errorf("acpi: no ACPI RSDP at %#x", at)
 		}
 		ok = string(b[:8]) == "RSD PTR " && rsdpOK(b)
 		if !ok {
-			return nil, fmt.Errorf("pc: no ACPI RSDP at %#x (signature or checksum)", at)
+			return nil, fmt.Errorf("acpi: no ACPI RSDP at %#x (signature or checksum)", at)
 		}
 	default:
 		if e := ebda(m); e != 0 {
@@ -218,7 +202,7 @@ func findRSDP(m PhysRW, at uint64) ([]byte, error) {
 		}
 	}
 	if !ok {
-		return nil, errors.New("pc: no ACPI RSDP")
+		return nil, errors.New("acpi: no ACPI RSDP")
 	}
 	b := make([]byte, 36)
 	if err := m.ReadPhys(pa, b); err != nil {
@@ -238,18 +222,18 @@ func readSDT(m PhysRW, pa uint64, sig string) ([]byte, error) {
 		return nil, err
 	}
 	if sig != "" && string(h[:4]) != sig {
-		return nil, fmt.Errorf("pc: no %s at %#x", sig, pa)
+		return nil, fmt.Errorf("acpi: no %s at %#x", sig, pa)
 	}
 	n := binary.LittleEndian.Uint32(h[4:])
 	if n < sdtHeaderLen || n > maxTableLen {
-		return nil, fmt.Errorf("pc: %q at %#x: length %d", h[:4], pa, n)
+		return nil, fmt.Errorf("acpi: %q at %#x: length %d", h[:4], pa, n)
 	}
 	b := make([]byte, n)
 	if err := m.ReadPhys(pa, b); err != nil {
 		return nil, err
 	}
 	if sum8(b) != 0 {
-		return nil, fmt.Errorf("pc: %q at %#x: bad checksum", h[:4], pa)
+		return nil, fmt.Errorf("acpi: %q at %#x: bad checksum", h[:4], pa)
 	}
 	return b, nil
 }
@@ -298,7 +282,7 @@ func findMADT(m PhysRW, at uint64) (uint64, error) {
 			}
 			return pa, nil
 		}
-		errs = append(errs, fmt.Errorf("pc: no MADT in the %s", r.sig))
+		errs = append(errs, fmt.Errorf("acpi: no MADT in the %s", r.sig))
 	}
 	return 0, errors.Join(errs...)
 }
@@ -311,16 +295,16 @@ func madtProcessors(m PhysRW, pa uint64) ([]Processor, error) {
 		return nil, err
 	}
 	if len(t) < madtEntriesOff {
-		return nil, fmt.Errorf("pc: MADT at %#x: %d bytes", pa, len(t))
+		return nil, fmt.Errorf("acpi: MADT at %#x: %d bytes", pa, len(t))
 	}
 	var list []Processor
 	for off := madtEntriesOff; off < len(t); {
 		if off+2 > len(t) {
-			return nil, fmt.Errorf("pc: MADT at %#x: a byte after the last entry", pa)
+			return nil, fmt.Errorf("acpi: MADT at %#x: a byte after the last entry", pa)
 		}
 		typ, n := t[off], int(t[off+1])
 		if n < 2 || off+n > len(t) {
-			return nil, fmt.Errorf("pc: MADT at %#x: entry at %d of length %d", pa, off, n)
+			return nil, fmt.Errorf("acpi: MADT at %#x: entry at %d of length %d", pa, off, n)
 		}
 		e := t[off : off+n]
 		switch {
@@ -364,18 +348,18 @@ func findMP(m PhysRW) (uint64, error) {
 		pa, ok = scan(m, mpBIOSStart, biosAreaEnd, "_MP_", mpFloatOK)
 	}
 	if !ok {
-		return 0, errors.New("pc: no MP floating pointer")
+		return 0, errors.New("acpi: no MP floating pointer")
 	}
 	var f [mpFloatLen]byte
 	if err := m.ReadPhys(pa, f[:]); err != nil {
 		return 0, err
 	}
 	if f[11] != 0 {
-		return 0, fmt.Errorf("pc: MP default configuration %d (no table to patch)", f[11])
+		return 0, fmt.Errorf("acpi: MP default configuration %d (no table to patch)", f[11])
 	}
 	t := uint64(binary.LittleEndian.Uint32(f[4:]))
 	if t == 0 {
-		return 0, errors.New("pc: MP floating pointer without a configuration table")
+		return 0, errors.New("acpi: MP floating pointer without a configuration table")
 	}
 	return t, nil
 }
@@ -388,14 +372,14 @@ func readMP(m PhysRW, pa uint64) ([]byte, error) {
 	}
 	n := int(binary.LittleEndian.Uint16(h[4:]))
 	if string(h[:4]) != "PCMP" || n < mpHeaderLen {
-		return nil, fmt.Errorf("pc: no MP configuration table at %#x", pa)
+		return nil, fmt.Errorf("acpi: no MP configuration table at %#x", pa)
 	}
 	b := make([]byte, n)
 	if err := m.ReadPhys(pa, b); err != nil {
 		return nil, err
 	}
 	if sum8(b) != 0 {
-		return nil, fmt.Errorf("pc: MP configuration table at %#x: bad checksum", pa)
+		return nil, fmt.Errorf("acpi: MP configuration table at %#x: bad checksum", pa)
 	}
 	return b, nil
 }
@@ -411,16 +395,16 @@ func mpProcessors(m PhysRW, pa uint64) ([]Processor, error) {
 	off := mpHeaderLen
 	for i := 0; i < count; i++ {
 		if off >= len(t) {
-			return nil, fmt.Errorf("pc: MP table at %#x: entry %d beyond its length", pa, i)
+			return nil, fmt.Errorf("acpi: MP table at %#x: entry %d beyond its length", pa, i)
 		}
 		n := mpOtherEntryLen
 		if t[off] == mpProcessor {
 			n = mpProcessorLen
 		} else if t[off] > 4 {
-			return nil, fmt.Errorf("pc: MP table at %#x: entry type %d", pa, t[off])
+			return nil, fmt.Errorf("acpi: MP table at %#x: entry type %d", pa, t[off])
 		}
 		if off+n > len(t) {
-			return nil, fmt.Errorf("pc: MP table at %#x: entry %d beyond its length", pa, i)
+			return nil, fmt.Errorf("acpi: MP table at %#x: entry %d beyond its length", pa, i)
 		}
 		if t[off] == mpProcessor {
 			list = append(list, Processor{
@@ -496,13 +480,13 @@ func markEntry(m PhysRW, p *Processors, c Processor, show bool) (bool, error) {
 		table, err = readMP(m, base)
 		flagOff, clearMask, setMask = int(c.entry-base)+3, mpCPUEnabled, mpCPUEnabled
 	default:
-		return false, fmt.Errorf("pc: processor from %q", c.Source)
+		return false, fmt.Errorf("acpi: processor from %q", c.Source)
 	}
 	if err != nil {
 		return false, err
 	}
 	if flagOff < 0 || flagOff >= len(table) {
-		return false, fmt.Errorf("pc: %s entry at %#x outside its table", c.Source, c.entry)
+		return false, fmt.Errorf("acpi: %s entry at %#x outside its table", c.Source, c.entry)
 	}
 	want := bytes.Clone(table)
 	if show {
@@ -526,7 +510,7 @@ func markEntry(m PhysRW, p *Processors, c Processor, show bool) (bool, error) {
 		return false, err
 	}
 	if !bytes.Equal(got, want) {
-		return false, fmt.Errorf("pc: %s at %#x did not take the write (read-only memory?)", c.Source, base)
+		return false, fmt.Errorf("acpi: %s at %#x did not take the write (read-only memory?)", c.Source, base)
 	}
 	return true, nil
 }

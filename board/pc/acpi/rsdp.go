@@ -1,8 +1,6 @@
-// Package acpi reads and checks the ACPI Root System Description Pointer
-// (RSDP), wherever the boot path finds it: in memory (the legacy BIOS
-// areas, the EFI configuration table) or as the copy a Multiboot2 boot
-// loader hands over. Layout: ACPI Specification 6.5, "5.2.5 Root System
+// The RSDP's layout: ACPI Specification 6.5, "5.2.5 Root System
 // Description Pointer (RSDP)".
+
 package acpi
 
 import (
