@@ -5,6 +5,8 @@ package pc
 import (
 	"encoding/binary"
 	"unsafe"
+
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // Implemented in cpu_amd64.s.
@@ -13,14 +15,6 @@ func writeCR3(v uint64)
 func sidt(p *[10]byte)
 func xsetbv(xcr uint32, v uint64)
 func movePhys(dst, src, n uint64)
-
-// MSRs the host state needs.
-const (
-	msrEFER   = 0xc0000080
-	msrPAT    = 0x277
-	msrFSBase = 0xc0000100
-	msrGSBase = 0xc0000101
-)
 
 // HostRegisters is the processor state a VM exit must restore, as the
 // board set it up.
@@ -38,9 +32,9 @@ func Host() HostRegisters {
 	sidt(&idtr)
 	return HostRegisters{
 		CR0: readCR0(), CR3: readCR3(), CR4: readCR4(),
-		FSBase: readMSR(msrFSBase), GSBase: readMSR(msrGSBase),
+		FSBase: readMSR(vmx.MSRFSBase), GSBase: readMSR(vmx.MSRGSBase),
 		GDTRBase: GDT, IDTRBase: binary.LittleEndian.Uint64(idtr[2:]), TRBase: TSS,
-		EFER: readMSR(msrEFER), PAT: readMSR(msrPAT),
+		EFER: readMSR(vmx.MSREFER), PAT: readMSR(vmx.MSRPAT),
 		CodeSel: SelectorCode, DataSel: SelectorData, TSel: SelectorTSS,
 	}
 }

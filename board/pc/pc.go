@@ -140,6 +140,9 @@ func (Hardware) SetCR0(v uint64) { writeCR0(v) }
 // CR4 reads CR4.
 func (Hardware) CR4() uint64 { return readCR4() }
 
+// CR3 reads CR3.
+func (Hardware) CR3() uint64 { return readCR3() }
+
 // SetCR4 writes CR4.
 func (Hardware) SetCR4(v uint64) { writeCR4(v) }
 

@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"sync/atomic"
 
-	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"
@@ -24,7 +24,7 @@ type smpBoard struct {
 func (b *smpBoard) APs() []machine.AP { return b.aps }
 
 // apCPU is one held AP as machine.AP sees it.
-type apCPU struct{ *pc.APVCPU }
+type apCPU struct{ *smp.APVCPU }
 
 func (a apCPU) LoadVMCS(pa uint64) (hv.VMCS, error) {
 	if err := a.APVCPU.LoadVMCS(pa); err != nil {
@@ -45,7 +45,7 @@ func (a apCPU) Bind(w hv.ShootdownWords) error {
 
 func (a apCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 	err := a.APVCPU.Enter(r, launched)
-	if errors.Is(err, pc.ErrAPStopped) {
+	if errors.Is(err, smp.ErrAPStopped) {
 		return hv.ErrStopped
 	}
 	if err == nil {
@@ -56,7 +56,7 @@ func (a apCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 
 // apVMCS is an AP's current VMCS, reached through its exit loop.
 type apVMCS struct {
-	ap  *pc.APVCPU
+	ap  *smp.APVCPU
 	err error
 }
 
@@ -80,5 +80,5 @@ func (v *apVMCS) ClearErr() { v.err = nil }
 
 // KickBSP implements machine.Kicker.
 func (a apCPU) KickBSP(inGuest, kicks *atomic.Uint32) {
-	a.APVCPU.KickBSP(inGuest, kicks, pc.BSPAPICID())
+	a.APVCPU.KickBSP(inGuest, kicks, smp.BSPAPICID())
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/vmx"
@@ -81,10 +82,10 @@ func (b *board) Enter(r *vmx.GuestRegs, fx *vmx.FXArea, launched bool) error {
 }
 
 // LAPICRead implements machine.LAPIC: the bootstrap processor's.
-func (b *board) LAPICRead(off uint32) uint32 { return pc.LAPICRead(off) }
+func (b *board) LAPICRead(off uint32) uint32 { return smp.LAPICRead(off) }
 
 // LAPICWrite implements machine.LAPIC.
-func (b *board) LAPICWrite(off, val uint32) { pc.LAPICWrite(off, val) }
+func (b *board) LAPICWrite(off, val uint32) { smp.LAPICWrite(off, val) }
 
 // UnblockNMIs implements machine.NMIUnblocker.
 func (b *board) UnblockNMIs() { vmx.UnblockNMIs() }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
@@ -38,7 +39,7 @@ func modules(info *multiboot.Info) (kernel, initrd *multiboot.Module, cmdline st
 	return kernel, initrd, cmdline
 }
 
-func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *pc.SMP, vcpus bool) error {
+func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
 	c := machine.Config{
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,

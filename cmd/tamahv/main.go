@@ -14,7 +14,7 @@
 //
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
-//	tamahv: processors: ... (and the lines of pc.HoldProcessors)
+//	tamahv: processors: ... (and the lines of smp.HoldProcessors)
 //	tamahv: guest not started: <why> (a processor tamahv cannot account for; then it halts)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
@@ -34,6 +34,7 @@ import (
 	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -74,7 +75,7 @@ func main() {
 			}
 			// smp.visible leaves the firmware's processor tables as they are.
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
-			smp, err := pc.HoldProcessors(avail, acpiRSDP(info), visible, os.Stdout)
+			smp, err := smp.HoldProcessors(avail, acpiRSDP(info), visible, os.Stdout)
 			// Every held application processor runs a vCPU; with
 			// smp.park they stay parked and hidden.
 			vcpus := !slices.Contains(strings.Fields(info.Cmdline), "smp.park")
@@ -98,7 +99,7 @@ func main() {
 }
 
 // acpiRSDP returns the physical address of the ACPI RSDP where the boot
-// path gives one, else 0, and pc.HoldProcessors searches the legacy BIOS
+// path gives one, else 0, and smp.HoldProcessors searches the legacy BIOS
 // areas for it. Multiboot 1 carries none. A UEFI boot path passes the EFI
 // configuration table's ACPI 2.0 entry here: firmware without a
 // compatibility module keeps no RSDP in the BIOS areas, and without the

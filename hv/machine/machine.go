@@ -116,8 +116,6 @@ type Config struct {
 	Swap swapmem.Config
 }
 
-// IA32_LSTAR, the guest kernel's SYSCALL entry (SDM Vol. 4, Table 2-2).
-const msrLSTAR = 0xc0000082
 
 // Machine is one guest, assembled and ready to run.
 type Machine struct {
@@ -360,7 +358,7 @@ func New(b Board, c Config) (*Machine, error) {
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
 	m.Memory.Walker.TopEntry = true
-	m.Agent = &pagein.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(msrLSTAR) },
+	m.Agent = &pagein.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(vmx.MSRLSTAR) },
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.

@@ -1,15 +1,15 @@
-package pc
+package smp
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/tamahv/tamahv/board/pc/acpi"
 	"math/bits"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -89,10 +89,10 @@ const (
 // (below 4 GiB) and jumping to entry with RDI = params.
 func Trampoline(base uint32, cr3 uint64, entry, params uint64) ([]byte, error) {
 	if base%4096 != 0 || base >= 1<<20 {
-		return nil, fmt.Errorf("pc: AP trampoline at %#x: not a page below 1 MiB", base)
+		return nil, fmt.Errorf("smp: AP trampoline at %#x: not a page below 1 MiB", base)
 	}
 	if cr3 >= 1<<32 {
-		return nil, fmt.Errorf("pc: AP trampoline: CR3 %#x above 4 GiB", cr3)
+		return nil, fmt.Errorf("smp: AP trampoline: CR3 %#x above 4 GiB", cr3)
 	}
 	b := apTrampoline
 	le := binary.LittleEndian
@@ -216,7 +216,7 @@ func TrampolinePage(regions [][2]uint64) (uint32, error) {
 		}
 	}
 	if best == 0 {
-		return 0, fmt.Errorf("pc: no available page below 640 KiB for the AP trampoline")
+		return 0, fmt.Errorf("smp: no available page below 640 KiB for the AP trampoline")
 	}
 	return uint32(best), nil
 }

@@ -1,4 +1,4 @@
-package pc
+package smp
 
 import (
 	"bufio"
@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/arch/x86/x86asm"
 
+	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -84,27 +85,43 @@ func TestMailboxSilentAP(t *testing.T) {
 	assert.ErrorIs(t, m.post(cmdRun, 0, 0), ErrAPBusy, "the command it never answered is still there")
 }
 
-// asmDefines reads the #define NAME number lines of an assembly file.
+// asmDefines reads every #define of an assembly file: each must be a
+// number (decimal, hexadecimal or (1<<n)), or the test fails.
 func asmDefines(t *testing.T, name string) map[string]uint64 {
 	f, err := os.Open(name)
 	require.NoError(t, err)
 	defer f.Close()
-	re := regexp.MustCompile(`^#define\s+(\w+)\s+(0x[0-9a-f]+|\d+)\s*$`)
+	re := regexp.MustCompile(`^#define\s+(\w+)\s+(0x[0-9a-f]+|\d+|\(1<<\d+\))\s*(//.*)?$`)
 	out := map[string]uint64{}
 	s := bufio.NewScanner(f)
 	for s.Scan() {
-		if m := re.FindStringSubmatch(strings.TrimSpace(s.Text())); m != nil {
-			v, err := strconv.ParseUint(m[2], 0, 64)
-			require.NoError(t, err)
-			out[m[1]] = v
+		line := strings.TrimSpace(s.Text())
+		if !strings.HasPrefix(line, "#define") {
+			continue
 		}
+		m := re.FindStringSubmatch(line)
+		if !assert.NotNil(t, m, "%s: a #define that is not a number: %s", name, line) {
+			continue
+		}
+		var v uint64
+		if n, ok := strings.CutPrefix(m[2], "(1<<"); ok {
+			shift, err := strconv.ParseUint(strings.TrimSuffix(n, ")"), 10, 6)
+			require.NoError(t, err)
+			v = 1 << shift
+		} else {
+			v, err = strconv.ParseUint(m[2], 0, 64)
+			require.NoError(t, err)
+		}
+		out[m[1]] = v
 	}
 	return out
 }
 
-// TestExitLoopNumbers ties smp_amd64.s's numbers to the Go side's: the
-// mailbox offsets and commands, vmx.GuestRegs, the VMCS fields and exit
-// reason the loop reads.
+// TestExitLoopNumbers ties every number smp_amd64.s defines to the Go
+// side's: the parameter block and mailbox offsets and commands,
+// vmx.GuestRegs, the VMCS fields, exit reason, MSRs and control-register
+// bits of vmx, and board/pc's GDT selectors. A #define it does not know
+// fails it.
 func TestExitLoopNumbers(t *testing.T) {
 	d := asmDefines(t, "smp_amd64.s")
 	var r vmx.GuestRegs
@@ -136,12 +153,21 @@ func TestExitLoopNumbers(t *testing.T) {
 		"F_ACTIVITY": uint64(vmx.GuestActivityState), "EXIT_PREEMPTION": uint64(vmx.ExitPreemptionTimer),
 		"ACTIVITY_SIPI": uint64(vmx.ActivityWaitForSIPI), "F_INTERRUPTIBILITY": uint64(vmx.GuestInterruptibility),
 		"BLOCKING_SMI": uint64(vmx.BlockingSMI),
+		"AP_GDTR":      apGDTR, "AP_IDTR": apIDTR, "AP_STACK": apStack, "AP_VMXON": apVMXON,
+		"SEL_CODE": pc.SelectorCode, "SEL_DATA": pc.SelectorData,
+		"MSR_GS_BASE": vmx.MSRGSBase, "MSR_FEATURE_CONTROL": vmx.MSRFeatureControl, "MSR_VMX_BASIC": vmx.MSRVMXBasic,
+		"MSR_VMX_CR0_FIXED0": vmx.MSRCR0Fixed0, "MSR_VMX_CR0_FIXED1": vmx.MSRCR0Fixed1,
+		"MSR_VMX_CR4_FIXED0": vmx.MSRCR4Fixed0, "MSR_VMX_CR4_FIXED1": vmx.MSRCR4Fixed1, "CR4_VMXE": vmx.CR4VMXE,
 	}
 	for name, v := range want {
 		got, ok := d[name]
 		if assert.True(t, ok, "%s not defined", name) {
 			assert.Equal(t, v, got, name)
 		}
+	}
+	for name := range d {
+		_, ok := want[name]
+		assert.True(t, ok, "smp_amd64.s defines %s, which no Go name is tied to", name)
 	}
 	assert.LessOrEqual(t, apCuts+8, apBlockEnd)
 	assert.Less(t, apParamLen-1, apCmd, "the mailbox follows the start-up fields")

@@ -1,8 +1,9 @@
 //go:build tamago
 
 #include "textflag.h"
-#include "layout_amd64.h"
-#include "../../vmx/vmx_amd64.h"
+#define SEL_CODE	0x08
+#define SEL_DATA	0x10
+#include "../../../vmx/vmx_amd64.h"
 #include "apvcpu_amd64.h"
 
 // Offsets in the AP parameter block (trampoline.go).

@@ -1,12 +1,14 @@
 //go:build tamago
 
-package pc
+package smp
 
 import (
 	"fmt"
-	"github.com/tamahv/tamahv/board/pc/acpi"
 	"io"
 	"time"
+
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 )
 
 // HoldProcessors brings every application processor the firmware lists
@@ -42,7 +44,7 @@ func HoldProcessors(avail [][2]uint64, rsdp uint64, visible bool, log io.Writer)
 		fmt.Fprintf(log, "tamahv: processors: CPUID (%s) counts %d logical processors in the bootstrap processor's package\n",
 			c.Topology.Leaf, c.Topology.Logical)
 	}
-	procs, err := acpi.FindProcessorsAt(PhysMem{}, rsdp)
+	procs, err := acpi.FindProcessorsAt(pc.PhysMem{}, rsdp)
 	if err != nil {
 		fmt.Fprintf(log, "tamahv: processors: %v; only the bootstrap processor is known\n", err)
 		cpuidLine()
@@ -81,7 +83,7 @@ func HoldProcessors(avail [][2]uint64, rsdp uint64, visible bool, log io.Writer)
 	var why []string // each reason once, with the APIC IDs it held back
 	failed := map[string][]uint32{}
 	for _, id := range hide {
-		if _, err := procs.Hide(PhysMem{}, id); err != nil {
+		if _, err := procs.Hide(pc.PhysMem{}, id); err != nil {
 			if _, ok := failed[err.Error()]; !ok {
 				why = append(why, err.Error())
 			}

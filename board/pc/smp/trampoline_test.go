@@ -1,14 +1,16 @@
-package pc
+package smp
 
 import (
 	"encoding/binary"
-	"github.com/tamahv/tamahv/board/pc/acpi"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/arch/x86/x86asm"
+
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 )
 
 // disasm decodes b[from:to] in the given mode, one line per instruction,
@@ -77,7 +79,7 @@ func TestTrampolineCopies(t *testing.T) {
 
 func TestParkIDT(t *testing.T) {
 	var idt [4096]byte
-	ParkIDT(&idt, SelectorCode, 0x1122334455667788, 0x10000000)
+	ParkIDT(&idt, pc.SelectorCode, 0x1122334455667788, 0x10000000)
 	gate := func(v int) (uint64, uint16, byte) {
 		g := idt[v*16:]
 		off := uint64(binary.LittleEndian.Uint16(g[0:])) | uint64(binary.LittleEndian.Uint16(g[6:]))<<16 |
@@ -86,7 +88,7 @@ func TestParkIDT(t *testing.T) {
 	}
 	off, sel, typ := gate(2)
 	assert.Equal(t, uint64(0x1122334455667788), off)
-	assert.Equal(t, uint16(SelectorCode), sel)
+	assert.Equal(t, uint16(pc.SelectorCode), sel)
 	assert.Equal(t, byte(0x8e), typ)
 	for _, v := range []int{0, 8, 13, 18, 255} {
 		off, _, typ := gate(v)
@@ -96,10 +98,10 @@ func TestParkIDT(t *testing.T) {
 }
 
 func TestAPParams(t *testing.T) {
-	b := APParams(Descriptor(GDT, 39), Descriptor(0x1000, 4095), 0x2000, 0x3000)
+	b := APParams(Descriptor(pc.GDT, 39), Descriptor(0x1000, 4095), 0x2000, 0x3000)
 	le := binary.LittleEndian
 	assert.Equal(t, uint16(39), le.Uint16(b[apGDTR:]))
-	assert.Equal(t, uint64(GDT), le.Uint64(b[apGDTR+2:]))
+	assert.Equal(t, uint64(pc.GDT), le.Uint64(b[apGDTR+2:]))
 	assert.Equal(t, uint16(4095), le.Uint16(b[apIDTR:]))
 	assert.Equal(t, uint64(0x1000), le.Uint64(b[apIDTR+2:]))
 	assert.Equal(t, uint64(0x2000), le.Uint64(b[apStack:]))

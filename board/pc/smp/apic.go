@@ -1,4 +1,4 @@
-package pc
+package smp
 
 import "github.com/tamahv/tamahv/vmx"
 

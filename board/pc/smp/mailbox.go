@@ -1,4 +1,4 @@
-package pc
+package smp
 
 import (
 	"errors"
@@ -64,11 +64,11 @@ const flagsFailed = 1<<0 | 1<<6
 
 // ErrAPSilent is returned when an AP does not answer a command in time:
 // it stopped (a fault in VMX root halts it) or never ran its loop.
-var ErrAPSilent = errors.New("pc: the application processor does not answer")
+var ErrAPSilent = errors.New("smp: the application processor does not answer")
 
 // ErrAPBusy is returned for a command sent while the AP runs the guest or
 // another command.
-var ErrAPBusy = errors.New("pc: the application processor is busy")
+var ErrAPBusy = errors.New("smp: the application processor is busy")
 
 // mailbox drives one AP's exit loop through its parameter block.
 type mailbox struct {
@@ -125,7 +125,7 @@ func (m mailbox) vmx(name string, cmd uint32, a0, a1 uint64) (uint64, error) {
 		return 0, err
 	}
 	if flags&flagsFailed != 0 {
-		return 0, fmt.Errorf("pc: %s %#x on the application processor failed (RFLAGS %#x)", name, a0, flags)
+		return 0, fmt.Errorf("smp: %s %#x on the application processor failed (RFLAGS %#x)", name, a0, flags)
 	}
 	return r[0], nil
 }

@@ -1,15 +1,25 @@
 //go:build tamago
 
-package pc
+// Package smp holds the application processors (APs): it finds them in
+// the firmware's tables (package acpi), starts each into VMX root
+// operation through a real-mode trampoline, parks it there, and runs each
+// held AP's VM exit loop (smp_amd64.s), which the bootstrap processor
+// drives through a mailbox in the AP's parameter block (APVCPU).
+package smp
 
 import (
 	"encoding/binary"
 	"fmt"
-	"github.com/tamahv/tamahv/board/pc/acpi"
 	"sync/atomic"
 	"time"
 	"unsafe"
+
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 )
+
+// hw is the bootstrap processor's instructions (CPUID, MSRs, CR3).
+var hw pc.Hardware
 
 // Implemented in smp_amd64.s.
 func apEntry()
@@ -36,7 +46,7 @@ const (
 // tamahv runs: keep it reachable.
 type SMP struct {
 	APs   []AP
-	arena *PageArena
+	arena *pc.PageArena
 	procs *acpi.Processors // the tables the APs were hidden from
 }
 
@@ -44,12 +54,12 @@ type SMP struct {
 // from CPUID leaf 0BH where the processor has it, else the initial APIC
 // ID of leaf 1.
 func BSPAPICID() uint32 {
-	if max, _, _, _ := cpuid(0, 0); max >= 0xb {
-		if _, b, _, d := cpuid(0xb, 0); b != 0 {
+	if max, _, _, _ := hw.CPUID(0, 0); max >= 0xb {
+		if _, b, _, d := hw.CPUID(0xb, 0); b != 0 {
 			return d
 		}
 	}
-	_, b, _, _ := cpuid(1, 0)
+	_, b, _, _ := hw.CPUID(1, 0)
 	return b >> 24
 }
 
@@ -62,15 +72,15 @@ type lapic struct {
 // newLAPIC returns the BSP's local APIC, switched to x2APIC mode where an
 // APIC ID above 254 needs it.
 func newLAPIC(highestID uint32) (lapic, error) {
-	v := readMSR(msrAPICBase)
+	v := hw.ReadMSR(msrAPICBase)
 	l := lapic{x2: v&apicBaseX2APIC != 0, base: v & apicBaseAddr}
 	if !l.x2 && highestID > 0xfe {
 		// Only the x2APIC reaches APIC IDs above 254; so could a guest
 		// that enables it, so tamahv must hold those processors too.
-		if _, _, c, _ := cpuid(1, 0); c&cpuidX2APIC == 0 {
-			return l, fmt.Errorf("pc: APIC ID %d needs the x2APIC, which the processor lacks", highestID)
+		if _, _, c, _ := hw.CPUID(1, 0); c&cpuidX2APIC == 0 {
+			return l, fmt.Errorf("smp: APIC ID %d needs the x2APIC, which the processor lacks", highestID)
 		}
-		writeMSR(msrAPICBase, v|apicBaseX2APIC)
+		hw.WriteMSR(msrAPICBase, v|apicBaseX2APIC)
 		l.x2 = true
 	}
 	return l, nil
@@ -79,25 +89,25 @@ func newLAPIC(highestID uint32) (lapic, error) {
 // ipi sends one interrupt command and waits for its delivery.
 func (l lapic) ipi(dest uint32, cmd uint32) error {
 	if l.x2 {
-		writeMSR(msrX2APICICR, uint64(dest)<<32|uint64(cmd))
+		hw.WriteMSR(msrX2APICICR, uint64(dest)<<32|uint64(cmd))
 		return nil
 	}
 	mmioWrite32(l.base+lapicICRHigh, dest<<24)
 	mmioWrite32(l.base+lapicICRLow, cmd)
 	if !spin(time.Millisecond, func() bool { return mmioRead32(l.base+lapicICRLow)&icrPending == 0 }) {
-		return fmt.Errorf("pc: IPI %#x to APIC %d not delivered", cmd, dest)
+		return fmt.Errorf("smp: IPI %#x to APIC %d not delivered", cmd, dest)
 	}
 	return nil
 }
 
 // spin polls cond until it holds or d has passed.
 func spin(d time.Duration, cond func() bool) bool {
-	end := nanotime() + int64(d)
+	start := time.Now()
 	for {
 		if cond() {
 			return true
 		}
-		if nanotime() > end {
+		if time.Since(start) > d {
 			return cond()
 		}
 	}
@@ -123,19 +133,19 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &SMP{arena: NewPageArena(1 + 3*len(apicIDs))}
+	s := &SMP{arena: pc.NewPageArena(1 + 3*len(apicIDs))}
 	idtPA, err := s.arena.Alloc()
 	if err != nil {
 		return nil, err
 	}
 	idt, _ := s.arena.Bytes(idtPA)
-	ParkIDT(idt, SelectorCode, apNMIPC(), apFaultPC())
+	ParkIDT(idt, pc.SelectorCode, apNMIPC(), apFaultPC())
 
 	saved := make([]byte, 4096)
-	if err := (PhysMem{}).ReadPhys(uint64(trampoline), saved); err != nil {
+	if err := (pc.PhysMem{}).ReadPhys(uint64(trampoline), saved); err != nil {
 		return nil, err
 	}
-	defer func() { _ = PhysMem{}.WritePhys(uint64(trampoline), saved) }()
+	defer func() { _ = pc.PhysMem{}.WritePhys(uint64(trampoline), saved) }()
 
 	for _, id := range apicIDs {
 		ap := AP{APICID: id}
@@ -147,15 +157,15 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 		}
 		ap.params, _ = s.arena.Bytes(pages[0])
 		ap.paramsPA, ap.idtPA = pages[0], idtPA
-		p := APParams(Descriptor(GDT, 5*8-1), Descriptor(idtPA, 4095), pages[1]+4096, pages[2])
+		p := APParams(Descriptor(pc.GDT, 5*8-1), Descriptor(idtPA, 4095), pages[1]+4096, pages[2])
 		copy(ap.params[:], p[:])
 		// The exit loop's stack: two slots at the top, NMI frames below.
 		binary.LittleEndian.PutUint64(ap.params[apExitRSP:], pages[1]+4096-64)
-		code, err := Trampoline(trampoline, readCR3(), apEntryPC(), pages[0])
+		code, err := Trampoline(trampoline, hw.CR3(), apEntryPC(), pages[0])
 		if err != nil {
 			return nil, err
 		}
-		if err := (PhysMem{}).WritePhys(uint64(trampoline), code); err != nil {
+		if err := (pc.PhysMem{}).WritePhys(uint64(trampoline), code); err != nil {
 			return nil, err
 		}
 		s.start(l, &ap, trampoline)
@@ -166,10 +176,10 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 
 // start sends INIT-SIPI-SIPI to one AP and waits for its report.
 func (s *SMP) start(l lapic, ap *AP, trampoline uint32) {
-	t0 := nanotime()
+	t0 := time.Now()
 	defer func() {
 		ap.Status = ap.status()
-		ap.Took = time.Duration(nanotime() - t0)
+		ap.Took = time.Since(t0)
 		ap.FeatureControl = *(*uint64)(unsafe.Pointer(&ap.params[apFeatCtl]))
 	}()
 	done := func() bool { st := ap.status(); return st != APSilent && st != APStarted }
@@ -192,4 +202,4 @@ func (s *SMP) start(l lapic, ap *AP, trampoline uint32) {
 
 // BSPTopology returns CPUID's view of the bootstrap processor's package
 // (PackageTopology); it runs on the bootstrap processor.
-func BSPTopology() Topology { return PackageTopology(cpuid) }
+func BSPTopology() Topology { return PackageTopology(hw.CPUID) }

@@ -1,21 +1,22 @@
 //go:build tamago
 
-package pc
+package smp
 
 import (
 	"errors"
 	"fmt"
-	"github.com/tamahv/tamahv/board/pc/acpi"
 	"runtime"
 	"sync/atomic"
 	"time"
 	"unsafe"
 
+	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"github.com/tamahv/tamahv/vmx"
 )
 
 // ErrAPStopped is APVCPU.Enter's answer once Stop was called.
-var ErrAPStopped = errors.New("pc: the application processor's vCPU was stopped")
+var ErrAPStopped = errors.New("smp: the application processor's vCPU was stopped")
 
 // launchWait is how long after VMLAUNCH was tried an AP that reported no
 // failure counts as in the guest (VM-entry checks fail at the
@@ -119,11 +120,11 @@ func (a *APVCPU) Bind(gen, seen *atomic.Uint64, inGuest *atomic.Uint32) {
 // Host returns the state the AP's exits load: tamahv's page tables, GDT
 // and TSS, the APs' IDT, the AP's own control registers, EFER and PAT,
 // and its parameter block as GS base (the NMI handler counts there).
-func (a *APVCPU) Host() HostRegisters {
-	h := Host()
+func (a *APVCPU) Host() pc.HostRegisters {
+	h := pc.Host()
 	r := a.call(cmdRegs, 0, 0)
 	h.CR0, h.CR3, h.CR4 = r[0], r[1], r[2]
-	h.EFER, h.PAT = a.ReadMSR(msrEFER), a.ReadMSR(msrPAT)
+	h.EFER, h.PAT = a.ReadMSR(vmx.MSREFER), a.ReadMSR(vmx.MSRPAT)
 	h.FSBase, h.GSBase, h.IDTRBase = 0, a.ap.paramsPA, a.ap.idtPA
 	return h
 }
@@ -156,7 +157,7 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 		if !launched {
 			insn = "VMLAUNCH"
 		}
-		return fmt.Errorf("pc: %s on APIC ID %d failed (RFLAGS %#x, VM-instruction error %d)", insn, a.ap.APICID, flags, ie)
+		return fmt.Errorf("smp: %s on APIC ID %d failed (RFLAGS %#x, VM-instruction error %d)", insn, a.ap.APICID, flags, ie)
 	}
 	return nil
 }
@@ -171,7 +172,7 @@ func (a *APVCPU) Started() (done bool, err error) {
 	case 0:
 		return false, nil
 	case 2:
-		return true, fmt.Errorf("pc: VMLAUNCH on APIC ID %d failed", a.ap.APICID)
+		return true, fmt.Errorf("smp: VMLAUNCH on APIC ID %d failed", a.ap.APICID)
 	}
 	if a.tried.IsZero() {
 		a.tried = time.Now()
@@ -182,9 +183,9 @@ func (a *APVCPU) Started() (done bool, err error) {
 // Show lists the AP in the guest's processor tables.
 func (a *APVCPU) Show() error {
 	if a.procs == nil {
-		return errors.New("pc: no processor tables")
+		return errors.New("smp: no processor tables")
 	}
-	_, err := a.procs.Show(PhysMem{}, a.ap.APICID)
+	_, err := a.procs.Show(pc.PhysMem{}, a.ap.APICID)
 	return err
 }
 
@@ -223,12 +224,12 @@ func (a *APVCPU) KickBSP(inGuest, kicks *atomic.Uint32, bspAPIC uint32) {
 // whether the NMI went: not where the guest disabled that local APIC or
 // kept its ICR busy.
 func (a *APVCPU) Kick() bool {
-	base := readMSR(msrAPICBase)
+	base := hw.ReadMSR(msrAPICBase)
 	switch {
 	case base&apicBaseEnable == 0:
 		return false
 	case base&apicBaseX2APIC != 0:
-		writeMSR(msrX2APICICR, uint64(a.ap.APICID)<<32|icrNMI|icrAssert)
+		hw.WriteMSR(msrX2APICICR, uint64(a.ap.APICID)<<32|icrNMI|icrAssert)
 		return true
 	}
 	mmio := base & apicBaseAddr
@@ -270,10 +271,10 @@ func (a *APVCPU) apicBase() uint64 {
 
 // LAPICRead reads the calling processor's local APIC register at off.
 func LAPICRead(off uint32) uint32 {
-	return mmioRead32(readMSR(msrAPICBase)&apicBaseAddr + uint64(off&0xff0))
+	return mmioRead32(hw.ReadMSR(msrAPICBase)&apicBaseAddr + uint64(off&0xff0))
 }
 
 // LAPICWrite writes the calling processor's local APIC register at off.
 func LAPICWrite(off, v uint32) {
-	mmioWrite32(readMSR(msrAPICBase)&apicBaseAddr+uint64(off&0xff0), v)
+	mmioWrite32(hw.ReadMSR(msrAPICBase)&apicBaseAddr+uint64(off&0xff0), v)
 }
