@@ -116,7 +116,6 @@ type Config struct {
 	Swap swapmem.Config
 }
 
-
 // Machine is one guest, assembled and ready to run.
 type Machine struct {
 	// VCPU is the guest's processor, vCPU 0 (the bootstrap processor);
