@@ -8,8 +8,8 @@ import (
 	"strings"
 
 	"github.com/tamahv/tamahv/board/pc"
-	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"

@@ -34,8 +34,8 @@ import (
 	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
-	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/vmx"
 )
 
