@@ -36,18 +36,23 @@ PKGS_ISO   := grub-pc-bin grub-common xorriso mtools cpio busybox-static
 PKGS_BOCHS := bochs bochsbios vgabios bochs-term
 PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
+# UEFI: GRUB's EFI platform (grub-mkrescue then makes the ISOs boot on
+# UEFI as well) and the OVMF firmware the UEFI tests boot with.
+PKGS_UEFI  := grub-efi-amd64-bin ovmf
 
-.PHONY: kmod e2e-smp iso-smp iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
-# install-packages installs the Debian packages in $(1) that are missing.
+# install-packages installs the Debian packages in $(1) that are missing,
+# without the packages they only recommend (qemu-system-x86's GUI among
+# them).
 define install-packages
 	@missing=""; for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "tamahv: installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 endef
 
@@ -59,6 +64,8 @@ deps-qemu:
 	$(call install-packages,$(PKGS_QEMU))
 deps-test:
 	$(call install-packages,$(PKGS_TEST))
+deps-uefi:
+	$(call install-packages,$(PKGS_UEFI))
 
 $(TAMAGO): go.mod go.sum
 	@mkdir -p $(BUILD)
@@ -136,7 +143,7 @@ kmod:
 	$(MAKE) --no-print-directory -s -C $$hdr M=$(abspath $(KMOD)) modules >$(KMOD)/build.log 2>&1 || { cat $(KMOD)/build.log; exit 1; }; \
 	strip --strip-debug -o $(PAYLOAD)/root/lib/modules/tamahv_adversary.ko $(KMOD)/tamahv_adversary.ko
 
-iso: image payload deps-iso
+iso: image payload deps-iso deps-uefi
 	@echo "tamahv: building $(ISO)"
 	@rm -rf $(BUILD)/iso && mkdir -p $(BUILD)/iso/boot/grub
 	cp $(IMAGE) $(BUILD)/iso/boot/tamahv.elf
@@ -169,6 +176,13 @@ iso-smp: iso
 	cp qemu/grub-smp.cfg $(BUILD)/iso-smp/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/smp.iso $(BUILD)/iso-smp 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
+# The tamahv ISO that boots it through Multiboot2 (GRUB's multiboot2 and
+# module2 --nounzip), on BIOS and on UEFI.
+iso-mb2: iso
+	@rm -rf $(BUILD)/iso-mb2 && cp -r $(BUILD)/iso $(BUILD)/iso-mb2
+	cp qemu/grub-mb2.cfg $(BUILD)/iso-mb2/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/mb2.iso $(BUILD)/iso-mb2 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
 # The tamahv ISO that keeps the application processors parked and hidden
 # (smp.park on tamahv's command line).
 iso-park: iso
@@ -199,7 +213,7 @@ host-test:
 
 # The emulator tests build the image themselves (make iso) when the TamaGo
 # distribution is here, and skip with one line saying why when it is not.
-test: deps-test deps-iso deps-bochs deps-qemu check
+test: deps-test deps-iso deps-uefi deps-bochs deps-qemu check
 	@why=$$($(GO) run ./qemu/cmd/tamahv-prereq); if [ -n "$$why" ]; then echo "tamahv: image tests skipped: $$why"; fi
 	@start=$$(date +%s); rc=0; $(GO) test -race -count=1 -timeout 60m ./... || rc=$$?; \
 	if [ -s $(PAYLOAD)/kernel.version ]; then echo "tamahv: the guest kernel the emulator tests booted: $$(cat $(PAYLOAD)/kernel.version) ($$(dpkg-deb -f $(PAYLOAD)/deb/$$(cat $(PAYLOAD)/kernel.version)*.deb Version 2>/dev/null))"; fi; \

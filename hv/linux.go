@@ -56,6 +56,9 @@ type Linux struct {
 	// memory) become E820Reserved in the guest's map.
 	Map      []E820Entry
 	Reserved [][2]uint64
+	// RSDP is the ACPI RSDP's physical address, written to
+	// boot_params.acpi_rsdp_addr (boot protocol 2.14 and later); 0: none.
+	RSDP uint64
 	// InitrdEnd is where the initrd must end (it is placed just below);
 	// default: the start of the first Reserved range.
 	InitrdEnd uint64
@@ -99,6 +102,7 @@ const (
 	hdrInitrdMax    = 0x22c
 	hdrCmdlineSize  = 0x238
 	hdrInitSize     = 0x260
+	bpACPIRSDPAddr  = 0x070
 	bpE820Entries   = 0x1e8
 	bpE820Table     = 0x2d0
 )
@@ -128,6 +132,9 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	protOff := (setupSects + 1) * 512
 	if protOff >= l.KernelLen {
 		return nil, fmt.Errorf("%w: setup of %d sectors in a %d-byte file", ErrNotBzImage, setupSects, l.KernelLen)
+	}
+	if l.RSDP != 0 && version < 0x020e {
+		return nil, fmt.Errorf("%w: %d.%d cannot be told where the ACPI RSDP is (2.14 can)", ErrProtocol, version>>8, version&0xff)
 	}
 	protLen := l.KernelLen - protOff
 	cmdMax := uint64(le.Uint32(hdr[hdrCmdlineSize:]))
@@ -194,6 +201,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		le.PutUint32(bp[hdrRamdiskImage:], uint32(initrdPA))
 		le.PutUint32(bp[hdrRamdiskSize:], uint32(l.InitrdLen))
 	}
+	le.PutUint64(bp[bpACPIRSDPAddr:], l.RSDP)
 	bp[bpE820Entries] = byte(len(e820))
 	for i, e := range e820 {
 		o := bpE820Table + 20*i

@@ -111,6 +111,27 @@ func TestLoadLinux(t *testing.T) {
 	assert.Equal(t, "console=ttyS1\x00", string(cmd))
 	assert.Equal(t, uint32(0x0000ffff), m.u32(LinuxGDT+bootCS))
 	assert.Equal(t, uint32(0x00cf9b00), m.u32(LinuxGDT+bootCS+4))
+	assert.Zero(t, m.u32(LinuxBootParam+bpACPIRSDPAddr), "no RSDP given: none written")
+}
+
+// TestLoadLinuxTellsTheRSDP: on UEFI the kernel finds ACPI only where it
+// is told (boot_params.acpi_rsdp_addr, boot protocol 2.14); an older
+// kernel cannot be told, and is refused.
+func TestLoadLinuxTellsTheRSDP(t *testing.T) {
+	m := sparseMem{}
+	img := fakeBzImage(0x020f, []byte("k"))
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap,
+		Reserved: [][2]uint64{{0x10000000, 0x18000000}}, RSDP: 0x3f77e014}
+	_, err := l.Load(m)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(0x3f77e014), m.u32(LinuxBootParam+bpACPIRSDPAddr))
+	assert.Zero(t, m.u32(LinuxBootParam+bpACPIRSDPAddr+4))
+
+	old := fakeBzImage(0x020d, []byte("k"))
+	require.NoError(t, m.WritePhys(0x20000000, old))
+	_, err = l.Load(m)
+	assert.ErrorIs(t, err, ErrProtocol)
 }
 
 // TestLoadLinuxKernelModuleInPlace: GRUB left the kernel module at 1 MiB,

@@ -41,7 +41,14 @@ func isoForSMP(t *testing.T) string {
 	return builtISO(t, "../build/smp.iso")
 }
 
-// builtISO builds the test ISOs once (make iso iso-smp), or skips the test
+// isoForMB2 is the ISO that boots tamahv through Multiboot2 (make
+// iso-mb2), on BIOS and on UEFI.
+func isoForMB2(t *testing.T) string {
+	t.Helper()
+	return builtISO(t, "../build/mb2.iso")
+}
+
+// builtISO builds the test ISOs once (make iso iso-smp iso-mb2), or skips the test
 // saying why they cannot be built here, and returns path's absolute form.
 func builtISO(t *testing.T, path string) string {
 	t.Helper()
@@ -49,10 +56,10 @@ func builtISO(t *testing.T, path string) string {
 		t.Skip("image tests skipped: " + why)
 	}
 	buildOnce.Do(func() {
-		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp")
+		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp", "iso-mb2")
 		buildOut, buildErr = cmd.CombinedOutput()
 	})
-	require.NoError(t, buildErr, "make iso iso-smp:\n%s", buildOut)
+	require.NoError(t, buildErr, "make iso iso-smp iso-mb2:\n%s", buildOut)
 	iso, err := filepath.Abs(path)
 	require.NoError(t, err)
 	t.Logf("the guest kernel: %s", guestKernel())
@@ -150,6 +157,38 @@ func TestTCGReportsVMXUnavailable(t *testing.T) {
 	l, i := lineWith(res.Lines, "tamahv: VMX ")
 	require.GreaterOrEqual(t, i, 0, "no VMX line in:\n%s", res.Serial())
 	assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
+}
+
+// TestTCGMultiboot2 boots tamahv through GRUB's multiboot2 on SeaBIOS
+// and on OVMF (UEFI), under QEMU TCG, which has no VMX: tamahv reads the
+// Multiboot2 information on both, and on UEFI finds the ACPI RSDP through
+// the EFI system table and checks it against GRUB's copy, before it
+// reports VMX unavailable.
+func TestTCGMultiboot2(t *testing.T) {
+	iso := isoForMB2(t)
+	needEmulator(t, TCG)
+	for _, uefi := range []bool{false, true} {
+		fw := map[bool]string{false: "BIOS", true: "UEFI"}[uefi]
+		t.Run(fw, func(t *testing.T) {
+			if _, err := os.Stat(OVMFCode); uefi && err != nil {
+				t.Skip("no OVMF firmware (Debian package ovmf)")
+			}
+			res := bootUntilHalted(t, Config{Emulator: TCG, ISO: iso, UEFI: uefi, Timeout: 2 * time.Minute})
+			t.Logf("tamahv:\n%s", res.Serial())
+			l, _ := lineWith(res.Lines, "tamahv: boot protocol ")
+			assert.Equal(t, "tamahv: boot protocol Multiboot2 on "+fw+" firmware", l)
+			l, _ = lineWith(res.Lines, "tamahv: booted by ")
+			assert.Contains(t, l, "2 modules")
+			rsdp, _ := lineWith(res.Lines, "tamahv: ACPI RSDP at ")
+			if uefi {
+				assert.Regexp(t, `^tamahv: ACPI RSDP at 0x[0-9a-f]+ \(EFI configuration table, ACPI 2\.0 entry, revision 2\); the boot loader's copy agrees$`, rsdp)
+			} else {
+				assert.Empty(t, rsdp, "on BIOS the legacy areas are searched later")
+			}
+			l, _ = lineWith(res.Lines, "tamahv: VMX ")
+			assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
+		})
+	}
 }
 
 // TestBochsModels boots every Bochs CPU model tamahv supports, with its

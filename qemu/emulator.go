@@ -68,7 +68,17 @@ type Config struct {
 	// Program replaces the emulator's executable (for tests of the
 	// harness itself); it gets the same arguments.
 	Program string
+	// UEFI boots QEMU with OVMF (Debian's ovmf package) on the q35
+	// machine, with a copy of the firmware's variables in Dir, instead of
+	// SeaBIOS on pc.
+	UEFI bool
 }
+
+// OVMF's firmware and the template of its variables (Debian's ovmf).
+const (
+	OVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	OVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
 
 // Defaults.
 const (
@@ -177,13 +187,31 @@ func command(c *Config, dir string) (string, []string, error) {
 		}
 		return c.program("bochs"), []string{"-q", "-f", rc, "-rc", cmds}, nil
 	case TCG, KVM:
+		machine := "pc"
+		var firmware []string
+		if c.UEFI {
+			vars := filepath.Join(dir, "OVMF_VARS.fd")
+			b, err := os.ReadFile(OVMFVars)
+			if err != nil {
+				return "", nil, fmt.Errorf("qemu: UEFI: %w (Debian package ovmf)", err)
+			}
+			if err := os.WriteFile(vars, b, 0o644); err != nil {
+				return "", nil, err
+			}
+			machine = "q35"
+			firmware = []string{
+				"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + OVMFCode,
+				"-drive", "if=pflash,format=raw,unit=1,file=" + vars,
+			}
+		}
 		args := []string{
-			"-machine", "pc", "-m", fmt.Sprint(c.MemMiB), "-smp", fmt.Sprint(c.CPUs),
+			"-machine", machine, "-m", fmt.Sprint(c.MemMiB), "-smp", fmt.Sprint(c.CPUs),
 			"-cdrom", c.ISO, "-boot", "d",
 			"-display", "none", "-monitor", "none", "-no-reboot",
 			"-serial", "file:" + SerialLog(dir),
 			"-serial", "file:" + GuestLog(dir),
 		}
+		args = append(args, firmware...)
 		if c.Emulator == KVM {
 			args = append(args, "-enable-kvm", "-cpu", "host,+vmx")
 		} else {

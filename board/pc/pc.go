@@ -12,7 +12,9 @@ import (
 	"github.com/usbarmory/tamago/amd64"
 	"github.com/usbarmory/tamago/soc/intel/uart"
 
+	"github.com/tamahv/tamahv/board/pc/bootinfo"
 	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/multiboot2"
 )
 
 // Serial ports.
@@ -218,7 +220,19 @@ func (PhysMem) ReadPhys(pa uint64, p []byte) error {
 	return nil
 }
 
-// BootInfo parses the Multiboot information GRUB passed.
-func BootInfo() (*multiboot.Info, error) {
-	return multiboot.Parse(PhysMem{}, bootMagic, uint64(bootInfo))
+// BootInfo parses the boot information the boot loader passed, Multiboot
+// 1 or Multiboot2 by the magic it left in EAX.
+func BootInfo() (*bootinfo.Info, error) {
+	if bootMagic == multiboot2.BootMagic {
+		mb, err := multiboot2.Parse(PhysMem{}, bootMagic, uint64(bootInfo))
+		if err != nil {
+			return nil, err
+		}
+		return bootinfo.FromMultiboot2(mb)
+	}
+	mb, err := multiboot.Parse(PhysMem{}, bootMagic, uint64(bootInfo))
+	if err != nil {
+		return nil, err
+	}
+	return bootinfo.FromMultiboot(mb), nil
 }

@@ -1,7 +1,9 @@
 // Command mbpatch is the post-link step of the tamahv image: it writes a
-// Multiboot 1 header with address fields into the ELF file's first 8 KiB,
-// so that GRUB can boot it and keeps its modules and information structure
-// out of tamahv's RAM region, then checks the result.
+// Multiboot 1 header with address fields into the ELF file's first 8 KiB
+// and a Multiboot2 header into its first 32 KiB, so that GRUB can boot it
+// with either protocol (multiboot or multiboot2) and keeps its modules and
+// information structure out of tamahv's RAM region, then checks the
+// result.
 //
 // Usage:
 //
@@ -15,6 +17,7 @@ import (
 	"strconv"
 
 	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/multiboot2"
 )
 
 func main() {
@@ -47,11 +50,19 @@ func run(path, endArg string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
+	off2, err := multiboot2.Patch(img, end)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
 	if err := os.WriteFile(path, img, 0o755); err != nil {
 		return err
 	}
 	h, _, _ := multiboot.Find(img)
 	fmt.Printf("mbpatch: %s: Multiboot header at file offset %#x: load %#x-%#x, reserved to %#x, entry %#x\n",
 		path, off, h.LoadAddr, h.LoadEndAddr, h.BSSEndAddr, h.EntryAddr)
+	if _, _, err := multiboot2.Find(img); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	fmt.Printf("mbpatch: %s: Multiboot2 header at file offset %#x\n", path, off2)
 	return nil
 }

@@ -8,7 +8,8 @@ import (
 	"strings"
 
 	"github.com/tamahv/tamahv/board/pc"
-	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/bootinfo"
+	"github.com/tamahv/tamahv/board/pc/e820"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
@@ -18,10 +19,10 @@ import (
 // The guest's serial console is COM2; tamahv keeps COM1.
 const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1"
 
-// modules finds the kernel and initramfs among the Multiboot modules: the
+// modules finds the kernel and initramfs among the boot modules: the
 // kernel is the one whose name ends in "vmlinuz"; its arguments, if any,
 // replace the default guest command line.
-func modules(info *multiboot.Info) (kernel, initrd *multiboot.Module, cmdline string) {
+func modules(info *bootinfo.Info) (kernel, initrd *bootinfo.Module, cmdline string) {
 	cmdline = guestCmdline
 	for i := range info.Modules {
 		m := &info.Modules[i]
@@ -39,13 +40,24 @@ func modules(info *multiboot.Info) (kernel, initrd *multiboot.Module, cmdline st
 	return kernel, initrd, cmdline
 }
 
-func runGuest(caps *vmx.Caps, info *multiboot.Info, kernel, initrd *multiboot.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
+// guestMemory is the machine's memory map for the guest: built from the
+// EFI memory map with the EFI stub's rules where the boot loader passed
+// one (UEFI), else the boot loader's map with the types a guest knows.
+func guestMemory(info *bootinfo.Info) []e820.Entry {
+	if info.EFI != nil && info.EFI.MemoryMap != nil {
+		return e820.FromEFI(info.EFI.MemoryMap)
+	}
+	return e820.FromLoader(info.MemoryMap)
+}
+
+func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel, initrd *bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
 	c := machine.Config{
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
+		RSDP: rsdp,
 	}
-	for _, r := range info.MemoryMap {
-		c.Memory = append(c.Memory, hv.E820Entry{Addr: r.Base, Size: r.Length, Type: r.Type})
+	for _, r := range memory {
+		c.Memory = append(c.Memory, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})
 	}
 	if initrd != nil {
 		c.Initrd = [2]uint64{initrd.Start, initrd.End - initrd.Start}

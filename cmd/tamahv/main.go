@@ -34,7 +34,9 @@ import (
 	"unsafe"
 
 	"github.com/tamahv/tamahv/board/pc"
-	"github.com/tamahv/tamahv/board/pc/multiboot"
+	"github.com/tamahv/tamahv/board/pc/bootinfo"
+	"github.com/tamahv/tamahv/board/pc/e820"
+	"github.com/tamahv/tamahv/board/pc/efi"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -50,7 +52,18 @@ func main() {
 	fmt.Printf("tamahv %s: thin VT-x hypervisor (%s, %s)\n", Version, runtime.Version(), pc.AMD64.Name())
 	hz, src := pc.TSCHzSource()
 	fmt.Printf("tamahv: TSC %d.%03d MHz (%s)\n", hz/1e6, hz/1e3%1e3, src)
-	reportBoot()
+	// The boot information is copied out first, before anything of
+	// tamahv's writes low memory.
+	info, infoErr := pc.BootInfo()
+	reportBoot(info, infoErr)
+	var rsdp uint64
+	var rsdpErr error
+	if infoErr == nil {
+		rsdp, rsdpErr = acpiRSDP(info)
+		if rsdpErr != nil {
+			fmt.Printf("tamahv: no ACPI RSDP through the EFI system table: %v\n", rsdpErr)
+		}
+	}
 
 	caps, err := vmx.Discover(pc.Hardware{})
 	if err != nil {
@@ -65,17 +78,28 @@ func main() {
 		unavailable(fmt.Sprintf("VMXON failed: %v", err))
 	}
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
-	if info, err := pc.BootInfo(); err == nil {
+	if infoErr == nil {
 		if kernel, initrd, cmdline := modules(info); kernel != nil {
+			memory := guestMemory(info)
+			// Free for the APs' start-up page: RAM but what the boot
+			// loader put there (on UEFI GRUB may load a module as low as
+			// 0x1000).
+			free := memory
+			for _, m := range info.Modules {
+				free = e820.Reserve(free, m.Start&^0xfff, (m.End+0xfff)&^0xfff)
+			}
 			var avail [][2]uint64
-			for _, r := range info.MemoryMap {
-				if r.Type == multiboot.MemAvailable {
-					avail = append(avail, [2]uint64{r.Base, r.Base + r.Length})
+			for _, r := range free {
+				if r.Type == e820.RAM {
+					avail = append(avail, [2]uint64{r.Addr, r.End()})
 				}
 			}
 			// smp.visible leaves the firmware's processor tables as they are.
 			visible := slices.Contains(strings.Fields(info.Cmdline), "smp.visible")
-			smp, err := smp.HoldProcessors(avail, acpiRSDP(info), visible, os.Stdout)
+			var held *smp.SMP
+			if err = rsdpErr; err == nil {
+				held, err = smp.HoldProcessors(avail, rsdp, visible, os.Stdout)
+			}
 			// Every held application processor runs a vCPU; with
 			// smp.park they stay parked and hidden.
 			vcpus := !slices.Contains(strings.Fields(info.Cmdline), "smp.park")
@@ -83,10 +107,10 @@ func main() {
 				// Fail closed: a processor tamahv does not hold could
 				// run the guest's code outside VMX operation.
 				fmt.Printf("tamahv: guest not started: %v\n", err)
-			} else if err := runGuest(caps, info, kernel, initrd, cmdline, smp, vcpus); err != nil {
+			} else if err := runGuest(caps, info, memory, rsdp, kernel, initrd, cmdline, held, vcpus); err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}
-			runtime.KeepAlive(smp) // the parked APs' pages
+			runtime.KeepAlive(held) // the parked APs' pages
 		} else {
 			fmt.Println("tamahv: no guest (no kernel among the Multiboot modules)")
 		}
@@ -98,14 +122,30 @@ func main() {
 	pc.Halt()
 }
 
-// acpiRSDP returns the physical address of the ACPI RSDP where the boot
-// path gives one, else 0, and smp.HoldProcessors searches the legacy BIOS
-// areas for it. Multiboot 1 carries none. A UEFI boot path passes the EFI
-// configuration table's ACPI 2.0 entry here: firmware without a
+// acpiRSDP returns the physical address of the ACPI RSDP on UEFI: the EFI
+// configuration table's (ACPI 2.0 entry, then 1.0), checked, and compared
+// with the boot loader's copy where it gave one. Firmware without a
 // compatibility module keeps no RSDP in the BIOS areas, and without the
-// MADT tamahv cannot hold the application processors (it then refuses to
-// start the guest on a machine with more than one).
-func acpiRSDP(*multiboot.Info) uint64 { return 0 }
+// MADT tamahv cannot hold the application processors. On BIOS it returns
+// 0, and HoldProcessors searches the legacy BIOS areas.
+func acpiRSDP(info *bootinfo.Info) (uint64, error) {
+	if info.EFI == nil || info.EFI.SystemTable == 0 {
+		return 0, nil
+	}
+	loc, err := efi.FindRSDP(pc.PhysMem{}, info.EFI.SystemTable)
+	if err != nil {
+		return 0, err
+	}
+	if err := info.CheckRSDP(loc.RSDP); err != nil {
+		return 0, fmt.Errorf("ACPI RSDP at %#x: %w", loc.Addr, err)
+	}
+	kind := "ACPI 2.0"
+	if loc.GUID == efi.ACPITableGUID {
+		kind = "ACPI 1.0"
+	}
+	fmt.Printf("tamahv: ACPI RSDP at %#x (EFI configuration table, %s entry, revision %d); the boot loader's copy agrees\n", loc.Addr, kind, loc.RSDP.Revision)
+	return loc.Addr, nil
+}
 
 func unavailable(reason string) {
 	fmt.Printf("tamahv: VMX unavailable: %s\n", reason)
@@ -122,19 +162,19 @@ func alignedRegion(n int) (uint64, []byte) {
 	return pa + off, vmxonRegion[off : off+uint64(n)]
 }
 
-func reportBoot() {
-	info, err := pc.BootInfo()
+func reportBoot(info *bootinfo.Info, err error) {
 	if err != nil {
 		fmt.Printf("tamahv: no boot information: %v\n", err)
 		return
 	}
 	var avail uint64
 	for _, r := range info.MemoryMap {
-		if r.Type == multiboot.MemAvailable {
-			avail += r.Length
+		if r.Type == e820.RAM {
+			avail += r.Size
 		}
 	}
 	fmt.Printf("tamahv: booted by %q, command line %q, %d MiB available in %d regions, %d modules\n",
 		info.LoaderName, info.Cmdline, avail>>20, len(info.MemoryMap), len(info.Modules))
+	fmt.Printf("tamahv: boot protocol %v on %v firmware\n", info.Protocol, info.Firmware())
 	fmt.Printf("tamahv: own region %#x-%#x\n", uint64(pc.RAMStart), uint64(pc.RAMEnd))
 }

@@ -102,6 +102,10 @@ type Config struct {
 	Kernel, Initrd [2]uint64
 	// Cmdline is the guest kernel's command line.
 	Cmdline string
+	// RSDP is the ACPI RSDP's physical address the guest's kernel is told
+	// of (boot_params.acpi_rsdp_addr; 0: none, the kernel searches the
+	// BIOS areas, as it must find it on UEFI firmware without them).
+	RSDP uint64
 	// Options is tamahv's own command line: the hc.ring3= grants of the
 	// default policy, and the settings ParseOptions reads.
 	Options string
@@ -305,7 +309,7 @@ func New(b Board, c Config) (*Machine, error) {
 
 	m.Linux = &hv.Linux{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], InitrdPA: c.Initrd[0], InitrdLen: c.Initrd[1],
-		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own},
+		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP,
 	}
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
