@@ -264,9 +264,12 @@ func adversaryModule() (bool, string) {
 // TestBochsLinuxGuest boots Debian's kernel under tamahv in Bochs: the
 // guest's init proves it runs virtualized, checks tamahv's protections,
 // attacks tamahv from its kernel and from ring 3 (the guest adversary) and
-// ends itself through a hypercall its kernel module makes.
+// ends itself through a hypercall its kernel module makes. GRUB boots
+// tamahv through Multiboot2 and hands it the guest's files with module2
+// --nounzip, as an installed system's menu entry does (the 2-processor
+// test boots through Multiboot 1).
 func TestBochsLinuxGuest(t *testing.T) {
-	iso := isoForTest(t)
+	iso := isoForMB2(t)
 	needEmulator(t, Bochs)
 	withModule, why := adversaryModule()
 	done := func(l string) bool {

@@ -120,14 +120,17 @@ type Header struct {
 }
 
 // Tamahv returns the header tamahv's image carries, for an image with the
-// given address fields and 32-bit entry.
+// given address fields and 32-bit entry. It has no framebuffer tag: GRUB
+// would then leave the display in a graphics mode on BIOS, and the guest,
+// which is not told of a framebuffer (screen_info), would write to a VGA
+// text console no one sees. The framebuffer GRUB left is still reported
+// (the TagFramebuffer request), on UEFI where there is no text mode.
 func Tamahv(addr Address, entry uint32) Header {
 	return Header{
 		Requests:     Requests(),
 		Address:      &addr,
 		Entry:        entry,
 		ConsoleFlags: ConsoleEGAText,
-		Framebuffer:  &FramebufferPreference{},
 		ModuleAlign:  true,
 	}
 }

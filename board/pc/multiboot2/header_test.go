@@ -21,8 +21,8 @@ import (
 func TestTamahvHeaderBytes(t *testing.T) {
 	h := Tamahv(Address{HeaderAddr: 0x1000f098, LoadAddr: 0x1000f000, LoadEndAddr: 0x10400000, BSSEndAddr: 0x18000000}, 0x10010000)
 	want := "" +
-		// magic, architecture 0 (i386), header_length 160, checksum
-		"d65052e8" + "00000000" + "a0000000" + "8aaead17" +
+		// magic, architecture 0 (i386), header_length 136, checksum
+		"d65052e8" + "00000000" + "88000000" + "a2aead17" +
 		// information request, required, 8+9*4 bytes, then 4 bytes of padding
 		"0100" + "0000" + "2c000000" +
 		"06000000" + "01000000" + "03000000" + "0c000000" + "0e000000" +
@@ -33,8 +33,6 @@ func TestTamahvHeaderBytes(t *testing.T) {
 		"0300" + "0000" + "0c000000" + "00000110" + "00000000" +
 		// console flags, optional: EGA text supported
 		"0400" + "0100" + "0c000000" + "02000000" + "00000000" +
-		// framebuffer, optional: no preference
-		"0500" + "0100" + "14000000" + "00000000" + "00000000" + "00000000" + "00000000" +
 		// module alignment, end
 		"0600" + "0000" + "08000000" +
 		"0000" + "0000" + "08000000"
@@ -45,6 +43,7 @@ func TestTamahvHeaderBytes(t *testing.T) {
 	assert.Zero(t, le.Uint32(b)+le.Uint32(b[4:])+le.Uint32(b[8:])+le.Uint32(b[12:]), "checksum")
 	assert.Equal(t, len(b), int(le.Uint32(b[8:])))
 	assert.NotContains(t, h.Requests, uint32(TagSMBIOS), "GRUB 2.06 refuses an SMBIOS request")
+	assert.Nil(t, h.Framebuffer, "no framebuffer tag: the guest is not told of one")
 }
 
 func TestHeaderRoundTrip(t *testing.T) {
@@ -160,7 +159,7 @@ func TestFindRejectsMalformed(t *testing.T) {
 		"twice the entry tag": {func(h []byte) {
 			copy(h[104:120], h[88:104]) // over the console flags tag
 		}, ErrHeader},
-		"end tag size": {func(h []byte) { le.PutUint32(h[156:], 16) }, ErrHeader},
+		"end tag size": {func(h []byte) { le.PutUint32(h[132:], 16) }, ErrHeader},
 	} {
 		img := make([]byte, 0x2000)
 		copy(img[at:], good.Bytes())
