@@ -47,11 +47,15 @@ const (
 // Linux describes a Linux kernel to boot with the 32-bit boot protocol
 // (Documentation/arch/x86/boot.rst, "32-bit Boot Protocol").
 type Linux struct {
-	// Kernel and Initrd are the bzImage and initramfs where the boot loader
-	// left them (Multiboot modules).
+	// Kernel is the bzImage where the boot loader left it (a module).
 	KernelPA, KernelLen uint64
-	InitrdPA, InitrdLen uint64
-	Cmdline             string
+	// Initrds are the parts of the initramfs where the boot loader left
+	// them (modules, address and length), in order: the guest gets them
+	// one after the other, each starting 4-byte aligned, as one initrd
+	// (the kernel unpacks archives laid end to end, each compressed or
+	// not).
+	Initrds [][2]uint64
+	Cmdline string
 	// Map is the machine's memory map; Reserved ranges (tamahv's own
 	// memory) become E820Reserved in the guest's map.
 	Map      []E820Entry
@@ -59,9 +63,6 @@ type Linux struct {
 	// RSDP is the ACPI RSDP's physical address, written to
 	// boot_params.acpi_rsdp_addr (boot protocol 2.14 and later); 0: none.
 	RSDP uint64
-	// InitrdEnd is where the initrd must end (it is placed just below);
-	// default: the start of the first Reserved range.
-	InitrdEnd uint64
 }
 
 // Start is the guest state the 32-bit boot protocol wants: protected mode,
@@ -73,6 +74,10 @@ type Start struct {
 	GDTLimit         uint16
 	CodeSel, DataSel uint16
 	InitrdPA         uint64
+	InitrdLen        uint64
+	// KernelPA is where the protected-mode kernel went: its preferred
+	// address (pref_address), whose init_size bytes it decompresses into.
+	KernelPA         uint64
 	BootParams       uint64
 	ProtocolVersion  uint16
 	E820             []E820Entry
@@ -101,11 +106,28 @@ const (
 	hdrCmdLinePtr   = 0x228
 	hdrInitrdMax    = 0x22c
 	hdrCmdlineSize  = 0x238
+	hdrKernelAlign  = 0x230
+	hdrPrefAddress  = 0x258
 	hdrInitSize     = 0x260
 	bpACPIRSDPAddr  = 0x070
 	bpE820Entries   = 0x1e8
 	bpE820Table     = 0x2d0
 )
+
+// IsBzImage reports whether the n bytes at pa are a Linux bzImage: the
+// boot sector's 0xaa55 and the setup header's "HdrS" (boot protocol 2.00
+// or later). Boot loaders hand files over by position and name; tamahv
+// tells the kernel by its header.
+func IsBzImage(m PhysReader, pa, n uint64) bool {
+	if n < hdrMagic+4 {
+		return false
+	}
+	var b [hdrMagic + 4]byte
+	if m.ReadPhys(pa, b[:]) != nil {
+		return false
+	}
+	return binary.LittleEndian.Uint16(b[hdrBootFlag:]) == 0xaa55 && string(b[hdrMagic:]) == "HdrS"
+}
 
 // Load copies the kernel and initrd into place, writes the boot
 // parameters, command line and GDT, and returns the entry state.
@@ -143,46 +165,64 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	}
 	initSize := uint64(le.Uint32(hdr[hdrInitSize:]))
 
-	// Where things go, and what must not overlap.
-	initrdEnd := l.InitrdEnd
-	if initrdEnd == 0 && len(l.Reserved) > 0 {
-		initrdEnd = l.Reserved[0][0]
+	// Where things go, and what must not overlap. The kernel goes to its
+	// preferred address, where it decompresses itself into init_size
+	// bytes (a kernel loaded lower moves itself there); the initrd to the
+	// highest RAM below initrd_addr_max that spares the kernel's area,
+	// tamahv's memory, the first MiB and every module not yet copied.
+	kernelPA := le.Uint64(hdr[hdrPrefAddress:])
+	if kernelPA < LinuxKernel {
+		kernelPA = LinuxKernel
 	}
-	if max := uint64(le.Uint32(hdr[hdrInitrdMax:])) + 1; initrdEnd == 0 || initrdEnd > max {
-		initrdEnd = max
+	if a := uint64(le.Uint32(hdr[hdrKernelAlign:])); a > 1 && a&(a-1) == 0 {
+		kernelPA = (kernelPA + a - 1) &^ (a - 1)
 	}
-	initrdPA := (initrdEnd - l.InitrdLen) &^ 0xfff
-	if l.InitrdLen > initrdEnd {
-		return nil, fmt.Errorf("%w: initrd of %d bytes does not fit below %#x", ErrLayout, l.InitrdLen, initrdEnd)
+	kernelSpan := max(protLen, initSize)
+	if kernelPA+kernelSpan < kernelPA || kernelPA+kernelSpan > 1<<32 {
+		return nil, fmt.Errorf("%w: kernel of %#x bytes at %#x", ErrLayout, kernelSpan, kernelPA)
 	}
-	kernelEnd := uint64(LinuxKernel) + max(protLen, initSize)
-	if l.InitrdLen > 0 && initrdPA < kernelEnd {
-		return nil, fmt.Errorf("%w: initrd at %#x overlaps the kernel's decompression area up to %#x", ErrLayout, initrdPA, kernelEnd)
+	for _, r := range l.Reserved {
+		if overlaps(kernelPA, kernelSpan, r[0], r[1]-r[0]) {
+			return nil, fmt.Errorf("%w: the kernel's area %#x+%#x overlaps tamahv's memory", ErrLayout, kernelPA, kernelSpan)
+		}
 	}
-	// The initrd is copied first, then the kernel (GRUB often leaves the
-	// kernel module right where the kernel goes: the copy moves it down
-	// over itself). So the initrd's destination must spare the kernel
-	// module.
-	if l.InitrdLen > 0 && overlaps(initrdPA, l.InitrdLen, l.KernelPA, l.KernelLen) {
-		return nil, fmt.Errorf("%w: initrd destination %#x+%#x overlaps the kernel module at %#x+%#x", ErrLayout, initrdPA, l.InitrdLen, l.KernelPA, l.KernelLen)
+	if !inRAM(l.Map, kernelPA, kernelSpan) {
+		return nil, fmt.Errorf("%w: the kernel's area %#x+%#x is not all RAM", ErrLayout, kernelPA, kernelSpan)
 	}
-	for _, d := range [][2]uint64{{LinuxKernel, max(protLen, initSize)}, {initrdPA, l.InitrdLen}} {
-		for _, r := range l.Reserved {
-			if overlaps(d[0], d[1], r[0], r[1]-r[0]) {
-				return nil, fmt.Errorf("%w: destination %#x+%#x overlaps tamahv's memory", ErrLayout, d[0], d[1])
-			}
+	var initrdLen uint64
+	for _, r := range l.Initrds {
+		if r[1] > 1<<32 || initrdLen+r[1] > 1<<32 {
+			return nil, fmt.Errorf("%w: initrd of more than 4 GiB", ErrLayout)
+		}
+		initrdLen = (initrdLen+3)&^3 + r[1]
+	}
+	var initrdPA uint64
+	if initrdLen > 0 {
+		avoid := append([][2]uint64{{0, LinuxKernel}, {kernelPA, kernelPA + kernelSpan}, {l.KernelPA, l.KernelPA + l.KernelLen}}, l.Reserved...)
+		for _, r := range l.Initrds {
+			avoid = append(avoid, [2]uint64{r[0], r[0] + r[1]})
+		}
+		limit := uint64(le.Uint32(hdr[hdrInitrdMax:])) + 1
+		var ok bool
+		if initrdPA, ok = highestFit(l.Map, avoid, initrdLen, limit); !ok {
+			return nil, fmt.Errorf("%w: no room for an initrd of %d bytes below %#x", ErrLayout, initrdLen, limit)
 		}
 	}
 	e820 := GuestE820(l.Map, l.Reserved)
 	if len(e820) > maxE820 {
 		return nil, fmt.Errorf("%w: %d memory map entries", ErrLayout, len(e820))
 	}
-	if l.InitrdLen > 0 {
-		if err := m.CopyPhys(initrdPA, l.InitrdPA, l.InitrdLen); err != nil {
+	// The initrd first: its destination spares every module, and the
+	// kernel's copy may then run over the initrd modules.
+	dst := initrdPA
+	for _, r := range l.Initrds {
+		dst = (dst + 3) &^ 3
+		if err := m.CopyPhys(dst, r[0], r[1]); err != nil {
 			return nil, err
 		}
+		dst += r[1]
 	}
-	if err := m.CopyPhys(LinuxKernel, l.KernelPA+protOff, protLen); err != nil {
+	if err := m.CopyPhys(kernelPA, l.KernelPA+protOff, protLen); err != nil {
 		return nil, err
 	}
 
@@ -197,9 +237,10 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	bp[hdrLoadFlags] |= 0x80 // CAN_USE_HEAP
 	le.PutUint16(bp[hdrHeapEndPtr:], 0xfe00)
 	le.PutUint32(bp[hdrCmdLinePtr:], LinuxCmdline)
-	if l.InitrdLen > 0 {
+	le.PutUint32(bp[hdrCode32Start:], uint32(kernelPA))
+	if initrdLen > 0 {
 		le.PutUint32(bp[hdrRamdiskImage:], uint32(initrdPA))
-		le.PutUint32(bp[hdrRamdiskSize:], uint32(l.InitrdLen))
+		le.PutUint32(bp[hdrRamdiskSize:], uint32(initrdLen))
 	}
 	le.PutUint64(bp[bpACPIRSDPAddr:], l.RSDP)
 	bp[bpE820Entries] = byte(len(e820))
@@ -223,10 +264,74 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		return nil, err
 	}
 	return &Start{
-		RIP: uint64(le.Uint32(hdr[hdrCode32Start:])), RSI: LinuxBootParam,
+		RIP: kernelPA, RSI: LinuxBootParam,
 		GDTBase: LinuxGDT, GDTLimit: uint16(len(gdt) - 1), CodeSel: bootCS, DataSel: bootDS,
-		InitrdPA: initrdPA, BootParams: LinuxBootParam, ProtocolVersion: version, E820: e820,
+		InitrdPA: initrdPA, InitrdLen: initrdLen, KernelPA: kernelPA,
+		BootParams: LinuxBootParam, ProtocolVersion: version, E820: e820,
 	}, nil
+}
+
+// inRAM reports whether [pa, pa+n) lies in the RAM entries of m.
+func inRAM(m []E820Entry, pa, n uint64) bool {
+	for _, r := range freeRAM(m, nil, 1<<63) {
+		if pa >= r[0] && pa+n <= r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// freeRAM returns the RAM of m below limit, adjacent entries joined, less
+// the ranges in avoid, sorted.
+func freeRAM(m []E820Entry, avoid [][2]uint64, limit uint64) [][2]uint64 {
+	var ram [][2]uint64
+	for _, e := range m {
+		if e.Type == E820RAM && e.Size > 0 && e.Addr < limit {
+			ram = append(ram, [2]uint64{e.Addr, min(e.Addr+e.Size, limit)})
+		}
+	}
+	sort.Slice(ram, func(i, j int) bool { return ram[i][0] < ram[j][0] })
+	var joined [][2]uint64
+	for _, r := range ram {
+		if n := len(joined); n > 0 && r[0] <= joined[n-1][1] {
+			joined[n-1][1] = max(joined[n-1][1], r[1])
+			continue
+		}
+		joined = append(joined, r)
+	}
+	for _, a := range avoid {
+		var next [][2]uint64
+		for _, r := range joined {
+			if a[1] <= r[0] || a[0] >= r[1] {
+				next = append(next, r)
+				continue
+			}
+			if r[0] < a[0] {
+				next = append(next, [2]uint64{r[0], a[0]})
+			}
+			if a[1] < r[1] {
+				next = append(next, [2]uint64{a[1], r[1]})
+			}
+		}
+		joined = next
+	}
+	return joined
+}
+
+// highestFit returns the highest page-aligned address at which n bytes
+// fit in the RAM of m below limit, sparing avoid.
+func highestFit(m []E820Entry, avoid [][2]uint64, n, limit uint64) (uint64, bool) {
+	free := freeRAM(m, avoid, limit)
+	for i := len(free) - 1; i >= 0; i-- {
+		r := free[i]
+		if r[1]-r[0] < n {
+			continue
+		}
+		if pa := (r[1] - n) &^ 0xfff; pa >= r[0] {
+			return pa, true
+		}
+	}
+	return 0, false
 }
 
 func overlaps(a, an, b, bn uint64) bool { return an > 0 && bn > 0 && a < b+bn && b < a+an }

@@ -86,14 +86,14 @@ func TestLoadLinux(t *testing.T) {
 	require.NoError(t, m.WritePhys(0x21000000, initrd))
 	l := &Linux{
 		KernelPA: 0x20000000, KernelLen: uint64(len(img)),
-		InitrdPA: 0x21000000, InitrdLen: uint64(len(initrd)),
+		Initrds: [][2]uint64{{0x21000000, uint64(len(initrd))}},
 		Cmdline: "console=ttyS1", Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
 	}
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(0x100000), s.RIP)
 	assert.Equal(t, uint64(LinuxBootParam), s.RSI)
-	assert.Equal(t, uint64(0x10000000-0x1000), s.InitrdPA, "just below tamahv, page aligned")
+	assert.Equal(t, uint64(0x3fff0000-0x1000), s.InitrdPA, "at the top of RAM, page aligned")
 	got := make([]byte, len(payload))
 	require.NoError(t, m.ReadPhys(LinuxKernel, got))
 	assert.Equal(t, payload, got)
@@ -112,6 +112,101 @@ func TestLoadLinux(t *testing.T) {
 	assert.Equal(t, uint32(0x0000ffff), m.u32(LinuxGDT+bootCS))
 	assert.Equal(t, uint32(0x00cf9b00), m.u32(LinuxGDT+bootCS+4))
 	assert.Zero(t, m.u32(LinuxBootParam+bpACPIRSDPAddr), "no RSDP given: none written")
+}
+
+// prefBzImage is a bzImage that prefers to run at pref and decompresses
+// into initSize bytes there.
+func prefBzImage(pref, initSize uint64, payload []byte) []byte {
+	b := fakeBzImage(0x020f, payload)
+	binary.LittleEndian.PutUint64(b[hdrPrefAddress:], pref)
+	binary.LittleEndian.PutUint32(b[hdrInitSize:], uint32(initSize))
+	binary.LittleEndian.PutUint32(b[hdrKernelAlign:], 0x200000)
+	return b
+}
+
+// TestLoadLinuxAtItsPreferredAddress: Debian's kernel prefers 16 MiB and
+// decompresses into about 63 MiB there. The kernel goes there, entered
+// there, and the initrd stays clear of all of it, wherever the modules
+// lie: here the initrd module itself lies in the kernel's area (it is
+// copied away first).
+func TestLoadLinuxAtItsPreferredAddress(t *testing.T) {
+	m := sparseMem{}
+	img := prefBzImage(0x1000000, 0x3f00000, []byte("protected-mode kernel"))
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	initrd := []byte("initramfs in the kernel's way")
+	require.NoError(t, m.WritePhys(0x2000000, initrd))
+	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x2000000, uint64(len(initrd))}},
+		Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	s, err := l.Load(m)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x1000000), s.KernelPA)
+	assert.Equal(t, uint64(0x1000000), s.RIP)
+	assert.Equal(t, uint32(0x1000000), m.u32(LinuxBootParam+hdrCode32Start))
+	got := make([]byte, len(initrd))
+	require.NoError(t, m.ReadPhys(s.InitrdPA, got))
+	assert.Equal(t, initrd, got)
+	assert.False(t, overlaps(s.InitrdPA, s.InitrdLen, 0x1000000, 0x3f00000), "the initrd spares the decompression area")
+	got = make([]byte, len("protected-mode kernel"))
+	require.NoError(t, m.ReadPhys(0x1000000, got))
+	assert.Equal(t, "protected-mode kernel", string(got))
+}
+
+// TestLoadLinuxLargeAndSeveralInitrds: a 200 MiB initrd goes above
+// tamahv's region where the RAM is; two initrd modules become one initrd,
+// the second 4-byte aligned after the first.
+func TestLoadLinuxLargeAndSeveralInitrds(t *testing.T) {
+	img := prefBzImage(0x1000000, 0x3f00000, []byte("k"))
+	cm := &copyLog{sparseMem: sparseMem{}}
+	require.NoError(t, cm.WritePhys(0x30000000, img))
+	big := uint64(200 << 20)
+	l := &Linux{KernelPA: 0x30000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x20000000, big}},
+		Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	s, err := l.Load(cm)
+	require.NoError(t, err)
+	assert.Equal(t, big, s.InitrdLen)
+	assert.Contains(t, cm.copies, [3]uint64{s.InitrdPA, 0x20000000, big}, "copied whole")
+	assert.GreaterOrEqual(t, s.InitrdPA, uint64(0x18000000), "above tamahv")
+	for _, r := range [][2]uint64{{0x20000000, big}, {0x30000000, uint64(len(img))}} {
+		assert.False(t, overlaps(s.InitrdPA, big, r[0], r[1]), "spares the module at %#x", r[0])
+	}
+
+	m := sparseMem{}
+	require.NoError(t, m.WritePhys(0x30000000, img))
+	require.NoError(t, m.WritePhys(0x21000000, []byte("early")))
+	require.NoError(t, m.WritePhys(0x22000000, []byte("main")))
+	l.Initrds = [][2]uint64{{0x21000000, 5}, {0x22000000, 4}}
+	s, err = l.Load(m)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(12), s.InitrdLen, "5 bytes, 3 of padding, 4 bytes")
+	got := make([]byte, 12)
+	require.NoError(t, m.ReadPhys(s.InitrdPA, got))
+	assert.Equal(t, "early\x00\x00\x00main", string(got))
+	assert.Equal(t, uint32(12), m.u32(LinuxBootParam+hdrRamdiskSize))
+}
+
+// copyLog is sparseMem that records large copies instead of making them.
+type copyLog struct {
+	sparseMem
+	copies [][3]uint64 // dst, src, n
+}
+
+func (c *copyLog) CopyPhys(dst, src, n uint64) error {
+	c.copies = append(c.copies, [3]uint64{dst, src, n})
+	if n > 1<<20 {
+		return nil
+	}
+	return c.sparseMem.CopyPhys(dst, src, n)
+}
+
+// TestIsBzImage: the kernel is told by its header, not its name.
+func TestIsBzImage(t *testing.T) {
+	m := sparseMem{}
+	img := fakeBzImage(0x020f, []byte("k"))
+	require.NoError(t, m.WritePhys(0x1000, img))
+	require.NoError(t, m.WritePhys(0x10000, []byte("070701 a cpio archive")))
+	assert.True(t, IsBzImage(m, 0x1000, uint64(len(img))))
+	assert.False(t, IsBzImage(m, 0x10000, 4096), "an initramfs")
+	assert.False(t, IsBzImage(m, 0x1000, 0x100), "too short to hold the header")
 }
 
 // TestLoadLinuxTellsTheRSDP: on UEFI the kernel finds ACPI only where it
@@ -158,11 +253,13 @@ func TestLoadLinuxRefusals(t *testing.T) {
 		"not a bzImage":           {img: make([]byte, 4096), want: ErrNotBzImage},
 		"old protocol":            {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
 		"long cmdline":            {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
-		"initrd too big":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.InitrdLen = 0x0f000000 }, want: ErrLayout},
-		"kernel under the initrd": {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.KernelPA = 0x0fffe800 }, want: ErrLayout},
+		"initrd too big":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 0x3f000000 }, want: ErrLayout},
+		"initrd over 4 GiB":       {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 1 << 33 }, want: ErrLayout},
+		"kernel area in tamahv":   {img: prefBzImage(0x0f000000, 0x03000000, []byte("k")), want: ErrLayout},
+		"kernel area not RAM":     {img: prefBzImage(0x3f000000, 0x03000000, []byte("k")), want: ErrLayout},
 		"tiny":                    {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
-		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), InitrdPA: 0x21000000, InitrdLen: 16,
+		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), Initrds: [][2]uint64{{0x21000000, 16}},
 			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 		if tc.mutate != nil {
 			tc.mutate(l)
@@ -187,5 +284,7 @@ func TestLoadDebianKernelHeader(t *testing.T) {
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, s.ProtocolVersion, uint16(0x020f), fmt.Sprintf("%#x", s.ProtocolVersion))
-	assert.Equal(t, uint64(0x100000), s.RIP)
+	assert.Equal(t, uint64(0x1000000), s.RIP, "at its preferred address, 16 MiB")
+	assert.Equal(t, s.KernelPA, s.RIP)
+	assert.True(t, IsBzImage(m, 0x20000000, 65536))
 }

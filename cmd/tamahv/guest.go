@@ -19,25 +19,24 @@ import (
 // The guest's serial console is COM2; tamahv keeps COM1.
 const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1"
 
-// modules finds the kernel and initramfs among the boot modules: the
-// kernel is the one whose name ends in "vmlinuz"; its arguments, if any,
-// replace the default guest command line.
-func modules(info *bootinfo.Info) (kernel, initrd *bootinfo.Module, cmdline string) {
+// modules finds the kernel and the initramfs among the boot modules: the
+// kernel is the first module that is a bzImage (hv.IsBzImage), whatever
+// its name; the words after its name, if any, replace the default guest
+// command line. Every other module is a part of the initramfs, in order.
+func modules(info *bootinfo.Info) (kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string) {
 	cmdline = guestCmdline
 	for i := range info.Modules {
 		m := &info.Modules[i]
-		f := strings.Fields(m.Cmdline)
-		switch {
-		case len(f) > 0 && strings.HasSuffix(f[0], "vmlinuz"):
+		if kernel == nil && m.End > m.Start && hv.IsBzImage(pc.PhysMem{}, m.Start, m.End-m.Start) {
 			kernel = m
-			if len(f) > 1 {
+			if f := strings.Fields(m.Cmdline); len(f) > 1 {
 				cmdline = strings.Join(f[1:], " ")
 			}
-		case initrd == nil:
-			initrd = m
+			continue
 		}
+		initrds = append(initrds, *m)
 	}
-	return kernel, initrd, cmdline
+	return kernel, initrds, cmdline
 }
 
 // guestMemory is the machine's memory map for the guest: built from the
@@ -50,7 +49,7 @@ func guestMemory(info *bootinfo.Info) []e820.Entry {
 	return e820.FromLoader(info.MemoryMap)
 }
 
-func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel, initrd *bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
+func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
 	c := machine.Config{
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
@@ -59,8 +58,8 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	for _, r := range memory {
 		c.Memory = append(c.Memory, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})
 	}
-	if initrd != nil {
-		c.Initrd = [2]uint64{initrd.Start, initrd.End - initrd.Start}
+	for _, m := range initrds {
+		c.Initrds = append(c.Initrds, [2]uint64{m.Start, m.End - m.Start})
 	}
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.
@@ -97,7 +96,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	}
 	l := m.Linux
 	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", m.Monitor.Ring3)
-	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes, initrd %d bytes at %#x, command line %q\n",
-		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, l.InitrdLen, m.Start.InitrdPA, cmdline)
+	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes at %#x, initrd %d bytes in %d parts at %#x, command line %q\n",
+		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, m.Start.KernelPA, m.Start.InitrdLen, len(l.Initrds), m.Start.InitrdPA, cmdline)
 	return m.Run()
 }

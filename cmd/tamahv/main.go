@@ -79,7 +79,7 @@ func main() {
 	}
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
 	if infoErr == nil {
-		if kernel, initrd, cmdline := modules(info); kernel != nil {
+		if kernel, initrds, cmdline := modules(info); kernel != nil {
 			memory := guestMemory(info)
 			// Free for the APs' start-up page: RAM but what the boot
 			// loader put there (on UEFI GRUB may load a module as low as
@@ -107,12 +107,12 @@ func main() {
 				// Fail closed: a processor tamahv does not hold could
 				// run the guest's code outside VMX operation.
 				fmt.Printf("tamahv: guest not started: %v\n", err)
-			} else if err := runGuest(caps, info, memory, rsdp, kernel, initrd, cmdline, held, vcpus); err != nil {
+			} else if err := runGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, held, vcpus); err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}
 			runtime.KeepAlive(held) // the parked APs' pages
 		} else {
-			fmt.Println("tamahv: no guest (no kernel among the Multiboot modules)")
+			fmt.Println("tamahv: no guest (no Linux bzImage among the boot modules)")
 		}
 	}
 	if err := vmx.VMXOFF(); err != nil {

@@ -97,9 +97,11 @@ type Config struct {
 	Own [2]uint64
 	// Console are the first and last I/O ports tamahv keeps (0, 0: none).
 	Console [2]uint16
-	// Kernel and Initrd are the physical address and length of the guest's
-	// bzImage and initramfs (Initrd may be zero).
-	Kernel, Initrd [2]uint64
+	// Kernel is the physical address and length of the guest's bzImage;
+	// Initrds those of the parts of its initramfs, in order (none, one, or
+	// several the guest gets one after the other).
+	Kernel  [2]uint64
+	Initrds [][2]uint64
 	// Cmdline is the guest kernel's command line.
 	Cmdline string
 	// RSDP is the ACPI RSDP's physical address the guest's kernel is told
@@ -308,7 +310,7 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 
 	m.Linux = &hv.Linux{
-		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], InitrdPA: c.Initrd[0], InitrdLen: c.Initrd[1],
+		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
 		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP,
 	}
 	if m.Start, err = m.Linux.Load(b); err != nil {
