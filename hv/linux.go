@@ -77,10 +77,10 @@ type Start struct {
 	InitrdLen        uint64
 	// KernelPA is where the protected-mode kernel went: its preferred
 	// address (pref_address), whose init_size bytes it decompresses into.
-	KernelPA         uint64
-	BootParams       uint64
-	ProtocolVersion  uint16
-	E820             []E820Entry
+	KernelPA        uint64
+	BootParams      uint64
+	ProtocolVersion uint16
+	E820            []E820Entry
 }
 
 // Errors of the Linux loader.

@@ -250,14 +250,14 @@ func TestLoadLinuxRefusals(t *testing.T) {
 		mutate func(l *Linux)
 		want   error
 	}{
-		"not a bzImage":           {img: make([]byte, 4096), want: ErrNotBzImage},
-		"old protocol":            {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
-		"long cmdline":            {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
-		"initrd too big":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 0x3f000000 }, want: ErrLayout},
-		"initrd over 4 GiB":       {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 1 << 33 }, want: ErrLayout},
-		"kernel area in tamahv":   {img: prefBzImage(0x0f000000, 0x03000000, []byte("k")), want: ErrLayout},
-		"kernel area not RAM":     {img: prefBzImage(0x3f000000, 0x03000000, []byte("k")), want: ErrLayout},
-		"tiny":                    {img: []byte("MZ"), want: ErrNotBzImage},
+		"not a bzImage":         {img: make([]byte, 4096), want: ErrNotBzImage},
+		"old protocol":          {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
+		"long cmdline":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
+		"initrd too big":        {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 0x3f000000 }, want: ErrLayout},
+		"initrd over 4 GiB":     {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 1 << 33 }, want: ErrLayout},
+		"kernel area in tamahv": {img: prefBzImage(0x0f000000, 0x03000000, []byte("k")), want: ErrLayout},
+		"kernel area not RAM":   {img: prefBzImage(0x3f000000, 0x03000000, []byte("k")), want: ErrLayout},
+		"tiny":                  {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
 		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), Initrds: [][2]uint64{{0x21000000, 16}},
 			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
