@@ -40,7 +40,7 @@ PKGS_TEST  := binutils
 # UEFI as well) and the OVMF firmware the UEFI tests boot with.
 PKGS_UEFI  := grub-efi-amd64-bin ovmf
 
-.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -198,6 +198,36 @@ e2e-overhead: iso iso-native deps-bochs
 
 run: iso $(if $(filter bochs,$(EMU)),deps-bochs,deps-qemu)
 	$(GO) run ./qemu/cmd/tamahv-run -emu $(EMU) -model $(MODEL) -cpus $(CPUS) -timeout $(TIMEOUT) $(ISO)
+
+# Installing tamahv under this machine's own system: the image in
+# /boot/tamahv, a GRUB script that adds an entry per installed kernel after
+# the system's own (install/42_tamahv), its settings (/etc/default/tamahv,
+# kept if present). The preflight runs first; FORCE=1 installs anyway.
+# DESTDIR installs into a tree and leaves GRUB alone.
+preflight:
+	$(GO) run ./cmd/tamahv-preflight
+
+install: image
+	@$(GO) run ./cmd/tamahv-preflight || [ -n "$(FORCE)" ] || { echo "tamahv: not installed: the preflight failed (FORCE=1 installs anyway)"; exit 1; }
+	install -D -m 0644 $(IMAGE) $(DESTDIR)/boot/tamahv/tamahv.elf
+	install -D -m 0755 install/42_tamahv $(DESTDIR)/etc/grub.d/42_tamahv
+	@[ -e $(DESTDIR)/etc/default/tamahv ] || install -D -m 0644 install/default $(DESTDIR)/etc/default/tamahv
+	@if [ -z "$(DESTDIR)" ]; then update-grub; else echo "tamahv: installed into $(DESTDIR); run update-grub there"; fi
+
+uninstall:
+	rm -f $(DESTDIR)/boot/tamahv/tamahv.elf $(DESTDIR)/etc/grub.d/42_tamahv
+	-rmdir $(DESTDIR)/boot/tamahv 2>/dev/null
+	@echo "tamahv: $(DESTDIR)/etc/default/tamahv kept"
+	@if [ -z "$(DESTDIR)" ]; then update-grub; fi
+
+# Boot the newest kernel under tamahv once, at the next reboot; the boot
+# after it is the system's default again. GRUB needs GRUB_DEFAULT=saved in
+# /etc/default/grub for that (then update-grub).
+try:
+	@grep -q '^GRUB_DEFAULT=saved' /etc/default/grub || { echo "tamahv: make try needs GRUB_DEFAULT=saved in /etc/default/grub (then update-grub)"; exit 1; }
+	@id=$$(sed -n "s/.*--id '\(tamahv-[^']*\)'.*/\1/p" /boot/grub/grub.cfg | head -n 1); \
+	[ -n "$$id" ] || { echo "tamahv: no tamahv entry in /boot/grub/grub.cfg (make install)"; exit 1; }; \
+	grub-reboot "$$id" && echo "tamahv: the next boot is $$id; reboot when ready"
 
 check: $(TAMAGO)
 	@echo "tamahv: go vet and gofmt"
