@@ -191,6 +191,36 @@ func TestTCGMultiboot2(t *testing.T) {
 	}
 }
 
+// TestBochsUEFI boots the Multiboot2 ISO in Bochs on OVMF: GRUB EFI loads
+// tamahv, which enters VMX operation on firmware state UEFI left and
+// starts the Linux guest from the EFI memory map, until the guest's init
+// runs. Bochs 2.7 gives OVMF no ACPI tables: tamahv finds no RSDP through
+// the EFI system table and, with one processor, starts the guest.
+func TestBochsUEFI(t *testing.T) {
+	iso := isoForMB2(t)
+	needEmulator(t, Bochs)
+	if _, err := os.Stat(OVMFImage); err != nil {
+		t.Skip("no OVMF firmware (Debian package ovmf)")
+	}
+	res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, UEFI: true, Timeout: 20 * time.Minute},
+		func(l string) bool { return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted" })
+	t.Logf("tamahv:\n%s", res.Serial())
+	for _, want := range []string{"tamahv: boot protocol Multiboot2 on UEFI firmware", "tamahv: guest started", "tamahv: vCPU 0 started"} {
+		l, _ := lineWith(res.Lines, want)
+		assert.NotEmpty(t, l, "tamahv did not print %q", want)
+	}
+	l, _ := lineWith(res.Lines, "tamahv: VMX ")
+	assert.Regexp(t, vmxOnRE, l)
+	l, at, ok := res.GuestLine("guest: init started")
+	if assert.True(t, ok, "the guest's init did not start; guest console:\n%s", tail(res.GuestSerial(), 40)) {
+		t.Logf("figures: boot to the guest's init on UEFI: %v of wall time (%s)", at.Round(time.Second), l)
+	}
+	e820, _, _ := res.GuestLine("[    0.000000] BIOS-e820: ")
+	assert.NotEmpty(t, e820, "the guest's memory map")
+	assert.NotContains(t, res.GuestSerial(), "type 20", "GRUB's EFI type 20 never reaches the guest")
+	assert.Regexp(t, `(?m)BIOS-e820: \[mem 0x0000000010000000-0x0000000017ffffff\] reserved`, res.GuestSerial(), "tamahv's region")
+}
+
 // TestBochsModels boots every Bochs CPU model tamahv supports, with its
 // Linux guest; it is slow and runs on demand (make e2e-models sets
 // TAMAHV_E2E_MODELS=1).

@@ -68,16 +68,19 @@ type Config struct {
 	// Program replaces the emulator's executable (for tests of the
 	// harness itself); it gets the same arguments.
 	Program string
-	// UEFI boots QEMU with OVMF (Debian's ovmf package) on the q35
-	// machine, with a copy of the firmware's variables in Dir, instead of
-	// SeaBIOS on pc.
+	// UEFI boots with OVMF (Debian's ovmf package) instead of the BIOS:
+	// QEMU on the q35 machine, with a copy of the firmware's variables in
+	// Dir; Bochs with OVMF's 2 MiB image as its ROM (Bochs 2.7 gives it no
+	// ACPI tables).
 	UEFI bool
 }
 
-// OVMF's firmware and the template of its variables (Debian's ovmf).
+// OVMF's firmware and the template of its variables for QEMU, and its
+// whole image for Bochs (Debian's ovmf).
 const (
-	OVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-	OVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	OVMFCode  = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	OVMFVars  = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	OVMFImage = "/usr/share/ovmf/OVMF.fd"
 )
 
 // Defaults.
@@ -151,10 +154,14 @@ func GuestLog(dir string) string { return filepath.Join(dir, "guest.log") }
 
 // bochsrc is the Bochs configuration for c, writing into dir.
 func bochsrc(c *Config, dir string) string {
+	rom := "romimage: file=/usr/share/bochs/BIOS-bochs-latest"
+	if c.UEFI {
+		rom = "romimage: file=" + OVMFImage + ", address=0xffe00000"
+	}
 	return strings.Join([]string{
 		fmt.Sprintf("megs: %d", c.MemMiB),
 		fmt.Sprintf("cpu: model=%s, count=%d, ips=%d, reset_on_triple_fault=0", c.Model, c.CPUs, bochsIPS),
-		"romimage: file=/usr/share/bochs/BIOS-bochs-latest",
+		rom,
 		"vgaromimage: file=/usr/share/vgabios/vgabios.bin",
 		fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted", c.ISO),
 		"boot: cdrom",

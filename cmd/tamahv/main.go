@@ -61,7 +61,7 @@ func main() {
 	if infoErr == nil {
 		rsdp, rsdpErr = acpiRSDP(info)
 		if rsdpErr != nil {
-			fmt.Printf("tamahv: no ACPI RSDP through the EFI system table: %v\n", rsdpErr)
+			fmt.Printf("tamahv: ACPI: %v\n", rsdpErr)
 		}
 	}
 
@@ -124,17 +124,20 @@ func main() {
 
 // acpiRSDP returns the physical address of the ACPI RSDP on UEFI: the EFI
 // configuration table's (ACPI 2.0 entry, then 1.0), checked, and compared
-// with the boot loader's copy where it gave one. Firmware without a
-// compatibility module keeps no RSDP in the BIOS areas, and without the
-// MADT tamahv cannot hold the application processors. On BIOS it returns
-// 0, and HoldProcessors searches the legacy BIOS areas.
+// with the boot loader's copy where it gave one; a copy that disagrees is
+// an error. Firmware without a compatibility module keeps no RSDP in the
+// BIOS areas, and without the MADT tamahv cannot hold the application
+// processors. Where the EFI tables give none, and on BIOS, it returns 0:
+// HoldProcessors searches the legacy BIOS areas, and refuses to start the
+// guest if it then cannot account for every processor.
 func acpiRSDP(info *bootinfo.Info) (uint64, error) {
 	if info.EFI == nil || info.EFI.SystemTable == 0 {
 		return 0, nil
 	}
 	loc, err := efi.FindRSDP(pc.PhysMem{}, info.EFI.SystemTable)
 	if err != nil {
-		return 0, err
+		fmt.Printf("tamahv: no ACPI RSDP through the EFI system table at %#x: %v\n", info.EFI.SystemTable, err)
+		return 0, nil
 	}
 	if err := info.CheckRSDP(loc.RSDP); err != nil {
 		return 0, fmt.Errorf("ACPI RSDP at %#x: %w", loc.Addr, err)
