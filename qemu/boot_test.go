@@ -203,7 +203,9 @@ func TestBochsUEFI(t *testing.T) {
 		t.Skip("no OVMF firmware (Debian package ovmf)")
 	}
 	res := bootUntil(t, Config{Emulator: Bochs, ISO: iso, UEFI: true, Timeout: 20 * time.Minute},
-		func(l string) bool { return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted" })
+		func(l string) bool {
+			return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted"
+		})
 	t.Logf("tamahv:\n%s", res.Serial())
 	for _, want := range []string{"tamahv: boot protocol Multiboot2 on UEFI firmware", "tamahv: guest started", "tamahv: vCPU 0 started"} {
 		l, _ := lineWith(res.Lines, want)
