@@ -48,6 +48,12 @@ func scripted(t *testing.T, steps []exitStep) (*VCPU, *fakeVMCS) {
 	}
 	v.Hypercalls = &testCalls{}
 	i := 0
+	t.Cleanup(func() {
+		// Step k's exit is made at entry k+1, its check run at the next.
+		if i > 0 && (i < len(steps) || i == len(steps) && steps[i-1].check != nil) {
+			t.Errorf("scripted: the vCPU ran %d of its %d scripted exits, the last one's check not run", i, len(steps))
+		}
+	})
 	v.Enter = func(v *VCPU, launched bool) error {
 		assert.Equal(t, i > 0, launched)
 		if i > 0 && steps[i-1].check != nil {
