@@ -38,6 +38,8 @@ const (
 	LinuxGDT       = 0x6000
 	LinuxBootParam = 0x7000
 	LinuxCmdline   = 0x9000
+	LinuxEFIMap    = 0xa000 // the EFI memory map's copy, up to LinuxEFIMapEnd
+	LinuxEFIMapEnd = 0x90000
 	LinuxKernel    = 0x100000 // the protected-mode kernel
 	bootCS         = 0x10     // __BOOT_CS
 	bootDS         = 0x18     // __BOOT_DS
@@ -63,6 +65,20 @@ type Linux struct {
 	// RSDP is the ACPI RSDP's physical address, written to
 	// boot_params.acpi_rsdp_addr (boot protocol 2.14 and later); 0: none.
 	RSDP uint64
+	// EFI, on UEFI firmware, is what the kernel is told of it
+	// (boot_params.efi_info); nil: nothing (BIOS).
+	EFI *LinuxEFI
+}
+
+// LinuxEFI is what a kernel booted on UEFI firmware, after the boot
+// services ended, needs to use the runtime services: the system table
+// and the memory map, whose copy the loader writes at LinuxEFIMap.
+type LinuxEFI struct {
+	SystemTable uint64
+	// MemoryMap is the memory map's descriptors as the firmware lays
+	// them out, DescriptorSize bytes each.
+	MemoryMap                         []byte
+	DescriptorSize, DescriptorVersion uint32
 }
 
 // Start is the guest state the 32-bit boot protocol wants: protected mode,
@@ -110,6 +126,8 @@ const (
 	hdrPrefAddress  = 0x258
 	hdrInitSize     = 0x260
 	bpACPIRSDPAddr  = 0x070
+	bpEFIInfo       = 0x1c0 // struct efi_info
+	efiLoader64     = "EL64"
 	bpE820Entries   = 0x1e8
 	bpE820Table     = 0x2d0
 )
@@ -154,6 +172,10 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	protOff := (setupSects + 1) * 512
 	if protOff >= l.KernelLen {
 		return nil, fmt.Errorf("%w: setup of %d sectors in a %d-byte file", ErrNotBzImage, setupSects, l.KernelLen)
+	}
+	if e := l.EFI; e != nil && (e.DescriptorSize < 40 || uint64(len(e.MemoryMap))%uint64(e.DescriptorSize) != 0 ||
+		uint64(len(e.MemoryMap)) > LinuxEFIMapEnd-LinuxEFIMap || e.SystemTable == 0) {
+		return nil, fmt.Errorf("%w: an EFI memory map of %d bytes in %d-byte descriptors, system table %#x", ErrLayout, len(e.MemoryMap), e.DescriptorSize, e.SystemTable)
 	}
 	if l.RSDP != 0 && version < 0x020e {
 		return nil, fmt.Errorf("%w: %d.%d cannot be told where the ACPI RSDP is (2.14 can)", ErrProtocol, version>>8, version&0xff)
@@ -243,6 +265,19 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		le.PutUint32(bp[hdrRamdiskSize:], uint32(initrdLen))
 	}
 	le.PutUint64(bp[bpACPIRSDPAddr:], l.RSDP)
+	if e := l.EFI; e != nil {
+		if err := m.WritePhys(LinuxEFIMap, e.MemoryMap); err != nil {
+			return nil, err
+		}
+		fi := bp[bpEFIInfo:]
+		copy(fi, efiLoader64)
+		le.PutUint32(fi[4:], uint32(e.SystemTable))
+		le.PutUint32(fi[8:], e.DescriptorSize)
+		le.PutUint32(fi[12:], e.DescriptorVersion)
+		le.PutUint32(fi[16:], LinuxEFIMap)
+		le.PutUint32(fi[20:], uint32(len(e.MemoryMap)))
+		le.PutUint32(fi[24:], uint32(e.SystemTable>>32))
+	}
 	bp[bpE820Entries] = byte(len(e820))
 	for i, e := range e820 {
 		o := bpE820Table + 20*i

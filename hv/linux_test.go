@@ -288,3 +288,44 @@ func TestLoadDebianKernelHeader(t *testing.T) {
 	assert.Equal(t, s.KernelPA, s.RIP)
 	assert.True(t, IsBzImage(m, 0x20000000, 65536))
 }
+
+// TestLoadLinuxTellsTheEFI: on UEFI the kernel gets the system table and
+// the memory map's copy in boot_params.efi_info ("EL64"), the copy
+// written at LinuxEFIMap; a map that is not whole descriptors, or too
+// large for its place, is refused.
+func TestLoadLinuxTellsTheEFI(t *testing.T) {
+	m := sparseMem{}
+	img := fakeBzImage(0x020f, []byte("k"))
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	desc := make([]byte, 3*48)
+	for i := range desc {
+		desc[i] = byte(i)
+	}
+	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
+		EFI: &LinuxEFI{SystemTable: 0x1_3f5e_c018, MemoryMap: desc, DescriptorSize: 48, DescriptorVersion: 1}}
+	_, err := l.Load(m)
+	require.NoError(t, err)
+	got := make([]byte, 4)
+	require.NoError(t, m.ReadPhys(LinuxBootParam+bpEFIInfo, got))
+	assert.Equal(t, "EL64", string(got))
+	assert.Equal(t, uint32(0x3f5ec018), m.u32(LinuxBootParam+bpEFIInfo+4), "system table, low")
+	assert.Equal(t, uint32(1), m.u32(LinuxBootParam+bpEFIInfo+24), "system table, high")
+	assert.Equal(t, uint32(48), m.u32(LinuxBootParam+bpEFIInfo+8))
+	assert.Equal(t, uint32(1), m.u32(LinuxBootParam+bpEFIInfo+12))
+	assert.Equal(t, uint32(LinuxEFIMap), m.u32(LinuxBootParam+bpEFIInfo+16))
+	assert.Equal(t, uint32(len(desc)), m.u32(LinuxBootParam+bpEFIInfo+20))
+	copied := make([]byte, len(desc))
+	require.NoError(t, m.ReadPhys(LinuxEFIMap, copied))
+	assert.Equal(t, desc, copied)
+
+	for name, e := range map[string]*LinuxEFI{
+		"part of a descriptor": {SystemTable: 1, MemoryMap: desc[:100], DescriptorSize: 48},
+		"too small a stride":   {SystemTable: 1, MemoryMap: desc, DescriptorSize: 16},
+		"too large":            {SystemTable: 1, MemoryMap: make([]byte, 48*20000), DescriptorSize: 48},
+		"no system table":      {MemoryMap: desc, DescriptorSize: 48},
+	} {
+		l.EFI = e
+		_, err := l.Load(m)
+		assert.ErrorIs(t, err, ErrLayout, name)
+	}
+}

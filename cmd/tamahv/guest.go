@@ -10,6 +10,7 @@ import (
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/board/pc/bootinfo"
 	"github.com/tamahv/tamahv/board/pc/e820"
+	"github.com/tamahv/tamahv/board/pc/efi"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
@@ -60,6 +61,13 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	}
 	for _, m := range initrds {
 		c.Initrds = append(c.Initrds, [2]uint64{m.Start, m.End - m.Start})
+	}
+	if e := info.EFI; e != nil && e.SystemTable != 0 && e.MemoryMap != nil {
+		// The guest's copy of the EFI memory map has tamahv's region
+		// reserved, as its e820 map has.
+		_, em := info.GuestMemoryMaps(pc.RAMStart, pc.RAMEnd)
+		c.EFI = &hv.LinuxEFI{SystemTable: e.SystemTable, MemoryMap: em.Bytes(),
+			DescriptorSize: uint32(max(int(em.DescriptorSize), efi.DescriptorLength)), DescriptorVersion: em.DescriptorVersion}
 	}
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.

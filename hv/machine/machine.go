@@ -108,6 +108,10 @@ type Config struct {
 	// of (boot_params.acpi_rsdp_addr; 0: none, the kernel searches the
 	// BIOS areas, as it must find it on UEFI firmware without them).
 	RSDP uint64
+	// EFI, on UEFI firmware, is the system table and the memory map's
+	// copy (tamahv's region reserved in it) the guest's kernel is told of
+	// (boot_params.efi_info); nil: BIOS.
+	EFI *hv.LinuxEFI
 	// Options is tamahv's own command line: the hc.ring3= grants of the
 	// default policy, and the settings ParseOptions reads.
 	Options string
@@ -311,7 +315,7 @@ func New(b Board, c Config) (*Machine, error) {
 
 	m.Linux = &hv.Linux{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
-		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP,
+		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI,
 	}
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
