@@ -194,8 +194,9 @@ func TestTCGMultiboot2(t *testing.T) {
 // TestBochsUEFI boots the Multiboot2 ISO in Bochs on OVMF: GRUB EFI loads
 // tamahv, which enters VMX operation on firmware state UEFI left and
 // starts the Linux guest from the EFI memory map, until the guest's init
-// runs. Bochs 2.7 gives OVMF no ACPI tables: tamahv finds no RSDP through
-// the EFI system table and, with one processor, starts the guest.
+// runs. The guest's kernel finds the EFI system table (efi_info). Bochs
+// 2.7 gives OVMF no ACPI tables: tamahv finds no RSDP through the EFI
+// system table and, with one processor, starts the guest.
 func TestBochsUEFI(t *testing.T) {
 	iso := isoForMB2(t)
 	needEmulator(t, Bochs)
@@ -221,6 +222,7 @@ func TestBochsUEFI(t *testing.T) {
 	assert.NotEmpty(t, e820, "the guest's memory map")
 	assert.NotContains(t, res.GuestSerial(), "type 20", "GRUB's EFI type 20 never reaches the guest")
 	assert.Regexp(t, `(?m)BIOS-e820: \[mem 0x0000000010000000-0x0000000017ffffff\] reserved`, res.GuestSerial(), "tamahv's region")
+	assert.Regexp(t, `(?m)efi: EFI v[0-9.]+ by EDK II`, res.GuestSerial(), "the kernel was told of the EFI system table")
 }
 
 // TestBochsModels boots every Bochs CPU model tamahv supports, with its
