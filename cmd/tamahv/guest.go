@@ -104,7 +104,11 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	}
 	l := m.Linux
 	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", m.Monitor.Ring3)
-	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes at %#x, initrd %d bytes in %d parts at %#x, command line %q\n",
-		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, m.Start.KernelPA, m.Start.InitrdLen, len(l.Initrds), m.Start.InitrdPA, cmdline)
+	parts := "1 module"
+	if n := len(l.Initrds); n != 1 {
+		parts = fmt.Sprintf("%d modules", n)
+	}
+	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes at %#x, initrd %d bytes from %s at %#x, command line %q\n",
+		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, m.Start.KernelPA, m.Start.InitrdLen, parts, m.Start.InitrdPA, cmdline)
 	return m.Run()
 }
