@@ -38,9 +38,9 @@ PKGS_QEMU  := qemu-system-x86
 PKGS_TEST  := binutils
 # UEFI: GRUB's EFI platform (grub-mkrescue then makes the ISOs boot on
 # UEFI as well) and the OVMF firmware the UEFI tests boot with.
-PKGS_UEFI  := grub-efi-amd64-bin ovmf
+PKGS_UEFI  := grub-efi-amd64-bin ovmf fdisk e2fsprogs
 
-.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi disk preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -182,6 +182,12 @@ iso-mb2: iso
 	@rm -rf $(BUILD)/iso-mb2 && cp -r $(BUILD)/iso $(BUILD)/iso-mb2
 	cp qemu/grub-mb2.cfg $(BUILD)/iso-mb2/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/mb2.iso $(BUILD)/iso-mb2 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
+# A disk image laid out as an installed Debian that boots on UEFI through
+# the entry install/42_tamahv makes (qemu/cmd/tamahv-disk; no root needed).
+# Boot it: go run ./qemu/cmd/tamahv-run -uefi -disk build/disk.img
+disk: iso deps-uefi
+	$(GO) run ./qemu/cmd/tamahv-disk -version $$(sed 's/^linux-image-//' $(PAYLOAD)/kernel.version) $(BUILD)/disk.img
 
 # The tamahv ISO that keeps the application processors parked and hidden
 # (smp.park on tamahv's command line).

@@ -225,6 +225,49 @@ func TestBochsUEFI(t *testing.T) {
 	assert.Regexp(t, `(?m)efi: EFI v[0-9.]+ by EDK II`, res.GuestSerial(), "the kernel was told of the EFI system table")
 }
 
+// TestBochsInstalledDisk boots, in Bochs on OVMF, a disk laid out as an
+// installed Debian (qemu.Disk): GRUB EFI from the EFI system partition
+// finds the root file system by its UUID and reads the configuration
+// install/42_tamahv made, whose tamahv entry is the default for this boot
+// (as make try would choose it). tamahv runs under VMX and starts the
+// guest with the command line the entry gives (root=UUID=… ro), up to the
+// guest's init.
+func TestBochsInstalledDisk(t *testing.T) {
+	isoForMB2(t) // builds the image and the payload
+	needEmulator(t, Bochs)
+	if why := DiskPrerequisite(); why != "" {
+		t.Skip("disk test skipped: " + why)
+	}
+	if _, err := os.Stat(OVMFImage); err != nil {
+		t.Skip("no OVMF firmware (Debian package ovmf)")
+	}
+	const uuid = "2a4e2d1f-7a11-4b2b-9c55-1d0e6b0ca5e7"
+	version := strings.TrimPrefix(guestKernel(), "linux-image-")
+	d := Disk{Kernel: "../build/payload/vmlinuz", Initrd: "../build/payload/initrd.gz", Image: "../build/tamahv.elf",
+		Version: version, Script: "../install/42_tamahv", UUID: uuid,
+		Settings: "TAMAHV_OPTIONS=\"hc.ring3=secret,bpfault swap.deadline=5s log.alive=10s\"\n" +
+			"TAMAHV_GUEST_CMDLINE=\"console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1\"\n"}
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "disk.img")
+	id, err := d.Build(dir, disk)
+	require.NoError(t, err)
+	t.Logf("disk image with the entry %s", id)
+	res := bootUntil(t, Config{Emulator: Bochs, Disk: disk, UEFI: true, Timeout: 20 * time.Minute},
+		func(l string) bool { return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted" })
+	t.Logf("tamahv:\n%s", res.Serial())
+	for _, want := range []string{"tamahv: boot protocol Multiboot2 on UEFI firmware", "tamahv: guest started"} {
+		l, _ := lineWith(res.Lines, want)
+		assert.NotEmpty(t, l, "tamahv did not print %q", want)
+	}
+	l, _ := lineWith(res.Lines, "tamahv: VMX ")
+	assert.Regexp(t, vmxOnRE, l)
+	assert.Contains(t, res.GuestSerial(), "Kernel command line: root=UUID="+uuid+" ro", "the entry's command line")
+	l, at, ok := res.GuestLine("guest: init started")
+	if assert.True(t, ok, "the guest's init did not start; guest console:\n%s", tail(res.GuestSerial(), 40)) {
+		t.Logf("figures: boot from the installed disk to the guest's init on UEFI: %v of wall time (%s)", at.Round(time.Second), l)
+	}
+}
+
 // TestBochsModels boots every Bochs CPU model tamahv supports, with its
 // Linux guest; it is slow and runs on demand (make e2e-models sets
 // TAMAHV_E2E_MODELS=1).

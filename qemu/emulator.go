@@ -51,9 +51,11 @@ var GuestModels = map[string]bool{"corei7_skylake_x": true, "broadwell_ult": tru
 type Config struct {
 	Emulator Emulator
 	ISO      string // the bootable image
-	Model    string // Bochs CPU model (default corei7_skylake_x)
-	MemMiB   int    // guest-physical memory (default 1024)
-	CPUs     int    // processors (default 1)
+	// Disk, instead of ISO, is a raw disk image to boot from (Disk.Build).
+	Disk   string
+	Model  string // Bochs CPU model (default corei7_skylake_x)
+	MemMiB int    // guest-physical memory (default 1024)
+	CPUs   int    // processors (default 1)
 	// Timeout is the outer limit: the emulator is ended after this long
 	// whatever it does (default 2 minutes).
 	Timeout time.Duration
@@ -106,16 +108,21 @@ func (c *Config) fill() error {
 	if _, err := ParseEmulator(string(c.Emulator)); err != nil {
 		return err
 	}
-	if c.ISO == "" {
-		return errors.New("qemu: no ISO given")
+	if (c.ISO == "") == (c.Disk == "") {
+		return errors.New("qemu: give an ISO or a disk image, one of them")
 	}
-	iso, err := filepath.Abs(c.ISO)
-	if err != nil {
-		return err
-	}
-	c.ISO = iso
-	if _, err := os.Stat(c.ISO); err != nil {
-		return fmt.Errorf("qemu: %w", err)
+	for _, p := range []*string{&c.ISO, &c.Disk} {
+		if *p == "" {
+			continue
+		}
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return err
+		}
+		*p = abs
+		if _, err := os.Stat(abs); err != nil {
+			return fmt.Errorf("qemu: %w", err)
+		}
 	}
 	if c.Model == "" {
 		c.Model = DefaultModel
@@ -152,6 +159,20 @@ func SerialLog(dir string) string { return filepath.Join(dir, "serial.log") }
 // GuestLog is where the guest's serial console (COM2) is written.
 func GuestLog(dir string) string { return filepath.Join(dir, "guest.log") }
 
+// bochsDrive is the Bochs configuration of c's boot drive: the ISO as a
+// CD, or the disk image as a flat disk of DiskGeometry.
+func bochsDrive(c *Config) string {
+	if c.Disk == "" {
+		return fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted\nboot: cdrom", c.ISO)
+	}
+	var size int64
+	if fi, err := os.Stat(c.Disk); err == nil {
+		size = fi.Size()
+	}
+	return fmt.Sprintf("ata0-master: type=disk, mode=flat, path=%q, cylinders=%d, heads=%d, spt=%d\nboot: disk",
+		c.Disk, DiskGeometry(size), diskHeads, diskSPT)
+}
+
 // bochsrc is the Bochs configuration for c, writing into dir.
 func bochsrc(c *Config, dir string) string {
 	rom := "romimage: file=/usr/share/bochs/BIOS-bochs-latest"
@@ -163,8 +184,7 @@ func bochsrc(c *Config, dir string) string {
 		fmt.Sprintf("cpu: model=%s, count=%d, ips=%d, reset_on_triple_fault=0", c.Model, c.CPUs, bochsIPS),
 		rom,
 		"vgaromimage: file=/usr/share/vgabios/vgabios.bin",
-		fmt.Sprintf("ata0-master: type=cdrom, path=%q, status=inserted", c.ISO),
-		"boot: cdrom",
+		bochsDrive(c),
 		fmt.Sprintf("com1: enabled=1, mode=file, dev=%q", SerialLog(dir)),
 		fmt.Sprintf("com2: enabled=1, mode=file, dev=%q", GuestLog(dir)),
 		"display_library: term",
@@ -213,11 +233,17 @@ func command(c *Config, dir string) (string, []string, error) {
 		}
 		args := []string{
 			"-machine", machine, "-m", fmt.Sprint(c.MemMiB), "-smp", fmt.Sprint(c.CPUs),
-			"-cdrom", c.ISO, "-boot", "d",
-			"-display", "none", "-monitor", "none", "-no-reboot",
-			"-serial", "file:" + SerialLog(dir),
-			"-serial", "file:" + GuestLog(dir),
 		}
+		if c.Disk != "" {
+			args = append(args, "-drive", "file="+c.Disk+",format=raw,if=ide")
+		} else {
+			args = append(args, "-cdrom", c.ISO, "-boot", "d")
+		}
+		args = append(args,
+			"-display", "none", "-monitor", "none", "-no-reboot",
+			"-serial", "file:"+SerialLog(dir),
+			"-serial", "file:"+GuestLog(dir),
+		)
 		args = append(args, firmware...)
 		if c.Emulator == KVM {
 			args = append(args, "-enable-kvm", "-cpu", "host,+vmx")

@@ -4,7 +4,8 @@
 //
 // Usage:
 //
-//	tamahv-run [-emu bochs|tcg|kvm] [-model corei7_skylake_x] [-mem 1024] [-cpus 1] [-timeout 10m] build/tamahv.iso
+//	tamahv-run [-emu bochs|tcg|kvm] [-uefi] [-model corei7_skylake_x] [-mem 1024] [-cpus 1] [-timeout 10m] build/tamahv.iso
+//	tamahv-run -uefi -disk build/disk.img
 package main
 
 import (
@@ -26,6 +27,8 @@ func main() {
 	timeout := flag.Duration("timeout", 10*time.Minute, "time limit")
 	stall := flag.Duration("stall", qemu.DefaultStall, "end the run when neither console says anything for this long")
 	dir := flag.String("logs", "", "directory for the serial log and the emulator's logs (default: a new temporary one)")
+	uefi := flag.Bool("uefi", false, "boot on OVMF (UEFI) instead of the BIOS")
+	disk := flag.Bool("disk", false, "the image is a disk (tamahv-disk), not an ISO")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: tamahv-run [flags] tamahv.iso")
@@ -39,8 +42,13 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer cancel()
-	c := qemu.Config{Emulator: e, ISO: flag.Arg(0), Model: *model, MemMiB: *mem, CPUs: *cpus, Timeout: *timeout, Stall: *stall, Dir: *dir}
-	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v, %v without output)\n", c.ISO, describe(c), *timeout, *stall)
+	c := qemu.Config{Emulator: e, Model: *model, MemMiB: *mem, CPUs: *cpus, Timeout: *timeout, Stall: *stall, Dir: *dir, UEFI: *uefi}
+	if *disk {
+		c.Disk = flag.Arg(0)
+	} else {
+		c.ISO = flag.Arg(0)
+	}
+	fmt.Fprintf(os.Stderr, "tamahv-run: booting %s in %s (time limit %v, %v without output)\n", flag.Arg(0), describe(c), *timeout, *stall)
 	res, err := qemu.Run(ctx, c, os.Stdout, func(l string) bool { return l == "tamahv: halted" })
 	if res != nil {
 		fmt.Fprintf(os.Stderr, "tamahv-run: %v elapsed; logs in %s\n", res.Elapsed.Round(time.Millisecond), res.Dir)
