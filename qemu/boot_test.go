@@ -253,7 +253,9 @@ func TestBochsInstalledDisk(t *testing.T) {
 	require.NoError(t, err)
 	t.Logf("disk image with the entry %s", id)
 	res := bootUntil(t, Config{Emulator: Bochs, Disk: disk, UEFI: true, Timeout: 20 * time.Minute},
-		func(l string) bool { return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted" })
+		func(l string) bool {
+			return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted"
+		})
 	t.Logf("tamahv:\n%s", res.Serial())
 	for _, want := range []string{"tamahv: boot protocol Multiboot2 on UEFI firmware", "tamahv: guest started"} {
 		l, _ := lineWith(res.Lines, want)
