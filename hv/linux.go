@@ -40,6 +40,10 @@ const (
 	LinuxCmdline   = 0x9000
 	LinuxEFIMap    = 0xa000 // the EFI memory map's copy, up to LinuxEFIMapEnd
 	LinuxEFIMapEnd = 0x90000
+	// LinuxSetupData holds the memory map's entries beyond the zero
+	// page's 128 (a SETUP_E820_EXT setup_data), up to LinuxSetupDataEnd.
+	LinuxSetupData    = 0x98000
+	LinuxSetupDataEnd = 0x9f000
 	LinuxKernel    = 0x100000 // the protected-mode kernel
 	bootCS         = 0x10     // __BOOT_CS
 	bootDS         = 0x18     // __BOOT_DS
@@ -68,6 +72,49 @@ type Linux struct {
 	// EFI, on UEFI firmware, is what the kernel is told of it
 	// (boot_params.efi_info); nil: nothing (BIOS).
 	EFI *LinuxEFI
+	// Framebuffer is the linear framebuffer the boot loader left
+	// (boot_params.screen_info); nil: none (a VGA text console).
+	Framebuffer *LinuxFramebuffer
+}
+
+// LinuxFramebuffer is a linear framebuffer of direct colour, as a kernel's
+// efifb or vesafb driver takes it over.
+type LinuxFramebuffer struct {
+	Base                 uint64
+	Pitch, Width, Height uint32
+	BPP                  uint8
+	// The colours' bit positions and sizes in a pixel.
+	RedPos, RedSize, GreenPos, GreenSize, BluePos, BlueSize, ReservedPos, ReservedSize uint8
+	// EFI says the firmware's GOP set it up (VIDEO_TYPE_EFI), else a VESA
+	// mode (VIDEO_TYPE_VLFB).
+	EFI bool
+}
+
+// screen_info's video types and capabilities (include/uapi/linux/screen_info.h).
+const (
+	videoTypeVLFB         = 0x23
+	videoTypeEFI          = 0x70
+	videoCapability64Base = 1 << 1
+)
+
+// putScreenInfo writes fb as boot_params.screen_info at the start of bp.
+func putScreenInfo(bp []byte, fb *LinuxFramebuffer) {
+	le := binary.LittleEndian
+	bp[0x0f] = videoTypeVLFB
+	if fb.EFI {
+		bp[0x0f] = videoTypeEFI
+	}
+	le.PutUint16(bp[0x12:], uint16(fb.Width))
+	le.PutUint16(bp[0x14:], uint16(fb.Height))
+	le.PutUint16(bp[0x16:], uint16(fb.BPP))
+	le.PutUint32(bp[0x18:], uint32(fb.Base))
+	le.PutUint32(bp[0x1c:], fb.Pitch*fb.Height)
+	le.PutUint16(bp[0x24:], uint16(fb.Pitch))
+	copy(bp[0x26:0x2e], []byte{fb.RedSize, fb.RedPos, fb.GreenSize, fb.GreenPos, fb.BlueSize, fb.BluePos, fb.ReservedSize, fb.ReservedPos})
+	if hi := uint32(fb.Base >> 32); hi != 0 {
+		le.PutUint32(bp[0x36:], videoCapability64Base)
+		le.PutUint32(bp[0x3a:], hi)
+	}
 }
 
 // LinuxEFI is what a kernel booted on UEFI firmware, after the boot
@@ -129,6 +176,8 @@ const (
 	bpEFIInfo       = 0x1c0 // struct efi_info
 	efiLoader64     = "EL64"
 	bpE820Entries   = 0x1e8
+	hdrSetupData    = 0x250 // u64: the first setup_data (boot protocol 2.09)
+	setupE820Ext    = 1
 	bpE820Table     = 0x2d0
 )
 
@@ -176,6 +225,10 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	if e := l.EFI; e != nil && (e.DescriptorSize < 40 || uint64(len(e.MemoryMap))%uint64(e.DescriptorSize) != 0 ||
 		uint64(len(e.MemoryMap)) > LinuxEFIMapEnd-LinuxEFIMap || e.SystemTable == 0) {
 		return nil, fmt.Errorf("%w: an EFI memory map of %d bytes in %d-byte descriptors, system table %#x", ErrLayout, len(e.MemoryMap), e.DescriptorSize, e.SystemTable)
+	}
+	if fb := l.Framebuffer; fb != nil && (fb.Width == 0 || fb.Width > 0xffff || fb.Height == 0 || fb.Height > 0xffff || fb.Pitch > 0xffff ||
+		fb.BPP == 0 || uint64(fb.Pitch)*uint64(fb.Height) > 1<<32) {
+		return nil, fmt.Errorf("%w: a framebuffer of %dx%d, %d bits, pitch %d", ErrLayout, fb.Width, fb.Height, fb.BPP, fb.Pitch)
 	}
 	if l.RSDP != 0 && version < 0x020e {
 		return nil, fmt.Errorf("%w: %d.%d cannot be told where the ACPI RSDP is (2.14 can)", ErrProtocol, version>>8, version&0xff)
@@ -231,7 +284,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		}
 	}
 	e820 := GuestE820(l.Map, l.Reserved)
-	if len(e820) > maxE820 {
+	if n := len(e820) - maxE820; n > 0 && 16+20*uint64(n) > LinuxSetupDataEnd-LinuxSetupData {
 		return nil, fmt.Errorf("%w: %d memory map entries", ErrLayout, len(e820))
 	}
 	// The initrd first: its destination spares every module, and the
@@ -265,6 +318,9 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		le.PutUint32(bp[hdrRamdiskSize:], uint32(initrdLen))
 	}
 	le.PutUint64(bp[bpACPIRSDPAddr:], l.RSDP)
+	if fb := l.Framebuffer; fb != nil {
+		putScreenInfo(bp, fb)
+	}
 	if e := l.EFI; e != nil {
 		if err := m.WritePhys(LinuxEFIMap, e.MemoryMap); err != nil {
 			return nil, err
@@ -278,12 +334,29 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		le.PutUint32(fi[20:], uint32(len(e.MemoryMap)))
 		le.PutUint32(fi[24:], uint32(e.SystemTable>>32))
 	}
-	bp[bpE820Entries] = byte(len(e820))
-	for i, e := range e820 {
+	bp[bpE820Entries] = byte(min(len(e820), maxE820))
+	for i, e := range e820[:min(len(e820), maxE820)] {
 		o := bpE820Table + 20*i
 		le.PutUint64(bp[o:], e.Addr)
 		le.PutUint64(bp[o+8:], e.Size)
 		le.PutUint32(bp[o+16:], e.Type)
+	}
+	if rest := e820[min(len(e820), maxE820):]; len(rest) > 0 {
+		// The entries beyond 128 in a SETUP_E820_EXT setup_data (as the
+		// EFI stub passes them), the only one in the list.
+		sd := make([]byte, 16+20*len(rest))
+		le.PutUint32(sd[8:], setupE820Ext)
+		le.PutUint32(sd[12:], uint32(20*len(rest)))
+		for i, e := range rest {
+			o := 16 + 20*i
+			le.PutUint64(sd[o:], e.Addr)
+			le.PutUint64(sd[o+8:], e.Size)
+			le.PutUint32(sd[o+16:], e.Type)
+		}
+		if err := m.WritePhys(LinuxSetupData, sd); err != nil {
+			return nil, err
+		}
+		le.PutUint64(bp[hdrSetupData:], LinuxSetupData)
 	}
 	if err := m.WritePhys(LinuxBootParam, bp); err != nil {
 		return nil, err

@@ -329,3 +329,70 @@ func TestLoadLinuxTellsTheEFI(t *testing.T) {
 		assert.ErrorIs(t, err, ErrLayout, name)
 	}
 }
+
+// TestLoadLinuxTellsTheFramebuffer: the framebuffer the boot loader left
+// reaches the kernel as screen_info: an EFI GOP one as VIDEO_TYPE_EFI, its
+// base above 4 GiB in ext_lfb_base; a bad mode is refused.
+func TestLoadLinuxTellsTheFramebuffer(t *testing.T) {
+	m := sparseMem{}
+	img := fakeBzImage(0x020f, []byte("k"))
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	fb := &LinuxFramebuffer{Base: 0x4_c000_0000, Pitch: 3200, Width: 800, Height: 600, BPP: 32,
+		RedPos: 16, RedSize: 8, GreenPos: 8, GreenSize: 8, BluePos: 0, BlueSize: 8, ReservedPos: 24, ReservedSize: 8, EFI: true}
+	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}, Framebuffer: fb}
+	_, err := l.Load(m)
+	require.NoError(t, err)
+	si := make([]byte, 0x40)
+	require.NoError(t, m.ReadPhys(LinuxBootParam, si))
+	le := binary.LittleEndian
+	assert.Equal(t, byte(0x70), si[0x0f], "VIDEO_TYPE_EFI")
+	assert.Equal(t, []uint16{800, 600, 32}, []uint16{le.Uint16(si[0x12:]), le.Uint16(si[0x14:]), le.Uint16(si[0x16:])})
+	assert.Equal(t, uint32(0xc0000000), le.Uint32(si[0x18:]), "lfb_base")
+	assert.Equal(t, uint32(3200*600), le.Uint32(si[0x1c:]), "lfb_size")
+	assert.Equal(t, uint16(3200), le.Uint16(si[0x24:]), "lfb_linelength")
+	assert.Equal(t, []byte{8, 16, 8, 8, 8, 0, 8, 24}, si[0x26:0x2e], "red, green, blue, reserved: size and position")
+	assert.Equal(t, uint32(1<<1), le.Uint32(si[0x36:]), "VIDEO_CAPABILITY_64BIT_BASE")
+	assert.Equal(t, uint32(4), le.Uint32(si[0x3a:]), "ext_lfb_base")
+
+	l.Framebuffer = &LinuxFramebuffer{Base: 0xfd000000, Pitch: 2400, Width: 800, Height: 0, BPP: 24}
+	_, err = l.Load(m)
+	assert.ErrorIs(t, err, ErrLayout, "no height")
+}
+
+// TestLoadLinuxLongMemoryMap: a memory map of more than 128 entries (a
+// firmware's EFI map, converted) reaches the kernel whole: the first 128
+// in the zero page, the rest in a SETUP_E820_EXT setup_data.
+func TestLoadLinuxLongMemoryMap(t *testing.T) {
+	m := sparseMem{}
+	img := fakeBzImage(0x020f, []byte("k"))
+	require.NoError(t, m.WritePhys(0x20000000, img))
+	mm := append([]E820Entry{}, machineMap...)
+	for i := range uint64(200) { // RAM above 4 GiB, in pages with holes
+		mm = append(mm, E820Entry{0x1_0000_0000 + i*0x2000, 0x1000, E820RAM})
+	}
+	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: mm, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	s, err := l.Load(m)
+	require.NoError(t, err)
+	total := len(s.E820)
+	require.Greater(t, total, 128)
+	assert.Equal(t, byte(128), m[LinuxBootParam+bpE820Entries])
+	le := binary.LittleEndian
+	sdPtr := make([]byte, 8)
+	require.NoError(t, m.ReadPhys(LinuxBootParam+hdrSetupData, sdPtr))
+	require.Equal(t, uint64(LinuxSetupData), le.Uint64(sdPtr))
+	hdr := make([]byte, 16)
+	require.NoError(t, m.ReadPhys(LinuxSetupData, hdr))
+	assert.Zero(t, le.Uint64(hdr), "the only setup_data")
+	assert.Equal(t, uint32(1), le.Uint32(hdr[8:]), "SETUP_E820_EXT")
+	assert.Equal(t, uint32(20*(total-128)), le.Uint32(hdr[12:]))
+	last := make([]byte, 20)
+	require.NoError(t, m.ReadPhys(LinuxSetupData+16+20*uint64(total-129), last))
+	assert.Equal(t, s.E820[total-1].Addr, le.Uint64(last), "the last entry, in the setup_data")
+
+	for i := range uint64(2000) {
+		mm = append(mm, E820Entry{0x2_0000_0000 + i*0x2000, 0x1000, E820RAM})
+	}
+	l.Map = mm
+	_, err = l.Load(m)
+	assert.ErrorIs(t, err, ErrLayout, "more entries than the setup_data's place holds")
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/tamahv/tamahv/board/pc/bootinfo"
 	"github.com/tamahv/tamahv/board/pc/e820"
 	"github.com/tamahv/tamahv/board/pc/efi"
+	"github.com/tamahv/tamahv/board/pc/multiboot2"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/machine"
@@ -40,6 +41,26 @@ func modules(info *bootinfo.Info) (kernel *bootinfo.Module, initrds []bootinfo.M
 	return kernel, initrds, cmdline
 }
 
+// framebuffer is the linear framebuffer of direct colour the boot loader
+// left, for the guest's kernel; nil where it left none (or a text mode, or
+// a palette).
+func framebuffer(info *bootinfo.Info) *hv.LinuxFramebuffer {
+	fb := info.Framebuffer
+	if fb == nil || fb.Type != multiboot2.FramebufferRGB {
+		return nil
+	}
+	l := &hv.LinuxFramebuffer{Base: fb.Addr, Pitch: fb.Pitch, Width: fb.Width, Height: fb.Height, BPP: fb.BPP,
+		RedPos: fb.Red.Position, RedSize: fb.Red.Size, GreenPos: fb.Green.Position, GreenSize: fb.Green.Size,
+		BluePos: fb.Blue.Position, BlueSize: fb.Blue.Size, EFI: info.Firmware() == bootinfo.UEFI}
+	// The bits above the colours are reserved (the alpha byte of 32-bit
+	// pixels).
+	top := max(fb.Red.Position+fb.Red.Size, fb.Green.Position+fb.Green.Size, fb.Blue.Position+fb.Blue.Size)
+	if top < fb.BPP {
+		l.ReservedPos, l.ReservedSize = top, fb.BPP-top
+	}
+	return l
+}
+
 // guestMemory is the machine's memory map for the guest: built from the
 // EFI memory map with the EFI stub's rules where the boot loader passed
 // one (UEFI), else the boot loader's map with the types a guest knows.
@@ -62,6 +83,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	for _, m := range initrds {
 		c.Initrds = append(c.Initrds, [2]uint64{m.Start, m.End - m.Start})
 	}
+	c.Framebuffer = framebuffer(info)
 	if e := info.EFI; e != nil && e.SystemTable != 0 && e.MemoryMap != nil {
 		// The guest's copy of the EFI memory map has tamahv's region
 		// reserved, as its e820 map has.

@@ -112,6 +112,9 @@ type Config struct {
 	// copy (tamahv's region reserved in it) the guest's kernel is told of
 	// (boot_params.efi_info); nil: BIOS.
 	EFI *hv.LinuxEFI
+	// Framebuffer is the linear framebuffer the boot loader left, which
+	// the guest's kernel takes over (boot_params.screen_info); nil: none.
+	Framebuffer *hv.LinuxFramebuffer
 	// Options is tamahv's own command line: the hc.ring3= grants of the
 	// default policy, and the settings ParseOptions reads.
 	Options string
@@ -315,7 +318,7 @@ func New(b Board, c Config) (*Machine, error) {
 
 	m.Linux = &hv.Linux{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
-		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI,
+		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
 	}
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
