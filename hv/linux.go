@@ -44,10 +44,10 @@ const (
 	// page's 128 (a SETUP_E820_EXT setup_data), up to LinuxSetupDataEnd.
 	LinuxSetupData    = 0x98000
 	LinuxSetupDataEnd = 0x9f000
-	LinuxKernel    = 0x100000 // the protected-mode kernel
-	bootCS         = 0x10     // __BOOT_CS
-	bootDS         = 0x18     // __BOOT_DS
-	maxE820        = 128
+	LinuxKernel       = 0x100000 // the protected-mode kernel
+	bootCS            = 0x10     // __BOOT_CS
+	bootDS            = 0x18     // __BOOT_DS
+	maxE820           = 128
 )
 
 // Linux describes a Linux kernel to boot with the 32-bit boot protocol
