@@ -59,6 +59,7 @@ func TestGrubScriptMakesAnEntryPerKernel(t *testing.T) {
 		"GRUB_DEVICE_UUID=1234-abcd", "GRUB_CMDLINE_LINUX_DEFAULT=quiet")
 	want := `menuentry 'Debian GNU/Linux, with Linux 6.1.0-57-amd64 under tamahv' --class tamahv --class gnu-linux --id 'tamahv-6.1.0-57-amd64' {
 	search --no-floppy --fs-uuid --set=root b00t
+	if [ "${grub_platform}" = efi ]; then insmod all_video; fi
 	echo 'Loading tamahv and Linux 6.1.0-57-amd64 ...'
 	multiboot2 /tamahv/tamahv.elf log.alive=60s hc.ring3=secret
 	module2 --nounzip /vmlinuz-6.1.0-57-amd64 vmlinuz root=UUID=1234-abcd ro  quiet 

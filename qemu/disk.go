@@ -120,7 +120,7 @@ func (d *Disk) Build(dir, out string) (string, error) {
 	rootImg, espImg := filepath.Join(dir, "root.img"), filepath.Join(dir, "esp.img")
 	steps := [][]string{
 		{"grub-mkimage", "-O", "x86_64-efi", "-p", "/boot/grub", "-c", embed, "-o", efi,
-			"part_gpt", "fat", "ext2", "normal", "configfile", "search", "search_fs_uuid", "multiboot2", "serial", "terminal", "echo", "test", "sleep", "gzio"},
+			"part_gpt", "fat", "ext2", "normal", "configfile", "search", "search_fs_uuid", "multiboot2", "serial", "terminal", "echo", "test", "sleep", "gzio", "all_video"},
 		// GRUB 2.06 reads ext4 without these newer features.
 		{"mke2fs", "-q", "-F", "-t", "ext4", "-O", "^orphan_file,^metadata_csum_seed", "-U", d.UUID, "-d", tree, rootImg, fmt.Sprintf("%dk", rootSectors/2)},
 		{"mformat", "-i", espImg, "-C", "-T", fmt.Sprint(espSectors), "-h", "16", "-s", "63", "::"},
