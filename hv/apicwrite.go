@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -48,7 +49,7 @@ const icrIdlePolls = 100
 //     INIT instead of sent. Other IPIs (fixed, NMI, SMI) go out as
 //     written.
 //   - A write to the local APIC's page is emulated when it is an
-//     instruction decodeWrite knows (MOV, MOVNTI, XCHG, CMPXCHG,
+//     instruction x86emu.Decode knows (MOV, MOVNTI, XCHG, CMPXCHG,
 //     CMPXCHG8B, OR, AND, XOR, BTS, BTR; 1 to 8 bytes) in 64-bit mode, at any privilege level (the guest's
 //     paging allowed it before the EPT violation), whose memory operand
 //     is the access that exited. Its bytes that fall in a register (the
@@ -163,21 +164,21 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 	if !ok {
 		return false
 	}
-	var in ptInsn
-	if !decodeWrite(g.emu.insn[:n], &in) || in.size > 8 || !g.operand(v, e.RIP, &in) {
+	var in x86emu.Insn
+	if !x86emu.Decode(g.emu.insn[:n], &in) || in.Size > 8 || !g.operand(v, e.RIP, &in) {
 		return false
 	}
 	off := uint32(e.GuestPA & 0xfff)
-	if in.la != m.Read(vmx.GuestLinearAddr) || in.la&0xfff != uint64(off) || uint64(off)+uint64(in.size) > 0x1000 {
+	if in.LA != m.Read(vmx.GuestLinearAddr) || in.LA&0xfff != uint64(off) || uint64(off)+uint64(in.Size) > 0x1000 {
 		return false
 	}
-	end := off + uint32(in.size)
+	end := off + uint32(in.Size)
 	icr := off < apicICRLow+apicRegAlign && end > apicICRLow
-	if icr && (off != apicICRLow || in.size != 4) {
+	if icr && (off != apicICRLow || in.Size != 4) {
 		return false // the command register: whole, or not at all
 	}
 	rflags := m.Read(vmx.GuestRFLAGS)
-	flags, _, err := execute(apicOperand{a, v}, uint64(off), v, &in, rflags)
+	flags, _, err := x86emu.Execute(apicOperand{a, v}, uint64(off), vcpuRegs{v}, &in, rflags)
 	if err != nil {
 		return false
 	}
@@ -186,7 +187,7 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 	}
 	// The VM-exit instruction length is undefined for EPT violations;
 	// the decoded length is exact.
-	m.Write(vmx.GuestRIP, e.RIP+uint64(in.len))
+	m.Write(vmx.GuestRIP, e.RIP+uint64(in.Len))
 	if s := m.Read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
 		m.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}
@@ -194,7 +195,7 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 }
 
 // apicOperand is the local APIC's page as the memory operand of the
-// instruction v runs (AtomicMemory, at offsets into the page): the bytes
+// instruction v runs (x86emu.AtomicMemory, at offsets into the page): the bytes
 // of its registers are the registers' (read and written on v's processor
 // through a.Read and a.Write, a write to the ICR's low half sent through
 // a.sendXAPIC), the reserved bytes after each register read as zeros and
@@ -210,7 +211,7 @@ type apicOperand struct {
 // load reads the operand's bytes.
 func (o apicOperand) load(off uint64, size int) (uint64, error) {
 	if size < 1 || size > 8 || off+uint64(size) > 0x1000 {
-		return 0, ErrOperand
+		return 0, x86emu.ErrOperand
 	}
 	var val uint64
 	for d := off &^ 3; d < off+uint64(size); d += 4 {
@@ -224,14 +225,14 @@ func (o apicOperand) load(off uint64, size int) (uint64, error) {
 			val |= reg >> (8 * (off - d))
 		}
 	}
-	return val & sizeMask(size), nil
+	return val & x86emu.SizeMask(size), nil
 }
 
 // put writes the operand's bytes: each register it covers, whole or
 // merged with what the register holds.
 func (o apicOperand) put(off uint64, size int, val uint64) error {
 	if size < 1 || size > 8 || off+uint64(size) > 0x1000 {
-		return ErrOperand
+		return x86emu.ErrOperand
 	}
 	end := off + uint64(size)
 	for d := off &^ 3; d < end; d += 4 {
@@ -256,10 +257,10 @@ func (o apicOperand) put(off uint64, size int, val uint64) error {
 	return nil
 }
 
-// Store implements AtomicMemory.
+// Store implements x86emu.AtomicMemory.
 func (o apicOperand) Store(off uint64, size int, val uint64) error { return o.put(off, size, val) }
 
-// Exchange implements AtomicMemory.
+// Exchange implements x86emu.AtomicMemory.
 func (o apicOperand) Exchange(off uint64, size int, val uint64) (uint64, error) {
 	old, err := o.load(off, size)
 	if err != nil {
@@ -268,10 +269,10 @@ func (o apicOperand) Exchange(off uint64, size int, val uint64) (uint64, error) 
 	return old, o.put(off, size, val)
 }
 
-// CompareExchange implements AtomicMemory.
+// CompareExchange implements x86emu.AtomicMemory.
 func (o apicOperand) CompareExchange(off uint64, size int, old, val uint64) (uint64, bool, error) {
 	prev, err := o.load(off, size)
-	if err != nil || prev != old&sizeMask(size) {
+	if err != nil || prev != old&x86emu.SizeMask(size) {
 		return prev, false, err
 	}
 	return prev, true, o.put(off, size, val)
@@ -280,20 +281,20 @@ func (o apicOperand) CompareExchange(off uint64, size int, old, val uint64) (uin
 // CompareExchange16 implements AtomicMemory: no 16-byte operand is
 // emulated on the local APIC's page.
 func (o apicOperand) CompareExchange16(uint64, [2]uint64, [2]uint64) ([2]uint64, bool, error) {
-	return [2]uint64{}, false, ErrOperand
+	return [2]uint64{}, false, x86emu.ErrOperand
 }
 
-// Or implements AtomicMemory.
+// Or implements x86emu.AtomicMemory.
 func (o apicOperand) Or(off uint64, size int, val uint64) (uint64, error) {
 	return o.logic(off, size, func(x uint64) uint64 { return x | val })
 }
 
-// And implements AtomicMemory.
+// And implements x86emu.AtomicMemory.
 func (o apicOperand) And(off uint64, size int, val uint64) (uint64, error) {
 	return o.logic(off, size, func(x uint64) uint64 { return x & val })
 }
 
-// Xor implements AtomicMemory.
+// Xor implements x86emu.AtomicMemory.
 func (o apicOperand) Xor(off uint64, size int, val uint64) (uint64, error) {
 	return o.logic(off, size, func(x uint64) uint64 { return x ^ val })
 }
@@ -304,16 +305,16 @@ func (o apicOperand) logic(off uint64, size int, op func(uint64) uint64) (uint64
 	if err != nil {
 		return 0, err
 	}
-	res := op(old) & sizeMask(size)
-	return resultFlags(res, size), o.put(off, size, res)
+	res := op(old) & x86emu.SizeMask(size)
+	return x86emu.ResultFlags(res, size), o.put(off, size, res)
 }
 
-// BitTestAndSet implements AtomicMemory.
+// BitTestAndSet implements x86emu.AtomicMemory.
 func (o apicOperand) BitTestAndSet(off uint64, size int, bit uint) (bool, error) {
 	return o.bit(off, size, bit, true)
 }
 
-// BitTestAndReset implements AtomicMemory.
+// BitTestAndReset implements x86emu.AtomicMemory.
 func (o apicOperand) BitTestAndReset(off uint64, size int, bit uint) (bool, error) {
 	return o.bit(off, size, bit, false)
 }
@@ -321,7 +322,7 @@ func (o apicOperand) BitTestAndReset(off uint64, size int, bit uint) (bool, erro
 // bit sets or clears one bit of the operand and returns its old value.
 func (o apicOperand) bit(off uint64, size int, bit uint, set bool) (bool, error) {
 	if bit >= uint(8*size) {
-		return false, ErrOperand
+		return false, x86emu.ErrOperand
 	}
 	old, err := o.load(off, size)
 	if err != nil {

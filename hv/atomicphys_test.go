@@ -9,13 +9,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv/x86emu"
 )
 
 // frameMem's AtomicMemory: each operation on the frames as the processor's
 // instruction leaves memory, for tests on one goroutine. It refuses what
-// an AtomicMemory refuses.
+// an x86emu.AtomicMemory refuses.
 
-var _ AtomicMemory = frameMem{}
+var _ x86emu.AtomicMemory = frameMem{}
 
 func (m frameMem) atomicLoad(pa uint64, size int) uint64 {
 	var b [8]byte
@@ -31,7 +32,7 @@ func (m frameMem) atomicPut(pa uint64, size int, v uint64) {
 
 func (m frameMem) Store(pa uint64, size int, val uint64) error {
 	if err := atomicOperand(pa, size, false); err != nil || size == 16 {
-		return errors.Join(err, ErrOperand)
+		return errors.Join(err, x86emu.ErrOperand)
 	}
 	m.atomicPut(pa, size, val)
 	return nil
@@ -39,7 +40,7 @@ func (m frameMem) Store(pa uint64, size int, val uint64) error {
 
 func (m frameMem) Exchange(pa uint64, size int, val uint64) (uint64, error) {
 	if err := atomicOperand(pa, size, true); err != nil || size == 16 {
-		return 0, errors.Join(err, ErrOperand)
+		return 0, errors.Join(err, x86emu.ErrOperand)
 	}
 	old := m.atomicLoad(pa, size)
 	m.atomicPut(pa, size, val)
@@ -48,7 +49,7 @@ func (m frameMem) Exchange(pa uint64, size int, val uint64) (uint64, error) {
 
 func (m frameMem) CompareExchange(pa uint64, size int, old, val uint64) (uint64, bool, error) {
 	if err := atomicOperand(pa, size, true); err != nil || size == 16 {
-		return 0, false, errors.Join(err, ErrOperand)
+		return 0, false, errors.Join(err, x86emu.ErrOperand)
 	}
 	prev := m.atomicLoad(pa, size)
 	if prev != old {
@@ -74,11 +75,11 @@ func (m frameMem) CompareExchange16(pa uint64, old, val [2]uint64) ([2]uint64, b
 // atomicLogic applies f to the operand and returns the flags of its result.
 func (m frameMem) atomicLogic(pa uint64, size int, f func(uint64) uint64) (uint64, error) {
 	if err := atomicOperand(pa, size, true); err != nil || size == 16 {
-		return 0, errors.Join(err, ErrOperand)
+		return 0, errors.Join(err, x86emu.ErrOperand)
 	}
-	res := f(m.atomicLoad(pa, size)) & sizeMask(size)
+	res := f(m.atomicLoad(pa, size)) & x86emu.SizeMask(size)
 	m.atomicPut(pa, size, res)
-	return resultFlags(res, size), nil
+	return x86emu.ResultFlags(res, size), nil
 }
 
 func (m frameMem) Or(pa uint64, size int, val uint64) (uint64, error) {
@@ -96,7 +97,7 @@ func (m frameMem) Xor(pa uint64, size int, val uint64) (uint64, error) {
 // atomicBit sets or clears a bit of the operand and returns its old value.
 func (m frameMem) atomicBit(pa uint64, size int, bit uint, set bool) (bool, error) {
 	if err := atomicOperand(pa, size, true); err != nil || size < 2 || size > 8 || bit >= uint(8*size) {
-		return false, errors.Join(err, ErrOperand)
+		return false, errors.Join(err, x86emu.ErrOperand)
 	}
 	old := m.atomicLoad(pa, size)
 	if set {
@@ -117,13 +118,13 @@ func (m frameMem) BitTestAndReset(pa uint64, size int, bit uint) (bool, error) {
 
 // memChange is one change of memory a recordingMem saw.
 type memChange struct {
-	op   string // "write" and "copy" (Memory), or the AtomicMemory method
+	op   string // "write" and "copy" (Memory), or the x86emu.AtomicMemory method
 	pa   uint64
 	size int
 }
 
 // recordingMem is frameMem that records every change of memory, made with
-// Memory's copies or AtomicMemory's single instructions. Before each, it
+// Memory's copies or x86emu.AtomicMemory's single instructions. Before each, it
 // runs concurrently (when set): another processor's store that lands
 // between anything read before and the change itself.
 type recordingMem struct {
@@ -228,17 +229,17 @@ func TestGuestPhysAtomicChecksTheOperand(t *testing.T) {
 	}{
 		{"tamahv's region", ErrHole, func() error { return g.phys.Store(holeStart, 8, 0) }},
 		{"MMIO", ErrNotRAM, func() error { _, err := g.phys.Or(0xfee00000, 4, 1); return err }},
-		{"across a page", ErrOperand, func() error { return g.phys.Store(ram+0xffc, 8, 0) }},
-		{"a locked operand not aligned", ErrOperand, func() error { _, err := g.phys.And(ram+4, 8, 0); return err }},
-		{"cmpxchg16b not aligned", ErrOperand, func() error {
+		{"across a page", x86emu.ErrOperand, func() error { return g.phys.Store(ram+0xffc, 8, 0) }},
+		{"a locked operand not aligned", x86emu.ErrOperand, func() error { _, err := g.phys.And(ram+4, 8, 0); return err }},
+		{"cmpxchg16b not aligned", x86emu.ErrOperand, func() error {
 			_, _, err := g.phys.CompareExchange16(ram+8, [2]uint64{}, [2]uint64{})
 			return err
 		}},
-		{"3 bytes", ErrOperand, func() error { return g.phys.Store(ram, 3, 0) }},
-		{"a 16-byte store", ErrOperand, func() error { return g.phys.Store(ram, 16, 0) }},
-		{"a 16-byte exchange", ErrOperand, func() error { _, err := g.phys.Exchange(ram, 16, 0); return err }},
-		{"a byte bit test", ErrOperand, func() error { _, err := g.phys.BitTestAndReset(ram, 1, 0); return err }},
-		{"a bit beyond the operand", ErrOperand, func() error { _, err := g.phys.BitTestAndSet(ram, 4, 32); return err }},
+		{"3 bytes", x86emu.ErrOperand, func() error { return g.phys.Store(ram, 3, 0) }},
+		{"a 16-byte store", x86emu.ErrOperand, func() error { return g.phys.Store(ram, 16, 0) }},
+		{"a 16-byte exchange", x86emu.ErrOperand, func() error { _, err := g.phys.Exchange(ram, 16, 0); return err }},
+		{"a byte bit test", x86emu.ErrOperand, func() error { _, err := g.phys.BitTestAndReset(ram, 1, 0); return err }},
+		{"a bit beyond the operand", x86emu.ErrOperand, func() error { _, err := g.phys.BitTestAndSet(ram, 4, 32); return err }},
 	}
 	for _, c := range refused {
 		assert.ErrorIs(t, c.do(), c.err, c.name)

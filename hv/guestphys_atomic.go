@@ -3,43 +3,40 @@ package hv
 import (
 	"errors"
 	"fmt"
+
+	"github.com/tamahv/tamahv/hv/x86emu"
 )
 
 // Errors of single-instruction guest-physical accesses.
 var (
 	// ErrNotAtomic is returned when GuestPhys's Memory cannot change
-	// memory with single instructions (it is no AtomicMemory).
+	// memory with single instructions (it is no x86emu.AtomicMemory).
 	ErrNotAtomic = errors.New("hv: the memory has no single-instruction stores")
-	// ErrOperand is returned for an operand AtomicMemory does not take:
-	// a size other than 1, 2, 4 or 8 bytes (16 for CompareExchange16, 2,
-	// 4 or 8 for the bit operations), a bit beyond it, an operand that
-	// crosses a page, or a locked one that is not naturally aligned.
-	ErrOperand = errors.New("hv: operand not taken by a single instruction")
 )
 
-var _ AtomicMemory = (*GuestPhys)(nil)
+var _ x86emu.AtomicMemory = (*GuestPhys)(nil)
 
 // atomicOperand checks an operand of size bytes at pa against the rules
-// of AtomicMemory.
+// of x86emu.AtomicMemory.
 func atomicOperand(pa uint64, size int, locked bool) error {
 	switch size {
 	case 1, 2, 4, 8, 16:
 	default:
-		return fmt.Errorf("%w: %d bytes", ErrOperand, size)
+		return fmt.Errorf("%w: %d bytes", x86emu.ErrOperand, size)
 	}
 	if pa&0xfff+uint64(size) > 0x1000 {
-		return fmt.Errorf("%w: %#x+%d crosses a page", ErrOperand, pa, size)
+		return fmt.Errorf("%w: %#x+%d crosses a page", x86emu.ErrOperand, pa, size)
 	}
 	if locked && pa%uint64(size) != 0 {
-		return fmt.Errorf("%w: locked %#x+%d is not aligned", ErrOperand, pa, size)
+		return fmt.Errorf("%w: locked %#x+%d is not aligned", x86emu.ErrOperand, pa, size)
 	}
 	return nil
 }
 
 // atomic checks an operand of size bytes at pa, which must be guest RAM
 // (Check), and returns the memory that changes it.
-func (g *GuestPhys) atomic(pa uint64, size int, locked bool) (AtomicMemory, error) {
-	a, ok := g.Mem.(AtomicMemory)
+func (g *GuestPhys) atomic(pa uint64, size int, locked bool) (x86emu.AtomicMemory, error) {
+	a, ok := g.Mem.(x86emu.AtomicMemory)
 	if !ok {
 		return nil, ErrNotAtomic
 	}
@@ -52,10 +49,10 @@ func (g *GuestPhys) atomic(pa uint64, size int, locked bool) (AtomicMemory, erro
 	return a, nil
 }
 
-// Store implements AtomicMemory for guest RAM.
+// Store implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) Store(pa uint64, size int, val uint64) error {
 	if size == 16 {
-		return fmt.Errorf("%w: a 16-byte store", ErrOperand)
+		return fmt.Errorf("%w: a 16-byte store", x86emu.ErrOperand)
 	}
 	a, err := g.atomic(pa, size, false)
 	if err != nil {
@@ -64,7 +61,7 @@ func (g *GuestPhys) Store(pa uint64, size int, val uint64) error {
 	return a.Store(pa, size, val)
 }
 
-// Exchange implements AtomicMemory for guest RAM.
+// Exchange implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) Exchange(pa uint64, size int, val uint64) (uint64, error) {
 	a, err := g.scalar(pa, size)
 	if err != nil {
@@ -73,7 +70,7 @@ func (g *GuestPhys) Exchange(pa uint64, size int, val uint64) (uint64, error) {
 	return a.Exchange(pa, size, val)
 }
 
-// CompareExchange implements AtomicMemory for guest RAM.
+// CompareExchange implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) CompareExchange(pa uint64, size int, old, val uint64) (uint64, bool, error) {
 	a, err := g.scalar(pa, size)
 	if err != nil {
@@ -82,7 +79,7 @@ func (g *GuestPhys) CompareExchange(pa uint64, size int, old, val uint64) (uint6
 	return a.CompareExchange(pa, size, old, val)
 }
 
-// CompareExchange16 implements AtomicMemory for guest RAM.
+// CompareExchange16 implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) CompareExchange16(pa uint64, old, val [2]uint64) ([2]uint64, bool, error) {
 	a, err := g.atomic(pa, 16, true)
 	if err != nil {
@@ -91,7 +88,7 @@ func (g *GuestPhys) CompareExchange16(pa uint64, old, val [2]uint64) ([2]uint64,
 	return a.CompareExchange16(pa, old, val)
 }
 
-// Or implements AtomicMemory for guest RAM.
+// Or implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) Or(pa uint64, size int, val uint64) (uint64, error) {
 	a, err := g.scalar(pa, size)
 	if err != nil {
@@ -100,7 +97,7 @@ func (g *GuestPhys) Or(pa uint64, size int, val uint64) (uint64, error) {
 	return a.Or(pa, size, val)
 }
 
-// And implements AtomicMemory for guest RAM.
+// And implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) And(pa uint64, size int, val uint64) (uint64, error) {
 	a, err := g.scalar(pa, size)
 	if err != nil {
@@ -109,7 +106,7 @@ func (g *GuestPhys) And(pa uint64, size int, val uint64) (uint64, error) {
 	return a.And(pa, size, val)
 }
 
-// Xor implements AtomicMemory for guest RAM.
+// Xor implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) Xor(pa uint64, size int, val uint64) (uint64, error) {
 	a, err := g.scalar(pa, size)
 	if err != nil {
@@ -118,7 +115,7 @@ func (g *GuestPhys) Xor(pa uint64, size int, val uint64) (uint64, error) {
 	return a.Xor(pa, size, val)
 }
 
-// BitTestAndSet implements AtomicMemory for guest RAM.
+// BitTestAndSet implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) BitTestAndSet(pa uint64, size int, bit uint) (bool, error) {
 	a, err := g.bitOperand(pa, size, bit)
 	if err != nil {
@@ -127,7 +124,7 @@ func (g *GuestPhys) BitTestAndSet(pa uint64, size int, bit uint) (bool, error) {
 	return a.BitTestAndSet(pa, size, bit)
 }
 
-// BitTestAndReset implements AtomicMemory for guest RAM.
+// BitTestAndReset implements x86emu.AtomicMemory for guest RAM.
 func (g *GuestPhys) BitTestAndReset(pa uint64, size int, bit uint) (bool, error) {
 	a, err := g.bitOperand(pa, size, bit)
 	if err != nil {
@@ -137,18 +134,18 @@ func (g *GuestPhys) BitTestAndReset(pa uint64, size int, bit uint) (bool, error)
 }
 
 // scalar checks the locked operand of 1, 2, 4 or 8 bytes at pa.
-func (g *GuestPhys) scalar(pa uint64, size int) (AtomicMemory, error) {
+func (g *GuestPhys) scalar(pa uint64, size int) (x86emu.AtomicMemory, error) {
 	if size == 16 {
-		return nil, fmt.Errorf("%w: 16 bytes", ErrOperand)
+		return nil, fmt.Errorf("%w: 16 bytes", x86emu.ErrOperand)
 	}
 	return g.atomic(pa, size, true)
 }
 
 // bitOperand checks the operand of a bit operation: 2, 4 or 8 bytes at
 // pa, and a bit within them.
-func (g *GuestPhys) bitOperand(pa uint64, size int, bit uint) (AtomicMemory, error) {
+func (g *GuestPhys) bitOperand(pa uint64, size int, bit uint) (x86emu.AtomicMemory, error) {
 	if size == 1 || size == 16 || bit >= uint(8*size) {
-		return nil, fmt.Errorf("%w: bit %d of %d bytes", ErrOperand, bit, size)
+		return nil, fmt.Errorf("%w: bit %d of %d bytes", x86emu.ErrOperand, bit, size)
 	}
 	return g.atomic(pa, size, true)
 }

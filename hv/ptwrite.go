@@ -3,6 +3,7 @@ package hv
 import (
 	"math/bits"
 
+	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -17,7 +18,7 @@ import (
 // The access is exact and atomic, as the guest's other processors and
 // their page walkers, which read entries without locks, rely on: a store
 // is one store of the instruction's width, a read-modify-write one locked
-// instruction on guest memory (GuestPhys's AtomicMemory), never a copy
+// instruction on guest memory (GuestPhys's x86emu.AtomicMemory), never a copy
 // and never a read, a computation and a write.
 // The watches on the page are then walked at once, so a watch's function
 // hears of the new translation in the exit the write caused, and no
@@ -54,7 +55,7 @@ import (
 // for writes the processor's page walks make. Each such fallback is
 // counted by its reason.
 //
-// The instructions are decoded by decodeWrite (ptdecode.go), which knows
+// The instructions are decoded by x86emu.Decode, which knows
 // these forms only and allocates nothing: the exit path allocates nothing.
 
 // PTFallback is why a guest instruction's write to a watched page table
@@ -107,19 +108,6 @@ type ptEmulator struct {
 	steps [5]Step
 }
 
-// ptInsn is a decoded write to emulate.
-type ptInsn struct {
-	op     ptOp
-	size   int    // bytes written
-	mem    ptMem  // the memory operand
-	la     uint64 // its linear address
-	reg    ptReg  // the register operand (size 0: none)
-	imm    uint64 // the immediate, zero-extended from size (BTS, BTR: from 8 bits)
-	hasImm bool
-	bit    uint // BTS, BTR: the bit in the operand
-	len    int  // instruction length
-}
-
 // emulateWrite settles the write of the instruction at e.RIP to the
 // watched page hp within this exit. It returns false, and why, when it
 // left the instruction alone.
@@ -144,25 +132,25 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFall
 	if !ok {
 		return FallbackFetch, false
 	}
-	var in ptInsn
-	if !decodeWrite(g.emu.insn[:n], &in) {
+	var in x86emu.Insn
+	if !x86emu.Decode(g.emu.insn[:n], &in) {
 		return FallbackDecode, false
 	}
 	if !g.operand(v, e.RIP, &in) {
 		return FallbackOperand, false
 	}
-	if in.la&0xfff+uint64(in.size) > 0x1000 || in.locked() && in.la%uint64(in.size) != 0 ||
-		m.Read(vmx.GuestLinearAddr) != in.la {
+	if in.LA&0xfff+uint64(in.Size) > 0x1000 || in.Locked() && in.LA%uint64(in.Size) != 0 ||
+		m.Read(vmx.GuestLinearAddr) != in.LA {
 		return FallbackOperand, false
 	}
-	if !g.writable(cr3, in.la, e.GuestPA, cr0, cr4, rflags) {
+	if !g.writable(cr3, in.LA, e.GuestPA, cr0, cr4, rflags) {
 		return FallbackAccess, false
 	}
 	// The one access to guest memory: the instruction's own store or
-	// locked read-modify-write, through GuestPhys. Registers change only
+	// locked read-modify-write, through GuestPhys. x86emu.Registers change only
 	// once it is done; should guest RAM refuse it, nothing changed and
 	// the processor runs the instruction itself.
-	flags, write, err := execute(g.Phys, e.GuestPA, v, &in, rflags)
+	flags, write, err := x86emu.Execute(g.Phys, e.GuestPA, vcpuRegs{v}, &in, rflags)
 	if err != nil {
 		return FallbackMemory, false
 	}
@@ -172,7 +160,7 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFall
 	// The instruction completed: RIP moves past it and blocking by STI
 	// or MOV SS ends. The VM-exit instruction length is undefined for EPT
 	// violations (SDM Vol. 3C, 28.2.5); the decoded length is exact.
-	m.Write(vmx.GuestRIP, e.RIP+uint64(in.len))
+	m.Write(vmx.GuestRIP, e.RIP+uint64(in.Len))
 	if s := m.Read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
 		m.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
 	}
@@ -243,235 +231,59 @@ func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 // from the next instruction, plus the FS or GS base; ES, CS, SS and DS
 // have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4, "Segment Loading
 // Instructions in IA-32e Mode").
-func (g *GuestMemory) operand(v *VCPU, rip uint64, in *ptInsn) bool {
-	mem := &in.mem
+func (g *GuestMemory) operand(v *VCPU, rip uint64, in *x86emu.Insn) bool {
+	mem := &in.Mem
 	var la uint64
-	switch mem.base {
-	case memNone:
-	case memRIP:
-		la = rip + uint64(in.len)
+	switch mem.Base {
+	case x86emu.MemNone:
+	case x86emu.MemRIP:
+		la = rip + uint64(in.Len)
 	default:
-		la = readGPR(v, int(mem.base))
+		la = vcpuRegs{v}.GPR(int(mem.Base))
 	}
-	if mem.index != memNone {
-		la += readGPR(v, int(mem.index)) * uint64(mem.scale)
+	if mem.Index != x86emu.MemNone {
+		la += vcpuRegs{v}.GPR(int(mem.Index)) * uint64(mem.Scale)
 	}
-	la += uint64(mem.disp)
-	switch mem.seg {
-	case segFS:
+	la += uint64(mem.Disp)
+	switch mem.Seg {
+	case x86emu.SegFS:
 		la += v.VMCS.Read(vmx.GuestFSBase)
-	case segGS:
+	case x86emu.SegGS:
 		la += v.VMCS.Read(vmx.GuestGSBase)
 	}
-	if in.op == opBTS || in.op == opBTR {
-		width := uint(in.size * 8)
-		if in.hasImm {
-			in.bit = uint(in.imm) & (width - 1)
+	if in.Op == x86emu.OpBTS || in.Op == x86emu.OpBTR {
+		width := uint(in.Size * 8)
+		if in.HasImm {
+			in.Bit = uint(in.Imm) & (width - 1)
 		} else {
 			// A register bit offset is signed and may leave the
 			// operand: the access is the operand-sized word that holds
 			// the bit (SDM Vol. 2A, "BT—Bit Test", Bit(BitBase,
 			// BitOffset)).
-			off := signExtend(regValue(v, in.reg), in.size)
-			in.bit = uint(off) & (width - 1)
-			la += uint64(off>>bits.TrailingZeros(width)) * uint64(in.size)
+			off := x86emu.SignExtend(x86emu.RegValue(vcpuRegs{v}, in.Reg), in.Size)
+			in.Bit = uint(off) & (width - 1)
+			la += uint64(off>>bits.TrailingZeros(width)) * uint64(in.Size)
 		}
 	}
-	in.la = la
+	in.LA = la
 	return true
 }
 
-// locked reports whether the instruction reads and writes its memory
-// operand: it is emulated with one locked instruction, which must be
-// naturally aligned (AtomicMemory). A form the guest did not lock is
-// locked too: every outcome of the locked instruction is one the
-// unlocked instruction allows.
-func (in *ptInsn) locked() bool { return in.op != opMOV && in.op != opMOVNTI }
+// vcpuRegs are a vCPU's general-purpose registers as the emulator sees
+// them: RSP lives in the VMCS.
+type vcpuRegs struct{ v *VCPU }
 
-// execute does the instruction's work: its one access to the memory
-// operand at pa, through m, and the registers it sets. It returns the new
-// RFLAGS and whether the operand was written; on an error nothing
-// changed.
-func execute(m AtomicMemory, pa uint64, v *VCPU, in *ptInsn, rflags uint64) (uint64, bool, error) {
-	src := in.imm
-	if !in.hasImm && in.reg.size != 0 {
-		src = regValue(v, in.reg)
-	}
-	switch in.op {
-	case opMOV, opMOVNTI:
-		return rflags, true, m.Store(pa, in.size, src)
-	case opXCHG:
-		old, err := m.Exchange(pa, in.size, src)
-		if err != nil {
-			return rflags, false, err
-		}
-		setReg(v, in.reg, old)
-		return rflags, true, nil
-	case opCMPXCHG:
-		acc := v.Regs.RAX & sizeMask(in.size)
-		old, swapped, err := m.CompareExchange(pa, in.size, acc, src)
-		if err != nil {
-			return rflags, false, err
-		}
-		rflags = subFlags(rflags, acc, old, in.size)
-		if !swapped {
-			// The accumulator is loaded with the operand (the processor
-			// writes the operand back unchanged).
-			setGPR(v, 0, in.size, old)
-		}
-		return rflags, swapped, nil
-	case opCMPXCHG8B:
-		cmp := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
-		val := v.Regs.RCX<<32 | v.Regs.RBX&0xffffffff
-		old, swapped, err := m.CompareExchange(pa, 8, cmp, val)
-		if err != nil {
-			return rflags, false, err
-		}
-		if !swapped {
-			v.Regs.RAX, v.Regs.RDX = old&0xffffffff, old>>32
-			return rflags &^ vmx.RFLAGSZF, false, nil
-		}
-		return rflags | vmx.RFLAGSZF, true, nil
-	case opCMPXCHG16B:
-		old, swapped, err := m.CompareExchange16(pa, [2]uint64{v.Regs.RAX, v.Regs.RDX}, [2]uint64{v.Regs.RBX, v.Regs.RCX})
-		if err != nil {
-			return rflags, false, err
-		}
-		if !swapped {
-			v.Regs.RAX, v.Regs.RDX = old[0], old[1]
-			return rflags &^ vmx.RFLAGSZF, false, nil
-		}
-		return rflags | vmx.RFLAGSZF, true, nil
-	case opOR, opAND, opXOR:
-		var f uint64
-		var err error
-		switch in.op {
-		case opOR:
-			f, err = m.Or(pa, in.size, src)
-		case opAND:
-			f, err = m.And(pa, in.size, src)
-		default:
-			f, err = m.Xor(pa, in.size, src)
-		}
-		if err != nil {
-			return rflags, false, err
-		}
-		// CF and OF clear, SF, ZF and PF from the result, AF
-		// (undefined) clear.
-		return rflags&^vmx.RFLAGSArith | f&(vmx.RFLAGSSF|vmx.RFLAGSZF|vmx.RFLAGSPF), true, nil
-	case opBTS, opBTR:
-		var was bool
-		var err error
-		if in.op == opBTS {
-			was, err = m.BitTestAndSet(pa, in.size, in.bit)
-		} else {
-			was, err = m.BitTestAndReset(pa, in.size, in.bit)
-		}
-		if err != nil {
-			return rflags, false, err
-		}
-		// CF is the bit; OF, SF, AF and PF are undefined and left alone;
-		// ZF is unaffected.
-		rflags &^= vmx.RFLAGSCF
-		if was {
-			rflags |= vmx.RFLAGSCF
-		}
-		return rflags, true, nil
-	}
-	return rflags, false, ErrOperand
-}
-
-// subFlags are the flags of CMP a, b (a - b), as CMPXCHG sets them.
-func subFlags(rflags, a, b uint64, size int) uint64 {
-	mask := sizeMask(size)
-	res := (a - b) & mask
-	sign := uint64(1) << (8*size - 1)
-	rflags &^= vmx.RFLAGSArith
-	rflags |= resultFlags(res, size)
-	if a < b {
-		rflags |= vmx.RFLAGSCF
-	}
-	if (a^b)&(a^res)&sign != 0 {
-		rflags |= vmx.RFLAGSOF
-	}
-	if (a^b^res)&0x10 != 0 {
-		rflags |= vmx.RFLAGSAF
-	}
-	return rflags
-}
-
-// resultFlags are SF, ZF and PF of a result of size bytes.
-func resultFlags(res uint64, size int) uint64 {
-	var f uint64
-	if res&sizeMask(size) == 0 {
-		f |= vmx.RFLAGSZF
-	}
-	if res>>(8*size-1)&1 != 0 {
-		f |= vmx.RFLAGSSF
-	}
-	if bits.OnesCount8(uint8(res))%2 == 0 {
-		f |= vmx.RFLAGSPF
-	}
-	return f
-}
-
-func sizeMask(size int) uint64 {
-	if size >= 8 {
-		return ^uint64(0)
-	}
-	return 1<<(8*size) - 1
-}
-
-func signExtend(v uint64, size int) int64 {
-	s := 64 - 8*uint(size)
-	return int64(v<<s) >> s
-}
-
-// readGPR reads register n; RSP lives in the VMCS.
-func readGPR(v *VCPU, n int) uint64 {
+func (r vcpuRegs) GPR(n int) uint64 {
 	if n == 4 {
-		return v.VMCS.Read(vmx.GuestRSP)
+		return r.v.VMCS.Read(vmx.GuestRSP)
 	}
-	return v.Regs.GPR(n)
+	return r.v.Regs.GPR(n)
 }
 
-func writeGPR(v *VCPU, n int, val uint64) {
+func (r vcpuRegs) SetGPR(n int, val uint64) {
 	if n == 4 {
-		v.VMCS.Write(vmx.GuestRSP, val)
+		r.v.VMCS.Write(vmx.GuestRSP, val)
 		return
 	}
-	v.Regs.SetGPR(n, val)
-}
-
-// regValue reads a register operand, zero-extended.
-func regValue(v *VCPU, r ptReg) uint64 {
-	full := readGPR(v, int(r.num))
-	if r.high {
-		return full >> 8 & 0xff
-	}
-	return full & sizeMask(int(r.size))
-}
-
-// setReg writes a register operand as the processor does: 8 and 16 bits
-// merge into the register, 32 bits zero the upper half.
-func setReg(v *VCPU, r ptReg, val uint64) {
-	n := int(r.num)
-	if r.high {
-		full := readGPR(v, n)
-		writeGPR(v, n, full&^0xff00|(val&0xff)<<8)
-		return
-	}
-	setGPR(v, n, int(r.size), val)
-}
-
-func setGPR(v *VCPU, n, size int, val uint64) {
-	switch size {
-	case 1, 2:
-		m := sizeMask(size)
-		writeGPR(v, n, readGPR(v, n)&^m|val&m)
-	case 4:
-		writeGPR(v, n, val&0xffffffff)
-	default:
-		writeGPR(v, n, val)
-	}
+	r.v.Regs.SetGPR(n, val)
 }

@@ -674,3 +674,51 @@ func TestRefusedWriteLeavesRegisters(t *testing.T) {
 		})
 	}
 }
+
+// TestPTWriteNoAllocations: an emulated MOV and LOCK CMPXCHG, through
+// the EPT-violation handler, allocate nothing.
+func TestPTWriteNoAllocations(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		code []byte
+		regs func(r *vmx.GuestRegs, old, new uint64)
+	}{
+		{"mov %rax,(%rdi)", []byte{0x48, 0x89, 0x07}, func(r *vmx.GuestRegs, _, new uint64) { r.RAX = new }},
+		{"lock cmpxchg %rdx,(%rdi)", []byte{0xf0, 0x48, 0x0f, 0xb1, 0x17},
+			func(r *vmx.GuestRegs, old, new uint64) { r.RAX, r.RDX = old, new }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newPTFixture(t, swapPTE)
+			f.code(c.code...)
+			v := f.vcpu(t, nil)
+			m := fv(v).Fields
+			m[vmx.GuestLinearAddr] = f.kva
+			v.Regs.RDI = f.kva
+			e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
+			next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+			// A second watch on the same tables keeps them protected
+			// while the first is walked again, as a read's watches do.
+			_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(tr swapmem.Translation) {})
+			require.NoError(t, err)
+			i := 0
+			allocs := testing.AllocsPerRun(200, func() {
+				i++
+				old, new := uint64(swapPTE), uint64(newPTE)
+				if i%2 == 0 {
+					old, new = new, old
+				}
+				f.heard = f.heard[:0]
+				c.regs(&v.Regs, old, new)
+				if _, err := f.gm.onViolation(v, e, next); err != nil {
+					t.Fatal(err)
+				}
+				if f.g.mem.get64(f.pte) != new {
+					t.Fatalf("PTE %#x, want %#x", f.g.mem.get64(f.pte), new)
+				}
+			})
+			assert.Equal(t, uint64(201), f.gm.Emulated)
+			assert.Equal(t, uint64(201), f.gm.Changes)
+			assert.Zero(t, allocs, "allocations per emulated write")
+		})
+	}
+}

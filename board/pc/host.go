@@ -78,7 +78,7 @@ func (PhysMem) CopyPhys(dst, src, n uint64) error {
 
 // Store writes the low size bytes (1, 2, 4 or 8) of val at pa with one
 // MOV of that width; the operand lies within a page. With the other
-// methods below, PhysMem is an hv.AtomicMemory: tamahv's stores to guest
+// methods below, PhysMem is an x86emu.AtomicMemory: tamahv's stores to guest
 // page tables.
 func (PhysMem) Store(pa uint64, size int, val uint64) error {
 	if err := mapped(pa, uint64(size)); err != nil {

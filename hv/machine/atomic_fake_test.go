@@ -5,15 +5,15 @@ import (
 	"fmt"
 	"math/bits"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// The fake board's hv.AtomicMemory: each operation on its pages as the
+// The fake board's x86emu.AtomicMemory: each operation on its pages as the
 // processor's instruction would leave them. The machine runs one handler
 // at a time, so no other access comes between the read and the write.
 
-var _ hv.AtomicMemory = (*board)(nil)
+var _ x86emu.AtomicMemory = (*board)(nil)
 
 // atomicOperand reads the size bytes at pa.
 func (b *board) atomicOperand(pa uint64, size int) (uint64, error) {

@@ -33,6 +33,7 @@ import (
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/monitor"
 	"github.com/tamahv/tamahv/hv/pagein"
+	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -49,7 +50,7 @@ type Board interface {
 	hv.Memory
 	// AtomicMemory makes tamahv's stores to guest page tables single
 	// instructions (hv.GuestPhys's, over Memory).
-	hv.AtomicMemory
+	x86emu.AtomicMemory
 	// Sink returns 2 MiB of host memory, 2 MiB aligned, kept as long as
 	// the machine runs: every guest-physical page of tamahv's region maps
 	// there.

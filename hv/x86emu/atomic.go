@@ -1,4 +1,6 @@
-package hv
+package x86emu
+
+import "errors"
 
 // AtomicMemory changes physical memory the way one processor instruction
 // does: another processor, and its page walker, sees each change whole or
@@ -47,3 +49,9 @@ type AtomicMemory interface {
 	// BitTestAndReset is BitTestAndSet's LOCK BTR: it clears the bit.
 	BitTestAndReset(pa uint64, size int, bit uint) (bool, error)
 }
+
+// ErrOperand is returned for an operand AtomicMemory does not take: a
+// size other than 1, 2, 4 or 8 bytes (16 for CompareExchange16, 2, 4 or 8
+// for the bit operations), a bit beyond it, an operand that crosses a
+// page, or a locked one that is not naturally aligned.
+var ErrOperand = errors.New("x86emu: operand not taken by a single instruction")

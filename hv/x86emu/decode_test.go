@@ -1,4 +1,4 @@
-package hv
+package x86emu
 
 import (
 	"math/rand"
@@ -8,91 +8,90 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/arch/x86/x86asm"
 
-	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// x86asm is the reference decodeWrite is checked against: every byte
-// string decodeWrite accepts must decode, with x86asm, to the same
+// x86asm is the reference Decode is checked against: every byte
+// string Decode accepts must decode, with x86asm, to the same
 // instruction, operands, length and memory operand.
 
-var x86Ops = map[ptOp]x86asm.Op{
-	opMOV: x86asm.MOV, opMOVNTI: x86asm.MOVNTI, opXCHG: x86asm.XCHG, opCMPXCHG: x86asm.CMPXCHG,
-	opCMPXCHG8B: x86asm.CMPXCHG8B, opCMPXCHG16B: x86asm.CMPXCHG16B, opOR: x86asm.OR, opAND: x86asm.AND,
-	opXOR: x86asm.XOR, opBTS: x86asm.BTS, opBTR: x86asm.BTR,
+var x86Ops = map[Op]x86asm.Op{
+	OpMOV: x86asm.MOV, OpMOVNTI: x86asm.MOVNTI, OpXCHG: x86asm.XCHG, OpCMPXCHG: x86asm.CMPXCHG,
+	OpCMPXCHG8B: x86asm.CMPXCHG8B, OpCMPXCHG16B: x86asm.CMPXCHG16B, OpOR: x86asm.OR, OpAND: x86asm.AND,
+	OpXOR: x86asm.XOR, OpBTS: x86asm.BTS, OpBTR: x86asm.BTR,
 }
 
 // x86Reg is r as x86asm names it.
-func x86Reg(r ptReg) x86asm.Reg {
-	n := x86asm.Reg(r.num)
+func x86Reg(r Reg) x86asm.Reg {
+	n := x86asm.Reg(r.Num)
 	switch {
-	case r.high:
+	case r.High:
 		return x86asm.AH + n
-	case r.size == 1 && n < 4:
+	case r.Size == 1 && n < 4:
 		return x86asm.AL + n
-	case r.size == 1 && n < 8:
+	case r.Size == 1 && n < 8:
 		return x86asm.SPB + n - 4
-	case r.size == 1:
+	case r.Size == 1:
 		return x86asm.R8B + n - 8
-	case r.size == 2:
+	case r.Size == 2:
 		return x86asm.AX + n
-	case r.size == 4:
+	case r.Size == 4:
 		return x86asm.EAX + n
 	}
 	return x86asm.RAX + n
 }
 
 // x86Mem is m as x86asm decodes it in 64-bit mode.
-func x86Mem(m ptMem) x86asm.Mem {
-	x := x86asm.Mem{Scale: m.scale, Disp: m.disp}
-	switch m.base {
-	case memNone:
-	case memRIP:
+func x86Mem(m Mem) x86asm.Mem {
+	x := x86asm.Mem{Scale: m.Scale, Disp: m.Disp}
+	switch m.Base {
+	case MemNone:
+	case MemRIP:
 		x.Base = x86asm.RIP
 	default:
-		x.Base = x86asm.RAX + x86asm.Reg(m.base)
+		x.Base = x86asm.RAX + x86asm.Reg(m.Base)
 	}
-	if m.index != memNone {
-		x.Index = x86asm.RAX + x86asm.Reg(m.index)
+	if m.Index != MemNone {
+		x.Index = x86asm.RAX + x86asm.Reg(m.Index)
 	}
-	switch m.seg {
-	case segFS:
+	switch m.Seg {
+	case SegFS:
 		x.Segment = x86asm.FS
-	case segGS:
+	case SegGS:
 		x.Segment = x86asm.GS
 	}
 	return x
 }
 
 // sameAsX86asm checks in, decoded from b, against x86asm's decoding.
-func sameAsX86asm(t *testing.T, b []byte, in *ptInsn) {
+func sameAsX86asm(t *testing.T, b []byte, in *Insn) {
 	t.Helper()
 	inst, err := x86asm.Decode(b, 64)
 	require.NoError(t, err, "% x", b)
-	require.Equal(t, x86Ops[in.op], inst.Op, "% x: %v", b, inst)
-	assert.Equal(t, in.len, inst.Len, "% x: %v: length", b, inst)
-	assert.Equal(t, in.size, inst.MemBytes, "% x: %v: operand size", b, inst)
+	require.Equal(t, x86Ops[in.Op], inst.Op, "% x: %v", b, inst)
+	assert.Equal(t, in.Len, inst.Len, "% x: %v: length", b, inst)
+	assert.Equal(t, in.Size, inst.MemBytes, "% x: %v: operand size", b, inst)
 	assert.Equal(t, 64, inst.AddrSize, "% x: %v", b, inst)
 	a0, a1 := inst.Args[0], inst.Args[1]
 	if _, ok := a1.(x86asm.Mem); ok && inst.Op == x86asm.XCHG {
 		a0, a1 = a1, a0
 	}
-	assert.Equal(t, x86Mem(in.mem), a0, "% x: %v: memory operand", b, inst)
+	assert.Equal(t, x86Mem(in.Mem), a0, "% x: %v: memory operand", b, inst)
 	switch {
-	case in.hasImm:
+	case in.HasImm:
 		imm, ok := a1.(x86asm.Imm)
 		require.True(t, ok, "% x: %v: an immediate", b, inst)
-		if in.op == opBTS || in.op == opBTR {
-			assert.Equal(t, uint8(imm), uint8(in.imm), "% x: %v: bit offset", b, inst)
+		if in.Op == OpBTS || in.Op == OpBTR {
+			assert.Equal(t, uint8(imm), uint8(in.Imm), "% x: %v: bit offset", b, inst)
 		} else {
-			assert.Equal(t, uint64(imm)&sizeMask(in.size), in.imm, "% x: %v: immediate", b, inst)
+			assert.Equal(t, uint64(imm)&SizeMask(in.Size), in.Imm, "% x: %v: immediate", b, inst)
 		}
-	case in.reg.size != 0:
-		assert.Equal(t, x86Reg(in.reg), a1, "% x: %v: register", b, inst)
-		assert.Equal(t, int(in.reg.size), min(in.size, 8), "% x: %v", b, inst)
+	case in.Reg.Size != 0:
+		assert.Equal(t, x86Reg(in.Reg), a1, "% x: %v: register", b, inst)
+		assert.Equal(t, int(in.Reg.Size), min(in.Size, 8), "% x: %v", b, inst)
 	default:
 		assert.Nil(t, a1, "% x: %v", b, inst)
-		assert.Contains(t, []ptOp{opCMPXCHG8B, opCMPXCHG16B}, in.op)
+		assert.Contains(t, []Op{OpCMPXCHG8B, OpCMPXCHG16B}, in.Op)
 	}
 	assert.Nil(t, inst.Args[2])
 	lock := false
@@ -126,11 +125,11 @@ func hasLock(b []byte) bool {
 	return false
 }
 
-// oldDecode is the decoding the emulator did before decodeWrite: x86asm
+// oldDecode is the decoding the emulator did before Decode: x86asm
 // and the checks on its result. It is kept as the reference of which
 // forms must still be emulated.
-func oldDecode(b []byte) (ptInsn, bool) {
-	var in ptInsn
+func oldDecode(b []byte) (Insn, bool) {
+	var in Insn
 	inst, err := x86asm.Decode(b, 64)
 	if err != nil || inst.Mode != 64 || inst.AddrSize != 64 || inst.Len <= 0 || inst.Len > vmx.MaxInstructionLen {
 		return in, false
@@ -160,10 +159,10 @@ func oldDecode(b []byte) (ptInsn, bool) {
 	}
 	for op, x := range x86Ops {
 		if x == inst.Op {
-			in.op = op
+			in.Op = op
 		}
 	}
-	in.size, in.len = inst.MemBytes, inst.Len
+	in.Size, in.Len = inst.MemBytes, inst.Len
 	a0, a1 := inst.Args[0], inst.Args[1]
 	switch inst.Op {
 	case x86asm.MOV, x86asm.MOVNTI:
@@ -182,7 +181,7 @@ func oldDecode(b []byte) (ptInsn, bool) {
 			return in, false
 		}
 	case x86asm.CMPXCHG8B, x86asm.CMPXCHG16B:
-		if a1 != nil || in.size != 8 && inst.Op == x86asm.CMPXCHG8B || in.size != 16 && inst.Op == x86asm.CMPXCHG16B {
+		if a1 != nil || in.Size != 8 && inst.Op == x86asm.CMPXCHG8B || in.Size != 16 && inst.Op == x86asm.CMPXCHG16B {
 			return in, false
 		}
 	case x86asm.OR, x86asm.AND, x86asm.XOR, x86asm.BTS, x86asm.BTR:
@@ -190,88 +189,88 @@ func oldDecode(b []byte) (ptInsn, bool) {
 		return in, false
 	}
 	mem, ok := a0.(x86asm.Mem)
-	if !ok || in.size == 16 && inst.Op != x86asm.CMPXCHG16B || in.size != 16 && in.size > 8 || in.size == 0 || in.size == 3 {
+	if !ok || in.Size == 16 && inst.Op != x86asm.CMPXCHG16B || in.Size != 16 && in.Size > 8 || in.Size == 0 || in.Size == 3 {
 		return in, false
 	}
 	switch a := a1.(type) {
 	case nil:
-		if in.op != opCMPXCHG8B && in.op != opCMPXCHG16B {
+		if in.Op != OpCMPXCHG8B && in.Op != OpCMPXCHG16B {
 			return in, false
 		}
 	case x86asm.Reg:
-		r, ok := ptRegOf(a)
-		if !ok || int(r.size) != in.size {
+		r, ok := regOf(a)
+		if !ok || int(r.Size) != in.Size {
 			return in, false
 		}
-		in.reg = r
+		in.Reg = r
 	case x86asm.Imm:
-		if in.op == opMOVNTI || in.op == opXCHG || in.op == opCMPXCHG {
+		if in.Op == OpMOVNTI || in.Op == OpXCHG || in.Op == OpCMPXCHG {
 			return in, false
 		}
-		in.imm, in.hasImm = uint64(a)&sizeMask(in.size), true
-		if in.op == opBTS || in.op == opBTR {
-			in.imm &= 0xff
+		in.Imm, in.HasImm = uint64(a)&SizeMask(in.Size), true
+		if in.Op == OpBTS || in.Op == OpBTR {
+			in.Imm &= 0xff
 		}
 	default:
 		return in, false
 	}
-	if (in.op == opBTS || in.op == opBTR) && in.size == 1 {
+	if (in.Op == OpBTS || in.Op == OpBTR) && in.Size == 1 {
 		return in, false
 	}
-	in.mem = ptMem{base: memNone, index: memNone, scale: mem.Scale, disp: mem.Disp}
+	in.Mem = Mem{Base: MemNone, Index: MemNone, Scale: mem.Scale, Disp: mem.Disp}
 	switch mem.Base {
 	case 0:
 	case x86asm.RIP:
-		in.mem.base = memRIP
+		in.Mem.Base = MemRIP
 	default:
-		r, ok := ptRegOf(mem.Base)
-		if !ok || r.size != 8 {
+		r, ok := regOf(mem.Base)
+		if !ok || r.Size != 8 {
 			return in, false
 		}
-		in.mem.base = int8(r.num)
+		in.Mem.Base = int8(r.Num)
 	}
 	if mem.Index != 0 {
-		r, ok := ptRegOf(mem.Index)
-		if !ok || r.size != 8 || r.num == 4 {
+		r, ok := regOf(mem.Index)
+		if !ok || r.Size != 8 || r.Num == 4 {
 			return in, false
 		}
-		in.mem.index = int8(r.num)
+		in.Mem.Index = int8(r.Num)
 	}
 	switch mem.Segment {
 	case 0, x86asm.ES, x86asm.CS, x86asm.SS, x86asm.DS:
 	case x86asm.FS:
-		in.mem.seg = segFS
+		in.Mem.Seg = SegFS
 	case x86asm.GS:
-		in.mem.seg = segGS
+		in.Mem.Seg = SegGS
 	default:
 		return in, false
 	}
 	return in, true
 }
 
-// ptRegOf is the general-purpose register r.
-func ptRegOf(r x86asm.Reg) (ptReg, bool) {
+// regOf is the general-purpose register r.
+func regOf(r x86asm.Reg) (Reg, bool) {
 	switch {
 	case r >= x86asm.AL && r <= x86asm.BL:
-		return ptReg{num: uint8(r - x86asm.AL), size: 1}, true
+		return Reg{Num: uint8(r - x86asm.AL), Size: 1}, true
 	case r >= x86asm.AH && r <= x86asm.BH:
-		return ptReg{num: uint8(r - x86asm.AH), size: 1, high: true}, true
+		return Reg{Num: uint8(r - x86asm.AH), Size: 1, High: true}, true
 	case r >= x86asm.SPB && r <= x86asm.DIB:
-		return ptReg{num: uint8(r-x86asm.SPB) + 4, size: 1}, true
+		return Reg{Num: uint8(r-x86asm.SPB) + 4, Size: 1}, true
 	case r >= x86asm.R8B && r <= x86asm.R15B:
-		return ptReg{num: uint8(r-x86asm.R8B) + 8, size: 1}, true
+		return Reg{Num: uint8(r-x86asm.R8B) + 8, Size: 1}, true
 	case r >= x86asm.AX && r <= x86asm.R15W:
-		return ptReg{num: uint8(r - x86asm.AX), size: 2}, true
+		return Reg{Num: uint8(r - x86asm.AX), Size: 2}, true
 	case r >= x86asm.EAX && r <= x86asm.R15L:
-		return ptReg{num: uint8(r - x86asm.EAX), size: 4}, true
+		return Reg{Num: uint8(r - x86asm.EAX), Size: 4}, true
 	case r >= x86asm.RAX && r <= x86asm.R15:
-		return ptReg{num: uint8(r - x86asm.RAX), size: 8}, true
+		return Reg{Num: uint8(r - x86asm.RAX), Size: 8}, true
 	}
-	return ptReg{}, false
+	return Reg{}, false
 }
 
 // refusedOnPurpose reports whether b is a form the old decoding emulated
-// and decodeWrite refuses: an operand-size prefix where the SDM gives it
+// and Decode refuses: an operand-size prefix where the SDM gives it
 // no meaning (MOVNTI is "NP": #UD; CMPXCHG8B).
 func refusedOnPurpose(b []byte) bool {
 	inst, err := x86asm.Decode(b, 64)
@@ -285,7 +284,7 @@ func refusedOnPurpose(b []byte) bool {
 	return has66 && (inst.Op == x86asm.MOVNTI || inst.Op == x86asm.CMPXCHG8B)
 }
 
-// acceptedOnPurpose reports whether b is a form decodeWrite accepts and
+// acceptedOnPurpose reports whether b is a form Decode accepts and
 // the old decoding refused: one ES, CS, SS or DS override, which 64-bit
 // mode ignores (x86asm marks it so).
 func acceptedOnPurpose(b []byte) bool {
@@ -301,12 +300,12 @@ func acceptedOnPurpose(b []byte) bool {
 	return false
 }
 
-// checkDecode decodes b with decodeWrite and the old decoding and checks
-// them against each other and x86asm; it returns decodeWrite's result.
-func checkDecode(t *testing.T, b []byte) (ptInsn, bool) {
+// checkDecode decodes b with Decode and the old decoding and checks
+// them against each other and x86asm; it returns Decode's result.
+func checkDecode(t *testing.T, b []byte) (Insn, bool) {
 	t.Helper()
-	var in ptInsn
-	ok := decodeWrite(b, &in)
+	var in Insn
+	ok := Decode(b, &in)
 	old, oldOK := oldDecode(b)
 	if ok {
 		sameAsX86asm(t, b, &in)
@@ -388,7 +387,7 @@ func TestDecodeWriteForms(t *testing.T) {
 		require.True(t, ok, "% x refused", b)
 		_, oldOK := oldDecode(b)
 		assert.True(t, oldOK, "% x: not emulated before", b)
-		assert.Equal(t, len(b), in.len, "% x", b)
+		assert.Equal(t, len(b), in.Len, "% x", b)
 		// Any bytes after the instruction are not part of it.
 		in2, ok := checkDecode(t, append(append([]byte{}, b...), 0xcc, 0xcc, 0xcc))
 		assert.True(t, ok)
@@ -447,7 +446,7 @@ func TestDecodeWriteRefuses(t *testing.T) {
 	longest := []byte{0xf0, 0x65, 0x48, 0x81, 0x8c, 0x24, 1, 2, 3, 4, 0xff, 0xff, 0xff, 0x7f, 0x90, 0x90, 0x90}
 	in, ok := checkDecode(t, longest)
 	require.True(t, ok)
-	assert.Equal(t, 14, in.len)
+	assert.Equal(t, 14, in.Len)
 }
 
 // TestDecodeWriteIgnoredSegments: an ES, CS, SS or DS override is
@@ -456,8 +455,8 @@ func TestDecodeWriteIgnoredSegments(t *testing.T) {
 	for _, p := range []byte{prefixES, prefixCS, prefixSS, prefixDS} {
 		in, ok := checkDecode(t, []byte{p, 0xf0, 0x48, 0x0f, 0xb1, 0x17})
 		require.True(t, ok)
-		assert.Equal(t, segNone, in.mem.seg)
-		assert.Equal(t, 6, in.len)
+		assert.Equal(t, SegNone, in.Mem.Seg)
+		assert.Equal(t, 6, in.Len)
 	}
 }
 
@@ -500,7 +499,7 @@ func TestDecodeWriteSweep(t *testing.T) {
 	t.Logf("%d accepted", accepted)
 }
 
-// FuzzDecodeWrite: on any bytes, decodeWrite agrees with x86asm when it
+// FuzzDecodeWrite: on any bytes, Decode agrees with x86asm when it
 // accepts, and accepts what the emulator took before (but the forms it
 // refuses on purpose).
 func FuzzDecodeWrite(f *testing.F) {
@@ -512,62 +511,14 @@ func FuzzDecodeWrite(f *testing.F) {
 	})
 }
 
-// TestPTWriteNoAllocations: an emulated MOV and LOCK CMPXCHG, through
-// the EPT-violation handler, allocate nothing.
-func TestPTWriteNoAllocations(t *testing.T) {
-	for _, c := range []struct {
-		name string
-		code []byte
-		regs func(r *vmx.GuestRegs, old, new uint64)
-	}{
-		{"mov %rax,(%rdi)", []byte{0x48, 0x89, 0x07}, func(r *vmx.GuestRegs, _, new uint64) { r.RAX = new }},
-		{"lock cmpxchg %rdx,(%rdi)", []byte{0xf0, 0x48, 0x0f, 0xb1, 0x17},
-			func(r *vmx.GuestRegs, old, new uint64) { r.RAX, r.RDX = old, new }},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			f := newPTFixture(t, swapPTE)
-			f.code(c.code...)
-			v := f.vcpu(t, nil)
-			m := fv(v).Fields
-			m[vmx.GuestLinearAddr] = f.kva
-			v.Regs.RDI = f.kva
-			e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
-			next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
-			// A second watch on the same tables keeps them protected
-			// while the first is walked again, as a read's watches do.
-			_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(tr swapmem.Translation) {})
-			require.NoError(t, err)
-			i := 0
-			allocs := testing.AllocsPerRun(200, func() {
-				i++
-				old, new := uint64(swapPTE), uint64(newPTE)
-				if i%2 == 0 {
-					old, new = new, old
-				}
-				f.heard = f.heard[:0]
-				c.regs(&v.Regs, old, new)
-				if _, err := f.gm.onViolation(v, e, next); err != nil {
-					t.Fatal(err)
-				}
-				if f.g.mem.get64(f.pte) != new {
-					t.Fatalf("PTE %#x, want %#x", f.g.mem.get64(f.pte), new)
-				}
-			})
-			assert.Equal(t, uint64(201), f.gm.Emulated)
-			assert.Equal(t, uint64(201), f.gm.Changes)
-			assert.Zero(t, allocs, "allocations per emulated write")
-		})
-	}
-}
-
-// BenchmarkDecodeWrite compares decodeWrite with x86asm.Decode on the
+// BenchmarkDecodeWrite compares Decode with x86asm.Decode on the
 // forms.
 func BenchmarkDecodeWrite(b *testing.B) {
-	b.Run("decodeWrite", func(b *testing.B) {
+	b.Run("Decode", func(b *testing.B) {
 		b.ReportAllocs()
-		var in ptInsn
+		var in Insn
 		for i := 0; b.Loop(); i++ {
-			decodeWrite(ptForms[i%len(ptForms)], &in)
+			Decode(ptForms[i%len(ptForms)], &in)
 		}
 	})
 	b.Run("x86asm", func(b *testing.B) {

@@ -1,4 +1,9 @@
-package hv
+// Package x86emu decodes and executes the x86 stores a monitor emulates
+// on the guest's behalf: the forms Linux writes page-table entries and
+// the local APIC's registers with (Decode), each carried out as one
+// instruction of its width on guest memory (Execute, through an
+// AtomicMemory), never a byte copy another processor could see torn.
+package x86emu
 
 import (
 	"encoding/binary"
@@ -6,10 +11,11 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// The decoder of the page-table-writing instructions (ptwrite.go).
+// The decoder of the page-table-writing instructions (hv's ptwrite.go
+// and apicwrite.go use it).
 //
-// decodeWrite reads exactly the forms emulateWrite handles, in 64-bit
-// mode, into a ptInsn, and allocates nothing; any other byte string is
+// Decode reads exactly the forms hv's emulateWrite handles, in 64-bit
+// mode, into an Insn, and allocates nothing; any other byte string is
 // refused, and the write is left to the processor. The encoding is that
 // of the Intel SDM Vol. 2A, chapter 2, "Instruction Format": legacy
 // prefixes, an optional REX prefix, the opcode, ModR/M, SIB,
@@ -42,23 +48,23 @@ import (
 // accepts a byte string, x86asm decodes the same instruction, operands,
 // length and memory operand.
 
-// ptOp is an emulated instruction.
-type ptOp uint8
+// Op is an emulated instruction.
+type Op uint8
 
 // The emulated instructions.
 const (
-	opNone ptOp = iota
-	opMOV
-	opMOVNTI
-	opXCHG
-	opCMPXCHG
-	opCMPXCHG8B
-	opCMPXCHG16B
-	opOR
-	opAND
-	opXOR
-	opBTS
-	opBTR
+	OpNone Op = iota
+	OpMOV
+	OpMOVNTI
+	OpXCHG
+	OpCMPXCHG
+	OpCMPXCHG8B
+	OpCMPXCHG16B
+	OpOR
+	OpAND
+	OpXOR
+	OpBTS
+	OpBTR
 )
 
 // Encoding numbers, short names for vmx's.
@@ -86,38 +92,38 @@ const (
 	sibNoBase  = vmx.SIBNoBase
 )
 
-// ptSeg is the segment override of a memory operand whose base counts in
+// Seg is the segment override of a memory operand whose base counts in
 // 64-bit mode.
-type ptSeg uint8
+type Seg uint8
 
 // Segments.
 const (
-	segNone ptSeg = iota // no override, or ES, CS, SS, DS: base 0
-	segFS
-	segGS
+	SegNone Seg = iota // no override, or ES, CS, SS, DS: base 0
+	SegFS
+	SegGS
 )
 
-// ptReg is a general-purpose register operand.
-type ptReg struct {
-	num  uint8 // RAX = 0 ... R15 = 15
-	size uint8 // 1, 2, 4 or 8 bytes; 0: no register
-	high bool  // AH, CH, DH or BH: bits 15:8 of register num
+// Reg is a general-purpose register operand.
+type Reg struct {
+	Num  uint8 // RAX = 0 ... R15 = 15
+	Size uint8 // 1, 2, 4 or 8 bytes; 0: no register
+	High bool  // AH, CH, DH or BH: bits 15:8 of register num
 }
 
-// memNone and memRIP are ptMem's base and index when there is no
+// MemNone and MemRIP are Mem's base and index when there is no
 // register, and its base for RIP-relative addressing.
 const (
-	memNone = -1
-	memRIP  = 16
+	MemNone = -1
+	MemRIP  = 16
 )
 
-// ptMem is a memory operand: seg:[base + index×scale + disp].
-type ptMem struct {
-	base  int8  // a 64-bit register number, memRIP or memNone
-	index int8  // a 64-bit register number or memNone
-	scale uint8 // 1, 2, 4 or 8 with a SIB byte, 0 without
-	disp  int64
-	seg   ptSeg
+// Mem is a memory operand: seg:[base + index×scale + disp].
+type Mem struct {
+	Base  int8  // a 64-bit register number, memRIP or memNone
+	Index int8  // a 64-bit register number or memNone
+	Scale uint8 // 1, 2, 4 or 8 with a SIB byte, 0 without
+	Disp  int64
+	Seg   Seg
 }
 
 // Source operand kinds.
@@ -130,10 +136,10 @@ const (
 	immModRMReg // none: the source is ModR/M.reg
 )
 
-// decodeWrite decodes the instruction at the start of b (its first 15
+// Decode decodes the instruction at the start of b (its first 15
 // bytes at most) into in, when it is one of the emulated forms.
-func decodeWrite(b []byte, in *ptInsn) bool {
-	*in = ptInsn{}
+func Decode(b []byte, in *Insn) bool {
+	*in = Insn{}
 	if len(b) > vmx.MaxInstructionLen {
 		b = b[:vmx.MaxInstructionLen]
 	}
@@ -159,9 +165,9 @@ prefixes:
 			seg = true
 			switch p {
 			case prefixFS:
-				in.mem.seg = segFS
+				in.Mem.Seg = SegFS
 			case prefixGS:
-				in.mem.seg = segGS
+				in.Mem.Seg = SegGS
 			}
 		default:
 			break prefixes
@@ -195,15 +201,15 @@ prefixes:
 		}
 		switch opc {
 		case 0x08, 0x09:
-			in.op = opOR
+			in.Op = OpOR
 		case 0x20, 0x21:
-			in.op = opAND
+			in.Op = OpAND
 		case 0x30, 0x31:
-			in.op = opXOR
+			in.Op = OpXOR
 		case 0x86, 0x87:
-			in.op = opXCHG
+			in.Op = OpXCHG
 		case 0x88, 0x89:
-			in.op = opMOV
+			in.Op = OpMOV
 		case 0x80:
 			group, src = grp1, imm8
 		case 0x81:
@@ -215,7 +221,7 @@ prefixes:
 		case 0xc7:
 			group, src = grp11, immOperand
 		case 0xa2, 0xa3:
-			in.op, src = opMOV, immMoffs
+			in.Op, src = OpMOV, immMoffs
 		default:
 			return false
 		}
@@ -227,20 +233,20 @@ prefixes:
 		i++
 		switch opc {
 		case 0xb0:
-			in.op, size = opCMPXCHG, 1
+			in.Op, size = OpCMPXCHG, 1
 		case 0xb1:
-			in.op = opCMPXCHG
+			in.Op = OpCMPXCHG
 		case 0xab:
-			in.op = opBTS
+			in.Op = OpBTS
 		case 0xb3:
-			in.op = opBTR
+			in.Op = OpBTR
 		case 0xba:
 			group, src = grp8, imm8
 		case 0xc3:
 			if opSize {
 				return false // NP 0F C3: #UD
 			}
-			in.op = opMOVNTI
+			in.Op = OpMOVNTI
 		case 0xc7:
 			if opSize {
 				return false
@@ -250,7 +256,7 @@ prefixes:
 			return false
 		}
 	}
-	in.size = size
+	in.Size = size
 
 	if src == immMoffs {
 		// MOV moffs, rAX: no ModR/M; an address of the address size,
@@ -258,8 +264,8 @@ prefixes:
 		if i+8 > len(b) {
 			return false
 		}
-		in.mem = ptMem{base: memNone, index: memNone, disp: int64(binary.LittleEndian.Uint64(b[i:])), seg: in.mem.seg}
-		in.reg = ptReg{num: 0, size: uint8(size)}
+		in.Mem = Mem{Base: MemNone, Index: MemNone, Disp: int64(binary.LittleEndian.Uint64(b[i:])), Seg: in.Mem.Seg}
+		in.Reg = Reg{Num: 0, Size: uint8(size)}
 		i += 8
 	} else {
 		if i >= len(b) {
@@ -276,10 +282,10 @@ prefixes:
 				return false
 			}
 		} else {
-			in.reg = gprOperand(reg|rexBit(rex, rexR, 3), size, rex != 0)
+			in.Reg = gprOperand(reg|rexBit(rex, rexR, 3), size, rex != 0)
 		}
 		var ok bool
-		if i, ok = in.mem.decode(b, i, mod, rm, rex); !ok {
+		if i, ok = in.Mem.decode(b, i, mod, rm, rex); !ok {
 			return false
 		}
 	}
@@ -296,26 +302,26 @@ prefixes:
 	}
 	switch src {
 	case imm8:
-		in.imm, in.hasImm = uint64(b[i]), true
+		in.Imm, in.HasImm = uint64(b[i]), true
 	case imm8Signed:
-		in.imm, in.hasImm = uint64(int64(int8(b[i])))&sizeMask(size), true
+		in.Imm, in.HasImm = uint64(int64(int8(b[i])))&SizeMask(size), true
 	case immOperand:
 		if immLen == 2 {
-			in.imm = uint64(binary.LittleEndian.Uint16(b[i:]))
+			in.Imm = uint64(binary.LittleEndian.Uint16(b[i:]))
 		} else {
-			in.imm = uint64(int64(int32(binary.LittleEndian.Uint32(b[i:])))) & sizeMask(size)
+			in.Imm = uint64(int64(int32(binary.LittleEndian.Uint32(b[i:])))) & SizeMask(size)
 		}
-		in.hasImm = true
+		in.HasImm = true
 	}
 	i += immLen
 
-	if lock && (in.op == opMOV || in.op == opMOVNTI) {
+	if lock && (in.Op == OpMOV || in.Op == OpMOVNTI) {
 		return false // #UD
 	}
-	if size == 1 && (in.op == opBTS || in.op == opBTR) {
+	if size == 1 && (in.Op == OpBTS || in.Op == OpBTR) {
 		return false
 	}
-	in.len = i
+	in.Len = i
 	return true
 }
 
@@ -332,27 +338,27 @@ const (
 
 // groupOp sets the operation of group's ModR/M.reg, and for group 9 its
 // operand size.
-func groupOp(group int, reg byte, in *ptInsn) bool {
+func groupOp(group int, reg byte, in *Insn) bool {
 	switch {
 	case group == grp1 && reg == 1:
-		in.op = opOR
+		in.Op = OpOR
 	case group == grp1 && reg == 4:
-		in.op = opAND
+		in.Op = OpAND
 	case group == grp1 && reg == 6:
-		in.op = opXOR
+		in.Op = OpXOR
 	case group == grp8 && reg == 5:
-		in.op = opBTS
+		in.Op = OpBTS
 	case group == grp8 && reg == 6:
-		in.op = opBTR
+		in.Op = OpBTR
 	case group == grp9 && reg == 1:
-		in.op = opCMPXCHG8B
-		if in.size == 8 { // REX.W
-			in.op, in.size = opCMPXCHG16B, 16
+		in.Op = OpCMPXCHG8B
+		if in.Size == 8 { // REX.W
+			in.Op, in.Size = OpCMPXCHG16B, 16
 		} else {
-			in.size = 8
+			in.Size = 8
 		}
 	case group == grp11 && reg == 0:
-		in.op = opMOV
+		in.Op = OpMOV
 	default:
 		return false
 	}
@@ -361,8 +367,8 @@ func groupOp(group int, reg byte, in *ptInsn) bool {
 
 // decode reads the memory operand of ModR/M mod (0, 1 or 2) and rm, its
 // SIB byte and displacement, from b at i; it returns where they end.
-func (m *ptMem) decode(b []byte, i int, mod, rm, rex byte) (int, bool) {
-	m.base, m.index = memNone, memNone
+func (m *Mem) decode(b []byte, i int, mod, rm, rex byte) (int, bool) {
+	m.Base, m.Index = MemNone, MemNone
 	disp := 0
 	switch mod {
 	case 1:
@@ -377,28 +383,28 @@ func (m *ptMem) decode(b []byte, i int, mod, rm, rex byte) (int, bool) {
 		}
 		sib := b[i]
 		i++
-		m.scale = 1 << (sib >> 6)
+		m.Scale = 1 << (sib >> 6)
 		if index := sib>>3&7 | rexBit(rex, rexX, 3); index != sibNoIndex { // REX.X with 100 is R12
-			m.index = int8(index)
+			m.Index = int8(index)
 		}
 		if base := sib & 7; base == sibNoBase && mod == 0 {
 			disp = 4
 		} else {
-			m.base = int8(base | rexBit(rex, rexB, 3))
+			m.Base = int8(base | rexBit(rex, rexB, 3))
 		}
 	case rm == rmDisp32 && mod == 0:
-		m.base, disp = memRIP, 4
+		m.Base, disp = MemRIP, 4
 	default:
-		m.base = int8(rm | rexBit(rex, rexB, 3))
+		m.Base = int8(rm | rexBit(rex, rexB, 3))
 	}
 	if i+disp > len(b) {
 		return 0, false
 	}
 	switch disp {
 	case 1:
-		m.disp = int64(int8(b[i]))
+		m.Disp = int64(int8(b[i]))
 	case 4:
-		m.disp = int64(int32(binary.LittleEndian.Uint32(b[i:])))
+		m.Disp = int64(int32(binary.LittleEndian.Uint32(b[i:])))
 	}
 	return i + disp, true
 }
@@ -415,9 +421,9 @@ func rexBit(rex, bit byte, shift uint) byte {
 // bytes. Without a REX prefix, byte registers 4 to 7 are AH, CH, DH and
 // BH; with one, SPL, BPL, SIL and DIL (SDM Vol. 2A, 2.2.1.2, "More on REX
 // Prefix Fields", and Table 3-1).
-func gprOperand(n byte, size int, rex bool) ptReg {
+func gprOperand(n byte, size int, rex bool) Reg {
 	if size == 1 && !rex && n >= 4 && n < 8 {
-		return ptReg{num: n - 4, size: 1, high: true}
+		return Reg{Num: n - 4, Size: 1, High: true}
 	}
-	return ptReg{num: n, size: uint8(size)}
+	return Reg{Num: n, Size: uint8(size)}
 }
