@@ -126,3 +126,31 @@ func (h *HardwareVMCS) ClearErr() {
 		h.err = nil
 	}
 }
+
+// Memory is guest-physical memory as the monitor sees it. Guest RAM is
+// mapped one to one, so these are host-physical addresses as well.
+type Memory interface {
+	ReadPhys(pa uint64, p []byte) error
+	WritePhys(pa uint64, p []byte) error
+	// CopyPhys copies n bytes from src to dst; the ranges may overlap
+	// (memmove).
+	CopyPhys(dst, src, n uint64) error
+}
+
+// E820 memory types (ACPI "Address Range Types").
+const (
+	E820RAM      = 1
+	E820Reserved = 2
+	E820ACPI     = 3
+	E820NVS      = 4
+	E820Unusable = 5
+)
+
+// E820Entry is one range of the guest's memory map.
+type E820Entry struct {
+	Addr, Size uint64
+	Type       uint32
+}
+
+// overlaps reports whether [a, a+an) and [b, b+bn) share a byte.
+func overlaps(a, an, b, bn uint64) bool { return an > 0 && bn > 0 && a < b+bn && b < a+an }

@@ -65,3 +65,11 @@ func TestMapGuest(t *testing.T) {
 	assert.False(t, ok, "no RAM there")
 	assert.Error(t, MapGuest(e, mm, [2]uint64{0x10001000, 0x18000000}, 0))
 }
+
+var machineMap = []E820Entry{
+	{0, 0x9fc00, E820RAM},
+	{0x9fc00, 0x400, E820Reserved},
+	{0xf0000, 0x10000, E820Reserved},
+	{0x100000, 0x3fef0000, E820RAM},
+	{0x3fff0000, 0x10000, E820ACPI},
+}

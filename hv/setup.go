@@ -230,3 +230,21 @@ func IOBitmaps(a, b *[4096]byte, ranges ...[2]uint16) {
 		}
 	}
 }
+
+// Start is the guest state the 32-bit boot protocol wants: protected mode,
+// paging off, flat __BOOT_CS and __BOOT_DS from a GDT at GDTBase, ESI
+// pointing at the boot parameters, EIP at the kernel's 32-bit entry.
+type Start struct {
+	RIP, RSI         uint64
+	GDTBase          uint64
+	GDTLimit         uint16
+	CodeSel, DataSel uint16
+	InitrdPA         uint64
+	InitrdLen        uint64
+	// KernelPA is where the protected-mode kernel went: its preferred
+	// address (pref_address), whose init_size bytes it decompresses into.
+	KernelPA        uint64
+	BootParams      uint64
+	ProtocolVersion uint16
+	E820            []E820Entry
+}

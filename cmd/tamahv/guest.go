@@ -14,6 +14,7 @@ import (
 	"github.com/tamahv/tamahv/board/pc/multiboot2"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/linux"
 	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -22,14 +23,14 @@ import (
 const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1"
 
 // modules finds the kernel and the initramfs among the boot modules: the
-// kernel is the first module that is a bzImage (hv.IsBzImage), whatever
+// kernel is the first module that is a bzImage (linux.IsBzImage), whatever
 // its name; the words after its name, if any, replace the default guest
 // command line. Every other module is a part of the initramfs, in order.
 func modules(info *bootinfo.Info) (kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string) {
 	cmdline = guestCmdline
 	for i := range info.Modules {
 		m := &info.Modules[i]
-		if kernel == nil && m.End > m.Start && hv.IsBzImage(pc.PhysMem{}, m.Start, m.End-m.Start) {
+		if kernel == nil && m.End > m.Start && linux.IsBzImage(pc.PhysMem{}, m.Start, m.End-m.Start) {
 			kernel = m
 			if f := strings.Fields(m.Cmdline); len(f) > 1 {
 				cmdline = strings.Join(f[1:], " ")
@@ -44,12 +45,12 @@ func modules(info *bootinfo.Info) (kernel *bootinfo.Module, initrds []bootinfo.M
 // framebuffer is the linear framebuffer of direct colour the boot loader
 // left, for the guest's kernel; nil where it left none (or a text mode, or
 // a palette).
-func framebuffer(info *bootinfo.Info) *hv.LinuxFramebuffer {
+func framebuffer(info *bootinfo.Info) *linux.Framebuffer {
 	fb := info.Framebuffer
 	if fb == nil || fb.Type != multiboot2.FramebufferRGB {
 		return nil
 	}
-	l := &hv.LinuxFramebuffer{Base: fb.Addr, Pitch: fb.Pitch, Width: fb.Width, Height: fb.Height, BPP: fb.BPP,
+	l := &linux.Framebuffer{Base: fb.Addr, Pitch: fb.Pitch, Width: fb.Width, Height: fb.Height, BPP: fb.BPP,
 		RedPos: fb.Red.Position, RedSize: fb.Red.Size, GreenPos: fb.Green.Position, GreenSize: fb.Green.Size,
 		BluePos: fb.Blue.Position, BlueSize: fb.Blue.Size, EFI: info.Firmware() == bootinfo.UEFI}
 	// The bits above the colours are reserved (the alpha byte of 32-bit
@@ -88,7 +89,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 		// The guest's copy of the EFI memory map has tamahv's region
 		// reserved, as its e820 map has.
 		_, em := info.GuestMemoryMaps(pc.RAMStart, pc.RAMEnd)
-		c.EFI = &hv.LinuxEFI{SystemTable: e.SystemTable, MemoryMap: em.Bytes(),
+		c.EFI = &linux.EFI{SystemTable: e.SystemTable, MemoryMap: em.Bytes(),
 			DescriptorSize: uint32(max(int(em.DescriptorSize), efi.DescriptorLength)), DescriptorVersion: em.DescriptorVersion}
 	}
 	pc.EnableXSAVE()

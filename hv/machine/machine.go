@@ -31,6 +31,7 @@ import (
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hcall"
+	"github.com/tamahv/tamahv/hv/linux"
 	"github.com/tamahv/tamahv/hv/monitor"
 	"github.com/tamahv/tamahv/hv/pagein"
 	"github.com/tamahv/tamahv/hv/x86emu"
@@ -112,10 +113,10 @@ type Config struct {
 	// EFI, on UEFI firmware, is the system table and the memory map's
 	// copy (tamahv's region reserved in it) the guest's kernel is told of
 	// (boot_params.efi_info); nil: BIOS.
-	EFI *hv.LinuxEFI
+	EFI *linux.EFI
 	// Framebuffer is the linear framebuffer the boot loader left, which
 	// the guest's kernel takes over (boot_params.screen_info); nil: none.
-	Framebuffer *hv.LinuxFramebuffer
+	Framebuffer *linux.Framebuffer
 	// Options is tamahv's own command line: the hc.ring3= grants of the
 	// default policy, and the settings ParseOptions reads.
 	Options string
@@ -170,7 +171,7 @@ type Machine struct {
 	// Start is where the guest kernel starts.
 	Start *hv.Start
 	// Linux is the loaded guest.
-	Linux *hv.Linux
+	Linux *linux.Boot
 	// Shootdown carries EPT changes to every vCPU's processor.
 	Shootdown *hv.Shootdown
 
@@ -317,7 +318,7 @@ func New(b Board, c Config) (*Machine, error) {
 		secret[i] = hcall.SecretByte
 	}
 
-	m.Linux = &hv.Linux{
+	m.Linux = &linux.Boot{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
 		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
 	}

@@ -1,4 +1,4 @@
-package hv
+package linux
 
 import (
 	"encoding/binary"
@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/hv"
 )
 
 // sparseMem is guest memory for the loader tests.
@@ -56,24 +58,16 @@ func fakeBzImage(version uint16, payload []byte) []byte {
 	return append(b, payload...)
 }
 
-var machineMap = []E820Entry{
-	{0, 0x9fc00, E820RAM},
-	{0x9fc00, 0x400, E820Reserved},
-	{0xf0000, 0x10000, E820Reserved},
-	{0x100000, 0x3fef0000, E820RAM},
-	{0x3fff0000, 0x10000, E820ACPI},
-}
-
 func TestGuestE820CutsOutTamahv(t *testing.T) {
 	got := GuestE820(machineMap, [][2]uint64{{0x10000000, 0x18000000}})
-	assert.Equal(t, []E820Entry{
-		{0, 0x9fc00, E820RAM},
-		{0x9fc00, 0x400, E820Reserved},
-		{0xf0000, 0x10000, E820Reserved},
-		{0x100000, 0x10000000 - 0x100000, E820RAM},
-		{0x10000000, 0x08000000, E820Reserved},
-		{0x18000000, 0x3fff0000 - 0x18000000, E820RAM},
-		{0x3fff0000, 0x10000, E820ACPI},
+	assert.Equal(t, []hv.E820Entry{
+		{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
+		{Addr: 0x9fc00, Size: 0x400, Type: hv.E820Reserved},
+		{Addr: 0xf0000, Size: 0x10000, Type: hv.E820Reserved},
+		{Addr: 0x100000, Size: 0x10000000 - 0x100000, Type: hv.E820RAM},
+		{Addr: 0x10000000, Size: 0x08000000, Type: hv.E820Reserved},
+		{Addr: 0x18000000, Size: 0x3fff0000 - 0x18000000, Type: hv.E820RAM},
+		{Addr: 0x3fff0000, Size: 0x10000, Type: hv.E820ACPI},
 	}, got)
 }
 
@@ -84,7 +78,7 @@ func TestLoadLinux(t *testing.T) {
 	require.NoError(t, m.WritePhys(0x20000000, img))
 	initrd := []byte("initramfs")
 	require.NoError(t, m.WritePhys(0x21000000, initrd))
-	l := &Linux{
+	l := &Boot{
 		KernelPA: 0x20000000, KernelLen: uint64(len(img)),
 		Initrds: [][2]uint64{{0x21000000, uint64(len(initrd))}},
 		Cmdline: "console=ttyS1", Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
@@ -92,26 +86,26 @@ func TestLoadLinux(t *testing.T) {
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(0x100000), s.RIP)
-	assert.Equal(t, uint64(LinuxBootParam), s.RSI)
+	assert.Equal(t, uint64(BootParamsAddr), s.RSI)
 	assert.Equal(t, uint64(0x3fff0000-0x1000), s.InitrdPA, "at the top of RAM, page aligned")
 	got := make([]byte, len(payload))
-	require.NoError(t, m.ReadPhys(LinuxKernel, got))
+	require.NoError(t, m.ReadPhys(KernelAddr, got))
 	assert.Equal(t, payload, got)
 	require.NoError(t, m.ReadPhys(s.InitrdPA, got[:len(initrd)]))
 	assert.Equal(t, initrd, got[:len(initrd)])
-	assert.Equal(t, uint32(LinuxCmdline), m.u32(LinuxBootParam+hdrCmdLinePtr))
-	assert.Equal(t, uint32(s.InitrdPA), m.u32(LinuxBootParam+hdrRamdiskImage))
-	assert.Equal(t, uint32(len(initrd)), m.u32(LinuxBootParam+hdrRamdiskSize))
-	assert.Equal(t, byte(0xff), m[LinuxBootParam+hdrTypeOfLoader])
-	assert.Equal(t, byte(7), m[LinuxBootParam+bpE820Entries])
-	assert.Equal(t, uint32(0x10000000), m.u32(LinuxBootParam+bpE820Table+4*20), "tamahv's region is listed reserved")
-	assert.Equal(t, uint32(E820Reserved), m.u32(LinuxBootParam+bpE820Table+4*20+16))
+	assert.Equal(t, uint32(CmdlineAddr), m.u32(BootParamsAddr+hdrCmdLinePtr))
+	assert.Equal(t, uint32(s.InitrdPA), m.u32(BootParamsAddr+hdrRamdiskImage))
+	assert.Equal(t, uint32(len(initrd)), m.u32(BootParamsAddr+hdrRamdiskSize))
+	assert.Equal(t, byte(0xff), m[BootParamsAddr+hdrTypeOfLoader])
+	assert.Equal(t, byte(7), m[BootParamsAddr+bpE820Entries])
+	assert.Equal(t, uint32(0x10000000), m.u32(BootParamsAddr+bpE820Table+4*20), "tamahv's region is listed reserved")
+	assert.Equal(t, uint32(hv.E820Reserved), m.u32(BootParamsAddr+bpE820Table+4*20+16))
 	cmd := make([]byte, 14)
-	require.NoError(t, m.ReadPhys(LinuxCmdline, cmd))
+	require.NoError(t, m.ReadPhys(CmdlineAddr, cmd))
 	assert.Equal(t, "console=ttyS1\x00", string(cmd))
-	assert.Equal(t, uint32(0x0000ffff), m.u32(LinuxGDT+bootCS))
-	assert.Equal(t, uint32(0x00cf9b00), m.u32(LinuxGDT+bootCS+4))
-	assert.Zero(t, m.u32(LinuxBootParam+bpACPIRSDPAddr), "no RSDP given: none written")
+	assert.Equal(t, uint32(0x0000ffff), m.u32(GDTAddr+bootCS))
+	assert.Equal(t, uint32(0x00cf9b00), m.u32(GDTAddr+bootCS+4))
+	assert.Zero(t, m.u32(BootParamsAddr+bpACPIRSDPAddr), "no RSDP given: none written")
 }
 
 // prefBzImage is a bzImage that prefers to run at pref and decompresses
@@ -135,13 +129,13 @@ func TestLoadLinuxAtItsPreferredAddress(t *testing.T) {
 	require.NoError(t, m.WritePhys(0x20000000, img))
 	initrd := []byte("initramfs in the kernel's way")
 	require.NoError(t, m.WritePhys(0x2000000, initrd))
-	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x2000000, uint64(len(initrd))}},
+	l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x2000000, uint64(len(initrd))}},
 		Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(0x1000000), s.KernelPA)
 	assert.Equal(t, uint64(0x1000000), s.RIP)
-	assert.Equal(t, uint32(0x1000000), m.u32(LinuxBootParam+hdrCode32Start))
+	assert.Equal(t, uint32(0x1000000), m.u32(BootParamsAddr+hdrCode32Start))
 	got := make([]byte, len(initrd))
 	require.NoError(t, m.ReadPhys(s.InitrdPA, got))
 	assert.Equal(t, initrd, got)
@@ -159,7 +153,7 @@ func TestLoadLinuxLargeAndSeveralInitrds(t *testing.T) {
 	cm := &copyLog{sparseMem: sparseMem{}}
 	require.NoError(t, cm.WritePhys(0x30000000, img))
 	big := uint64(200 << 20)
-	l := &Linux{KernelPA: 0x30000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x20000000, big}},
+	l := &Boot{KernelPA: 0x30000000, KernelLen: uint64(len(img)), Initrds: [][2]uint64{{0x20000000, big}},
 		Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	s, err := l.Load(cm)
 	require.NoError(t, err)
@@ -181,7 +175,7 @@ func TestLoadLinuxLargeAndSeveralInitrds(t *testing.T) {
 	got := make([]byte, 12)
 	require.NoError(t, m.ReadPhys(s.InitrdPA, got))
 	assert.Equal(t, "early\x00\x00\x00main", string(got))
-	assert.Equal(t, uint32(12), m.u32(LinuxBootParam+hdrRamdiskSize))
+	assert.Equal(t, uint32(12), m.u32(BootParamsAddr+hdrRamdiskSize))
 }
 
 // copyLog is sparseMem that records large copies instead of making them.
@@ -216,12 +210,12 @@ func TestLoadLinuxTellsTheRSDP(t *testing.T) {
 	m := sparseMem{}
 	img := fakeBzImage(0x020f, []byte("k"))
 	require.NoError(t, m.WritePhys(0x20000000, img))
-	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap,
+	l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap,
 		Reserved: [][2]uint64{{0x10000000, 0x18000000}}, RSDP: 0x3f77e014}
 	_, err := l.Load(m)
 	require.NoError(t, err)
-	assert.Equal(t, uint32(0x3f77e014), m.u32(LinuxBootParam+bpACPIRSDPAddr))
-	assert.Zero(t, m.u32(LinuxBootParam+bpACPIRSDPAddr+4))
+	assert.Equal(t, uint32(0x3f77e014), m.u32(BootParamsAddr+bpACPIRSDPAddr))
+	assert.Zero(t, m.u32(BootParamsAddr+bpACPIRSDPAddr+4))
 
 	old := fakeBzImage(0x020d, []byte("k"))
 	require.NoError(t, m.WritePhys(0x20000000, old))
@@ -235,31 +229,31 @@ func TestLoadLinuxKernelModuleInPlace(t *testing.T) {
 	m := sparseMem{}
 	payload := []byte("protected-mode kernel, long enough to overlap its own copy")
 	img := fakeBzImage(0x020f, payload)
-	require.NoError(t, m.WritePhys(LinuxKernel, img))
-	l := &Linux{KernelPA: LinuxKernel, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	require.NoError(t, m.WritePhys(KernelAddr, img))
+	l := &Boot{KernelPA: KernelAddr, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	_, err := l.Load(m)
 	require.NoError(t, err)
 	got := make([]byte, len(payload))
-	require.NoError(t, m.ReadPhys(LinuxKernel, got))
+	require.NoError(t, m.ReadPhys(KernelAddr, got))
 	assert.Equal(t, payload, got)
 }
 
 func TestLoadLinuxRefusals(t *testing.T) {
 	for name, tc := range map[string]struct {
 		img    []byte
-		mutate func(l *Linux)
+		mutate func(l *Boot)
 		want   error
 	}{
 		"not a bzImage":         {img: make([]byte, 4096), want: ErrNotBzImage},
 		"old protocol":          {img: fakeBzImage(0x0209, []byte("k")), want: ErrProtocol},
-		"long cmdline":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
-		"initrd too big":        {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 0x3f000000 }, want: ErrLayout},
-		"initrd over 4 GiB":     {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Linux) { l.Initrds[0][1] = 1 << 33 }, want: ErrLayout},
+		"long cmdline":          {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Boot) { l.Cmdline = string(make([]byte, 3000)) }, want: ErrLayout},
+		"initrd too big":        {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Boot) { l.Initrds[0][1] = 0x3f000000 }, want: ErrLayout},
+		"initrd over 4 GiB":     {img: fakeBzImage(0x020f, []byte("k")), mutate: func(l *Boot) { l.Initrds[0][1] = 1 << 33 }, want: ErrLayout},
 		"kernel area in tamahv": {img: prefBzImage(0x0f000000, 0x03000000, []byte("k")), want: ErrLayout},
 		"kernel area not RAM":   {img: prefBzImage(0x3f000000, 0x03000000, []byte("k")), want: ErrLayout},
 		"tiny":                  {img: []byte("MZ"), want: ErrNotBzImage},
 	} {
-		l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), Initrds: [][2]uint64{{0x21000000, 16}},
+		l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(tc.img)), Initrds: [][2]uint64{{0x21000000, 16}},
 			Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 		if tc.mutate != nil {
 			tc.mutate(l)
@@ -280,7 +274,7 @@ func TestLoadDebianKernelHeader(t *testing.T) {
 	}
 	m := sparseMem{}
 	require.NoError(t, m.WritePhys(0x20000000, img[:65536]))
-	l := &Linux{KernelPA: 0x20000000, KernelLen: 65536, Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	l := &Boot{KernelPA: 0x20000000, KernelLen: 65536, Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, s.ProtocolVersion, uint16(0x020f), fmt.Sprintf("%#x", s.ProtocolVersion))
@@ -301,24 +295,24 @@ func TestLoadLinuxTellsTheEFI(t *testing.T) {
 	for i := range desc {
 		desc[i] = byte(i)
 	}
-	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
-		EFI: &LinuxEFI{SystemTable: 0x1_3f5e_c018, MemoryMap: desc, DescriptorSize: 48, DescriptorVersion: 1}}
+	l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}},
+		EFI: &EFI{SystemTable: 0x1_3f5e_c018, MemoryMap: desc, DescriptorSize: 48, DescriptorVersion: 1}}
 	_, err := l.Load(m)
 	require.NoError(t, err)
 	got := make([]byte, 4)
-	require.NoError(t, m.ReadPhys(LinuxBootParam+bpEFIInfo, got))
+	require.NoError(t, m.ReadPhys(BootParamsAddr+bpEFIInfo, got))
 	assert.Equal(t, "EL64", string(got))
-	assert.Equal(t, uint32(0x3f5ec018), m.u32(LinuxBootParam+bpEFIInfo+4), "system table, low")
-	assert.Equal(t, uint32(1), m.u32(LinuxBootParam+bpEFIInfo+24), "system table, high")
-	assert.Equal(t, uint32(48), m.u32(LinuxBootParam+bpEFIInfo+8))
-	assert.Equal(t, uint32(1), m.u32(LinuxBootParam+bpEFIInfo+12))
-	assert.Equal(t, uint32(LinuxEFIMap), m.u32(LinuxBootParam+bpEFIInfo+16))
-	assert.Equal(t, uint32(len(desc)), m.u32(LinuxBootParam+bpEFIInfo+20))
+	assert.Equal(t, uint32(0x3f5ec018), m.u32(BootParamsAddr+bpEFIInfo+4), "system table, low")
+	assert.Equal(t, uint32(1), m.u32(BootParamsAddr+bpEFIInfo+24), "system table, high")
+	assert.Equal(t, uint32(48), m.u32(BootParamsAddr+bpEFIInfo+8))
+	assert.Equal(t, uint32(1), m.u32(BootParamsAddr+bpEFIInfo+12))
+	assert.Equal(t, uint32(EFIMapAddr), m.u32(BootParamsAddr+bpEFIInfo+16))
+	assert.Equal(t, uint32(len(desc)), m.u32(BootParamsAddr+bpEFIInfo+20))
 	copied := make([]byte, len(desc))
-	require.NoError(t, m.ReadPhys(LinuxEFIMap, copied))
+	require.NoError(t, m.ReadPhys(EFIMapAddr, copied))
 	assert.Equal(t, desc, copied)
 
-	for name, e := range map[string]*LinuxEFI{
+	for name, e := range map[string]*EFI{
 		"part of a descriptor": {SystemTable: 1, MemoryMap: desc[:100], DescriptorSize: 48},
 		"too small a stride":   {SystemTable: 1, MemoryMap: desc, DescriptorSize: 16},
 		"too large":            {SystemTable: 1, MemoryMap: make([]byte, 48*20000), DescriptorSize: 48},
@@ -337,13 +331,13 @@ func TestLoadLinuxTellsTheFramebuffer(t *testing.T) {
 	m := sparseMem{}
 	img := fakeBzImage(0x020f, []byte("k"))
 	require.NoError(t, m.WritePhys(0x20000000, img))
-	fb := &LinuxFramebuffer{Base: 0x4_c000_0000, Pitch: 3200, Width: 800, Height: 600, BPP: 32,
+	fb := &Framebuffer{Base: 0x4_c000_0000, Pitch: 3200, Width: 800, Height: 600, BPP: 32,
 		RedPos: 16, RedSize: 8, GreenPos: 8, GreenSize: 8, BluePos: 0, BlueSize: 8, ReservedPos: 24, ReservedSize: 8, EFI: true}
-	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}, Framebuffer: fb}
+	l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: machineMap, Reserved: [][2]uint64{{0x10000000, 0x18000000}}, Framebuffer: fb}
 	_, err := l.Load(m)
 	require.NoError(t, err)
 	si := make([]byte, 0x40)
-	require.NoError(t, m.ReadPhys(LinuxBootParam, si))
+	require.NoError(t, m.ReadPhys(BootParamsAddr, si))
 	le := binary.LittleEndian
 	assert.Equal(t, byte(0x70), si[0x0f], "VIDEO_TYPE_EFI")
 	assert.Equal(t, []uint16{800, 600, 32}, []uint16{le.Uint16(si[0x12:]), le.Uint16(si[0x14:]), le.Uint16(si[0x16:])})
@@ -354,7 +348,7 @@ func TestLoadLinuxTellsTheFramebuffer(t *testing.T) {
 	assert.Equal(t, uint32(1<<1), le.Uint32(si[0x36:]), "VIDEO_CAPABILITY_64BIT_BASE")
 	assert.Equal(t, uint32(4), le.Uint32(si[0x3a:]), "ext_lfb_base")
 
-	l.Framebuffer = &LinuxFramebuffer{Base: 0xfd000000, Pitch: 2400, Width: 800, Height: 0, BPP: 24}
+	l.Framebuffer = &Framebuffer{Base: 0xfd000000, Pitch: 2400, Width: 800, Height: 0, BPP: 24}
 	_, err = l.Load(m)
 	assert.ErrorIs(t, err, ErrLayout, "no height")
 }
@@ -366,33 +360,42 @@ func TestLoadLinuxLongMemoryMap(t *testing.T) {
 	m := sparseMem{}
 	img := fakeBzImage(0x020f, []byte("k"))
 	require.NoError(t, m.WritePhys(0x20000000, img))
-	mm := append([]E820Entry{}, machineMap...)
+	mm := append([]hv.E820Entry{}, machineMap...)
 	for i := range uint64(200) { // RAM above 4 GiB, in pages with holes
-		mm = append(mm, E820Entry{0x1_0000_0000 + i*0x2000, 0x1000, E820RAM})
+		mm = append(mm, hv.E820Entry{Addr: 0x1_0000_0000 + i*0x2000, Size: 0x1000, Type: hv.E820RAM})
 	}
-	l := &Linux{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: mm, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
+	l := &Boot{KernelPA: 0x20000000, KernelLen: uint64(len(img)), Map: mm, Reserved: [][2]uint64{{0x10000000, 0x18000000}}}
 	s, err := l.Load(m)
 	require.NoError(t, err)
 	total := len(s.E820)
 	require.Greater(t, total, 128)
-	assert.Equal(t, byte(128), m[LinuxBootParam+bpE820Entries])
+	assert.Equal(t, byte(128), m[BootParamsAddr+bpE820Entries])
 	le := binary.LittleEndian
 	sdPtr := make([]byte, 8)
-	require.NoError(t, m.ReadPhys(LinuxBootParam+hdrSetupData, sdPtr))
-	require.Equal(t, uint64(LinuxSetupData), le.Uint64(sdPtr))
+	require.NoError(t, m.ReadPhys(BootParamsAddr+hdrSetupData, sdPtr))
+	require.Equal(t, uint64(SetupDataAddr), le.Uint64(sdPtr))
 	hdr := make([]byte, 16)
-	require.NoError(t, m.ReadPhys(LinuxSetupData, hdr))
+	require.NoError(t, m.ReadPhys(SetupDataAddr, hdr))
 	assert.Zero(t, le.Uint64(hdr), "the only setup_data")
 	assert.Equal(t, uint32(1), le.Uint32(hdr[8:]), "SETUP_E820_EXT")
 	assert.Equal(t, uint32(20*(total-128)), le.Uint32(hdr[12:]))
 	last := make([]byte, 20)
-	require.NoError(t, m.ReadPhys(LinuxSetupData+16+20*uint64(total-129), last))
+	require.NoError(t, m.ReadPhys(SetupDataAddr+16+20*uint64(total-129), last))
 	assert.Equal(t, s.E820[total-1].Addr, le.Uint64(last), "the last entry, in the setup_data")
 
 	for i := range uint64(2000) {
-		mm = append(mm, E820Entry{0x2_0000_0000 + i*0x2000, 0x1000, E820RAM})
+		mm = append(mm, hv.E820Entry{Addr: 0x2_0000_0000 + i*0x2000, Size: 0x1000, Type: hv.E820RAM})
 	}
 	l.Map = mm
 	_, err = l.Load(m)
 	assert.ErrorIs(t, err, ErrLayout, "more entries than the setup_data's place holds")
+}
+
+// machineMap is the test machine's memory map below 4 GiB.
+var machineMap = []hv.E820Entry{
+	{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
+	{Addr: 0x9fc00, Size: 0x400, Type: hv.E820Reserved},
+	{Addr: 0xf0000, Size: 0x10000, Type: hv.E820Reserved},
+	{Addr: 0x100000, Size: 0x3fef0000, Type: hv.E820RAM},
+	{Addr: 0x3fff0000, Size: 0x10000, Type: hv.E820ACPI},
 }

@@ -1,58 +1,41 @@
-package hv
+// Package linux loads a Linux kernel as a guest with the 32-bit boot
+// protocol (Documentation/arch/x86/boot.rst): it tells the kernel by its
+// header, places the kernel, its initramfs and the boot parameters in
+// guest memory, writes what the kernel needs to know of the machine
+// (memory map, ACPI, EFI, framebuffer) and returns the guest state the
+// protocol starts from (hv.Start).
+package linux
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"sort"
+
+	"github.com/tamahv/tamahv/hv"
 )
-
-// Memory is guest-physical memory as the monitor sees it. Guest RAM is
-// mapped one to one, so these are host-physical addresses as well.
-type Memory interface {
-	ReadPhys(pa uint64, p []byte) error
-	WritePhys(pa uint64, p []byte) error
-	// CopyPhys copies n bytes from src to dst; the ranges may overlap
-	// (memmove).
-	CopyPhys(dst, src, n uint64) error
-}
-
-// E820 memory types (ACPI "Address Range Types").
-const (
-	E820RAM      = 1
-	E820Reserved = 2
-	E820ACPI     = 3
-	E820NVS      = 4
-	E820Unusable = 5
-)
-
-// E820Entry is one range of the guest's memory map.
-type E820Entry struct {
-	Addr, Size uint64
-	Type       uint32
-}
 
 // Where the loader puts things in guest memory (all below 1 MiB, clear of
 // the real-mode IVT, BDA and EBDA).
 const (
-	LinuxGDT       = 0x6000
-	LinuxBootParam = 0x7000
-	LinuxCmdline   = 0x9000
-	LinuxEFIMap    = 0xa000 // the EFI memory map's copy, up to LinuxEFIMapEnd
-	LinuxEFIMapEnd = 0x90000
-	// LinuxSetupData holds the memory map's entries beyond the zero
-	// page's 128 (a SETUP_E820_EXT setup_data), up to LinuxSetupDataEnd.
-	LinuxSetupData    = 0x98000
-	LinuxSetupDataEnd = 0x9f000
-	LinuxKernel       = 0x100000 // the protected-mode kernel
-	bootCS            = 0x10     // __BOOT_CS
-	bootDS            = 0x18     // __BOOT_DS
-	maxE820           = 128
+	GDTAddr        = 0x6000
+	BootParamsAddr = 0x7000
+	CmdlineAddr    = 0x9000
+	EFIMapAddr     = 0xa000 // the EFI memory map's copy, up to EFIMapEnd
+	EFIMapEnd      = 0x90000
+	// SetupDataAddr holds the memory map's entries beyond the zero
+	// page's 128 (a SETUP_E820_EXT setup_data), up to SetupDataEnd.
+	SetupDataAddr = 0x98000
+	SetupDataEnd  = 0x9f000
+	KernelAddr    = 0x100000 // the protected-mode kernel
+	bootCS        = 0x10     // __BOOT_CS
+	bootDS        = 0x18     // __BOOT_DS
+	maxE820       = 128
 )
 
-// Linux describes a Linux kernel to boot with the 32-bit boot protocol
+// Boot describes a Linux kernel to boot with the 32-bit boot protocol
 // (Documentation/arch/x86/boot.rst, "32-bit Boot Protocol").
-type Linux struct {
+type Boot struct {
 	// Kernel is the bzImage where the boot loader left it (a module).
 	KernelPA, KernelLen uint64
 	// Initrds are the parts of the initramfs where the boot loader left
@@ -64,22 +47,22 @@ type Linux struct {
 	Cmdline string
 	// Map is the machine's memory map; Reserved ranges (tamahv's own
 	// memory) become E820Reserved in the guest's map.
-	Map      []E820Entry
+	Map      []hv.E820Entry
 	Reserved [][2]uint64
 	// RSDP is the ACPI RSDP's physical address, written to
 	// boot_params.acpi_rsdp_addr (boot protocol 2.14 and later); 0: none.
 	RSDP uint64
 	// EFI, on UEFI firmware, is what the kernel is told of it
 	// (boot_params.efi_info); nil: nothing (BIOS).
-	EFI *LinuxEFI
+	EFI *EFI
 	// Framebuffer is the linear framebuffer the boot loader left
 	// (boot_params.screen_info); nil: none (a VGA text console).
-	Framebuffer *LinuxFramebuffer
+	Framebuffer *Framebuffer
 }
 
-// LinuxFramebuffer is a linear framebuffer of direct colour, as a kernel's
+// Framebuffer is a linear framebuffer of direct colour, as a kernel's
 // efifb or vesafb driver takes it over.
-type LinuxFramebuffer struct {
+type Framebuffer struct {
 	Base                 uint64
 	Pitch, Width, Height uint32
 	BPP                  uint8
@@ -98,7 +81,7 @@ const (
 )
 
 // putScreenInfo writes fb as boot_params.screen_info at the start of bp.
-func putScreenInfo(bp []byte, fb *LinuxFramebuffer) {
+func putScreenInfo(bp []byte, fb *Framebuffer) {
 	le := binary.LittleEndian
 	bp[0x0f] = videoTypeVLFB
 	if fb.EFI {
@@ -117,10 +100,10 @@ func putScreenInfo(bp []byte, fb *LinuxFramebuffer) {
 	}
 }
 
-// LinuxEFI is what a kernel booted on UEFI firmware, after the boot
+// EFI is what a kernel booted on UEFI firmware, after the boot
 // services ended, needs to use the runtime services: the system table
-// and the memory map, whose copy the loader writes at LinuxEFIMap.
-type LinuxEFI struct {
+// and the memory map, whose copy the loader writes at EFIMapAddr.
+type EFI struct {
 	SystemTable uint64
 	// MemoryMap is the memory map's descriptors as the firmware lays
 	// them out, DescriptorSize bytes each.
@@ -128,29 +111,11 @@ type LinuxEFI struct {
 	DescriptorSize, DescriptorVersion uint32
 }
 
-// Start is the guest state the 32-bit boot protocol wants: protected mode,
-// paging off, flat __BOOT_CS and __BOOT_DS from a GDT at GDTBase, ESI
-// pointing at the boot parameters, EIP at the kernel's 32-bit entry.
-type Start struct {
-	RIP, RSI         uint64
-	GDTBase          uint64
-	GDTLimit         uint16
-	CodeSel, DataSel uint16
-	InitrdPA         uint64
-	InitrdLen        uint64
-	// KernelPA is where the protected-mode kernel went: its preferred
-	// address (pref_address), whose init_size bytes it decompresses into.
-	KernelPA        uint64
-	BootParams      uint64
-	ProtocolVersion uint16
-	E820            []E820Entry
-}
-
 // Errors of the Linux loader.
 var (
-	ErrNotBzImage = errors.New("hv: not a Linux bzImage (no HdrS header)")
-	ErrProtocol   = errors.New("hv: boot protocol too old (need 2.10 or later)")
-	ErrLayout     = errors.New("hv: guest memory layout")
+	ErrNotBzImage = errors.New("linux: not a Linux bzImage (no HdrS header)")
+	ErrProtocol   = errors.New("linux: boot protocol too old (need 2.10 or later)")
+	ErrLayout     = errors.New("linux: guest memory layout")
 )
 
 // setup header offsets in the bzImage and in boot_params.
@@ -185,7 +150,7 @@ const (
 // boot sector's 0xaa55 and the setup header's "HdrS" (boot protocol 2.00
 // or later). Boot loaders hand files over by position and name; tamahv
 // tells the kernel by its header.
-func IsBzImage(m PhysReader, pa, n uint64) bool {
+func IsBzImage(m hv.PhysReader, pa, n uint64) bool {
 	if n < hdrMagic+4 {
 		return false
 	}
@@ -198,13 +163,13 @@ func IsBzImage(m PhysReader, pa, n uint64) bool {
 
 // Load copies the kernel and initrd into place, writes the boot
 // parameters, command line and GDT, and returns the entry state.
-func (l *Linux) Load(m Memory) (*Start, error) {
+func (l *Boot) Load(m hv.Memory) (*hv.Start, error) {
 	if l.KernelLen < 0x264 || l.KernelLen > 256<<20 {
 		return nil, fmt.Errorf("%w: kernel of %d bytes", ErrNotBzImage, l.KernelLen)
 	}
 	hdr := make([]byte, 0x264)
 	if err := m.ReadPhys(l.KernelPA, hdr); err != nil {
-		return nil, fmt.Errorf("hv: reading the kernel header: %w", err)
+		return nil, fmt.Errorf("linux: reading the kernel header: %w", err)
 	}
 	le := binary.LittleEndian
 	if string(hdr[hdrMagic:hdrMagic+4]) != "HdrS" || le.Uint16(hdr[hdrBootFlag:]) != 0xaa55 {
@@ -223,7 +188,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		return nil, fmt.Errorf("%w: setup of %d sectors in a %d-byte file", ErrNotBzImage, setupSects, l.KernelLen)
 	}
 	if e := l.EFI; e != nil && (e.DescriptorSize < 40 || uint64(len(e.MemoryMap))%uint64(e.DescriptorSize) != 0 ||
-		uint64(len(e.MemoryMap)) > LinuxEFIMapEnd-LinuxEFIMap || e.SystemTable == 0) {
+		uint64(len(e.MemoryMap)) > EFIMapEnd-EFIMapAddr || e.SystemTable == 0) {
 		return nil, fmt.Errorf("%w: an EFI memory map of %d bytes in %d-byte descriptors, system table %#x", ErrLayout, len(e.MemoryMap), e.DescriptorSize, e.SystemTable)
 	}
 	if fb := l.Framebuffer; fb != nil && (fb.Width == 0 || fb.Width > 0xffff || fb.Height == 0 || fb.Height > 0xffff || fb.Pitch > 0xffff ||
@@ -246,8 +211,8 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	// highest RAM below initrd_addr_max that spares the kernel's area,
 	// tamahv's memory, the first MiB and every module not yet copied.
 	kernelPA := le.Uint64(hdr[hdrPrefAddress:])
-	if kernelPA < LinuxKernel {
-		kernelPA = LinuxKernel
+	if kernelPA < KernelAddr {
+		kernelPA = KernelAddr
 	}
 	if a := uint64(le.Uint32(hdr[hdrKernelAlign:])); a > 1 && a&(a-1) == 0 {
 		kernelPA = (kernelPA + a - 1) &^ (a - 1)
@@ -273,7 +238,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	}
 	var initrdPA uint64
 	if initrdLen > 0 {
-		avoid := append([][2]uint64{{0, LinuxKernel}, {kernelPA, kernelPA + kernelSpan}, {l.KernelPA, l.KernelPA + l.KernelLen}}, l.Reserved...)
+		avoid := append([][2]uint64{{0, KernelAddr}, {kernelPA, kernelPA + kernelSpan}, {l.KernelPA, l.KernelPA + l.KernelLen}}, l.Reserved...)
 		for _, r := range l.Initrds {
 			avoid = append(avoid, [2]uint64{r[0], r[0] + r[1]})
 		}
@@ -284,7 +249,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		}
 	}
 	e820 := GuestE820(l.Map, l.Reserved)
-	if n := len(e820) - maxE820; n > 0 && 16+20*uint64(n) > LinuxSetupDataEnd-LinuxSetupData {
+	if n := len(e820) - maxE820; n > 0 && 16+20*uint64(n) > SetupDataEnd-SetupDataAddr {
 		return nil, fmt.Errorf("%w: %d memory map entries", ErrLayout, len(e820))
 	}
 	// The initrd first: its destination spares every module, and the
@@ -311,7 +276,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 	bp[hdrTypeOfLoader] = 0xff
 	bp[hdrLoadFlags] |= 0x80 // CAN_USE_HEAP
 	le.PutUint16(bp[hdrHeapEndPtr:], 0xfe00)
-	le.PutUint32(bp[hdrCmdLinePtr:], LinuxCmdline)
+	le.PutUint32(bp[hdrCmdLinePtr:], CmdlineAddr)
 	le.PutUint32(bp[hdrCode32Start:], uint32(kernelPA))
 	if initrdLen > 0 {
 		le.PutUint32(bp[hdrRamdiskImage:], uint32(initrdPA))
@@ -322,7 +287,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		putScreenInfo(bp, fb)
 	}
 	if e := l.EFI; e != nil {
-		if err := m.WritePhys(LinuxEFIMap, e.MemoryMap); err != nil {
+		if err := m.WritePhys(EFIMapAddr, e.MemoryMap); err != nil {
 			return nil, err
 		}
 		fi := bp[bpEFIInfo:]
@@ -330,7 +295,7 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 		le.PutUint32(fi[4:], uint32(e.SystemTable))
 		le.PutUint32(fi[8:], e.DescriptorSize)
 		le.PutUint32(fi[12:], e.DescriptorVersion)
-		le.PutUint32(fi[16:], LinuxEFIMap)
+		le.PutUint32(fi[16:], EFIMapAddr)
 		le.PutUint32(fi[20:], uint32(len(e.MemoryMap)))
 		le.PutUint32(fi[24:], uint32(e.SystemTable>>32))
 	}
@@ -353,34 +318,34 @@ func (l *Linux) Load(m Memory) (*Start, error) {
 			le.PutUint64(sd[o+8:], e.Size)
 			le.PutUint32(sd[o+16:], e.Type)
 		}
-		if err := m.WritePhys(LinuxSetupData, sd); err != nil {
+		if err := m.WritePhys(SetupDataAddr, sd); err != nil {
 			return nil, err
 		}
-		le.PutUint64(bp[hdrSetupData:], LinuxSetupData)
+		le.PutUint64(bp[hdrSetupData:], SetupDataAddr)
 	}
-	if err := m.WritePhys(LinuxBootParam, bp); err != nil {
+	if err := m.WritePhys(BootParamsAddr, bp); err != nil {
 		return nil, err
 	}
-	if err := m.WritePhys(LinuxCmdline, append([]byte(l.Cmdline), 0)); err != nil {
+	if err := m.WritePhys(CmdlineAddr, append([]byte(l.Cmdline), 0)); err != nil {
 		return nil, err
 	}
 	// GDT: null, null, __BOOT_CS (flat 32-bit code), __BOOT_DS (flat data).
 	gdt := make([]byte, 32)
 	le.PutUint64(gdt[bootCS:], 0x00cf9b000000ffff)
 	le.PutUint64(gdt[bootDS:], 0x00cf93000000ffff)
-	if err := m.WritePhys(LinuxGDT, gdt); err != nil {
+	if err := m.WritePhys(GDTAddr, gdt); err != nil {
 		return nil, err
 	}
-	return &Start{
-		RIP: kernelPA, RSI: LinuxBootParam,
-		GDTBase: LinuxGDT, GDTLimit: uint16(len(gdt) - 1), CodeSel: bootCS, DataSel: bootDS,
+	return &hv.Start{
+		RIP: kernelPA, RSI: BootParamsAddr,
+		GDTBase: GDTAddr, GDTLimit: uint16(len(gdt) - 1), CodeSel: bootCS, DataSel: bootDS,
 		InitrdPA: initrdPA, InitrdLen: initrdLen, KernelPA: kernelPA,
-		BootParams: LinuxBootParam, ProtocolVersion: version, E820: e820,
+		BootParams: BootParamsAddr, ProtocolVersion: version, E820: e820,
 	}, nil
 }
 
 // inRAM reports whether [pa, pa+n) lies in the RAM entries of m.
-func inRAM(m []E820Entry, pa, n uint64) bool {
+func inRAM(m []hv.E820Entry, pa, n uint64) bool {
 	for _, r := range freeRAM(m, nil, 1<<63) {
 		if pa >= r[0] && pa+n <= r[1] {
 			return true
@@ -391,10 +356,10 @@ func inRAM(m []E820Entry, pa, n uint64) bool {
 
 // freeRAM returns the RAM of m below limit, adjacent entries joined, less
 // the ranges in avoid, sorted.
-func freeRAM(m []E820Entry, avoid [][2]uint64, limit uint64) [][2]uint64 {
+func freeRAM(m []hv.E820Entry, avoid [][2]uint64, limit uint64) [][2]uint64 {
 	var ram [][2]uint64
 	for _, e := range m {
-		if e.Type == E820RAM && e.Size > 0 && e.Addr < limit {
+		if e.Type == hv.E820RAM && e.Size > 0 && e.Addr < limit {
 			ram = append(ram, [2]uint64{e.Addr, min(e.Addr+e.Size, limit)})
 		}
 	}
@@ -428,7 +393,7 @@ func freeRAM(m []E820Entry, avoid [][2]uint64, limit uint64) [][2]uint64 {
 
 // highestFit returns the highest page-aligned address at which n bytes
 // fit in the RAM of m below limit, sparing avoid.
-func highestFit(m []E820Entry, avoid [][2]uint64, n, limit uint64) (uint64, bool) {
+func highestFit(m []hv.E820Entry, avoid [][2]uint64, n, limit uint64) (uint64, bool) {
 	free := freeRAM(m, avoid, limit)
 	for i := len(free) - 1; i >= 0; i-- {
 		r := free[i]
@@ -447,15 +412,15 @@ func overlaps(a, an, b, bn uint64) bool { return an > 0 && bn > 0 && a < b+bn &&
 // GuestE820 turns the machine's memory map into the guest's: every reserved
 // range is cut out of the usable ones and listed as reserved. The result is
 // sorted and has no overlaps.
-func GuestE820(machine []E820Entry, reserved [][2]uint64) []E820Entry {
-	var out []E820Entry
+func GuestE820(machine []hv.E820Entry, reserved [][2]uint64) []hv.E820Entry {
+	var out []hv.E820Entry
 	for _, e := range machine {
 		if e.Size == 0 {
 			continue
 		}
-		pieces := []E820Entry{e}
+		pieces := []hv.E820Entry{e}
 		for _, r := range reserved {
-			var next []E820Entry
+			var next []hv.E820Entry
 			for _, p := range pieces {
 				end := p.Addr + p.Size
 				if r[1] <= p.Addr || r[0] >= end {
@@ -463,10 +428,10 @@ func GuestE820(machine []E820Entry, reserved [][2]uint64) []E820Entry {
 					continue
 				}
 				if p.Addr < r[0] {
-					next = append(next, E820Entry{p.Addr, r[0] - p.Addr, p.Type})
+					next = append(next, hv.E820Entry{Addr: p.Addr, Size: r[0] - p.Addr, Type: p.Type})
 				}
 				if r[1] < end {
-					next = append(next, E820Entry{r[1], end - r[1], p.Type})
+					next = append(next, hv.E820Entry{Addr: r[1], Size: end - r[1], Type: p.Type})
 				}
 			}
 			pieces = next
@@ -474,7 +439,7 @@ func GuestE820(machine []E820Entry, reserved [][2]uint64) []E820Entry {
 		out = append(out, pieces...)
 	}
 	for _, r := range reserved {
-		out = append(out, E820Entry{r[0], r[1] - r[0], E820Reserved})
+		out = append(out, hv.E820Entry{Addr: r[0], Size: r[1] - r[0], Type: hv.E820Reserved})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Addr < out[j].Addr })
 	return out
