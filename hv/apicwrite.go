@@ -187,10 +187,7 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 	}
 	// The VM-exit instruction length is undefined for EPT violations;
 	// the decoded length is exact.
-	m.Write(vmx.GuestRIP, e.RIP+uint64(in.Len))
-	if s := m.Read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
-		m.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
-	}
+	v.Complete(e.RIP, in.Len)
 	return true
 }
 

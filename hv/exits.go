@@ -122,17 +122,12 @@ func handleXSETBV(v *VCPU, _ *vmx.Exit) (Action, error) {
 		a, _, _, d := v.CPUID(0xd, 0)
 		supported = uint64(d)<<32 | uint64(a)
 	}
-	if v.cpl() != 0 || xcr != 0 || !vmx.ValidXCR0(val, supported) || v.XSETBV == nil {
+	if v.CPL() != 0 || xcr != 0 || !vmx.ValidXCR0(val, supported) || v.XSETBV == nil {
 		return Resume, v.InjectException(vmx.VectorGP, 0)
 	}
 	v.XSETBV(xcr, val)
 	return Next, nil
 }
-
-// cpl is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
-// "Checks on Guest Segment Registers"); 0 in real-address mode, 3 in
-// virtual-8086 mode.
-func (v *VCPU) cpl() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 
 // FeatureControlGuest is what the guest reads from IA32_FEATURE_CONTROL:
 // locked, VMX off.

@@ -160,10 +160,7 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFall
 	// The instruction completed: RIP moves past it and blocking by STI
 	// or MOV SS ends. The VM-exit instruction length is undefined for EPT
 	// violations (SDM Vol. 3C, 28.2.5); the decoded length is exact.
-	m.Write(vmx.GuestRIP, e.RIP+uint64(in.Len))
-	if s := m.Read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
-		m.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
-	}
+	v.Complete(e.RIP, in.Len)
 	if write {
 		g.Writes++
 		g.scratch = g.scratch[:0]

@@ -269,7 +269,8 @@ func (v *VCPU) Count(r vmx.ExitReason) uint64 {
 }
 
 // CPL is the guest's current privilege level: SS.DPL (SDM Vol. 3C,
-// 27.3.1.2, "Checks on Guest Segment Registers").
+// 27.3.1.2, "Checks on Guest Segment Registers"); 0 in real-address
+// mode, 3 in virtual-8086 mode.
 func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 
 // Entries returns the number of VM entries prepared so far (PrepareEntry,
@@ -535,6 +536,18 @@ func (v *VCPU) exit() (Action, error) {
 	return act, nil
 }
 
+// Complete ends an instruction at rip, n bytes long, that an extension
+// carried out for the guest: RIP moves past it, and blocking by STI or by
+// MOV SS ends, as the instruction's completion ends it (SDM Vol. 3C,
+// "Guest Non-Register State"). Handlers whose exit reports the length
+// return Next instead.
+func (v *VCPU) Complete(rip uint64, n int) {
+	v.write(vmx.GuestRIP, rip+uint64(n))
+	if s := v.read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
+		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+	}
+}
+
 // skipInstruction advances RIP past the exiting instruction at rip and
 // drops blocking by STI and MOV SS, as completing the instruction would.
 func (v *VCPU) skipInstruction(rip uint64) {
@@ -554,11 +567,7 @@ func (v *VCPU) skipInstruction(rip uint64) {
 		}
 		return
 	}
-	n, s := v.read2(vmx.ExitInstructionLen, vmx.GuestInterruptibility)
-	v.write(vmx.GuestRIP, rip+n)
-	if s&(blockingSTI|blockingMovSS) != 0 {
-		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
-	}
+	v.Complete(rip, int(v.read(vmx.ExitInstructionLen)))
 }
 
 func (v *VCPU) entryDiagnostic() string {
