@@ -170,4 +170,13 @@ func TestPrepare(t *testing.T) {
 	assert.ErrorContains(t, Prepare(m, c, make([]byte, 100)), "VMXON region of 100 bytes")
 	m.msrs[MSRFeatureControl] = FeatureControlLock
 	assert.ErrorIs(t, Prepare(m, c, region), ErrLockedOff)
+
+	// A VMCS region is prepared the same way, without touching the
+	// processor's state.
+	vmcs := make([]byte, 4096)
+	vmcs[100] = 0xee
+	require.NoError(t, PrepareRegion(c, vmcs))
+	assert.Equal(t, []byte{0x2b, 0, 0, 0, 0, 0, 0, 0}, vmcs[:8])
+	assert.Zero(t, vmcs[100])
+	assert.Error(t, PrepareRegion(c, make([]byte, 8)))
 }

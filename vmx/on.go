@@ -37,6 +37,17 @@ func Prepare(m Machine, c *Caps, region []byte) error {
 	c.FeatureControl = fc
 	m.SetCR0(c.FixCR0(m.CR0(), false))
 	m.SetCR4(c.FixCR4(m.CR4() | CR4VMXE))
+	return PrepareRegion(c, region)
+}
+
+// PrepareRegion zeroes a VMXON region or VMCS (region, of at least
+// c.RegionSize() bytes) and writes the processor's revision identifier at
+// its start (SDM Vol. 3C, "VMXON Region" and "Format of the VMCS Region"),
+// as VMXON and VMPTRLD want it.
+func PrepareRegion(c *Caps, region []byte) error {
+	if n := c.RegionSize(); len(region) < n || n < 8 {
+		return fmt.Errorf("vmx: region of %d bytes, the CPU wants %d", len(region), n)
+	}
 	clear(region[:c.RegionSize()])
 	binary.LittleEndian.PutUint32(region, c.Revision())
 	return nil

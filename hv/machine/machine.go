@@ -283,8 +283,9 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	rev := c.Caps.Revision()
-	vmcsPage[0], vmcsPage[1], vmcsPage[2], vmcsPage[3] = byte(rev), byte(rev>>8), byte(rev>>16), byte(rev>>24)
+	if err := vmx.PrepareRegion(c.Caps, vmcsPage[:]); err != nil {
+		return nil, err
+	}
 	vmcs, err := b.LoadVMCS(vmcsPA)
 	if err != nil {
 		return nil, err
@@ -653,8 +654,9 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped,
 	if err != nil {
 		return err
 	}
-	rev := c.Caps.Revision()
-	page[0], page[1], page[2], page[3] = byte(rev), byte(rev>>8), byte(rev>>16), byte(rev>>24)
+	if err := vmx.PrepareRegion(c.Caps, page[:]); err != nil {
+		return err
+	}
 	vmcs, err := ap.LoadVMCS(pa)
 	if err != nil {
 		return err
