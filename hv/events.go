@@ -219,7 +219,7 @@ func (v *VCPU) restoreNMIBlocking(e *vmx.Exit) {
 	default:
 		return
 	}
-	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 || e.IDTVectoring&(1<<31) != 0 {
+	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 || e.IDTVectoring&vmx.EventValid != 0 {
 		return
 	}
 	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|blockingNMI)

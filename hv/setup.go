@@ -137,7 +137,7 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	// it sees through the read shadows.
 	w(vmx.CR0GuestHostMask, (caps.CR0Fixed0&^(vmx.CR0PE|vmx.CR0PG))|(^caps.CR0Fixed1&0xffffffff))
 	w(vmx.CR4GuestHostMask, caps.CR4Fixed0|(^caps.CR4Fixed1&0xffffffff))
-	const cr0Boot = vmx.CR0PE | 1<<4 // PE, ET
+	const cr0Boot = vmx.CR0PE | vmx.CR0ET
 	w(vmx.CR0ReadShadow, cr0Boot)
 	w(vmx.CR4ReadShadow, 0)
 	w(vmx.GuestCR0, caps.FixCR0(cr0Boot, true))

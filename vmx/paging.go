@@ -16,3 +16,14 @@ const (
 	// PTEAddress is the physical-address field of an entry.
 	PTEAddress = 0x000f_ffff_ffff_f000
 )
+
+// UserTop is the end of the lower canonical half of linear addresses,
+// where user space lives: bit 47 (4-level paging) or bit 56 (5-level,
+// la57) and above are the upper, kernel half (SDM Vol. 3A, 3.3.7.1,
+// "Canonical Addressing").
+func UserTop(la57 bool) uint64 {
+	if la57 {
+		return 1 << 56
+	}
+	return 1 << 47
+}

@@ -887,7 +887,7 @@ func (k *kicks) hold(n uint32) bool {
 // An NMI exit leaves NMIs blocked on its processor until an IRET; unblock
 // ends that where it runs on it (vCPU 0's).
 func (k *kicks) intercept(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
-	if vmx.EventType(e.Interruption>>8&7) != vmx.EventNMI {
+	if ev, ok := vmx.DecodeEvent(e.Interruption, 0); !ok || ev.Type != vmx.EventNMI {
 		return next(v, e)
 	}
 	if k.unblock != nil {

@@ -228,14 +228,6 @@ const (
 	requestInPage = 4096 - hcall.SwapRequestSize
 )
 
-// userTop is the end of the lower canonical half: user space.
-func userTop(la57 bool) uint64 {
-	if la57 {
-		return 1 << 56
-	}
-	return 1 << 47
-}
-
 func (m *Monitor) now() time.Time {
 	if m.Now != nil {
 		return m.Now()

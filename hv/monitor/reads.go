@@ -167,7 +167,7 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 	if err != nil || !tr.Present {
 		return hcall.Invalid
 	}
-	if cpl != 0 && (!tr.User || req >= userTop(la57)) {
+	if cpl != 0 && (!tr.User || req >= vmx.UserTop(la57)) {
 		return hcall.Denied
 	}
 	var b [hcall.SwapRequestSize]byte
@@ -192,7 +192,7 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		if m.Ring3&Ring3BPFault != 0 {
 			allowed |= swapmem.BPFault
 		}
-		if opts&^allowed != 0 || opts&faultOptions == 0 || rq.VA+rq.Len > userTop(la57) {
+		if opts&^allowed != 0 || opts&faultOptions == 0 || rq.VA+rq.Len > vmx.UserTop(la57) {
 			return hcall.Denied
 		}
 	}

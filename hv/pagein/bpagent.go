@@ -8,6 +8,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -123,6 +124,10 @@ const (
 	maxDecode = 128
 	endbr64   = 0xfa1e0ff3 // F3 0F 1E FA, little endian
 )
+
+// int3 is INT3's one-byte opcode, the breakpoint the agent writes (SDM
+// Vol. 2A, "INT n/INTO/INT3/INT1").
+const int3 = 0xcc
 
 // ErrNoDetour is returned when the kernel's code does not have the
 // expected shape.
@@ -282,7 +287,7 @@ func (a *BreakpointAgent) install() error {
 	var b [1]byte
 	err := a.Phys.ReadPhys(a.pa, b[:])
 	if err == nil {
-		err = a.Phys.WritePhys(a.pa, []byte{0xcc})
+		err = a.Phys.WritePhys(a.pa, []byte{int3})
 	}
 	if err != nil {
 		_ = a.Phys.Release(pg)
@@ -307,7 +312,7 @@ func (a *BreakpointAgent) remove() error {
 		if err := a.Phys.ReadPhys(a.pa, b[:]); err != nil {
 			return err
 		}
-		if b[0] == 0xcc {
+		if b[0] == int3 {
 			if err := a.Phys.WritePhys(a.pa, []byte{a.orig}); err != nil {
 				return err
 			}
@@ -332,7 +337,7 @@ func (a *BreakpointAgent) showShadow() error {
 	if err := a.Phys.ReadPhys(a.pa&^0xfff, a.Shadow[:]); err != nil {
 		return err
 	}
-	a.Shadow[a.pa&0xfff] = 0xcc
+	a.Shadow[a.pa&0xfff] = int3
 	a.view = viewShadow
 	return a.retarget(a.ShadowPA, ept.Exec)
 }
@@ -390,7 +395,7 @@ func (a *BreakpointAgent) InstallVCPU(v *hv.VCPU, d *PFDelivery) error {
 			// ran it: run the instruction again, unless the guest's
 			// own int3 is at the detour.
 			var b [1]byte
-			if a.Phys.ReadPhys(a.pa, b[:]) != nil || b[0] == 0xcc {
+			if a.Phys.ReadPhys(a.pa, b[:]) != nil || b[0] == int3 {
 				return next(v, e)
 			}
 			a.Late++
@@ -418,8 +423,8 @@ func (a *BreakpointAgent) InstallVCPU(v *hv.VCPU, d *PFDelivery) error {
 			return hv.Resume, nil
 		}
 		code := uint32(0)
-		if a.va < 1<<47 {
-			code = 4 // a user address: the fault is taken as a user access
+		if a.va < vmx.UserTop(a.Walker.LA57) {
+			code = swapmem.PFErrUser // a user address: the fault is taken as a user access
 		}
 		if v.Inject(vmx.Exception(vmx.VectorPF, code, 0)) != nil {
 			a.Passed++ // the event queue is full: rewritten at a later exit
