@@ -72,7 +72,7 @@ const icrIdlePolls = 100
 // exception or a page fault, a triple fault (the guest stops) after #DF.
 type APICWrites struct {
 	// Mem reads the writing instruction through the guest's tables.
-	Mem *GuestMemory
+	Mem *Watcher
 	// Base is the local APIC's physical address (4 KiB aligned).
 	Base uint64
 	// IDs are the vCPUs' local APIC IDs (vCPU i's is IDs[i]; 1 to 64 of

@@ -38,7 +38,7 @@ func newFakeAPIC() *fakeAPIC {
 	return &fakeAPIC{regs: map[uint32]uint32{}, ids: []uint32{0, 1, 4}, take: true}
 }
 
-func (f *fakeAPIC) emulator(gm *GuestMemory) *APICWrites {
+func (f *fakeAPIC) emulator(gm *Watcher) *APICWrites {
 	return &APICWrites{Mem: gm, Base: apicBase, IDs: f.ids,
 		Index: func(*VCPU) int { return f.self },
 		Read: func(_ *VCPU, off uint32) uint32 {

@@ -25,7 +25,7 @@ func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
 	require.NoError(tb, v.Init(Setup{EPTP: 0x1e, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP},
 		&Start{CodeSel: 0x10, DataSel: 0x18}))
 	machine := swapmemtest.NewMachine()
-	g := NewGuestMemory(&GuestPhys{Mem: machineMem{machine}}, 0)
+	g := NewWatcher(&GuestPhys{Mem: machineMem{machine}}, 0)
 	require.NoError(tb, g.Install(v))
 	var nmis atomic.Uint32
 	v.TakeNMI = func() bool { return nmis.Swap(0) != 0 }

@@ -15,7 +15,7 @@ import (
 // sharedWatches watches n consecutive pages of one process: the n watches
 // share the PML4, PDPT and PD pages, and 512 share each PT (a 16 MiB swap
 // read holds 4096 such watches). It returns the PML4 page.
-func sharedWatches(tb testing.TB, n int) (*GuestMemory, uint64) {
+func sharedWatches(tb testing.TB, n int) (*Watcher, uint64) {
 	m := swapmemtest.NewMachine()
 	p := m.NewSpace()
 	const va = 0x400000
@@ -23,7 +23,7 @@ func sharedWatches(tb testing.TB, n int) (*GuestMemory, uint64) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
 	require.NoError(tb, err)
 	require.NoError(tb, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
-	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
+	g := NewWatcher(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
 	for i := 0; i < n; i++ {
 		_, err := g.Watch(p.CR3, va+uint64(i)*4096, func(swapmem.Translation) {})
 		require.NoError(tb, err)

@@ -14,7 +14,7 @@ import (
 )
 
 // TestProcessExitLeavesNoProtection runs the swapmem engine on
-// GuestMemory: a process with a read pending exits; its read ends with an
+// Watcher: a process with a read pending exits; its read ends with an
 // error once its pages have stayed unbacked for the engine's timeout (a
 // zero entry alone is no proof of teardown: a live process may unmap a
 // page), and every page-table page is writable again.
@@ -29,7 +29,7 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x40000000}, ept.Options{})
 	require.NoError(t, err)
 	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
-	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
+	g := NewWatcher(&GuestPhys{Mem: machineMem{m}, EPT: e, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
 	now := time.Duration(0)
 	eng := swapmem.New(g, swapmem.Config{Now: func() time.Duration { return now }})
 	var done []swapmem.Read

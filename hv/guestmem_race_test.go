@@ -111,7 +111,7 @@ func TestMergedTableIsNotReusedBeforeTheFlush(t *testing.T) {
 	g.mem.put64(ptA2+8*(vaA>>12&511), dataA+0x10000|pteP|pteRW|pteUS)
 	g.mem.put64(ptB2+8*(vaB>>12&511), dataB+0x10000|pteP|pteRW|pteUS)
 
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
 	fn := func(tr swapmem.Translation) { heard = append(heard, tr) }
 	// Hooked in this order, the page directory's list walks A first.
@@ -161,7 +161,7 @@ func TestMergedTablesWaitWhileAProcessorMissedTheFlush(t *testing.T) {
 	g, arena := newArenaGuest(t, &log)
 	reached := false
 	g.phys.Invalidated = func() bool { return reached }
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	const va = 0x7f0000000000
 	g.next = 0x600000
 	g.mapPage(va, 0x3000000, pteRW|pteUS)
@@ -225,7 +225,7 @@ func TestReadHearsAStoreBetweenTheWalkAndTheProtection(t *testing.T) {
 	want := bytes.Repeat([]byte{0x5a}, 64)
 	require.NoError(t, g.mem.WritePhys(data, want))
 
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	now := time.Duration(0)
 	eng := swapmem.New(gm, swapmem.Config{Now: func() time.Duration { return now }})
 	var done []swapmem.Read
@@ -278,7 +278,7 @@ func TestNewWatchFollowsATableLinkedBeforeItsProtection(t *testing.T) {
 	g.mem.put64(pte, data|pteP|pteRW|pteUS)
 	mem.at, mem.val, mem.armed = pde, pt|pteP|pteRW|pteUS, true
 
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
 	cancel, err := gm.Watch(g.cr3, va, func(tr swapmem.Translation) { heard = append(heard, tr) })
 	require.NoError(t, err)
@@ -317,7 +317,7 @@ func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 	g.mapPage(va, data, pteRW|pteUS)
 	g.mapPage(va+0x1000, data+0x1000, pteRW|pteUS)
 	pte := g.entry(va, 1)
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
 	cancel, err := gm.Watch(g.cr3, va, func(tr swapmem.Translation) { heard = append(heard, tr) })
 	require.NoError(t, err)
@@ -356,7 +356,7 @@ func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 func TestEndedWatchesAreOneFlush(t *testing.T) {
 	var log []string
 	g, _ := newArenaGuest(t, &log)
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	var cancels []func()
 	for i := range uint64(8) {
 		va := 0x7f0000000000 + i<<21 // a page table each, in its own region
@@ -389,7 +389,7 @@ func TestOpenPageWaitsForItsWriter(t *testing.T) {
 	const va = 0x7f0000400000
 	g.mapPage(va, 0x3000000, pteRW|pteUS)
 	pte := g.entry(va, 1)
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 	require.NoError(t, err)
 	defer cancel()

@@ -22,7 +22,7 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, e.Map(0, 0, 0x10000000, ept.RWX, ept.WriteBack))
 	flushes := 0
-	g := NewGuestMemory(&GuestPhys{Mem: machineMem{m}, EPT: e, Invalidate: func() { flushes++ }, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
+	g := NewWatcher(&GuestPhys{Mem: machineMem{m}, EPT: e, Invalidate: func() { flushes++ }, Hole: [2]uint64{0x10000000, 0x18000000}}, 0)
 
 	var seen []swapmem.Translation
 	cancel, err := g.Watch(p.CR3, va, func(tr swapmem.Translation) { seen = append(seen, tr) })

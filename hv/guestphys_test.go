@@ -189,7 +189,7 @@ func TestGuestPhysRefusesAllButGuestRAM(t *testing.T) {
 // translation 0x300000 and the read returned that page's bytes).
 func TestWalkerRefusesTamahvAndMMIOAsPageTables(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	const va = 0x7f0000200000
 	// tamahv's qword at 0x10007000 looks like a PTE for 0x300000; so
 	// does the local APIC's first qword.
@@ -241,7 +241,7 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 		err error
 	}{{0x400000 | 1<<50, ErrReservedBit}, {holeStart + 0x3000, ErrHole}} {
 		g := newTestGuest(t, ept.Options{})
-		gm := NewGuestMemory(g.phys, g.cr3)
+		gm := NewWatcher(g.phys, g.cr3)
 		const va = 0x7f0000200000
 		g.mapPage(va, 0x300000, pteRW|pteUS)
 		var heard []swapmem.Translation
@@ -284,7 +284,7 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 // 2 GiB of guest RAM).
 func TestSplitTablesAreFreed(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
-	gm := NewGuestMemory(g.phys, g.cr3)
+	gm := NewWatcher(g.phys, g.cr3)
 	// The upper tables live in the first region; watch it once for good.
 	g.mapPage(0x7f0000000000, 0x300000, pteRW|pteUS)
 	keep, err := gm.Watch(g.cr3, 0x7f0000000000, func(swapmem.Translation) {})

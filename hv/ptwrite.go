@@ -10,7 +10,7 @@ import (
 // Page-table writes.
 //
 // A guest write to a watched paging-structure page exits (EPT violation).
-// GuestMemory settles it within that exit: it reads the writing
+// Watcher settles it within that exit: it reads the writing
 // instruction at the guest's RIP through the guest's own page tables,
 // decodes it, and, when it is one of the forms Linux writes its entries
 // with, does what the processor would have done: the instruction's one
@@ -101,7 +101,7 @@ func (f PTFallback) String() string {
 	return "unknown"
 }
 
-// ptEmulator is the emulator's scratch space, kept with the GuestMemory so
+// ptEmulator is the emulator's scratch space, kept with the Watcher so
 // that an emulation allocates nothing of its own.
 type ptEmulator struct {
 	insn  [vmx.MaxInstructionLen]byte
@@ -111,7 +111,7 @@ type ptEmulator struct {
 // emulateWrite settles the write of the instruction at e.RIP to the
 // watched page hp within this exit. It returns false, and why, when it
 // left the instruction alone.
-func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
+func (g *Watcher) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
 	if _, ok := vmx.DecodeEvent(e.IDTVectoring, 0); ok {
 		return FallbackEvent, false
 	}
@@ -175,7 +175,7 @@ func (g *GuestMemory) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFall
 // fetch reads up to 15 bytes of the instruction at rip, executed at CPL 0,
 // into g.emu.insn: through the guest's tables and GuestPhys, across a page
 // where the next one is there. It returns how many it read.
-func (g *GuestMemory) fetch(cr3, rip, cr4 uint64) (int, bool) {
+func (g *Watcher) fetch(cr3, rip, cr4 uint64) (int, bool) {
 	b := &g.emu.insn
 	n := min(len(b), 0x1000-int(rip&0xfff))
 	if !g.fetchable(cr3, rip, cr4, b[:n]) {
@@ -188,7 +188,7 @@ func (g *GuestMemory) fetch(cr3, rip, cr4 uint64) (int, bool) {
 }
 
 // fetchable reads p from the code at va, which CPL 0 may execute.
-func (g *GuestMemory) fetchable(cr3, va, cr4 uint64, p []byte) bool {
+func (g *Watcher) fetchable(cr3, va, cr4 uint64, p []byte) bool {
 	tr, _, err := g.Walker.Walk(cr3, va, &g.emu.steps)
 	if err != nil || !tr.Present || tr.NX || tr.User && cr4&vmx.CR4SMEP != 0 {
 		return false
@@ -199,7 +199,7 @@ func (g *GuestMemory) fetchable(cr3, va, cr4 uint64, p []byte) bool {
 // writable reports whether the guest's tables translate la to gpa, with a
 // write from CPL 0 allowed and nothing left for the processor to set: the
 // walk the processor did before the access exited.
-func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
+func (g *Watcher) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 	tr, n, err := g.Walker.Walk(cr3, la, &g.emu.steps)
 	if err != nil || !tr.Present || tr.PA != gpa {
 		return false
@@ -228,7 +228,7 @@ func (g *GuestMemory) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 // from the next instruction, plus the FS or GS base; ES, CS, SS and DS
 // have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4, "Segment Loading
 // Instructions in IA-32e Mode").
-func (g *GuestMemory) operand(v *VCPU, rip uint64, in *x86emu.Insn) bool {
+func (g *Watcher) operand(v *VCPU, rip uint64, in *x86emu.Insn) bool {
 	mem := &in.Mem
 	var la uint64
 	switch mem.Base {

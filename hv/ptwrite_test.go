@@ -30,7 +30,7 @@ const (
 
 type ptFixture struct {
 	g     *testGuest
-	gm    *GuestMemory
+	gm    *Watcher
 	pte   uint64 // guest-physical address of ptUser's PTE
 	kva   uint64 // its direct-map address
 	heard []swapmem.Translation
@@ -65,7 +65,7 @@ func newPTFixture(t testing.TB, old uint64) *ptFixture {
 		g.setAD(va)
 	}
 	g.mem.put64(f.pte, old)
-	f.gm = NewGuestMemory(g.phys, g.cr3)
+	f.gm = NewWatcher(g.phys, g.cr3)
 	_, err := f.gm.Watch(g.cr3, ptUser, func(tr swapmem.Translation) { f.heard = append(f.heard, tr) })
 	require.NoError(t, err)
 	return f
@@ -79,7 +79,7 @@ func (f *ptFixture) code(b ...byte) {
 }
 
 // vcpu is a scripted vCPU in 64-bit mode at CPL 0 on the fixture's tables
-// with the steps, the fixture's GuestMemory installed.
+// with the steps, the fixture's Watcher installed.
 func (f *ptFixture) vcpu(t *testing.T, steps []exitStep) *VCPU {
 	v, m := scripted(t, steps)
 	m.Fields[vmx.EntryControls] |= vmx.EntryIA32eMode

@@ -48,7 +48,7 @@ type Unmapped struct {
 // Install makes u intercept v's EPT violations: unmapped memory and
 // fetches from tamahv's region; the rest goes on to the default handler.
 // Install it before the interceptors that pass on what they do not claim
-// (GuestMemory, the breakpoint agent), so that it sees what they leave.
+// (Watcher, the breakpoint agent), so that it sees what they leave.
 func (u *Unmapped) Install(v *VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
 
 func (u *Unmapped) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {

@@ -96,7 +96,7 @@ func TestUnmappedLeavesTamahvBugsFatal(t *testing.T) {
 	assert.ErrorIs(t, v.Run(), ErrFatalExit)
 }
 
-func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
+func TestUnmappedAnswersWhatTheWatcherPassesOn(t *testing.T) {
 	var e *ept.EPT
 	v, ee, u := unmappedGuest(t, []exitStep{
 		violation(0x8_0000_0000, qWrite, func(t *testing.T, v *VCPU) {
@@ -110,7 +110,7 @@ func TestUnmappedAnswersWhatGuestMemoryPassesOn(t *testing.T) {
 		}),
 	})
 	e = ee
-	g := NewGuestMemory(&GuestPhys{EPT: e, Hole: u.Hole}, 0)
+	g := NewWatcher(&GuestPhys{EPT: e, Hole: u.Hole}, 0)
 	require.NoError(t, g.Install(v)) // after Unmapped, as runGuest does
 	require.NoError(t, v.Run())
 	assert.Zero(t, g.Stale, "not taken for a stale protection")

@@ -91,7 +91,7 @@ type VCPU struct {
 	// all ones and drop writes, as with no device.
 	PortIO func(port uint16, size int, in bool, val uint32) uint32
 	// Mem reads guest-physical memory for emulation (the PAE PDPTEs); it
-	// must refuse tamahv's memory, as GuestMemory does. Nil: PAE paging
+	// must refuse tamahv's memory, as the Watcher does. Nil: PAE paging
 	// entered through an exiting MOV to CR0 or CR4 raises #GP.
 	Mem PhysReader
 	// ReadMSR and WriteMSR access the processor's MSRs for the MSR

@@ -41,7 +41,7 @@ var (
 // Walker translates guest-virtual addresses by reading the guest's paging
 // structures (IA-32e paging with 4 or 5 levels). It reads each entry
 // through Mem, which decides what guest-physical memory a walk may read
-// (GuestMemory gives it GuestPhys: guest RAM only). A Walker is not safe
+// (Watcher gives it GuestPhys: guest RAM only). A Walker is not safe
 // for concurrent use: it reads entries into a buffer of its own, so that
 // a walk allocates nothing.
 type Walker struct {

@@ -79,7 +79,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 		RSDP: rsdp,
 	}
 	for _, r := range memory {
-		c.Memory = append(c.Memory, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})
+		c.E820 = append(c.E820, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})
 	}
 	for _, m := range initrds {
 		c.Initrds = append(c.Initrds, [2]uint64{m.Start, m.End - m.Start})

@@ -132,7 +132,7 @@ func TestReadOfADeadProcessReachesNoOneElse(t *testing.T) {
 	require.NoError(t, m.Run(), "log:\n%s", log)
 	assert.EqualValues(t, 1, m.Engine.Stats().Injected)
 	assert.Zero(t, m.Engine.Stats().Live)
-	assert.Zero(t, m.Memory.Watches(), "nothing watched any more")
+	assert.Zero(t, m.Watcher.Watches(), "nothing watched any more")
 	assert.Contains(t, log.String(), "went away")
 }
 
@@ -228,5 +228,5 @@ func TestLongReadEndsOverTheFollowingEntries(t *testing.T) {
 	require.NoError(t, m.Run(), "log:\n%s", log)
 	assert.Contains(t, log.String(), "swapmem read ok: sha256 ")
 	assert.Contains(t, log.String(), "2097152 bytes")
-	assert.Equal(t, 2, m.Memory.Watches(), "the status's watch protects the PGD and one table below")
+	assert.Equal(t, 2, m.Watcher.Watches(), "the status's watch protects the PGD and one table below")
 }

@@ -93,7 +93,7 @@ type Board interface {
 type Config struct {
 	Caps *vmx.Caps
 	// Memory is the machine's memory map.
-	Memory []hv.E820Entry
+	E820 []hv.E820Entry
 	// Own is tamahv's region, [start, end), 2 MiB aligned: cut out of the
 	// guest's memory map and out of its reach.
 	Own [2]uint64
@@ -149,7 +149,7 @@ type Machine struct {
 	Phys *hv.GuestPhys
 	// Memory is the guest memory introspection reads through, with the
 	// page-table watches.
-	Memory *hv.GuestMemory
+	Watcher *hv.Watcher
 	// Agent raises BPFault faults from the guest kernel's system-call
 	// path.
 	Agent *pagein.BreakpointAgent
@@ -275,7 +275,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("machine: the sink: %w", err)
 	}
-	if err := hv.MapGuest(m.EPT, c.Memory, c.Own, sink); err != nil {
+	if err := hv.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
 		return nil, err
 	}
 
@@ -321,7 +321,7 @@ func New(b Board, c Config) (*Machine, error) {
 
 	m.Linux = &linux.Boot{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
-		Cmdline: c.Cmdline, Map: c.Memory, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
+		Cmdline: c.Cmdline, Map: c.E820, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
 	}
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
@@ -332,7 +332,7 @@ func New(b Board, c Config) (*Machine, error) {
 		aps = sb.APs()
 	}
 	var ramTop uint64
-	for _, r := range c.Memory {
+	for _, r := range c.E820 {
 		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
 			ramTop = r.Addr + r.Size
 		}
@@ -368,12 +368,12 @@ func New(b Board, c Config) (*Machine, error) {
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
 	m.Spaces = &hv.AddressSpaces{Mem: m.Phys}
-	m.Memory = hv.NewGuestMemory(m.Phys, 0)
-	m.Memory.Walker.Limit = min(ramTop, b.Reach(ramTop))
+	m.Watcher = hv.NewWatcher(m.Phys, 0)
+	m.Watcher.Walker.Limit = min(ramTop, b.Reach(ramTop))
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
-	m.Memory.Walker.TopEntry = true
-	m.Agent = &pagein.BreakpointAgent{Phys: m.Phys, Walker: &m.Memory.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(vmx.MSRLSTAR) },
+	m.Watcher.Walker.TopEntry = true
+	m.Agent = &pagein.BreakpointAgent{Phys: m.Phys, Walker: &m.Watcher.Walker, LSTAR: func(v *hv.VCPU) uint64 { return v.ReadMSR(vmx.MSRLSTAR) },
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
@@ -391,19 +391,19 @@ func New(b Board, c Config) (*Machine, error) {
 	}
 	m.alive.every = opts.Alive
 	m.kickCheck = opts.KickCheck
-	m.Engine = swapmem.New(swapGuest{m.Memory, m.Spaces, m.Agent}, c.Swap)
-	m.Trap = &pagein.ReturnTrap{Phys: m.Phys, Walker: &m.Memory.Walker}
+	m.Engine = swapmem.New(swapGuest{m.Watcher, m.Spaces, m.Agent}, c.Swap)
+	m.Trap = &pagein.ReturnTrap{Phys: m.Phys, Walker: &m.Watcher.Walker}
 	policy := c.Policy
 	if policy == nil {
 		ring3, err := monitor.ParseCmdline(c.Options)
 		if err != nil {
 			return nil, err
 		}
-		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Memory, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
-			Paging: func(la57, nxe bool) { m.Memory.Walker.LA57, m.Memory.Walker.NoNXE = la57, !nxe },
+		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Watcher, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
+			Paging: func(la57, nxe bool) { m.Watcher.Walker.LA57, m.Watcher.Walker.NoNXE = la57, !nxe },
 			Exits:  m.exits}
 		policy = m.Monitor
-		m.Memory.OnWatchError = m.Monitor.WatchFailed
+		m.Watcher.OnWatchError = m.Monitor.WatchFailed
 	}
 
 	v := hv.NewVCPU(vmcs, c.Caps)
@@ -550,7 +550,7 @@ func (m *Machine) virtualizeINIT() error {
 		return fmt.Errorf("machine: the local APIC's page: %w", err)
 	}
 	m.Shootdown.Changed(0)
-	m.APIC = &hv.APICWrites{Mem: m.Memory, Base: base, IDs: m.apicIDs, Index: m.index,
+	m.APIC = &hv.APICWrites{Mem: m.Watcher, Base: base, IDs: m.apicIDs, Index: m.index,
 		Read:  func(v *hv.VCPU, off uint32) uint32 { return lapics[m.index(v)].LAPICRead(off) },
 		Write: func(v *hv.VCPU, off, val uint32) { lapics[m.index(v)].LAPICWrite(off, val) },
 		INIT:  m.virtualINIT,
@@ -611,7 +611,7 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 		return err
 	}
 	m.Spaces.Install(v)
-	if err := m.Memory.Install(v); err != nil {
+	if err := m.Watcher.Install(v); err != nil {
 		return err
 	}
 	v.Mem = m.Phys
@@ -638,7 +638,7 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
 	// Last: the exit's ended watches reach every processor in one
 	// shootdown.
-	v.OnEntry(func(*hv.VCPU) { m.Memory.Sync() })
+	v.OnEntry(func(*hv.VCPU) { m.Watcher.Sync() })
 	v.Hypercalls = policy
 	m.Deliveries = append(m.Deliveries, d)
 	return nil
@@ -750,7 +750,7 @@ func (m *Machine) tick(v *hv.VCPU) {
 	m.Engine.ReinjectFailedPF()
 	if m.Monitor != nil && m.Monitor.Watchdog(m.log, 10*time.Second) {
 		fmt.Fprintf(m.log, "tamahv: page-table writes %d (accessed/dirty %d), translations changed %d, %d pages watched\n",
-			m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Watches())
+			m.Watcher.Writes, m.Watcher.ADWrites, m.Watcher.Changes, m.Watcher.Watches())
 		v.Report(m.log, true)
 	}
 	m.aliveLine()
@@ -1000,11 +1000,11 @@ func (m *Machine) exits(*hv.VCPU) (total, timer uint64) {
 // before the guest has shown its kernel address space.
 var ErrNoSystemSpace = errors.New("machine: the guest's kernel address space is not known yet")
 
-// swapGuest is the guest as the swapmem engine sees it: GuestMemory, with
+// swapGuest is the guest as the swapmem engine sees it: Watcher, with
 // the system address space (requests with CR3 0) learnt from the guest's
 // exits.
 type swapGuest struct {
-	*hv.GuestMemory
+	*hv.Watcher
 	spaces *hv.AddressSpaces
 	agent  *pagein.BreakpointAgent
 }
@@ -1023,7 +1023,7 @@ func (g swapGuest) Translate(cr3, va uint64) (swapmem.Translation, error) {
 	if cr3 == 0 {
 		return swapmem.Translation{}, ErrNoSystemSpace
 	}
-	return g.GuestMemory.Translate(cr3, va)
+	return g.Watcher.Translate(cr3, va)
 }
 
 // Watch implements swapmem.Guest; CR3 0 is no address space.
@@ -1031,7 +1031,7 @@ func (g swapGuest) Watch(cr3, va uint64, changed func(swapmem.Translation)) (fun
 	if cr3 == 0 {
 		return nil, ErrNoSystemSpace
 	}
-	return g.GuestMemory.Watch(cr3, va, changed)
+	return g.Watcher.Watch(cr3, va, changed)
 }
 
 // page allocates a page from the board.
@@ -1088,9 +1088,9 @@ func (m *Machine) Run() error {
 	m.report(false)
 	st := m.Engine.Stats()
 	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
-		st.Injected, st.Completed, st.Failed, st.Removed, m.Memory.Writes, m.Memory.ADWrites, m.Memory.Changes, m.Memory.Stale)
+		st.Injected, st.Completed, st.Failed, st.Removed, m.Watcher.Writes, m.Watcher.ADWrites, m.Watcher.Changes, m.Watcher.Stale)
 	fmt.Fprintf(m.log, "tamahv: page-table writes emulated in their exit %d, opened until the next exit %d %v; returns from user faults trapped %d of %d\n",
-		m.Memory.Emulated, m.Memory.Opened, fallbacks(m.Memory), m.Trap.Hits, m.Trap.Arms)
+		m.Watcher.Emulated, m.Watcher.Opened, fallbacks(m.Watcher), m.Trap.Hits, m.Trap.Arms)
 	if m.Agent.Detour() != 0 {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
@@ -1205,7 +1205,7 @@ func (m *Machine) stopAPs() {
 }
 
 // fallbacks lists why page-table writes were not emulated, reason=count.
-func fallbacks(g *hv.GuestMemory) string {
+func fallbacks(g *hv.Watcher) string {
 	var b strings.Builder
 	b.WriteString("(")
 	for i, n := range g.Fallbacks {

@@ -210,7 +210,7 @@ func newVMCS() *hvtest.VMCS { return hvtest.NewVMCS() }
 func exampleConfig(kernelLen uint64) machine.Config {
 	return machine.Config{
 		Caps: skylake(),
-		Memory: []hv.E820Entry{{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
+		E820: []hv.E820Entry{{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
 			{Addr: 0x10_0000, Size: 0x1ff0_0000, Type: hv.E820RAM}},
 		Own: [2]uint64{0x1000_0000, 0x1800_0000}, Console: [2]uint16{0x3f8, 0x3ff},
 		Kernel: [2]uint64{0x100_0000, kernelLen}, Cmdline: "console=ttyS1",

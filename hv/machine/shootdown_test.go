@@ -77,7 +77,7 @@ func TestSwapReadsCostTwoShootdownsPerExitAtMost(t *testing.T) {
 	}
 	b.script = append(b.script,
 		step{name: "it reads the next 16 MiB instead", check: func(b *board, r *vmx.GuestRegs) {
-			hooked = m.Memory.Watches()
+			hooked = m.Watcher.Watches()
 			mark(b, r)
 		}, exit: ask(bigVA + swapmem.MaxLen)},
 		step{name: "exit", check: answered, exit: func(b *board, r *vmx.GuestRegs) {

@@ -654,7 +654,7 @@ func (m *Monitor) Watchdog(w io.Writer, after time.Duration) bool {
 }
 
 // WatchFailed fails the reads of an address space whose page-table watch
-// could not follow the guest's tables (hv.GuestMemory.OnWatchError): they
+// could not follow the guest's tables (hv.Watcher.OnWatchError): they
 // would never hear of their pages again.
 func (m *Monitor) WatchFailed(cr3, va uint64, err error) {
 	m.logf("tamahv: swapmem read FAILED: watch of %#x in CR3 %#x: %v\n", va, cr3, err)

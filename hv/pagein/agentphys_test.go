@@ -85,7 +85,7 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 	for _, split := range []bool{true, false} {
 		g := fakeguest.New(t, ept.Options{ExecuteOnly: true})
-		gm := hv.NewGuestMemory(g.Phys, g.CR3)
+		gm := hv.NewWatcher(g.Phys, g.CR3)
 		const user = 0x7f0000000000 + 100<<12 // PTE index 100: clear of the code bytes
 		g.MapPage(user, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 		pt := g.Entry(user, 1) &^ 0xfff

@@ -31,7 +31,7 @@ func cpuidGuest(tb testing.TB, n int, wired bool) (*hv.VCPU, *hvtest.ArrayVMCS) 
 	v := hv.NewVCPU(m, hvtest.Skylake())
 	require.NoError(tb, v.Init(hv.Setup{EPTP: 0x1e, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP},
 		&hv.Start{CodeSel: 0x10, DataSel: 0x18}))
-	g := hv.NewGuestMemory(&hv.GuestPhys{Mem: readOnly{swapmemtest.NewMachine()}}, 0)
+	g := hv.NewWatcher(&hv.GuestPhys{Mem: readOnly{swapmemtest.NewMachine()}}, 0)
 	require.NoError(tb, g.Install(v))
 	if wired {
 		a := &BreakpointAgent{Phys: g.Phys, Walker: &g.Walker}

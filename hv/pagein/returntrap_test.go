@@ -114,7 +114,7 @@ func TestFetchTrapYields(t *testing.T) {
 	assert.ErrorIs(t, g.Phys.TrapFetch(0xfee00000), hv.ErrNotRAM)
 
 	// Through the trap: armed on a watched page table, nothing happens.
-	gm := hv.NewGuestMemory(g.Phys, g.CR3)
+	gm := hv.NewWatcher(g.Phys, g.CR3)
 	g.MapPage(0x400000, 0x300000, vmx.PTEUser)
 	_, err := gm.Watch(g.CR3, 0x400000, func(swapmem.Translation) {})
 	require.NoError(t, err)

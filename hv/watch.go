@@ -9,11 +9,11 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// GuestMemory is the running guest's memory as swapmem sees it: page walks
+// Watcher is the running guest's memory as swapmem sees it: page walks
 // through the guest's own tables, reads of guest RAM, and page-table-entry
 // watches built on EPT write protection. Every guest-physical access goes
 // through Phys, which refuses anything but guest RAM: the walker reads
-// paging structures through it too (NewGuestMemory wires that).
+// paging structures through it too (NewWatcher wires that).
 //
 // A watch write-protects every paging-structure page on its address's
 // walk. A guest write to such a page exits (EPT violation). An
@@ -39,7 +39,7 @@ import (
 // Each watched page keeps its watches in an intrusive list, so hooking
 // and unhooking a watch cost O(levels) whatever the number of watches
 // sharing its pages, and a written page costs its own watches' walks.
-type GuestMemory struct {
+type Watcher struct {
 	// Walker walks the guest's paging structures; its Mem is Phys.
 	Walker Walker
 	// Phys is the guest's RAM and the owner of EPT permissions.
@@ -83,10 +83,10 @@ type GuestMemory struct {
 	Fallbacks                                [NumPTFallbacks]uint64
 }
 
-// NewGuestMemory returns the guest memory over p whose walker reads
+// NewWatcher returns the guest memory over p whose walker reads
 // paging structures through p; system is the system address space.
-func NewGuestMemory(p *GuestPhys, system uint64) *GuestMemory {
-	return &GuestMemory{Walker: Walker{Mem: p}, Phys: p, System: system}
+func NewWatcher(p *GuestPhys, system uint64) *Watcher {
+	return &Watcher{Walker: Walker{Mem: p}, Phys: p, System: system}
 }
 
 type hookedPage struct {
@@ -120,19 +120,19 @@ type pteWatch struct {
 }
 
 // Translate implements swapmem.Guest.
-func (g *GuestMemory) Translate(cr3, va uint64) (swapmem.Translation, error) {
+func (g *Watcher) Translate(cr3, va uint64) (swapmem.Translation, error) {
 	return g.Walker.Translate(cr3, va)
 }
 
 // ReadPhys implements swapmem.Guest: guest RAM only.
-func (g *GuestMemory) ReadPhys(pa uint64, p []byte) error { return g.Phys.ReadPhys(pa, p) }
+func (g *Watcher) ReadPhys(pa uint64, p []byte) error { return g.Phys.ReadPhys(pa, p) }
 
 // SystemCR3 implements swapmem.Guest.
-func (g *GuestMemory) SystemCR3() uint64 { return g.System }
+func (g *Watcher) SystemCR3() uint64 { return g.System }
 
 // Watch implements swapmem.Guest. The translation a new watch starts from
 // is the one its walk finds once its protections hold.
-func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
+func (g *Watcher) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func(), error) {
 	w := &pteWatch{cr3: cr3, va: va, fn: changed}
 	tr, fresh, err := g.hook(w)
 	for round := 0; err == nil && fresh && round < confirmRounds; round++ {
@@ -150,13 +150,13 @@ func (g *GuestMemory) Watch(cr3, va uint64, changed func(swapmem.Translation)) (
 }
 
 // Watches returns the number of paging-structure pages under protection.
-func (g *GuestMemory) Watches() int { return len(g.pages) }
+func (g *Watcher) Watches() int { return len(g.pages) }
 
 // hook walks w's address and protects every paging-structure page on the
 // walk. It returns the translation, and whether the walk read a page whose
 // protection does not hold yet (taken since the last flush): the walk is
 // then to be confirmed once it does (recheck). The caller flushes.
-func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, bool, error) {
+func (g *Watcher) hook(w *pteWatch) (swapmem.Translation, bool, error) {
 	var steps [5]Step
 	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
 	if err != nil {
@@ -190,7 +190,7 @@ func (g *GuestMemory) hook(w *pteWatch) (swapmem.Translation, bool, error) {
 	return tr, fresh, nil
 }
 
-func (g *GuestMemory) newPage(pg uint64) *hookedPage {
+func (g *Watcher) newPage(pg uint64) *hookedPage {
 	var hp *hookedPage
 	if n := len(g.spare); n > 0 {
 		hp, g.spare = g.spare[n-1], g.spare[:n-1]
@@ -203,7 +203,7 @@ func (g *GuestMemory) newPage(pg uint64) *hookedPage {
 }
 
 // drop forgets a page no watch needs and gives its protection back.
-func (g *GuestMemory) drop(hp *hookedPage) {
+func (g *Watcher) drop(hp *hookedPage) {
 	delete(g.pages, hp.pa)
 	_ = g.Phys.Unprotect(hp.pa)
 	g.spare = append(g.spare, hp)
@@ -211,7 +211,7 @@ func (g *GuestMemory) drop(hp *hookedPage) {
 
 // unhook takes w off its pages, in O(1) each, dropping the pages no watch
 // needs. The caller flushes.
-func (g *GuestMemory) unhook(w *pteWatch) {
+func (g *Watcher) unhook(w *pteWatch) {
 	for i := range w.links[:w.n] {
 		l := &w.links[i]
 		hp := l.pg
@@ -239,7 +239,7 @@ func (g *GuestMemory) unhook(w *pteWatch) {
 // protected until the new walk is hooked, so a watch alone on its pages
 // does not give their protection back only to take it again (an EPT
 // merge, a split and an INVEPT for each).
-func (g *GuestMemory) rehook(w *pteWatch) (swapmem.Translation, bool, error) {
+func (g *Watcher) rehook(w *pteWatch) (swapmem.Translation, bool, error) {
 	g.keep = true
 	g.unhook(w)
 	tr, fresh, err := g.hook(w)
@@ -266,7 +266,7 @@ const confirmRounds = 6
 // that reaches other pages is hooked anew, and recheck reports, as hook
 // does, whether that walk is to be confirmed in turn. On an error w may
 // still be hooked.
-func (g *GuestMemory) recheck(w *pteWatch) (swapmem.Translation, bool, error) {
+func (g *Watcher) recheck(w *pteWatch) (swapmem.Translation, bool, error) {
 	var steps [5]Step
 	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
 	if err != nil {
@@ -287,14 +287,14 @@ func (g *GuestMemory) recheck(w *pteWatch) (swapmem.Translation, bool, error) {
 
 // flush makes the EPT changes so far hold on every processor: the
 // protections taken before it hold from then on.
-func (g *GuestMemory) flush() {
+func (g *Watcher) flush() {
 	g.Phys.Flush()
 	g.epoch++
 }
 
 // tell gives w's function a translation that differs from the last it
 // heard.
-func (g *GuestMemory) tell(w *pteWatch, tr swapmem.Translation) {
+func (g *Watcher) tell(w *pteWatch, tr swapmem.Translation) {
 	if tr != w.seen {
 		w.seen = tr
 		g.Changes++
@@ -307,7 +307,7 @@ func (g *GuestMemory) tell(w *pteWatch, tr swapmem.Translation) {
 // page, so they reach the processors with the next flush, which Sync makes
 // at the latest. A read that ends gives back its watches' page tables in
 // one shootdown, not one for each.
-func (g *GuestMemory) unwatch(w *pteWatch) {
+func (g *Watcher) unwatch(w *pteWatch) {
 	if w.dead {
 		return
 	}
@@ -319,11 +319,11 @@ func (g *GuestMemory) unwatch(w *pteWatch) {
 // flush) hold on every processor. Call it before every VM entry, after
 // whatever may end watches in that exit: the exit's changes then cost one
 // shootdown.
-func (g *GuestMemory) Sync() { g.flush() }
+func (g *Watcher) Sync() { g.flush() }
 
 // Install intercepts v's EPT-violation exits, passing on the ones that are
 // not about watched pages, and observes every exit to settle open pages.
-func (g *GuestMemory) Install(v *VCPU) error {
+func (g *Watcher) Install(v *VCPU) error {
 	v.Observe(func(v *VCPU, e *vmx.Exit) {
 		if len(g.open) != 0 { // the common exit: one compare
 			g.settle(v, e)
@@ -332,7 +332,7 @@ func (g *GuestMemory) Install(v *VCPU) error {
 	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 
-func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	pg := gpa &^ 0xfff
@@ -390,7 +390,7 @@ func (g *GuestMemory) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, e
 // own next exit or at another vCPU's after that. Its cost is the number
 // of watches on the written pages, each walked once, and a read and
 // compare for each on the others.
-func (g *GuestMemory) settle(v *VCPU, _ *vmx.Exit) {
+func (g *Watcher) settle(v *VCPU, _ *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}
@@ -449,7 +449,7 @@ type openPage struct {
 // moved adds to g.scratch the watches on hp whose entry there differs
 // from the one their walk read, but for accessed and dirty flags; all of
 // them when the page cannot be read.
-func (g *GuestMemory) moved(hp *hookedPage) {
+func (g *Watcher) moved(hp *hookedPage) {
 	err := g.Phys.ReadPhys(hp.pa, g.buf[:])
 	for l := hp.head; l != nil; l = l.next {
 		if err != nil || !sameEntry(binary.LittleEndian.Uint64(g.buf[l.off:]), l.ent) {
@@ -463,7 +463,7 @@ func (g *GuestMemory) moved(hp *hookedPage) {
 // watches whose new walk reached a page protected anew are walked once
 // more when the protections hold (confirm). A watch's function may add or
 // remove watches; the list is a copy, and removed watches are marked dead.
-func (g *GuestMemory) rewalk() {
+func (g *Watcher) rewalk() {
 	g.gen++
 	g.confirming = g.confirming[:0]
 	for _, w := range g.scratch {
@@ -488,7 +488,7 @@ func (g *GuestMemory) rewalk() {
 // their protections hold: a watch hears of a translation that changed
 // between its walk and its protection, and a walk that reaches other
 // pages by now is hooked to them and confirmed in the next round.
-func (g *GuestMemory) confirm() {
+func (g *Watcher) confirm() {
 	ws := g.confirming
 	for round := 0; round < confirmRounds && len(ws) > 0; round++ {
 		g.flush()
@@ -518,7 +518,7 @@ func (g *GuestMemory) confirm() {
 // fail ends a watch that could not follow its walk: it holds no page any
 // more, its function hears that the translation is gone, and its owner
 // hears why.
-func (g *GuestMemory) fail(w *pteWatch, err error) {
+func (g *Watcher) fail(w *pteWatch, err error) {
 	w.err = err
 	w.dead = true
 	g.Failed++
@@ -533,5 +533,5 @@ func (g *GuestMemory) fail(w *pteWatch, err error) {
 }
 
 var (
-	_ swapmem.Guest = (*GuestMemory)(nil)
+	_ swapmem.Guest = (*Watcher)(nil)
 )
