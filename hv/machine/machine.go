@@ -266,59 +266,13 @@ func New(b Board, c Config) (*Machine, error) {
 	if m.log == nil {
 		m.log = io.Discard
 	}
-	var err error
-	m.EPT, err = ept.New(b, ept.Options{Pages1G: c.Caps.EPTVPID.Has(vmx.EPT1GPages), ExecuteOnly: c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly)})
+	if err := m.mapGuest(&c); err != nil {
+		return nil, err
+	}
+	ctl, err := m.controlPages(&c)
 	if err != nil {
 		return nil, err
 	}
-	sink, err := b.Sink()
-	if err != nil {
-		return nil, fmt.Errorf("machine: the sink: %w", err)
-	}
-	if err := hv.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
-		return nil, err
-	}
-
-	vmcsPA, vmcsPage, err := m.page()
-	if err != nil {
-		return nil, err
-	}
-	if err := vmx.PrepareRegion(c.Caps, vmcsPage[:]); err != nil {
-		return nil, err
-	}
-	vmcs, err := b.LoadVMCS(vmcsPA)
-	if err != nil {
-		return nil, err
-	}
-	msrPA, msrBM, err := m.page()
-	if err != nil {
-		return nil, err
-	}
-	hv.GuestMSRBitmap(msrBM)
-	ioA, bmA, err := m.page()
-	if err != nil {
-		return nil, err
-	}
-	ioB, bmB, err := m.page()
-	if err != nil {
-		return nil, err
-	}
-	hv.IOBitmaps(bmA, bmB, c.Console)
-	_, fxPage, err := m.page()
-	if err != nil {
-		return nil, err
-	}
-	m.fx = (*vmx.FXArea)(fxPage[:512])
-	m.fx[0], m.fx[1] = 0x7f, 0x03   // FCW: x87 exceptions masked
-	m.fx[24], m.fx[25] = 0x80, 0x1f // MXCSR: SIMD exceptions masked
-	var secret *[4096]byte
-	if m.secret, secret, err = m.page(); err != nil {
-		return nil, err
-	}
-	for i := range secret {
-		secret[i] = hcall.SecretByte
-	}
-
 	m.Linux = &linux.Boot{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
 		Cmdline: c.Cmdline, Map: c.E820, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
@@ -326,24 +280,125 @@ func New(b Board, c Config) (*Machine, error) {
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
 	}
-
 	var aps []AP
 	if sb, ok := b.(SMPBoard); ok {
 		aps = sb.APs()
 	}
+	unmapped, err := m.guestMemory(&c, len(aps))
+	if err != nil {
+		return nil, err
+	}
+	policy, err := m.swapService(&c)
+	if err != nil {
+		return nil, err
+	}
+	setup, err := m.bootVCPU(&c, ctl, unmapped, policy)
+	if err != nil {
+		return nil, err
+	}
+	for _, ap := range aps {
+		if err := m.addAP(ap, &c, setup, unmapped, policy); err != nil {
+			ap.Stop()
+			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
+		}
+	}
+	if err := m.virtualizeINIT(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// mapGuest builds the EPT: the guest's memory map one to one, tamahv's
+// region and everything outside the map onto the sink.
+func (m *Machine) mapGuest(c *Config) error {
+	b := m.board
+	var err error
+	m.EPT, err = ept.New(b, ept.Options{Pages1G: c.Caps.EPTVPID.Has(vmx.EPT1GPages), ExecuteOnly: c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly)})
+	if err != nil {
+		return err
+	}
+	sink, err := b.Sink()
+	if err != nil {
+		return fmt.Errorf("machine: the sink: %w", err)
+	}
+	if err := hv.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
+		return err
+	}
+	m.eptp = m.EPT.Pointer(false)
+	return nil
+}
+
+// control are vCPU 0's control pages: its VMCS, loaded, and the physical
+// addresses of its MSR and I/O bitmaps.
+type control struct {
+	vmcs            hv.VMCS
+	msrPA, ioA, ioB uint64
+}
+
+// controlPages takes vCPU 0's VMCS and bitmaps, the guest's FPU state at
+// reset and the secret page from the board's pages, and fills them.
+func (m *Machine) controlPages(c *Config) (control, error) {
+	var ctl control
+	vmcsPA, vmcsPage, err := m.page()
+	if err != nil {
+		return ctl, err
+	}
+	if err := vmx.PrepareRegion(c.Caps, vmcsPage[:]); err != nil {
+		return ctl, err
+	}
+	if ctl.vmcs, err = m.board.LoadVMCS(vmcsPA); err != nil {
+		return ctl, err
+	}
+	msrPA, msrBM, err := m.page()
+	if err != nil {
+		return ctl, err
+	}
+	hv.GuestMSRBitmap(msrBM)
+	ioA, bmA, err := m.page()
+	if err != nil {
+		return ctl, err
+	}
+	ioB, bmB, err := m.page()
+	if err != nil {
+		return ctl, err
+	}
+	hv.IOBitmaps(bmA, bmB, c.Console)
+	ctl.msrPA, ctl.ioA, ctl.ioB = msrPA, ioA, ioB
+	_, fxPage, err := m.page()
+	if err != nil {
+		return ctl, err
+	}
+	m.fx = (*vmx.FXArea)(fxPage[:512])
+	m.fx[0], m.fx[1] = 0x7f, 0x03   // FCW: x87 exceptions masked
+	m.fx[24], m.fx[25] = 0x80, 0x1f // MXCSR: SIMD exceptions masked
+	var secret *[4096]byte
+	if m.secret, secret, err = m.page(); err != nil {
+		return ctl, err
+	}
+	for i := range secret {
+		secret[i] = hcall.SecretByte
+	}
+	return ctl, nil
+}
+
+// guestMemory builds what reaches guest memory on the guest's behalf: the
+// shootdown for naps application processors and vCPU 0, GuestPhys, the
+// answer for unmapped memory, the address spaces, the page-table
+// watcher and the breakpoint agent.
+func (m *Machine) guestMemory(c *Config, naps int) (*hv.Unmapped, error) {
+	b := m.board
 	var ramTop uint64
 	for _, r := range c.E820 {
 		if r.Type == hv.E820RAM && r.Addr+r.Size > ramTop {
 			ramTop = r.Addr + r.Size
 		}
 	}
-	m.eptp = m.EPT.Pointer(false)
 	// Every change to the EPT reaches every vCPU's processor through the
 	// shootdown. All Go runs on the bootstrap processor, which is out of
 	// the guest whenever Go runs: every change is vCPU 0's (Changed(0)),
 	// and the board's INVEPT is its part; the application processors'
 	// exit loops keep theirs themselves (AP.Bind).
-	m.Shootdown = hv.NewShootdown(1+len(aps), func(int) { b.InvalidateEPT(m.eptp) })
+	m.Shootdown = hv.NewShootdown(1+naps, func(int) { b.InvalidateEPT(m.eptp) })
 	m.Shootdown.Limit = time.Second
 	// A shootdown kicks an application processor in the guest out of it
 	// where the AP can be kicked; else it waits for the AP's timer.
@@ -377,10 +432,17 @@ func New(b Board, c Config) (*Machine, error) {
 		Spaces: m.Spaces}
 	if c.Caps.EPTVPID.Has(vmx.EPTExecuteOnly) {
 		// The split view hides the int3 from guest reads.
+		var err error
 		if m.Agent.ShadowPA, m.Agent.Shadow, err = m.page(); err != nil {
 			return nil, err
 		}
 	}
+	return unmapped, nil
+}
+
+// swapService reads tamahv's options and builds swapmem's engine, the
+// return trap and the policy: c.Policy, or the default monitor.
+func (m *Machine) swapService(c *Config) (hv.Hypercalls, error) {
 	opts, err := ParseOptions(c.Options)
 	if err != nil {
 		return nil, err
@@ -406,7 +468,15 @@ func New(b Board, c Config) (*Machine, error) {
 		m.Watcher.OnWatchError = m.Monitor.WatchFailed
 	}
 
-	v := hv.NewVCPU(vmcs, c.Caps)
+	return policy, nil
+}
+
+// bootVCPU builds vCPU 0, the bootstrap processor's, with its extensions,
+// its entry (kicks, cuts) and its start state, and returns the set-up the
+// application processors' vCPUs share.
+func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *hv.Unmapped, policy hv.Hypercalls) (hv.Setup, error) {
+	b := m.board
+	v := hv.NewVCPU(ctl.vmcs, c.Caps)
 	m.VCPU = v
 	m.VCPUs = []*hv.VCPU{v}
 	v.CPUID = b.CPUID
@@ -417,7 +487,7 @@ func New(b Board, c Config) (*Machine, error) {
 		m.bspKick.unblock = u.UnblockNMIs
 	}
 	if err := v.Intercept(vmx.ExitExceptionOrNMI, m.bspKick.intercept); err != nil {
-		return nil, err
+		return hv.Setup{}, err
 	}
 	// Before vCPU 0's entry, it marks itself in the guest, then the
 	// application processors' exits that wait are handled (their
@@ -434,8 +504,8 @@ func New(b Board, c Config) (*Machine, error) {
 	v.OnEntry(func(*hv.VCPU) { m.Shootdown.Enter(0) })
 	v.OnEntry(func(*hv.VCPU) { m.yieldToAPs() })
 	v.Observe(func(*hv.VCPU, *vmx.Exit) { m.Shootdown.Exit(0) })
-	if err := m.attach(v, &c, unmapped, policy); err != nil {
-		return nil, err
+	if err := m.attach(v, c, unmapped, policy); err != nil {
+		return hv.Setup{}, err
 	}
 	m.Delivery = m.Deliveries[0]
 	m.Agent.Delivery = m.Delivery
@@ -490,21 +560,12 @@ func New(b Board, c Config) (*Machine, error) {
 	})
 	setup := hv.Setup{
 		Host: b.Host(), EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
-		MSRBitmap: msrPA, IOBitmapA: ioA, IOBitmapB: ioB,
+		MSRBitmap: ctl.msrPA, IOBitmapA: ctl.ioA, IOBitmapB: ctl.ioB,
 	}
 	if err := v.Init(setup, m.Start); err != nil {
-		return nil, err
+		return hv.Setup{}, err
 	}
-	for _, ap := range aps {
-		if err := m.addAP(ap, &c, setup, unmapped, policy); err != nil {
-			ap.Stop()
-			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
-		}
-	}
-	if err := m.virtualizeINIT(); err != nil {
-		return nil, err
-	}
-	return m, nil
+	return setup, nil
 }
 
 // LAPIC is a processor whose local APIC registers tamahv reads and writes
