@@ -11,6 +11,7 @@ import (
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -89,7 +90,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	c, lstar, detour := entryCode()
 	g.LoadKernel(c, nil)
 	at := g.Mem.At(detour - fakeguest.KernelOff)
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	a := agent(g, lstar, false)
 	const cr3, va = 0x7f0000001000, 0x7f0000001000
 	swappedOut(g, va)
@@ -103,7 +104,7 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	m.Fields[vmx.ExitInterruptInfo] = bp
 	// Hit in another process: passed on, rewritten later.
 	m.Fields[vmx.GuestCR3] = 0x9000
-	act, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	act, err := vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.Equal(t, byte(0x89), *at, "original byte back")
@@ -117,12 +118,12 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	// Hit in the right process: the #PF replaces the #BP.
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.GuestCR3] = g.CR3 | 0x3 // PCID bits do not matter
-	act, err = fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	act, err = vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.Equal(t, byte(0x89), *at)
 	assert.True(t, v.EventPending())
-	e, _ := fakeguest.FirstQueued(v)
+	e, _ := vcputest.FirstQueued(v)
 	assert.Equal(t, vmx.Exception(vmx.VectorPF, 4, 0), e, "user-access #PF")
 	assert.Equal(t, uint64(va), v.Regs.CR2)
 	assert.Equal(t, uint64(2), a.Hits)
@@ -135,9 +136,9 @@ func TestBreakpointAgentRaisesTheFaultAtTheDetour(t *testing.T) {
 	// The guest's own int3 elsewhere goes back to the guest.
 	m.Fields[vmx.GuestRIP] = 0x4000
 	v.DropEvents()
-	_, err = fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	_, err = vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
-	e, _ = fakeguest.FirstQueued(v)
+	e, _ = vcputest.FirstQueued(v)
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
 
 	// A byte the guest patched while armed stays the guest's.
@@ -156,7 +157,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	pa := detour - fakeguest.KernelOff
 	a := agent(g, lstar, true)
 	shadow := a.ShadowPA
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	require.NoError(t, a.Install(v))
 	const va = 0x7f0000001000
 	swappedOut(g, va)
@@ -172,7 +173,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.Fields[vmx.ExitReasonField] = uint64(vmx.ExitEPTViolation)
 	m.Fields[vmx.GuestPhysAddr] = pa
 	m.Fields[vmx.ExitQualification] = 0x1 | 0x4<<3 // read; entry allowed execute
-	_, err := fakeguest.Exit(v, vmx.ExitEPTViolation)
+	_, err := vcputest.Exit(v, vmx.ExitEPTViolation)
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.EPT.Lookup(pa)
 	assert.Equal(t, pa, hpa)
@@ -180,7 +181,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	// The guest writes the page meanwhile; then a fetch: a fresh shadow.
 	*g.Mem.At(pa + 1) = 0x42
 	m.Fields[vmx.ExitQualification] = 0x4 | 0x3<<3 // fetch; entry allowed read/write
-	_, err = fakeguest.Exit(v, vmx.ExitEPTViolation)
+	_, err = vcputest.Exit(v, vmx.ExitEPTViolation)
 	require.NoError(t, err)
 	hpa, perm, _, _, _ = g.EPT.Lookup(pa)
 	assert.Equal(t, shadow+pa&0xfff, hpa)
@@ -191,7 +192,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.GuestCR3] = g.CR3
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
-	_, err = fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	_, err = vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	hpa, perm, _, size, _ := g.EPT.Lookup(pa)
 	assert.Equal(t, pa, hpa, "original page back")
@@ -205,7 +206,7 @@ func TestBreakpointAgentSplitView(t *testing.T) {
 	require.NoError(t, a.Arm(nil, g.CR3, va))
 	for i := 0; i <= maxStreak && !a.noSplit; i++ {
 		m.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
-		_, err = fakeguest.Exit(v, vmx.ExitEPTViolation)
+		_, err = vcputest.Exit(v, vmx.ExitEPTViolation)
 		require.NoError(t, err)
 	}
 	assert.True(t, a.noSplit)
@@ -239,8 +240,8 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	g.LoadKernel(c, nil)
 	at := g.Mem.At(detour - fakeguest.KernelOff)
 	a := agent(g, lstar, false)
-	v0, m0 := fakeguest.Scripted(t, nil)
-	v1, m1 := fakeguest.Scripted(t, nil)
+	v0, m0 := vcputest.Scripted(t, nil)
+	v1, m1 := vcputest.Scripted(t, nil)
 	d0, d1 := &PFDelivery{}, &PFDelivery{}
 	require.NoError(t, a.InstallVCPU(v0, d0))
 	require.NoError(t, a.InstallVCPU(v1, d1))
@@ -255,11 +256,11 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	}
 
 	// Both vCPUs ran the int3; vCPU 0's exit is handled first.
-	act, err := fakeguest.Exit(v0, vmx.ExitExceptionOrNMI)
+	act, err := vcputest.Exit(v0, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.Equal(t, byte(0x89), *at, "original byte back")
-	act, err = fakeguest.Exit(v1, vmx.ExitExceptionOrNMI)
+	act, err = vcputest.Exit(v1, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.False(t, v1.EventPending(), "vCPU 1's int3 was the agent's: not given to the guest")
@@ -278,7 +279,7 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	// vCPU 1 passes in the process armed: the fault is raised there.
 	m1.Fields[vmx.GuestRIP] = detour
 	m1.Fields[vmx.GuestCR3] = g.CR3
-	_, err = fakeguest.Exit(v1, vmx.ExitExceptionOrNMI)
+	_, err = vcputest.Exit(v1, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.True(t, v1.EventPending())
 	assert.False(t, v0.EventPending())
@@ -290,9 +291,9 @@ func TestBreakpointAgentSharedByVCPUs(t *testing.T) {
 	// The guest's own int3 at the detour, with the agent's out, is the guest's.
 	*at = 0xcc
 	m0.Fields[vmx.GuestRIP] = detour
-	_, err = fakeguest.Exit(v0, vmx.ExitExceptionOrNMI)
+	_, err = vcputest.Exit(v0, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
-	e, _ := fakeguest.FirstQueued(v0)
+	e, _ := vcputest.FirstQueued(v0)
 	assert.Equal(t, uint8(vmx.VectorBP), e.Vector)
 }
 
@@ -305,15 +306,15 @@ func TestBreakpointAgentStreakIsPerVCPU(t *testing.T) {
 	g.LoadKernel(c, nil)
 	pa := detour - fakeguest.KernelOff
 	a := agent(g, lstar, true)
-	v0, m0 := fakeguest.Scripted(t, nil)
-	v1, _ := fakeguest.Scripted(t, nil)
+	v0, m0 := vcputest.Scripted(t, nil)
+	v1, _ := vcputest.Scripted(t, nil)
 	require.NoError(t, a.InstallVCPU(v0, nil))
 	require.NoError(t, a.InstallVCPU(v1, nil))
 	require.NoError(t, a.Arm(nil, g.CR3, 0x7f0000001000))
 	m0.Fields[vmx.GuestPhysAddr] = pa
 	for i := 0; i <= maxStreak+1 && !a.noSplit; i++ {
 		m0.Fields[vmx.ExitQualification] = []uint64{0x1, 0x4}[i%2]
-		_, err := fakeguest.Exit(v0, vmx.ExitEPTViolation)
+		_, err := vcputest.Exit(v0, vmx.ExitEPTViolation)
 		require.NoError(t, err)
 		observe(t, v1) // vCPU 1 runs on
 	}
@@ -333,7 +334,7 @@ func TestBreakpointAgentDropsAnArmNoLongerBacked(t *testing.T) {
 	g := fakeguest.New(t, ept.Options{})
 	c, lstar, detour := entryCode()
 	g.LoadKernel(c, nil)
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	a := agent(g, lstar, false)
 	const va = 0x7f0000001000
 	swappedOut(g, va)
@@ -343,7 +344,7 @@ func TestBreakpointAgentDropsAnArmNoLongerBacked(t *testing.T) {
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = g.CR3
-	act, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	act, err := vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.Zero(t, a.Raised)
@@ -361,8 +362,8 @@ func TestBreakpointAgentFollowsTheArmingVCPUsLSTAR(t *testing.T) {
 	c1, lstar1, detour1 := entryCodeAt(0xffffffff81b00000, 0xffffffff81700000)
 	g.LoadKernel(c0, nil)
 	g.LoadKernel(c1, nil)
-	v0, _ := fakeguest.Scripted(t, nil)
-	v1, _ := fakeguest.Scripted(t, nil)
+	v0, _ := vcputest.Scripted(t, nil)
+	v1, _ := vcputest.Scripted(t, nil)
 	a := agent(g, 0, false)
 	a.LSTAR = func(v *hv.VCPU) uint64 {
 		if v == v1 {
@@ -386,7 +387,7 @@ func TestBreakpointAgentFollowsTheArmingVCPUsLSTAR(t *testing.T) {
 // exit: nothing of pagein's handles it).
 func observe(t *testing.T, v *hv.VCPU) {
 	t.Helper()
-	_, err := fakeguest.Exit(v, vmx.ExitPreemptionTimer)
+	_, err := vcputest.Exit(v, vmx.ExitPreemptionTimer)
 	require.NoError(t, err)
 }
 

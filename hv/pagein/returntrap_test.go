@@ -10,6 +10,7 @@ import (
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -26,7 +27,7 @@ func TestReturnTrap(t *testing.T) {
 	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
 	fetch := uint64(0x4 | 0x8 | 0x10 | 0x80 | 0x100) // fetch, entry rw-
 	var cpu *TrapCPU
-	v, m := fakeguest.Scripted(t, []fakeguest.Step{
+	v, m := vcputest.Scripted(t, []vcputest.Step{
 		{Reason: vmx.ExitCPUID, Check: func(t *testing.T, v *hv.VCPU) {
 			// A #PF goes in at CPL 3 (swapmem's UserFault).
 			v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP] = rip
@@ -53,7 +54,7 @@ func TestReturnTrap(t *testing.T) {
 
 	// A fetch violation on the page once the trap sprang is not the
 	// trap's: it is passed on (here to the fatal default).
-	v, _ = fakeguest.Scripted(t, []fakeguest.Step{{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: codePA, vmx.ExitQualification: fetch}}})
+	v, _ = vcputest.Scripted(t, []vcputest.Step{{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: codePA, vmx.ExitQualification: fetch}}})
 	require.NoError(t, trap.Install(v))
 	assert.ErrorIs(t, v.Run(), hv.ErrFatalExit)
 }
@@ -65,7 +66,7 @@ func TestReturnTrapOnlyInUserMode(t *testing.T) {
 	g.MapPage(0x400000, 0x600000, vmx.PTEUser)
 	g.MapPage(0x401000, 0x601000, 0)
 	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	m.Fields[vmx.GuestCR3] = g.CR3
 	m.Fields[vmx.GuestRIP] = 0x400000
 	m.Fields[vmx.EntryInterruptInfo] = 0
@@ -137,8 +138,8 @@ func TestReturnTrapSlots(t *testing.T) {
 	g.MapPage(0x401000, codeB, vmx.PTEUser)
 	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
 	trap.Slots(2)
-	v0, m0 := fakeguest.Scripted(t, nil)
-	v1, m1 := fakeguest.Scripted(t, nil)
+	v0, m0 := vcputest.Scripted(t, nil)
+	v1, m1 := vcputest.Scripted(t, nil)
 	require.NoError(t, trap.Install(v0))
 	require.NoError(t, trap.Install(v1))
 	cpus := []*TrapCPU{{CPU: &SwapCPU{V: v0}, Trap: trap, V: v0}, {CPU: &SwapCPU{V: v1}, Trap: trap, V: v1, Slot: 1}}
@@ -159,7 +160,7 @@ func TestReturnTrapSlots(t *testing.T) {
 	fetch := uint64(0x4 | 0x8 | 0x10 | 0x80 | 0x100)
 	m0.Fields[vmx.GuestPhysAddr] = codeB
 	m0.Fields[vmx.ExitQualification] = fetch
-	act, err := fakeguest.Exit(v0, vmx.ExitEPTViolation)
+	act, err := vcputest.Exit(v0, vmx.ExitEPTViolation)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.EqualValues(t, 1, trap.Hits)

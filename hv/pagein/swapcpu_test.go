@@ -10,6 +10,7 @@ import (
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -37,7 +38,7 @@ func injectOnce(t *testing.T, v *hv.VCPU, d *PFDelivery) {
 func TestPFDeliveryConfirmedAtTheNextExit(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
-	v, _ := fakeguest.Scripted(t, []fakeguest.Step{{
+	v, _ := vcputest.Scripted(t, []vcputest.Step{{
 		Reason: vmx.ExitCPUID,
 		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Equal(t, []uint64{pfVA}, l.delivered, "no delivery in progress at the exit: delivered")
@@ -55,7 +56,7 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
 	pf := vmx.Exception(vmx.VectorPF, 4, 0)
-	v, _ := fakeguest.Scripted(t, []fakeguest.Step{{
+	v, _ := vcputest.Scripted(t, []vcputest.Step{{
 		// The #PF's delivery wrote the guest's stack, a page under EPT
 		// write protection: the exit interrupted the delivery.
 		Reason: vmx.ExitEPTViolation,
@@ -86,7 +87,7 @@ func TestPFDeliveryFollowsAnInterruptedDelivery(t *testing.T) {
 func TestPFDeliveryCancelsALostFault(t *testing.T) {
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
-	v, m := fakeguest.Scripted(t, []fakeguest.Step{{
+	v, m := vcputest.Scripted(t, []vcputest.Step{{
 		Reason: vmx.ExitCPUID,
 		Check: func(t *testing.T, v *hv.VCPU) {
 			assert.Empty(t, l.delivered, "still queued behind the blocked NMI")
@@ -125,7 +126,7 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	c, lstar, detour := entryCode()
 	g.LoadKernel(c, nil)
 	at := g.Mem.At(detour - fakeguest.KernelOff)
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	const va = 0x400000
 
 	// Before: the request's user CR3 compared exactly. The user PGD maps
@@ -153,12 +154,12 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = k | 1
-	act, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	act, err := vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, hv.Resume, act)
 	assert.Equal(t, uint64(1), a.Raised)
 	assert.Zero(t, a.Passed)
-	e, _ := fakeguest.FirstQueued(v)
+	e, _ := vcputest.FirstQueued(v)
 	assert.Equal(t, vmx.Exception(vmx.VectorPF, 4, 0), e)
 	assert.Equal(t, uint64(va), v.Regs.CR2)
 
@@ -177,7 +178,7 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 	pa, pb := g.TwoProcesses(t)
 	c, lstar, detour := entryCode()
 	g.LoadKernel(c, nil)
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	s := &hv.AddressSpaces{Mem: g.Phys}
 	s.Observe(pa, 3, true)
 	require.Equal(t, hv.PTIOff, s.PTI())
@@ -188,7 +189,7 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 	m.Fields[vmx.GuestRIP] = detour
 	m.Fields[vmx.ExitInterruptInfo] = uint64(vmx.Exception(vmx.VectorBP, 0, 1).Info())
 	m.Fields[vmx.GuestCR3] = pb
-	_, err := fakeguest.Exit(v, vmx.ExitExceptionOrNMI)
+	_, err := vcputest.Exit(v, vmx.ExitExceptionOrNMI)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1), a.Passed, "b is another process")
 	assert.Zero(t, a.Raised)
@@ -196,7 +197,7 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 }
 
 func TestSwapCPU(t *testing.T) {
-	v, m := fakeguest.Scripted(t, nil)
+	v, m := vcputest.Scripted(t, nil)
 	c := &SwapCPU{V: v}
 	m.Fields[vmx.GuestCR3] = 0x1234_5000 | 0x7 // PCID bits
 	m.Fields[vmx.GuestSSAccess] = 0xf3         // DPL 3

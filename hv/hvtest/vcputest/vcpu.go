@@ -1,4 +1,6 @@
-package fakeguest
+// Package vcputest is a vCPU for tests of packages built on hv, without a
+// processor: its VM exits are scripted, or made one at a time (Exit).
+package vcputest
 
 import (
 	"testing"
@@ -59,7 +61,7 @@ func Scripted(t *testing.T, steps []Step) (*hv.VCPU, *hvtest.VMCS) {
 	t.Cleanup(func() {
 		// Step k's exit is made at entry k+1, its check run at the next.
 		if i > 0 && (i < len(steps) || i == len(steps) && steps[i-1].Check != nil) {
-			t.Errorf("fakeguest: the vCPU ran %d of its %d scripted exits, the last one's check not run", i, len(steps))
+			t.Errorf("vcputest: the vCPU ran %d of its %d scripted exits, the last one's check not run", i, len(steps))
 		}
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error {
