@@ -264,7 +264,7 @@ e2e-models: deps-bochs deps-iso
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOperations -fuzztime $(FUZZTIME) ./swapmem/
 	$(GO) test -run '^$$' -fuzz FuzzHypercall -fuzztime $(FUZZTIME) ./hv/monitor/
-	$(GO) test -run '^$$' -fuzz FuzzPTWrite -fuzztime $(FUZZTIME) ./hv/
+	$(GO) test -run '^$$' -fuzz FuzzPTWrite -fuzztime $(FUZZTIME) ./hv/guestmem/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeWrite -fuzztime $(FUZZTIME) ./hv/x86emu/
 	$(GO) test -run '^$$' -fuzz FuzzMultiboot2 -fuzztime $(FUZZTIME) ./board/pc/multiboot2/
 

@@ -2,6 +2,7 @@ package hv
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -223,4 +224,51 @@ func (v *VCPU) restoreNMIBlocking(e *vmx.Exit) {
 		return
 	}
 	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|blockingNMI)
+}
+
+// Raise answers exit e with the exception vector (such as #GP(0) or
+// #UD) the access an extension carried out for the guest raised. Where the exit interrupted an event's delivery (the run
+// loop put that event back at the front of the queue), the two combine as
+// the processor combines them (SDM Vol. 3A, "Interrupt 8—Double Fault
+// Exception (#DF)"): after #DF, a triple fault; a contributory exception
+// after a contributory one or a page fault, #DF(0); otherwise the new
+// exception alone, with an interrupted external interrupt or NMI still
+// pending behind it (an exception or software interrupt comes again
+// from its instruction).
+func (v *VCPU) Raise(e *vmx.Exit, vector uint8) (Action, error) {
+	first, ok := vmx.DecodeEvent(e.IDTVectoring, 0)
+	if !ok {
+		return Resume, v.InjectException(vector, 0)
+	}
+	if f, queued := v.events.peek(); queued && f.Vector == first.Vector && f.Type == first.Type {
+		v.events.pop()
+	}
+	exc := vmx.Exception(vector, 0, 0)
+	if first.Type == vmx.EventHardwareException {
+		switch {
+		case first.Vector == vmx.VectorDF:
+			return v.Stopped(fmt.Errorf("%w at RIP %#x (an exception while delivering #DF)", ErrGuestTripleFault, e.RIP))
+		case (contributory(first.Vector) || first.Vector == vmx.VectorPF) && contributory(vector):
+			exc = vmx.Exception(vmx.VectorDF, 0, 0)
+		}
+	}
+	if first.Type == vmx.EventExternal || first.Type == vmx.EventNMI {
+		if !v.events.pushFront(first) {
+			return Resume, ErrEventQueueFull
+		}
+	}
+	if !v.events.pushFront(exc) {
+		return Resume, ErrEventQueueFull
+	}
+	return Resume, nil
+}
+
+// contributory reports whether an exception is of the contributory class
+// (SDM Vol. 3A, "Interrupt 8—Double Fault Exception (#DF)", Table 6-4).
+func contributory(vector uint8) bool {
+	switch vector {
+	case vmx.VectorDE, vmx.VectorTS, vmx.VectorNP, vmx.VectorSS, vmx.VectorGP, vmx.VectorCP:
+		return true
+	}
+	return false
 }

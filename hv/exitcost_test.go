@@ -8,15 +8,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/hv/hvtest"
-	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
 type arrayVMCS = hvtest.ArrayVMCS
 
-// cpuidGuest is a vCPU wired as hv/machine wires its own parts (the
-// page-table watcher observing every exit, NMIs taken from VMX root, the
-// preemption timer; package pagein's test adds swapmem's hands),
+// cpuidGuest is a vCPU wired as hv/machine wires its own parts (NMIs
+// taken from VMX root, the preemption timer; package pagein's test adds
+// the page-table watcher and swapmem's hands),
 // whose guest executes CPUID (leaf 0) in a loop: Enter returns a CPUID exit
 // n times, then a triple fault that ends Run.
 func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
@@ -24,9 +23,6 @@ func cpuidGuest(tb testing.TB, n *int) (*VCPU, *arrayVMCS) {
 	v := NewVCPU(m, skylake())
 	require.NoError(tb, v.Init(Setup{EPTP: 0x1e, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP},
 		&Start{CodeSel: 0x10, DataSel: 0x18}))
-	machine := swapmemtest.NewMachine()
-	g := NewWatcher(&GuestPhys{Mem: machineMem{machine}}, 0)
-	require.NoError(tb, g.Install(v))
 	var nmis atomic.Uint32
 	v.TakeNMI = func() bool { return nmis.Swap(0) != 0 }
 	v.PreemptionTicks = 100000

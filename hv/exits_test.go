@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"errors"
 	"strings"
 	"testing"
 
@@ -168,7 +169,7 @@ type fakePhys struct {
 
 func (f *fakePhys) ReadPhys(pa uint64, p []byte) error {
 	if pa < f.base || pa+uint64(len(p)) > f.base+uint64(len(f.b)) {
-		return ErrHole
+		return errors.New("not in the fake memory")
 	}
 	copy(p, f.b[pa-f.base:])
 	return nil

@@ -188,12 +188,12 @@ func (v *VCPU) writeAPICBase(val uint64) bool {
 	return true
 }
 
-// x2APICICRWritable reports whether WRMSR may write val to the x2APIC's
+// X2APICICRWritable reports whether WRMSR may write val to the x2APIC's
 // interrupt command register on v's processor: its local APIC is in
 // x2APIC mode and no reserved bit is set. Otherwise the processor raises
 // #GP (SDM Vol. 3A, "x2APIC Register Availability", "Reserved Bit
 // Checking"), which tamahv's own WRMSR must not.
-func (v *VCPU) x2APICICRWritable(val uint64) bool {
+func (v *VCPU) X2APICICRWritable(val uint64) bool {
 	if v.ReadMSR == nil || v.WriteMSR == nil {
 		return false
 	}
@@ -208,18 +208,18 @@ func (v *VCPU) x2APICICRWritable(val uint64) bool {
 // any other destination is dropped (IPITargets with the vCPU as the only
 // one). Other IPIs go out as written.
 func (v *VCPU) writeX2APICICR(val uint64) bool {
-	if !v.x2APICICRWritable(val) {
+	if !v.X2APICICRWritable(val) {
 		return false
 	}
-	low, dest := uint32(val)&^icrPending, uint32(val>>32)
-	if m := low & icrDeliveryMode; m == icrDeliveryINIT || m == icrDeliveryStart {
+	low, dest := uint32(val)&^vmx.ICRPending, uint32(val>>32)
+	if m := low & vmx.ICRDeliveryMode; m == vmx.ICRDeliveryINIT || m == vmx.ICRDeliveryStart {
 		self := uint32(v.ReadMSR(vmx.MSRX2APICID))
 		targets, exact := IPITargets(low, dest, true, 0, []uint32{self})
 		switch {
-		case targets == 0, m == icrDeliveryINIT && low&icrLevelTriggered != 0 && low&icrLevelAssert == 0:
+		case targets == 0, m == vmx.ICRDeliveryINIT && low&vmx.ICRLevelTriggered != 0 && low&vmx.ICRLevelAssert == 0:
 			return true // dropped
 		case !exact:
-			low, dest = low&^(icrShorthand|icrLogical), self
+			low, dest = low&^(vmx.ICRShorthand|vmx.ICRLogical), self
 		}
 	}
 	v.WriteMSR(vmx.MSRX2APICICR, uint64(dest)<<32|uint64(low))
@@ -249,4 +249,50 @@ func (v *VCPU) perfGlobalMask() uint64 {
 		m |= vmx.PerfGlobalMetrics
 	}
 	return m
+}
+
+// IPITargets returns the vCPUs an interrupt command reaches, as a bit
+// mask over apicIDs (vCPU i has APIC ID apicIDs[i]; at most 64), from the
+// ICR's low half and its destination (xAPIC: ICR bits 63:56; x2APIC: bits
+// 63:32); self is the sender's index. exact reports that the command, as
+// written, reaches those vCPUs and no other processor: a physical
+// destination that is a vCPU's APIC ID, or the self shorthand.
+// Broadcasts and the other shorthands reach every vCPU (but the sender,
+// for all-excluding-self); an x2APIC logical destination the vCPUs whose
+// logical IDs (derived from their x2APIC IDs) it names; an xAPIC logical
+// destination, other than the broadcast, every vCPU but the sender
+// (tamahv does not follow the logical IDs the guest programs).
+func IPITargets(low, dest uint32, x2APIC bool, self int, apicIDs []uint32) (targets uint64, exact bool) {
+	all := uint64(1)<<len(apicIDs) - 1
+	switch low & vmx.ICRShorthand {
+	case vmx.ICRSelf:
+		return 1 << self, true
+	case vmx.ICRAllIncSelf:
+		return all, false
+	case vmx.ICRAllExclSelf:
+		return all &^ (1 << self), false
+	}
+	broadcast := uint32(vmx.APICBroadcast)
+	if x2APIC {
+		broadcast = vmx.X2APICBroadcast
+	}
+	switch {
+	case dest == broadcast:
+		return all, false
+	case low&vmx.ICRLogical == 0:
+		for i, id := range apicIDs {
+			if id == dest {
+				targets |= 1 << i
+			}
+		}
+		return targets, targets != 0
+	case x2APIC:
+		for i, id := range apicIDs {
+			if l := vmx.X2APICLogicalID(id); l>>16 == dest>>16 && l&dest&0xffff != 0 {
+				targets |= 1 << i
+			}
+		}
+		return targets, false
+	}
+	return all &^ (1 << self), false
 }

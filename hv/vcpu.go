@@ -1,6 +1,10 @@
-// Package hv is the monitor: the vCPU run loop, VM-exit dispatch, event
-// injection, the guest's first state, and loading a Linux guest. The
-// architecture numbers it uses come from packages vmx and ept.
+// Package hv is the vCPU: its run loop, the extension API (Intercept,
+// Observe, OnEntry, OnTick; Place, Queued, Complete, Raise), events, the
+// default handlers, the MSR and CPUID policy, VMCS set-up, and INIT and
+// SIPI. What the monitor does with guest memory, the page-in machinery
+// and the Linux loader are extensions in its sub-packages, built on its
+// exported API. The architecture numbers it uses come from packages vmx
+// and ept.
 //
 // The loop talks to the processor through small interfaces (VMCS, Enter)
 // so that everything but the VMX instructions runs in host tests.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -35,7 +36,7 @@ func (a apCPU) LoadVMCS(pa uint64) (hv.VMCS, error) {
 
 func (a apCPU) Host() hv.HostState { return hostState(a.APVCPU.Host()) }
 
-func (a apCPU) Bind(w hv.ShootdownWords) error {
+func (a apCPU) Bind(w guestmem.ShootdownWords) error {
 	if w.Generation == nil || w.Seen == nil || w.InGuest == nil {
 		return errors.New("tamahv: incomplete shootdown words")
 	}

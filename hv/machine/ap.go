@@ -4,13 +4,14 @@ import (
 	"sync/atomic"
 
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
 // AP is an application processor the board holds for the guest, one vCPU
 // each. The AP runs no Go: its own exit loop, in tamahv's memory, enters
 // the guest, answers its VMX-preemption-timer exits itself and keeps its
-// part of the EPT shootdown (hv.ShootdownWords), and hands every other
+// part of the EPT shootdown (guestmem.ShootdownWords), and hands every other
 // exit to the machine, whose handlers run on the bootstrap processor with
 // every other vCPU's: the AP's VMCS, CPUID, MSRs and XCR0 are reached
 // through the AP, which executes those instructions for the caller.
@@ -37,7 +38,7 @@ type AP interface {
 	TakeNMI() uint32
 	// Bind tells the AP where its shootdown words are; before its first
 	// entry.
-	Bind(w hv.ShootdownWords) error
+	Bind(w guestmem.ShootdownWords) error
 	// Enter runs the guest on the AP until the next exit it hands over,
 	// with r's registers (they are stored back at the exit). It yields the
 	// calling goroutine while the AP runs the guest. After Stop it

@@ -2,11 +2,11 @@ package machine_test
 
 import (
 	"fmt"
-	"github.com/tamahv/tamahv/hv/machine"
 	"os"
 
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hcall"
+	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )

@@ -30,6 +30,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/linux"
 	"github.com/tamahv/tamahv/hv/monitor"
@@ -50,7 +51,7 @@ type Board interface {
 	// Memory reads and writes physical memory (loading the guest).
 	hv.Memory
 	// AtomicMemory makes tamahv's stores to guest page tables single
-	// instructions (hv.GuestPhys's, over Memory).
+	// instructions (guestmem.GuestPhys's, over Memory).
 	x86emu.AtomicMemory
 	// Sink returns 2 MiB of host memory, 2 MiB aligned, kept as long as
 	// the machine runs: every guest-physical page of tamahv's region maps
@@ -146,10 +147,10 @@ type Machine struct {
 	EPT *ept.EPT
 	// Phys is the guest's physical memory as tamahv may touch it: guest
 	// RAM only; it owns the EPT permissions tamahv changes.
-	Phys *hv.GuestPhys
+	Phys *guestmem.GuestPhys
 	// Memory is the guest memory introspection reads through, with the
 	// page-table watches.
-	Watcher *hv.Watcher
+	Watcher *guestmem.Watcher
 	// Agent raises BPFault faults from the guest kernel's system-call
 	// path.
 	Agent *pagein.BreakpointAgent
@@ -160,7 +161,7 @@ type Machine struct {
 	Engine *swapmem.Engine
 	// Spaces learns whether the guest isolates its page tables and names
 	// its address spaces: every CR3 comparison goes through it.
-	Spaces *hv.AddressSpaces
+	Spaces *guestmem.AddressSpaces
 	// Delivery follows each #PF injected on vCPU 0 to the guest and
 	// tells the engine whether it arrived; Deliveries[i] does for vCPU i
 	// (Deliveries[0] is Delivery).
@@ -173,7 +174,7 @@ type Machine struct {
 	// Linux is the loaded guest.
 	Linux *linux.Boot
 	// Shootdown carries EPT changes to every vCPU's processor.
-	Shootdown *hv.Shootdown
+	Shootdown *guestmem.Shootdown
 
 	board  Board
 	log    io.Writer
@@ -184,7 +185,7 @@ type Machine struct {
 	serial sync.Mutex // every vCPU's Serial
 	// APIC emulates the guest's local APIC writes where the guest has
 	// application processors (virtualizeINIT); nil otherwise.
-	APIC      *hv.APICWrites
+	APIC      *guestmem.APICWrites
 	apicIDs   []uint32 // vCPU i's local APIC ID
 	vcpuIndex map[*hv.VCPU]int
 	// stuckErr: a vCPU never left the guest for an EPT change.
@@ -321,7 +322,7 @@ func (m *Machine) mapGuest(c *Config) error {
 	if err != nil {
 		return fmt.Errorf("machine: the sink: %w", err)
 	}
-	if err := hv.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
+	if err := guestmem.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
 		return err
 	}
 	m.eptp = m.EPT.Pointer(false)
@@ -385,7 +386,7 @@ func (m *Machine) controlPages(c *Config) (control, error) {
 // shootdown for naps application processors and vCPU 0, GuestPhys, the
 // answer for unmapped memory, the address spaces, the page-table
 // watcher and the breakpoint agent.
-func (m *Machine) guestMemory(c *Config, naps int) (*hv.Unmapped, error) {
+func (m *Machine) guestMemory(c *Config, naps int) (*guestmem.Unmapped, error) {
 	b := m.board
 	var ramTop uint64
 	for _, r := range c.E820 {
@@ -398,7 +399,7 @@ func (m *Machine) guestMemory(c *Config, naps int) (*hv.Unmapped, error) {
 	// the guest whenever Go runs: every change is vCPU 0's (Changed(0)),
 	// and the board's INVEPT is its part; the application processors'
 	// exit loops keep theirs themselves (AP.Bind).
-	m.Shootdown = hv.NewShootdown(1+naps, func(int) { b.InvalidateEPT(m.eptp) })
+	m.Shootdown = guestmem.NewShootdown(1+naps, func(int) { b.InvalidateEPT(m.eptp) })
 	m.Shootdown.Limit = time.Second
 	// A shootdown kicks an application processor in the guest out of it
 	// where the AP can be kicked; else it waits for the AP's timer.
@@ -418,12 +419,12 @@ func (m *Machine) guestMemory(c *Config, naps int) (*hv.Unmapped, error) {
 	// Phys: guest RAM only, never tamahv's region, the sink or MMIO. An
 	// EPT table it merges away goes back to the arena only after a
 	// shootdown that reached every vCPU.
-	m.Phys = &hv.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate,
+	m.Phys = &guestmem.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate,
 		Invalidated: func() bool { _, stuck := m.Shootdown.Stuck(); return !stuck }}
 	// Unmapped answers what the handlers installed after it pass on.
-	unmapped := &hv.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
-	m.Spaces = &hv.AddressSpaces{Mem: m.Phys}
-	m.Watcher = hv.NewWatcher(m.Phys, 0)
+	unmapped := &guestmem.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
+	m.Spaces = &guestmem.AddressSpaces{Mem: m.Phys}
+	m.Watcher = guestmem.NewWatcher(m.Phys, 0)
 	m.Watcher.Walker.Limit = min(ramTop, b.Reach(ramTop))
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
@@ -474,7 +475,7 @@ func (m *Machine) swapService(c *Config) (hv.Hypercalls, error) {
 // bootVCPU builds vCPU 0, the bootstrap processor's, with its extensions,
 // its entry (kicks, cuts) and its start state, and returns the set-up the
 // application processors' vCPUs share.
-func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *hv.Unmapped, policy hv.Hypercalls) (hv.Setup, error) {
+func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, policy hv.Hypercalls) (hv.Setup, error) {
 	b := m.board
 	v := hv.NewVCPU(ctl.vmcs, c.Caps)
 	m.VCPU = v
@@ -579,10 +580,10 @@ type LAPIC interface {
 // virtualizeINIT makes tamahv see the INIT IPIs the guest sends to its
 // application processors, where it has some and every processor's local
 // APIC is reachable: the local APIC's page is mapped without write access
-// and every write emulated (hv.APICWrites), an INIT to an AP's vCPU
+// and every write emulated (guestmem.APICWrites), an INIT to an AP's vCPU
 // applied by tamahv (virtualINIT) instead of sent.
 func (m *Machine) virtualizeINIT() error {
-	if len(m.aps) == 0 || len(m.VCPUs) > 64 { // hv.APICWrites's masks
+	if len(m.aps) == 0 || len(m.VCPUs) > 64 { // guestmem.APICWrites's masks
 		return nil
 	}
 	bsp, ok := m.board.(LAPIC)
@@ -611,7 +612,7 @@ func (m *Machine) virtualizeINIT() error {
 		return fmt.Errorf("machine: the local APIC's page: %w", err)
 	}
 	m.Shootdown.Changed(0)
-	m.APIC = &hv.APICWrites{Mem: m.Watcher, Base: base, IDs: m.apicIDs, Index: m.index,
+	m.APIC = &guestmem.APICWrites{Mem: m.Watcher, Base: base, IDs: m.apicIDs, Index: m.index,
 		Read:  func(v *hv.VCPU, off uint32) uint32 { return lapics[m.index(v)].LAPICRead(off) },
 		Write: func(v *hv.VCPU, off, val uint32) { lapics[m.index(v)].LAPICWrite(off, val) },
 		INIT:  m.virtualINIT,
@@ -661,7 +662,7 @@ func (m *Machine) virtualINIT(v *hv.VCPU, targets uint64) bool {
 // attach wires v to the parts every vCPU shares: its ports, the
 // handlers and extensions, the policy and Serial. v gets its own #PF
 // delivery and its own swapmem CPU (Deliveries[i]).
-func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv.Hypercalls) error {
+func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *guestmem.Unmapped, policy hv.Hypercalls) error {
 	v.Serial = &m.serial
 	v.Log = c.Log
 	if c.Console != [2]uint16{} {
@@ -709,7 +710,7 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *hv.Unmapped, policy hv
 // through ap, set up as vCPU 0's with ap's host state and its own VPID,
 // made an application processor that waits for the guest's start-up IPI,
 // bound to its part of the shootdown, and wired as vCPU 0.
-func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *hv.Unmapped, policy hv.Hypercalls) error {
+func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unmapped, policy hv.Hypercalls) error {
 	i := len(m.VCPUs)
 	pa, page, err := m.page()
 	if err != nil {
@@ -1065,8 +1066,8 @@ var ErrNoSystemSpace = errors.New("machine: the guest's kernel address space is 
 // the system address space (requests with CR3 0) learnt from the guest's
 // exits.
 type swapGuest struct {
-	*hv.Watcher
-	spaces *hv.AddressSpaces
+	*guestmem.Watcher
+	spaces *guestmem.AddressSpaces
 	agent  *pagein.BreakpointAgent
 }
 
@@ -1266,7 +1267,7 @@ func (m *Machine) stopAPs() {
 }
 
 // fallbacks lists why page-table writes were not emulated, reason=count.
-func fallbacks(g *hv.Watcher) string {
+func fallbacks(g *guestmem.Watcher) string {
 	var b strings.Builder
 	b.WriteString("(")
 	for i, n := range g.Fallbacks {
@@ -1274,7 +1275,7 @@ func fallbacks(g *hv.Watcher) string {
 			if b.Len() > 1 {
 				b.WriteString(" ")
 			}
-			fmt.Fprintf(&b, "%v=%d", hv.PTFallback(i), n)
+			fmt.Fprintf(&b, "%v=%d", guestmem.PTFallback(i), n)
 		}
 	}
 	b.WriteString(")")

@@ -8,7 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
@@ -19,7 +19,7 @@ import (
 // PGD maps the kernel half, the user PGD only the entry trampoline.
 const (
 	kernelPGD = 0x50_0000
-	userPGD   = kernelPGD | hv.PTIUserBit
+	userPGD   = kernelPGD | guestmem.PTIUserBit
 	stackPA   = 0x60_0000 // a page of the guest's kernel stack
 )
 
@@ -64,7 +64,7 @@ func TestIsolatedGuestEndToEnd(t *testing.T) {
 			b.exitWith(vmx.ExitCPUID)
 		}},
 		{name: "swap read from user mode", check: func(b *board, r *vmx.GuestRegs) {
-			assert.Equal(t, hv.PTIUnknown, m.Spaces.PTI())
+			assert.Equal(t, guestmem.PTIUnknown, m.Spaces.PTI())
 			assert.Equal(t, uint64(kernelPGD), m.Spaces.System())
 		}, exit: func(b *board, r *vmx.GuestRegs) {
 			b.in(3, userPGD|0x801)
@@ -73,7 +73,7 @@ func TestIsolatedGuestEndToEnd(t *testing.T) {
 		}},
 		{name: "delivery interrupted", check: func(b *board, r *vmx.GuestRegs) {
 			assert.Zero(t, r.RAX, "swap read accepted; log:\n%s", log)
-			assert.Equal(t, hv.PTIOn, m.Spaces.PTI())
+			assert.Equal(t, guestmem.PTIOn, m.Spaces.PTI())
 			assert.Equal(t, pf, b.vmcs.Fields[vmx.EntryInterruptInfo], "#PF injected in user mode")
 			assert.Equal(t, uint64(dataVA), r.CR2)
 		}, exit: func(b *board, r *vmx.GuestRegs) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/machine"
@@ -47,7 +48,7 @@ type fakeAP struct {
 	// Stop.
 	done chan struct{}
 
-	words         hv.ShootdownWords
+	words         guestmem.ShootdownWords
 	bound         bool
 	vmcsPA        uint64
 	invalidations int
@@ -104,7 +105,7 @@ func (a *fakeAP) XSETBV(uint32, uint64)   {}
 func (a *fakeAP) ReadMSR(uint32) uint64   { return 0 }
 func (a *fakeAP) WriteMSR(uint32, uint64) {}
 func (a *fakeAP) TakeNMI() uint32         { return a.nmis.Swap(0) }
-func (a *fakeAP) Bind(w hv.ShootdownWords) error {
+func (a *fakeAP) Bind(w guestmem.ShootdownWords) error {
 	a.words, a.bound = w, true
 	return nil
 }

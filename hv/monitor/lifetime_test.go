@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/monitor"
 	"github.com/tamahv/tamahv/swapmem"
@@ -223,12 +223,12 @@ func (z spaceZero) Watch(cr3, va uint64, f func(swapmem.Translation)) (func(), e
 // the kernel's instead of its own. It is refused.
 func TestAddressSpaceZeroIsRefused(t *testing.T) {
 	g := newGuest(t, 0)
-	spaces := &hv.AddressSpaces{Mem: pgdPair{0}}
-	spaces.Observe(hv.PTIUserBit, 3, true)
-	require.Equal(t, hv.PTIOn, spaces.PTI())
+	spaces := &guestmem.AddressSpaces{Mem: pgdPair{0}}
+	spaces.Observe(guestmem.PTIUserBit, 3, true)
+	require.Equal(t, guestmem.PTIOn, spaces.PTI())
 	g.mon.Spaces = spaces
 	g.mon.Mem = spaceZero{g.m, g.proc.CR3}
-	g.vmcs.Fields[vmx.GuestCR3] = hv.PTIUserBit
+	g.vmcs.Fields[vmx.GuestCR3] = guestmem.PTIUserBit
 	for _, cpl := range []int{3, 0} {
 		g.cpl(cpl)
 		assert.Equal(t, hcall.Invalid, g.swapRead(0, userBuf, 4, uint64(swapmem.NoFault), []byte("user")), "CPL %d", cpl)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
@@ -112,7 +113,7 @@ type Monitor struct {
 	// Spaces names address spaces: reads are kept per address space, the
 	// user and kernel CR3 of an isolated process being one (nil: page-table
 	// bases compared exactly).
-	Spaces *hv.AddressSpaces
+	Spaces *guestmem.AddressSpaces
 	// SecretPA is the page hcall.Secret reports (0: none).
 	SecretPA uint64
 	// Log receives one line per swap read (nil: discarded), at most a

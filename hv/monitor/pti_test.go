@@ -8,7 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hcall"
 	"github.com/tamahv/tamahv/hv/pagein"
 	"github.com/tamahv/tamahv/swapmem"
@@ -17,7 +17,7 @@ import (
 )
 
 // pgdPair shows an isolated process's top-level tables to
-// hv.AddressSpaces: the kernel PGD at k, the user PGD at k|bit 12.
+// guestmem.AddressSpaces: the kernel PGD at k, the user PGD at k|bit 12.
 type pgdPair struct{ k uint64 }
 
 func (p pgdPair) ReadPhys(pa uint64, b []byte) error {
@@ -32,7 +32,7 @@ func (p pgdPair) ReadPhys(pa uint64, b []byte) error {
 		put(0, 0x5000|7|1<<63) // user entry, NX in the kernel copy
 		put(273, 0x6000|3)     // direct map
 		put(511, 0x7000|3)     // kernel text
-	case p.k | hv.PTIUserBit:
+	case p.k | guestmem.PTIUserBit:
 		put(0, 0x5000|7)
 		put(508, 0x8000|3) // entry trampoline
 	}
@@ -44,15 +44,15 @@ func (p pgdPair) ReadPhys(pa uint64, b []byte) error {
 // space, which the engine's faults, the status and the agent compare.
 func TestReadsOfAnIsolatedProcessAreItsAddressSpace(t *testing.T) {
 	g := newGuest(t, 0)
-	for g.proc.CR3&hv.PTIUserBit != 0 {
+	for g.proc.CR3&guestmem.PTIUserBit != 0 {
 		g.proc = g.m.NewSpace() // the kernel PGD of a pair: bit 12 clear
 	}
 	require.NoError(t, g.proc.MapRange(userBuf, 4096, swapmemtest.UserRW))
 	require.NoError(t, g.proc.Write(userBuf, []byte("user")))
 	require.NoError(t, g.proc.MapRange(userReq, 4096, swapmemtest.UserRW))
 	k := g.proc.CR3
-	user := k | hv.PTIUserBit | 0x801
-	spaces := &hv.AddressSpaces{Mem: pgdPair{k}}
+	user := k | guestmem.PTIUserBit | 0x801
+	spaces := &guestmem.AddressSpaces{Mem: pgdPair{k}}
 	require.NoError(t, g.proc.SwapOut(userBuf))
 	g.vmcs.Fields[vmx.GuestCR3] = user
 
@@ -61,7 +61,7 @@ func TestReadsOfAnIsolatedProcessAreItsAddressSpace(t *testing.T) {
 	assert.Equal(t, hcall.Invalid, g.swapRead(0, userBuf, 4, uint64(swapmem.UserFault), []byte("user")))
 
 	spaces.Observe(user, 3, true)
-	require.Equal(t, hv.PTIOn, spaces.PTI())
+	require.Equal(t, guestmem.PTIOn, spaces.PTI())
 	g.mon.Spaces = spaces
 	assert.Zero(t, g.swapRead(0, userBuf, 4, uint64(swapmem.UserFault), []byte("user")))
 	assert.Contains(t, g.log.String(), fmt.Sprintf("in CR3 %#x ", k))

@@ -97,7 +97,7 @@ func (r *read) live(gen uint64) bool { return r.gen == gen && r.state == hcall.S
 type part struct{ va, n uint64 }
 
 // split cuts the range [va, va+n) at the pages that no fault can bring in
-// (hv.Walker: a walk that ends at a zero entry or misses a table, as after
+// (guestmem.Walker: a walk that ends at a zero entry or misses a table, as after
 // munmap; or fails) and returns the parts in between, how many pages it
 // left out and the first of them. Reads without a fault (NoFault) wait
 // for every page and are not cut. A range with no such page is one part.
@@ -654,7 +654,7 @@ func (m *Monitor) Watchdog(w io.Writer, after time.Duration) bool {
 }
 
 // WatchFailed fails the reads of an address space whose page-table watch
-// could not follow the guest's tables (hv.Watcher.OnWatchError): they
+// could not follow the guest's tables (guestmem.Watcher.OnWatchError): they
 // would never hear of their pages again.
 func (m *Monitor) WatchFailed(cr3, va uint64, err error) {
 	m.logf("tamahv: swapmem read FAILED: watch of %#x in CR3 %#x: %v\n", va, cr3, err)

@@ -9,13 +9,14 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
 func agent(g *fakeguest.Guest, lstar uint64, split bool) *BreakpointAgent {
-	a := &BreakpointAgent{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}, LSTAR: func(*hv.VCPU) uint64 { return lstar }}
+	a := &BreakpointAgent{Phys: g.Phys, Walker: &guestmem.Walker{Mem: g.Phys}, LSTAR: func(*hv.VCPU) uint64 { return lstar }}
 	if split {
 		// The shadow is a page of tamahv's, outside the guest's reach.
 		a.Shadow, a.ShadowPA = new([4096]byte), fakeguest.HoleStart+0x7f000
@@ -35,7 +36,7 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 		for _, c := range []struct {
 			pa  uint64
 			err error
-		}{{fakeguest.HoleStart + 0x5000, hv.ErrHole}, {fakeguest.SinkPA + 0x5000, hv.ErrHole}, {0xfee00000, hv.ErrNotRAM}, {0x140000000, hv.ErrNotRAM}} {
+		}{{fakeguest.HoleStart + 0x5000, guestmem.ErrHole}, {fakeguest.SinkPA + 0x5000, guestmem.ErrHole}, {0xfee00000, guestmem.ErrNotRAM}, {0x140000000, guestmem.ErrNotRAM}} {
 			g := fakeguest.New(t, ept.Options{ExecuteOnly: true})
 			c1, lstar, detour := entryCodeWith(0xffffffff81900ff3)
 			require.Zero(t, detour&0xfff, "the detour starts a page")
@@ -68,7 +69,7 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 		assert.Zero(t, g.Phys.Owners())
 		g.MapPage(detour&^0xfff, fakeguest.HoleStart+0x5000, vmx.PTEWritable)
 		err := a.Arm(nil, g.CR3, 0x7f0000001000)
-		assert.ErrorIs(t, err, hv.ErrHole, "split %v", split)
+		assert.ErrorIs(t, err, guestmem.ErrHole, "split %v", split)
 		hpa, perm, _, _, _ := g.EPT.Lookup(fakeguest.HoleStart + 0x5000)
 		assert.Equal(t, uint64(fakeguest.SinkPA+0x5000), hpa)
 		assert.Equal(t, ept.Read|ept.Write, perm)
@@ -85,7 +86,7 @@ func TestBreakpointAgentRefusesADetourOutsideGuestRAM(t *testing.T) {
 func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 	for _, split := range []bool{true, false} {
 		g := fakeguest.New(t, ept.Options{ExecuteOnly: true})
-		gm := hv.NewWatcher(g.Phys, g.CR3)
+		gm := guestmem.NewWatcher(g.Phys, g.CR3)
 		const user = 0x7f0000000000 + 100<<12 // PTE index 100: clear of the code bytes
 		g.MapPage(user, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 		pt := g.Entry(user, 1) &^ 0xfff
@@ -97,7 +98,7 @@ func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 		cancel, err := gm.Watch(g.CR3, user, func(swapmem.Translation) {})
 		require.NoError(t, err)
 		err = a.Arm(nil, g.CR3, 0x7f0000001000)
-		assert.ErrorIs(t, err, hv.ErrPageInUse, "split %v", split)
+		assert.ErrorIs(t, err, guestmem.ErrPageInUse, "split %v", split)
 		hpa, perm, _, _, _ := g.EPT.Lookup(pt)
 		assert.Equal(t, pt, hpa)
 		assert.Equal(t, ept.Read|ept.Exec, perm, "still write-protected")
@@ -111,7 +112,7 @@ func TestAgentAndWatchesKeepTheirPermissions(t *testing.T) {
 		require.NoError(t, a.Arm(nil, g.CR3, 0x7f0000001000))
 		_, before, _, _, _ := g.EPT.Lookup(pt)
 		_, err = gm.Watch(g.CR3, user, func(swapmem.Translation) {})
-		assert.ErrorIs(t, err, hv.ErrPageInUse)
+		assert.ErrorIs(t, err, guestmem.ErrPageInUse)
 		_, after, _, _, _ := g.EPT.Lookup(pt)
 		assert.Equal(t, before, after, "the agent's view untouched")
 		assert.Zero(t, gm.Watches())

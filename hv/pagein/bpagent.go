@@ -8,6 +8,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -58,8 +59,8 @@ type BreakpointAgent struct {
 	// Phys is guest RAM: the agent reads the guest's code, writes the
 	// int3 and shows its views only through it, and claims the detour's
 	// page there for as long as it is armed.
-	Phys   *hv.GuestPhys
-	Walker *hv.Walker
+	Phys   *guestmem.GuestPhys
+	Walker *guestmem.Walker
 	// LSTAR reads the guest's IA32_LSTAR on vCPU v's processor (the MSR
 	// is not switched on VM exit, so the host reads the guest's value).
 	// A kernel may give each processor its own SYSCALL entry: the detour
@@ -74,7 +75,7 @@ type BreakpointAgent struct {
 	// when the address space at the detour (the kernel CR3 of a
 	// user/kernel pair) is the one armed (nil: page-table bases compared
 	// exactly).
-	Spaces *hv.AddressSpaces
+	Spaces *guestmem.AddressSpaces
 	// Delivery follows the raised #PF to the guest (nil: not followed).
 	Delivery *PFDelivery
 
@@ -417,7 +418,7 @@ func (a *BreakpointAgent) InstallVCPU(v *hv.VCPU, d *PFDelivery) error {
 		// with its read armed may have left its page-table root to
 		// another, where va is not backed and a #PF from the system-call
 		// path would oops the kernel. Such an arm is dropped.
-		if tr, err := a.Walker.Translate(v.VMCS.Read(vmx.GuestCR3)&hv.CR3Mask, a.va); err == nil && !tr.Present && !tr.Backed {
+		if tr, err := a.Walker.Translate(v.VMCS.Read(vmx.GuestCR3)&guestmem.CR3Mask, a.va); err == nil && !tr.Present && !tr.Backed {
 			a.want = false
 			a.Dropped++
 			return hv.Resume, nil

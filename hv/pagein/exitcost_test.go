@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
@@ -31,7 +32,7 @@ func cpuidGuest(tb testing.TB, n int, wired bool) (*hv.VCPU, *hvtest.ArrayVMCS) 
 	v := hv.NewVCPU(m, hvtest.Skylake())
 	require.NoError(tb, v.Init(hv.Setup{EPTP: 0x1e, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP},
 		&hv.Start{CodeSel: 0x10, DataSel: 0x18}))
-	g := hv.NewWatcher(&hv.GuestPhys{Mem: readOnly{swapmemtest.NewMachine()}}, 0)
+	g := guestmem.NewWatcher(&guestmem.GuestPhys{Mem: readOnly{swapmemtest.NewMachine()}}, 0)
 	require.NoError(tb, g.Install(v))
 	if wired {
 		a := &BreakpointAgent{Phys: g.Phys, Walker: &g.Walker}

@@ -3,6 +3,7 @@ package pagein
 import (
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -29,8 +30,8 @@ import (
 // by another (the first trap serves both).
 type ReturnTrap struct {
 	// Phys owns the EPT permissions; Walker translates the guest's RIP.
-	Phys   *hv.GuestPhys
-	Walker *hv.Walker
+	Phys   *guestmem.GuestPhys
+	Walker *guestmem.Walker
 
 	traps []fetchTrap // by slot
 

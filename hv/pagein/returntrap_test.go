@@ -8,6 +8,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
 	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
@@ -24,7 +25,7 @@ func TestReturnTrap(t *testing.T) {
 	g := fakeguest.New(t, ept.Options{})
 	const code, codePA, rip = 0x400000, 0x600000, 0x400123
 	g.MapPage(code, codePA, vmx.PTEUser)
-	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
+	trap := &ReturnTrap{Phys: g.Phys, Walker: &guestmem.Walker{Mem: g.Phys}}
 	fetch := uint64(0x4 | 0x8 | 0x10 | 0x80 | 0x100) // fetch, entry rw-
 	var cpu *TrapCPU
 	v, m := vcputest.Scripted(t, []vcputest.Step{
@@ -65,7 +66,7 @@ func TestReturnTrapOnlyInUserMode(t *testing.T) {
 	g := fakeguest.New(t, ept.Options{})
 	g.MapPage(0x400000, 0x600000, vmx.PTEUser)
 	g.MapPage(0x401000, 0x601000, 0)
-	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
+	trap := &ReturnTrap{Phys: g.Phys, Walker: &guestmem.Walker{Mem: g.Phys}}
 	v, m := vcputest.Scripted(t, nil)
 	m.Fields[vmx.GuestCR3] = g.CR3
 	m.Fields[vmx.GuestRIP] = 0x400000
@@ -94,12 +95,12 @@ func TestFetchTrapYields(t *testing.T) {
 	g := fakeguest.New(t, ept.Options{})
 	const pg = 0x600000
 	require.NoError(t, g.Phys.TrapFetch(pg))
-	assert.ErrorIs(t, g.Phys.TrapFetch(pg), hv.ErrPageInUse)
+	assert.ErrorIs(t, g.Phys.TrapFetch(pg), guestmem.ErrPageInUse)
 	require.NoError(t, g.Phys.WriteProtect(pg))
 	_, perm, _, _, _ := g.EPT.Lookup(pg)
 	assert.Equal(t, ept.Read|ept.Exec, perm, "write-protected, executable again")
 	assert.Error(t, g.Phys.UntrapFetch(pg))
-	assert.ErrorIs(t, g.Phys.TrapFetch(pg), hv.ErrPageInUse)
+	assert.ErrorIs(t, g.Phys.TrapFetch(pg), guestmem.ErrPageInUse)
 	require.NoError(t, g.Phys.Unprotect(pg))
 	_, perm, _, _, _ = g.EPT.Lookup(pg)
 	assert.Equal(t, ept.RWX, perm)
@@ -111,11 +112,11 @@ func TestFetchTrapYields(t *testing.T) {
 	require.NoError(t, g.Phys.Release(pg))
 	assert.Zero(t, g.Phys.Owners())
 
-	assert.ErrorIs(t, g.Phys.TrapFetch(fakeguest.HoleStart), hv.ErrHole)
-	assert.ErrorIs(t, g.Phys.TrapFetch(0xfee00000), hv.ErrNotRAM)
+	assert.ErrorIs(t, g.Phys.TrapFetch(fakeguest.HoleStart), guestmem.ErrHole)
+	assert.ErrorIs(t, g.Phys.TrapFetch(0xfee00000), guestmem.ErrNotRAM)
 
 	// Through the trap: armed on a watched page table, nothing happens.
-	gm := hv.NewWatcher(g.Phys, g.CR3)
+	gm := guestmem.NewWatcher(g.Phys, g.CR3)
 	g.MapPage(0x400000, 0x300000, vmx.PTEUser)
 	_, err := gm.Watch(g.CR3, 0x400000, func(swapmem.Translation) {})
 	require.NoError(t, err)
@@ -136,7 +137,7 @@ func TestReturnTrapSlots(t *testing.T) {
 	const codeA, codeB = 0x600000, 0x601000
 	g.MapPage(0x400000, codeA, vmx.PTEUser)
 	g.MapPage(0x401000, codeB, vmx.PTEUser)
-	trap := &ReturnTrap{Phys: g.Phys, Walker: &hv.Walker{Mem: g.Phys}}
+	trap := &ReturnTrap{Phys: g.Phys, Walker: &guestmem.Walker{Mem: g.Phys}}
 	trap.Slots(2)
 	v0, m0 := vcputest.Scripted(t, nil)
 	v1, m1 := vcputest.Scripted(t, nil)

@@ -9,6 +9,7 @@ import (
 	"errors"
 
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -25,7 +26,7 @@ type SwapCPU struct {
 	Agent *BreakpointAgent
 	// Spaces names the guest's address spaces (nil: page-table bases
 	// compared exactly).
-	Spaces *hv.AddressSpaces
+	Spaces *guestmem.AddressSpaces
 	// Delivery follows each injected #PF to the guest (nil: the engine's
 	// timeout is the only news of a lost one).
 	Delivery *PFDelivery

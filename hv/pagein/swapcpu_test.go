@@ -8,6 +8,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/hv/hvtest/fakeguest"
 	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
@@ -136,9 +137,9 @@ func TestBreakpointAgentUnderPageTableIsolation(t *testing.T) {
 	cpu0 := &SwapCPU{V: v, Agent: a0}
 	assert.ErrorIs(t, cpu0.InjectBPFault(va), ErrNoDetour)
 
-	s := &hv.AddressSpaces{Mem: g.Phys}
+	s := &guestmem.AddressSpaces{Mem: g.Phys}
 	s.Observe(u|0x801, 3, true)
-	require.Equal(t, hv.PTIOn, s.PTI())
+	require.Equal(t, guestmem.PTIOn, s.PTI())
 	l := &pfLog{}
 	d := &PFDelivery{Reports: l}
 	d.Install(v)
@@ -179,9 +180,9 @@ func TestBreakpointAgentKeepsAdjacentProcessesApart(t *testing.T) {
 	c, lstar, detour := entryCode()
 	g.LoadKernel(c, nil)
 	v, m := vcputest.Scripted(t, nil)
-	s := &hv.AddressSpaces{Mem: g.Phys}
+	s := &guestmem.AddressSpaces{Mem: g.Phys}
 	s.Observe(pa, 3, true)
-	require.Equal(t, hv.PTIOff, s.PTI())
+	require.Equal(t, guestmem.PTIOff, s.PTI())
 	a := agent(g, lstar, false)
 	a.Spaces = s
 	require.NoError(t, a.Install(v))

@@ -1,6 +1,6 @@
 // Package fakeguest is a guest for tests of packages built on hv, without
 // a processor: host memory in frames, a guest with its own 4-level page
-// tables there, an EPT over the whole machine with hv.GuestPhys on top,
+// tables there, an EPT over the whole machine with guestmem.GuestPhys on top,
 // and a vCPU whose VM exits a test scripts.
 package fakeguest
 
@@ -13,6 +13,7 @@ import (
 
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -117,13 +118,13 @@ var Map = []hv.E820Entry{
 }
 
 // Guest is a guest with its own 4-level page tables in Mem, an EPT built
-// by hv.MapGuest over Map, and Phys over both. Flushes counts Phys's
+// by guestmem.MapGuest over Map, and Phys over both. Flushes counts Phys's
 // invalidations.
 type Guest struct {
 	Mem     Frames
 	EPT     *ept.EPT
 	Tables  *Tables
-	Phys    *hv.GuestPhys
+	Phys    *guestmem.GuestPhys
 	CR3     uint64
 	Next    uint64 // the next frame for paging structures
 	Flushes int
@@ -134,9 +135,9 @@ func New(t testing.TB, o ept.Options) *Guest {
 	g := &Guest{Mem: Frames{}, Tables: &Tables{Pages: map[uint64]*[512]uint64{}, Next: 0x80_0000_0000}, Next: 0x200000}
 	e, err := ept.New(g.Tables, o)
 	require.NoError(t, err)
-	require.NoError(t, hv.MapGuest(e, Map, [2]uint64{HoleStart, HoleEnd}, SinkPA))
+	require.NoError(t, guestmem.MapGuest(e, Map, [2]uint64{HoleStart, HoleEnd}, SinkPA))
 	g.EPT = e
-	g.Phys = &hv.GuestPhys{Mem: g.Mem, EPT: e, Hole: [2]uint64{HoleStart, HoleEnd}, Invalidate: func() { g.Flushes++ }}
+	g.Phys = &guestmem.GuestPhys{Mem: g.Mem, EPT: e, Hole: [2]uint64{HoleStart, HoleEnd}, Invalidate: func() { g.Flushes++ }}
 	g.CR3 = g.Frame()
 	return g
 }

@@ -5,7 +5,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/guestmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -17,7 +17,7 @@ func (g *Guest) PTIProcess(t testing.TB) (k, u uint64) {
 	k = g.CR3
 	require.Zero(t, k&(2*4096-1), "kernel PGD 8 KiB aligned")
 	u = g.Frame()
-	require.Equal(t, k|hv.PTIUserBit, u)
+	require.Equal(t, k|guestmem.PTIUserBit, u)
 	rw, us := uint64(vmx.PTEWritable), uint64(vmx.PTEUser)
 	g.MapPage(0x400000, 0x300000, rw|us)           // user code
 	g.MapPage(0x7fff_ffff_e000, 0x301000, rw|us)   // user stack
@@ -40,7 +40,7 @@ func (g *Guest) PTIProcess(t testing.TB) (k, u uint64) {
 func (g *Guest) TwoProcesses(t testing.TB) (a, b uint64) {
 	a = g.CR3
 	b = g.Frame()
-	require.Equal(t, a|hv.PTIUserBit, b)
+	require.Equal(t, a|guestmem.PTIUserBit, b)
 	rw, us := uint64(vmx.PTEWritable), uint64(vmx.PTEUser)
 	g.MapPage(0x400000, 0x300000, rw|us)
 	g.MapPage(0xffff_8880_0000_0000, 0, rw)

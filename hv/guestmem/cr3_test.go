@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"fmt"
@@ -8,6 +8,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -177,21 +179,21 @@ func TestAddressSpacesSystemIsValidated(t *testing.T) {
 func TestAddressSpacesObserveExits(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
 	k, u := ptiProcess(t, g)
-	m := newFakeVMCS()
-	v := NewVCPU(m, skylake())
+	m := hvtest.NewVMCS()
+	v := hv.NewVCPU(m, hvtest.Skylake())
 	s := &AddressSpaces{Mem: g.phys}
 	s.Install(v)
 	m.Fields[vmx.GuestRIP], m.Fields[vmx.ExitQualification], m.Fields[vmx.IDTVectoringInfo] = 0x1000, 0, 0
 	m.Fields[vmx.EntryControls] = vmx.EntryIA32eMode
-	m.Fields[vmx.GuestCR0] = cr0PG
+	m.Fields[vmx.GuestCR0] = vmx.CR0PG
 	m.Fields[vmx.GuestCR3] = k | 1
 	m.Fields[vmx.GuestSSAccess] = 0x93
-	v.observe(exitOf(v, vmx.ExitCPUID))
+	observe(t, v)
 	assert.Equal(t, PTIUnknown, s.PTI())
 	m.Fields[vmx.GuestCR3] = u | 0x801
 	m.Fields[vmx.GuestSSAccess] = 0xf3 // DPL 3
-	v.observe(exitOf(v, vmx.ExitCPUID))
-	v.observe(exitOf(v, vmx.ExitCPUID))
+	observe(t, v)
+	observe(t, v)
 	assert.Equal(t, PTIOn, s.PTI())
 	assert.Equal(t, uint64(1), s.Checks, "one check for one CR3")
 	assert.Equal(t, k, s.System())

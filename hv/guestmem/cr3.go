@@ -1,10 +1,11 @@
-package hv
+package guestmem
 
 import (
 	"encoding/binary"
 	"sync"
 	"sync/atomic"
 
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -105,7 +106,7 @@ func (m PTIMode) String() string {
 // atomically; an exit that finds another vCPU learning skips its turn.
 type AddressSpaces struct {
 	// Mem reads the guest's top-level tables: guest RAM only (GuestPhys).
-	Mem PhysReader
+	Mem hv.PhysReader
 
 	pti    atomic.Uint32 // a PTIMode
 	system atomic.Uint64 // the latest kernel address space seen (0: none)
@@ -140,14 +141,14 @@ func (s *AddressSpaces) Of(cr3 uint64) uint64 {
 
 // Install makes s learn from every VM exit of v, before the exit is
 // handled: a handler sees the answer its own exit gave.
-func (s *AddressSpaces) Install(v *VCPU) {
-	v.Observe(func(v *VCPU, _ *vmx.Exit) { s.ObserveVCPU(v) })
+func (s *AddressSpaces) Install(v *hv.VCPU) {
+	v.Observe(func(v *hv.VCPU, _ *vmx.Exit) { s.ObserveVCPU(v) })
 }
 
 // ObserveVCPU learns from v's state at a VM exit. Once isolation is known
 // it reads one VMCS field; until then two more, and it checks a pair of
 // tables only when CR3 or CPL changed.
-func (s *AddressSpaces) ObserveVCPU(v *VCPU) {
+func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if !s.mu.TryLock() {
 		return // another vCPU is learning: a later exit will do
 	}
@@ -166,7 +167,7 @@ func (s *AddressSpaces) ObserveVCPU(v *VCPU) {
 		return
 	}
 	s.seen, s.lastCR3, s.lastCPL = true, cr3, cpl
-	long := v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&cr0PG != 0
+	long := v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG != 0
 	s.observe(cr3, cpl, long)
 }
 

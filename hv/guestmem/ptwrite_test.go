@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"errors"
@@ -9,6 +9,9 @@ import (
 	"golang.org/x/arch/x86/x86asm"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -80,8 +83,8 @@ func (f *ptFixture) code(b ...byte) {
 
 // vcpu is a scripted vCPU in 64-bit mode at CPL 0 on the fixture's tables
 // with the steps, the fixture's Watcher installed.
-func (f *ptFixture) vcpu(t *testing.T, steps []exitStep) *VCPU {
-	v, m := scripted(t, steps)
+func (f *ptFixture) vcpu(t *testing.T, steps []vcputest.Step) *hv.VCPU {
+	v, m := vcputest.Scripted(t, steps)
 	m.Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
 	m.Fields[vmx.GuestCSAccess] = 0xa09b // L, not D
 	m.Fields[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
@@ -94,10 +97,10 @@ func (f *ptFixture) vcpu(t *testing.T, steps []exitStep) *VCPU {
 
 // write is the EPT violation of a write at kernel address la to the
 // guest-physical gpa by the instruction at ptRIP.
-func write(la, gpa uint64, regs func(*vmx.GuestRegs), check func(*testing.T, *VCPU)) exitStep {
-	return exitStep{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{
+func write(la, gpa uint64, regs func(*vmx.GuestRegs), check func(*testing.T, *hv.VCPU)) vcputest.Step {
+	return vcputest.Step{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{
 		vmx.GuestPhysAddr: gpa, vmx.ExitQualification: ptWriteQual, vmx.GuestLinearAddr: la, vmx.GuestRIP: ptRIP,
-	}, regs: regs, check: check}
+	}, Regs: regs, Check: check}
 }
 
 func (f *ptFixture) protected(t *testing.T) {
@@ -250,8 +253,8 @@ func TestPageTableWritesEmulated(t *testing.T) {
 			}
 			f.code(code...)
 			gpa := f.pte&^0xfff | la&0xfff
-			v := f.vcpu(t, []exitStep{write(la, gpa, func(r *vmx.GuestRegs) { c.regs(f, r) }, func(t *testing.T, v *VCPU) {
-				m := fv(v).Fields
+			v := f.vcpu(t, []vcputest.Step{write(la, gpa, func(r *vmx.GuestRegs) { c.regs(f, r) }, func(t *testing.T, v *hv.VCPU) {
+				m := v.VMCS.(*hvtest.VMCS).Fields
 				assert.Equal(t, c.want.mem, f.g.mem.get64(f.pte), "the watched entry %#x", f.g.mem.get64(f.pte))
 				assert.Equal(t, c.want.flags, m[vmx.GuestRFLAGS], "RFLAGS %#x", m[vmx.GuestRFLAGS])
 				assert.Equal(t, ptRIP+uint64(len(code)), m[vmx.GuestRIP], "RIP past the instruction")
@@ -263,12 +266,12 @@ func TestPageTableWritesEmulated(t *testing.T) {
 				assert.Equal(t, uint64(1), f.gm.Emulated)
 				assert.Zero(t, f.gm.Opened)
 			})})
-			fv(v).Fields[vmx.GuestRFLAGS] = 0x2 | c.flagsIn
+			v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRFLAGS] = 0x2 | c.flagsIn
 			for k, val := range c.fields {
-				fv(v).Fields[k] = val
+				v.VMCS.(*hvtest.VMCS).Fields[k] = val
 			}
 			if c.fields != nil {
-				fv(v).Fields[vmx.GuestGSBase] = f.kva - 0x10
+				v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestGSBase] = f.kva - 0x10
 			}
 			require.NoError(t, v.Run())
 		})
@@ -281,7 +284,7 @@ func TestPageTableWritesEmulated(t *testing.T) {
 func TestNeighbourEntrySignExtends(t *testing.T) {
 	f := newPTFixture(t, swapPTE)
 	f.code(0x48, 0xc7, 0x47, 0x08, 0xfd, 0xff, 0xff, 0xff) // movq $-3,8(%rdi)
-	v := f.vcpu(t, []exitStep{write(f.kva+8, f.pte+8, func(r *vmx.GuestRegs) { r.RDI = f.kva }, nil)})
+	v := f.vcpu(t, []vcputest.Step{write(f.kva+8, f.pte+8, func(r *vmx.GuestRegs) { r.RDI = f.kva }, nil)})
 	require.NoError(t, v.Run())
 	assert.Equal(t, uint64(0xffff_ffff_ffff_fffd), f.g.mem.get64(f.pte+8))
 	assert.Equal(t, uint64(swapPTE), f.g.mem.get64(f.pte))
@@ -375,8 +378,10 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			},
 			why: FallbackOperand},
 		{name: "memory without single-instruction stores", code: []byte{0x48, 0x89, 0x07},
-			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) { f.g.phys.Mem = struct{ Memory }{f.g.mem} },
-			why:   FallbackMemory},
+			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
+				f.g.phys.Mem = struct{ hv.Memory }{f.g.mem}
+			},
+			why: FallbackMemory},
 		{name: "a read-only mapping with CR0.WP", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
 				f.g.mapPage(elsewhere, f.pte&^0xfff, 0)
@@ -425,9 +430,9 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			f := newPTFixture(t, swapPTE)
 			f.code(c.code...)
 			var rip uint64
-			steps := []exitStep{
-				write(f.kva, f.pte, nil, func(t *testing.T, v *VCPU) {
-					assert.Equal(t, rip, fv(v).Fields[vmx.GuestRIP], "RIP left")
+			steps := []vcputest.Step{
+				write(f.kva, f.pte, nil, func(t *testing.T, v *hv.VCPU) {
+					assert.Equal(t, rip, v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP], "RIP left")
 					_, perm, _, _, _ := f.g.ept.Lookup(f.pte &^ 0xfff)
 					assert.Equal(t, ept.RWX, perm, "the page opened")
 					assert.Equal(t, uint64(swapPTE), f.g.mem.get64(f.pte), "memory left to the processor")
@@ -435,22 +440,22 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 					// The guest does the write.
 					f.g.mem.put64(f.pte, newPTE)
 				}),
-				{reason: vmx.ExitCPUID, check: func(t *testing.T, v *VCPU) {
+				{Reason: vmx.ExitCPUID, Check: func(t *testing.T, v *hv.VCPU) {
 					f.protected(t)
 					assert.Len(t, f.heard, 1, "settled at the next exit")
 				}},
 			}
 			v := f.vcpu(t, steps)
-			m := fv(v).Fields
+			m := v.VMCS.(*hvtest.VMCS).Fields
 			m[vmx.GuestDR7] = 0x400
-			steps[0].regs = func(r *vmx.GuestRegs) {
+			steps[0].Regs = func(r *vmx.GuestRegs) {
 				r.RDI, r.RAX = f.kva, newPTE
 				if c.setup != nil {
 					c.setup(f, m, r)
 				}
 				rip = m[vmx.GuestRIP]
 			}
-			delete(steps[0].fields, vmx.GuestRIP)
+			delete(steps[0].Fields, vmx.GuestRIP)
 			m[vmx.GuestRIP] = ptRIP
 			m[vmx.IDTVectoringError] = 0
 			require.NoError(t, v.Run())
@@ -467,11 +472,11 @@ func TestPTWriteAllocations(t *testing.T) {
 	f := newPTFixture(t, swapPTE)
 	f.code(0x48, 0x89, 0x07)
 	v := f.vcpu(t, nil)
-	m := fv(v).Fields
+	m := v.VMCS.(*hvtest.VMCS).Fields
 	m[vmx.GuestLinearAddr] = f.kva
 	v.Regs.RDI = f.kva
 	e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
-	next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+	next := func(*hv.VCPU, *vmx.Exit) (hv.Action, error) { t.Fatal("passed on"); return hv.Stop, nil }
 	// A second watch on the same tables keeps them protected while the
 	// first is walked again, as the many watches of a read do.
 	_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(swapmem.Translation) {})
@@ -496,7 +501,7 @@ func TestPTWriteAllocations(t *testing.T) {
 func BenchmarkPTWrite(b *testing.B) {
 	f := newPTFixture(b, swapPTE)
 	f.code(0x48, 0x89, 0x07)
-	v, m := scripted(&testing.T{}, nil)
+	v, m := vcputest.Scripted(&testing.T{}, nil)
 	m.Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
 	m.Fields[vmx.GuestCSAccess] = 0xa09b
 	m.Fields[vmx.GuestCR0] |= vmx.CR0PG | vmx.CR0WP
@@ -551,7 +556,7 @@ func FuzzPTWrite(f *testing.F) {
 		fx := newPTFixture(t, swapPTE)
 		fx.code(code...)
 		v := fx.vcpu(t, nil)
-		m := fv(v).Fields
+		m := v.VMCS.(*hvtest.VMCS).Fields
 		v.Regs = vmx.GuestRegs{RAX: rax, RCX: rcx, RDX: rdx, RBX: fx.kva - rdiOff, RSI: fx.kva, RDI: fx.kva + rdiOff%64, R12: rax}
 		m[vmx.GuestRSP] = fx.kva
 		m[vmx.GuestRFLAGS] = rflags&^vmx.RFLAGSTF | 0x2
@@ -569,10 +574,10 @@ func FuzzPTWrite(f *testing.F) {
 			before[pa] = *frame
 		}
 		regs := v.Regs
-		next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+		next := func(*hv.VCPU, *vmx.Exit) (hv.Action, error) { t.Fatal("passed on"); return hv.Stop, nil }
 		act, err := fx.gm.onViolation(v, e, next)
 		require.NoError(t, err)
-		assert.Equal(t, Resume, act)
+		assert.Equal(t, hv.Resume, act)
 		for pa, frame := range fx.g.mem {
 			if pa != fx.pte&^0xfff {
 				assert.Equal(t, before[pa], *frame, "frame %#x changed", pa)
@@ -606,7 +611,7 @@ func TestRewalkKeepsProtection(t *testing.T) {
 	f := newPTFixture(t, swapPTE)
 	f.code(0x48, 0x89, 0x07)
 	flushes, freed := f.g.flushes, f.g.phys.Freed
-	v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }, nil)})
+	v := f.vcpu(t, []vcputest.Step{write(f.kva, f.pte, func(r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }, nil)})
 	require.NoError(t, v.Run())
 	require.Len(t, f.heard, 1)
 	assert.True(t, f.heard[0].Present)
@@ -660,15 +665,15 @@ func TestRefusedWriteLeavesRegisters(t *testing.T) {
 			f.code(c.code...)
 			f.g.phys.Mem = refusingWrites{f.g.mem}
 			var before vmx.GuestRegs
-			v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) {
+			v := f.vcpu(t, []vcputest.Step{write(f.kva, f.pte, func(r *vmx.GuestRegs) {
 				c.regs(f, r)
 				before = *r
-			}, func(t *testing.T, v *VCPU) {
+			}, func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, before, v.Regs)
-				assert.Equal(t, uint64(0x1234), fv(v).Fields[vmx.GuestRSP])
-				assert.Equal(t, uint64(ptRIP), fv(v).Fields[vmx.GuestRIP])
+				assert.Equal(t, uint64(0x1234), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRSP])
+				assert.Equal(t, uint64(ptRIP), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP])
 			})})
-			fv(v).Fields[vmx.GuestRSP] = 0x1234
+			v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRSP] = 0x1234
 			require.NoError(t, v.Run())
 			assert.Equal(t, uint64(1), f.gm.Fallbacks[FallbackMemory])
 		})
@@ -691,11 +696,11 @@ func TestPTWriteNoAllocations(t *testing.T) {
 			f := newPTFixture(t, swapPTE)
 			f.code(c.code...)
 			v := f.vcpu(t, nil)
-			m := fv(v).Fields
+			m := v.VMCS.(*hvtest.VMCS).Fields
 			m[vmx.GuestLinearAddr] = f.kva
 			v.Regs.RDI = f.kva
 			e := &vmx.Exit{Reason: vmx.ExitEPTViolation, RIP: ptRIP, Qualification: ptWriteQual, GuestPA: f.pte}
-			next := func(*VCPU, *vmx.Exit) (Action, error) { t.Fatal("passed on"); return Stop, nil }
+			next := func(*hv.VCPU, *vmx.Exit) (hv.Action, error) { t.Fatal("passed on"); return hv.Stop, nil }
 			// A second watch on the same tables keeps them protected
 			// while the first is walked again, as a read's watches do.
 			_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(tr swapmem.Translation) {})

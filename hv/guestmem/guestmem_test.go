@@ -1,12 +1,15 @@
-package hv
+package guestmem
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -38,34 +41,34 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	assert.Equal(t, 1, flushes)
 
 	write := uint64(0x2 | 0x80 | 0x100 | 0x8 | 0x20) // write, linear valid, translation; entry r-x
-	v, _ := scripted(t, []exitStep{
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
 		// The guest's kernel writes the PTE: the page opens.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write},
-			check: func(t *testing.T, v *VCPU) {
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write},
+			Check: func(t *testing.T, v *hv.VCPU) {
 				_, perm, _, _, _ := e.Lookup(ptePage)
 				assert.Equal(t, ept.RWX, perm)
 				assert.Empty(t, seen)
 			}},
 		// The write completes (the page comes in); the next exit, whatever
 		// it is, closes the page and walks the watch.
-		{reason: vmx.ExitPreemptionTimer, regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
-			check: func(t *testing.T, v *VCPU) {
+		{Reason: vmx.ExitPreemptionTimer, Regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
+			Check: func(t *testing.T, v *hv.VCPU) {
 				_, perm, _, _, _ := e.Lookup(ptePage)
 				assert.Equal(t, ept.Read|ept.Exec, perm, "closed again")
 				require.Len(t, seen, 1)
 				assert.True(t, seen[0].Present)
 			}},
 		// An accessed-flag update by the processor's walk: no walk.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: 0x2 | 0x80 | 0x8}},
-		{reason: vmx.ExitCPUID},
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: 0x2 | 0x80 | 0x8}},
+		{Reason: vmx.ExitCPUID},
 		// A write refused on a page no watch holds: opened, counted.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x2000000, vmx.ExitQualification: 0x2}},
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x2000000, vmx.ExitQualification: 0x2}},
 		// A write into tamahv's memory is fatal, as before.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: 0x10000000, vmx.ExitQualification: 0x2}},
 	})
 	require.NoError(t, g.Install(v))
 	err = v.Run()
-	assert.ErrorIs(t, err, ErrFatalExit)
+	assert.ErrorIs(t, err, hv.ErrFatalExit)
 	assert.Equal(t, uint64(1), g.Writes)
 	assert.Equal(t, uint64(1), g.ADWrites)
 	assert.Equal(t, uint64(1), g.Stale)
@@ -73,9 +76,9 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 
 	// The process exits: its entries become zero and the watch hears the
 	// translation is gone.
-	v, _ = scripted(t, []exitStep{
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
+	v, _ = vcputest.Scripted(t, []vcputest.Step{
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: steps[3].PA, vmx.ExitQualification: write}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
 	})
 	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())
@@ -89,3 +92,19 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 	assert.Equal(t, ept.RWX, perm, "protection dropped when no watch needs it")
 	assert.ErrorIs(t, g.ReadPhys(0x10000010, make([]byte, 4)), ErrHole)
 }
+
+// observe runs an exit that only the observers see (a preemption-timer
+// exit).
+func observe(t *testing.T, v *hv.VCPU) {
+	t.Helper()
+	_, err := vcputest.Exit(v, vmx.ExitPreemptionTimer)
+	require.NoError(t, err)
+}
+
+// unhandled is the handling below the interceptor a benchmark calls.
+func unhandled(v *hv.VCPU, e *vmx.Exit) (hv.Action, error) {
+	return hv.Stop, fmt.Errorf("exit %v not handled", e.Reason)
+}
+
+// udInfo is a #UD as the VM-entry interruption information.
+const udInfo = 0x80000306

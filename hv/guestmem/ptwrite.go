@@ -1,8 +1,9 @@
-package hv
+package guestmem
 
 import (
 	"math/bits"
 
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -111,7 +112,7 @@ type ptEmulator struct {
 // emulateWrite settles the write of the instruction at e.RIP to the
 // watched page hp within this exit. It returns false, and why, when it
 // left the instruction alone.
-func (g *Watcher) emulateWrite(v *VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
+func (g *Watcher) emulateWrite(v *hv.VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
 	if _, ok := vmx.DecodeEvent(e.IDTVectoring, 0); ok {
 		return FallbackEvent, false
 	}
@@ -228,7 +229,7 @@ func (g *Watcher) writable(cr3, la, gpa, cr0, cr4, rflags uint64) bool {
 // from the next instruction, plus the FS or GS base; ES, CS, SS and DS
 // have base 0 in 64-bit mode (SDM Vol. 3A, 3.4.4, "Segment Loading
 // Instructions in IA-32e Mode").
-func (g *Watcher) operand(v *VCPU, rip uint64, in *x86emu.Insn) bool {
+func (g *Watcher) operand(v *hv.VCPU, rip uint64, in *x86emu.Insn) bool {
 	mem := &in.Mem
 	var la uint64
 	switch mem.Base {
@@ -268,7 +269,7 @@ func (g *Watcher) operand(v *VCPU, rip uint64, in *x86emu.Insn) bool {
 
 // vcpuRegs are a vCPU's general-purpose registers as the emulator sees
 // them: RSP lives in the VMCS.
-type vcpuRegs struct{ v *VCPU }
+type vcpuRegs struct{ v *hv.VCPU }
 
 func (r vcpuRegs) GPR(n int) uint64 {
 	if n == 4 {

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"testing"
@@ -6,6 +6,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -54,7 +57,7 @@ func TestEmulatedWriteIsOneAccessOfItsWidth(t *testing.T) {
 			f.code(c.code...)
 			rec := &recordingMem{frameMem: f.g.mem}
 			f.g.phys.Mem = rec
-			v := f.vcpu(t, []exitStep{write(f.kva+c.off, f.pte+c.off, func(r *vmx.GuestRegs) { c.regs(f, r) }, nil)})
+			v := f.vcpu(t, []vcputest.Step{write(f.kva+c.off, f.pte+c.off, func(r *vmx.GuestRegs) { c.regs(f, r) }, nil)})
 			require.NoError(t, v.Run())
 			require.Equal(t, uint64(1), f.gm.Emulated, "emulated: %v", f.gm.Fallbacks)
 			assert.Equal(t, []memChange{{c.op, f.pte + c.off, c.size}}, rec.changes)
@@ -75,7 +78,7 @@ func TestLockedUpdateKeepsAConcurrentChange(t *testing.T) {
 		code  []byte
 		regs  func(f *ptFixture, r *vmx.GuestRegs)
 		mem   uint64 // the entry after
-		check func(t *testing.T, v *VCPU)
+		check func(t *testing.T, v *hv.VCPU)
 	}{
 		{name: "lock andb $0xfd,(%rdi)", code: []byte{0xf0, 0x80, 0x27, 0xfd},
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
@@ -89,15 +92,15 @@ func TestLockedUpdateKeepsAConcurrentChange(t *testing.T) {
 		{name: "ptep_get_and_clear: xchg %rax,(%rdi)", code: []byte{0x48, 0x87, 0x07},
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, 0 },
 			mem:  0,
-			check: func(t *testing.T, v *VCPU) {
+			check: func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, uint64(newPTE), v.Regs.RAX, "the old entry, dirty")
 			}},
 		{name: "lock cmpxchg %rdx,(%rdi) fails", code: []byte{0xf0, 0x48, 0x0f, 0xb1, 0x17},
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX, r.RDX = f.kva, clean, clean&^pteRW },
 			mem:  newPTE,
-			check: func(t *testing.T, v *VCPU) {
+			check: func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, uint64(newPTE), v.Regs.RAX, "the entry as it is now")
-				assert.Zero(t, fv(v).Fields[vmx.GuestRFLAGS]&vmx.RFLAGSZF, "ZF clear: the exchange failed")
+				assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRFLAGS]&vmx.RFLAGSZF, "ZF clear: the exchange failed")
 			}},
 	}
 	for _, c := range cases {
@@ -113,7 +116,7 @@ func TestLockedUpdateKeepsAConcurrentChange(t *testing.T) {
 					f.g.mem.put64(f.pte, f.g.mem.get64(f.pte)|vmx.PTEDirty)
 				}
 			}
-			v := f.vcpu(t, []exitStep{write(f.kva, f.pte, func(r *vmx.GuestRegs) { c.regs(f, r) }, func(t *testing.T, v *VCPU) {
+			v := f.vcpu(t, []vcputest.Step{write(f.kva, f.pte, func(r *vmx.GuestRegs) { c.regs(f, r) }, func(t *testing.T, v *hv.VCPU) {
 				if c.check != nil {
 					c.check(t, v)
 				}

@@ -1,10 +1,18 @@
-package hv
+// Package guestmem is the guest's memory as tamahv reaches it: guest RAM
+// through EPT permissions it owns (GuestPhys, Unmapped, MapGuest, the
+// Shootdown that makes each change hold on every processor), and guest
+// virtual memory through the guest's own page tables (the Walker, the
+// AddressSpaces of Linux's page-table isolation, and the Watcher's
+// page-table-entry watches, whose stores, and those to the local APIC's
+// page, it emulates with package x86emu).
+package guestmem
 
 import (
 	"encoding/binary"
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -323,8 +331,8 @@ func (g *Watcher) Sync() { g.flush() }
 
 // Install intercepts v's EPT-violation exits, passing on the ones that are
 // not about watched pages, and observes every exit to settle open pages.
-func (g *Watcher) Install(v *VCPU) error {
-	v.Observe(func(v *VCPU, e *vmx.Exit) {
+func (g *Watcher) Install(v *hv.VCPU) error {
+	v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 		if len(g.open) != 0 { // the common exit: one compare
 			g.settle(v, e)
 		}
@@ -332,7 +340,7 @@ func (g *Watcher) Install(v *VCPU) error {
 	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 
-func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (g *Watcher) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	pg := gpa &^ 0xfff
@@ -343,11 +351,11 @@ func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error
 		// that outlived its protection. Open the page and flush.
 		reopened, err := g.Phys.reopen(pg)
 		if err != nil {
-			return Stop, err
+			return hv.Stop, err
 		}
 		if reopened {
 			g.Stale++
-			return Resume, nil
+			return hv.Resume, nil
 		}
 	}
 	if hp == nil || !q.Write {
@@ -359,14 +367,14 @@ func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error
 		why, ok := g.emulateWrite(v, e, hp)
 		if ok {
 			g.Emulated++
-			return Resume, nil
+			return hv.Resume, nil
 		}
 		g.Opened++
 		g.Fallbacks[why]++
 	}
 	if !hp.open {
 		if err := g.Phys.SetWritable(pg, true); err != nil {
-			return Stop, err
+			return hv.Stop, err
 		}
 		g.flush()
 		hp.open = true
@@ -376,7 +384,7 @@ func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error
 	if !(q.LinearValid && !q.Translation) {
 		hp.written = true
 	}
-	return Resume, nil
+	return hv.Resume, nil
 }
 
 // settle closes the open pages and walks again the watches on pages the
@@ -390,7 +398,7 @@ func (g *Watcher) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error
 // own next exit or at another vCPU's after that. Its cost is the number
 // of watches on the written pages, each walked once, and a read and
 // compare for each on the others.
-func (g *Watcher) settle(v *VCPU, _ *vmx.Exit) {
+func (g *Watcher) settle(v *hv.VCPU, _ *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}
@@ -442,7 +450,7 @@ func (g *Watcher) settle(v *VCPU, _ *vmx.Exit) {
 // count at.
 type openPage struct {
 	pg uint64
-	by *VCPU
+	by *hv.VCPU
 	at uint64
 }
 

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"sync"

@@ -1,9 +1,11 @@
-package hv
+package guestmem
 
 import (
 	"fmt"
 	"testing"
 
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -20,14 +22,14 @@ func BenchmarkSettleFlagUpdate(b *testing.B) {
 				b.Fatalf("walk: %d steps, %v", k, err)
 			}
 			pt := steps[3].PA &^ 0xfff
-			fv := newFakeVMCS()
-			v := &VCPU{VMCS: fv}
+			fv := hvtest.NewVMCS()
+			v := &hv.VCPU{VMCS: fv}
 			fv.Fields[vmx.GuestPhysAddr] = pt
 			fv.Fields[vmx.ExitQualification] = 0x2 | 0x80 | 0x8
-			ev := exitOf(v, vmx.ExitEPTViolation)
+			ev := &vmx.Exit{Reason: vmx.ExitEPTViolation, GuestPA: fv.Fields[vmx.GuestPhysAddr], Qualification: fv.Fields[vmx.ExitQualification]}
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := g.onViolation(v, ev, fatal); err != nil {
+				if _, err := g.onViolation(v, ev, unhandled); err != nil {
 					b.Fatal(err)
 				}
 				g.settle(v, &vmx.Exit{Reason: vmx.ExitCPUID})

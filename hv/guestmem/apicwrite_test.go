@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"testing"
@@ -6,6 +6,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -40,21 +43,21 @@ func newFakeAPIC() *fakeAPIC {
 
 func (f *fakeAPIC) emulator(gm *Watcher) *APICWrites {
 	return &APICWrites{Mem: gm, Base: apicBase, IDs: f.ids,
-		Index: func(*VCPU) int { return f.self },
-		Read: func(_ *VCPU, off uint32) uint32 {
+		Index: func(*hv.VCPU) int { return f.self },
+		Read: func(_ *hv.VCPU, off uint32) uint32 {
 			if off%16 != 0 {
 				panic("a read off a register")
 			}
 			return f.regs[off]
 		},
-		Write: func(_ *VCPU, off, val uint32) {
+		Write: func(_ *hv.VCPU, off, val uint32) {
 			if off%16 != 0 {
 				panic("a write off a register")
 			}
 			f.regs[off] = val
 			f.writes = append(f.writes, apicRegWrite{off, val})
 		},
-		INIT: func(_ *VCPU, targets uint64) bool {
+		INIT: func(_ *hv.VCPU, targets uint64) bool {
 			f.inits = append(f.inits, targets)
 			return f.take
 		},
@@ -67,9 +70,9 @@ func (f *fakeAPIC) sends(high uint32) [][2]uint32 {
 	var out [][2]uint32
 	for _, w := range f.writes {
 		switch w.off {
-		case apicICRHigh:
+		case vmx.APICICRHigh:
 			high = w.val
-		case apicICRLow:
+		case vmx.APICICRLow:
 			out = append(out, [2]uint32{high, w.val})
 		}
 	}
@@ -78,7 +81,7 @@ func (f *fakeAPIC) sends(high uint32) [][2]uint32 {
 
 // apicWrite is the EPT violation of the instruction at ptRIP writing the
 // local APIC's page at off.
-func apicWrite(off uint64, regs func(*vmx.GuestRegs), check func(*testing.T, *VCPU)) exitStep {
+func apicWrite(off uint64, regs func(*vmx.GuestRegs), check func(*testing.T, *hv.VCPU)) vcputest.Step {
 	return write(apicVA+off, apicBase+off, regs, check)
 }
 
@@ -118,24 +121,24 @@ func insn(parts ...[]byte) []byte {
 // as written.
 func TestAPICWritesEmulated(t *testing.T) {
 	f := apicFixture(t)
-	f.code(insn([]byte{0x89}, absolute(0, apicVA+apicICRLow))...) // mov %eax, ICR low
+	f.code(insn([]byte{0x89}, absolute(0, apicVA+vmx.APICICRLow))...) // mov %eax, ICR low
 	lapic := newFakeAPIC()
-	lapic.regs[apicICRHigh] = 1 << 24
+	lapic.regs[vmx.APICICRHigh] = 1 << 24
 	a := lapic.emulator(f.gm)
 	eax := func(x uint64) func(*vmx.GuestRegs) { return func(r *vmx.GuestRegs) { r.RAX = x } }
-	next := func(t *testing.T, v *VCPU) {
-		assert.Equal(t, uint64(ptRIP+7), fv(v).Fields[vmx.GuestRIP], "past the MOV")
-		assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo], "no exception")
+	next := func(t *testing.T, v *hv.VCPU) {
+		assert.Equal(t, uint64(ptRIP+7), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP], "past the MOV")
+		assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo], "no exception")
 	}
-	v := f.vcpu(t, []exitStep{
-		apicWrite(apicICRLow, eax(0x4500), func(t *testing.T, v *VCPU) { // INIT, assert, to APIC ID 1
+	v := f.vcpu(t, []vcputest.Step{
+		apicWrite(vmx.APICICRLow, eax(0x4500), func(t *testing.T, v *hv.VCPU) { // INIT, assert, to APIC ID 1
 			next(t, v)
 			assert.Equal(t, []uint64{0b010}, lapic.inits)
 			assert.Empty(t, lapic.writes, "the INIT did not go out")
 		}),
-		apicWrite(apicICRLow, eax(0x0699), func(t *testing.T, v *VCPU) { // SIPI, vector 0x99, to APIC ID 1
+		apicWrite(vmx.APICICRLow, eax(0x0699), func(t *testing.T, v *hv.VCPU) { // SIPI, vector 0x99, to APIC ID 1
 			next(t, v)
-			assert.Equal(t, []apicRegWrite{{apicICRLow, 0x699}}, lapic.writes, "as written")
+			assert.Equal(t, []apicRegWrite{{vmx.APICICRLow, 0x699}}, lapic.writes, "as written")
 		}),
 	})
 	require.NoError(t, a.Install(v))
@@ -167,7 +170,7 @@ func TestAPICStoreForms(t *testing.T) {
 		writes []apicRegWrite
 		exc    uint32 // the entry's interruption information
 		len    int    // RIP's advance
-		check  func(t *testing.T, v *VCPU)
+		check  func(t *testing.T, v *hv.VCPU)
 	}{
 		{name: "32-bit MOV to EOI", code: insn([]byte{0x89}, absolute(0, apicVA+0xb0)), off: 0xb0,
 			writes: []apicRegWrite{{0xb0, 0x12345678}}, len: 7},
@@ -180,17 +183,17 @@ func TestAPICStoreForms(t *testing.T) {
 		{name: "32-bit MOV to reserved bytes: dropped", code: insn([]byte{0x89}, absolute(0, apicVA+0xb4)), off: 0xb4,
 			len: 7},
 		{name: "XCHG with the TPR", code: insn([]byte{0x87}, absolute(0, apicVA+0x80)), off: 0x80,
-			writes: []apicRegWrite{{0x80, 0x12345678}}, len: 7, check: func(t *testing.T, v *VCPU) {
+			writes: []apicRegWrite{{0x80, 0x12345678}}, len: 7, check: func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, uint64(0xa1a2a3a4), v.Regs.RAX, "the old TPR")
 			}},
 		{name: "LOCK OR into the SVR", code: insn([]byte{0xf0, 0x81}, absolute(1, apicVA+0xf0), []byte{0, 1, 0, 0}), off: 0xf0,
-			writes: []apicRegWrite{{0xf0, 0x1ff}}, len: 12, check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(flagsIn|vmx.RFLAGSPF), fv(v).Fields[vmx.GuestRFLAGS], "OR's flags")
+			writes: []apicRegWrite{{0xf0, 0x1ff}}, len: 12, check: func(t *testing.T, v *hv.VCPU) {
+				assert.Equal(t, uint64(flagsIn|vmx.RFLAGSPF), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRFLAGS], "OR's flags")
 			}},
-		{name: "byte MOV to the ICR: #GP", code: insn([]byte{0x88}, absolute(0, apicVA+apicICRLow)), off: apicICRLow, exc: gp},
-		{name: "64-bit MOV to the ICR: #GP", code: insn([]byte{0x48, 0x89}, absolute(0, apicVA+apicICRLow)), off: apicICRLow, exc: gp},
-		{name: "32-bit MOV into the ICR's reserved bytes: #GP", code: insn([]byte{0x89}, absolute(0, apicVA+apicICRLow+8)),
-			off: apicICRLow + 8, exc: gp},
+		{name: "byte MOV to the ICR: #GP", code: insn([]byte{0x88}, absolute(0, apicVA+vmx.APICICRLow)), off: vmx.APICICRLow, exc: gp},
+		{name: "64-bit MOV to the ICR: #GP", code: insn([]byte{0x48, 0x89}, absolute(0, apicVA+vmx.APICICRLow)), off: vmx.APICICRLow, exc: gp},
+		{name: "32-bit MOV into the ICR's reserved bytes: #GP", code: insn([]byte{0x89}, absolute(0, apicVA+vmx.APICICRLow+8)),
+			off: vmx.APICICRLow + 8, exc: gp},
 		{name: "an instruction the decoder does not know (MOVDQA): #GP", code: insn([]byte{0x66, 0x0f, 0x7f}, absolute(0, apicVA+0xb0)),
 			off: 0xb0, exc: gp},
 		{name: "an operand that is not the exiting address: #GP", code: insn([]byte{0x89}, absolute(0, apicVA+0xb0)), off: 0xc0, exc: gp},
@@ -210,8 +213,8 @@ func TestAPICStoreForms(t *testing.T) {
 			lapic.regs[0xf0] = 0xff
 			lapic.regs[0xb4&^0xf] = 0 // EOI reads as 0
 			a := lapic.emulator(f.gm)
-			step := apicWrite(c.off, func(r *vmx.GuestRegs) { r.RAX = 0x12345678 }, func(t *testing.T, v *VCPU) {
-				m := fv(v).Fields
+			step := apicWrite(c.off, func(r *vmx.GuestRegs) { r.RAX = 0x12345678 }, func(t *testing.T, v *hv.VCPU) {
+				m := v.VMCS.(*hvtest.VMCS).Fields
 				assert.Equal(t, c.writes, lapic.writes)
 				assert.Equal(t, ptRIP+uint64(c.len), m[vmx.GuestRIP])
 				assert.Equal(t, uint64(c.exc), m[vmx.EntryInterruptInfo])
@@ -223,13 +226,13 @@ func TestAPICStoreForms(t *testing.T) {
 				}
 			})
 			if c.qual != 0 {
-				step.fields[vmx.ExitQualification] = c.qual
+				step.Fields[vmx.ExitQualification] = c.qual
 			}
 			for k, x := range c.fields {
-				step.fields[k] = x
+				step.Fields[k] = x
 			}
-			v := f.vcpu(t, []exitStep{step})
-			fv(v).Fields[vmx.GuestRFLAGS] = flagsIn
+			v := f.vcpu(t, []vcputest.Step{step})
+			v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRFLAGS] = flagsIn
 			require.NoError(t, a.Install(v))
 			require.NoError(t, v.Run(), "the guest runs on")
 			if c.exc != 0 {
@@ -256,16 +259,16 @@ func TestAPICStoreFromUserMode(t *testing.T) {
 	f.g.setAD(va)
 	lapic := newFakeAPIC()
 	a := lapic.emulator(f.gm)
-	user := func(s exitStep) exitStep {
-		s.fields[vmx.GuestRIP] = userRIP
-		s.fields[vmx.GuestSSAccess] = 0xf3 // DPL 3
+	user := func(s vcputest.Step) vcputest.Step {
+		s.Fields[vmx.GuestRIP] = userRIP
+		s.Fields[vmx.GuestSSAccess] = 0xf3 // DPL 3
 		return s
 	}
-	v := f.vcpu(t, []exitStep{
-		user(write(va, apicBase+0xb0, func(r *vmx.GuestRegs) { r.RAX = 7 }, func(t *testing.T, v *VCPU) {
+	v := f.vcpu(t, []vcputest.Step{
+		user(write(va, apicBase+0xb0, func(r *vmx.GuestRegs) { r.RAX = 7 }, func(t *testing.T, v *hv.VCPU) {
 			assert.Equal(t, []apicRegWrite{{0xb0, 7}}, lapic.writes)
-			assert.Equal(t, uint64(userRIP+7), fv(v).Fields[vmx.GuestRIP])
-			assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo])
+			assert.Equal(t, uint64(userRIP+7), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP])
+			assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo])
 		})),
 	})
 	require.NoError(t, a.Install(v))
@@ -274,13 +277,13 @@ func TestAPICStoreFromUserMode(t *testing.T) {
 	// The same exit with RIP on a supervisor page: not the process's
 	// code, so not emulated.
 	lapic.writes = nil
-	v = f.vcpu(t, []exitStep{
-		func() exitStep {
-			s := write(va, apicBase+0xb0, nil, func(t *testing.T, v *VCPU) {
+	v = f.vcpu(t, []vcputest.Step{
+		func() vcputest.Step {
+			s := write(va, apicBase+0xb0, nil, func(t *testing.T, v *hv.VCPU) {
 				assert.Empty(t, lapic.writes)
-				assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo], "#GP(0)")
+				assert.Equal(t, uint64(0x80000b0d), v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo], "#GP(0)")
 			})
-			s.fields[vmx.GuestSSAccess] = 0xf3
+			s.Fields[vmx.GuestSSAccess] = 0xf3
 			return s
 		}(),
 	})
@@ -304,24 +307,24 @@ func TestAPICStoreDuringEventDelivery(t *testing.T) {
 		{name: "a #GP: #DF", vector: 0x80000b0d, want: df},
 		{name: "an external interrupt: #GP, the interrupt after it", vector: 0x80000030, want: gp, pending: true},
 		{name: "a software interrupt: #GP (INT comes again)", vector: 0x80000480, want: gp},
-		{name: "#DF: a triple fault", vector: 0x80000b08, stopped: ErrGuestTripleFault},
+		{name: "#DF: a triple fault", vector: 0x80000b08, stopped: hv.ErrGuestTripleFault},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			f := apicFixture(t)
 			lapic := newFakeAPIC()
 			a := lapic.emulator(f.gm)
-			step := apicWrite(0xff8, nil, func(t *testing.T, v *VCPU) {
+			step := apicWrite(0xff8, nil, func(t *testing.T, v *hv.VCPU) {
 				assert.Empty(t, lapic.writes)
-				assert.Equal(t, uint64(c.want), fv(v).Fields[vmx.EntryInterruptInfo])
+				assert.Equal(t, uint64(c.want), v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo])
 				assert.Equal(t, c.pending, v.EventPending())
 			})
-			step.fields[vmx.IDTVectoringInfo] = c.vector
-			step.fields[vmx.IDTVectoringError] = 0
+			step.Fields[vmx.IDTVectoringInfo] = c.vector
+			step.Fields[vmx.IDTVectoringError] = 0
 			if c.stopped != nil {
-				step.check = nil // the guest stops at this exit: no entry after it
+				step.Check = nil // the guest stops at this exit: no entry after it
 			}
-			v := f.vcpu(t, []exitStep{step})
+			v := f.vcpu(t, []vcputest.Step{step})
 			require.NoError(t, a.Install(v))
 			err := v.Run()
 			if c.stopped != nil {
@@ -350,38 +353,38 @@ func TestStartUpAndINITReachVCPUsOnly(t *testing.T) {
 	}{
 		{name: "SIPI to a vCPU: as written", low: sipi, dest: 4, sends: [][2]uint32{{4 << 24, sipi}}},
 		{name: "SIPI to another processor: dropped", low: sipi, dest: 2},
-		{name: "SIPI to all excluding self: to each other vCPU", low: sipi | icrAllExclSelf, dest: 2,
+		{name: "SIPI to all excluding self: to each other vCPU", low: sipi | vmx.ICRAllExclSelf, dest: 2,
 			sends: [][2]uint32{{1 << 24, sipi}, {4 << 24, sipi}}},
-		{name: "SIPI to all including self: to each vCPU", low: sipi | icrAllIncSelf, self: 1,
+		{name: "SIPI to all including self: to each vCPU", low: sipi | vmx.ICRAllIncSelf, self: 1,
 			sends: [][2]uint32{{0, sipi}, {1 << 24, sipi}, {4 << 24, sipi}}},
 		{name: "SIPI broadcast: to each vCPU", low: sipi, dest: 0xff,
 			sends: [][2]uint32{{0, sipi}, {1 << 24, sipi}, {4 << 24, sipi}}},
-		{name: "SIPI to a logical destination: to each other vCPU", low: sipi | icrLogical, dest: 0x0f,
+		{name: "SIPI to a logical destination: to each other vCPU", low: sipi | vmx.ICRLogical, dest: 0x0f,
 			sends: [][2]uint32{{1 << 24, sipi}, {4 << 24, sipi}}},
 		{name: "INIT to another processor: dropped", low: init, dest: 2},
-		{name: "INIT level de-assert: dropped", low: 0x8500 | icrAllIncSelf},
-		{name: "INIT to all excluding self: applied to the vCPUs", low: init | icrAllExclSelf, dest: 2, take: true,
+		{name: "INIT level de-assert: dropped", low: 0x8500 | vmx.ICRAllIncSelf},
+		{name: "INIT to all excluding self: applied to the vCPUs", low: init | vmx.ICRAllExclSelf, dest: 2, take: true,
 			inits: []uint64{0b110}},
-		{name: "INIT to a logical broadcast, the BSP's vCPU among them: sent to each", low: init | icrLogical, dest: 0xff, self: 1,
+		{name: "INIT to a logical broadcast, the BSP's vCPU among them: sent to each", low: init | vmx.ICRLogical, dest: 0xff, self: 1,
 			inits: []uint64{0b111}, sends: [][2]uint32{{0, init}, {1 << 24, init}, {4 << 24, init}}},
 		{name: "a fixed IPI to all excluding self: as written", low: 0xc00fd, dest: 2, sends: [][2]uint32{{2 << 24, 0xc00fd}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			f := apicFixture(t)
-			f.code(insn([]byte{0x89}, absolute(0, apicVA+apicICRLow))...)
+			f.code(insn([]byte{0x89}, absolute(0, apicVA+vmx.APICICRLow))...)
 			lapic := newFakeAPIC()
 			lapic.self, lapic.take = c.self, c.take
 			high := c.dest << 24
-			lapic.regs[apicICRHigh] = high // as the guest wrote it
+			lapic.regs[vmx.APICICRHigh] = high // as the guest wrote it
 			a := lapic.emulator(f.gm)
-			v := f.vcpu(t, []exitStep{
-				apicWrite(apicICRLow, func(r *vmx.GuestRegs) { r.RAX = uint64(c.low) }, func(t *testing.T, v *VCPU) {
+			v := f.vcpu(t, []vcputest.Step{
+				apicWrite(vmx.APICICRLow, func(r *vmx.GuestRegs) { r.RAX = uint64(c.low) }, func(t *testing.T, v *hv.VCPU) {
 					assert.Equal(t, c.sends, lapic.sends(high))
 					assert.Equal(t, c.inits, lapic.inits)
-					assert.Equal(t, high, lapic.regs[apicICRHigh], "the guest's destination stays")
-					assert.Equal(t, uint64(ptRIP+7), fv(v).Fields[vmx.GuestRIP])
-					assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo])
+					assert.Equal(t, high, lapic.regs[vmx.APICICRHigh], "the guest's destination stays")
+					assert.Equal(t, uint64(ptRIP+7), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP])
+					assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo])
 				}),
 			})
 			require.NoError(t, a.Install(v))
@@ -418,7 +421,7 @@ func TestIPITargets(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			targets, exact := IPITargets(c.low, c.dest, c.x2APIC, c.self, ids)
+			targets, exact := hv.IPITargets(c.low, c.dest, c.x2APIC, c.self, ids)
 			assert.Equal(t, c.targets, targets)
 			assert.Equal(t, c.exact, exact)
 		})

@@ -1,31 +1,13 @@
-package hv
+package guestmem
 
 import (
 	"errors"
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/x86emu"
 	"github.com/tamahv/tamahv/vmx"
-)
-
-// The local APIC's numbers (vmx/apic.go), short names.
-const (
-	apicICRLow        = vmx.APICICRLow
-	apicICRHigh       = vmx.APICICRHigh
-	apicRegAlign      = vmx.APICRegisterAlign
-	icrDeliveryMode   = vmx.ICRDeliveryMode
-	icrDeliveryINIT   = vmx.ICRDeliveryINIT
-	icrDeliveryStart  = vmx.ICRDeliveryStart
-	icrPending        = vmx.ICRPending
-	icrLevelAssert    = vmx.ICRLevelAssert
-	icrLevelTriggered = vmx.ICRLevelTriggered
-	icrLogical        = vmx.ICRLogical
-	icrShorthand      = vmx.ICRShorthand
-	icrSelf           = vmx.ICRSelf
-	icrAllIncSelf     = vmx.ICRAllIncSelf
-	icrAllExclSelf    = vmx.ICRAllExclSelf
-	icrDestShift      = vmx.ICRDestShift
 )
 
 // icrIdlePolls bounds the wait for the delivery status to go idle between
@@ -78,15 +60,15 @@ type APICWrites struct {
 	// IDs are the vCPUs' local APIC IDs (vCPU i's is IDs[i]; 1 to 64 of
 	// them), Index a vCPU's number.
 	IDs   []uint32
-	Index func(v *VCPU) int
+	Index func(v *hv.VCPU) int
 	// Write writes register off of the local APIC of the processor that
 	// runs v; Read reads one.
-	Write func(v *VCPU, off, val uint32)
-	Read  func(v *VCPU, off uint32) uint32
+	Write func(v *hv.VCPU, off, val uint32)
+	Read  func(v *hv.VCPU, off uint32) uint32
 	// INIT applies an INIT IPI v sends to the vCPUs in targets (a mask
 	// over IDs): it returns false where the IPI is to be sent to them
 	// instead.
-	INIT func(v *VCPU, targets uint64) bool
+	INIT func(v *hv.VCPU, targets uint64) bool
 	// Emulated counts the writes emulated; INITs the INIT IPIs INIT took;
 	// Dropped the INIT and start-up IPIs that reached no vCPU; Refused the
 	// accesses answered with an exception.
@@ -94,7 +76,7 @@ type APICWrites struct {
 }
 
 // Install puts the emulator in front of v's EPT violations and WRMSRs.
-func (a *APICWrites) Install(v *VCPU) error {
+func (a *APICWrites) Install(v *hv.VCPU) error {
 	if a.Base&0xfff != 0 || a.Write == nil || a.Read == nil || a.Mem == nil || a.Index == nil {
 		return errors.New("hv: APICWrites needs a page-aligned Base, Mem, Read, Write and Index")
 	}
@@ -107,7 +89,7 @@ func (a *APICWrites) Install(v *VCPU) error {
 	return v.Intercept(vmx.ExitEPTViolation, a.onViolation)
 }
 
-func (a *APICWrites) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (a *APICWrites) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	if e.GuestPA&^0xfff != a.Base {
 		return next(v, e)
 	}
@@ -116,34 +98,34 @@ func (a *APICWrites) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, er
 	case q.Fetch:
 		// The page holds registers, not instructions.
 		a.Refused++
-		return raise(v, e, vmx.VectorUD)
+		return v.Raise(e, vmx.VectorUD)
 	case !q.Write:
 		return next(v, e)
 	}
 	if !a.emulate(v, e) {
 		a.Refused++
-		return raise(v, e, vmx.VectorGP)
+		return v.Raise(e, vmx.VectorGP)
 	}
 	a.Emulated++
-	return Resume, nil
+	return hv.Resume, nil
 }
 
 // onWRMSR sends the x2APIC interrupt commands through the same checks.
-func (a *APICWrites) onWRMSR(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (a *APICWrites) onWRMSR(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	if uint32(v.Regs.RCX) != vmx.MSRX2APICICR {
 		return next(v, e)
 	}
 	val := v.Regs.RDX<<32 | v.Regs.RAX&0xffffffff
-	if !v.x2APICICRWritable(val) {
-		return Resume, v.InjectException(vmx.VectorGP, 0)
+	if !v.X2APICICRWritable(val) {
+		return hv.Resume, v.InjectException(vmx.VectorGP, 0)
 	}
-	a.send(v, uint32(val)&^icrPending, uint32(val>>32), true)
-	return Next, nil
+	a.send(v, uint32(val)&^vmx.ICRPending, uint32(val>>32), true)
+	return hv.Next, nil
 }
 
 // emulate carries out the write of the instruction at e.RIP to the local
 // APIC's page, or returns false where it is not one emulate takes.
-func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
+func (a *APICWrites) emulate(v *hv.VCPU, e *vmx.Exit) bool {
 	q := ept.DecodeViolation(e.Qualification)
 	if !q.Translation {
 		return false // a page walk's write, or no linear address
@@ -173,8 +155,8 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 		return false
 	}
 	end := off + uint32(in.Size)
-	icr := off < apicICRLow+apicRegAlign && end > apicICRLow
-	if icr && (off != apicICRLow || in.Size != 4) {
+	icr := off < vmx.APICICRLow+vmx.APICRegisterAlign && end > vmx.APICICRLow
+	if icr && (off != vmx.APICICRLow || in.Size != 4) {
 		return false // the command register: whole, or not at all
 	}
 	rflags := m.Read(vmx.GuestRFLAGS)
@@ -202,7 +184,7 @@ func (a *APICWrites) emulate(v *VCPU, e *vmx.Exit) bool {
 // is the one access.
 type apicOperand struct {
 	a *APICWrites
-	v *VCPU
+	v *hv.VCPU
 }
 
 // load reads the operand's bytes.
@@ -212,7 +194,7 @@ func (o apicOperand) load(off uint64, size int) (uint64, error) {
 	}
 	var val uint64
 	for d := off &^ 3; d < off+uint64(size); d += 4 {
-		if d%apicRegAlign != 0 {
+		if d%vmx.APICRegisterAlign != 0 {
 			continue
 		}
 		reg := uint64(o.a.Read(o.v, uint32(d)))
@@ -233,7 +215,7 @@ func (o apicOperand) put(off uint64, size int, val uint64) error {
 	}
 	end := off + uint64(size)
 	for d := off &^ 3; d < end; d += 4 {
-		if d%apicRegAlign != 0 {
+		if d%vmx.APICRegisterAlign != 0 {
 			continue // reserved: dropped
 		}
 		var reg uint32
@@ -245,7 +227,7 @@ func (o apicOperand) put(off uint64, size int, val uint64) error {
 				reg = reg&^(0xff<<(8*i)) | uint32(byte(val>>(8*(p-off))))<<(8*i)
 			}
 		}
-		if d == apicICRLow {
+		if d == vmx.APICICRLow {
 			o.a.sendXAPIC(o.v, reg)
 		} else {
 			o.a.Write(o.v, uint32(d), reg)
@@ -365,31 +347,31 @@ func (a *APICWrites) code(cr3, va, cr4 uint64, user bool, p []byte) bool {
 // sendXAPIC sends the interrupt command v wrote to the xAPIC's ICR low
 // half; its destination is in the ICR's high half, read only for INIT and
 // start-up IPIs.
-func (a *APICWrites) sendXAPIC(v *VCPU, low uint32) {
-	if m := low & icrDeliveryMode; m != icrDeliveryINIT && m != icrDeliveryStart {
-		a.Write(v, apicICRLow, low)
+func (a *APICWrites) sendXAPIC(v *hv.VCPU, low uint32) {
+	if m := low & vmx.ICRDeliveryMode; m != vmx.ICRDeliveryINIT && m != vmx.ICRDeliveryStart {
+		a.Write(v, vmx.APICICRLow, low)
 		return
 	}
-	a.send(v, low, a.Read(v, apicICRHigh)>>icrDestShift, false)
+	a.send(v, low, a.Read(v, vmx.APICICRHigh)>>vmx.ICRDestShift, false)
 }
 
 // send sends the interrupt command low (the ICR's low half) with
 // destination dest from v's local APIC, xAPIC or x2APIC: INIT and
 // start-up IPIs to vCPUs only (see APICWrites).
-func (a *APICWrites) send(v *VCPU, low, dest uint32, x2APIC bool) {
-	mode := low & icrDeliveryMode
-	if mode != icrDeliveryINIT && mode != icrDeliveryStart {
+func (a *APICWrites) send(v *hv.VCPU, low, dest uint32, x2APIC bool) {
+	mode := low & vmx.ICRDeliveryMode
+	if mode != vmx.ICRDeliveryINIT && mode != vmx.ICRDeliveryStart {
 		a.raw(v, low, dest, x2APIC)
 		return
 	}
-	if mode == icrDeliveryINIT && low&icrLevelTriggered != 0 && low&icrLevelAssert == 0 {
+	if mode == vmx.ICRDeliveryINIT && low&vmx.ICRLevelTriggered != 0 && low&vmx.ICRLevelAssert == 0 {
 		// INIT level de-assert: it only synchronizes arbitration IDs
 		// (none on processors since the Pentium 4).
 		a.Dropped++
 		return
 	}
-	targets, exact := IPITargets(low, dest, x2APIC, a.Index(v), a.IDs)
-	if mode == icrDeliveryINIT && targets != 0 && a.INIT != nil && a.INIT(v, targets) {
+	targets, exact := hv.IPITargets(low, dest, x2APIC, a.Index(v), a.IDs)
+	if mode == vmx.ICRDeliveryINIT && targets != 0 && a.INIT != nil && a.INIT(v, targets) {
 		a.INITs++
 		return
 	}
@@ -405,22 +387,22 @@ func (a *APICWrites) send(v *VCPU, low, dest uint32, x2APIC bool) {
 }
 
 // raw sends the command as written.
-func (a *APICWrites) raw(v *VCPU, low, dest uint32, x2APIC bool) {
+func (a *APICWrites) raw(v *hv.VCPU, low, dest uint32, x2APIC bool) {
 	if x2APIC {
 		v.WriteMSR(vmx.MSRX2APICICR, uint64(dest)<<32|uint64(low))
 		return
 	}
-	a.Write(v, apicICRLow, low)
+	a.Write(v, vmx.APICICRLow, low)
 }
 
 // each sends the command once to each vCPU in targets, with its APIC ID
 // as physical destination; in xAPIC mode the ICR's high half is put back
 // afterwards.
-func (a *APICWrites) each(v *VCPU, low uint32, targets uint64, x2APIC bool) {
-	low &^= icrShorthand | icrLogical
+func (a *APICWrites) each(v *hv.VCPU, low uint32, targets uint64, x2APIC bool) {
+	low &^= vmx.ICRShorthand | vmx.ICRLogical
 	var high uint32
 	if !x2APIC {
-		high = a.Read(v, apicICRHigh)
+		high = a.Read(v, vmx.APICICRHigh)
 	}
 	for i, id := range a.IDs {
 		if targets&(1<<i) == 0 {
@@ -433,108 +415,15 @@ func (a *APICWrites) each(v *VCPU, low uint32, targets uint64, x2APIC bool) {
 		if id >= vmx.APICBroadcast {
 			continue // only the x2APIC reaches it
 		}
-		a.Write(v, apicICRHigh, id<<icrDestShift)
-		a.Write(v, apicICRLow, low)
+		a.Write(v, vmx.APICICRHigh, id<<vmx.ICRDestShift)
+		a.Write(v, vmx.APICICRLow, low)
 		for range icrIdlePolls {
-			if a.Read(v, apicICRLow)&icrPending == 0 {
+			if a.Read(v, vmx.APICICRLow)&vmx.ICRPending == 0 {
 				break
 			}
 		}
 	}
 	if !x2APIC {
-		a.Write(v, apicICRHigh, high)
+		a.Write(v, vmx.APICICRHigh, high)
 	}
-}
-
-// IPITargets returns the vCPUs an interrupt command reaches, as a bit
-// mask over apicIDs (vCPU i has APIC ID apicIDs[i]; at most 64), from the
-// ICR's low half and its destination (xAPIC: ICR bits 63:56; x2APIC: bits
-// 63:32); self is the sender's index. exact reports that the command, as
-// written, reaches those vCPUs and no other processor: a physical
-// destination that is a vCPU's APIC ID, or the self shorthand.
-// Broadcasts and the other shorthands reach every vCPU (but the sender,
-// for all-excluding-self); an x2APIC logical destination the vCPUs whose
-// logical IDs (derived from their x2APIC IDs) it names; an xAPIC logical
-// destination, other than the broadcast, every vCPU but the sender
-// (tamahv does not follow the logical IDs the guest programs).
-func IPITargets(low, dest uint32, x2APIC bool, self int, apicIDs []uint32) (targets uint64, exact bool) {
-	all := uint64(1)<<len(apicIDs) - 1
-	switch low & icrShorthand {
-	case icrSelf:
-		return 1 << self, true
-	case icrAllIncSelf:
-		return all, false
-	case icrAllExclSelf:
-		return all &^ (1 << self), false
-	}
-	broadcast := uint32(vmx.APICBroadcast)
-	if x2APIC {
-		broadcast = vmx.X2APICBroadcast
-	}
-	switch {
-	case dest == broadcast:
-		return all, false
-	case low&icrLogical == 0:
-		for i, id := range apicIDs {
-			if id == dest {
-				targets |= 1 << i
-			}
-		}
-		return targets, targets != 0
-	case x2APIC:
-		for i, id := range apicIDs {
-			if l := vmx.X2APICLogicalID(id); l>>16 == dest>>16 && l&dest&0xffff != 0 {
-				targets |= 1 << i
-			}
-		}
-		return targets, false
-	}
-	return all &^ (1 << self), false
-}
-
-// raise answers the exit with the exception vector (#GP(0) or #UD) the
-// access raised. Where the exit interrupted an event's delivery (the run
-// loop put that event back at the front of the queue), the two combine as
-// the processor combines them (SDM Vol. 3A, "Interrupt 8—Double Fault
-// Exception (#DF)"): after #DF, a triple fault; a contributory exception
-// after a contributory one or a page fault, #DF(0); otherwise the new
-// exception alone, with an interrupted external interrupt or NMI still
-// pending behind it (an exception or software interrupt comes again
-// from its instruction).
-func raise(v *VCPU, e *vmx.Exit, vector uint8) (Action, error) {
-	first, ok := vmx.DecodeEvent(e.IDTVectoring, 0)
-	if !ok {
-		return Resume, v.InjectException(vector, 0)
-	}
-	if f, queued := v.events.peek(); queued && f.Vector == first.Vector && f.Type == first.Type {
-		v.events.pop()
-	}
-	exc := vmx.Exception(vector, 0, 0)
-	if first.Type == vmx.EventHardwareException {
-		switch {
-		case first.Vector == vmx.VectorDF:
-			return v.Stopped(fmt.Errorf("%w at RIP %#x (an exception while delivering #DF)", ErrGuestTripleFault, e.RIP))
-		case (contributory(first.Vector) || first.Vector == vmx.VectorPF) && contributory(vector):
-			exc = vmx.Exception(vmx.VectorDF, 0, 0)
-		}
-	}
-	if first.Type == vmx.EventExternal || first.Type == vmx.EventNMI {
-		if !v.events.pushFront(first) {
-			return Resume, ErrEventQueueFull
-		}
-	}
-	if !v.events.pushFront(exc) {
-		return Resume, ErrEventQueueFull
-	}
-	return Resume, nil
-}
-
-// contributory reports whether an exception is of the contributory class
-// (SDM Vol. 3A, "Interrupt 8—Double Fault Exception (#DF)", Table 6-4).
-func contributory(vector uint8) bool {
-	switch vector {
-	case vmx.VectorDE, vmx.VectorTS, vmx.VectorNP, vmx.VectorSS, vmx.VectorGP, vmx.VectorCP:
-		return true
-	}
-	return false
 }

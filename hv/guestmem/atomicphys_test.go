@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"encoding/binary"
@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/x86emu"
 )
 
@@ -246,6 +247,6 @@ func TestGuestPhysAtomicChecksTheOperand(t *testing.T) {
 	}
 	assert.Empty(t, rec.changes, "nothing reached memory")
 
-	g.phys.Mem = struct{ Memory }{g.mem}
+	g.phys.Mem = struct{ hv.Memory }{g.mem}
 	assert.ErrorIs(t, g.phys.Store(ram, 8, 0), ErrNotAtomic)
 }

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"fmt"
@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 )
 
 type mapTables struct {
@@ -35,7 +36,7 @@ func (m *mapTables) Table(pa uint64) (*[512]uint64, error) {
 func TestMapGuest(t *testing.T) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x1000000}, ept.Options{Pages1G: true})
 	require.NoError(t, err)
-	mm := append(machineMap, E820Entry{0x100000000, 0x40000000, E820RAM})
+	mm := append(machineMap, hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
 	require.NoError(t, MapGuest(e, mm, [2]uint64{0x10000000, 0x18000000}, 0x12000000))
 	for _, c := range []struct {
 		gpa, hpa uint64
@@ -66,10 +67,10 @@ func TestMapGuest(t *testing.T) {
 	assert.Error(t, MapGuest(e, mm, [2]uint64{0x10001000, 0x18000000}, 0))
 }
 
-var machineMap = []E820Entry{
-	{0, 0x9fc00, E820RAM},
-	{0x9fc00, 0x400, E820Reserved},
-	{0xf0000, 0x10000, E820Reserved},
-	{0x100000, 0x3fef0000, E820RAM},
-	{0x3fff0000, 0x10000, E820ACPI},
+var machineMap = []hv.E820Entry{
+	{Addr: 0, Size: 0x9fc00, Type: hv.E820RAM},
+	{Addr: 0x9fc00, Size: 0x400, Type: hv.E820Reserved},
+	{Addr: 0xf0000, Size: 0x10000, Type: hv.E820Reserved},
+	{Addr: 0x100000, Size: 0x3fef0000, Type: hv.E820RAM},
+	{Addr: 0x3fff0000, Size: 0x10000, Type: hv.E820ACPI},
 }

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"testing"
@@ -6,6 +6,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -17,7 +20,7 @@ type fakeX2APIC struct {
 	icr  []uint64
 }
 
-func (x *fakeX2APIC) attach(v *VCPU) {
+func (x *fakeX2APIC) attach(v *hv.VCPU) {
 	v.ReadMSR = func(msr uint32) uint64 {
 		switch msr {
 		case vmx.MSRAPICBase:
@@ -38,10 +41,10 @@ func (x *fakeX2APIC) attach(v *VCPU) {
 const x2APICOn = apicBase | vmx.APICBaseEnable | vmx.APICBaseX2APIC
 
 // wrmsrICR is the guest's WRMSR of val to IA32_X2APIC_ICR.
-func wrmsrICR(val uint64, check func(*testing.T, *VCPU)) exitStep {
-	return exitStep{reason: vmx.ExitWRMSR, regs: func(r *vmx.GuestRegs) {
+func wrmsrICR(val uint64, check func(*testing.T, *hv.VCPU)) vcputest.Step {
+	return vcputest.Step{Reason: vmx.ExitWRMSR, Regs: func(r *vmx.GuestRegs) {
 		r.RCX, r.RAX, r.RDX = vmx.MSRX2APICICR, val&0xffffffff, val>>32
-	}, check: check}
+	}, Check: check}
 }
 
 // TestX2APICICRWritesExit: the guest's writes of the x2APIC's interrupt
@@ -49,7 +52,7 @@ func wrmsrICR(val uint64, check func(*testing.T, *VCPU)) exitStep {
 // IPI the guest sends in x2APIC mode.
 func TestX2APICICRWritesExit(t *testing.T) {
 	var b [4096]byte
-	GuestMSRBitmap(&b)
+	hv.GuestMSRBitmap(&b)
 	const m = vmx.MSRX2APICICR
 	assert.NotZero(t, b[2048+m/8]&(1<<(m%8)), "WRMSR exits")
 	assert.Zero(t, b[m/8]&(1<<(m%8)), "RDMSR passes")
@@ -73,11 +76,11 @@ func TestX2APICStartUpAndINITReachVCPUsOnly(t *testing.T) {
 		gp    bool
 	}{
 		{name: "SIPI to a vCPU: as written", val: 4<<32 | sipi, icr: []uint64{4<<32 | sipi}},
-		{name: "SIPI with the delivery status bit: ignored", val: 4<<32 | sipi | icrPending, icr: []uint64{4<<32 | sipi}},
+		{name: "SIPI with the delivery status bit: ignored", val: 4<<32 | sipi | vmx.ICRPending, icr: []uint64{4<<32 | sipi}},
 		{name: "SIPI to another processor: dropped", val: 2<<32 | sipi},
-		{name: "SIPI to all excluding self: to each other vCPU", val: sipi | icrAllExclSelf,
+		{name: "SIPI to all excluding self: to each other vCPU", val: sipi | vmx.ICRAllExclSelf,
 			icr: []uint64{1<<32 | sipi, 4<<32 | sipi}},
-		{name: "SIPI to logical IDs 1, 2 and 4 of cluster 0: to vCPUs 1 and 4", val: 0x16<<32 | sipi | icrLogical,
+		{name: "SIPI to logical IDs 1, 2 and 4 of cluster 0: to vCPUs 1 and 4", val: 0x16<<32 | sipi | vmx.ICRLogical,
 			icr: []uint64{1<<32 | sipi, 4<<32 | sipi}},
 		{name: "SIPI broadcast: to each vCPU", val: 0xffffffff<<32 | sipi,
 			icr: []uint64{sipi, 1<<32 | sipi, 4<<32 | sipi}},
@@ -97,16 +100,16 @@ func TestX2APICStartUpAndINITReachVCPUsOnly(t *testing.T) {
 			if c.base != 0 {
 				x.base = c.base
 			}
-			v := f.vcpu(t, []exitStep{wrmsrICR(c.val, func(t *testing.T, v *VCPU) {
+			v := f.vcpu(t, []vcputest.Step{wrmsrICR(c.val, func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, c.icr, x.icr)
 				assert.Equal(t, c.inits, lapic.inits)
 				assert.Empty(t, lapic.writes, "nothing through the xAPIC's page")
 				if c.gp {
-					assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo], "#GP(0)")
-					assert.Equal(t, uint64(ptRIP), fv(v).Fields[vmx.GuestRIP])
+					assert.Equal(t, uint64(0x80000b0d), v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo], "#GP(0)")
+					assert.Equal(t, uint64(ptRIP), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP])
 				} else {
-					assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo])
-					assert.Equal(t, uint64(ptRIP+3), fv(v).Fields[vmx.GuestRIP], "past the WRMSR")
+					assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo])
+					assert.Equal(t, uint64(ptRIP+3), v.VMCS.(*hvtest.VMCS).Fields[vmx.GuestRIP], "past the WRMSR")
 				}
 			})})
 			x.attach(v)
@@ -129,7 +132,7 @@ func TestX2APICICROfTheOnlyVCPU(t *testing.T) {
 	}{
 		{name: "SIPI to itself: as written", val: 5<<32 | sipi, icr: []uint64{5<<32 | sipi}},
 		{name: "SIPI to another processor: dropped", val: 6<<32 | sipi},
-		{name: "SIPI to all excluding self: dropped", val: sipi | icrAllExclSelf},
+		{name: "SIPI to all excluding self: dropped", val: sipi | vmx.ICRAllExclSelf},
 		{name: "SIPI broadcast: to itself", val: 0xffffffff<<32 | sipi, icr: []uint64{5<<32 | sipi}},
 		{name: "INIT to another cluster: dropped", val: 0x1ffff<<32 | 0x4d00},
 		{name: "INIT to logical IDs with its own: to itself", val: 0xffff<<32 | 0x4d00, icr: []uint64{5<<32 | 0x4500}},
@@ -139,12 +142,12 @@ func TestX2APICICROfTheOnlyVCPU(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			x := &fakeX2APIC{base: x2APICOn, id: 5}
-			v, m := scripted(t, []exitStep{wrmsrICR(c.val, func(t *testing.T, v *VCPU) {
+			v, m := vcputest.Scripted(t, []vcputest.Step{wrmsrICR(c.val, func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, c.icr, x.icr)
 				if c.gp {
-					assert.Equal(t, uint64(0x80000b0d), fv(v).Fields[vmx.EntryInterruptInfo], "#GP(0)")
+					assert.Equal(t, uint64(0x80000b0d), v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo], "#GP(0)")
 				} else {
-					assert.Zero(t, fv(v).Fields[vmx.EntryInterruptInfo])
+					assert.Zero(t, v.VMCS.(*hvtest.VMCS).Fields[vmx.EntryInterruptInfo])
 				}
 			})})
 			_ = m

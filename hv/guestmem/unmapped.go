@@ -1,9 +1,10 @@
-package hv
+package guestmem
 
 import (
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -49,9 +50,9 @@ type Unmapped struct {
 // fetches from tamahv's region; the rest goes on to the default handler.
 // Install it before the interceptors that pass on what they do not claim
 // (Watcher, the breakpoint agent), so that it sees what they leave.
-func (u *Unmapped) Install(v *VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
+func (u *Unmapped) Install(v *hv.VCPU) error { return v.Intercept(vmx.ExitEPTViolation, u.onViolation) }
 
-func (u *Unmapped) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, error) {
+func (u *Unmapped) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
 	gpa := e.GuestPA
 	q := ept.DecodeViolation(e.Qualification)
 	_, perm, _, size, ok := u.EPT.Lookup(gpa)
@@ -63,17 +64,17 @@ func (u *Unmapped) onViolation(v *VCPU, e *vmx.Exit, next Handler) (Action, erro
 			break // never: the hole is mapped to the sink
 		}
 		if err := u.EPT.Map(base, base, s, ept.RWX, ept.Uncacheable); err != nil {
-			return Stop, fmt.Errorf("%w: mapping unbacked guest-physical %#x+%#x: %v", ErrFatalExit, base, s, err)
+			return hv.Stop, fmt.Errorf("%w: mapping unbacked guest-physical %#x+%#x: %v", hv.ErrFatalExit, base, s, err)
 		}
 		u.Mapped++
 		u.flush()
-		return Resume, nil
+		return hv.Resume, nil
 	case ok && q.Fetch && gpa >= u.Hole[0] && gpa < u.Hole[1]:
 		u.Fetches++
-		return Resume, v.InjectException(vmx.VectorUD, 0)
+		return hv.Resume, v.InjectException(vmx.VectorUD, 0)
 	case ok && permits(perm, q):
 		u.flush()
-		return Resume, nil
+		return hv.Resume, nil
 	}
 	return next(v, e)
 }

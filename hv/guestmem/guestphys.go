@@ -1,10 +1,11 @@
-package hv
+package guestmem
 
 import (
 	"errors"
 	"fmt"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
 )
 
 // GuestPhys is the guest's physical memory as tamahv may touch it, and the
@@ -29,7 +30,7 @@ import (
 // exit, and swapmem under its lock, use it one at a time.
 type GuestPhys struct {
 	// Mem is host-physical memory (the board's one-to-one map).
-	Mem Memory
+	Mem hv.Memory
 	// EPT is the guest's EPT, mapped by MapGuest.
 	EPT *ept.EPT
 	// Hole is tamahv's own memory, [start, end).

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"bytes"
@@ -10,6 +10,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
@@ -59,7 +61,7 @@ func newArenaGuest(t *testing.T, log *[]string) (*testGuest, *stackArena) {
 	a := &stackArena{mapTables: mapTables{pages: map[uint64]*[512]uint64{}, next: 0x80_0000_0000}, log: log}
 	e, err := ept.New(a, ept.Options{})
 	require.NoError(t, err)
-	mm := append(append([]E820Entry{}, machineMap...), E820Entry{0x100000000, 0x40000000, E820RAM})
+	mm := append(append([]hv.E820Entry{}, machineMap...), hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
 	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA))
 	g := &testGuest{mem: frameMem{}, ept: e, next: 0x200000}
 	g.phys = &GuestPhys{Mem: g.mem, EPT: e, Hole: [2]uint64{holeStart, holeEnd}, Invalidate: func() {
@@ -125,9 +127,9 @@ func TestMergedTableIsNotReusedBeforeTheFlush(t *testing.T) {
 	require.NotZero(t, f, "A's page table split its region")
 	require.Zero(t, splitTable(t, g.ept, arena, ptB2), "the region B moves to is one large page")
 
-	v, _ := scripted(t, []exitStep{
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pdeA, vmx.ExitQualification: qualWrite}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) {
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pdeA, vmx.ExitQualification: qualWrite}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) {
 			g.mem.put64(pdeA, ptA2|pteP|pteRW|pteUS)
 			g.mem.put64(pdeB, ptB2|pteP|pteRW|pteUS)
 			log = nil
@@ -239,9 +241,9 @@ func TestReadHearsAStoreBetweenTheWalkAndTheProtection(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, done)
 
-	v, _ := scripted(t, []exitStep{
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: qualWrite}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) {
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: qualWrite}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) {
 			g.mem.put64(pde, pt|pteP|pteRW|pteUS)
 			mem.at, mem.val, mem.armed = pt+8*(va>>12&511), data|pteP|pteRW|pteUS, true
 		}},
@@ -291,9 +293,9 @@ func TestNewWatchFollowsATableLinkedBeforeItsProtection(t *testing.T) {
 	require.NoError(t, err)
 
 	// The kernel swaps the page out.
-	v, _ := scripted(t, []exitStep{
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte, vmx.ExitQualification: qualWrite}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { g.mem.put64(pte, 0x1234<<12) }},
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte, vmx.ExitQualification: qualWrite}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pte, 0x1234<<12) }},
 	})
 	require.NoError(t, gm.Install(v))
 	require.NoError(t, v.Run())
@@ -327,17 +329,17 @@ func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 	require.NoError(t, err)
 	defer cancel2()
 
-	v, _ := scripted(t, []exitStep{
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
 		// Accessed and dirty flags only: nothing to walk.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte, vmx.ExitQualification: qualFlags}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { g.mem.put64(pte, g.mem.get64(pte)|pteA|pteD) },
-			check: func(t *testing.T, _ *VCPU) {
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte, vmx.ExitQualification: qualFlags}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pte, g.mem.get64(pte)|pteA|pteD) },
+			Check: func(t *testing.T, _ *hv.VCPU) {
 				assert.Empty(t, heard)
 				assert.Zero(t, gm.Writes)
 			}},
 		// Flags, and another processor's store to the open page.
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte + 8, vmx.ExitQualification: qualFlags}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { g.mem.put64(pte, 0x1234<<12) }},
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte + 8, vmx.ExitQualification: qualFlags}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pte, 0x1234<<12) }},
 	})
 	require.NoError(t, gm.Install(v))
 	require.NoError(t, v.Run())
@@ -393,8 +395,8 @@ func TestOpenPageWaitsForItsWriter(t *testing.T) {
 	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 	require.NoError(t, err)
 	defer cancel()
-	a, ma := scripted(t, nil)
-	b, _ := scripted(t, nil)
+	a, ma := vcputest.Scripted(t, nil)
+	b, _ := vcputest.Scripted(t, nil)
 	require.NoError(t, gm.Install(a))
 	require.NoError(t, gm.Install(b))
 	writable := func() bool {
@@ -402,7 +404,7 @@ func TestOpenPageWaitsForItsWriter(t *testing.T) {
 		return perm&ept.Write != 0
 	}
 	b.VMCS.Write(vmx.ExitQualification, 0)
-	exit := func(v *VCPU, r vmx.ExitReason) {
+	exit := func(v *hv.VCPU, r vmx.ExitReason) {
 		v.VMCS.Write(vmx.ExitReasonField, uint64(r))
 		v.VMCS.Write(vmx.IDTVectoringInfo, 0)
 		v.VMCS.Write(vmx.ExitInstructionLen, 3)

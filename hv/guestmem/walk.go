@@ -1,18 +1,14 @@
-package hv
+package guestmem
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
 
+	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
-
-// PhysReader reads guest-physical memory.
-type PhysReader interface {
-	ReadPhys(pa uint64, p []byte) error
-}
 
 // Paging-entry bits, short names for vmx's.
 const (
@@ -45,7 +41,7 @@ var (
 // for concurrent use: it reads entries into a buffer of its own, so that
 // a walk allocates nothing.
 type Walker struct {
-	Mem PhysReader
+	Mem hv.PhysReader
 	// LA57 selects 5-level paging (CR4.LA57).
 	LA57 bool
 	// NoNXE says IA32_EFER.NXE is clear: bit 63 of an entry is then

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"fmt"
@@ -7,6 +7,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -38,14 +40,14 @@ func BenchmarkSettleSharedPages(b *testing.B) {
 	for _, n := range []int{512, 1024, 2048, 4096} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			g, pml4 := sharedWatches(b, n)
-			fv := newFakeVMCS()
-			v := &VCPU{VMCS: fv}
+			fv := hvtest.NewVMCS()
+			v := &hv.VCPU{VMCS: fv}
 			fv.Fields[vmx.GuestPhysAddr] = pml4
 			fv.Fields[vmx.ExitQualification] = 0x2 | 0x80 | 0x100 | 0x8 | 0x20
-			ev := exitOf(v, vmx.ExitEPTViolation)
+			ev := &vmx.Exit{Reason: vmx.ExitEPTViolation, GuestPA: fv.Fields[vmx.GuestPhysAddr], Qualification: fv.Fields[vmx.ExitQualification]}
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := g.onViolation(v, ev, fatal); err != nil {
+				if _, err := g.onViolation(v, ev, unhandled); err != nil {
 					b.Fatal(err)
 				}
 				g.settle(v, &vmx.Exit{Reason: vmx.ExitCPUID})

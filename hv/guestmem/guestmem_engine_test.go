@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"testing"
@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -40,10 +41,10 @@ func TestProcessExitLeavesNoProtection(t *testing.T) {
 	_, _, err = g.Walker.Walk(p.CR3, va, &steps)
 	require.NoError(t, err)
 	pt := steps[3].PA
-	v, _ := scripted(t, []exitStep{
-		{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pt, vmx.ExitQualification: 0x1aa}},
-		{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
-		{reason: vmx.ExitCPUID},
+	v, _ := vcputest.Scripted(t, []vcputest.Step{
+		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pt, vmx.ExitQualification: 0x1aa}},
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { require.NoError(t, p.Exit()) }},
+		{Reason: vmx.ExitCPUID},
 	})
 	require.NoError(t, g.Install(v))
 	require.NoError(t, v.Run())

@@ -1,4 +1,4 @@
-package hv
+package guestmem
 
 import (
 	"bytes"
@@ -10,6 +10,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tamahv/tamahv/ept"
+	"github.com/tamahv/tamahv/hv"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
 	"github.com/tamahv/tamahv/vmx"
@@ -91,7 +93,7 @@ func newTestGuest(t testing.TB, o ept.Options) *testGuest {
 	g := &testGuest{mem: frameMem{}, tables: &mapTables{pages: map[uint64]*[512]uint64{}, next: 0x80_0000_0000}, next: 0x200000}
 	e, err := ept.New(g.tables, o)
 	require.NoError(t, err)
-	mm := append(append([]E820Entry{}, machineMap...), E820Entry{0x100000000, 0x40000000, E820RAM})
+	mm := append(append([]hv.E820Entry{}, machineMap...), hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
 	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA))
 	g.ept = e
 	g.phys = &GuestPhys{Mem: g.mem, EPT: e, Hole: [2]uint64{holeStart, holeEnd}, Invalidate: func() { g.flushes++ }}
@@ -255,10 +257,10 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 		}
 		pde := g.entry(va, 2)
 		write := uint64(0x2 | 0x80 | 0x100 | 0x8 | 0x20)
-		v, _ := scripted(t, []exitStep{
-			{reason: vmx.ExitEPTViolation, fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: write},
-				regs: func(*vmx.GuestRegs) {}},
-			{reason: vmx.ExitCPUID, regs: func(*vmx.GuestRegs) { g.mem.put64(pde, c.pde|pteP|pteRW|pteUS) }},
+		v, _ := vcputest.Scripted(t, []vcputest.Step{
+			{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: write},
+				Regs: func(*vmx.GuestRegs) {}},
+			{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pde, c.pde|pteP|pteRW|pteUS) }},
 		})
 		require.NoError(t, gm.Install(v))
 		require.NoError(t, v.Run())
