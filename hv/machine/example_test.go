@@ -12,7 +12,9 @@ import (
 )
 
 // A firmware author's own policy on tamahv's machine: a hypercall of its
-// own, an exit observer, and a swapmem read that tamahv starts itself.
+// own that also places an event for the guest, an intercept of CPUID, an
+// exit observer, and a swapmem read that tamahv starts itself. Only
+// exported names of hv, hv/machine and swapmem are used.
 // The board here is a scripted fake; in an image it is the PC's (see
 // cmd/tamahv).
 func Example() {
@@ -28,9 +30,26 @@ func Example() {
 		return
 	}
 
-	// A hypercall of the firmware's own, for the guest kernel only.
+	// A hypercall of the firmware's own, for the guest kernel only; it
+	// also hands the guest an NMI at the coming entry.
 	const hcDouble = 0x100
-	_ = m.Monitor.Add(hcDouble, false, func(_ *hv.VCPU, a1, _, _ uint64) (uint64, bool) { return 2 * a1, false })
+	_ = m.Monitor.Add(hcDouble, false, func(v *hv.VCPU, a1, _, _ uint64) (uint64, bool) {
+		if err := v.Place(vmx.Event{Type: vmx.EventNMI, Vector: vmx.VectorNMI}); err != nil {
+			fmt.Println(err)
+		}
+		return 2 * a1, false
+	})
+
+	// A CPUID leaf of the firmware's own, answered in front of tamahv's
+	// CPUID policy; every other leaf is passed on.
+	const leaf = 0x4000_0100
+	_ = m.VCPU.Intercept(vmx.ExitCPUID, func(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Action, error) {
+		if uint32(v.Regs.RAX) != leaf {
+			return next(v, e)
+		}
+		v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = 0, 0x21776d66, 0, 0 // "fmw!"
+		return hv.Next, nil
+	})
 
 	// An observer of every exit: count the guest's CPUIDs.
 	cpuids := 0
@@ -60,11 +79,18 @@ func Example() {
 
 	b.mapProcess([]byte("swapped!"))
 	b.script = []step{
-		{exit: func(b *board, r *vmx.GuestRegs) { b.run(3); r.RAX = 0; b.exitWith(vmx.ExitCPUID) }},
+		{exit: func(b *board, r *vmx.GuestRegs) { b.run(0); r.RAX = leaf; b.exitWith(vmx.ExitCPUID) }},
+		{check: func(b *board, r *vmx.GuestRegs) {
+			fmt.Printf("the firmware's leaf: %q\n", string([]byte{byte(r.RBX), byte(r.RBX >> 8), byte(r.RBX >> 16), byte(r.RBX >> 24)}))
+		},
+			exit: func(b *board, r *vmx.GuestRegs) { b.run(3); r.RAX = 0; b.exitWith(vmx.ExitCPUID) }},
 		{exit: func(b *board, r *vmx.GuestRegs) { b.pagerWrite() }},
 		{check: func(b *board, r *vmx.GuestRegs) { b.pagerDone() },
 			exit: func(b *board, r *vmx.GuestRegs) { b.run(0); r.RAX, r.RDI = hcDouble, 21; b.exitWith(vmx.ExitVMCALL) }},
-		{check: func(b *board, r *vmx.GuestRegs) { fmt.Printf("the guest kernel got %d\n", r.RAX) },
+		{check: func(b *board, r *vmx.GuestRegs) {
+			ev, _ := vmx.DecodeEvent(uint32(b.vmcs.Fields[vmx.EntryInterruptInfo]), 0)
+			fmt.Printf("the guest kernel got %d, and an NMI: %v\n", r.RAX, ev.Type == vmx.EventNMI)
+		},
 			exit: func(b *board, r *vmx.GuestRegs) { r.RAX, r.RDI = hcall.Exit, 0; b.exitWith(vmx.ExitVMCALL) }},
 	}
 	if err := m.Run(); err != nil {
@@ -72,7 +98,8 @@ func Example() {
 	}
 	fmt.Printf("%d CPUID exits\n", cpuids)
 	// Output:
+	// the firmware's leaf: "fmw!"
 	// tamahv read "swapped!" from the process
-	// the guest kernel got 42
-	// 1 CPUID exits
+	// the guest kernel got 42, and an NMI: true
+	// 2 CPUID exits
 }
