@@ -237,14 +237,6 @@ func (v *VCPU) observe(e *vmx.Exit) {
 	}
 }
 
-// dispatch runs the handling of e: its interceptors, then the default.
-func (v *VCPU) dispatch(e *vmx.Exit) (Action, error) {
-	if h := v.handlers[e.Reason]; h != nil {
-		return h(v, e)
-	}
-	return fatal(v, e)
-}
-
 // tick runs the OnTick functions.
 func (v *VCPU) tick() {
 	for _, f := range v.ticks {
