@@ -138,51 +138,18 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	w(vmx.CR0GuestHostMask, (caps.CR0Fixed0&^(vmx.CR0PE|vmx.CR0PG))|(^caps.CR0Fixed1&0xffffffff))
 	w(vmx.CR4GuestHostMask, caps.CR4Fixed0|(^caps.CR4Fixed1&0xffffffff))
 	const cr0Boot = vmx.CR0PE | vmx.CR0ET
-	w(vmx.CR0ReadShadow, cr0Boot)
-	w(vmx.CR4ReadShadow, 0)
-	w(vmx.GuestCR0, caps.FixCR0(cr0Boot, true))
-	w(vmx.GuestCR4, caps.FixCR4(0))
-	w(vmx.GuestCR3, 0)
-	w(vmx.GuestDR7, 0x400)
-	w(vmx.GuestRSP, 0)
-	w(vmx.GuestRIP, s.RIP)
-	w(vmx.GuestRFLAGS, 0x2)
+	v.writeGuestState(guestState{
+		cr0: cr0Boot, rip: s.RIP,
+		cs:   segment{sel: s.CodeSel, limit: 0xffffffff, access: arCode32},
+		data: segment{sel: s.DataSel, limit: 0xffffffff, access: arData32},
+		ldtr: segment{access: arUnusable},
+		tr:   segment{limit: 0xff, access: arTSSBusy},
+		gdt:  [2]uint64{s.GDTBase, uint64(s.GDTLimit)},
+	})
 	v.Regs = vmx.GuestRegs{RSI: s.RSI}
-
-	seg := func(sel, base, limit, ar vmx.Field, selector uint16, access uint64) {
-		w(sel, uint64(selector))
-		w(base, 0)
-		w(limit, 0xffffffff)
-		w(ar, access)
-	}
-	seg(vmx.GuestCS, vmx.GuestCSBase, vmx.GuestCSLimit, vmx.GuestCSAccess, s.CodeSel, arCode32)
-	for _, f := range [][4]vmx.Field{
-		{vmx.GuestDS, vmx.GuestDSBase, vmx.GuestDSLimit, vmx.GuestDSAccess},
-		{vmx.GuestES, vmx.GuestESBase, vmx.GuestESLimit, vmx.GuestESAccess},
-		{vmx.GuestSS, vmx.GuestSSBase, vmx.GuestSSLimit, vmx.GuestSSAccess},
-		{vmx.GuestFS, vmx.GuestFSBase, vmx.GuestFSLimit, vmx.GuestFSAccess},
-		{vmx.GuestGS, vmx.GuestGSBase, vmx.GuestGSLimit, vmx.GuestGSAccess},
-	} {
-		seg(f[0], f[1], f[2], f[3], s.DataSel, arData32)
-	}
-	w(vmx.GuestLDTR, 0)
-	w(vmx.GuestLDTRBase, 0)
-	w(vmx.GuestLDTRLimit, 0)
-	w(vmx.GuestLDTRAccess, arUnusable)
-	w(vmx.GuestTR, 0)
-	w(vmx.GuestTRBase, 0)
-	w(vmx.GuestTRLimit, 0xff)
-	w(vmx.GuestTRAccess, arTSSBusy)
-	w(vmx.GuestGDTRBase, s.GDTBase)
-	w(vmx.GuestGDTRLimit, uint64(s.GDTLimit))
-	w(vmx.GuestIDTRBase, 0)
-	w(vmx.GuestIDTRLimit, 0)
-	w(vmx.GuestInterruptibility, 0)
-	w(vmx.GuestActivityState, 0)
-	w(vmx.GuestPendingDebug, 0)
 	w(vmx.GuestDebugCtl, 0)
 	w(vmx.GuestEFER, 0)
-	w(vmx.GuestPAT, 0x0007040600070406)
+	w(vmx.GuestPAT, vmx.PATReset)
 	if entry&vmx.EntryLoadPerf != 0 {
 		w(vmx.GuestPerfGlobal, 0)
 		w(vmx.HostPerfGlobal, 0)
@@ -247,4 +214,60 @@ type Start struct {
 	BootParams      uint64
 	ProtocolVersion uint16
 	E820            []E820Entry
+}
+
+// segment is a segment register's state in the guest.
+type segment struct {
+	sel                 uint16
+	base, limit, access uint64
+}
+
+// guestState is what a vCPU's start (Init, INIT) writes alike: CR0 (the
+// guest's view, and the value with the fixed bits), CR4 and CR3 clear,
+// RIP, RSP clear, RFLAGS and DR7 as after reset, the segment registers
+// (the data segments share one state), GDTR and IDTR, and no blocking,
+// pending debug exception or event.
+type guestState struct {
+	cr0, rip           uint64
+	cs, data, ldtr, tr segment
+	gdt, idt           [2]uint64 // base, limit
+}
+
+// writeGuestState writes g into the VMCS.
+func (v *VCPU) writeGuestState(g guestState) {
+	w := v.VMCS.Write
+	w(vmx.CR0ReadShadow, g.cr0)
+	w(vmx.GuestCR0, v.Caps.FixCR0(g.cr0, true))
+	w(vmx.CR4ReadShadow, 0)
+	w(vmx.GuestCR4, v.Caps.FixCR4(0))
+	w(vmx.GuestCR3, 0)
+	w(vmx.GuestDR7, vmx.DR7Reset)
+	w(vmx.GuestRSP, 0)
+	w(vmx.GuestRIP, g.rip)
+	w(vmx.GuestRFLAGS, vmx.RFLAGSFixed)
+	seg := func(f [4]vmx.Field, s segment) {
+		w(f[0], uint64(s.sel))
+		w(f[1], s.base)
+		w(f[2], s.limit)
+		w(f[3], s.access)
+	}
+	seg([4]vmx.Field{vmx.GuestCS, vmx.GuestCSBase, vmx.GuestCSLimit, vmx.GuestCSAccess}, g.cs)
+	for _, f := range [][4]vmx.Field{
+		{vmx.GuestDS, vmx.GuestDSBase, vmx.GuestDSLimit, vmx.GuestDSAccess},
+		{vmx.GuestES, vmx.GuestESBase, vmx.GuestESLimit, vmx.GuestESAccess},
+		{vmx.GuestSS, vmx.GuestSSBase, vmx.GuestSSLimit, vmx.GuestSSAccess},
+		{vmx.GuestFS, vmx.GuestFSBase, vmx.GuestFSLimit, vmx.GuestFSAccess},
+		{vmx.GuestGS, vmx.GuestGSBase, vmx.GuestGSLimit, vmx.GuestGSAccess},
+	} {
+		seg(f, g.data)
+	}
+	seg([4]vmx.Field{vmx.GuestLDTR, vmx.GuestLDTRBase, vmx.GuestLDTRLimit, vmx.GuestLDTRAccess}, g.ldtr)
+	seg([4]vmx.Field{vmx.GuestTR, vmx.GuestTRBase, vmx.GuestTRLimit, vmx.GuestTRAccess}, g.tr)
+	w(vmx.GuestGDTRBase, g.gdt[0])
+	w(vmx.GuestGDTRLimit, g.gdt[1])
+	w(vmx.GuestIDTRBase, g.idt[0])
+	w(vmx.GuestIDTRLimit, g.idt[1])
+	w(vmx.GuestInterruptibility, 0)
+	w(vmx.GuestPendingDebug, 0)
+	w(vmx.GuestActivityState, vmx.ActivityActive)
 }

@@ -41,43 +41,17 @@ func handleINIT(v *VCPU, e *vmx.Exit) (Action, error) {
 // keeps them.
 func (v *VCPU) initState() {
 	w := v.VMCS.Write
-	cr0 := v.guestCR0()&(vmx.CR0CD|vmx.CR0NW) | vmx.CR0ET
-	w(vmx.CR0ReadShadow, cr0)
-	w(vmx.GuestCR0, v.Caps.FixCR0(cr0, true))
-	w(vmx.CR4ReadShadow, 0)
-	w(vmx.GuestCR4, v.Caps.FixCR4(0))
-	w(vmx.GuestCR3, 0)
+	v.writeGuestState(guestState{
+		cr0: v.guestCR0()&(vmx.CR0CD|vmx.CR0NW) | vmx.CR0ET, rip: 0xfff0,
+		cs:   segment{sel: 0xf000, base: 0xffff0000, limit: 0xffff, access: vmx.AccessCode16},
+		data: segment{limit: 0xffff, access: vmx.AccessData16},
+		ldtr: segment{limit: 0xffff, access: vmx.AccessLDT},
+		tr:   segment{limit: 0xffff, access: vmx.AccessTSSBusy32},
+		gdt:  [2]uint64{0, 0xffff},
+		idt:  [2]uint64{0, 0xffff},
+	})
 	w(vmx.GuestEFER, 0)
 	w(vmx.EntryControls, v.VMCS.Read(vmx.EntryControls)&^vmx.EntryIA32eMode)
-	w(vmx.GuestRIP, 0xfff0)
-	w(vmx.GuestRSP, 0)
-	w(vmx.GuestRFLAGS, 0x2)
-	w(vmx.GuestDR7, 0x400)
-	seg := func(sel, base, limit, ar vmx.Field, selector, b, access uint64) {
-		w(sel, selector)
-		w(base, b)
-		w(limit, 0xffff)
-		w(ar, access)
-	}
-	seg(vmx.GuestCS, vmx.GuestCSBase, vmx.GuestCSLimit, vmx.GuestCSAccess, 0xf000, 0xffff0000, 0x9b)
-	for _, f := range [][4]vmx.Field{
-		{vmx.GuestDS, vmx.GuestDSBase, vmx.GuestDSLimit, vmx.GuestDSAccess},
-		{vmx.GuestES, vmx.GuestESBase, vmx.GuestESLimit, vmx.GuestESAccess},
-		{vmx.GuestSS, vmx.GuestSSBase, vmx.GuestSSLimit, vmx.GuestSSAccess},
-		{vmx.GuestFS, vmx.GuestFSBase, vmx.GuestFSLimit, vmx.GuestFSAccess},
-		{vmx.GuestGS, vmx.GuestGSBase, vmx.GuestGSLimit, vmx.GuestGSAccess},
-	} {
-		seg(f[0], f[1], f[2], f[3], 0, 0, 0x93)
-	}
-	seg(vmx.GuestLDTR, vmx.GuestLDTRBase, vmx.GuestLDTRLimit, vmx.GuestLDTRAccess, 0, 0, 0x82)
-	seg(vmx.GuestTR, vmx.GuestTRBase, vmx.GuestTRLimit, vmx.GuestTRAccess, 0, 0, 0x8b)
-	w(vmx.GuestGDTRBase, 0)
-	w(vmx.GuestGDTRLimit, 0xffff)
-	w(vmx.GuestIDTRBase, 0)
-	w(vmx.GuestIDTRLimit, 0xffff)
-	w(vmx.GuestInterruptibility, 0)
-	w(vmx.GuestPendingDebug, 0)
-	w(vmx.GuestActivityState, vmx.ActivityActive)
 	w(vmx.EntryInterruptInfo, 0)
 	var edx uint64
 	if v.CPUID != nil {

@@ -35,6 +35,13 @@ const (
 	AccessData32    = 0xc093
 	AccessTSSBusy32 = 0x008b
 	AccessUnusable  = 0x10000
+	// AccessCode16, AccessData16 and AccessLDT are the rights after INIT
+	// (SDM Vol. 3A, Table 10-1, "IA-32 and Intel 64 Processor States
+	// Following Power-up, Reset, or INIT"): present, accessed, 16-bit;
+	// TR is then AccessTSSBusy32's type.
+	AccessCode16 = 0x9b
+	AccessData16 = 0x93
+	AccessLDT    = 0x82
 
 	// SegmentL is the L (64-bit code) bit of a segment's access rights.
 	SegmentL = 1 << 13

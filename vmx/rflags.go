@@ -15,6 +15,10 @@ const (
 	RFLAGSOF = 1 << 11 // overflow
 	RFLAGSAC = 1 << 18 // alignment check / SMAP override
 
+	// RFLAGSFixed is bit 1, which always reads as 1: RFLAGS's value at
+	// reset and INIT.
+	RFLAGSFixed = 1 << 1
+
 	// RFLAGSArith are the status flags an arithmetic instruction sets.
 	RFLAGSArith = RFLAGSCF | RFLAGSPF | RFLAGSAF | RFLAGSZF | RFLAGSSF | RFLAGSOF
 )
@@ -49,3 +53,11 @@ const (
 // MaxInstructionLen is the longest x86 instruction (SDM Vol. 2A, 2.3.11,
 // "AVX Instruction Length"): longer ones raise #GP.
 const MaxInstructionLen = 15
+
+// Values of registers at reset and INIT (SDM Vol. 3A, Table 10-1).
+const (
+	// DR7Reset is DR7 with only its reserved bit 10 set.
+	DR7Reset = 0x400
+	// PATReset is IA32_PAT's power-up value: WB, WT, UC-, UC twice.
+	PATReset = 0x0007040600070406
+)
