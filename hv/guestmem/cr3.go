@@ -107,6 +107,12 @@ func (m PTIMode) String() string {
 type AddressSpaces struct {
 	// Mem reads the guest's top-level tables: guest RAM only (GuestPhys).
 	Mem hv.PhysReader
+	// Walker, where set, walks with the paging mode of the address space
+	// last seen: 5-level paging (CR4.LA57) and whether XD bits are valid
+	// (IA32_EFER.NXE), read from the vCPU whenever its CR3 changes. A walk
+	// that a request starts (the monitor's, an embedder's) then needs no
+	// mode of its own.
+	Walker *Walker
 
 	pti    atomic.Uint32 // a PTIMode
 	system atomic.Uint64 // the latest kernel address space seen (0: none)
@@ -147,7 +153,8 @@ func (s *AddressSpaces) Install(v *hv.VCPU) {
 
 // ObserveVCPU learns from v's state at a VM exit. Once isolation is known
 // it reads one VMCS field; until then two more, and it checks a pair of
-// tables only when CR3 or CPL changed.
+// tables only when CR3 or CPL changed; when CR3 changed it reads the
+// paging mode for the Walker (two more).
 func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if !s.mu.TryLock() {
 		return // another vCPU is learning: a later exit will do
@@ -159,6 +166,7 @@ func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 		if !s.seen || cr3 != s.lastCR3 {
 			s.seen, s.lastCR3 = true, cr3
 			s.system.Store(s.Of(cr3))
+			s.paging(v)
 		}
 		return
 	}
@@ -166,9 +174,20 @@ func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if s.seen && cr3 == s.lastCR3 && cpl == s.lastCPL {
 		return
 	}
+	if !s.seen || cr3 != s.lastCR3 {
+		s.paging(v)
+	}
 	s.seen, s.lastCR3, s.lastCPL = true, cr3, cpl
 	long := v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG != 0
 	s.observe(cr3, cpl, long)
+}
+
+// paging sets the walker's paging mode from v's.
+func (s *AddressSpaces) paging(v *hv.VCPU) {
+	if w := s.Walker; w != nil {
+		w.LA57 = v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0
+		w.NoNXE = v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE == 0
+	}
 }
 
 // Observe learns from one exit's CR3 and CPL; long says the guest runs in

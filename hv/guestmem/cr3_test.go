@@ -223,3 +223,34 @@ func TestAddressSpacesConcurrentUse(t *testing.T) {
 	assert.Equal(t, PTIOn, s.PTI())
 	assert.Equal(t, k, s.Of(u))
 }
+
+// TestAddressSpacesKeepTheWalkersPagingMode: the tracker sets the walker's
+// paging mode from the vCPU whenever CR3 changes (5-level paging,
+// IA32_EFER.NXE), so that a walk needs no mode of its own, and reads it
+// at no other exit.
+func TestAddressSpacesKeepTheWalkersPagingMode(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	m := hvtest.NewVMCS()
+	v := hv.NewVCPU(m, hvtest.Skylake())
+	w := &Walker{Mem: g.phys}
+	s := &AddressSpaces{Mem: g.phys, Walker: w}
+	s.Install(v)
+	m.Fields[vmx.GuestRIP], m.Fields[vmx.ExitQualification], m.Fields[vmx.IDTVectoringInfo] = 0x1000, 0, 0
+	m.Fields[vmx.EntryControls] = vmx.EntryIA32eMode
+	m.Fields[vmx.GuestCR0] = vmx.CR0PG
+	m.Fields[vmx.GuestSSAccess] = 0x93
+	m.Fields[vmx.GuestCR3] = g.cr3
+	m.Fields[vmx.GuestCR4] = vmx.CR4LA57
+	m.Fields[vmx.GuestEFER] = 0
+	observe(t, v)
+	assert.True(t, w.LA57)
+	assert.True(t, w.NoNXE)
+	m.Fields[vmx.GuestCR4], m.Fields[vmx.GuestEFER] = 0, vmx.EFERNXE
+	observe(t, v)
+	assert.True(t, w.LA57, "CR3 did not change: the mode is not read again")
+	m.Fields[vmx.GuestCR3] = g.cr3 + 0x2000
+	observe(t, v)
+	assert.False(t, w.LA57)
+	assert.False(t, w.NoNXE)
+	require.NoError(t, m.Err())
+}

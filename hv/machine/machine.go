@@ -423,8 +423,10 @@ func (m *Machine) guestMemory(c *Config, naps int) (*guestmem.Unmapped, error) {
 		Invalidated: func() bool { _, stuck := m.Shootdown.Stuck(); return !stuck }}
 	// Unmapped answers what the handlers installed after it pass on.
 	unmapped := &guestmem.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
-	m.Spaces = &guestmem.AddressSpaces{Mem: m.Phys}
 	m.Watcher = guestmem.NewWatcher(m.Phys, 0)
+	// The address-space tracker keeps the walker's paging mode the
+	// guest's (5-level paging, XD), whoever starts a walk.
+	m.Spaces = &guestmem.AddressSpaces{Mem: m.Phys, Walker: &m.Watcher.Walker}
 	m.Watcher.Walker.Limit = min(ramTop, b.Reach(ramTop))
 	// Translations carry their top-level entry: reads end with their
 	// address space (swapmem.ErrSpaceGone, the monitor's records).
@@ -463,7 +465,6 @@ func (m *Machine) swapService(c *Config) (hv.Hypercalls, error) {
 			return nil, err
 		}
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Watcher, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
-			Paging: func(la57, nxe bool) { m.Watcher.Walker.LA57, m.Watcher.Walker.NoNXE = la57, !nxe },
 			Exits:  m.exits}
 		policy = m.Monitor
 		m.Watcher.OnWatchError = m.Monitor.WatchFailed

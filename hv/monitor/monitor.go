@@ -121,9 +121,6 @@ type Monitor struct {
 	Log io.Writer
 	// Now is the clock (nil: time.Now).
 	Now func() time.Time
-	// Paging is told, before a request is read, whether the guest uses
-	// 5-level paging and execute-disable (nil: not told).
-	Paging func(la57, nxe bool)
 	// Exits returns the guest's VM exits so far and the
 	// VMX-preemption-timer exits among them, for a read's figures: with
 	// several vCPUs, a read may start on one and end on another (nil: v's

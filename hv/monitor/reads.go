@@ -157,9 +157,6 @@ func (m *Monitor) swapRead(v *hv.VCPU, cpl int, req, size uint64) uint64 {
 		return hcall.Invalid
 	}
 	la57 := v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0
-	if m.Paging != nil {
-		m.Paging(la57, v.VMCS.Read(vmx.GuestEFER)&vmx.EFERNXE != 0)
-	}
 	if req&0xfff > requestInPage {
 		return hcall.Invalid
 	}
