@@ -465,7 +465,7 @@ func (m *Machine) swapService(c *Config) (hv.Hypercalls, error) {
 			return nil, err
 		}
 		m.Monitor = &monitor.Monitor{Ring3: ring3, Mem: m.Watcher, Engine: m.Engine, Spaces: m.Spaces, SecretPA: m.secret, Log: c.Log,
-			Exits:  m.exits}
+			Exits: m.exits}
 		policy = m.Monitor
 		m.Watcher.OnWatchError = m.Monitor.WatchFailed
 	}
