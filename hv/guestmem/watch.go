@@ -72,6 +72,9 @@ type Watcher struct {
 	// protections hold; checked the pages opened only for accessed and
 	// dirty flag updates, whose watches' entries settle compares.
 	confirming []*pteWatch
+	// told are the watches a rewalk found changed (or failed): their
+	// functions hear of it once the rewalk is done.
+	told       []*pteWatch
 	checked    []*hookedPage
 	buf        [4096]byte // a page read by settle
 	// keep is set while a watch is walked again: pages it leaves wait in
@@ -122,6 +125,8 @@ type pteWatch struct {
 	links   [5]hookLink
 	n       int
 	seen    swapmem.Translation // the translation fn last heard of
+	now     swapmem.Translation // the translation of the watch's latest walk
+	told    bool                // in Watcher.told
 	dead    bool
 	err     error // why the watch failed; it is deaf from then on
 	gen     uint64
@@ -153,7 +158,7 @@ func (g *Watcher) Watch(cr3, va uint64, changed func(swapmem.Translation)) (func
 	if err != nil {
 		return nil, err
 	}
-	w.seen = tr
+	w.seen, w.now = tr, tr
 	return func() { g.unwatch(w) }, nil
 }
 
@@ -303,11 +308,34 @@ func (g *Watcher) flush() {
 // tell gives w's function a translation that differs from the last it
 // heard.
 func (g *Watcher) tell(w *pteWatch, tr swapmem.Translation) {
-	if tr != w.seen {
-		w.seen = tr
-		g.Changes++
-		w.fn(tr)
+	w.now = tr
+	if !w.told {
+		w.told = true
+		g.told = append(g.told, w)
 	}
+}
+
+// deliver gives each watch in g.told its new translation, and the owner
+// of each that failed the error, now that the rewalk is done: the
+// watches' hooks and pages are settled, and a function may add or end
+// watches.
+func (g *Watcher) deliver() {
+	for i := 0; i < len(g.told); i++ { // a function's own changes can add to it
+		w := g.told[i]
+		w.told = false
+		if w.now != w.seen {
+			w.seen = w.now
+			g.Changes++
+			w.fn(w.now)
+		}
+		if w.err != nil && g.OnWatchError != nil {
+			err := w.err
+			w.err = nil // heard once
+			g.OnWatchError(w.cr3, w.va, fmt.Errorf("hv: watch of %#x in CR3 %#x: %w", w.va, w.cr3, err))
+		}
+	}
+	clear(g.told)
+	g.told = g.told[:0]
 }
 
 // unwatch ends w. The protections it gives back are relaxations: a
@@ -467,7 +495,8 @@ func (g *Watcher) moved(hp *hookedPage) {
 }
 
 // rewalk walks every watch in g.scratch again: the hooks follow the new
-// walk, and a watch's function hears of a changed translation. The
+// walk, and, once every walk and its confirmation are done, a watch's
+// function hears of a changed translation (deliver). The
 // watches whose new walk reached a page protected anew are walked once
 // more when the protections hold (confirm). A watch's function may add or
 // remove watches; the list is a copy, and removed watches are marked dead.
@@ -490,6 +519,7 @@ func (g *Watcher) rewalk() {
 		g.tell(w, tr)
 	}
 	g.confirm()
+	g.deliver()
 }
 
 // confirm flushes, then walks the watches in g.confirming again now that
@@ -530,14 +560,7 @@ func (g *Watcher) fail(w *pteWatch, err error) {
 	w.err = err
 	w.dead = true
 	g.Failed++
-	if w.seen != (swapmem.Translation{}) {
-		w.seen = swapmem.Translation{}
-		g.Changes++
-		w.fn(w.seen)
-	}
-	if g.OnWatchError != nil {
-		g.OnWatchError(w.cr3, w.va, fmt.Errorf("hv: watch of %#x in CR3 %#x: %w", w.va, w.cr3, err))
-	}
+	g.tell(w, swapmem.Translation{})
 }
 
 var (
