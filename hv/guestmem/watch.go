@@ -74,9 +74,9 @@ type Watcher struct {
 	confirming []*pteWatch
 	// told are the watches a rewalk found changed (or failed): their
 	// functions hear of it once the rewalk is done.
-	told       []*pteWatch
-	checked    []*hookedPage
-	buf        [4096]byte // a page read by settle
+	told    []*pteWatch
+	checked []*hookedPage
+	buf     [4096]byte // a page read by settle
 	// keep is set while a watch is walked again: pages it leaves wait in
 	// emptied, so that the new walk finds them still protected.
 	keep    bool
