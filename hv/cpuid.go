@@ -12,7 +12,7 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 		// No VMX; a hypervisor is present; OSXSAVE follows the guest's
 		// CR4, not the host's.
 		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|vmx.CPUIDOSXSAVEBit) | vmx.CPUIDHypervisorBit
-		if v.VMCS.Read(vmx.GuestCR4)&guestCR4X != 0 {
+		if v.VMCS.Read(vmx.GuestCR4)&vmx.CR4OSXSAV != 0 {
 			r[vmx.ECX] |= vmx.CPUIDOSXSAVEBit
 		}
 	case vmx.CPUIDLeafPMU:

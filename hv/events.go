@@ -119,13 +119,6 @@ func (v *VCPU) Place(e vmx.Event) error {
 	return v.VMCS.Err()
 }
 
-// Guest interruptibility bits, short names for vmx's.
-const (
-	blockingSTI   = vmx.BlockingSTI
-	blockingMovSS = vmx.BlockingMovSS
-	blockingNMI   = vmx.BlockingNMI
-)
-
 // deliverEvent places the first queued event into the VM-entry fields if
 // the guest can take it now, else asks for an interrupt or NMI window.
 // prepareEntry calls it only with an event queued or a window asked for:
@@ -137,9 +130,9 @@ func (v *VCPU) deliverEvent() {
 	if e, ok := v.events.peek(); ok {
 		block := v.VMCS.Read(vmx.GuestInterruptibility)
 		switch {
-		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&vmx.RFLAGSIF == 0 || block&(blockingSTI|blockingMovSS) != 0):
+		case e.Type == vmx.EventExternal && (v.VMCS.Read(vmx.GuestRFLAGS)&vmx.RFLAGSIF == 0 || block&(vmx.BlockingSTI|vmx.BlockingMovSS) != 0):
 			want |= vmx.ProcInterruptWindow
-		case e.Type == vmx.EventNMI && block&(blockingNMI|blockingMovSS) != 0:
+		case e.Type == vmx.EventNMI && block&(vmx.BlockingNMI|vmx.BlockingMovSS) != 0:
 			// NMI-window exiting needs virtual NMIs (SDM Vol. 3C,
 			// "Checks on VM-Execution Control Fields"); without them the
 			// NMI waits for a later exit.
@@ -195,8 +188,8 @@ func (v *VCPU) requeueVectoring(x *vmx.Exit) {
 		// for the NMI to be injected again (SDM Vol. 3C, "Information
 		// for VM Exits During Event Delivery"; KVM's
 		// __vmx_complete_interrupts does the same).
-		if b := v.VMCS.Read(vmx.GuestInterruptibility); b&blockingNMI != 0 {
-			v.VMCS.Write(vmx.GuestInterruptibility, b&^blockingNMI)
+		if b := v.VMCS.Read(vmx.GuestInterruptibility); b&vmx.BlockingNMI != 0 {
+			v.VMCS.Write(vmx.GuestInterruptibility, b&^vmx.BlockingNMI)
 		}
 	}
 	if !v.events.pushFront(e) {
@@ -223,7 +216,7 @@ func (v *VCPU) restoreNMIBlocking(e *vmx.Exit) {
 	if !unblocked || v.VMCS.Read(vmx.PinControls)&vmx.PinVirtualNMIs == 0 || e.IDTVectoring&vmx.EventValid != 0 {
 		return
 	}
-	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|blockingNMI)
+	v.VMCS.Write(vmx.GuestInterruptibility, v.VMCS.Read(vmx.GuestInterruptibility)|vmx.BlockingNMI)
 }
 
 // Raise answers exit e with the exception vector (such as #GP(0) or

@@ -112,7 +112,7 @@ func handleVMCALL(v *VCPU, e *vmx.Exit) (Action, error) {
 // vmx.ValidXCR0 refuses. The processor checks the CPL and CR4.OSXSAVE
 // before the VM exit; the handler checks them again anyway.
 func handleXSETBV(v *VCPU, _ *vmx.Exit) (Action, error) {
-	if v.VMCS.Read(vmx.GuestCR4)&guestCR4X == 0 {
+	if v.VMCS.Read(vmx.GuestCR4)&vmx.CR4OSXSAV == 0 {
 		return Resume, v.InjectException(vmx.VectorUD, 0)
 	}
 	xcr := uint32(v.Regs.RCX)
@@ -149,15 +149,6 @@ func handleWRMSR(v *VCPU, _ *vmx.Exit) (Action, error) {
 	}
 	return Next, nil
 }
-
-// CR0 and CR4 bits the handlers look at.
-const (
-	cr0PG     = vmx.CR0PG
-	cr4VMXE   = vmx.CR4VMXE
-	eferLME   = vmx.EFERLME
-	eferLMA   = vmx.EFERLMA
-	guestCR4X = vmx.CR4OSXSAV
-)
 
 // cr0PDPTEBits and cr4PDPTEBits are the bits whose change makes a MOV to
 // CR0 or CR4 load the PDPTEs in PAE paging (KVM's X86_CR0_PDPTR_BITS and
@@ -198,7 +189,7 @@ func handleCR(v *VCPU, e *vmx.Exit) (Action, error) {
 // mode64 reports whether the guest runs 64-bit code: IA-32e mode and
 // CS.L.
 func (v *VCPU) mode64() bool {
-	return v.VMCS.Read(vmx.GuestEFER)&eferLMA != 0 && v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0
+	return v.VMCS.Read(vmx.GuestEFER)&vmx.EFERLMA != 0 && v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0
 }
 
 // guestCR0 and guestCR4 are the values the guest sees: its own bits from
@@ -232,20 +223,20 @@ func (v *VCPU) writeCR0(val uint64) (Action, error) {
 	switch {
 	case val>>32 != 0,
 		val&vmx.CR0NW != 0 && val&vmx.CR0CD == 0,
-		val&cr0PG != 0 && val&vmx.CR0PE == 0,
+		val&vmx.CR0PG != 0 && val&vmx.CR0PE == 0,
 		val&vmx.CR0WP == 0 && cr4&vmx.CR4CET != 0:
 		return v.gp()
 	}
 	val = val&vmx.CR0Defined | vmx.CR0ET // reserved bits are ignored, ET is fixed
-	pagingOn := old&cr0PG == 0 && val&cr0PG != 0
-	pagingOff := old&cr0PG != 0 && val&cr0PG == 0
-	if pagingOn && efer&eferLME != 0 && (cr4&vmx.CR4PAE == 0 || v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0) {
+	pagingOn := old&vmx.CR0PG == 0 && val&vmx.CR0PG != 0
+	pagingOff := old&vmx.CR0PG != 0 && val&vmx.CR0PG == 0
+	if pagingOn && efer&vmx.EFERLME != 0 && (cr4&vmx.CR4PAE == 0 || v.VMCS.Read(vmx.GuestCSAccess)&vmx.SegmentL != 0) {
 		return v.gp()
 	}
 	if pagingOff && (v.mode64() || cr4&vmx.CR4PCIDE != 0) {
 		return v.gp()
 	}
-	if val&cr0PG != 0 && efer&eferLME == 0 && cr4&vmx.CR4PAE != 0 && (val^old)&cr0PDPTEBits != 0 {
+	if val&vmx.CR0PG != 0 && efer&vmx.EFERLME == 0 && cr4&vmx.CR4PAE != 0 && (val^old)&cr0PDPTEBits != 0 {
 		if !v.loadPDPTEs() {
 			return v.gp()
 		}
@@ -256,8 +247,8 @@ func (v *VCPU) writeCR0(val uint64) (Action, error) {
 	// as the processor would have had the write not exited.
 	entry := v.VMCS.Read(vmx.EntryControls)
 	switch {
-	case pagingOn && efer&eferLME != 0:
-		v.VMCS.Write(vmx.GuestEFER, efer|eferLMA)
+	case pagingOn && efer&vmx.EFERLME != 0:
+		v.VMCS.Write(vmx.GuestEFER, efer|vmx.EFERLMA)
 		v.VMCS.Write(vmx.EntryControls, entry|vmx.EntryIA32eMode)
 		// VM entry in IA-32e mode needs a busy 64-bit TSS in TR; the
 		// processor uses TR's type only at the next task access, so
@@ -266,7 +257,7 @@ func (v *VCPU) writeCR0(val uint64) (Action, error) {
 			v.VMCS.Write(vmx.GuestTRAccess, tr&^vmx.SegmentTypeMask|vmx.TSSBusy64)
 		}
 	case pagingOff:
-		v.VMCS.Write(vmx.GuestEFER, efer&^eferLMA)
+		v.VMCS.Write(vmx.GuestEFER, efer&^vmx.EFERLMA)
 		v.VMCS.Write(vmx.EntryControls, entry&^vmx.EntryIA32eMode)
 	}
 	return Next, nil
@@ -281,10 +272,10 @@ func (v *VCPU) writeCR0(val uint64) (Action, error) {
 // guest/host mask holds just those); the checks keep the VMCS valid for
 // any mask.
 func (v *VCPU) writeCR4(val uint64) (Action, error) {
-	allowed := v.Caps.CR4Fixed1 &^ cr4VMXE
+	allowed := v.Caps.CR4Fixed1 &^ vmx.CR4VMXE
 	old := v.guestCR4()
 	cr0 := v.guestCR0()
-	lma := v.VMCS.Read(vmx.GuestEFER)&eferLMA != 0
+	lma := v.VMCS.Read(vmx.GuestEFER)&vmx.EFERLMA != 0
 	switch {
 	case val&^allowed != 0 || val>>32 != 0,
 		lma && (val&vmx.CR4PAE == 0 || (val^old)&vmx.CR4LA57 != 0),
@@ -292,7 +283,7 @@ func (v *VCPU) writeCR4(val uint64) (Action, error) {
 		val&vmx.CR4CET != 0 && cr0&vmx.CR0WP == 0:
 		return v.gp()
 	}
-	if !lma && cr0&cr0PG != 0 && val&vmx.CR4PAE != 0 && (val^old)&cr4PDPTEBits != 0 {
+	if !lma && cr0&vmx.CR0PG != 0 && val&vmx.CR4PAE != 0 && (val^old)&cr4PDPTEBits != 0 {
 		if !v.loadPDPTEs() {
 			return v.gp()
 		}

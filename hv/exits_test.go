@@ -132,18 +132,18 @@ func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 1, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "XCR1")
-				fv(v).Fields[vmx.GuestSSAccess] = 0x60 | arData32
+				fv(v).Fields[vmx.GuestSSAccess] = 0x60 | vmx.AccessData32
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(gpCode), fv(v).Fields[vmx.EntryInterruptInfo], "CPL 3")
-				fv(v).Fields[vmx.GuestSSAccess] = arData32
-				fv(v).Fields[vmx.GuestCR4] &^= guestCR4X
+				fv(v).Fields[vmx.GuestSSAccess] = vmx.AccessData32
+				fv(v).Fields[vmx.GuestCR4] &^= vmx.CR4OSXSAV
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 7, 0 },
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(udInfo), fv(v).Fields[vmx.EntryInterruptInfo], "CR4.OSXSAVE clear")
-				fv(v).Fields[vmx.GuestCR4] |= guestCR4X
+				fv(v).Fields[vmx.GuestCR4] |= vmx.CR4OSXSAV
 			}},
 		exitStep{reason: vmx.ExitXSETBV, regs: func(r *vmx.GuestRegs) { r.RCX, r.RAX, r.RDX = 0, 0x602e7, 0 }},
 	)
@@ -155,7 +155,7 @@ func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 		}
 		return 0, 0, 0, 0
 	}
-	fv(v).Fields[vmx.GuestCR4] |= guestCR4X
+	fv(v).Fields[vmx.GuestCR4] |= vmx.CR4OSXSAV
 	v.XSETBV = func(xcr uint32, val uint64) { loaded = append(loaded, val) }
 	require.NoError(t, v.Run())
 	assert.Equal(t, []uint64{0x602e7}, loaded, "only the valid value reaches XSETBV")
@@ -184,7 +184,7 @@ func (f *fakePhys) put64(pa, v uint64) {
 const (
 	movCR0RAX = 0x0   // exit qualification of MOV CR0, RAX
 	movCR4RCX = 0x104 // MOV CR4, RCX
-	csLong    = arCode32&^(1<<14) | vmx.SegmentL
+	csLong    = vmx.AccessCode32&^(1<<14) | vmx.SegmentL
 )
 
 // crStep is a MOV to CR exit with state set up at the exit and the
@@ -207,15 +207,15 @@ func crStep(qual, val uint64, fields map[vmx.Field]uint64, inject uint64, more f
 func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 	const pgOn = vmx.CR0PG | vmx.CR0NE | vmx.CR0ET | vmx.CR0PE
 	notIA32e := func(t *testing.T, v *VCPU) {
-		assert.Zero(t, fv(v).Fields[vmx.GuestEFER]&eferLMA)
+		assert.Zero(t, fv(v).Fields[vmx.GuestEFER]&vmx.EFERLMA)
 		assert.Zero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
 	}
-	long := map[vmx.Field]uint64{vmx.GuestEFER: eferLME | eferLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
+	long := map[vmx.Field]uint64{vmx.GuestEFER: vmx.EFERLME | vmx.EFERLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
 		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20, vmx.GuestCSAccess: csLong}
-	compat := map[vmx.Field]uint64{vmx.GuestEFER: eferLME | eferLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
-		vmx.GuestCR4: 0x22020, vmx.CR4ReadShadow: 0x20020, vmx.GuestCSAccess: arCode32}
+	compat := map[vmx.Field]uint64{vmx.GuestEFER: vmx.EFERLME | vmx.EFERLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
+		vmx.GuestCR4: 0x22020, vmx.CR4ReadShadow: 0x20020, vmx.GuestCSAccess: vmx.AccessCode32}
 	prot := map[vmx.Field]uint64{vmx.GuestEFER: 0, vmx.GuestCR0: 0x31, vmx.CR0ReadShadow: 0x11,
-		vmx.GuestCR4: 0x2000, vmx.CR4ReadShadow: 0, vmx.GuestCSAccess: arCode32}
+		vmx.GuestCR4: 0x2000, vmx.CR4ReadShadow: 0, vmx.GuestCSAccess: vmx.AccessCode32}
 	with := func(base map[vmx.Field]uint64, kv ...uint64) map[vmx.Field]uint64 {
 		m := map[vmx.Field]uint64{}
 		for k, x := range base {
@@ -227,14 +227,14 @@ func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 		return m
 	}
 	v, _ := scripted(t, []exitStep{
-		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), eferLME), gpCode, notIA32e),                                                                  // LME without PAE
-		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), eferLME, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.GuestCSAccess), csLong), gpCode, notIA32e), // CS.L
-		crStep(movCR0RAX, 0x20000031, prot, gpCode, nil),                                                                                                       // NW without CD
-		crStep(movCR0RAX, 0x80000030, prot, gpCode, nil),                                                                                                       // PG without PE
-		crStep(movCR0RAX, 0x31, long, gpCode, nil),                                                                                                             // PG off in 64-bit mode
-		crStep(movCR0RAX, 0x31, compat, gpCode, nil),                                                                                                           // PG off with PCIDE
-		crStep(movCR0RAX, 1<<32|pgOn, long, gpCode, nil),                                                                                                       // bits 63:32 in 64-bit mode
-		crStep(movCR0RAX, pgOn&^vmx.CR0WP, with(long, uint64(vmx.GuestCR4), 0x802020, uint64(vmx.CR4ReadShadow), 0x800020), gpCode, nil),                       // WP clear with CET
+		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), vmx.EFERLME), gpCode, notIA32e),                                                                  // LME without PAE
+		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), vmx.EFERLME, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.GuestCSAccess), csLong), gpCode, notIA32e), // CS.L
+		crStep(movCR0RAX, 0x20000031, prot, gpCode, nil),                                                                                                           // NW without CD
+		crStep(movCR0RAX, 0x80000030, prot, gpCode, nil),                                                                                                           // PG without PE
+		crStep(movCR0RAX, 0x31, long, gpCode, nil),                                                                                                                 // PG off in 64-bit mode
+		crStep(movCR0RAX, 0x31, compat, gpCode, nil),                                                                                                               // PG off with PCIDE
+		crStep(movCR0RAX, 1<<32|pgOn, long, gpCode, nil),                                                                                                           // bits 63:32 in 64-bit mode
+		crStep(movCR0RAX, pgOn&^vmx.CR0WP, with(long, uint64(vmx.GuestCR4), 0x802020, uint64(vmx.CR4ReadShadow), 0x800020), gpCode, nil),                           // WP clear with CET
 		// Outside 64-bit mode the operand is EAX: RAX's upper half is not
 		// looked at.
 		crStep(movCR0RAX, 0xdead0000_00000031, prot, 0, func(t *testing.T, v *VCPU) {
@@ -246,9 +246,9 @@ func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 		}),
 		// Paging on with LME and PAE from a 16-bit busy TSS: IA-32e mode,
 		// and TR becomes a busy 64-bit TSS as VM entry requires.
-		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), eferLME, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.GuestTRAccess), 0x83), 0,
+		crStep(movCR0RAX, pgOn, with(prot, uint64(vmx.GuestEFER), vmx.EFERLME, uint64(vmx.GuestCR4), 0x2020, uint64(vmx.GuestTRAccess), 0x83), 0,
 			func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).Fields[vmx.GuestEFER])
+				assert.Equal(t, uint64(vmx.EFERLME|vmx.EFERLMA), fv(v).Fields[vmx.GuestEFER])
 				assert.NotZero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
 				assert.Equal(t, uint64(0x8b), fv(v).Fields[vmx.GuestTRAccess])
 			}),
@@ -258,7 +258,7 @@ func TestCR0WritesTheProcessorRefuses(t *testing.T) {
 
 func TestCR4WritesTheProcessorRefuses(t *testing.T) {
 	const pgOn = vmx.CR0PG | vmx.CR0NE | vmx.CR0ET | vmx.CR0PE | vmx.CR0WP
-	long := map[vmx.Field]uint64{vmx.GuestEFER: eferLME | eferLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
+	long := map[vmx.Field]uint64{vmx.GuestEFER: vmx.EFERLME | vmx.EFERLMA, vmx.GuestCR0: pgOn, vmx.CR0ReadShadow: pgOn,
 		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20, vmx.GuestCSAccess: csLong, vmx.GuestCR3: 0x1000}
 	// These writes exit only with a wider CR4 guest/host mask than
 	// today's; the checks must hold for any mask.
@@ -268,7 +268,7 @@ func TestCR4WritesTheProcessorRefuses(t *testing.T) {
 		crStep(movCR4RCX, 0x20020, map[vmx.Field]uint64{vmx.GuestCR3: 0x1001}, gpCode, nil),                   // PCIDE with CR3[11:0] != 0
 		crStep(movCR4RCX, 0x20020, map[vmx.Field]uint64{vmx.GuestEFER: 0, vmx.GuestCR3: 0x1000}, gpCode, nil), // PCIDE outside IA-32e mode
 		crStep(movCR4RCX, 1<<32|0x20, long, gpCode, nil),                                                      // bits 63:32
-		crStep(movCR4RCX, 0x800020, map[vmx.Field]uint64{vmx.GuestCR0: 0x80000031, vmx.CR0ReadShadow: 0x80000011, vmx.GuestEFER: eferLME | eferLMA}, gpCode, nil), // CET without WP
+		crStep(movCR4RCX, 0x800020, map[vmx.Field]uint64{vmx.GuestCR0: 0x80000031, vmx.CR0ReadShadow: 0x80000011, vmx.GuestEFER: vmx.EFERLME | vmx.EFERLMA}, gpCode, nil), // CET without WP
 		crStep(movCR4RCX, 0x20020, long, 0, func(t *testing.T, v *VCPU) {
 			assert.Equal(t, uint64(0x20020), fv(v).Fields[vmx.CR4ReadShadow])
 		}),
@@ -286,7 +286,7 @@ func TestPAEPagingLoadsThePDPTEs(t *testing.T) {
 	mem.put64(0x100040, 0x300001|1<<5)  // reserved bit 5
 	mem.put64(0x100060, 0x300001|1<<40) // above MAXPHYADDR (39)
 	prot := map[vmx.Field]uint64{vmx.GuestEFER: 0, vmx.GuestCR0: 0x31, vmx.CR0ReadShadow: 0x11,
-		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20, vmx.GuestCSAccess: arCode32}
+		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20, vmx.GuestCSAccess: vmx.AccessCode32}
 	cr3 := func(c uint64) map[vmx.Field]uint64 {
 		m := map[vmx.Field]uint64{vmx.GuestCR3: c}
 		for k, x := range prot {
@@ -356,7 +356,7 @@ func TestTaskSwitchShutsTheGuestDown(t *testing.T) {
 
 func TestINITResetsTheVCPUAndStopsTheGuest(t *testing.T) {
 	v, _ := scripted(t, []exitStep{{reason: vmx.ExitINIT, fields: map[vmx.Field]uint64{
-		vmx.GuestCR0: 0xe0000031, vmx.CR0ReadShadow: 0xe0000011, vmx.GuestEFER: eferLME | eferLMA,
+		vmx.GuestCR0: 0xe0000031, vmx.CR0ReadShadow: 0xe0000011, vmx.GuestEFER: vmx.EFERLME | vmx.EFERLMA,
 		vmx.GuestCR4: 0x2020, vmx.CR4ReadShadow: 0x20}}})
 	fv(v).Fields[vmx.EntryControls] |= vmx.EntryIA32eMode
 	require.NoError(t, v.Inject(vmx.Event{Vector: 0x30, Type: vmx.EventExternal}))
@@ -447,7 +447,7 @@ func TestNewExitPathsAllocateNothing(t *testing.T) {
 	m.Fields[vmx.IDTVectoringInfo] = 0
 	m.Fields[vmx.ExitInstructionLen] = 2
 	m.Fields[vmx.ExitInstructionInfo] = 2 << 7
-	m.Fields[vmx.GuestCR4] |= guestCR4X | vmx.CR4PAE
+	m.Fields[vmx.GuestCR4] |= vmx.CR4OSXSAV | vmx.CR4PAE
 	m.Fields[vmx.GuestCR3] = 0x100000
 	exits := []struct {
 		reason vmx.ExitReason

@@ -29,7 +29,7 @@ func TestGuestNMIIsReinjected(t *testing.T) {
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(nmiInfo), fv(v).Fields[vmx.EntryInterruptInfo])
-				fv(v).Fields[vmx.GuestInterruptibility] = blockingNMI // in the guest's handler
+				fv(v).Fields[vmx.GuestInterruptibility] = vmx.BlockingNMI // in the guest's handler
 			}},
 		{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: nmiInfo},
 			check: func(t *testing.T, v *VCPU) {
@@ -51,10 +51,10 @@ func TestGuestNMIIsReinjected(t *testing.T) {
 // would never open.
 func TestVectoredNMIIsReinjectedAtOnce(t *testing.T) {
 	v, _ := scripted(t, []exitStep{
-		{reason: vmx.ExitInterruptWindow, fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: nmiInfo, vmx.GuestInterruptibility: blockingNMI},
+		{reason: vmx.ExitInterruptWindow, fields: map[vmx.Field]uint64{vmx.IDTVectoringInfo: nmiInfo, vmx.GuestInterruptibility: vmx.BlockingNMI},
 			check: func(t *testing.T, v *VCPU) {
 				assert.Equal(t, uint64(nmiInfo), fv(v).Fields[vmx.EntryInterruptInfo], "NMI injected")
-				assert.Zero(t, fv(v).Fields[vmx.GuestInterruptibility]&blockingNMI, "blocking by NMI cleared (SDM 26.3.1.5)")
+				assert.Zero(t, fv(v).Fields[vmx.GuestInterruptibility]&vmx.BlockingNMI, "blocking by NMI cleared (SDM 26.3.1.5)")
 				assert.Zero(t, fv(v).Fields[vmx.ProcControls]&vmx.ProcNMIWindow)
 			}},
 	})
@@ -72,7 +72,7 @@ func TestNMIWindowNeedsVirtualNMIs(t *testing.T) {
 		f := fv(v).Fields
 		assert.Equal(t, virtual, f[vmx.PinControls]&vmx.PinVirtualNMIs != 0)
 		assert.Equal(t, virtual, f[vmx.PinControls]&vmx.PinNMIExiting != 0, "NMI exiting comes with virtual NMIs")
-		f[vmx.GuestInterruptibility] = blockingNMI
+		f[vmx.GuestInterruptibility] = vmx.BlockingNMI
 		v.queueNMI()
 		v.deliverEvent()
 		assert.Equal(t, virtual, f[vmx.ProcControls]&vmx.ProcNMIWindow != 0, "virtual NMIs %v", virtual)
@@ -91,7 +91,7 @@ func TestIRETUnblockingIsUndone(t *testing.T) {
 		v, _ := scripted(t, []exitStep{
 			{reason: vmx.ExitExceptionOrNMI, fields: map[vmx.Field]uint64{vmx.ExitInterruptInfo: c.info, vmx.ExitInterruptError: 2},
 				check: func(t *testing.T, v *VCPU) {
-					assert.Equal(t, c.block, fv(v).Fields[vmx.GuestInterruptibility]&blockingNMI != 0, "info %#x", c.info)
+					assert.Equal(t, c.block, fv(v).Fields[vmx.GuestInterruptibility]&vmx.BlockingNMI != 0, "info %#x", c.info)
 				}},
 		})
 		require.NoError(t, v.Run())

@@ -27,14 +27,6 @@ type Setup struct {
 	ExceptionBM uint32
 }
 
-// Segment access rights, short names for vmx's.
-const (
-	arCode32   = vmx.AccessCode32
-	arData32   = vmx.AccessData32
-	arTSSBusy  = vmx.AccessTSSBusy32
-	arUnusable = vmx.AccessUnusable
-)
-
 // Init writes every VMCS field for a guest entering the 32-bit Linux boot
 // protocol state s (protected mode, paging off: this needs unrestricted
 // guest). Controls are adjusted to the capability MSRs.
@@ -140,10 +132,10 @@ func (v *VCPU) Init(c Setup, s *Start) error {
 	const cr0Boot = vmx.CR0PE | vmx.CR0ET
 	v.writeGuestState(guestState{
 		cr0: cr0Boot, rip: s.RIP,
-		cs:   segment{sel: s.CodeSel, limit: 0xffffffff, access: arCode32},
-		data: segment{sel: s.DataSel, limit: 0xffffffff, access: arData32},
-		ldtr: segment{access: arUnusable},
-		tr:   segment{limit: 0xff, access: arTSSBusy},
+		cs:   segment{sel: s.CodeSel, limit: 0xffffffff, access: vmx.AccessCode32},
+		data: segment{sel: s.DataSel, limit: 0xffffffff, access: vmx.AccessData32},
+		ldtr: segment{access: vmx.AccessUnusable},
+		tr:   segment{limit: 0xff, access: vmx.AccessTSSBusy32},
 		gdt:  [2]uint64{s.GDTBase, uint64(s.GDTLimit)},
 	})
 	v.Regs = vmx.GuestRegs{RSI: s.RSI}

@@ -539,8 +539,8 @@ func (v *VCPU) exit() (Action, error) {
 // return Next instead.
 func (v *VCPU) Complete(rip uint64, n int) {
 	v.write(vmx.GuestRIP, rip+uint64(n))
-	if s := v.read(vmx.GuestInterruptibility); s&(blockingSTI|blockingMovSS) != 0 {
-		v.write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+	if s := v.read(vmx.GuestInterruptibility); s&(vmx.BlockingSTI|vmx.BlockingMovSS) != 0 {
+		v.write(vmx.GuestInterruptibility, s&^(vmx.BlockingSTI|vmx.BlockingMovSS))
 	}
 }
 
@@ -558,8 +558,8 @@ func (v *VCPU) skipInstruction(rip uint64) {
 		if !vmx.Write(vmx.GuestRIP, rip+n) {
 			h.failed("VMWRITE", vmx.GuestRIP, rip+n)
 		}
-		if s&(blockingSTI|blockingMovSS) != 0 {
-			h.Write(vmx.GuestInterruptibility, s&^(blockingSTI|blockingMovSS))
+		if s&(vmx.BlockingSTI|vmx.BlockingMovSS) != 0 {
+			h.Write(vmx.GuestInterruptibility, s&^(vmx.BlockingSTI|vmx.BlockingMovSS))
 		}
 		return
 	}

@@ -203,9 +203,9 @@ func TestCRWrites(t *testing.T) {
 				assert.Equal(t, uint64(0x2020), fv(v).Fields[vmx.GuestCR4])
 			}},
 		// Paging on with EFER.LME: IA-32e mode.
-		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x0, vmx.GuestEFER: eferLME}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x80000011 },
+		{reason: vmx.ExitCRAccess, fields: map[vmx.Field]uint64{vmx.ExitQualification: 0x0, vmx.GuestEFER: vmx.EFERLME}, regs: func(r *vmx.GuestRegs) { r.RAX = 0x80000011 },
 			check: func(t *testing.T, v *VCPU) {
-				assert.Equal(t, uint64(eferLME|eferLMA), fv(v).Fields[vmx.GuestEFER])
+				assert.Equal(t, uint64(vmx.EFERLME|vmx.EFERLMA), fv(v).Fields[vmx.GuestEFER])
 				assert.NotZero(t, fv(v).Fields[vmx.EntryControls]&vmx.EntryIA32eMode)
 			}},
 	})

@@ -90,9 +90,9 @@ func apicWrite(off uint64, regs func(*vmx.GuestRegs), check func(*testing.T, *hv
 // is at userRIP.
 func apicFixture(t *testing.T) *ptFixture {
 	f := newPTFixture(t, swapPTE)
-	f.g.mapPage(apicVA, apicBase, pteRW)
-	f.g.mapPage(userAPICVA, apicBase, pteRW|pteUS)
-	f.g.mapPage(userRIP, userCodePA, pteUS)
+	f.g.mapPage(apicVA, apicBase, vmx.PTEWritable)
+	f.g.mapPage(userAPICVA, apicBase, vmx.PTEWritable|vmx.PTEUser)
+	f.g.mapPage(userRIP, userCodePA, vmx.PTEUser)
 	for _, va := range []uint64{apicVA, userAPICVA, userRIP} {
 		f.g.setAD(va)
 	}
@@ -255,7 +255,7 @@ func TestAPICStoreFromUserMode(t *testing.T) {
 		*f.g.mem.at(userCodePA + uint64(i)) = b
 	}
 	const va = 0x2000b0
-	f.g.mapPage(va&^0xfff, apicBase, pteRW|pteUS)
+	f.g.mapPage(va&^0xfff, apicBase, vmx.PTEWritable|vmx.PTEUser)
 	f.g.setAD(va)
 	lapic := newFakeAPIC()
 	a := lapic.emulator(f.gm)

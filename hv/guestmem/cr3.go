@@ -226,7 +226,7 @@ func (s *AddressSpaces) observe(cr3 uint64, cpl int, long bool) {
 }
 
 // pairEntry keeps the bits a PGD entry's two copies share.
-const pairEntry = pteAddr | pteP | pteRW | pteUS
+const pairEntry = vmx.PTEAddress | vmx.PTEPresent | vmx.PTEWritable | vmx.PTEUser
 
 // pair reports whether k and u (guest-physical page-table pages) are the
 // kernel and user PGDs of one isolated address space.
@@ -241,7 +241,7 @@ func (s *AddressSpaces) pair(k, u uint64) bool {
 		if eu&pairEntry != ek&pairEntry {
 			return false
 		}
-		if eu&pteP != 0 {
+		if eu&vmx.PTEPresent != 0 {
 			users++
 		}
 	}
@@ -252,7 +252,7 @@ func (s *AddressSpaces) pair(k, u uint64) bool {
 func presentEntries(b []byte) int {
 	n := 0
 	for i := 0; i+8 <= len(b); i += 8 {
-		if b[i]&pteP != 0 {
+		if b[i]&vmx.PTEPresent != 0 {
 			n++
 		}
 	}

@@ -47,18 +47,18 @@ func ptiProcess(t *testing.T, g *testGuest) (k, u uint64) {
 	require.Zero(t, k&(2*4096-1), "kernel PGD 8 KiB aligned")
 	u = g.frame()
 	require.Equal(t, k|PTIUserBit, u)
-	g.mapPage(0x400000, 0x300000, pteRW|pteUS)         // user code
-	g.mapPage(0x7fff_ffff_e000, 0x301000, pteRW|pteUS) // user stack
-	g.mapPage(0xffff_8880_0000_0000, 0, pteRW)         // direct map
-	g.mapPage(0xffff_ffff_8100_0000, 0x1000000, 0)     // kernel text
+	g.mapPage(0x400000, 0x300000, vmx.PTEWritable|vmx.PTEUser)         // user code
+	g.mapPage(0x7fff_ffff_e000, 0x301000, vmx.PTEWritable|vmx.PTEUser) // user stack
+	g.mapPage(0xffff_8880_0000_0000, 0, vmx.PTEWritable)               // direct map
+	g.mapPage(0xffff_ffff_8100_0000, 0x1000000, 0)                     // kernel text
 	for i := uint64(0); i < 256; i++ {
 		e := g.mem.get64(k + 8*i)
 		g.mem.put64(u+8*i, e)
-		if e&pteP != 0 {
-			g.mem.put64(k+8*i, e|pteXD|1<<5) // NX and accessed in the kernel copy
+		if e&vmx.PTEPresent != 0 {
+			g.mem.put64(k+8*i, e|vmx.PTEExecuteDisable|1<<5) // NX and accessed in the kernel copy
 		}
 	}
-	g.mem.put64(u+8*508, g.frame()|pteP|pteRW) // cpu_entry_area
+	g.mem.put64(u+8*508, g.frame()|vmx.PTEPresent|vmx.PTEWritable) // cpu_entry_area
 	return k, u
 }
 
@@ -69,11 +69,11 @@ func twoProcesses(t *testing.T, g *testGuest) (a, b uint64) {
 	a = g.cr3
 	b = g.frame()
 	require.Equal(t, a|PTIUserBit, b)
-	g.mapPage(0x400000, 0x300000, pteRW|pteUS)
-	g.mapPage(0xffff_8880_0000_0000, 0, pteRW)
+	g.mapPage(0x400000, 0x300000, vmx.PTEWritable|vmx.PTEUser)
+	g.mapPage(0xffff_8880_0000_0000, 0, vmx.PTEWritable)
 	g.mapPage(0xffff_ffff_8100_0000, 0x1000000, 0)
 	g.cr3 = b
-	g.mapPage(0x400000, 0x310000, pteRW|pteUS)
+	g.mapPage(0x400000, 0x310000, vmx.PTEWritable|vmx.PTEUser)
 	for i := uint64(256); i < 512; i++ {
 		g.mem.put64(b+8*i, g.mem.get64(a+8*i))
 	}

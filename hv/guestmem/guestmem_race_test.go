@@ -77,12 +77,12 @@ func newArenaGuest(t *testing.T, log *[]string) (*testGuest, *stackArena) {
 func splitTable(t *testing.T, e *ept.EPT, a *stackArena, gpa uint64) uint64 {
 	pml4, err := a.Table(e.Root())
 	require.NoError(t, err)
-	pdpt, err := a.Table(pml4[gpa>>39&511] & pteAddr)
+	pdpt, err := a.Table(pml4[gpa>>39&511] & vmx.PTEAddress)
 	require.NoError(t, err)
-	pd, err := a.Table(pdpt[gpa>>30&511] & pteAddr)
+	pd, err := a.Table(pdpt[gpa>>30&511] & vmx.PTEAddress)
 	require.NoError(t, err)
-	if v := pd[gpa>>21&511]; v&ptePS == 0 {
-		return v & pteAddr
+	if v := pd[gpa>>21&511]; v&vmx.PTEPageSize == 0 {
+		return v & vmx.PTEAddress
 	}
 	return 0
 }
@@ -106,12 +106,12 @@ func TestMergedTableIsNotReusedBeforeTheFlush(t *testing.T) {
 	// region at 8 MiB, which nothing protects yet.
 	const ptA, ptA2, ptB2 = 0x600000, 0x211000, 0x800000
 	ptB := uint64(0x210000)
-	g.mem.put64(pdeA, ptA|pteP|pteRW|pteUS)
-	g.mem.put64(pdeB, ptB|pteP|pteRW|pteUS)
-	g.mapPage(vaA, dataA, pteRW|pteUS)
-	g.mapPage(vaB, dataB, pteRW|pteUS)
-	g.mem.put64(ptA2+8*(vaA>>12&511), dataA+0x10000|pteP|pteRW|pteUS)
-	g.mem.put64(ptB2+8*(vaB>>12&511), dataB+0x10000|pteP|pteRW|pteUS)
+	g.mem.put64(pdeA, ptA|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	g.mem.put64(pdeB, ptB|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	g.mapPage(vaA, dataA, vmx.PTEWritable|vmx.PTEUser)
+	g.mapPage(vaB, dataB, vmx.PTEWritable|vmx.PTEUser)
+	g.mem.put64(ptA2+8*(vaA>>12&511), dataA+0x10000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	g.mem.put64(ptB2+8*(vaB>>12&511), dataB+0x10000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 
 	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
@@ -130,8 +130,8 @@ func TestMergedTableIsNotReusedBeforeTheFlush(t *testing.T) {
 	v, _ := vcputest.Scripted(t, []vcputest.Step{
 		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pdeA, vmx.ExitQualification: qualWrite}},
 		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) {
-			g.mem.put64(pdeA, ptA2|pteP|pteRW|pteUS)
-			g.mem.put64(pdeB, ptB2|pteP|pteRW|pteUS)
+			g.mem.put64(pdeA, ptA2|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+			g.mem.put64(pdeB, ptB2|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 			log = nil
 		}},
 	})
@@ -166,7 +166,7 @@ func TestMergedTablesWaitWhileAProcessorMissedTheFlush(t *testing.T) {
 	gm := NewWatcher(g.phys, g.cr3)
 	const va = 0x7f0000000000
 	g.next = 0x600000
-	g.mapPage(va, 0x3000000, pteRW|pteUS)
+	g.mapPage(va, 0x3000000, vmx.PTEWritable|vmx.PTEUser)
 	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 	require.NoError(t, err)
 	f := splitTable(t, g.ept, arena, 0x600000)
@@ -244,8 +244,8 @@ func TestReadHearsAStoreBetweenTheWalkAndTheProtection(t *testing.T) {
 	v, _ := vcputest.Scripted(t, []vcputest.Step{
 		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: qualWrite}},
 		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) {
-			g.mem.put64(pde, pt|pteP|pteRW|pteUS)
-			mem.at, mem.val, mem.armed = pt+8*(va>>12&511), data|pteP|pteRW|pteUS, true
+			g.mem.put64(pde, pt|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+			mem.at, mem.val, mem.armed = pt+8*(va>>12&511), data|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser, true
 		}},
 	})
 	require.NoError(t, gm.Install(v))
@@ -277,8 +277,8 @@ func TestNewWatchFollowsATableLinkedBeforeItsProtection(t *testing.T) {
 	pde := g.entry(va, 2)
 	pt := g.frame()
 	pte := pt + 8*(va>>12&511)
-	g.mem.put64(pte, data|pteP|pteRW|pteUS)
-	mem.at, mem.val, mem.armed = pde, pt|pteP|pteRW|pteUS, true
+	g.mem.put64(pte, data|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	mem.at, mem.val, mem.armed = pde, pt|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser, true
 
 	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
@@ -316,8 +316,8 @@ func TestNewWatchFollowsATableLinkedBeforeItsProtection(t *testing.T) {
 func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
 	const va, data = 0x7f0000400000, 0x3000000
-	g.mapPage(va, data, pteRW|pteUS)
-	g.mapPage(va+0x1000, data+0x1000, pteRW|pteUS)
+	g.mapPage(va, data, vmx.PTEWritable|vmx.PTEUser)
+	g.mapPage(va+0x1000, data+0x1000, vmx.PTEWritable|vmx.PTEUser)
 	pte := g.entry(va, 1)
 	gm := NewWatcher(g.phys, g.cr3)
 	var heard []swapmem.Translation
@@ -332,7 +332,7 @@ func TestStoreWhileOpenForFlagUpdatesIsHeard(t *testing.T) {
 	v, _ := vcputest.Scripted(t, []vcputest.Step{
 		// Accessed and dirty flags only: nothing to walk.
 		{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pte, vmx.ExitQualification: qualFlags}},
-		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pte, g.mem.get64(pte)|pteA|pteD) },
+		{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pte, g.mem.get64(pte)|vmx.PTEAccessed|vmx.PTEDirty) },
 			Check: func(t *testing.T, _ *hv.VCPU) {
 				assert.Empty(t, heard)
 				assert.Zero(t, gm.Writes)
@@ -363,7 +363,7 @@ func TestEndedWatchesAreOneFlush(t *testing.T) {
 	for i := range uint64(8) {
 		va := 0x7f0000000000 + i<<21 // a page table each, in its own region
 		g.next = 0x600000 + i<<21
-		g.mapPage(va, 0x3000000, pteRW|pteUS)
+		g.mapPage(va, 0x3000000, vmx.PTEWritable|vmx.PTEUser)
 		cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 		require.NoError(t, err)
 		cancels = append(cancels, cancel)
@@ -389,7 +389,7 @@ func TestEndedWatchesAreOneFlush(t *testing.T) {
 func TestOpenPageWaitsForItsWriter(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
 	const va = 0x7f0000400000
-	g.mapPage(va, 0x3000000, pteRW|pteUS)
+	g.mapPage(va, 0x3000000, vmx.PTEWritable|vmx.PTEUser)
 	pte := g.entry(va, 1)
 	gm := NewWatcher(g.phys, g.cr3)
 	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})

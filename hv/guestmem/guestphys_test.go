@@ -114,17 +114,19 @@ func (g *testGuest) entry(va uint64, level int) uint64 {
 	for l := 4; l > level; l-- {
 		ea := table + 8*(va>>(12+9*uint(l-1))&511)
 		e := g.mem.get64(ea)
-		if e&pteP == 0 {
-			e = g.frame() | pteP | pteRW | pteUS
+		if e&vmx.PTEPresent == 0 {
+			e = g.frame() | vmx.PTEPresent | vmx.PTEWritable | vmx.PTEUser
 			g.mem.put64(ea, e)
 		}
-		table = e & pteAddr
+		table = e & vmx.PTEAddress
 	}
 	return table + 8*(va>>(12+9*uint(level-1))&511)
 }
 
 // mapPage maps the 4 KiB page at va to pa.
-func (g *testGuest) mapPage(va, pa, flags uint64) { g.mem.put64(g.entry(va, 1), pa|flags|pteP) }
+func (g *testGuest) mapPage(va, pa, flags uint64) {
+	g.mem.put64(g.entry(va, 1), pa|flags|vmx.PTEPresent)
+}
 
 // loadKernel maps the code's pages at VA-kernelOff (or where at says)
 // and writes the code there.
@@ -135,7 +137,7 @@ func (g *testGuest) loadKernel(c map[uint64]byte, at map[uint64]uint64) {
 		if !ok {
 			pa = page - kernelOff
 		}
-		g.mapPage(page, pa, pteRW)
+		g.mapPage(page, pa, vmx.PTEWritable)
 		*g.mem.at(pa + va&0xfff) = b
 	}
 }
@@ -205,7 +207,7 @@ func TestWalkerRefusesTamahvAndMMIOAsPageTables(t *testing.T) {
 		table uint64
 		err   error
 	}{{0x10007000, ErrHole}, {sinkPA + 0x7000, ErrHole}, {0xfee00000, ErrNotRAM}, {0x140000000, ErrNotRAM}} {
-		g.mem.put64(pde, c.table|pteP|pteRW|pteUS)
+		g.mem.put64(pde, c.table|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 		tr, err := gm.Translate(g.cr3, va)
 		assert.ErrorIs(t, err, c.err, "table at %#x", c.table)
 		assert.False(t, tr.Present)
@@ -221,7 +223,7 @@ func TestWalkerRefusesTamahvAndMMIOAsPageTables(t *testing.T) {
 	_, err := gm.Translate(holeStart+0x1000, va)
 	assert.ErrorIs(t, err, ErrHole)
 	// The same entry naming guest RAM walks.
-	g.mem.put64(pde, 0x400000|pteP|pteRW|pteUS)
+	g.mem.put64(pde, 0x400000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 	g.mem.put64(0x400000, 0x300005)
 	tr, err := gm.Translate(g.cr3, va)
 	require.NoError(t, err)
@@ -245,7 +247,7 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 		g := newTestGuest(t, ept.Options{})
 		gm := NewWatcher(g.phys, g.cr3)
 		const va = 0x7f0000200000
-		g.mapPage(va, 0x300000, pteRW|pteUS)
+		g.mapPage(va, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 		var heard []swapmem.Translation
 		cancel, err := gm.Watch(g.cr3, va, func(tr swapmem.Translation) { heard = append(heard, tr) })
 		require.NoError(t, err)
@@ -260,7 +262,7 @@ func TestWatchThatCannotFollowFails(t *testing.T) {
 		v, _ := vcputest.Scripted(t, []vcputest.Step{
 			{Reason: vmx.ExitEPTViolation, Fields: map[vmx.Field]uint64{vmx.GuestPhysAddr: pde, vmx.ExitQualification: write},
 				Regs: func(*vmx.GuestRegs) {}},
-			{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pde, c.pde|pteP|pteRW|pteUS) }},
+			{Reason: vmx.ExitCPUID, Regs: func(*vmx.GuestRegs) { g.mem.put64(pde, c.pde|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser) }},
 		})
 		require.NoError(t, gm.Install(v))
 		require.NoError(t, v.Run())
@@ -288,7 +290,7 @@ func TestSplitTablesAreFreed(t *testing.T) {
 	g := newTestGuest(t, ept.Options{})
 	gm := NewWatcher(g.phys, g.cr3)
 	// The upper tables live in the first region; watch it once for good.
-	g.mapPage(0x7f0000000000, 0x300000, pteRW|pteUS)
+	g.mapPage(0x7f0000000000, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 	keep, err := gm.Watch(g.cr3, 0x7f0000000000, func(swapmem.Translation) {})
 	require.NoError(t, err)
 	defer keep()
@@ -303,7 +305,7 @@ func TestSplitTablesAreFreed(t *testing.T) {
 	for i, r := range regions {
 		va := 0x7f0000000000 + uint64(i+1)<<21 // a new PT each
 		g.next = r + 0x1000
-		g.mapPage(va, 0x300000, pteRW|pteUS)
+		g.mapPage(va, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 		cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
 		require.NoError(t, err, "region %d at %#x", i, r)
 		cancel()

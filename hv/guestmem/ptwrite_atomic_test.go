@@ -82,7 +82,7 @@ func TestLockedUpdateKeepsAConcurrentChange(t *testing.T) {
 	}{
 		{name: "lock andb $0xfd,(%rdi)", code: []byte{0xf0, 0x80, 0x27, 0xfd},
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
-			mem:  newPTE &^ pteRW},
+			mem:  newPTE &^ vmx.PTEWritable},
 		{name: "lock orq %rax,(%rdi)", code: []byte{0xf0, 0x48, 0x09, 0x07},
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, 1<<62 },
 			mem:  newPTE | 1<<62},
@@ -96,7 +96,7 @@ func TestLockedUpdateKeepsAConcurrentChange(t *testing.T) {
 				assert.Equal(t, uint64(newPTE), v.Regs.RAX, "the old entry, dirty")
 			}},
 		{name: "lock cmpxchg %rdx,(%rdi) fails", code: []byte{0xf0, 0x48, 0x0f, 0xb1, 0x17},
-			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX, r.RDX = f.kva, clean, clean&^pteRW },
+			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX, r.RDX = f.kva, clean, clean&^vmx.PTEWritable },
 			mem:  newPTE,
 			check: func(t *testing.T, v *hv.VCPU) {
 				assert.Equal(t, uint64(newPTE), v.Regs.RAX, "the entry as it is now")

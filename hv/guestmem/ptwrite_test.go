@@ -25,7 +25,7 @@ const (
 	ptRIP     = 0xffffffff81000ff0 // 16 bytes before a page end: fetches cross
 	ptUser    = 0x7f0000000000 + 100<<12
 	swapPTE   = 0x0000000123456600 // a swap entry: not present, backed
-	newPTE    = 0x300000 | pteP | pteRW | pteUS | vmx.PTEAccessed | vmx.PTEDirty
+	newPTE    = 0x300000 | vmx.PTEPresent | vmx.PTEWritable | vmx.PTEUser | vmx.PTEAccessed | vmx.PTEDirty
 	// ptWriteQual is an EPT violation of a write to a final translation,
 	// the entry readable and executable.
 	ptWriteQual = 0x2 | 0x8 | 0x20 | 0x80 | 0x100
@@ -55,14 +55,14 @@ func (g *testGuest) setAD(va uint64) {
 func newPTFixture(t testing.TB, old uint64) *ptFixture {
 	g := newTestGuest(t, ept.Options{})
 	f := &ptFixture{g: g}
-	g.mapPage(ptUser, 0x300000, pteRW|pteUS)
+	g.mapPage(ptUser, 0x300000, vmx.PTEWritable|vmx.PTEUser)
 	f.pte = g.entry(ptUser, 1)
 	pt := f.pte &^ 0xfff
 	f.kva = directMap + f.pte
-	g.mapPage(directMap+pt, pt, pteRW)
-	g.mapPage(kimgAlias, pt, pteRW)
+	g.mapPage(directMap+pt, pt, vmx.PTEWritable)
+	g.mapPage(kimgAlias, pt, vmx.PTEWritable)
 	for _, va := range []uint64{ptRIP, ptRIP + 0x1000} {
-		g.mapPage(va&^0xfff, va&^0xfff-kernelOff, pteRW)
+		g.mapPage(va&^0xfff, va&^0xfff-kernelOff, vmx.PTEWritable)
 	}
 	for _, va := range []uint64{ptUser, directMap + pt, kimgAlias, ptRIP, ptRIP + 0x1000} {
 		g.setAD(va)
@@ -215,11 +215,11 @@ func TestPageTableWritesEmulated(t *testing.T) {
 			flagsIn: vmx.RFLAGSCF | vmx.RFLAGSOF | vmx.RFLAGSZF,
 			regs:    func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
 			// 0x67 & 0xfd = 0x65: even parity, positive, not zero.
-			want: result{mem: newPTE &^ pteRW, flags: 0x2 | vmx.RFLAGSPF, heard: []swapmem.Translation{readOnly}}},
+			want: result{mem: newPTE &^ vmx.PTEWritable, flags: 0x2 | vmx.RFLAGSPF, heard: []swapmem.Translation{readOnly}}},
 		{name: "lock andq $-3,(%rdi)", code: []byte{0xf0, 0x48, 0x83, 0x27, 0xfd}, old: newPTE,
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
-			want: result{mem: newPTE &^ pteRW, flags: 0x2 | vmx.RFLAGSPF, heard: []swapmem.Translation{readOnly}}},
-		{name: "set_bit: lock orb $2,(%rdi)", code: []byte{0xf0, 0x80, 0x0f, 0x02}, old: newPTE &^ pteRW,
+			want: result{mem: newPTE &^ vmx.PTEWritable, flags: 0x2 | vmx.RFLAGSPF, heard: []swapmem.Translation{readOnly}}},
+		{name: "set_bit: lock orb $2,(%rdi)", code: []byte{0xf0, 0x80, 0x0f, 0x02}, old: newPTE &^ vmx.PTEWritable,
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
 			want: result{mem: newPTE, flags: 0x2, heard: []swapmem.Translation{present}}},
 		{name: "lock or %rax,(%rdi)", code: []byte{0xf0, 0x48, 0x09, 0x07}, old: 0,
@@ -232,12 +232,12 @@ func TestPageTableWritesEmulated(t *testing.T) {
 			flagsIn: vmx.RFLAGSZF,
 			regs:    func(f *ptFixture, r *vmx.GuestRegs) { r.RDI = f.kva },
 			want:    result{mem: newPTE &^ vmx.PTEAccessed, flags: 0x2 | vmx.RFLAGSCF | vmx.RFLAGSZF, heard: nil}},
-		{name: "lock bts %rax,(%rdi): a bit offset past the operand", code: []byte{0xf0, 0x48, 0x0f, 0xab, 0x07}, old: newPTE &^ pteRW,
+		{name: "lock bts %rax,(%rdi): a bit offset past the operand", code: []byte{0xf0, 0x48, 0x0f, 0xab, 0x07}, old: newPTE &^ vmx.PTEWritable,
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva-2*8, 2*64+1 },
 			want: result{mem: newPTE, flags: 0x2, heard: []swapmem.Translation{present}}},
 		{name: "lock btr %rax,(%rdi): a negative bit offset", code: []byte{0xf0, 0x48, 0x0f, 0xb3, 0x07}, old: newPTE,
 			regs: func(f *ptFixture, r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva+8, uint64(1<<64-64+1) },
-			want: result{mem: newPTE &^ pteRW, flags: 0x2 | vmx.RFLAGSCF, heard: []swapmem.Translation{readOnly}}},
+			want: result{mem: newPTE &^ vmx.PTEWritable, flags: 0x2 | vmx.RFLAGSCF, heard: []swapmem.Translation{readOnly}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -317,14 +317,14 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			why:   FallbackFetch},
 		{name: "RIP in tamahv's region", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
-				f.g.mapPage(0xffffffff90000000, holeStart+0x5000, pteRW)
+				f.g.mapPage(0xffffffff90000000, holeStart+0x5000, vmx.PTEWritable)
 				f.g.setAD(0xffffffff90000000)
 				m[vmx.GuestRIP] = 0xffffffff90000000
 			},
 			why: FallbackFetch},
 		{name: "RIP in a user page with SMEP", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
-				f.g.mapPage(0x7f0000400000, ptRIP&^0xfff-kernelOff, pteRW|pteUS)
+				f.g.mapPage(0x7f0000400000, ptRIP&^0xfff-kernelOff, vmx.PTEWritable|vmx.PTEUser)
 				f.g.setAD(0x7f0000400000)
 				m[vmx.GuestRIP] = 0x7f0000400000 | ptRIP&0xfff
 				m[vmx.GuestCR4] |= vmx.CR4SMEP
@@ -335,7 +335,7 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			why:   FallbackOperand},
 		{name: "the operand translates elsewhere", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
-				f.g.mapPage(elsewhere, 0x500000, pteRW)
+				f.g.mapPage(elsewhere, 0x500000, vmx.PTEWritable)
 				f.g.setAD(elsewhere)
 				r.RDI = elsewhere
 				m[vmx.GuestLinearAddr] = elsewhere
@@ -392,7 +392,7 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			why: FallbackAccess},
 		{name: "a mapping not yet dirty", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
-				f.g.mapPage(elsewhere, f.pte&^0xfff, pteRW|vmx.PTEAccessed)
+				f.g.mapPage(elsewhere, f.pte&^0xfff, vmx.PTEWritable|vmx.PTEAccessed)
 				r.RDI = elsewhere | f.pte&0xfff
 				m[vmx.GuestLinearAddr] = r.RDI
 			},
@@ -402,7 +402,7 @@ func TestPageTableWriteFallbacks(t *testing.T) {
 			why:   FallbackAccess},
 		{name: "a user page under SMAP", code: []byte{0x48, 0x89, 0x07},
 			setup: func(f *ptFixture, m map[vmx.Field]uint64, r *vmx.GuestRegs) {
-				f.g.mapPage(0x7f0000600000, f.pte&^0xfff, pteRW|pteUS)
+				f.g.mapPage(0x7f0000600000, f.pte&^0xfff, vmx.PTEWritable|vmx.PTEUser)
 				f.g.setAD(0x7f0000600000)
 				r.RDI = 0x7f0000600000 | f.pte&0xfff
 				m[vmx.GuestLinearAddr] = r.RDI

@@ -10,19 +10,6 @@ import (
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// Paging-entry bits, short names for vmx's.
-const (
-	pteP    = vmx.PTEPresent
-	pteRW   = vmx.PTEWritable
-	pteUS   = vmx.PTEUser
-	pteA    = vmx.PTEAccessed
-	pteD    = vmx.PTEDirty
-	ptePS   = vmx.PTEPageSize
-	ptePAT  = vmx.PTELargePAT
-	pteXD   = vmx.PTEExecuteDisable
-	pteAddr = vmx.PTEAddress
-)
-
 // pteLinuxProtNone is Linux's _PAGE_PROTNONE (the G bit) in a not-present
 // entry: a mapping without access, where a #PF is a SIGSEGV or an oops.
 const pteLinuxProtNone = 1 << 8
@@ -85,8 +72,8 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 	if maxPhys == 0 {
 		maxPhys = 46
 	}
-	rsvd := ^uint64(0) << maxPhys & (pteAddr | 0x000f_0000_0000_0000)
-	table := cr3 & pteAddr
+	rsvd := ^uint64(0) << maxPhys & (vmx.PTEAddress | 0x000f_0000_0000_0000)
+	table := cr3 & vmx.PTEAddress
 	rw, us, xd := true, true, false
 	b := &w.buf
 	n := 0
@@ -107,32 +94,32 @@ func (w *Walker) Walk(cr3, va uint64, steps *[5]Step) (swapmem.Translation, int,
 		steps[n] = Step{Level: level, PA: pa, Entry: e}
 		n++
 		if level == levels && w.TopEntry {
-			tr.Top = e & (pteAddr | pteP) // zero when not present
+			tr.Top = e & (vmx.PTEAddress | vmx.PTEPresent) // zero when not present
 		}
-		if e&pteP == 0 {
+		if e&vmx.PTEPresent == 0 {
 			// Backed: a non-zero not-present PTE or PDE that is not Linux's
 			// PROT_NONE: a swap or migration entry, which a #PF brings back
 			// (arch/x86/include/asm/pgtable_64.h).
 			tr.Backed = e != 0 && level <= 2 && e&pteLinuxProtNone == 0
 			return tr, n, nil
 		}
-		if e&rsvd != 0 || (e&ptePS != 0 && level >= 4) || (w.NoNXE && e&pteXD != 0) {
+		if e&rsvd != 0 || (e&vmx.PTEPageSize != 0 && level >= 4) || (w.NoNXE && e&vmx.PTEExecuteDisable != 0) {
 			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
 		}
-		if large := e&ptePS != 0 && level > 1; large && e&(uint64(1)<<(12+9*uint(level-1))-1)&^ptePAT&^0xfff != 0 {
+		if large := e&vmx.PTEPageSize != 0 && level > 1; large && e&(uint64(1)<<(12+9*uint(level-1))-1)&^vmx.PTELargePAT&^0xfff != 0 {
 			// A 2 MiB or 1 GiB page's address bits below its size, but
 			// for PAT (bit 12), are reserved.
 			return tr, n, fmt.Errorf("%w: %#x at level %d", ErrReservedBit, e, level)
 		}
-		rw = rw && e&pteRW != 0
-		us = us && e&pteUS != 0
-		xd = xd || e&pteXD != 0
-		if level == 1 || e&ptePS != 0 {
+		rw = rw && e&vmx.PTEWritable != 0
+		us = us && e&vmx.PTEUser != 0
+		xd = xd || e&vmx.PTEExecuteDisable != 0
+		if level == 1 || e&vmx.PTEPageSize != 0 {
 			size := uint64(1) << (12 + 9*uint(level-1))
-			base := e & pteAddr &^ (size - 1)
+			base := e & vmx.PTEAddress &^ (size - 1)
 			return swapmem.Translation{PA: base | va&(size-1), PageSize: size, Present: true, Writable: rw, User: us, NX: xd, Top: tr.Top}, n, nil
 		}
-		table = e & pteAddr
+		table = e & vmx.PTEAddress
 	}
 	return tr, n, nil
 }
@@ -149,8 +136,8 @@ func (w *Walker) Translate(cr3, va uint64) (swapmem.Translation, error) {
 // flags of a present entry, which the processor sets as it walks.
 func sameEntry(a, b uint64) bool {
 	d := a ^ b
-	if a&pteP != 0 {
-		d &^= pteA | pteD
+	if a&vmx.PTEPresent != 0 {
+		d &^= vmx.PTEAccessed | vmx.PTEDirty
 	}
 	return d == 0
 }

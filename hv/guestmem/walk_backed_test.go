@@ -6,6 +6,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // TestWalkerReportsBackedEntries: only a non-zero not-present PTE or PDE
@@ -14,9 +16,9 @@ func TestWalkerReportsBackedEntries(t *testing.T) {
 	mem := make(physBytes, 0x10000)
 	put := func(pa, v uint64) { binary.LittleEndian.PutUint64(mem[pa:], v) }
 	// PML4 at 0x1000 → PDPT at 0x2000 → PD at 0x3000 → PT at 0x4000.
-	put(0x1000, 0x2000|pteP|pteRW|pteUS)
-	put(0x2000, 0x3000|pteP|pteRW|pteUS)
-	put(0x3000, 0x4000|pteP|pteRW|pteUS)
+	put(0x1000, 0x2000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	put(0x2000, 0x3000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
+	put(0x3000, 0x4000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 	put(0x3000+8, 0x0000_0000_1234_5000)    // PDE: a THP migration entry
 	put(0x4000, 0x0000_0000_00ab_c000)      // PTE: a swap entry
 	put(0x4000+8, 0)                        // PTE: never mapped

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // TestWalkerAgreesWithTheSimulatedGuest walks page tables built by
@@ -62,25 +63,25 @@ func TestWalkerRejectsBadTables(t *testing.T) {
 	mem := make(physBytes, 0x10000)
 	le := binary.LittleEndian
 	// PML4 at 0x1000 points at itself: a loop.
-	le.PutUint64(mem[0x1000:], 0x1000|pteP|pteRW)
+	le.PutUint64(mem[0x1000:], 0x1000|vmx.PTEPresent|vmx.PTEWritable)
 	w := &Walker{Mem: mem}
 	_, err := w.Translate(0x1000, 0x1234)
 	assert.ErrorIs(t, err, ErrWalkLoop)
 	// Reserved bits above MAXPHYADDR.
-	le.PutUint64(mem[0x1000:], 0x2000|pteP|1<<50)
+	le.PutUint64(mem[0x1000:], 0x2000|vmx.PTEPresent|1<<50)
 	_, err = w.Translate(0x1000, 0x1234)
 	assert.ErrorIs(t, err, ErrReservedBit)
 	// PS in a PML4 entry.
-	le.PutUint64(mem[0x1000:], 0x2000|pteP|ptePS)
+	le.PutUint64(mem[0x1000:], 0x2000|vmx.PTEPresent|vmx.PTEPageSize)
 	_, err = w.Translate(0x1000, 0x1234)
 	assert.ErrorIs(t, err, ErrReservedBit)
 	// A table outside memory.
-	le.PutUint64(mem[0x1000:], 0x900000|pteP)
+	le.PutUint64(mem[0x1000:], 0x900000|vmx.PTEPresent)
 	w.Limit = uint64(len(mem))
 	_, err = w.Translate(0x1000, 0x1234)
 	assert.ErrorContains(t, err, "leaves guest memory")
 	// Not present is no error, and the steps show where it stopped.
-	le.PutUint64(mem[0x1000:], 0x2000|pteP|pteRW|pteUS)
+	le.PutUint64(mem[0x1000:], 0x2000|vmx.PTEPresent|vmx.PTEWritable|vmx.PTEUser)
 	var s [5]Step
 	tr, n, err := w.Walk(0x1000, 0x1234, &s)
 	require.NoError(t, err)
@@ -97,8 +98,8 @@ func TestWalkerLargePageReservedBitsAndXD(t *testing.T) {
 	mem := make(physBytes, 0x4000)
 	put := func(pa, v uint64) { binary.LittleEndian.PutUint64(mem[pa:], v) }
 	const va = 0x40_0000 // PML4[0] → PDPT[0] → PD[2]
-	put(0x1000, 0x2000|pteP|pteRW)
-	put(0x2000, 0x3000|pteP|pteRW)
+	put(0x1000, 0x2000|vmx.PTEPresent|vmx.PTEWritable)
+	put(0x2000, 0x3000|vmx.PTEPresent|vmx.PTEWritable)
 	w := &Walker{Mem: mem}
 	for _, c := range []struct {
 		name  string
@@ -106,15 +107,15 @@ func TestWalkerLargePageReservedBitsAndXD(t *testing.T) {
 		pde   uint64
 		ok    bool
 	}{
-		{"2 MiB page", 0, 0x20_0000 | ptePS | pteP, true},
-		{"2 MiB page with PAT", 0, 0x20_0000 | ptePAT | ptePS | pteP, true},
-		{"2 MiB page, bit 13 set", 0, 0x20_2000 | ptePS | pteP, false},
-		{"2 MiB page, bit 20 set", 0, 0x30_0000 | ptePS | pteP, false},
-		{"1 GiB page", 0x4000_0000 | ptePS | pteP, 0, true},
-		{"1 GiB page, bit 21 set", 0x4020_0000 | ptePS | pteP, 0, false},
-		{"XD with NXE", 0, 0x20_0000 | ptePS | pteP | pteXD, true},
+		{"2 MiB page", 0, 0x20_0000 | vmx.PTEPageSize | vmx.PTEPresent, true},
+		{"2 MiB page with PAT", 0, 0x20_0000 | vmx.PTELargePAT | vmx.PTEPageSize | vmx.PTEPresent, true},
+		{"2 MiB page, bit 13 set", 0, 0x20_2000 | vmx.PTEPageSize | vmx.PTEPresent, false},
+		{"2 MiB page, bit 20 set", 0, 0x30_0000 | vmx.PTEPageSize | vmx.PTEPresent, false},
+		{"1 GiB page", 0x4000_0000 | vmx.PTEPageSize | vmx.PTEPresent, 0, true},
+		{"1 GiB page, bit 21 set", 0x4020_0000 | vmx.PTEPageSize | vmx.PTEPresent, 0, false},
+		{"XD with NXE", 0, 0x20_0000 | vmx.PTEPageSize | vmx.PTEPresent | vmx.PTEExecuteDisable, true},
 	} {
-		put(0x2000, 0x3000|pteP|pteRW)
+		put(0x2000, 0x3000|vmx.PTEPresent|vmx.PTEWritable)
 		if c.pdpte != 0 {
 			put(0x2000, c.pdpte)
 		}

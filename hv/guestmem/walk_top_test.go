@@ -9,6 +9,7 @@ import (
 
 	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/swapmem/swapmemtest"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // With TopEntry, every translation names the top-level entry its walk went
@@ -28,7 +29,7 @@ func TestWalkCarriesTheTopLevelEntry(t *testing.T) {
 	w.TopEntry = true
 	var top [8]byte
 	require.NoError(t, m.ReadPhys(p.CR3+8*(va>>39&511), top[:]))
-	want := binary.LittleEndian.Uint64(top[:]) & (pteAddr | pteP)
+	want := binary.LittleEndian.Uint64(top[:]) & (vmx.PTEAddress | vmx.PTEPresent)
 	require.NotZero(t, want)
 	for _, a := range []uint64{va, va + 4096} {
 		tr, err := w.Translate(p.CR3, a)

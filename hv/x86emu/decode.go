@@ -67,31 +67,6 @@ const (
 	OpBTR
 )
 
-// Encoding numbers, short names for vmx's.
-const (
-	prefixLock   = vmx.PrefixLock
-	prefixOpSize = vmx.PrefixOpSize
-	prefixES     = vmx.PrefixES
-	prefixCS     = vmx.PrefixCS
-	prefixSS     = vmx.PrefixSS
-	prefixDS     = vmx.PrefixDS
-	prefixFS     = vmx.PrefixFS
-	prefixGS     = vmx.PrefixGS
-
-	rexMask = vmx.REXMask
-	rexBase = vmx.REXBase
-	rexW    = vmx.REXW
-	rexR    = vmx.REXR
-	rexX    = vmx.REXX
-	rexB    = vmx.REXB
-
-	modReg     = vmx.ModRMReg
-	rmSIB      = vmx.ModRMSIB
-	rmDisp32   = vmx.ModRMDisp32
-	sibNoIndex = vmx.SIBNoIndex
-	sibNoBase  = vmx.SIBNoBase
-)
-
 // Seg is the segment override of a memory operand whose base counts in
 // 64-bit mode.
 type Seg uint8
@@ -148,25 +123,25 @@ func Decode(b []byte, in *Insn) bool {
 prefixes:
 	for ; i < len(b); i++ {
 		switch p := b[i]; p {
-		case prefixLock:
+		case vmx.PrefixLock:
 			if lock {
 				return false
 			}
 			lock = true
-		case prefixOpSize:
+		case vmx.PrefixOpSize:
 			if opSize {
 				return false
 			}
 			opSize = true
-		case prefixES, prefixCS, prefixSS, prefixDS, prefixFS, prefixGS:
+		case vmx.PrefixES, vmx.PrefixCS, vmx.PrefixSS, vmx.PrefixDS, vmx.PrefixFS, vmx.PrefixGS:
 			if seg {
 				return false // which wins is not the same everywhere
 			}
 			seg = true
 			switch p {
-			case prefixFS:
+			case vmx.PrefixFS:
 				in.Mem.Seg = SegFS
-			case prefixGS:
+			case vmx.PrefixGS:
 				in.Mem.Seg = SegGS
 			}
 		default:
@@ -174,13 +149,13 @@ prefixes:
 		}
 	}
 	var rex byte
-	if i < len(b) && b[i]&rexMask == rexBase {
+	if i < len(b) && b[i]&vmx.REXMask == vmx.REXBase {
 		rex = b[i]
 		i++
 	}
 	size := 4
 	switch {
-	case rex&rexW != 0:
+	case rex&vmx.REXW != 0:
 		if opSize {
 			return false // ignored under REX.W: refused like any stray prefix
 		}
@@ -274,7 +249,7 @@ prefixes:
 		modrm := b[i]
 		i++
 		mod, reg, rm := modrm>>6, modrm>>3&7, modrm&7
-		if mod == modReg {
+		if mod == vmx.ModRMReg {
 			return false
 		}
 		if group != grpNone {
@@ -282,7 +257,7 @@ prefixes:
 				return false
 			}
 		} else {
-			in.Reg = gprOperand(reg|rexBit(rex, rexR, 3), size, rex != 0)
+			in.Reg = gprOperand(reg|rexBit(rex, vmx.REXR, 3), size, rex != 0)
 		}
 		var ok bool
 		if i, ok = in.Mem.decode(b, i, mod, rm, rex); !ok {
@@ -377,25 +352,25 @@ func (m *Mem) decode(b []byte, i int, mod, rm, rex byte) (int, bool) {
 		disp = 4
 	}
 	switch {
-	case rm == rmSIB:
+	case rm == vmx.ModRMSIB:
 		if i >= len(b) {
 			return 0, false
 		}
 		sib := b[i]
 		i++
 		m.Scale = 1 << (sib >> 6)
-		if index := sib>>3&7 | rexBit(rex, rexX, 3); index != sibNoIndex { // REX.X with 100 is R12
+		if index := sib>>3&7 | rexBit(rex, vmx.REXX, 3); index != vmx.SIBNoIndex { // REX.X with 100 is R12
 			m.Index = int8(index)
 		}
-		if base := sib & 7; base == sibNoBase && mod == 0 {
+		if base := sib & 7; base == vmx.SIBNoBase && mod == 0 {
 			disp = 4
 		} else {
-			m.Base = int8(base | rexBit(rex, rexB, 3))
+			m.Base = int8(base | rexBit(rex, vmx.REXB, 3))
 		}
-	case rm == rmDisp32 && mod == 0:
+	case rm == vmx.ModRMDisp32 && mod == 0:
 		m.Base, disp = MemRIP, 4
 	default:
-		m.Base = int8(rm | rexBit(rex, rexB, 3))
+		m.Base = int8(rm | rexBit(rex, vmx.REXB, 3))
 	}
 	if i+disp > len(b) {
 		return 0, false

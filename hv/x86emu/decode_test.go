@@ -115,9 +115,9 @@ func sameAsX86asm(t *testing.T, b []byte, in *Insn) {
 func hasLock(b []byte) bool {
 	for _, p := range b {
 		switch p {
-		case prefixLock:
+		case vmx.PrefixLock:
 			return true
-		case prefixOpSize, prefixES, prefixCS, prefixSS, prefixDS, prefixFS, prefixGS:
+		case vmx.PrefixOpSize, vmx.PrefixES, vmx.PrefixCS, vmx.PrefixSS, vmx.PrefixDS, vmx.PrefixFS, vmx.PrefixGS:
 		default:
 			return false
 		}
@@ -290,9 +290,9 @@ func refusedOnPurpose(b []byte) bool {
 func acceptedOnPurpose(b []byte) bool {
 	for _, p := range b {
 		switch p {
-		case prefixES, prefixCS, prefixSS, prefixDS:
+		case vmx.PrefixES, vmx.PrefixCS, vmx.PrefixSS, vmx.PrefixDS:
 			return true
-		case prefixLock, prefixOpSize, prefixFS, prefixGS:
+		case vmx.PrefixLock, vmx.PrefixOpSize, vmx.PrefixFS, vmx.PrefixGS:
 		default:
 			return false
 		}
@@ -452,7 +452,7 @@ func TestDecodeWriteRefuses(t *testing.T) {
 // TestDecodeWriteIgnoredSegments: an ES, CS, SS or DS override is
 // accepted and adds nothing (64-bit mode ignores it).
 func TestDecodeWriteIgnoredSegments(t *testing.T) {
-	for _, p := range []byte{prefixES, prefixCS, prefixSS, prefixDS} {
+	for _, p := range []byte{vmx.PrefixES, vmx.PrefixCS, vmx.PrefixSS, vmx.PrefixDS} {
 		in, ok := checkDecode(t, []byte{p, 0xf0, 0x48, 0x0f, 0xb1, 0x17})
 		require.True(t, ok)
 		assert.Equal(t, SegNone, in.Mem.Seg)

@@ -224,27 +224,27 @@ func (a *APVCPU) KickBSP(inGuest, kicks *atomic.Uint32, bspAPIC uint32) {
 // whether the NMI went: not where the guest disabled that local APIC or
 // kept its ICR busy.
 func (a *APVCPU) Kick() bool {
-	base := hw.ReadMSR(msrAPICBase)
+	base := hw.ReadMSR(vmx.MSRAPICBase)
 	switch {
-	case base&apicBaseEnable == 0:
+	case base&vmx.APICBaseEnable == 0:
 		return false
-	case base&apicBaseX2APIC != 0:
-		hw.WriteMSR(msrX2APICICR, uint64(a.ap.APICID)<<32|icrNMI|icrAssert)
+	case base&vmx.APICBaseX2APIC != 0:
+		hw.WriteMSR(vmx.MSRX2APICICR, uint64(a.ap.APICID)<<32|vmx.ICRDeliveryNMI|vmx.ICRLevelAssert)
 		return true
 	}
-	mmio := base & apicBaseAddr
-	idle := func() bool { return mmioRead32(mmio+lapicICRLow)&icrPending == 0 }
+	mmio := base & vmx.APICBaseAddr
+	idle := func() bool { return mmioRead32(mmio+vmx.APICICRLow)&vmx.ICRPending == 0 }
 	for i := 0; i < 1000 && !idle(); i++ {
 	}
 	if !idle() {
 		return false
 	}
-	high := mmioRead32(mmio + lapicICRHigh)
-	mmioWrite32(mmio+lapicICRHigh, a.ap.APICID<<24)
-	mmioWrite32(mmio+lapicICRLow, icrNMI|icrAssert)
+	high := mmioRead32(mmio + vmx.APICICRHigh)
+	mmioWrite32(mmio+vmx.APICICRHigh, a.ap.APICID<<24)
+	mmioWrite32(mmio+vmx.APICICRLow, vmx.ICRDeliveryNMI|vmx.ICRLevelAssert)
 	for i := 0; i < 1000 && !idle(); i++ {
 	}
-	mmioWrite32(mmio+lapicICRHigh, high)
+	mmioWrite32(mmio+vmx.APICICRHigh, high)
 	return true
 }
 
@@ -264,17 +264,17 @@ func (a *APVCPU) LAPICWrite(off, v uint32) {
 // costs one command, not two.
 func (a *APVCPU) apicBase() uint64 {
 	if a.lapic == 0 {
-		a.lapic = a.ReadMSR(msrAPICBase) & apicBaseAddr
+		a.lapic = a.ReadMSR(vmx.MSRAPICBase) & vmx.APICBaseAddr
 	}
 	return a.lapic
 }
 
 // LAPICRead reads the calling processor's local APIC register at off.
 func LAPICRead(off uint32) uint32 {
-	return mmioRead32(hw.ReadMSR(msrAPICBase)&apicBaseAddr + uint64(off&0xff0))
+	return mmioRead32(hw.ReadMSR(vmx.MSRAPICBase)&vmx.APICBaseAddr + uint64(off&0xff0))
 }
 
 // LAPICWrite writes the calling processor's local APIC register at off.
 func LAPICWrite(off, v uint32) {
-	mmioWrite32(hw.ReadMSR(msrAPICBase)&apicBaseAddr+uint64(off&0xff0), v)
+	mmioWrite32(hw.ReadMSR(vmx.MSRAPICBase)&vmx.APICBaseAddr+uint64(off&0xff0), v)
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/board/pc/acpi"
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // hw is the bootstrap processor's instructions (CPUID, MSRs, CR3).
@@ -67,15 +68,15 @@ type lapic struct {
 // newLAPIC returns the BSP's local APIC, switched to x2APIC mode where an
 // APIC ID above 254 needs it.
 func newLAPIC(highestID uint32) (lapic, error) {
-	v := hw.ReadMSR(msrAPICBase)
-	l := lapic{x2: v&apicBaseX2APIC != 0, base: v & apicBaseAddr}
+	v := hw.ReadMSR(vmx.MSRAPICBase)
+	l := lapic{x2: v&vmx.APICBaseX2APIC != 0, base: v & vmx.APICBaseAddr}
 	if !l.x2 && highestID > 0xfe {
 		// Only the x2APIC reaches APIC IDs above 254; so could a guest
 		// that enables it, so tamahv must hold those processors too.
-		if _, _, c, _ := hw.CPUID(1, 0); c&cpuidX2APIC == 0 {
+		if _, _, c, _ := hw.CPUID(1, 0); c&vmx.CPUIDX2APIC.Mask() == 0 {
 			return l, fmt.Errorf("smp: APIC ID %d needs the x2APIC, which the processor lacks", highestID)
 		}
-		hw.WriteMSR(msrAPICBase, v|apicBaseX2APIC)
+		hw.WriteMSR(vmx.MSRAPICBase, v|vmx.APICBaseX2APIC)
 		l.x2 = true
 	}
 	return l, nil
@@ -84,12 +85,12 @@ func newLAPIC(highestID uint32) (lapic, error) {
 // ipi sends one interrupt command and waits for its delivery.
 func (l lapic) ipi(dest uint32, cmd uint32) error {
 	if l.x2 {
-		hw.WriteMSR(msrX2APICICR, uint64(dest)<<32|uint64(cmd))
+		hw.WriteMSR(vmx.MSRX2APICICR, uint64(dest)<<32|uint64(cmd))
 		return nil
 	}
-	mmioWrite32(l.base+lapicICRHigh, dest<<24)
-	mmioWrite32(l.base+lapicICRLow, cmd)
-	if !spin(time.Millisecond, func() bool { return mmioRead32(l.base+lapicICRLow)&icrPending == 0 }) {
+	mmioWrite32(l.base+vmx.APICICRHigh, dest<<24)
+	mmioWrite32(l.base+vmx.APICICRLow, cmd)
+	if !spin(time.Millisecond, func() bool { return mmioRead32(l.base+vmx.APICICRLow)&vmx.ICRPending == 0 }) {
 		return fmt.Errorf("smp: IPI %#x to APIC %d not delivered", cmd, dest)
 	}
 	return nil
@@ -178,12 +179,12 @@ func (s *SMP) start(l lapic, ap *AP, trampoline uint32) {
 		ap.FeatureControl = *(*uint64)(unsafe.Pointer(&ap.params[apFeatCtl]))
 	}()
 	done := func() bool { st := ap.status(); return st != APSilent && st != APStarted }
-	if l.ipi(ap.APICID, icrINIT|icrAssert) != nil {
+	if l.ipi(ap.APICID, vmx.ICRDeliveryINIT|vmx.ICRLevelAssert) != nil {
 		return
 	}
 	spin(initDelay, func() bool { return false })
 	for i := 0; i < 2 && ap.status() == APSilent; i++ {
-		if l.ipi(ap.APICID, icrStartUp|icrAssert|trampoline>>12) != nil {
+		if l.ipi(ap.APICID, vmx.ICRDeliveryStart|vmx.ICRLevelAssert|trampoline>>12) != nil {
 			return
 		}
 		spin(startUpDelay, done)
@@ -191,7 +192,7 @@ func (s *SMP) start(l lapic, ap *AP, trampoline uint32) {
 	if !spin(reportWait, done) && ap.status() == APSilent {
 		// It may yet run the trampoline, which is about to go: back to
 		// wait-for-SIPI with it.
-		_ = l.ipi(ap.APICID, icrINIT|icrAssert)
+		_ = l.ipi(ap.APICID, vmx.ICRDeliveryINIT|vmx.ICRLevelAssert)
 	}
 }
 
