@@ -153,8 +153,10 @@ func (s *AddressSpaces) Install(v *hv.VCPU) {
 
 // ObserveVCPU learns from v's state at a VM exit. Once isolation is known
 // it reads one VMCS field; until then two more, and it checks a pair of
-// tables only when CR3 or CPL changed; when CR3 changed it reads the
-// paging mode for the Walker (two more).
+// tables only when CR3 or CPL changed; when CR3 changed, and v runs in
+// IA-32e mode with paging, it reads the paging mode for the Walker (four
+// more). A vCPU in its INIT state or start-up code changes neither the
+// system address space nor the walker's mode.
 func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if !s.mu.TryLock() {
 		return // another vCPU is learning: a later exit will do
@@ -165,8 +167,12 @@ func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if s.PTI() != PTIUnknown {
 		if !s.seen || cr3 != s.lastCR3 {
 			s.seen, s.lastCR3 = true, cr3
-			s.system.Store(s.Of(cr3))
-			s.paging(v)
+			// A vCPU outside IA-32e paging (its INIT state, real-mode
+			// start-up code) has no address space to learn from.
+			if long(v) {
+				s.system.Store(s.Of(cr3))
+				s.paging(v)
+			}
 		}
 		return
 	}
@@ -174,15 +180,22 @@ func (s *AddressSpaces) ObserveVCPU(v *hv.VCPU) {
 	if s.seen && cr3 == s.lastCR3 && cpl == s.lastCPL {
 		return
 	}
-	if !s.seen || cr3 != s.lastCR3 {
+	changed := !s.seen || cr3 != s.lastCR3
+	s.seen, s.lastCR3, s.lastCPL = true, cr3, cpl
+	lm := long(v)
+	if changed && lm {
 		s.paging(v)
 	}
-	s.seen, s.lastCR3, s.lastCPL = true, cr3, cpl
-	long := v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG != 0
-	s.observe(cr3, cpl, long)
+	s.observe(cr3, cpl, lm)
 }
 
-// paging sets the walker's paging mode from v's.
+// long reports whether v runs in IA-32e mode with paging on.
+func long(v *hv.VCPU) bool {
+	return v.VMCS.Read(vmx.EntryControls)&vmx.EntryIA32eMode != 0 && v.VMCS.Read(vmx.GuestCR0)&vmx.CR0PG != 0
+}
+
+// paging sets the walker's paging mode from v's, which runs in IA-32e
+// mode with paging: every vCPU of the guest's kernel runs with the same.
 func (s *AddressSpaces) paging(v *hv.VCPU) {
 	if w := s.Walker; w != nil {
 		w.LA57 = v.VMCS.Read(vmx.GuestCR4)&vmx.CR4LA57 != 0

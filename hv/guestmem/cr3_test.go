@@ -10,6 +10,8 @@ import (
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/hvtest"
+	"github.com/tamahv/tamahv/hv/hvtest/vcputest"
+	"github.com/tamahv/tamahv/swapmem"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -253,4 +255,61 @@ func TestAddressSpacesKeepTheWalkersPagingMode(t *testing.T) {
 	assert.False(t, w.LA57)
 	assert.False(t, w.NoNXE)
 	require.NoError(t, m.Err())
+}
+
+// TestINITStateLeavesTheWalkersPagingMode: a vCPU in its INIT state (CR3,
+// EFER and CR0 clear: an AP the guest brings online) exits while a watch
+// whose leaf is execute-disable is walked again: the walker keeps the
+// 64-bit kernel's mode (XD bits valid), and the watch neither fails nor
+// hears of a change. The system address space stays the kernel's.
+func TestINITStateLeavesTheWalkersPagingMode(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	const va = 0x7f0000400000
+	g.mapPage(va, 0x3000000, vmx.PTEWritable|vmx.PTEUser|vmx.PTEExecuteDisable)
+	pte := g.entry(va, 1)
+	gm := NewWatcher(g.phys, g.cr3)
+	var failed []error
+	gm.OnWatchError = func(cr3, va uint64, err error) { failed = append(failed, err) }
+	var heard []swapmem.Translation
+	cancel, err := gm.Watch(g.cr3, va, func(tr swapmem.Translation) { heard = append(heard, tr) })
+	require.NoError(t, err)
+	defer cancel()
+	a, ma := vcputest.Scripted(t, nil)
+	b, mb := vcputest.Scripted(t, nil)
+	s := &AddressSpaces{Mem: g.phys, Walker: &gm.Walker}
+	s.decide(PTIOff, g.cr3)
+	for _, v := range []*hv.VCPU{a, b} {
+		s.Install(v)
+		require.NoError(t, gm.Install(v))
+	}
+	// a: the 64-bit kernel, NXE on.
+	ma.Fields[vmx.EntryControls] = vmx.EntryIA32eMode
+	ma.Fields[vmx.GuestCR0] = vmx.CR0PG
+	ma.Fields[vmx.GuestCR3] = g.cr3
+	ma.Fields[vmx.GuestEFER] = vmx.EFERNXE
+	ma.Fields[vmx.GuestSSAccess] = 0x93
+	// b: the INIT state.
+	mb.Fields[vmx.EntryControls], mb.Fields[vmx.GuestCR0], mb.Fields[vmx.GuestCR3] = 0, 0, 0
+	mb.Fields[vmx.GuestEFER], mb.Fields[vmx.GuestCR4] = 0, 0
+	mb.Fields[vmx.GuestSSAccess] = 0x93
+	b.VMCS.Write(vmx.ExitQualification, 0)
+	exit := func(v *hv.VCPU, r vmx.ExitReason) {
+		v.VMCS.Write(vmx.ExitReasonField, uint64(r))
+		v.VMCS.Write(vmx.IDTVectoringInfo, 0)
+		v.VMCS.Write(vmx.ExitInstructionLen, 3)
+		_, err := v.HandleExit()
+		require.NoError(t, err)
+	}
+	// a opens the page table for the processor's flag updates; b's exit
+	// closes it and walks the watch again.
+	ma.Fields[vmx.GuestPhysAddr] = pte
+	ma.Fields[vmx.ExitQualification] = qualFlags
+	exit(a, vmx.ExitEPTViolation)
+	require.False(t, gm.Walker.NoNXE)
+	require.NoError(t, a.PrepareEntry())
+	exit(b, vmx.ExitPreemptionTimer)
+	assert.False(t, gm.Walker.NoNXE, "the INIT state's EFER is not the kernel's")
+	assert.Empty(t, failed)
+	assert.Empty(t, heard, "the translation did not change")
+	assert.Equal(t, g.cr3, s.system.Load(), "the system address space stays the kernel's")
 }
