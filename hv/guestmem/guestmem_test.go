@@ -1,6 +1,7 @@
 package guestmem
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 
@@ -108,3 +109,29 @@ func unhandled(v *hv.VCPU, e *vmx.Exit) (hv.Action, error) {
 
 // udInfo is a #UD as the VM-entry interruption information.
 const udInfo = 0x80000306
+
+// TestDeliverSkipsWatchesCancelledMeanwhile: the functions of a rewalk's
+// changed watches hear of their changes one after the other once the
+// rewalk is done; a watch that an earlier function cancelled hears
+// nothing, as cancel promises, and its failure reaches no owner.
+func TestDeliverSkipsWatchesCancelledMeanwhile(t *testing.T) {
+	g := &Watcher{}
+	var heard []string
+	var errs int
+	g.OnWatchError = func(uint64, uint64, error) { errs++ }
+	b := &pteWatch{fn: func(swapmem.Translation) { heard = append(heard, "b") }}
+	a := &pteWatch{fn: func(swapmem.Translation) {
+		heard = append(heard, "a")
+		g.unwatch(b) // b's owner ends it on hearing of a
+	}}
+	c := &pteWatch{fn: func(swapmem.Translation) { heard = append(heard, "c") }}
+	tr := swapmem.Translation{PA: 0x3000000, Present: true}
+	g.tell(a, tr)
+	g.fail(b, errors.New("reserved bit"))
+	g.tell(c, tr)
+	g.tell(a, tr) // told twice: heard once
+	g.deliver()
+	assert.Equal(t, []string{"a", "c"}, heard)
+	assert.Zero(t, errs, "b was cancelled before its failure was told")
+	assert.Empty(t, g.told)
+}

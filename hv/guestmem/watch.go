@@ -127,6 +127,7 @@ type pteWatch struct {
 	seen    swapmem.Translation // the translation fn last heard of
 	now     swapmem.Translation // the translation of the watch's latest walk
 	told    bool                // in Watcher.told
+	ended   bool                // cancelled: its function hears nothing more
 	dead    bool
 	err     error // why the watch failed; it is deaf from then on
 	gen     uint64
@@ -320,9 +321,12 @@ func (g *Watcher) tell(w *pteWatch, tr swapmem.Translation) {
 // watches' hooks and pages are settled, and a function may add or end
 // watches.
 func (g *Watcher) deliver() {
-	for i := 0; i < len(g.told); i++ { // a function's own changes can add to it
+	for i := 0; i < len(g.told); i++ {
 		w := g.told[i]
 		w.told = false
+		if w.ended {
+			continue // cancelled by an earlier function of this delivery
+		}
 		if w.now != w.seen {
 			w.seen = w.now
 			g.Changes++
@@ -344,6 +348,7 @@ func (g *Watcher) deliver() {
 // at the latest. A read that ends gives back its watches' page tables in
 // one shootdown, not one for each.
 func (g *Watcher) unwatch(w *pteWatch) {
+	w.ended = true
 	if w.dead {
 		return
 	}
