@@ -424,9 +424,15 @@ func TestOpenPageWaitsForItsWriter(t *testing.T) {
 	assert.False(t, writable(), "closed at B's exit once A entered")
 	assert.Equal(t, uint64(1), gm.ADWrites)
 
-	// Opened again: A's own next exit closes it.
+	// Opened again: A's entry is cut short (a preemption-timer exit at
+	// the writing instruction): still open; A's next exit after the
+	// write closes it.
+	ma.Fields[vmx.GuestRIP] = 0x1000
 	exit(a, vmx.ExitEPTViolation)
 	require.True(t, writable())
 	exit(a, vmx.ExitPreemptionTimer)
-	assert.False(t, writable(), "closed at A's own next exit")
+	assert.True(t, writable(), "A's write is still to be made")
+	ma.Fields[vmx.GuestRIP] = 0x1003
+	exit(a, vmx.ExitPreemptionTimer)
+	assert.False(t, writable(), "closed at A's own next exit once its write was made")
 }

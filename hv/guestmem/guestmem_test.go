@@ -50,9 +50,9 @@ func TestWatchFollowsGuestWritesThroughEPT(t *testing.T) {
 				assert.Equal(t, ept.RWX, perm)
 				assert.Empty(t, seen)
 			}},
-		// The write completes (the page comes in); the next exit, whatever
-		// it is, closes the page and walks the watch.
-		{Reason: vmx.ExitPreemptionTimer, Regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
+		// The write completes (the page comes in, RIP moves on); the next
+		// exit, whatever it is, closes the page and walks the watch.
+		{Reason: vmx.ExitPreemptionTimer, Fields: map[vmx.Field]uint64{vmx.GuestRIP: 0x100004}, Regs: func(*vmx.GuestRegs) { require.NoError(t, p.SwapIn(va)) },
 			Check: func(t *testing.T, v *hv.VCPU) {
 				_, perm, _, _, _ := e.Lookup(ptePage)
 				assert.Equal(t, ept.Read|ept.Exec, perm, "closed again")

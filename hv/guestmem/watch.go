@@ -411,7 +411,7 @@ func (g *Watcher) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Acti
 		}
 		g.flush()
 		hp.open = true
-		g.open = append(g.open, openPage{pg: pg, by: v, at: v.Entries()})
+		g.open = append(g.open, openPage{pg: pg, by: v, at: v.Entries(), rip: e.RIP})
 	}
 	// The processor's own accessed/dirty updates are walk accesses.
 	if !(q.LinearValid && !q.Translation) {
@@ -431,7 +431,7 @@ func (g *Watcher) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Acti
 // own next exit or at another vCPU's after that. Its cost is the number
 // of watches on the written pages, each walked once, and a read and
 // compare for each on the others.
-func (g *Watcher) settle(v *hv.VCPU, _ *vmx.Exit) {
+func (g *Watcher) settle(v *hv.VCPU, e *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
 	}
@@ -439,7 +439,7 @@ func (g *Watcher) settle(v *hv.VCPU, _ *vmx.Exit) {
 	g.checked = g.checked[:0]
 	left := g.open[:0]
 	for _, o := range g.open {
-		if o.by != v && o.by.Entries() == o.at {
+		if o.by != v && o.by.Entries() == o.at || o.by == v && interrupted(e, o.rip) {
 			// Its vCPU has not entered the guest since the page was
 			// opened for it: closing it now would fault the write again,
 			// and another vCPU that exits often would keep it from ever
@@ -480,11 +480,27 @@ func (g *Watcher) settle(v *hv.VCPU, _ *vmx.Exit) {
 }
 
 // openPage is a page let open for a guest write of vCPU by, at its entry
-// count at.
+// count at, by the instruction at rip.
 type openPage struct {
-	pg uint64
-	by *hv.VCPU
-	at uint64
+	pg  uint64
+	by  *hv.VCPU
+	at  uint64
+	rip uint64
+}
+
+// interrupted reports whether exit e of the vCPU that a page was opened
+// for came before the writing instruction at rip completed: a
+// preemption-timer exit or an NMI (an entry cut short, a kick) at that
+// same instruction. The page stays open for it.
+func interrupted(e *vmx.Exit, rip uint64) bool {
+	if e == nil || e.RIP != rip {
+		return false
+	}
+	if e.Reason == vmx.ExitPreemptionTimer {
+		return true
+	}
+	ev, ok := vmx.DecodeEvent(e.Interruption, 0)
+	return e.Reason == vmx.ExitExceptionOrNMI && ok && ev.Type == vmx.EventNMI
 }
 
 // moved adds to g.scratch the watches on hp whose entry there differs
