@@ -107,6 +107,11 @@ type VCPU struct {
 	// in VMX root (vmx.TakeNMI in the image); it is injected at the next
 	// entry. Nil: none are counted.
 	TakeNMI func() bool
+	// EntryCount, where set, counts the VM entries the vCPU's processor
+	// made in which the guest ran (an application processor's exit loop
+	// counts its own): a prepared entry may be made only after other
+	// vCPUs' exits were handled, or be cut short before the guest ran.
+	EntryCount func() uint64
 	// Serial, where set, is held while the vCPU handles an exit and
 	// prepares its next entry, and released while the guest runs (never
 	// across VM entry). vCPUs whose exits are handled by goroutines of one
@@ -269,10 +274,16 @@ func (v *VCPU) Count(r vmx.ExitReason) uint64 {
 // mode, 3 in virtual-8086 mode.
 func (v *VCPU) CPL() int { return int(v.VMCS.Read(vmx.GuestSSAccess) >> 5 & 3) }
 
-// Entries returns the number of VM entries prepared so far (PrepareEntry,
-// which Run calls before each). Read it under Serial where the vCPU shares
-// one: it grows before Serial is released for the entry.
-func (v *VCPU) Entries() uint64 { return v.entered }
+// Entries returns the number of VM entries so far: those the processor
+// made where EntryCount says, else those prepared (PrepareEntry, which Run
+// calls before each; read it under Serial where the vCPU shares one: it
+// grows before Serial is released for the entry).
+func (v *VCPU) Entries() uint64 {
+	if v.EntryCount != nil {
+		return v.EntryCount()
+	}
+	return v.entered
+}
 
 // Total returns the number of VM exits so far.
 func (v *VCPU) Total() uint64 {

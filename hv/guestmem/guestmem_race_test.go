@@ -436,3 +436,47 @@ func TestOpenPageWaitsForItsWriter(t *testing.T) {
 	exit(a, vmx.ExitPreemptionTimer)
 	assert.False(t, writable(), "closed at A's own next exit once its write was made")
 }
+
+// TestOpenPageWaitsForTheProcessorsEntry: for a vCPU whose processor
+// counts its own entries (an application processor's exit loop,
+// EntryCount), a prepared entry is not yet one made: the page opened for
+// its write stays open through another vCPU's exits until its processor
+// entered the guest.
+func TestOpenPageWaitsForTheProcessorsEntry(t *testing.T) {
+	g := newTestGuest(t, ept.Options{})
+	const va = 0x7f0000400000
+	g.mapPage(va, 0x3000000, vmx.PTEWritable|vmx.PTEUser)
+	pte := g.entry(va, 1)
+	gm := NewWatcher(g.phys, g.cr3)
+	cancel, err := gm.Watch(g.cr3, va, func(swapmem.Translation) {})
+	require.NoError(t, err)
+	defer cancel()
+	ap, mp := vcputest.Scripted(t, nil)
+	bsp, _ := vcputest.Scripted(t, nil)
+	var made uint64
+	ap.EntryCount = func() uint64 { return made }
+	require.NoError(t, gm.Install(ap))
+	require.NoError(t, gm.Install(bsp))
+	writable := func() bool {
+		_, perm, _, _, _ := g.ept.Lookup(pte &^ 0xfff)
+		return perm&ept.Write != 0
+	}
+	bsp.VMCS.Write(vmx.ExitQualification, 0)
+	exit := func(v *hv.VCPU, r vmx.ExitReason) {
+		v.VMCS.Write(vmx.ExitReasonField, uint64(r))
+		v.VMCS.Write(vmx.IDTVectoringInfo, 0)
+		v.VMCS.Write(vmx.ExitInstructionLen, 3)
+		_, err := v.HandleExit()
+		require.NoError(t, err)
+	}
+	mp.Fields[vmx.GuestPhysAddr] = pte
+	mp.Fields[vmx.ExitQualification] = qualFlags
+	exit(ap, vmx.ExitEPTViolation)
+	require.True(t, writable())
+	require.NoError(t, ap.PrepareEntry()) // the entry is posted to the AP
+	exit(bsp, vmx.ExitPreemptionTimer)
+	assert.True(t, writable(), "the AP's processor has not entered yet")
+	made++ // it entered, and made its write
+	exit(bsp, vmx.ExitPreemptionTimer)
+	assert.False(t, writable(), "closed once the AP's processor entered")
+}

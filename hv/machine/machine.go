@@ -731,6 +731,15 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 	v.XSETBV = ap.XSETBV
 	v.ReadMSR, v.WriteMSR = ap.ReadMSR, ap.WriteMSR
 	v.TakeNMI = func() bool { return a.kick.fromRoot(ap.TakeNMI()) }
+	if c, ok := ap.(EntryCounter); ok {
+		// The page-table watcher keeps a page open for this vCPU's write
+		// until its processor entered the guest again: its own count,
+		// less the entries cut short before the guest ran.
+		v.EntryCount = func() uint64 {
+			entries, _, cuts := c.Counts()
+			return entries - cuts
+		}
+	}
 	if err := v.Intercept(vmx.ExitExceptionOrNMI, a.kick.intercept); err != nil {
 		return err
 	}
