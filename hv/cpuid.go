@@ -12,8 +12,8 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 		// No VMX; a hypervisor is present; OSXSAVE follows the guest's
 		// CR4, not the host's.
 		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|vmx.CPUIDOSXSAVEBit) | vmx.CPUIDHypervisorBit
-		if v.VMCS.Read(vmx.GuestCR4)&vmx.CR4OSXSAV != 0 {
-			r[vmx.ECX] |= vmx.CPUIDOSXSAVEBit
+		if mask, bit, _ := cr4Flag(leaf); v.VMCS.Read(vmx.GuestCR4)&uint64(mask) != 0 {
+			r[vmx.ECX] |= bit
 		}
 	case vmx.CPUIDLeafPMU:
 		if v.VMCS.Read(vmx.EntryControls)&vmx.EntryLoadPerf == 0 {
@@ -30,6 +30,16 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	if flagLeaf(leaf) {
 		v.clearFlags(leaf, sub, r)
 	}
+}
+
+// cr4Flag returns the ECX flag of leaf that follows the guest's CR4: set
+// while CR4 has a bit of mask (leaf 1's OSXSAVE, CR4.OSXSAVE); ok is false
+// for the other leaves.
+func cr4Flag(leaf uint32) (mask, bit uint32, ok bool) {
+	if leaf == 1 {
+		return vmx.CR4OSXSAV, vmx.CPUIDOSXSAVEBit, true
+	}
+	return 0, 0, false
 }
 
 // clearFlags clears in r the flags of leaf/sub the guest may not see.

@@ -67,25 +67,28 @@ func handleUD(v *VCPU, _ *vmx.Exit) (Action, error) {
 }
 
 func handleCPUID(v *VCPU, _ *vmx.Exit) (Action, error) {
-	leaf, sub := uint32(v.Regs.RAX), uint32(v.Regs.RCX)
-	var a, b, c, d uint32
+	r := v.guestCPUID(uint32(v.Regs.RAX), uint32(v.Regs.RCX))
+	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(r[0]), uint64(r[1]), uint64(r[2]), uint64(r[3])
+	return Next, nil
+}
+
+// guestCPUID is the guest's answer to CPUID leaf/sub: tamahv's own
+// leaves, or the processor's answer as filterCPUID leaves it.
+func (v *VCPU) guestCPUID(leaf, sub uint32) [4]uint32 {
+	var r [4]uint32
 	switch {
 	case leaf == CPUIDHypervisorBase:
-		a = CPUIDHypervisorBase + 1
-		b, c, d = le32(Signature[0:4]), le32(Signature[4:8]), le32(Signature[8:12])
+		r = [4]uint32{CPUIDHypervisorBase + 1, le32(Signature[0:4]), le32(Signature[4:8]), le32(Signature[8:12])}
 	case leaf == CPUIDHypervisorBase+1:
 	default:
-		var r [4]uint32
 		if v.CPUID != nil {
 			r[0], r[1], r[2], r[3] = v.CPUID(leaf, sub)
 		}
 		if filteredLeaf(leaf) {
 			v.filterCPUID(leaf, sub, &r)
 		}
-		a, b, c, d = r[0], r[1], r[2], r[3]
 	}
-	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(a), uint64(b), uint64(c), uint64(d)
-	return Next, nil
+	return r
 }
 
 func le32(s string) uint32 {

@@ -124,15 +124,18 @@ type VCPU struct {
 	handlers  [vmx.NumExitReasons]Handler // the defaults with every interceptor in front
 	cur       vmx.Exit                    // the exit being handled, shared by pointer
 	observers []Observer
-	entered   uint64 // VM entries made (Entries)
-	entries   []func(v *VCPU)
-	ticks     []func(v *VCPU)
-	counts    [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
-	recent    [recentExits]ExitRecord
-	nrecent   uint64
-	events    eventQueue
-	launched  bool
-	sipiWait  bool // in wait-for-SIPI, put there by tamahv
+	// intercepted: an Intercept came for the reason.
+	intercepted [vmx.NumExitReasons]bool
+	needExit    []func(v *VCPU) bool
+	entered     uint64 // VM entries made (Entries)
+	entries     []func(v *VCPU)
+	ticks       []func(v *VCPU)
+	counts      [vmx.NumExitReasons + 1]uint64 // the last counts unknown reasons
+	recent      [recentExits]ExitRecord
+	nrecent     uint64
+	events      eventQueue
+	launched    bool
+	sipiWait    bool // in wait-for-SIPI, put there by tamahv
 	// windows are the event-window exits deliverEvent last asked for in
 	// the processor-based controls (ProcInterruptWindow, ProcNMIWindow):
 	// with none asked for and no event queued, an entry needs neither
@@ -205,6 +208,7 @@ func (v *VCPU) Intercept(r vmx.ExitReason, h Interceptor) error {
 	if next == nil {
 		next = fatal
 	}
+	v.intercepted[r] = true
 	v.handlers[r] = func(v *VCPU, e *vmx.Exit) (Action, error) { return h(v, e, next) }
 	return nil
 }
@@ -462,6 +466,25 @@ func (v *VCPU) err() error {
 		return h.err
 	}
 	return v.VMCS.Err()
+}
+
+// ExitFields returns the VMCS fields a vCPU's exit handling reads at
+// most VM exits (the exit's own, the guest state its handlers and
+// extensions look at, and the controls they check). A board that hands
+// an exit over from the processor that took it reads them there, in one
+// go, and answers the handler from that copy.
+func ExitFields() []vmx.Field {
+	return []vmx.Field{
+		vmx.ExitReasonField, vmx.GuestRIP, vmx.ExitQualification, vmx.IDTVectoringInfo,
+		vmx.IDTVectoringError, vmx.ExitInstructionLen, vmx.ExitInstructionInfo,
+		vmx.GuestInterruptibility, vmx.GuestPhysAddr, vmx.GuestLinearAddr,
+		vmx.ExitInterruptInfo, vmx.ExitInterruptError, vmx.EntryInterruptInfo,
+		vmx.GuestRFLAGS, vmx.GuestRSP, vmx.GuestCR0, vmx.GuestCR3, vmx.GuestCR4,
+		vmx.CR0ReadShadow, vmx.CR4ReadShadow, vmx.GuestEFER, vmx.GuestCSAccess,
+		vmx.GuestSSAccess, vmx.GuestCSBase, vmx.GuestActivityState,
+		vmx.PinControls, vmx.ProcControls, vmx.Proc2Controls, vmx.EntryControls,
+		vmx.TSCOffset,
+	}
 }
 
 // snapshot reads one VM exit's state from the VMCS: what every exit

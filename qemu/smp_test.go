@@ -64,11 +64,45 @@ func TestBochsSMP(t *testing.T) {
 		}
 	}
 	checkKicksBeforeEntry(t, res)
+	checkHandoff(t, res, 2)
 	storm, _, _ := res.GuestLine("hvguest: attack exit-storm:")
 	assert.Contains(t, storm, "served in", "the read during the exit storm")
 	t.Logf("figures: %s", storm)
 	_, _, ok := res.GuestLine(fmt.Sprintf("hvguest: %d ring-3 attacks made, tamahv still answers", made))
 	assert.True(t, ok, "hvguest did not finish its %d ring-3 attacks", made)
+}
+
+// checkHandoff: an AP's exit reaches its handler on the bootstrap
+// processor with the fields it reads taken at the exit, and its writes
+// travel with the command that resumes the guest; on average an exit
+// costs at most two commands to the AP (the resuming one, and a CPUID or
+// RDMSR it executes there). It logs the CPUID cost each processor's
+// process measured.
+func checkHandoff(t *testing.T, res *Result, cpus int) {
+	t.Helper()
+	for i := 1; i < cpus; i++ {
+		var cmds, exits int
+		var l string
+		for _, x := range res.Lines {
+			if strings.HasPrefix(x, fmt.Sprintf("tamahv: vCPU %d: ", i)) && strings.Contains(x, " commands to its processor for ") {
+				l = x
+			}
+		}
+		if _, err := fmt.Sscanf(l, fmt.Sprintf("tamahv: vCPU %d: ", i)+"%d commands to its processor for %d exits handed over", &cmds, &exits); err != nil {
+			t.Errorf("no count of vCPU %d's commands: %q", i, l)
+			continue
+		}
+		t.Logf("figures: vCPU %d: %d commands to its processor for %d exits handed over (%.2f an exit)", i, cmds, exits, float64(cmds)/float64(exits))
+		assert.Greater(t, exits, 0)
+		assert.LessOrEqual(t, float64(cmds)/float64(exits), 2.0, "vCPU %d's exits cost more than two commands each", i)
+	}
+	for c := 0; c < cpus; c++ {
+		for j, l := range res.Guest {
+			if l == fmt.Sprintf("guest: smp cpu %d cpuid-cost ok", c) && j > 0 {
+				t.Logf("figures: pinned to CPU %d: %s", c, res.Guest[j-1])
+			}
+		}
+	}
 }
 
 // checkKicksBeforeEntry: the 2-processor ISO has tamahv send vCPU 1's

@@ -400,6 +400,10 @@ func (e *Engine) Close() error {
 	return nil
 }
 
+// Waiting reports whether pages wait for a #PF to be injected at a safe
+// moment: InjectPendingPF has work, and looks for it at every exit.
+func (e *Engine) Waiting() bool { return e.nready.Load() != 0 }
+
 // Stats returns the engine's counters.
 func (e *Engine) Stats() Stats {
 	e.mu.Lock()

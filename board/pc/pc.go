@@ -113,6 +113,9 @@ func measureTSC() (uint64, error) {
 	return TSCHz(rdtsc()-t0, pitCalibCount)
 }
 
+// TSC reads the executing processor's time-stamp counter.
+func TSC() uint64 { return rdtsc() }
+
 // TSCHzSource returns the TSC frequency in use and how it was found
 // ("CPUID.15H", "PIT" or "assumed").
 func TSCHzSource() (uint64, string) { return tscHz, tscSource }

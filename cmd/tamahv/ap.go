@@ -31,7 +31,23 @@ func (a apCPU) LoadVMCS(pa uint64) (hv.VMCS, error) {
 	if err := a.APVCPU.LoadVMCS(pa); err != nil {
 		return nil, err
 	}
+	var fields []uint32
+	for _, f := range hv.ExitFields() {
+		fields = append(fields, uint32(f))
+	}
+	if err := a.SetSnapshot(fields); err != nil {
+		return nil, err
+	}
 	return &apVMCS{ap: a.APVCPU}, nil
+}
+
+// SetCPUID implements machine.CPUIDAnswerer.
+func (a apCPU) SetCPUID(t []hv.CPUIDEntry) error {
+	answers := make([]smp.CPUIDAnswer, len(t))
+	for i, e := range t {
+		answers[i] = smp.CPUIDAnswer{Leaf: e.Leaf, Subleaf: e.Subleaf, Regs: e.Regs, CR4Mask: e.CR4Mask, ECXIfCR4: e.ECXIfCR4}
+	}
+	return a.APVCPU.SetCPUID(answers)
 }
 
 func (a apCPU) Host() hv.HostState { return hostState(a.APVCPU.Host()) }

@@ -61,6 +61,9 @@ func (b *board) TSCHz() uint64 {
 	return hz
 }
 
+// TSC implements machine.TSCReader.
+func (b *board) TSC() uint64 { return pc.TSC() }
+
 func (b *board) LoadVMCS(pa uint64) (hv.VMCS, error) {
 	if err := vmx.VMCLEAR(pa); err != nil {
 		return nil, err

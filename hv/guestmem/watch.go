@@ -370,6 +370,15 @@ func (g *Watcher) Install(v *hv.VCPU) error {
 			g.settle(v, e)
 		}
 	})
+	// A page open for v's write closes at v's next exit.
+	v.NeedExit(func(v *hv.VCPU) bool {
+		for _, o := range g.open {
+			if o.by == v {
+				return true
+			}
+		}
+		return false
+	})
 	return v.Intercept(vmx.ExitEPTViolation, g.onViolation)
 }
 

@@ -206,6 +206,12 @@ type Machine struct {
 	// clock is time.Now; lastTick is when tick last ran (vCPU 0's).
 	clock    func() time.Time
 	lastTick time.Time
+	// tsc reads the time-stamp counter where the board can and knows its
+	// frequency (TSCReader): tickDue then compares counts and reads no
+	// clock. tickTSC is tickPeriod in its ticks; lastTSC, the count when
+	// tick last ran.
+	tsc              func() uint64
+	tickTSC, lastTSC uint64
 	// alive writes tick's exits lines (Options.Alive).
 	alive aliveLog
 	// yield lets the APs' goroutines run in yieldToAPs (nil:
@@ -246,6 +252,11 @@ type apVCPU struct {
 	entries atomic.Uint64
 	// checks counts the kicks kickBeforeEntry sent.
 	checks atomic.Uint64
+	// cpuid is the AP where it answers CPUID itself (CPUIDAnswerer);
+	// cpuidStale: its table is to be made (again) before the next
+	// entry that may use it.
+	cpuid      CPUIDAnswerer
+	cpuidStale bool
 }
 
 // waiting reports whether the vCPU's goroutine has work that only runs
@@ -264,6 +275,9 @@ func New(b Board, c Config) (*Machine, error) {
 		return nil, errors.New("machine: no VMX capabilities")
 	}
 	m := &Machine{board: b, log: c.Log, clock: time.Now}
+	if r, ok := b.(TSCReader); ok && b.TSCHz() != 0 {
+		m.tsc, m.tickTSC = r.TSC, b.TSCHz()/uint64(time.Second/tickPeriod)
+	}
 	if m.log == nil {
 		m.log = io.Discard
 	}
@@ -521,7 +535,7 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		if m.cutShort {
 			return // the exit kickedBeforeEntry asked for, not a period's end
 		}
-		m.lastTick = m.clock()
+		m.ticked()
 		m.tick(v)
 	})
 	v.Enter = func(v *hv.VCPU, launched bool) error {
@@ -771,12 +785,26 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 		// entry: its goroutine handles the exit, and vCPU 0 lets it
 		// (yieldToAPs).
 		a.out.Store(false)
+		if a.cpuid != nil {
+			a.cpuid.AnswerCPUID(m.quiet(a, v))
+		}
 		if n := a.entries.Add(1); m.kickCheck != 0 && n%m.kickCheck == 0 && !v.WaitsForSIPI() {
 			m.kickBeforeEntry(a)
 		}
 		err := ap.Enter(&v.Regs, launched)
 		a.out.Store(true)
 		return err
+	}
+	if f, ok := ap.(CPUIDAnswerer); ok {
+		a.cpuid, a.cpuidStale = f, true
+		v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
+			if e.Reason == vmx.ExitWRMSR && uint32(v.Regs.RCX) == vmx.MSRAPICBase {
+				a.cpuidStale = true // leaf 1's APIC flag follows the MSR
+			}
+		})
+		// A swap read whose pages wait for a #PF looks for its moment
+		// at every exit.
+		v.NeedExit(func(*hv.VCPU) bool { return m.Engine.Waiting() })
 	}
 	started := false
 	v.OnEntry(func(v *hv.VCPU) {
@@ -801,6 +829,34 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 		m.bspKick.limit = max(m.bspKick.limit, 1) + 1
 	}
 	return nil
+}
+
+// quiet reports whether a's processor may answer the coming entry's
+// CPUID exits itself: the vCPU runs, and it is quiet (hv.VCPU.Quiet)
+// under Serial, the lock of everything Quiet asks. The answers are made
+// (again) first where they are stale; an AP that cannot take them hands
+// every CPUID exit over from then on.
+func (m *Machine) quiet(a *apVCPU, v *hv.VCPU) bool {
+	if v.WaitsForSIPI() {
+		return false
+	}
+	if v.Serial != nil {
+		v.Serial.Lock()
+		defer v.Serial.Unlock()
+	}
+	if !v.Quiet() {
+		return false
+	}
+	if a.cpuidStale {
+		a.cpuidStale = false
+		if err := a.cpuid.SetCPUID(v.CPUIDTable()); err != nil {
+			fmt.Fprintf(m.log, "tamahv: vCPU %d: its processor hands every CPUID exit over: %v\n", a.index, err)
+			a.cpuid.AnswerCPUID(false)
+			a.cpuid = nil
+			return false
+		}
+	}
+	return true
 }
 
 // kickBeforeEntry sends a's processor a kick just before its entry
@@ -887,12 +943,36 @@ const tickPeriod = 10 * time.Millisecond
 // tickDue reports whether tickPeriod passed since tick last ran, and
 // counts a run from now if so.
 func (m *Machine) tickDue() bool {
+	if m.tsc != nil {
+		now := m.tsc()
+		if now-m.lastTSC < m.tickTSC {
+			return false
+		}
+		m.lastTSC = now
+		return true
+	}
 	now := m.clock()
 	if now.Sub(m.lastTick) < tickPeriod {
 		return false
 	}
 	m.lastTick = now
 	return true
+}
+
+// ticked counts a run of tick from now.
+func (m *Machine) ticked() {
+	if m.tsc != nil {
+		m.lastTSC = m.tsc()
+		return
+	}
+	m.lastTick = m.clock()
+}
+
+// TSCReader is a Board that reads its processor's time-stamp counter.
+// With a known frequency (Board.TSCHz), vCPU 0's entries compare counts
+// to see whether tick is due, instead of reading the clock.
+type TSCReader interface {
+	TSC() uint64
 }
 
 // kicks matches the NMIs tamahv sends one processor to make it leave the
@@ -995,6 +1075,27 @@ func (m *Machine) kickedBeforeEntry() bool {
 // entry: the entry exits at once, and the exit is handed over).
 type EntryCounter interface {
 	Counts() (entries, ticks, cuts uint64)
+}
+
+// CPUIDAnswerer is an AP whose exit loop answers CPUID exits itself,
+// from a table of its vCPU's answers (hv.VCPU.CPUIDTable), after the
+// entries the machine finds quiet (hv.VCPU.Quiet): those exits reach
+// neither the bootstrap processor nor any Observe function.
+type CPUIDAnswerer interface {
+	// SetCPUID gives the AP its answers, while it waits for a command.
+	SetCPUID(t []hv.CPUIDEntry) error
+	// AnswerCPUID says whether the coming entry's CPUID exits may be
+	// answered from the table.
+	AnswerCPUID(on bool)
+	// Answered returns the CPUID exits the AP answered itself.
+	Answered() uint64
+}
+
+// CommandCounter is an AP that counts the commands the bootstrap
+// processor sent it: the round trips its exits cost (one resumes the
+// guest; reads outside the exit's snapshot, CPUID and RDMSR add one each).
+type CommandCounter interface {
+	Commands() uint64
 }
 
 // NMIUnblocker is a Board that can end the blocking of NMIs an NMI exit
@@ -1197,6 +1298,14 @@ func (m *Machine) report(recent bool) {
 			fmt.Fprintf(m.log, "tamahv: vCPU %d: %d kicks sent just before an entry (%s)\n", a.index, a.checks.Load(), KickCheckOption)
 		}
 		a.v.Report(m.log, recent)
+		if a.cpuid != nil {
+			fmt.Fprintf(m.log, "tamahv: vCPU %d: its processor answered %d CPUID exits itself\n", a.index, a.cpuid.Answered())
+		}
+		if c, ok := a.ap.(CommandCounter); ok && a.v.Total() != 0 {
+			n := c.Commands()
+			fmt.Fprintf(m.log, "tamahv: vCPU %d: %d commands to its processor for %d exits handed over (%.2f an exit, the one that resumes the guest included)\n",
+				a.index, n, a.v.Total(), float64(n)/float64(a.v.Total()))
+		}
 	}
 }
 

@@ -63,7 +63,19 @@ type fakeAP struct {
 	leftover bool
 	// nmis are the NMIs that reached the AP in VMX root, for TakeNMI.
 	nmis atomic.Uint32
+	// table is the CPUID table last set (tables: how many times);
+	// answering, what AnswerCPUID said for each entry since.
+	table     []hv.CPUIDEntry
+	tables    int
+	answering []bool
 }
+
+func (a *fakeAP) SetCPUID(t []hv.CPUIDEntry) error {
+	a.table, a.tables = t, a.tables+1
+	return nil
+}
+func (a *fakeAP) AnswerCPUID(on bool) { a.answering = append(a.answering, on) }
+func (a *fakeAP) Answered() uint64    { return 0 }
 
 // apStep is one scripted exit of an AP, as step is vCPU 0's.
 type apStep struct {
@@ -648,4 +660,41 @@ func TestSMPUnsentKickIsNotCounted(t *testing.T) {
 	}
 	b.script = []step{waitFor(0, ap.fakeAP)}
 	require.NoError(t, m.Run(), "log:\n%s", log)
+}
+
+// TestSMPAPAnswersCPUIDWhileQuiet: an AP that answers CPUID itself gets
+// its vCPU's table at its first entry in an active state, made by the
+// vCPU's own policy; it may use it after the entries where the vCPU is
+// quiet, not while it waits for SIPI, nor at the entry that delivers an
+// event; a write of IA32_APIC_BASE has the table made again.
+func TestSMPAPAnswersCPUIDWhileQuiet(t *testing.T) {
+	b, m, log, aps := newSMPMachine(t, 1, nil)
+	ap := aps[0]
+	last := func(a *fakeAP) bool { return a.answering[len(a.answering)-1] }
+	ap.script = []apStep{
+		{name: "SIPI", check: func(a *fakeAP, _ *vmx.GuestRegs) {
+			assert.False(t, last(a), "waits for SIPI")
+			assert.Zero(t, a.tables)
+		}, exit: sipi},
+		{name: "VMXON", check: func(a *fakeAP, _ *vmx.GuestRegs) {
+			assert.True(t, last(a), "quiet")
+			assert.Equal(t, 1, a.tables)
+			assert.Equal(t, m.VCPUs[1].CPUIDTable(), a.table)
+			assert.NotEmpty(t, a.table)
+		}, exit: func(a *fakeAP, _ *vmx.GuestRegs) { a.exitWith(vmx.ExitVMXON) }},
+		{name: "WRMSR IA32_APIC_BASE", check: func(a *fakeAP, _ *vmx.GuestRegs) {
+			assert.NotZero(t, a.vmcs.Fields[vmx.EntryInterruptInfo]&vmx.EventValid, "#UD placed")
+			assert.False(t, last(a), "an event is delivered at this entry")
+		}, exit: func(a *fakeAP, r *vmx.GuestRegs) {
+			r.RCX, r.RAX, r.RDX = vmx.MSRAPICBase, 0, 0
+			a.exitWith(vmx.ExitWRMSR)
+		}},
+		{name: "CPUID", check: func(a *fakeAP, _ *vmx.GuestRegs) {
+			assert.True(t, last(a))
+			assert.Equal(t, 2, a.tables, "made again after the MSR's write")
+		}, exit: func(a *fakeAP, _ *vmx.GuestRegs) { a.exitWith(vmx.ExitCPUID) }},
+	}
+	b.script = []step{waitFor(3, ap)}
+	require.NoError(t, m.Run(), "log:\n%s", log)
+	assert.Contains(t, log.String(), "tamahv: vCPU 1: its processor answered 0 CPUID exits itself\n")
 }

@@ -118,3 +118,27 @@ func TestTickDueWithoutTimerExits(t *testing.T) {
 	now = now.Add(time.Nanosecond)
 	assert.True(t, m.tickDue())
 }
+
+// With the time-stamp counter, tickDue compares counts and never reads
+// the clock on vCPU 0's entries.
+func TestTickDueCountsTSCTicks(t *testing.T) {
+	var now uint64 = 1 << 40
+	m := &Machine{clock: func() time.Time {
+		t.Error("the clock was read")
+		return time.Time{}
+	}, tsc: func() uint64 { return now }, tickTSC: 2_000_000}
+	assert.True(t, m.tickDue(), "the first entry")
+	runs := 0
+	for i := 0; i < 100; i++ { // an exit every 200,000 ticks
+		now += 200_000
+		if m.tickDue() {
+			runs++
+		}
+	}
+	assert.Equal(t, 10, runs)
+	m.ticked() // a timer exit's tick
+	now += 2_000_000 - 1
+	assert.False(t, m.tickDue())
+	now++
+	assert.True(t, m.tickDue())
+}

@@ -441,6 +441,9 @@ func (a *BreakpointAgent) InstallVCPU(v *hv.VCPU, d *PFDelivery) error {
 	if err != nil {
 		return err
 	}
+	// The next exit ends a step over the detour, or a streak of
+	// violations of the split view.
+	v.NeedExit(func(*hv.VCPU) bool { return c.stepping || c.streak != 0 })
 	v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 		if e.Reason != vmx.ExitEPTViolation {
 			c.streak = 0

@@ -123,6 +123,8 @@ const (
 func (d *PFDelivery) Install(v *hv.VCPU) {
 	v.Observe(d.exit)
 	v.OnEntry(d.entry)
+	// The next exit confirms or puts back a #PF placed or queued.
+	v.NeedExit(func(*hv.VCPU) bool { return d.state != pfIdle })
 }
 
 // placed records our #PF for va written in the VM-entry fields.

@@ -31,6 +31,7 @@ const launchWait = time.Millisecond
 type APVCPU struct {
 	ap      *AP
 	mb      mailbox
+	h       *handoff
 	procs   *acpi.Processors
 	running atomic.Bool
 	stopped atomic.Bool
@@ -48,7 +49,8 @@ func (s *SMP) VCPUs() []*APVCPU {
 	for i := range s.APs {
 		ap := &s.APs[i]
 		if ap.Status.Held() {
-			out = append(out, &APVCPU{ap: ap, mb: mailbox{p: ap.params, timeout: time.Second}, procs: s.procs})
+			mb := mailbox{p: ap.params, timeout: time.Second}
+			out = append(out, &APVCPU{ap: ap, mb: mb, h: newHandoff(mb), procs: s.procs})
 		}
 	}
 	return out
@@ -57,21 +59,62 @@ func (s *SMP) VCPUs() []*APVCPU {
 // APICID is the AP's local APIC ID.
 func (a *APVCPU) APICID() uint32 { return a.ap.APICID }
 
-// Err returns the first command the AP did not answer.
-func (a *APVCPU) Err() error { return a.err }
+// Err returns the first command the AP did not answer, or the first
+// queued operation it found failing.
+func (a *APVCPU) Err() error {
+	if a.err == nil {
+		a.err = a.h.failed()
+	}
+	return a.err
+}
+
+// Commands returns the number of commands sent to the AP: the round
+// trips its exits cost the bootstrap processor.
+func (a *APVCPU) Commands() uint64 { return a.h.cmds }
+
+// SetCPUID gives the AP's exit loop the CPUID answers it may give the
+// guest itself (at most 128; none: nil), while it waits for a command.
+func (a *APVCPU) SetCPUID(answers []CPUIDAnswer) error {
+	a.mb.setCPUID(0, 0)
+	n, err := cpuidTable(a.ap.cpuid, answers)
+	if err != nil {
+		return err
+	}
+	a.mb.setCPUID(a.ap.cpuidPA, n)
+	return nil
+}
+
+// AnswerCPUID lets the AP answer the coming entry's CPUID exits from its
+// table (on), or has it hand them over.
+func (a *APVCPU) AnswerCPUID(on bool) { a.mb.answerCPUID(on) }
+
+// Answered returns the CPUID exits the AP answered itself.
+func (a *APVCPU) Answered() uint64 { return a.mb.answered() }
+
+// SetSnapshot names the VMCS fields the AP reads at every exit it hands
+// over (at most 32), before its first entry: VMRead answers them from
+// there until the guest runs again.
+func (a *APVCPU) SetSnapshot(fields []uint32) error { return a.h.setSnapshot(fields) }
 
 func (a *APVCPU) call(cmd uint32, a0, a1 uint64) [4]uint64 {
-	r, _, err := a.mb.call(cmd, a0, a1)
+	r, _, err := a.h.call(cmd, a0, a1)
 	if err != nil && a.err == nil {
 		a.err = err
 	}
 	return r
 }
 
+// queue queues an operation the AP carries out before its next command.
+func (a *APVCPU) queue(kind, x, v uint64) {
+	if err := a.h.queue(kind, x, v); err != nil && a.err == nil {
+		a.err = err
+	}
+}
+
 // LoadVMCS makes the VMCS at pa current on the AP and points its host
 // RSP and RIP at the exit loop.
 func (a *APVCPU) LoadVMCS(pa uint64) error {
-	if _, err := a.mb.vmx("VMPTRLD", cmdVMPTRLD, pa, 0); err != nil {
+	if _, err := a.h.vmx("VMPTRLD", cmdVMPTRLD, pa, 0); err != nil {
 		return err
 	}
 	if err := a.VMWrite(uint32(vmx.HostRSP), binaryU64(a.ap.params[apExitRSP:])); err != nil {
@@ -80,15 +123,20 @@ func (a *APVCPU) LoadVMCS(pa uint64) error {
 	return a.VMWrite(uint32(vmx.HostRIP), apExitPC())
 }
 
-// VMRead reads a field of the AP's current VMCS.
+// VMRead reads a field of the AP's current VMCS: from the exit's
+// snapshot where it holds the field, else from the AP.
 func (a *APVCPU) VMRead(f uint32) (uint64, error) {
-	return a.mb.vmx("VMREAD", cmdVMREAD, uint64(f), 0)
+	if v, ok := a.h.read(f); ok {
+		return v, nil
+	}
+	return a.h.vmx("VMREAD", cmdVMREAD, uint64(f), 0)
 }
 
-// VMWrite writes a field of the AP's current VMCS.
+// VMWrite writes a field of the AP's current VMCS: the write is queued
+// for the AP's next command, and the snapshot takes its value. Where the
+// AP finds it failing, Err says so, and the AP does not enter the guest.
 func (a *APVCPU) VMWrite(f uint32, v uint64) error {
-	_, err := a.mb.vmx("VMWRITE", cmdVMWRITE, uint64(f), v)
-	return err
+	return a.h.queue(opVMWRITE, uint64(f), v)
 }
 
 // CPUID executes CPUID on the AP.
@@ -100,11 +148,12 @@ func (a *APVCPU) CPUID(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32) {
 // ReadMSR reads an MSR of the AP.
 func (a *APVCPU) ReadMSR(msr uint32) uint64 { return a.call(cmdRDMSR, uint64(msr), 0)[0] }
 
-// WriteMSR writes an MSR of the AP.
-func (a *APVCPU) WriteMSR(msr uint32, v uint64) { a.call(cmdWRMSR, uint64(msr), v) }
+// WriteMSR writes an MSR of the AP, before its next command.
+func (a *APVCPU) WriteMSR(msr uint32, v uint64) { a.queue(opWRMSR, uint64(msr), v) }
 
-// XSETBV loads an extended control register of the AP.
-func (a *APVCPU) XSETBV(xcr uint32, v uint64) { a.call(cmdXSETBV, uint64(xcr), v) }
+// XSETBV loads an extended control register of the AP, before its next
+// command.
+func (a *APVCPU) XSETBV(xcr uint32, v uint64) { a.queue(opXSETBV, uint64(xcr), v) }
 
 // TakeNMI returns, and forgets, how many NMIs reached the AP in VMX root
 // (its NMI handler counts them in the mailbox).
@@ -136,11 +185,14 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 	if a.stopped.Load() {
 		return ErrAPStopped
 	}
+	if err := a.Err(); err != nil {
+		return err
+	}
 	l := uint64(0)
 	if launched {
 		l = 1
 	}
-	if err := a.mb.post(cmdRun, uint64(uintptr(unsafe.Pointer(r))), l); err != nil {
+	if err := a.h.post(cmdRun, uint64(uintptr(unsafe.Pointer(r))), l); err != nil {
 		return err
 	}
 	a.running.Store(true)
@@ -151,6 +203,9 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 		runtime.Gosched()
 	}
 	a.running.Store(false)
+	if a.h.takeFailed(); a.h.err != nil {
+		return a.h.failed()
+	}
 	if flags := atomic.LoadUint32(a.mb.u32(apFlags)); flags&flagsFailed != 0 {
 		ie, _ := a.VMRead(uint32(vmx.InstructionError))
 		insn := "VMRESUME"
@@ -159,6 +214,7 @@ func (a *APVCPU) Enter(r *vmx.GuestRegs, launched bool) error {
 		}
 		return fmt.Errorf("smp: %s on APIC ID %d failed (RFLAGS %#x, VM-instruction error %d)", insn, a.ap.APICID, flags, ie)
 	}
+	a.h.exited()
 	return nil
 }
 
@@ -197,7 +253,7 @@ func (a *APVCPU) Stop() {
 }
 
 // Park halts an AP that runs no vCPU for good (its loop would spin).
-func (a *APVCPU) Park() error { return a.mb.post(cmdPark, 0, 0) }
+func (a *APVCPU) Park() error { return a.h.post(cmdPark, 0, 0) }
 
 // Counts returns the AP's VM entries, the preemption-timer exits it
 // answered itself, and the entries an NMI cut short (apNMI).
@@ -254,9 +310,10 @@ func (a *APVCPU) LAPICRead(off uint32) uint32 {
 	return uint32(a.call(cmdMMIORd, a.apicBase()+uint64(off&0xff0), 0)[0])
 }
 
-// LAPICWrite writes the AP's local APIC register at off.
+// LAPICWrite writes the AP's local APIC register at off, before its next
+// command.
 func (a *APVCPU) LAPICWrite(off, v uint32) {
-	a.call(cmdMMIOWr, a.apicBase()+uint64(off&0xff0), uint64(v))
+	a.queue(opMMIOWr, a.apicBase()+uint64(off&0xff0), uint64(v))
 }
 
 // apicBase is the AP's local APIC address, read once: the guest cannot

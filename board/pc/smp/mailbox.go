@@ -42,6 +42,43 @@ const (
 	apBlockEnd = 256
 )
 
+// The hand-off in the parameter block: the VMCS fields the AP reads at
+// every exit it hands over (the exit's snapshot), and the operations the
+// bootstrap processor queues for it, which the AP carries out, in order,
+// before its next command. An exit handled on the bootstrap processor
+// thus reads its fields without asking the AP, and its writes travel with
+// the command that resumes the guest.
+const (
+	apSnapN    = 256  // uint32: the fields of the snapshot
+	apOpsN     = 260  // uint32: the operations queued; the AP zeroes it once it carried them out
+	apOpFail   = 264  // uint32: 1 + the index of the first queued operation that failed; 0: none
+	apOpFlags  = 268  // uint32: that operation's RFLAGS
+	apSnapOK   = 272  // uint64: bit i: field i was read at the exit
+	apFastOK   = 280  // uint32: 1: the AP may answer this entry's CPUID exits from its table
+	apCPUIDN   = 284  // uint32: the table's entries (0: none)
+	apCPUIDTab = 288  // uint64: the table's address (a page of cpuidEntry)
+	apAnswered = 296  // uint64: CPUID exits the AP answered itself
+	apSnapF    = 512  // [maxSnap]uint32: the snapshot's fields
+	apSnapV    = 640  // [maxSnap]uint64: their values at the exit
+	apOps      = 1024 // [maxOps]struct{ kind, a, b uint64 }: the queued operations
+	apOpsEnd   = apOps + maxOps*opSize
+
+	// maxSnap is the number of fields a snapshot holds at most.
+	maxSnap = 32
+	// maxOps is the number of operations the block queues at most; one
+	// more sends those queued first (cmdFlush).
+	maxOps = 120
+	opSize = 24
+)
+
+// Queued operations (apOps).
+const (
+	opVMWRITE = 1 // VMCS[a] = b
+	opWRMSR   = 2 // MSR[a] = b
+	opXSETBV  = 3 // XCR[a] = b
+	opMMIOWr  = 4 // the 32 bits at physical a = b
+)
+
 // Mailbox commands.
 const (
 	cmdVMPTRLD = 1  // VMCLEAR, VMPTRLD [arg0]
@@ -56,6 +93,7 @@ const (
 	cmdRegs    = 10 // ret0-2 = CR0, CR3, CR4
 	cmdMMIORd  = 11 // ret0 = the 32 bits at physical arg0 (the AP's local APIC)
 	cmdMMIOWr  = 12 // the 32 bits at physical arg0 = arg1
+	cmdFlush   = 13 // nothing but the queued operations, which every command carries out first
 )
 
 // rflags bits that report a failed VMX instruction (SDM Vol. 3C,
@@ -105,9 +143,16 @@ func (m mailbox) call(cmd uint32, a0, a1 uint64) ([4]uint64, uint32, error) {
 	if err := m.post(cmd, a0, a1); err != nil {
 		return [4]uint64{}, 0, err
 	}
-	start := time.Now()
-	for n := 0; m.busy(); n++ {
-		if n%1024 == 0 && time.Since(start) > m.timeout {
+	// The clock is read only once the AP is slow to answer: after the
+	// first 1,024 looks.
+	var start time.Time
+	for n := 1; m.busy(); n++ {
+		if n%1024 != 0 {
+			continue
+		}
+		if start.IsZero() {
+			start = time.Now()
+		} else if time.Since(start) > m.timeout {
 			return [4]uint64{}, 0, fmt.Errorf("%w (command %d)", ErrAPSilent, cmd)
 		}
 	}
@@ -115,17 +160,4 @@ func (m mailbox) call(cmd uint32, a0, a1 uint64) ([4]uint64, uint32, error) {
 		atomic.LoadUint64(m.u64(apRet0)), atomic.LoadUint64(m.u64(apRet1)),
 		atomic.LoadUint64(m.u64(apRet2)), atomic.LoadUint64(m.u64(apRet3)),
 	}, atomic.LoadUint32(m.u32(apFlags)), nil
-}
-
-// vmx calls a command that executes a VMX instruction and turns a failure
-// into an error.
-func (m mailbox) vmx(name string, cmd uint32, a0, a1 uint64) (uint64, error) {
-	r, flags, err := m.call(cmd, a0, a1)
-	if err != nil {
-		return 0, err
-	}
-	if flags&flagsFailed != 0 {
-		return 0, fmt.Errorf("smp: %s %#x on the application processor failed (RFLAGS %#x)", name, a0, flags)
-	}
-	return r[0], nil
 }

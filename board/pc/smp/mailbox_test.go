@@ -65,7 +65,7 @@ func TestMailboxCall(t *testing.T) {
 		}
 		return [4]uint64{}, 0
 	})
-	m := mailbox{p: p, timeout: time.Minute}
+	m := newHandoff(mailbox{p: p, timeout: time.Minute})
 	_, err := m.vmx("VMWRITE", cmdVMWRITE, uint64(vmx.GuestRIP), 0x1234)
 	require.NoError(t, err)
 	got, err := m.vmx("VMREAD", cmdVMREAD, uint64(vmx.GuestRIP), 0)
@@ -125,6 +125,7 @@ func asmDefines(t *testing.T, name string) map[string]uint64 {
 func TestExitLoopNumbers(t *testing.T) {
 	d := asmDefines(t, "smp_amd64.s")
 	var r vmx.GuestRegs
+	var ce cpuidEntry
 	want := map[string]uint64{
 		"AP_CMD": apCmd, "AP_FLAGS": apFlags, "AP_ARG0": apArg0, "AP_ARG1": apArg1,
 		"AP_RET0": apRet0, "AP_RET1": apRet1, "AP_RET2": apRet2, "AP_RET3": apRet3,
@@ -133,6 +134,18 @@ func TestExitLoopNumbers(t *testing.T) {
 		"AP_EXITRSP": apExitRSP, "AP_ENTRIES": apEntries, "AP_REGS": apRegs,
 		"AP_BSPINGUEST": apBSPIn, "AP_BSPKICKS": apBSPKicks, "AP_BSPAPIC": apBSPAPIC,
 		"AP_WINDOW": apWindow, "AP_CUT": apCut, "AP_TIMER": apTimer, "AP_CUTS": apCuts,
+		"AP_SNAPN": apSnapN, "AP_OPSN": apOpsN, "AP_OPFAIL": apOpFail, "AP_OPFLAGS": apOpFlags,
+		"AP_SNAPOK": apSnapOK, "AP_SNAPF": apSnapF, "AP_SNAPV": apSnapV, "AP_OPS": apOps, "OP_SIZE": opSize,
+		"AP_FASTOK": apFastOK, "AP_CPUIDN": apCPUIDN, "AP_CPUIDTAB": apCPUIDTab, "AP_ANSWERED": apAnswered,
+		"CE_LEAF": uint64(unsafe.Offsetof(ce.leaf)), "CE_SUB": uint64(unsafe.Offsetof(ce.sub)),
+		"CE_EAX": uint64(unsafe.Offsetof(ce.eax)), "CE_EBX": uint64(unsafe.Offsetof(ce.ebx)),
+		"CE_ECX": uint64(unsafe.Offsetof(ce.ecx)), "CE_EDX": uint64(unsafe.Offsetof(ce.edx)),
+		"CE_CR4MASK": uint64(unsafe.Offsetof(ce.cr4Mask)), "CE_ECXIFCR4": uint64(unsafe.Offsetof(ce.ecxIfCR4)),
+		"CE_SIZE":    uint64(unsafe.Sizeof(ce)),
+		"EXIT_CPUID": uint64(vmx.ExitCPUID), "F_RFLAGS": uint64(vmx.GuestRFLAGS), "F_GUEST_CR4": uint64(vmx.GuestCR4),
+		"F_GUEST_RIP": uint64(vmx.GuestRIP), "F_INSN_LEN": uint64(vmx.ExitInstructionLen), "RFLAGS_TF": vmx.RFLAGSTF,
+		"BLOCKING_STI_MOVSS": uint64(vmx.BlockingSTI | vmx.BlockingMovSS),
+		"OP_VMWRITE":         opVMWRITE, "OP_WRMSR": opWRMSR, "OP_XSETBV": opXSETBV, "OP_MMIOWRITE": opMMIOWr, "CMD_FLUSH": cmdFlush,
 		"F_TIMER_VALUE": uint64(vmx.PreemptionTimerValue),
 		"MSR_APIC_BASE": vmx.MSRAPICBase, "APIC_BASE_EXTD": vmx.APICBaseX2APIC, "MSR_X2APIC_ICR": vmx.MSRX2APICICR,
 		"LAPIC_ICR_LOW": vmx.APICICRLow, "LAPIC_ICR_HIGH": vmx.APICICRHigh, "ICR_PENDING": vmx.ICRPending,
@@ -170,6 +183,12 @@ func TestExitLoopNumbers(t *testing.T) {
 		assert.True(t, ok, "smp_amd64.s defines %s, which no Go name is tied to", name)
 	}
 	assert.LessOrEqual(t, apCuts+8, apBlockEnd)
+	assert.LessOrEqual(t, apBlockEnd, apSnapN)
+	assert.LessOrEqual(t, apAnswered+8, apSnapF)
+	assert.LessOrEqual(t, apSnapF+4*maxSnap, apSnapV)
+	assert.LessOrEqual(t, apSnapV+8*maxSnap, apOps)
+	assert.LessOrEqual(t, apOpsEnd, 4096, "the queue fits the block")
+	assert.LessOrEqual(t, maxSnap, 64, "AP_SNAPOK has a bit a field")
 	assert.Less(t, apParamLen-1, apCmd, "the mailbox follows the start-up fields")
 }
 

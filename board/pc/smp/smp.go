@@ -145,7 +145,7 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 
 	for _, id := range apicIDs {
 		ap := AP{APICID: id}
-		var pages [3]uint64 // parameters, stack, VMXON region
+		var pages [4]uint64 // parameters, stack, VMXON region, CPUID answers
 		for i := range pages {
 			if pages[i], err = s.arena.Alloc(); err != nil {
 				return nil, err
@@ -153,6 +153,8 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 		}
 		ap.params, _ = s.arena.Bytes(pages[0])
 		ap.paramsPA, ap.idtPA = pages[0], idtPA
+		ap.cpuid, _ = s.arena.Bytes(pages[3])
+		ap.cpuidPA = pages[3]
 		p := APParams(Descriptor(pc.GDT, 5*8-1), Descriptor(idtPA, 4095), pages[1]+4096, pages[2])
 		copy(ap.params[:], p[:])
 		// The exit loop's stack: two slots at the top, NMI frames below.

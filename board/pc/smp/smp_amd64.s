@@ -40,6 +40,36 @@
 #define AP_CUT		236
 #define AP_TIMER	240
 #define AP_CUTS		248
+#define AP_SNAPN	256
+#define AP_OPSN		260
+#define AP_OPFAIL	264
+#define AP_OPFLAGS	268
+#define AP_SNAPOK	272
+#define AP_FASTOK	280
+#define AP_CPUIDN	284
+#define AP_CPUIDTAB	288
+#define AP_ANSWERED	296
+
+// An answer in the CPUID table (cpuid.go's cpuidEntry).
+#define CE_LEAF		0
+#define CE_SUB		4
+#define CE_EAX		8
+#define CE_EBX		12
+#define CE_ECX		16
+#define CE_EDX		20
+#define CE_CR4MASK	24
+#define CE_ECXIFCR4	28
+#define CE_SIZE		32
+#define AP_SNAPF	512
+#define AP_SNAPV	640
+#define AP_OPS		1024
+#define OP_SIZE		24
+
+// Queued operations (mailbox.go).
+#define OP_VMWRITE	1
+#define OP_WRMSR	2
+#define OP_XSETBV	3
+#define OP_MMIOWRITE	4
 
 // The local APIC (smp.go).
 #define MSR_APIC_BASE	0x1b
@@ -64,6 +94,7 @@
 #define CMD_REGS	10
 #define CMD_MMIOREAD	11
 #define CMD_MMIOWRITE	12
+#define CMD_FLUSH	13
 
 // vmx.GuestRegs (vmx/run.go); apvcpu_test.go checks the offsets.
 #define R_RAX	0
@@ -91,6 +122,13 @@
 #define F_TIMER_VALUE	0x482e
 #define BLOCKING_SMI	4
 #define EXIT_PREEMPTION	52
+#define EXIT_CPUID	10
+#define F_RFLAGS	0x6820
+#define F_GUEST_CR4	0x6804
+#define F_GUEST_RIP	0x681e
+#define F_INSN_LEN	0x440c
+#define RFLAGS_TF	0x100
+#define BLOCKING_STI_MOVSS	3
 #define ACTIVITY_SIPI	3
 #define MSR_GS_BASE	0xc0000101
 
@@ -354,6 +392,14 @@ store:
 	CALL	apIRET<>(SB)
 	XORL	AX, AX
 reason:
+	CMPQ	AX, $EXIT_CPUID
+	JNE	timer
+	CALL	apCPUID<>(SB)
+	TESTL	AX, AX
+	JNZ	post
+	INCQ	AP_ANSWERED(DI)
+	JMP	run
+timer:
 	CMPQ	AX, $EXIT_PREEMPTION
 	JNE	post
 	MOVQ	$F_IDT_VECTORING, DX
@@ -368,6 +414,28 @@ reason:
 	INCQ	AP_TICKS(DI)
 	JMP	run
 post:
+	// The exit's snapshot: each field of AP_SNAPF into AP_SNAPV, its bit
+	// in AP_SNAPOK where VMREAD succeeded.
+	MOVL	AP_SNAPN(DI), R12
+	XORL	R13, R13
+	XORL	R14, R14
+snap:
+	CMPL	R13, R12
+	JAE	snapped
+	MOVL	AP_SNAPF(DI)(R13*4), DX
+	VMREAD_RAX_RDX
+	JCS	snapnext
+	JEQ	snapnext
+	MOVQ	AX, AP_SNAPV(DI)(R13*8)
+	MOVL	R13, CX
+	MOVL	$1, AX
+	SHLQ	CX, AX
+	ORQ	AX, R14
+snapnext:
+	INCL	R13
+	JMP	snap
+snapped:
+	MOVQ	R14, AP_SNAPOK(DI)
 	// Hand the exit over, then kick the bootstrap processor out of the
 	// guest if it runs it: its handlers run only when it is in VMX root.
 	// The XCHG orders the post before the load of its mark (its side:
@@ -440,6 +508,14 @@ wait:
 	PAUSE
 	JMP	wait
 dispatch:
+	// The operations queued with the command come first.
+	MOVL	AP_OPSN(DI), CX
+	TESTL	CX, CX
+	JZ	dispatched
+	PUSHQ	AX
+	CALL	apApply<>(SB)
+	POPQ	AX
+dispatched:
 	CMPL	AX, $CMD_VMREAD
 	JEQ	vmread
 	CMPL	AX, $CMD_VMWRITE
@@ -464,6 +540,8 @@ dispatch:
 	JEQ	mmiowrite
 	CMPL	AX, $CMD_PARK
 	JEQ	halt
+	CMPL	AX, $CMD_FLUSH
+	JEQ	flush
 	MOVL	$-1, AX				// unknown command
 done:
 	// AX: RFLAGS after the instruction (CF or ZF: it failed), or 0.
@@ -471,6 +549,10 @@ done:
 	XORL	AX, AX
 	XCHGL	AX, AP_CMD(DI)			// results first: XCHG orders them
 	JMP	wait
+
+flush:
+	XORL	AX, AX
+	JMP	done
 
 vmread:
 	MOVQ	AP_ARG0(DI), DX
@@ -573,7 +655,15 @@ halt:
 	JMP	halt
 
 runcmd:
-	// AP_ARG0: the vmx.GuestRegs; AP_ARG1: launched (VMRESUME).
+	// AP_ARG0: the vmx.GuestRegs; AP_ARG1: launched (VMRESUME). Not
+	// after a queued operation failed: the VMCS is not what the
+	// bootstrap processor made it.
+	MOVL	AP_OPFAIL(DI), AX
+	TESTL	AX, AX
+	JZ	runregs
+	MOVL	AP_OPFLAGS(DI), AX
+	JMP	done
+runregs:
 	MOVQ	AP_ARG0(DI), AX
 	MOVQ	AX, AP_REGS(DI)
 run:
@@ -686,6 +776,142 @@ TEXT apUncut<>(SB),NOSPLIT|NOFRAME,$0
 	MOVQ	$F_TIMER_VALUE, DX
 	VMWRITE_RDX_RAX
 uncut:
+	RET
+
+// apCPUID answers a CPUID exit from the AP's table (AP_CPUIDTAB,
+// AP_CPUIDN answers; DI: the parameter block) where the bootstrap
+// processor found the entry quiet (AP_FASTOK), no NMI waits to be handed
+// over, and the guest does not single-step (RFLAGS.TF): the guest's EAX,
+// EBX, ECX and EDX get the answer for its EAX and ECX, and RIP moves past
+// the instruction, which ends blocking by STI and MOV SS, as the Go
+// handler's Next does. AX is 0 where it answered, else 1 (the exit is
+// handed over). It changes AX, BX, CX, DX, SI and R8-R11.
+TEXT apCPUID<>(SB),NOSPLIT|NOFRAME,$0
+	MOVL	AP_FASTOK(DI), AX
+	TESTL	AX, AX
+	JZ	no
+	MOVL	AP_NMIS(DI), AX
+	TESTL	AX, AX
+	JNZ	no
+	MOVQ	$F_RFLAGS, DX
+	VMREAD_RAX_RDX
+	TESTQ	$RFLAGS_TF, AX
+	JNZ	no
+	MOVQ	AP_REGS(DI), SI
+	MOVL	R_RAX(SI), R8
+	MOVL	R_RCX(SI), R9
+	MOVQ	AP_CPUIDTAB(DI), R10
+	MOVL	AP_CPUIDN(DI), R11
+look:
+	TESTL	R11, R11
+	JZ	no
+	CMPL	CE_LEAF(R10), R8
+	JNE	skip
+	CMPL	CE_SUB(R10), R9
+	JEQ	found
+skip:
+	ADDQ	$CE_SIZE, R10
+	DECL	R11
+	JMP	look
+found:
+	MOVL	CE_ECX(R10), BX
+	MOVL	CE_CR4MASK(R10), CX
+	TESTL	CX, CX
+	JZ	answer
+	MOVQ	$F_GUEST_CR4, DX
+	VMREAD_RAX_RDX
+	TESTQ	CX, AX
+	JZ	answer
+	ORL	CE_ECXIFCR4(R10), BX
+answer:
+	// 32-bit moves: CPUID clears the registers' upper halves.
+	MOVL	CE_EAX(R10), AX
+	MOVQ	AX, R_RAX(SI)
+	MOVL	CE_EBX(R10), AX
+	MOVQ	AX, R_RBX(SI)
+	MOVQ	BX, R_RCX(SI)
+	MOVL	CE_EDX(R10), AX
+	MOVQ	AX, R_RDX(SI)
+	MOVQ	$F_INSN_LEN, DX
+	VMREAD_RAX_RDX
+	MOVQ	AX, BX
+	MOVQ	$F_GUEST_RIP, DX
+	VMREAD_RAX_RDX
+	ADDQ	BX, AX
+	VMWRITE_RDX_RAX
+	MOVQ	$F_INTERRUPTIBILITY, DX
+	VMREAD_RAX_RDX
+	TESTL	$BLOCKING_STI_MOVSS, AX
+	JZ	answered
+	ANDL	$~BLOCKING_STI_MOVSS, AX
+	VMWRITE_RDX_RAX
+answered:
+	XORL	AX, AX
+	RET
+no:
+	MOVL	$1, AX
+	RET
+
+// apApply carries out the operations queued in the parameter block (DI),
+// in order, and zeroes their count. The first that fails is recorded: 1 +
+// its index in AP_OPFAIL (unless one is recorded already), its RFLAGS in
+// AP_OPFLAGS. It changes AX, BX, CX, DX, R8 and R12-R14.
+TEXT apApply<>(SB),NOSPLIT|NOFRAME,$0
+	MOVL	AP_OPSN(DI), R12
+	XORL	R13, R13
+	LEAQ	AP_OPS(DI), R14
+next:
+	CMPL	R13, R12
+	JAE	applied
+	MOVQ	0(R14), R8
+	MOVQ	8(R14), DX
+	MOVQ	16(R14), AX
+	CMPQ	R8, $OP_VMWRITE
+	JEQ	opvmwrite
+	CMPQ	R8, $OP_WRMSR
+	JEQ	opwrmsr
+	CMPQ	R8, $OP_XSETBV
+	JEQ	opxsetbv
+	CMPQ	R8, $OP_MMIOWRITE
+	JEQ	opmmio
+	MOVL	$-1, BX				// unknown operation
+	JMP	opfailed
+opvmwrite:
+	VMWRITE_RDX_RAX
+	PUSHFQ
+	POPQ	BX
+	TESTQ	$0x41, BX			// CF or ZF
+	JNZ	opfailed
+	JMP	opnext
+opwrmsr:
+	MOVL	DX, CX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
+	WRMSR
+	JMP	opnext
+opxsetbv:
+	MOVL	DX, CX
+	MOVQ	AX, DX
+	SHRQ	$32, DX
+	XSETBV_
+	JMP	opnext
+opmmio:
+	MOVL	AX, 0(DX)
+	JMP	opnext
+opfailed:
+	MOVL	AP_OPFAIL(DI), CX
+	TESTL	CX, CX
+	JNZ	opnext
+	MOVL	R13, CX
+	INCL	CX
+	MOVL	CX, AP_OPFAIL(DI)
+	MOVL	BX, AP_OPFLAGS(DI)
+opnext:
+	INCL	R13
+	ADDQ	$OP_SIZE, R14
+	JMP	next
+applied:
+	MOVL	$0, AP_OPSN(DI)
 	RET
 
 // apIRET returns to its caller through IRETQ, ending the blocking of

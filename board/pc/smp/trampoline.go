@@ -234,8 +234,10 @@ type AP struct {
 	Took time.Duration
 
 	params   *[4096]byte
-	paramsPA uint64 // the parameter block's address: the AP's GS base
-	idtPA    uint64 // the APs' IDT
+	paramsPA uint64      // the parameter block's address: the AP's GS base
+	idtPA    uint64      // the APs' IDT
+	cpuid    *[4096]byte // the CPUID answers its exit loop gives itself
+	cpuidPA  uint64
 }
 
 // Topology is what CPUID tells of the bootstrap processor's package.
