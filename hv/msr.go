@@ -90,6 +90,17 @@ func GuestMSRBitmap(b *[4096]byte) {
 	}
 }
 
+// PassX2APICICRWrites lets the guest's writes to IA32_X2APIC_ICR pass in
+// a bitmap GuestMSRBitmap filled: its x2APIC IPIs then go out as written,
+// with no exit, as its xAPIC IPIs do where the local APIC's page is
+// passed through. It is for machines where INIT and start-up IPIs reach
+// the guest's processors as VM exits (hv/machine's apic.trapinit): no
+// start-up IPI then starts a processor tamahv does not run.
+func PassX2APICICRWrites(b *[4096]byte) {
+	const m = vmx.MSRX2APICICR
+	b[2048+m/8] &^= 1 << (m % 8)
+}
+
 // rdmsr answers RDMSR of an intercepted MSR; ok false means #GP.
 func (v *VCPU) rdmsr(msr uint32) (val uint64, ok bool) {
 	switch policy(msr) {
@@ -202,11 +213,12 @@ func (v *VCPU) X2APICICRWritable(val uint64) bool {
 }
 
 // writeX2APICICR sends the interrupt command of a vCPU that has no
-// APICWrites in front of it: the guest's only vCPU. An INIT or start-up
-// IPI reaches that vCPU's processor only: one to its own x2APIC ID is
-// sent as written, a broadcast or shorthand is sent to it alone, one to
-// any other destination is dropped (IPITargets with the vCPU as the only
-// one). Other IPIs go out as written.
+// APICWrites in front of it: the guest's only vCPU, where its writes to
+// the register exit (PassX2APICICRWrites was not applied). An INIT or
+// start-up IPI reaches that vCPU's processor only: one to its own x2APIC
+// ID is sent as written, a broadcast or shorthand is sent to it alone,
+// one to any other destination is dropped (IPITargets with the vCPU as
+// the only one). Other IPIs go out as written.
 func (v *VCPU) writeX2APICICR(val uint64) bool {
 	if !v.X2APICICRWritable(val) {
 		return false

@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"math/bits"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -318,4 +319,40 @@ func TestCPUIDTSCLeavesFollowTheMeasuredTSC(t *testing.T) {
 			assert.Equal(t, [4]uint32{3500, 3500, 100, 0}, l16, "%d Hz", c.hz)
 		}
 	}
+}
+
+// x2APICExits returns the x2APIC MSRs (0x800-0x8ff) whose reads and whose
+// writes exit in b.
+func x2APICExits(b *[4096]byte) (reads, writes []uint32) {
+	for m := uint32(0x800); m <= 0x8ff; m++ {
+		if b[m/8]&(1<<(m%8)) != 0 {
+			reads = append(reads, m)
+		}
+		if b[2048+m/8]&(1<<(m%8)) != 0 {
+			writes = append(writes, m)
+		}
+	}
+	return reads, writes
+}
+
+// Among the x2APIC's MSRs only writes to the interrupt command register
+// exit (EOIs, the TPR, the timer pass); PassX2APICICRWrites passes those
+// too and nothing else.
+func TestX2APICOnlyICRWritesExit(t *testing.T) {
+	var b [4096]byte
+	GuestMSRBitmap(&b)
+	reads, writes := x2APICExits(&b)
+	assert.Empty(t, reads)
+	assert.Equal(t, []uint32{vmx.MSRX2APICICR}, writes)
+
+	before := b
+	PassX2APICICRWrites(&b)
+	reads, writes = x2APICExits(&b)
+	assert.Empty(t, reads)
+	assert.Empty(t, writes)
+	changed := 0
+	for i := range b {
+		changed += bits.OnesCount8(b[i] ^ before[i])
+	}
+	assert.Equal(t, 1, changed, "every other MSR as it was")
 }

@@ -83,6 +83,10 @@ func needEmulator(t *testing.T, e Emulator) {
 	}
 }
 
+// bochsAPICLine is tamahv's line about the local APIC in Bochs 2.7 on
+// its BIOS, where apic.trapinit=auto traps the local APIC's writes.
+const bochsAPICLine = "tamahv: local APIC writes trapped: INIT sticks in VMX non-root (Bochs 2.7) (apic.trapinit=auto)"
+
 var vmxOnRE = regexp.MustCompile(`^tamahv: VMX on \(revision 0x[0-9a-f]+, EPT yes, VPID yes, unrestricted guest yes\)$`)
 
 func bootUntilHalted(t *testing.T, c Config) *Result {
@@ -359,6 +363,8 @@ func TestBochsLinuxGuest(t *testing.T) {
 	logMilestones(t, res)
 	started, _ := lineWith(res.Lines, "tamahv: guest started")
 	require.NotEmpty(t, started, "tamahv did not start the guest:\n%s", res.Serial())
+	apic, _ := lineWith(res.Lines, "tamahv: local APIC")
+	assert.Equal(t, bochsAPICLine, apic, "apic.trapinit=auto on Bochs")
 	stopped, _ := lineWith(res.Lines, "tamahv: guest stopped")
 	require.Empty(t, stopped, "tamahv:\n%s\nguest:\n%s", res.Serial(), tail(res.GuestSerial(), 40))
 	if withModule {

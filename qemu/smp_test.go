@@ -173,6 +173,10 @@ func checkSMP(t *testing.T, res *Result, cpus int) {
 	logMilestones(t, res)
 	for _, want := range []string{
 		fmt.Sprintf("tamahv: processors: %d listed (MADT)", cpus),
+		// Bochs 2.7 keeps an INIT pending in VMX non-root: its BIOS's
+		// tables and its processor without the hypervisor bit keep the
+		// local APIC's writes trapped.
+		bochsAPICLine,
 		"tamahv: guest started",
 	} {
 		l, _ := lineWith(res.Lines, want)

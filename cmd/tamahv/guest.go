@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/tamahv/tamahv/board/pc"
+	"github.com/tamahv/tamahv/board/pc/acpi"
 	"github.com/tamahv/tamahv/board/pc/bootinfo"
 	"github.com/tamahv/tamahv/board/pc/e820"
 	"github.com/tamahv/tamahv/board/pc/efi"
@@ -77,6 +78,12 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
 		RSDP: rsdp,
+	}
+	// apic.trapinit=auto traps the local APIC's writes on Bochs itself,
+	// which the ACPI tables' OEM ID tells (with the processor's
+	// hypervisor bit, which the machine reads): no tables, no Bochs.
+	if id, err := acpi.FindOEMID(pc.PhysMem{}, rsdp); err == nil {
+		c.OEMID = id
 	}
 	for _, r := range memory {
 		c.E820 = append(c.E820, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})

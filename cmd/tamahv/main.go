@@ -5,10 +5,11 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
-// swap.deadline= and log.alive= (machine.ParseOptions), smp.park (the
-// application processors stay parked in VMX root operation and hidden
-// from the guest, instead of each running a vCPU) and smp.visible (a test
-// knob: the processor tables are left unpatched).
+// swap.deadline=, log.alive=, smp.kickcheck= and apic.trapinit=
+// (machine.ParseOptions), smp.park (the application processors stay
+// parked in VMX root operation and hidden from the guest, instead of each
+// running a vCPU) and smp.visible (a test knob: the processor tables are
+// left unpatched).
 //
 // It prints stable lines that users and tests rely on:
 //
@@ -16,6 +17,8 @@
 //	tamahv: VMX unavailable: <reason>
 //	tamahv: processors: ... (and the lines of smp.HoldProcessors)
 //	tamahv: guest not started: <why> (a processor tamahv cannot account for; then it halts)
+//	tamahv: local APIC writes trapped: INIT sticks in VMX non-root (Bochs 2.7) (apic.trapinit=auto|on)
+//	tamahv: local APIC passed through: INIT and SIPI arrive as VM exits (apic.trapinit=auto|off)
 //	tamahv: guest started: ...
 //	tamahv: swapmem read ok: ... | tamahv: swapmem read FAILED: <reason>
 //	tamahv: AP APIC ID N: vCPU i waits for start-up (without smp.park)

@@ -121,6 +121,10 @@ type Config struct {
 	// Options is tamahv's own command line: the hc.ring3= grants of the
 	// default policy, and the settings ParseOptions reads.
 	Options string
+	// OEMID is the 6-byte OEM ID of the firmware's ACPI tables ("" where
+	// none were found): with the processor's hypervisor bit, what
+	// apic.trapinit=auto decides on (TrapINITMode.Decide).
+	OEMID string
 	// Arena is how many pages New may take from the board for EPT
 	// tables (0: 1024).
 	Arena int
@@ -183,9 +187,12 @@ type Machine struct {
 	secret uint64
 
 	serial sync.Mutex // every vCPU's Serial
-	// APIC emulates the guest's local APIC writes where the guest has
-	// application processors (virtualizeINIT); nil otherwise.
-	APIC      *guestmem.APICWrites
+	// APIC emulates the guest's local APIC writes where they are trapped
+	// (apic.trapinit) and the guest has application processors
+	// (virtualizeINIT); nil otherwise.
+	APIC *guestmem.APICWrites
+	// trapINIT: the guest's local APIC writes are trapped (TrapsINIT).
+	trapINIT  bool
 	apicIDs   []uint32 // vCPU i's local APIC ID
 	vcpuIndex map[*hv.VCPU]int
 	// stuckErr: a vCPU never left the guest for an EPT change.
@@ -281,6 +288,10 @@ func New(b Board, c Config) (*Machine, error) {
 	if m.log == nil {
 		m.log = io.Discard
 	}
+	opts, err := ParseOptions(c.Options)
+	if err != nil {
+		return nil, err
+	}
 	if err := m.mapGuest(&c); err != nil {
 		return nil, err
 	}
@@ -288,6 +299,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
+	m.localAPIC(opts.TrapINIT, c.OEMID, ctl.msrBM)
 	m.Linux = &linux.Boot{
 		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
 		Cmdline: c.Cmdline, Map: c.E820, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
@@ -303,7 +315,7 @@ func New(b Board, c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	policy, err := m.swapService(&c)
+	policy, err := m.swapService(&c, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -317,11 +329,44 @@ func New(b Board, c Config) (*Machine, error) {
 			fmt.Fprintf(m.log, "tamahv: AP APIC ID %d: not used: %v\n", ap.APICID(), err)
 		}
 	}
-	if err := m.virtualizeINIT(); err != nil {
-		return nil, err
+	if m.trapINIT {
+		if err := m.virtualizeINIT(); err != nil {
+			return nil, err
+		}
 	}
 	return m, nil
 }
+
+// The lines localAPIC writes, with apic.trapinit='s value after them.
+const (
+	trappedLine     = "tamahv: local APIC writes trapped: INIT sticks in VMX non-root (Bochs 2.7)"
+	passThroughLine = "tamahv: local APIC passed through: INIT and SIPI arrive as VM exits"
+)
+
+// localAPIC decides whether the guest's local APIC writes are trapped
+// (mode, the ACPI tables' OEM ID and the processor's hypervisor bit:
+// TrapINITMode.Decide) and says so in one line. Passed through, the
+// guest's x2APIC IPIs no longer exit either (msrBM is the MSR bitmap):
+// every IPI goes out as written, and an INIT or start-up IPI reaches a
+// vCPU as a VM exit (hv.VCPU.MakeAP). Trapped, virtualizeINIT protects
+// the xAPIC's page where there are application processors, and the
+// x2APIC's interrupt command register stays the only x2APIC register
+// whose writes exit.
+func (m *Machine) localAPIC(mode TrapINITMode, oemID string, msrBM *[4096]byte) {
+	_, _, ecx, _ := m.board.CPUID(1, 0)
+	m.trapINIT = mode.Decide(oemID, ecx&vmx.CPUIDHypervisorBit != 0)
+	line := trappedLine
+	if !m.trapINIT {
+		line = passThroughLine
+		hv.PassX2APICICRWrites(msrBM)
+	}
+	fmt.Fprintf(m.log, "%s (%s=%v)\n", line, TrapINITOption, mode)
+}
+
+// TrapsINIT reports whether the guest's local APIC writes are trapped
+// (apic.trapinit): its INIT IPIs are then seen before they reach a
+// processor. Otherwise the local APIC is passed through.
+func (m *Machine) TrapsINIT() bool { return m.trapINIT }
 
 // mapGuest builds the EPT: the guest's memory map one to one, tamahv's
 // region and everything outside the map onto the sink.
@@ -348,6 +393,7 @@ func (m *Machine) mapGuest(c *Config) error {
 type control struct {
 	vmcs            hv.VMCS
 	msrPA, ioA, ioB uint64
+	msrBM           *[4096]byte
 }
 
 // controlPages takes vCPU 0's VMCS and bitmaps, the guest's FPU state at
@@ -378,7 +424,7 @@ func (m *Machine) controlPages(c *Config) (control, error) {
 		return ctl, err
 	}
 	hv.IOBitmaps(bmA, bmB, c.Console)
-	ctl.msrPA, ctl.ioA, ctl.ioB = msrPA, ioA, ioB
+	ctl.msrPA, ctl.ioA, ctl.ioB, ctl.msrBM = msrPA, ioA, ioB, msrBM
 	_, fxPage, err := m.page()
 	if err != nil {
 		return ctl, err
@@ -457,13 +503,9 @@ func (m *Machine) guestMemory(c *Config, naps int) (*guestmem.Unmapped, error) {
 	return unmapped, nil
 }
 
-// swapService reads tamahv's options and builds swapmem's engine, the
+// swapService takes tamahv's options and builds swapmem's engine, the
 // return trap and the policy: c.Policy, or the default monitor.
-func (m *Machine) swapService(c *Config) (hv.Hypercalls, error) {
-	opts, err := ParseOptions(c.Options)
-	if err != nil {
-		return nil, err
-	}
+func (m *Machine) swapService(c *Config, opts Options) (hv.Hypercalls, error) {
 	if c.Swap.Deadline == 0 && opts.SwapDeadline != 0 {
 		c.Swap.Deadline = opts.SwapDeadline
 		fmt.Fprintf(m.log, "tamahv: swap reads end after %v unless they set their own deadline\n", opts.SwapDeadline)
@@ -593,7 +635,8 @@ type LAPIC interface {
 }
 
 // virtualizeINIT makes tamahv see the INIT IPIs the guest sends to its
-// application processors, where it has some and every processor's local
+// application processors, where its local APIC writes are trapped
+// (localAPIC), it has application processors and every processor's local
 // APIC is reachable: the local APIC's page is mapped without write access
 // and every write emulated (guestmem.APICWrites), an INIT to an AP's vCPU
 // applied by tamahv (virtualINIT) instead of sent.

@@ -26,6 +26,65 @@ type Options struct {
 	// kick it is and never reach the guest. It proves, on the machine it
 	// runs on, the path a shootdown's kick takes when it races the entry.
 	KickCheck uint64
+	// TrapINIT is apic.trapinit=auto|on|off: whether the guest's writes
+	// to its local APIC are trapped so that tamahv sees its INIT IPIs
+	// before they reach a processor (TrapINITMode.Decide).
+	TrapINIT TrapINITMode
+}
+
+// TrapINITMode is apic.trapinit=: where the guest's INIT IPIs are caught.
+// Where INIT and start-up IPIs reach a processor in VMX non-root operation
+// as VM exits (SDM Vol. 3C, "Other Causes of VM Exits"; every processor
+// with VMX, KVM's nested VMX, Bochs from 2.8 on) the local APIC is passed
+// through: the guest's EOIs and IPIs cause no exit. Bochs 2.7 keeps an
+// INIT pending after its VM exit, so that every later entry of that
+// processor exits with INIT again: there tamahv traps the guest's writes
+// to its local APIC instead and applies the INITs to application
+// processors' vCPUs itself, so that no INIT ever reaches them.
+type TrapINITMode uint8
+
+// The values of apic.trapinit=.
+const (
+	// TrapINITAuto traps where the machine is Bochs itself (Decide).
+	TrapINITAuto TrapINITMode = iota
+	// TrapINITOn always traps.
+	TrapINITOn
+	// TrapINITOff never traps: the local APIC is passed through.
+	TrapINITOff
+)
+
+// String returns the option's value: auto, on or off.
+func (t TrapINITMode) String() string {
+	switch t {
+	case TrapINITAuto:
+		return "auto"
+	case TrapINITOn:
+		return "on"
+	case TrapINITOff:
+		return "off"
+	}
+	return fmt.Sprintf("TrapINITMode(%d)", uint8(t))
+}
+
+// BochsOEMID is the OEM ID of the ACPI tables Bochs's BIOS builds (QEMU's
+// tables, which KVM guests get, reuse it).
+const BochsOEMID = "BOCHS "
+
+// Decide reports whether the guest's local APIC writes are trapped: on
+// and off decide alone; auto traps where the firmware's ACPI tables have
+// the OEM ID BochsOEMID and the processor says that no hypervisor runs it
+// (CPUID.1:ECX bit 31 clear, hypervisor false), which is Bochs itself:
+// QEMU, with KVM or not, reuses the OEM ID but sets the hypervisor bit.
+// oemID is the 6-byte OEM ID of the tables found, "" where there are
+// none.
+func (t TrapINITMode) Decide(oemID string, hypervisor bool) bool {
+	switch t {
+	case TrapINITOn:
+		return true
+	case TrapINITOff:
+		return false
+	}
+	return oemID == BochsOEMID && !hypervisor
 }
 
 // The command-line options ParseOptions reads.
@@ -33,6 +92,7 @@ const (
 	SwapDeadlineOption = "swap.deadline"
 	AliveOption        = "log.alive"
 	KickCheckOption    = "smp.kickcheck"
+	TrapINITOption     = "apic.trapinit"
 )
 
 // The bounds of the options' durations.
@@ -48,14 +108,23 @@ const (
 var ErrOption = errors.New("machine: bad option")
 
 // ParseOptions reads swap.deadline=DURATION and log.alive=DURATION (Go
-// durations such as 5s or 2m) and smp.kickcheck=N (1 to MaxKickCheck) from
-// tamahv's command line; other words are left alone. A value that does not
+// durations such as 5s or 2m), smp.kickcheck=N (1 to MaxKickCheck) and
+// apic.trapinit=auto|on|off from tamahv's command line; other words are
+// left alone. A value that does not
 // parse or lies outside its bounds is an error naming the option.
 func ParseOptions(cmdline string) (Options, error) {
 	var o Options
 	for _, w := range strings.Fields(cmdline) {
 		name, v, ok := strings.Cut(w, "=")
 		if !ok {
+			continue
+		}
+		if name == TrapINITOption {
+			m, err := parseTrapINIT(v)
+			if err != nil {
+				return o, fmt.Errorf("%w: %s=%q: %v", ErrOption, name, v, err)
+			}
+			o.TrapINIT = m
 			continue
 		}
 		if name == KickCheckOption {
@@ -86,4 +155,14 @@ func ParseOptions(cmdline string) (Options, error) {
 		*dst = d
 	}
 	return o, nil
+}
+
+// parseTrapINIT reads apic.trapinit='s value.
+func parseTrapINIT(v string) (TrapINITMode, error) {
+	for _, m := range []TrapINITMode{TrapINITAuto, TrapINITOn, TrapINITOff} {
+		if v == m.String() {
+			return m, nil
+		}
+	}
+	return 0, errors.New("not auto, on or off")
 }

@@ -30,6 +30,53 @@ func TestParseOptions(t *testing.T) {
 	assert.ErrorContains(t, err, "swap.deadline")
 }
 
+func TestParseTrapINIT(t *testing.T) {
+	for v, want := range map[string]TrapINITMode{"auto": TrapINITAuto, "on": TrapINITOn, "off": TrapINITOff} {
+		o, err := ParseOptions("smp.park apic.trapinit=" + v)
+		require.NoError(t, err, v)
+		assert.Equal(t, Options{TrapINIT: want}, o, v)
+		assert.Equal(t, v, want.String())
+	}
+	o, err := ParseOptions("log.alive=1s")
+	require.NoError(t, err)
+	assert.Equal(t, TrapINITAuto, o.TrapINIT, "auto unless set")
+	o, err = ParseOptions("apic.trapinit=off apic.trapinit=on")
+	require.NoError(t, err)
+	assert.Equal(t, TrapINITOn, o.TrapINIT, "the last one counts")
+	o, err = ParseOptions("apic.trapinit")
+	require.NoError(t, err)
+	assert.Equal(t, TrapINITAuto, o.TrapINIT, "a word without a value is not the option")
+	for _, bad := range []string{"apic.trapinit=", "apic.trapinit=On", "apic.trapinit=yes", "apic.trapinit=1", "apic.trapinit=auto,off"} {
+		_, err := ParseOptions(bad)
+		assert.ErrorIs(t, err, ErrOption, bad)
+		assert.ErrorContains(t, err, "apic.trapinit", bad)
+	}
+}
+
+// auto traps on Bochs itself only: its OEM ID with no hypervisor bit.
+func TestTrapINITDecide(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		mode       TrapINITMode
+		oemID      string
+		hypervisor bool
+		want       bool
+	}{
+		{"Bochs", TrapINITAuto, "BOCHS ", false, true},
+		{"QEMU (TCG or KVM) reuses the OEM ID, with the hypervisor bit", TrapINITAuto, "BOCHS ", true, false},
+		{"a real machine", TrapINITAuto, "ALASKA", false, false},
+		{"a real machine under another hypervisor", TrapINITAuto, "VBOX  ", true, false},
+		{"no ACPI tables", TrapINITAuto, "", false, false},
+		{"the OEM ID without its padding", TrapINITAuto, "BOCHS", false, false},
+		{"on, on a real machine", TrapINITOn, "ALASKA", false, true},
+		{"on, under QEMU", TrapINITOn, "BOCHS ", true, true},
+		{"off, on Bochs", TrapINITOff, "BOCHS ", false, false},
+		{"off, anywhere", TrapINITOff, "", true, false},
+	} {
+		assert.Equal(t, c.want, c.mode.Decide(c.oemID, c.hypervisor), c.name)
+	}
+}
+
 // The exits line comes at most once a period, and only when the guest
 // exited since the last one.
 func TestAliveLine(t *testing.T) {

@@ -73,6 +73,8 @@ const (
 const (
 	sdtHeaderLen   = 36
 	sdtChecksumOff = 9
+	sdtOEMIDOff    = 10
+	oemIDLen       = 6
 	madtEntriesOff = 44
 
 	madtLocalAPIC  = 0
@@ -135,6 +137,25 @@ func FindProcessorsAt(m PhysRW, rsdp uint64) (*Processors, error) {
 		return nil, fmt.Errorf("%w: %w", ErrNoTables, errors.Join(errs...))
 	}
 	return p, nil
+}
+
+// FindOEMID returns the OEM ID of the firmware's ACPI tables, its 6 bytes
+// as the firmware wrote them ("BOCHS " for Bochs's BIOS and QEMU): the
+// MADT's, where the RSDP leads to one, else the RSDP's. rsdp is as
+// FindProcessorsAt's (0: search the legacy BIOS areas). It fails where
+// there is no RSDP.
+func FindOEMID(m PhysRW, rsdp uint64) (string, error) {
+	b, err := findRSDP(m, rsdp)
+	if err != nil {
+		return "", err
+	}
+	if madt, err := findMADT(m, rsdp); err == nil {
+		var h [sdtHeaderLen]byte
+		if m.ReadPhys(madt, h[:]) == nil {
+			return string(h[sdtOEMIDOff : sdtOEMIDOff+oemIDLen]), nil
+		}
+	}
+	return string(b[oemIDOff : oemIDOff+oemIDLen]), nil
 }
 
 // ebda returns the EBDA's address, 0 where the BIOS data area gives none

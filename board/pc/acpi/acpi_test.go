@@ -399,3 +399,34 @@ func TestShowUndoesHide(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, n)
 }
+
+// TestFindOEMID: the MADT's OEM ID where the RSDP leads to a MADT, else
+// the RSDP's; no RSDP, no OEM ID.
+func TestFindOEMID(t *testing.T) {
+	f := bochsTables()
+	r := rsdp(2, tRSDT, tXSDT)
+	copy(r[oemIDOff:], "RSDPID")
+	fix(r[:V1Length], 8)
+	f.put(tRSDP, fix(r, 32))
+	madt := sdt("APIC", madtBody(lapicEntry(0, 0, madtEnabled)))
+	copy(madt[sdtOEMIDOff:], "BOCHS ")
+	f.put(tMADT, fix(madt, sdtChecksumOff))
+	id, err := FindOEMID(f, 0)
+	require.NoError(t, err)
+	assert.Equal(t, "BOCHS ", id, "the MADT's")
+
+	const at = 0x3fff0f00
+	f.put(at, r)
+	id, err = FindOEMID(f, at)
+	require.NoError(t, err)
+	assert.Equal(t, "BOCHS ", id, "through the RSDP the boot path gives")
+
+	f.put(tMADT, sdt("FACP", make([]byte, 80))) // no MADT left
+	id, err = FindOEMID(f, 0)
+	require.NoError(t, err)
+	assert.Equal(t, "RSDPID", id, "without a MADT, the RSDP's")
+
+	clear(f.low[tRSDP : tRSDP+36])
+	_, err = FindOEMID(f, 0)
+	assert.Error(t, err, "no RSDP")
+}
