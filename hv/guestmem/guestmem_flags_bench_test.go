@@ -16,7 +16,8 @@ import (
 func BenchmarkSettleFlagUpdate(b *testing.B) {
 	for _, n := range []int{64, 512} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			g, cr3 := sharedWatches(b, n)
+			g, tg := sharedWatches(b, n)
+			cr3 := tg.cr3
 			var steps [5]Step
 			if _, k, err := g.Walker.Walk(cr3, 0x400000, &steps); err != nil || k != 4 {
 				b.Fatalf("walk: %d steps, %v", k, err)

@@ -36,16 +36,24 @@ func (m frameMem) at(pa uint64) *byte {
 	return &f[pa&0xfff]
 }
 
+// frame returns the bytes of pa's frame from pa on.
+func (m frameMem) frame(pa uint64) []byte {
+	m.at(pa)
+	return m[pa&^0xfff][pa&0xfff:]
+}
+
 func (m frameMem) ReadPhys(pa uint64, p []byte) error {
-	for i := range p {
-		p[i] = *m.at(pa + uint64(i))
+	for len(p) > 0 {
+		n := copy(p, m.frame(pa))
+		p, pa = p[n:], pa+uint64(n)
 	}
 	return nil
 }
 
 func (m frameMem) WritePhys(pa uint64, p []byte) error {
-	for i, b := range p {
-		*m.at(pa + uint64(i)) = b
+	for len(p) > 0 {
+		n := copy(m.frame(pa), p)
+		p, pa = p[n:], pa+uint64(n)
 	}
 	return nil
 }

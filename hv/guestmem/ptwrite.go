@@ -21,10 +21,11 @@ import (
 // is one store of the instruction's width, a read-modify-write one locked
 // instruction on guest memory (GuestPhys's x86emu.AtomicMemory), never a copy
 // and never a read, a computation and a write.
-// The watches on the page are then walked at once, so a watch's function
-// hears of the new translation in the exit the write caused, and no
-// read's progress waits for the next exit (the VMX-preemption timer when
-// the guest runs on).
+// The watches that read the entries it wrote are then walked at once (the
+// other watches on the page are not: their entries did not change), so a
+// watch's function hears of the new translation in the exit the write
+// caused, and no read's progress waits for the next exit (the
+// VMX-preemption timer when the guest runs on).
 //
 // The forms (Intel SDM Vol. 2, each instruction's page), with a memory
 // destination of 1, 2, 4 or 8 bytes:
@@ -109,10 +110,10 @@ type ptEmulator struct {
 	steps [5]Step
 }
 
-// emulateWrite settles the write of the instruction at e.RIP to the
-// watched page hp within this exit. It returns false, and why, when it
+// emulateWrite settles the write of the instruction at e.RIP to a
+// watched page within this exit. It returns false, and why, when it
 // left the instruction alone.
-func (g *Watcher) emulateWrite(v *hv.VCPU, e *vmx.Exit, hp *hookedPage) (PTFallback, bool) {
+func (g *Watcher) emulateWrite(v *hv.VCPU, e *vmx.Exit) (PTFallback, bool) {
 	if _, ok := vmx.DecodeEvent(e.IDTVectoring, 0); ok {
 		return FallbackEvent, false
 	}
@@ -163,11 +164,11 @@ func (g *Watcher) emulateWrite(v *hv.VCPU, e *vmx.Exit, hp *hookedPage) (PTFallb
 	// violations (SDM Vol. 3C, 28.2.5); the decoded length is exact.
 	v.Complete(e.RIP, in.Len)
 	if write {
+		// The watches that read the entries written are walked again;
+		// the others on the page read entries the write left alone.
 		g.Writes++
 		g.scratch = g.scratch[:0]
-		for l := hp.head; l != nil; l = l.next {
-			g.scratch = append(g.scratch, l.w)
-		}
+		g.readers(e.GuestPA, int(in.Size))
 		g.rewalk()
 	}
 	return 0, true

@@ -621,6 +621,48 @@ func TestRewalkKeepsProtection(t *testing.T) {
 	f.protected(t)
 }
 
+// TestPTWriteWalksTheWatchesOfItsEntry: an emulated write walks again
+// every watch whose walk read the entry it wrote, and no other watch on
+// the page. A PTE write walks its one watch, not its neighbour's on the
+// same page table; a write of the page directory entry the two share
+// walks both, and, taking the page table out of their walks, gives its
+// protection back.
+func TestPTWriteWalksTheWatchesOfItsEntry(t *testing.T) {
+	f := newPTFixture(t, swapPTE)
+	f.code(0x48, 0x89, 0x07)
+	pde := f.g.entry(ptUser, 2)
+	pdKVA := directMap + pde
+	f.g.mapPage(pdKVA&^0xfff, pde&^0xfff, vmx.PTEWritable)
+	f.g.setAD(pdKVA)
+	f.g.mapPage(ptUser+0x1000, 0x301000, vmx.PTEWritable|vmx.PTEUser)
+	var other []swapmem.Translation
+	_, err := f.gm.Watch(f.g.cr3, ptUser+0x1000, func(tr swapmem.Translation) { other = append(other, tr) })
+	require.NoError(t, err)
+	require.Equal(t, 4, f.gm.Watches())
+	pdWrite := write(pdKVA, pde, func(r *vmx.GuestRegs) { r.RDI, r.RAX = pdKVA, 0 }, func(t *testing.T, v *hv.VCPU) {
+		assert.Equal(t, uint64(3), f.gm.Rewalks, "both watches of the directory entry walked")
+		require.Len(t, f.heard, 2)
+		assert.False(t, f.heard[1].Present)
+		require.Len(t, other, 1)
+		assert.False(t, other[0].Present)
+		assert.Equal(t, 3, f.gm.Watches(), "the page table is no watch's any more")
+		assert.Len(t, f.gm.entries, 3, "the PML4, PDPT and PD entries: the PTEs are no walk's any more")
+	})
+	v := f.vcpu(t, []vcputest.Step{
+		write(f.kva, f.pte, func(r *vmx.GuestRegs) { r.RDI, r.RAX = f.kva, newPTE }, func(t *testing.T, v *hv.VCPU) {
+			assert.Equal(t, uint64(1), f.gm.Rewalks, "the PTE's one watch walked")
+			require.Len(t, f.heard, 1)
+			assert.True(t, f.heard[0].Present)
+			assert.Empty(t, other, "the neighbour's entry did not change")
+			assert.Len(t, f.gm.entries, 5, "the PML4, PDPT and PD entries, and two PTEs")
+		}),
+		pdWrite,
+	})
+	require.NoError(t, v.Run())
+	_, perm, _, _, _ := f.g.ept.Lookup(f.pte &^ 0xfff)
+	assert.Equal(t, ept.RWX, perm, "the page table's protection given back")
+}
+
 // refusingWrites is host memory that reads but refuses every change.
 type refusingWrites struct{ frameMem }
 

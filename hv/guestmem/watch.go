@@ -31,10 +31,10 @@ import (
 // of a changed translation. Any other write opens the page and the guest
 // goes on; at the next VM exit of any kind once the writer entered the
 // guest again (the VMX-preemption timer bounds the wait) the open pages
-// are closed again and the watches on them walked anew. This needs no monitor trap flag, which not every processor
-// has. Pages opened only for the processor's own accessed and dirty flag
-// updates are closed without a walk, unless a watch's entry there changed
-// otherwise while the page was open (another processor wrote it).
+// are closed again and the watches whose entries there changed walked
+// anew. This needs no monitor trap flag, which not every processor has.
+// Pages whose entries changed only in the accessed and dirty flags the
+// processor sets as it walks are closed without a walk.
 //
 // A walk reads a paging-structure page before its protection holds on
 // every processor: a store from another processor may land in between,
@@ -44,9 +44,14 @@ import (
 // walk that now reaches other pages is hooked to them, until the walk
 // reads only pages protected before it read them.
 //
-// Each watched page keeps its watches in an intrusive list, so hooking
-// and unhooking a watch cost O(levels) whatever the number of watches
-// sharing its pages, and a written page costs its own watches' walks.
+// Each watched page keeps its watches in an intrusive list, and each
+// entry a watch's walk read keeps the watches that read it in another,
+// found by the entry's guest-physical address: hooking and unhooking a
+// watch cost O(levels) whatever the number of watches sharing its pages,
+// and a write costs the walks of the watches that read an entry it
+// changed, not of every watch on its page. The watches of one swap read
+// share their page tables, 512 to a page table: the write that pages one
+// page in walks one watch again, whatever the read's size.
 type Watcher struct {
 	// Walker walks the guest's paging structures; its Mem is Phys.
 	Walker Walker
@@ -60,7 +65,10 @@ type Watcher struct {
 	// not-present translation, and the owner should fail what waits on it.
 	OnWatchError func(cr3, va uint64, err error)
 
-	pages   map[uint64]*hookedPage
+	pages map[uint64]*hookedPage
+	// entries are the links of the watches by the entry their walk read
+	// (its guest-physical address): the first of each entry's list.
+	entries map[uint64]*hookLink
 	spare   []*hookedPage
 	open    []openPage // pages let open for a guest write
 	scratch []*pteWatch
@@ -69,8 +77,8 @@ type Watcher struct {
 	// yet protected on every processor.
 	epoch uint64
 	// confirming are the watches of a rewalk to walk again once their
-	// protections hold; checked the pages opened only for accessed and
-	// dirty flag updates, whose watches' entries settle compares.
+	// protections hold; checked the pages settle closes, whose watches'
+	// entries it compares.
 	confirming []*pteWatch
 	// told are the watches a rewalk found changed (or failed): their
 	// functions hear of it once the rewalk is done.
@@ -84,12 +92,16 @@ type Watcher struct {
 	emu     ptEmulator
 
 	// Counters. Writes counts guest writes to watched pages that were
-	// walked; Emulated those an instruction made that were emulated in
-	// their exit, Opened those that opened the page instead, and
-	// Fallbacks why. Stale counts writes refused by a protection no watch
-	// holds any more (the page is opened and the translations flushed);
-	// Failed counts watches that failed to follow a new walk.
+	// settled (an instruction's, or a page opened for writes);
+	// Emulated those an instruction made that were emulated in their
+	// exit, Opened those that opened the page instead, and Fallbacks
+	// why. Rewalks counts the watches walked again because a write
+	// reached an entry their walk read. Stale counts writes refused by a
+	// protection no watch holds any more (the page is opened and the
+	// translations flushed); Failed counts watches that failed to follow
+	// a new walk.
 	Writes, ADWrites, Changes, Stale, Failed uint64
+	Rewalks                                  uint64
 	Emulated, Opened                         uint64
 	Fallbacks                                [NumPTFallbacks]uint64
 }
@@ -109,15 +121,19 @@ type hookedPage struct {
 	epoch   uint64 // the flush epoch its protection was taken in
 }
 
-// hookLink is one watch's place on one page's list, with the entry its
-// walk read there.
+// hookLink is one watch's place on one page's list and on its entry's,
+// with the entry its walk read there.
 type hookLink struct {
-	w          *pteWatch
-	pg         *hookedPage
-	prev, next *hookLink
-	ent        uint64 // the entry's value
-	off        uint16 // the entry's offset in the page
+	w            *pteWatch
+	pg           *hookedPage
+	prev, next   *hookLink // on pg's list
+	eprev, enext *hookLink // on the entry's list (Watcher.entries)
+	ent          uint64    // the entry's value
+	off          uint16    // the entry's offset in the page
 }
+
+// at returns the guest-physical address of l's entry.
+func (l *hookLink) at() uint64 { return l.pg.pa | uint64(l.off) }
 
 type pteWatch struct {
 	cr3, va uint64
@@ -176,18 +192,27 @@ func (g *Watcher) hook(w *pteWatch) (swapmem.Translation, bool, error) {
 	if err != nil {
 		return tr, false, err
 	}
+	fresh, err := g.link(w, steps[:n])
+	return tr, fresh, err
+}
+
+// link hooks w to the pages of its walk's steps, protecting those no
+// watch holds yet, and reports whether one of them was protected since
+// the last flush.
+func (g *Watcher) link(w *pteWatch, steps []Step) (bool, error) {
 	if g.pages == nil {
 		g.pages = map[uint64]*hookedPage{}
+		g.entries = map[uint64]*hookLink{}
 	}
 	w.n = 0
 	fresh := false
-	for _, s := range steps[:n] {
+	for _, s := range steps {
 		pg := s.PA &^ 0xfff
 		hp := g.pages[pg]
 		if hp == nil {
 			if err := g.Phys.WriteProtect(pg); err != nil {
 				g.unhook(w)
-				return tr, false, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
+				return false, fmt.Errorf("hv: protecting page table %#x: %w", pg, err)
 			}
 			hp = g.newPage(pg)
 		}
@@ -199,9 +224,13 @@ func (g *Watcher) hook(w *pteWatch) (swapmem.Translation, bool, error) {
 		}
 		hp.head = l
 		hp.n++
+		if l.enext = g.entries[s.PA]; l.enext != nil {
+			l.enext.eprev = l
+		}
+		g.entries[s.PA] = l
 		w.n++
 	}
-	return tr, fresh, nil
+	return fresh, nil
 }
 
 func (g *Watcher) newPage(pg uint64) *hookedPage {
@@ -237,6 +266,17 @@ func (g *Watcher) unhook(w *pteWatch) {
 		if l.next != nil {
 			l.next.prev = l.prev
 		}
+		switch {
+		case l.eprev != nil:
+			l.eprev.enext = l.enext
+		case l.enext != nil:
+			g.entries[l.at()] = l.enext
+		default:
+			delete(g.entries, l.at())
+		}
+		if l.enext != nil {
+			l.enext.eprev = l.eprev
+		}
 		*l = hookLink{}
 		if hp.n--; hp.n == 0 && !hp.open {
 			if g.keep {
@@ -249,14 +289,37 @@ func (g *Watcher) unhook(w *pteWatch) {
 	w.n = 0
 }
 
-// rehook walks w again, as hook does. The pages of its old walk stay
-// protected until the new walk is hooked, so a watch alone on its pages
-// does not give their protection back only to take it again (an EPT
-// merge, a split and an INVEPT for each).
+// rehook walks w again, as hook does. A walk over the same pages keeps
+// the hooks, with the entries it read (a page paged in or out, the
+// common write). Otherwise the pages of its old walk stay protected
+// until the new walk is hooked, so a watch alone on its pages does not
+// give their protection back only to take it again (an EPT merge, a
+// split and an INVEPT for each).
 func (g *Watcher) rehook(w *pteWatch) (swapmem.Translation, bool, error) {
+	var steps [5]Step
+	tr, n, err := g.Walker.Walk(w.cr3, w.va, &steps)
+	fresh, err := g.follow(w, steps[:n], err)
+	return tr, fresh, err
+}
+
+// follow hooks w to the walk that read steps (or failed with err), as
+// rehook says, and reports whether that walk is to be confirmed.
+func (g *Watcher) follow(w *pteWatch, steps []Step, err error) (bool, error) {
+	if err == nil && g.same(w, steps) {
+		fresh := false
+		for i, s := range steps {
+			l := &w.links[i]
+			l.ent = s.Entry
+			fresh = fresh || l.pg.epoch == g.epoch
+		}
+		return fresh, nil
+	}
 	g.keep = true
 	g.unhook(w)
-	tr, fresh, err := g.hook(w)
+	fresh := false
+	if err == nil {
+		fresh, err = g.link(w, steps)
+	}
 	g.keep = false
 	for _, hp := range g.emptied {
 		if hp.n == 0 && !hp.open && g.pages[hp.pa] == hp {
@@ -265,7 +328,7 @@ func (g *Watcher) rehook(w *pteWatch) (swapmem.Translation, bool, error) {
 	}
 	clear(g.emptied)
 	g.emptied = g.emptied[:0]
-	return tr, fresh, err
+	return fresh, err
 }
 
 // confirmRounds bounds the walks that confirm a hooked walk. Each round
@@ -286,17 +349,33 @@ func (g *Watcher) recheck(w *pteWatch) (swapmem.Translation, bool, error) {
 	if err != nil {
 		return tr, false, err
 	}
-	same := n == w.n
-	for i := 0; same && i < n; i++ {
-		same = steps[i].PA&^0xfff == w.links[i].pg.pa
+	fresh, err := g.follow(w, steps[:n], nil)
+	return tr, fresh, err
+}
+
+// same reports whether a walk of w read its entries on the pages w is
+// hooked to, level by level (the page of each level gives the entry: its
+// offset is the address's index at that level).
+func (g *Watcher) same(w *pteWatch, steps []Step) bool {
+	if len(steps) != w.n {
+		return false
 	}
-	if !same {
-		return g.rehook(w)
+	for i, s := range steps {
+		if s.PA&^0xfff != w.links[i].pg.pa {
+			return false
+		}
 	}
-	for i := range n {
-		w.links[i].ent = steps[i].Entry
+	return true
+}
+
+// readers adds to g.scratch the watches whose walk read an entry that
+// the n bytes written at gpa overlap.
+func (g *Watcher) readers(gpa uint64, n int) {
+	for ea := gpa &^ 7; ea < gpa+uint64(n); ea += 8 {
+		for l := g.entries[ea]; l != nil; l = l.enext {
+			g.scratch = append(g.scratch, l.w)
+		}
 	}
-	return tr, false, nil
 }
 
 // flush makes the EPT changes so far hold on every processor: the
@@ -406,7 +485,7 @@ func (g *Watcher) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Acti
 	// An instruction's write (not the processor's accessed/dirty update
 	// during a page walk) is emulated where it can be.
 	if q.Translation {
-		why, ok := g.emulateWrite(v, e, hp)
+		why, ok := g.emulateWrite(v, e)
 		if ok {
 			g.Emulated++
 			return hv.Resume, nil
@@ -429,17 +508,19 @@ func (g *Watcher) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Acti
 	return hv.Resume, nil
 }
 
-// settle closes the open pages and walks again the watches on pages the
-// guest wrote. A page opened for the processor's accessed and dirty flag
-// updates may have been written by another processor as well while it
-// was open: once it is closed again, the entries its watches read there
-// are compared with what it holds, and the watches whose entry changed
-// otherwise are walked. It runs at the start of every VM exit, before the
-// exit is handled. A page opened for a vCPU stays open until that vCPU
-// entered the guest again (and, with it, made its write): closed at its
-// own next exit or at another vCPU's after that. Its cost is the number
-// of watches on the written pages, each walked once, and a read and
-// compare for each on the others.
+// settle closes the open pages and walks again the watches whose entries
+// the guest changed there. Once a page is closed again, the entries its
+// watches read there are compared with what it holds, and the watches
+// whose entry changed, but for the accessed and dirty flags the
+// processor sets as it walks, are walked: the page's writer, or another
+// processor, may have written any of its entries while it was open, and
+// a watch whose entries all read as before translates as before. It runs
+// at the start of every VM exit, before the exit is handled. A page
+// opened for a vCPU stays open until that vCPU entered the guest again
+// (and, with it, made its write): closed at its own next exit or at
+// another vCPU's after that. Its cost is a read of each page and a
+// compare for each watch on it, and a walk for each watch whose entry
+// changed.
 func (g *Watcher) settle(v *hv.VCPU, e *vmx.Exit) {
 	if len(g.open) == 0 {
 		return
@@ -469,13 +550,10 @@ func (g *Watcher) settle(v *hv.VCPU, e *vmx.Exit) {
 		_ = g.Phys.SetWritable(pg, false)
 		if hp.written {
 			g.Writes++
-			for l := hp.head; l != nil; l = l.next {
-				g.scratch = append(g.scratch, l.w)
-			}
 		} else {
 			g.ADWrites++
-			g.checked = append(g.checked, hp)
 		}
+		g.checked = append(g.checked, hp)
 		hp.written = false
 	}
 	clear(g.open[len(left):])
@@ -538,6 +616,7 @@ func (g *Watcher) rewalk() {
 			continue
 		}
 		w.gen = g.gen
+		g.Rewalks++
 		tr, fresh, err := g.rehook(w)
 		if err != nil {
 			g.fail(w, err)

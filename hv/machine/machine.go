@@ -1303,8 +1303,8 @@ func (m *Machine) Run() error {
 	fmt.Fprintf(m.log, "tamahv: guest exited (status %d) after %d exits (%s)\n", status, total, each)
 	m.report(false)
 	st := m.Engine.Stats()
-	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), translations changed %d, stale protections %d\n",
-		st.Injected, st.Completed, st.Failed, st.Removed, m.Watcher.Writes, m.Watcher.ADWrites, m.Watcher.Changes, m.Watcher.Stale)
+	fmt.Fprintf(m.log, "tamahv: swapmem %d #PFs injected, %d completed, %d failed, %d removed; page-table writes %d (accessed/dirty %d), watches walked again %d, translations changed %d, stale protections %d\n",
+		st.Injected, st.Completed, st.Failed, st.Removed, m.Watcher.Writes, m.Watcher.ADWrites, m.Watcher.Rewalks, m.Watcher.Changes, m.Watcher.Stale)
 	fmt.Fprintf(m.log, "tamahv: page-table writes emulated in their exit %d, opened until the next exit %d %v; returns from user faults trapped %d of %d\n",
 		m.Watcher.Emulated, m.Watcher.Opened, fallbacks(m.Watcher), m.Trap.Hits, m.Trap.Arms)
 	if m.Agent.Detour() != 0 {
