@@ -106,3 +106,68 @@ func (v *VCPU) NeedExit(f func(v *VCPU) bool) {
 		v.needExit = append(v.needExit, f)
 	}
 }
+
+// quietCPUID is the table QuietCPUID gave, by leaf and subleaf, and the
+// caller's check of its own periodic work.
+type quietCPUID struct {
+	answers map[uint64]CPUIDEntry
+	due     func() bool
+	// answered counts the CPUID exits answered from the table.
+	answered uint64
+}
+
+// QuietCPUID has Run answer the guest's CPUID from t (CPUIDTable) at the
+// exits that follow an entry where the vCPU was quiet, and enter the
+// guest again at once: the same answer, RIP past the instruction, the
+// exit counted, but no observer, no entry function and no exit handling,
+// which a quiet vCPU's CPUID does not need. due reports whether the
+// caller's periodic work (its OnEntry functions) is due; then the exit is
+// handled as any other. A nil t ends it.
+func (v *VCPU) QuietCPUID(t []CPUIDEntry, due func() bool) {
+	if t == nil || due == nil {
+		v.quiet = nil
+		return
+	}
+	q := &quietCPUID{answers: make(map[uint64]CPUIDEntry, len(t)), due: due}
+	if v.quiet != nil {
+		q.answered = v.quiet.answered
+	}
+	for _, e := range t {
+		q.answers[uint64(e.Leaf)<<32|uint64(e.Subleaf)] = e
+	}
+	v.quiet = q
+}
+
+// QuietlyAnswered returns the CPUID exits answered from QuietCPUID's
+// table.
+func (v *VCPU) QuietlyAnswered() uint64 {
+	if v.quiet == nil {
+		return 0
+	}
+	return v.quiet.answered
+}
+
+// answerQuietly answers the exit the VMCS holds where it is a CPUID whose
+// answer the table has, and the caller's work is not due.
+func (v *VCPU) answerQuietly() bool {
+	q := v.quiet
+	reason, rip := v.read2(vmx.ExitReasonField, vmx.GuestRIP)
+	if vmx.ExitReason(reason) != vmx.ExitCPUID || q.due() {
+		return false
+	}
+	e, ok := q.answers[uint64(uint32(v.Regs.RAX))<<32|uint64(uint32(v.Regs.RCX))]
+	if !ok {
+		return false
+	}
+	var cr4 uint64
+	if e.CR4Mask != 0 {
+		cr4 = v.read(vmx.GuestCR4)
+	}
+	r := e.Answer(cr4)
+	v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX = uint64(r[0]), uint64(r[1]), uint64(r[2]), uint64(r[3])
+	v.skipInstruction(rip)
+	v.counts[vmx.ExitCPUID]++
+	q.answered++
+	v.entered++
+	return true
+}

@@ -90,3 +90,75 @@ func TestQuiet(t *testing.T) {
 	v.waitForSIPI()
 	assert.False(t, v.Quiet(), "waits for SIPI")
 }
+
+// TestQuietCPUIDAnswersWithoutHandling: after a quiet entry, Run answers
+// CPUID from the table and enters again at once: the handler's answer,
+// RIP past the instruction, the exit counted, no observer and no entry
+// function. The exit is handled as any other where the leaf is not in
+// the table, while the caller's work is due, and after an entry that was
+// not quiet.
+func TestQuietCPUIDAnswersWithoutHandling(t *testing.T) {
+	n := 10
+	v, m := cpuidGuest(t, &n)
+	observed, entries := 0, 0
+	v.Observe(func(*VCPU, *vmx.Exit) { observed++ })
+	v.OnEntry(func(*VCPU) { entries++ })
+	due := false
+	need := false
+	v.NeedExit(func(*VCPU) bool { return need })
+	v.QuietCPUID(v.CPUIDTable(), func() bool { return due })
+	m.Fields[vmx.GuestRIP] = 0x1000
+	require.ErrorIs(t, v.Run(), ErrGuestTripleFault)
+	assert.EqualValues(t, 10, v.Counts()[vmx.ExitCPUID])
+	assert.EqualValues(t, 10, v.QuietlyAnswered())
+	assert.Equal(t, 1, observed, "the triple fault only")
+	assert.Equal(t, 1, entries, "the first entry only")
+	assert.EqualValues(t, 0x1000+2*10, m.Fields[vmx.GuestRIP])
+	assert.Equal(t, uint64(0x756e6547), v.Regs.RBX, "the handler's answer")
+	assert.EqualValues(t, 11, v.Entries())
+
+	// Due work, an extension that needs the exit: handled.
+	for _, c := range []struct {
+		name      string
+		due, need bool
+	}{{"due", true, false}, {"needed", false, true}} {
+		n, observed, entries = 3, 0, 0
+		due, need = c.due, c.need
+		require.ErrorIs(t, v.Run(), ErrGuestTripleFault, c.name)
+		assert.Equal(t, 4, observed, c.name)
+		assert.Equal(t, 4, entries, c.name)
+		assert.EqualValues(t, 10, v.QuietlyAnswered(), c.name)
+	}
+
+	// A leaf the table does not answer (0xd): handled.
+	due, need = false, false
+	n, observed = 3, 0
+	v.Enter = func(v *VCPU, _ bool) error {
+		r := vmx.ExitCPUID
+		if n--; n < 0 {
+			r = vmx.ExitTripleFault
+		}
+		m.Fields[vmx.ExitReasonField] = uint64(r)
+		m.Fields[vmx.ExitInstructionLen] = 2
+		v.Regs.RAX, v.Regs.RCX = 0xd, 0
+		return nil
+	}
+	require.ErrorIs(t, v.Run(), ErrGuestTripleFault)
+	assert.Equal(t, 4, observed)
+	v.QuietCPUID(nil, nil)
+	assert.Zero(t, v.QuietlyAnswered())
+}
+
+// BenchmarkQuietCPUIDExit is BenchmarkCPUIDExit's guest answered from
+// the table after a quiet entry.
+func BenchmarkQuietCPUIDExit(b *testing.B) {
+	n := b.N
+	v, m := cpuidGuest(b, &n)
+	v.QuietCPUID(v.CPUIDTable(), func() bool { return false })
+	b.ResetTimer()
+	err := v.Run()
+	b.StopTimer()
+	require.ErrorIs(b, err, ErrGuestTripleFault)
+	b.ReportMetric(float64(m.Reads)/float64(b.N), "vmreads/exit")
+	b.ReportMetric(float64(m.Writes)/float64(b.N), "vmwrites/exit")
+}

@@ -152,6 +152,8 @@ type VCPU struct {
 	exited  error
 	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
 	tscAdjust uint64
+	// quiet answers CPUID at the exits after a quiet entry (QuietCPUID).
+	quiet *quietCPUID
 	// tscLeaves is whether leaves 0x15 and 0x16 pass (tscLeavesPass) or
 	// read as zeros (tscLeavesHidden), decided at their first read.
 	tscLeaves uint8
@@ -328,20 +330,26 @@ func (v *VCPU) Run() error {
 		if err := v.prepareEntry(); err != nil {
 			return err
 		}
-		if v.Serial != nil {
-			v.Serial.Unlock()
+		quiet := v.quiet != nil && v.Quiet()
+		for {
+			if v.Serial != nil {
+				v.Serial.Unlock()
+			}
+			err := v.Enter(v, v.launched)
+			if v.Serial != nil {
+				v.Serial.Lock()
+			}
+			if errors.Is(err, ErrStopped) {
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("%w: %v%s", ErrEntryFailed, err, v.entryDiagnostic())
+			}
+			v.launched = true
+			if !quiet || !v.answerQuietly() {
+				break
+			}
 		}
-		err := v.Enter(v, v.launched)
-		if v.Serial != nil {
-			v.Serial.Lock()
-		}
-		if errors.Is(err, ErrStopped) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("%w: %v%s", ErrEntryFailed, err, v.entryDiagnostic())
-		}
-		v.launched = true
 		act, err := v.HandleExit()
 		if err != nil {
 			return err

@@ -97,9 +97,13 @@ func checkHandoff(t *testing.T, res *Result, cpus int) {
 		assert.LessOrEqual(t, float64(cmds)/float64(exits), 2.0, "vCPU %d's exits cost more than two commands each", i)
 	}
 	for c := 0; c < cpus; c++ {
-		for j, l := range res.Guest {
-			if l == fmt.Sprintf("guest: smp cpu %d cpuid-cost ok", c) && j > 0 {
-				t.Logf("figures: pinned to CPU %d: %s", c, res.Guest[j-1])
+		cost := ""
+		for _, l := range res.Guest {
+			if strings.HasPrefix(l, "hvguest: CPUID costs ") {
+				cost = l
+			}
+			if l == fmt.Sprintf("guest: smp cpu %d cpuid-cost ok", c) {
+				t.Logf("figures: pinned to CPU %d: %s", c, cost)
 			}
 		}
 	}

@@ -616,6 +616,21 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 			fmt.Fprintf(m.log, "tamahv: vCPU %d started\n", 0)
 		}
 	})
+	if m.tsc != nil {
+		// vCPU 0 answers CPUID from its table after a quiet entry, until
+		// its tick is due: made at its first entry, and again after the
+		// guest wrote IA32_APIC_BASE (leaf 1's APIC flag follows it).
+		stale := true
+		v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
+			stale = stale || e.Reason == vmx.ExitWRMSR && uint32(v.Regs.RCX) == vmx.MSRAPICBase
+		})
+		v.OnEntry(func(v *hv.VCPU) {
+			if stale {
+				stale = false
+				v.QuietCPUID(v.CPUIDTable(), m.tickPending)
+			}
+		})
+	}
 	setup := hv.Setup{
 		Host: b.Host(), EPTP: m.eptp, VPID: 1, Preemption: true, ExceptionBM: 1 << vmx.VectorBP,
 		MSRBitmap: ctl.msrPA, IOBitmapA: ctl.ioA, IOBitmapB: ctl.ioB,
@@ -754,8 +769,12 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *guestmem.Unmapped, pol
 		// The swap reads go on before the entry: their next pieces
 		// start, whose pages may then be faulted in at once.
 		v.OnEntry(func(*hv.VCPU) { mon.Pump() })
+		v.NeedExit(func(*hv.VCPU) bool { return mon.Busy() })
 	}
 	v.OnEntry(func(*hv.VCPU) { _ = m.Engine.InjectPendingPF(cpu) })
+	// A swap read whose pages wait for a #PF looks for its moment at
+	// every exit.
+	v.NeedExit(func(*hv.VCPU) bool { return m.Engine.Waiting() })
 	// Last: the exit's ended watches reach every processor in one
 	// shootdown.
 	v.OnEntry(func(*hv.VCPU) { m.Watcher.Sync() })
@@ -845,9 +864,6 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 				a.cpuidStale = true // leaf 1's APIC flag follows the MSR
 			}
 		})
-		// A swap read whose pages wait for a #PF looks for its moment
-		// at every exit.
-		v.NeedExit(func(*hv.VCPU) bool { return m.Engine.Waiting() })
 	}
 	started := false
 	v.OnEntry(func(v *hv.VCPU) {
@@ -1001,6 +1017,10 @@ func (m *Machine) tickDue() bool {
 	m.lastTick = now
 	return true
 }
+
+// tickPending reports, without counting a run, whether tick is due
+// (the time-stamp counter's way only).
+func (m *Machine) tickPending() bool { return m.tsc()-m.lastTSC >= m.tickTSC }
 
 // ticked counts a run of tick from now.
 func (m *Machine) ticked() {
@@ -1327,6 +1347,9 @@ func (m *Machine) Run() error {
 // the others' under a header line each.
 func (m *Machine) report(recent bool) {
 	m.VCPU.Report(m.log, recent)
+	if n := m.VCPU.QuietlyAnswered(); n != 0 {
+		fmt.Fprintf(m.log, "tamahv: vCPU 0 answered %d CPUID exits after a quiet entry, without their exit handling\n", n)
+	}
 	for _, a := range m.aps {
 		if !a.done.Load() {
 			continue // still running: its counts are not ours to read

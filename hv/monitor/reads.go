@@ -417,6 +417,9 @@ func (m *Monitor) release(r *read) {
 	r.reserved = 0
 }
 
+// Busy reports whether swap reads have work left for Pump.
+func (m *Monitor) Busy() bool { return len(m.work) > 0 }
+
 // Pump goes on with the swap reads that have work left, one read in turn,
 // ExitBytes at most: bytes kept to hash, pieces to start. Call it before
 // every VM entry: it costs one comparison when there is nothing to do.

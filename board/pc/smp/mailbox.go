@@ -79,6 +79,10 @@ const (
 	opMMIOWr  = 4 // the 32 bits at physical a = b
 )
 
+// apPages is the number of pages each AP gets: its parameter block, its
+// stack, its VMXON region and its CPUID answers (cpuid.go).
+const apPages = 4
+
 // Mailbox commands.
 const (
 	cmdVMPTRLD = 1  // VMCLEAR, VMPTRLD [arg0]

@@ -129,7 +129,7 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &SMP{arena: pc.NewPageArena(1 + 3*len(apicIDs))}
+	s := &SMP{arena: pc.NewPageArena(1 + apPages*len(apicIDs))}
 	idtPA, err := s.arena.Alloc()
 	if err != nil {
 		return nil, err
@@ -145,7 +145,7 @@ func StartAPs(apicIDs []uint32, trampoline uint32) (*SMP, error) {
 
 	for _, id := range apicIDs {
 		ap := AP{APICID: id}
-		var pages [4]uint64 // parameters, stack, VMXON region, CPUID answers
+		var pages [apPages]uint64
 		for i := range pages {
 			if pages[i], err = s.arena.Alloc(); err != nil {
 				return nil, err
