@@ -107,13 +107,37 @@ func (v *VCPU) NeedExit(f func(v *VCPU) bool) {
 	}
 }
 
-// quietCPUID is the table QuietCPUID gave, by leaf and subleaf, and the
-// caller's check of its own periodic work.
+// quietCPUID is the table QuietCPUID gave, indexed by leaf and subleaf
+// (basic leaves 0 to 0x1F with subleaves 0 to 3, tamahv's two, the
+// extended 0x80000000 to 0x80000008), and the caller's check of its own
+// periodic work.
 type quietCPUID struct {
-	answers map[uint64]CPUIDEntry
-	due     func() bool
+	basic [0x20][4]quietAnswer
+	hyp   [2]quietAnswer
+	ext   [9]quietAnswer
+	due   func() bool
 	// answered counts the CPUID exits answered from the table.
 	answered uint64
+}
+
+// quietAnswer is one answer of quietCPUID, where ok.
+type quietAnswer struct {
+	e  CPUIDEntry
+	ok bool
+}
+
+// slot returns the place of leaf and subleaf's answer, nil where the
+// table has none.
+func (q *quietCPUID) slot(leaf, sub uint32) *quietAnswer {
+	switch {
+	case leaf < 0x20 && sub < 4:
+		return &q.basic[leaf][sub]
+	case leaf-CPUIDHypervisorBase < 2 && sub == 0:
+		return &q.hyp[leaf-CPUIDHypervisorBase]
+	case leaf-0x80000000 < 9 && sub == 0:
+		return &q.ext[leaf-0x80000000]
+	}
+	return nil
 }
 
 // QuietCPUID has Run answer the guest's CPUID from t (CPUIDTable) at the
@@ -128,12 +152,14 @@ func (v *VCPU) QuietCPUID(t []CPUIDEntry, due func() bool) {
 		v.quiet = nil
 		return
 	}
-	q := &quietCPUID{answers: make(map[uint64]CPUIDEntry, len(t)), due: due}
+	q := &quietCPUID{due: due}
 	if v.quiet != nil {
 		q.answered = v.quiet.answered
 	}
 	for _, e := range t {
-		q.answers[uint64(e.Leaf)<<32|uint64(e.Subleaf)] = e
+		if a := q.slot(e.Leaf, e.Subleaf); a != nil {
+			*a = quietAnswer{e, true}
+		}
 	}
 	v.quiet = q
 }
@@ -155,10 +181,11 @@ func (v *VCPU) answerQuietly() bool {
 	if vmx.ExitReason(reason) != vmx.ExitCPUID || q.due() {
 		return false
 	}
-	e, ok := q.answers[uint64(uint32(v.Regs.RAX))<<32|uint64(uint32(v.Regs.RCX))]
-	if !ok {
+	a := q.slot(uint32(v.Regs.RAX), uint32(v.Regs.RCX))
+	if a == nil || !a.ok {
 		return false
 	}
+	e := &a.e
 	var cr4 uint64
 	if e.CR4Mask != 0 {
 		cr4 = v.read(vmx.GuestCR4)

@@ -237,6 +237,27 @@ func attackBPFaultKernel() (string, string) {
 	return refusal(fmt.Sprintf("BPFault read of kernel %#x", zp), sendRequest(req), errDenied)
 }
 
+// pageOut pushes the span pages at base to swap (MADV_PAGEOUT) and
+// returns how many are swapped out. It asks again, after a pause that
+// grows, while some are not: the kernel skips pages it is busy with, and
+// the swap device may need a moment to make room.
+func pageOut(base uintptr, span int) (int, error) {
+	swapped := 0
+	for try := 0; try < 20 && swapped < span; try++ {
+		if try > 0 {
+			time.Sleep(time.Duration(try) * 10 * time.Millisecond)
+		}
+		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, base, uintptr(span*pageSize), madvPageout); e != 0 {
+			return 0, fmt.Errorf("madvise(MADV_PAGEOUT): %v", e)
+		}
+		var err error
+		if swapped, _, err = pagemap(base, span); err != nil {
+			return 0, err
+		}
+	}
+	return swapped, nil
+}
+
 // swappedOut maps pages+1 pages, fills them and pushes them to swap; it
 // returns the range (starting mid-page), its hash and the mapping.
 func swappedOut(pages int) (mem []byte, va uint64, n int, want [32]byte, err error) {
@@ -250,14 +271,9 @@ func swappedOut(pages int) (mem []byte, va uint64, n int, want [32]byte, err err
 	n = pages*pageSize + 200 - 2*off
 	rand.New(rand.NewSource(int64(pages) + int64(os.Getpid()))).Read(mem[off : off+n])
 	want = sha256.Sum256(mem[off : off+n])
-	swapped := 0
-	for try := 0; try < 10 && swapped < span; try++ {
-		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, base, uintptr(span*pageSize), madvPageout); e != 0 {
-			return nil, 0, 0, want, fmt.Errorf("madvise(MADV_PAGEOUT): %v", e)
-		}
-		if swapped, _, err = pagemap(base, span); err != nil {
-			return nil, 0, 0, want, err
-		}
+	swapped, err := pageOut(base, span)
+	if err != nil {
+		return nil, 0, 0, want, err
 	}
 	if swapped < span {
 		return nil, 0, 0, want, fmt.Errorf("only %d of %d pages went to swap", swapped, span)

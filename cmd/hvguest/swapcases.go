@@ -87,15 +87,9 @@ func (b *buffer) span() int     { return len(b.mem) / pageSize }
 // pageOut sends the buffer's pages to swap (MADV_PAGEOUT) and fails unless
 // all went.
 func (b *buffer) pageOut() error {
-	swapped := 0
-	var err error
-	for try := 0; try < 10 && swapped < b.span(); try++ {
-		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, b.base(), uintptr(len(b.mem)), madvPageout); e != 0 {
-			return fmt.Errorf("madvise(MADV_PAGEOUT): %v", e)
-		}
-		if swapped, _, err = pagemap(b.base(), b.span()); err != nil {
-			return err
-		}
+	swapped, err := pageOut(b.base(), b.span())
+	if err != nil {
+		return err
 	}
 	fmt.Printf("swapread: %d bytes at %#x, sha256 %x, %d of %d pages swapped out\n", len(b.data), b.va(), b.want, swapped, b.span())
 	if swapped < b.span() {

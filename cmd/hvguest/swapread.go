@@ -121,14 +121,9 @@ func swapRead(args []string) error {
 		return request(mem, off, n, want, opts, false)
 	}
 
-	swapped := 0
-	for try := 0; try < 10 && swapped < span; try++ {
-		if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, base, uintptr(span*pageSize), madvPageout); e != 0 {
-			return fmt.Errorf("madvise(MADV_PAGEOUT): %v", e)
-		}
-		if swapped, _, err = pagemap(base, span); err != nil {
-			return err
-		}
+	swapped, err := pageOut(base, span)
+	if err != nil {
+		return err
 	}
 	fmt.Printf("swapread: %d bytes at %#x, sha256 %x, %d of %d pages swapped out\n", n, base+off, want, swapped, span)
 	if swapped < span {
