@@ -61,8 +61,8 @@ func (r *GuestRegs) SetGPR(n int, v uint64) {
 // across exits; Run needs it 16-byte aligned.
 type FXArea [512]byte
 
-// vmrun is implemented in run_amd64.s.
-func vmrun(r *GuestRegs, fx *byte, launched uint64) (rflags uint64)
+// vmrun is implemented in run_amd64.s; q may be nil.
+func vmrun(r *GuestRegs, fx *byte, launched uint64, q *QuietCPUID) (rflags uint64)
 
 // fpSwitch (fpu_amd64.s) runs vmexit's floating-point switch on controls a
 // guest chose and returns the controls in force afterwards: tamahv's.
@@ -75,14 +75,53 @@ func fpSwitch(mxcsr uint32, fcw uint16) (gotMXCSR uint32, gotFCW uint16)
 // written at every entry, HOST_RIP, a constant, with VMLAUNCH). fx must be
 // 16-byte aligned.
 func Run(r *GuestRegs, fx *FXArea, launched bool) error {
+	return RunQuiet(r, fx, launched, nil)
+}
+
+// RunQuiet is Run whose exit stub answers CPUID itself from q's table
+// while q.On is 1, the time-stamp counter is below q.Deadline, no NMI
+// reached VMX root since TakeNMI, and the guest does not single-step: the
+// guest's EAX, EBX, ECX and EDX get the answer for its EAX and ECX (ECX
+// gains ECXIfCR4 while the guest's CR4 has a bit of CR4Mask), RIP moves
+// past the instruction, blocking by STI and MOV SS ends, and the guest
+// runs on without a return to Go. Every other exit returns as Run's do. q
+// must not move while the guest runs (a heap object).
+func RunQuiet(r *GuestRegs, fx *FXArea, launched bool, q *QuietCPUID) error {
 	l := uint64(0)
 	if launched {
 		l = 1
 	}
-	if rflags := vmrun(r, &fx[0], l); rflags&(rflagsCF|rflagsZF) != 0 {
+	if rflags := vmrun(r, &fx[0], l, q); rflags&(rflagsCF|rflagsZF) != 0 {
 		return entryFailed(launched, rflags)
 	}
 	return nil
+}
+
+// CPUIDAnswer is one answer of a table that assembly looks CPUID up in
+// (QuietCPUID, an application processor's exit loop): for EAX = Leaf and
+// ECX = Subleaf exactly, the four registers, with ECXIfCR4 added to ECX
+// while the guest's CR4 has a bit of CR4Mask set.
+type CPUIDAnswer struct {
+	Leaf, Subleaf      uint32
+	EAX, EBX, ECX, EDX uint32
+	CR4Mask, ECXIfCR4  uint32
+}
+
+// MaxCPUIDAnswers is the number of answers a table holds.
+const MaxCPUIDAnswers = 126
+
+// QuietCPUID is what RunQuiet's exit stub reads to answer CPUID itself.
+type QuietCPUID struct {
+	// On is 1 while the stub may answer.
+	On uint32
+	// N is the number of answers in Table.
+	N uint32
+	// Deadline is the time-stamp count from which CPUID exits return to
+	// Go (its periodic work is due).
+	Deadline uint64
+	// Answered counts the CPUID exits the stub answered.
+	Answered uint64
+	Table    [MaxCPUIDAnswers]CPUIDAnswer
 }
 
 // entryFailed is the error of a VM entry that failed as rflags says.

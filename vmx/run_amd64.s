@@ -2,19 +2,21 @@
 #include "go_asm.h"
 #include "vmx_amd64.h"
 #include "fpu_amd64.h"
+#include "quiet_amd64.h"
 
 #define HOST_RSP 0x6c14
 #define HOST_RIP 0x6c16
 
-// func vmrun(r *GuestRegs, fx *byte, launched uint64) (rflags uint64)
+// func vmrun(r *GuestRegs, fx *byte, launched uint64, q *QuietCPUID) (rflags uint64)
 //
 // Stack while the guest runs (HOST_RSP points at it):
 //	0(SP)  r
 //	8(SP)  fx
 //	16(SP) tamahv's MXCSR, 20(SP) its x87 control word (HOST_FP_SAVE)
 //	24(SP) the caller's BP
-//	32(SP) return address, then the arguments at 40(SP)...
-TEXT ·vmrun(SB),NOSPLIT|NOFRAME,$0-32
+//	32(SP) return address, then the arguments at 40(SP): r, fx,
+//	launched, q (64(SP)), and the result (72(SP))
+TEXT ·vmrun(SB),NOSPLIT|NOFRAME,$0-40
 	MOVQ	r+0(FP), SI
 	MOVQ	fx+8(FP), DI
 	MOVQ	launched+16(FP), CX
@@ -73,7 +75,7 @@ failed:
 	HOST_FP_LOAD(0)
 	POPQ	CX
 	POPQ	BP
-	MOVQ	AX, rflags+24(FP)
+	MOVQ	AX, rflags+32(FP)
 	RET
 
 // vmexit is HOST_RIP: the processor arrives with RSP = HOST_RSP, the
@@ -103,11 +105,41 @@ TEXT ·vmexit<>(SB),NOSPLIT|NOFRAME,$0
 	MOVQ	AX, GuestRegs_RSI(SI)
 	MOVQ	CR2, AX
 	MOVQ	AX, GuestRegs_CR2(SI)
+	XORL	R15, R15		// vmrun's result: the exit
+	MOVQ	64(SP), R8		// q
+	TESTQ	R8, R8
+	JZ	handle
+	QUIET_CPUID(R8, SI, handle)
+	// Answered: the guest runs on, its x87/SSE state untouched. HOST_RSP
+	// finds r in its slot again.
+	MOVQ	SI, 0(SP)
+	MOVQ	GuestRegs_RAX(SI), AX
+	MOVQ	GuestRegs_RCX(SI), CX
+	MOVQ	GuestRegs_RDX(SI), DX
+	MOVQ	GuestRegs_RBX(SI), BX
+	MOVQ	GuestRegs_RBP(SI), BP
+	MOVQ	GuestRegs_RDI(SI), DI
+	MOVQ	GuestRegs_R8(SI), R8
+	MOVQ	GuestRegs_R9(SI), R9
+	MOVQ	GuestRegs_R10(SI), R10
+	MOVQ	GuestRegs_R11(SI), R11
+	MOVQ	GuestRegs_R12(SI), R12
+	MOVQ	GuestRegs_R13(SI), R13
+	MOVQ	GuestRegs_R14(SI), R14
+	MOVQ	GuestRegs_R15(SI), R15
+	MOVQ	GuestRegs_RSI(SI), SI
+	VMRESUME
+	// VM entry failed: vmrun returns its RFLAGS, with the registers as
+	// they were stored.
+	PUSHFQ
+	POPQ	R15
+	MOVQ	0(SP), SI
+handle:
 	MOVQ	8(SP), DI		// fx
 	FXSAVE64	(DI)
 	HOST_FP_LOAD(16)
 	MOVQ	24(SP), BP
 	LEAQ	32(SP), SP		// now at vmrun's return address
-	// vmrun's result, past the return address and three argument words.
-	MOVQ	$0, 32(SP)
+	// vmrun's result, past the return address and four argument words.
+	MOVQ	R15, 40(SP)
 	RET

@@ -84,6 +84,11 @@ func (b *board) Enter(r *vmx.GuestRegs, fx *vmx.FXArea, launched bool) error {
 	return vmx.Run(r, fx, launched)
 }
 
+// QuietEnter implements machine.QuietEnterer.
+func (b *board) QuietEnter(r *vmx.GuestRegs, fx *vmx.FXArea, launched bool, q *vmx.QuietCPUID) error {
+	return vmx.RunQuiet(r, fx, launched, q)
+}
+
 // LAPICRead implements machine.LAPIC: the bootstrap processor's.
 func (b *board) LAPICRead(off uint32) uint32 { return smp.LAPICRead(off) }
 

@@ -213,6 +213,10 @@ type Machine struct {
 	// clock is time.Now; lastTick is when tick last ran (vCPU 0's).
 	clock    func() time.Time
 	lastTick time.Time
+	// quietQ is vCPU 0's table for its board's exit stub, where the
+	// board has one (quietB).
+	quietQ *vmx.QuietCPUID
+	quietB QuietEnterer
 	// tsc reads the time-stamp counter where the board can and knows its
 	// frequency (TSCReader): tickDue then compares counts and reads no
 	// clock. tickTSC is tickPeriod in its ticks; lastTSC, the count when
@@ -602,7 +606,16 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		if cut {
 			v.VMCS.Write(vmx.PreemptionTimerValue, 0)
 		}
-		err := b.Enter(&v.Regs, m.fx, launched)
+		var err error
+		if q := m.quietQ; q != nil {
+			q.On = 0
+			if !cut && q.N != 0 && m.quietEntry(v) {
+				q.On, q.Deadline = 1, m.lastTSC+m.tickTSC
+			}
+			err = m.quietB.QuietEnter(&v.Regs, m.fx, launched, q)
+		} else {
+			err = b.Enter(&v.Regs, m.fx, launched)
+		}
 		if cut {
 			v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
 		}
@@ -624,10 +637,23 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 			stale = stale || e.Reason == vmx.ExitWRMSR && uint32(v.Regs.RCX) == vmx.MSRAPICBase
 		})
+		if qb, ok := b.(QuietEnterer); ok {
+			m.quietB, m.quietQ = qb, new(vmx.QuietCPUID)
+		}
 		v.OnEntry(func(v *hv.VCPU) {
 			if stale {
 				stale = false
-				v.QuietCPUID(v.CPUIDTable(), m.tickPending)
+				t := v.CPUIDTable()
+				v.QuietCPUID(t, m.tickPending)
+				if q := m.quietQ; q != nil {
+					q.N = 0
+					if len(t) <= len(q.Table) {
+						for i, e := range t {
+							q.Table[i] = vmx.CPUIDAnswer{Leaf: e.Leaf, Subleaf: e.Subleaf, EAX: e.Regs[0], EBX: e.Regs[1], ECX: e.Regs[2], EDX: e.Regs[3], CR4Mask: e.CR4Mask, ECXIfCR4: e.ECXIfCR4}
+						}
+						q.N = uint32(len(t))
+					}
+				}
 			}
 		})
 	}
@@ -1018,6 +1044,23 @@ func (m *Machine) tickDue() bool {
 	return true
 }
 
+// quietEntry reports whether vCPU 0's coming entry is quiet
+// (hv.VCPU.Quiet), under Serial: its exit stub may then answer CPUID.
+func (m *Machine) quietEntry(v *hv.VCPU) bool {
+	if v.Serial != nil {
+		v.Serial.Lock()
+		defer v.Serial.Unlock()
+	}
+	return v.Quiet()
+}
+
+// QuietEnterer is a Board whose VM exit stub answers CPUID itself from a
+// table of vCPU 0's answers (vmx.RunQuiet), after the entries the machine
+// finds quiet and until vCPU 0's tick is due: those exits reach no Go.
+type QuietEnterer interface {
+	QuietEnter(r *vmx.GuestRegs, fx *vmx.FXArea, launched bool, q *vmx.QuietCPUID) error
+}
+
 // tickPending reports, without counting a run, whether tick is due
 // (the time-stamp counter's way only).
 func (m *Machine) tickPending() bool { return m.tsc()-m.lastTSC >= m.tickTSC }
@@ -1347,6 +1390,9 @@ func (m *Machine) Run() error {
 // the others' under a header line each.
 func (m *Machine) report(recent bool) {
 	m.VCPU.Report(m.log, recent)
+	if q := m.quietQ; q != nil {
+		fmt.Fprintf(m.log, "tamahv: vCPU 0's exit stub answered %d CPUID exits itself\n", q.Answered)
+	}
 	if n := m.VCPU.QuietlyAnswered(); n != 0 {
 		fmt.Fprintf(m.log, "tamahv: vCPU 0 answered %d CPUID exits after a quiet entry, without their exit handling\n", n)
 	}
