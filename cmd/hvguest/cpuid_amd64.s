@@ -23,3 +23,11 @@ done:
 	SUBQ	R9, AX
 	MOVQ	AX, ret+8(FP)
 	RET
+
+// func tsc() uint64
+TEXT ·tsc(SB),NOSPLIT,$0-8
+	RDTSC
+	SHLQ	$32, DX
+	ORQ	DX, AX
+	MOVQ	AX, ret+0(FP)
+	RET

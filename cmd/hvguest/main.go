@@ -8,6 +8,7 @@
 //	hvguest vmxon-check   run VMXON in a child process; it must die of #UD (SIGILL)
 //	hvguest devmem        read tamahv's secret page through /dev/mem; none of it may show
 //	hvguest cpuid-cost    measure CPUID in TSC ticks (an exit under tamahv)
+//	hvguest call-cost     measure a hypercall (HcIdentify) in TSC ticks
 //	hvguest swapread MODE [PAGES]
 //	                      fill a buffer, push it to swap, and have tamahv read it
 //	                      through swapmem without touching it; MODE user spins in
@@ -39,7 +40,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|swapread MODE [PAGES]|swapmigrate user|bp FROM TO [PAGES]|attack [NAME...]|exit N")
+		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|call-cost|swapread MODE [PAGES]|swapmigrate user|bp FROM TO [PAGES]|attack [NAME...]|exit N")
 		os.Exit(2)
 	}
 	if err := run(os.Args[1], os.Args[2:]); err != nil {
@@ -50,6 +51,9 @@ func main() {
 
 // cpuidTicks is in cpuid_amd64.s.
 func cpuidTicks(n uint64) uint64
+
+// tsc reads the time-stamp counter (cpuid_amd64.s).
+func tsc() uint64
 
 func run(cmd string, args []string) error {
 	switch cmd {
@@ -101,6 +105,18 @@ func run(cmd string, args []string) error {
 		const n = 2000
 		cpuidTicks(100) // warm up
 		fmt.Printf("hvguest: CPUID costs %d TSC ticks\n", cpuidTicks(n)/n)
+	case "call-cost":
+		// A hypercall's round trip: on an application processor, its
+		// exit is handed over to the bootstrap processor.
+		const n = 200
+		for i := 0; i < 10; i++ {
+			vmx.VMCALL(hcall.Identify, 0, 0)
+		}
+		t0 := tsc()
+		for i := 0; i < n; i++ {
+			vmx.VMCALL(hcall.Identify, 0, 0)
+		}
+		fmt.Printf("hvguest: a hypercall costs %d TSC ticks\n", (tsc()-t0)/n)
 	case "swapread":
 		return swapRead(args)
 	case "swapmigrate":

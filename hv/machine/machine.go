@@ -206,7 +206,9 @@ type Machine struct {
 	// cutShort: vCPU 0's last entry was made to exit at once
 	// (kickedBeforeEntry); its goroutine's only.
 	cutShort bool
-	aps      []*apVCPU
+	// sliced: vCPU 0's last entry ran the guest for a slice only.
+	sliced bool
+	aps    []*apVCPU
 	// ended is the first application processor's vCPU whose Run returned
 	// while the guest ran: vCPU 0 stops at its next entry.
 	ended atomic.Pointer[apVCPU]
@@ -578,7 +580,7 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		v.PreemptionTicks = uint32(min(hz/100>>c.Caps.PreemptionTimerShift(), 1<<31))
 	}
 	v.OnTick(func(v *hv.VCPU) {
-		if m.cutShort {
+		if m.cutShort || m.sliced {
 			return // the exit kickedBeforeEntry asked for, not a period's end
 		}
 		m.ticked()
@@ -601,25 +603,35 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		// before the guest's first instruction); the next entry loads
 		// the timer's period again. Never two entries in a row, so
 		// that the guest on vCPU 0 runs between two such exits however
-		// often the application processors exit.
-		cut := !m.cutShort && v.PreemptionTicks != 0 && m.kickedBeforeEntry()
-		if cut {
-			v.VMCS.Write(vmx.PreemptionTimerValue, 0)
+		// often the application processors exit: the entry after one,
+		// where something came again, runs the guest for a slice of the
+		// period (sliceDiv), so that an AP's exit waits that long, not
+		// a period, while vCPU 0's guest idles.
+		kicked := v.PreemptionTicks != 0 && m.kickedBeforeEntry()
+		cut := kicked && !m.cutShort
+		timer := uint64(0)
+		if kicked && !cut {
+			timer = uint64(max(v.PreemptionTicks/sliceDiv, 1))
+		}
+		if kicked {
+			v.VMCS.Write(vmx.PreemptionTimerValue, timer)
 		}
 		var err error
 		if q := m.quietQ; q != nil {
+			// Not for a slice: each of the stub's entries would load
+			// the slice's timer again.
 			q.On = 0
-			if !cut && q.N != 0 && m.quietEntry(v) {
+			if !kicked && q.N != 0 && m.quietEntry(v) {
 				q.On, q.Deadline = 1, m.lastTSC+m.tickTSC
 			}
 			err = m.quietB.QuietEnter(&v.Regs, m.fx, launched, q)
 		} else {
 			err = b.Enter(&v.Regs, m.fx, launched)
 		}
-		if cut {
+		if kicked {
 			v.VMCS.Write(vmx.PreemptionTimerValue, uint64(v.PreemptionTicks))
 		}
-		m.cutShort = cut
+		m.cutShort, m.sliced = cut, kicked && !cut
 		return err
 	}
 	started := false
@@ -1024,6 +1036,11 @@ func (m *Machine) exitCounts() (uint64, string) {
 // tickPeriod is how often tick runs at least while vCPU 0 exits: the
 // preemption timer's period.
 const tickPeriod = 10 * time.Millisecond
+
+// sliceDiv: vCPU 0's entry that follows one cut short, where an
+// application processor's exit waits again, runs the guest for the
+// preemption timer's period over sliceDiv (200 µs).
+const sliceDiv = 50
 
 // tickDue reports whether tickPeriod passed since tick last ran, and
 // counts a run from now if so.
