@@ -1387,6 +1387,9 @@ func (m *Machine) Run() error {
 		st.Injected, st.Completed, st.Failed, st.Removed, m.Watcher.Writes, m.Watcher.ADWrites, m.Watcher.Rewalks, m.Watcher.Changes, m.Watcher.Stale)
 	fmt.Fprintf(m.log, "tamahv: page-table writes emulated in their exit %d, opened until the next exit %d %v; returns from user faults trapped %d of %d\n",
 		m.Watcher.Emulated, m.Watcher.Opened, fallbacks(m.Watcher), m.Trap.Hits, m.Trap.Arms)
+	if a := m.APIC; a != nil {
+		fmt.Fprintf(m.log, "tamahv: local APIC writes emulated %d (INITs applied %d, dropped %d, refused %d)\n", a.Emulated, a.INITs, a.Dropped, a.Refused)
+	}
 	if m.Agent.Detour() != 0 {
 		fmt.Fprintf(m.log, "tamahv: breakpoint agent at %#x: %d hits, %d faults raised, %d passed in other address spaces, %d view switches\n",
 			m.Agent.Detour(), m.Agent.Hits, m.Agent.Raised, m.Agent.Passed, m.Agent.Switches)
