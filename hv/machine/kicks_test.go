@@ -154,7 +154,8 @@ func (p *pendingKickAP) Pending() bool { return p.pending.Load() }
 // its VM entry makes that entry exit at once (VMX-preemption timer 0),
 // with the kick matched to its NMI; the entry after it never exits at
 // once: where another kick landed meanwhile it runs the guest for a slice
-// of the period (a fiftieth), else for the period. The guest's own NMI that lands there is injected at
+// of the period (a fiftieth), else for the period; unless the guest
+// halted, which has nothing to run, and exits at once again. The guest's own NMI that lands there is injected at
 // the entry after the one that exits at once; an exit the AP posted
 // without a kick (its local APIC off) cuts the entry short too.
 func TestKickBeforeEntryExitsAtOnce(t *testing.T) {
@@ -219,6 +220,20 @@ func TestKickBeforeEntryExitsAtOnce(t *testing.T) {
 		{name: "an exit posted without a kick", check: func(b *board, r *vmx.GuestRegs) {
 			assert.Zero(t, timer(), "the posted exit waits for vCPU 0's timer")
 			ap.pending.Store(false)
+		}, exit: func(b *board, r *vmx.GuestRegs) { b.exitWith(vmx.ExitPreemptionTimer) }},
+		{name: "the guest halts", check: func(b *board, r *vmx.GuestRegs) {
+			assert.Equal(t, period, timer())
+		}, exit: func(b *board, r *vmx.GuestRegs) {
+			b.vmcs.Fields[vmx.GuestActivityState] = vmx.ActivityHLT
+			late = []func(){kick, kick}
+			b.exitWith(vmx.ExitCPUID)
+		}},
+		{name: "a kick while halted", check: func(b *board, r *vmx.GuestRegs) {
+			assert.Zero(t, timer())
+		}, exit: func(b *board, r *vmx.GuestRegs) { b.exitWith(vmx.ExitPreemptionTimer) }},
+		{name: "another kick while halted", check: func(b *board, r *vmx.GuestRegs) {
+			assert.Zero(t, timer(), "a halted guest has nothing to run: no slice")
+			b.vmcs.Fields[vmx.GuestActivityState] = vmx.ActivityActive
 		}, exit: func(b *board, r *vmx.GuestRegs) { b.exitWith(vmx.ExitPreemptionTimer) }},
 		{name: "exit", check: func(b *board, r *vmx.GuestRegs) {
 			assert.Equal(t, period, timer())

@@ -606,9 +606,11 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		// often the application processors exit: the entry after one,
 		// where something came again, runs the guest for a slice of the
 		// period (sliceDiv), so that an AP's exit waits that long, not
-		// a period, while vCPU 0's guest idles.
+		// a period. A guest that halted (its activity state HLT) has
+		// nothing to run: its entries exit at once as often as kicks
+		// come.
 		kicked := v.PreemptionTicks != 0 && m.kickedBeforeEntry()
-		cut := kicked && !m.cutShort
+		cut := kicked && (!m.cutShort || v.VMCS.Read(vmx.GuestActivityState) == vmx.ActivityHLT)
 		timer := uint64(0)
 		if kicked && !cut {
 			timer = uint64(max(v.PreemptionTicks/sliceDiv, 1))
