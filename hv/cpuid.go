@@ -9,12 +9,8 @@ import "github.com/tamahv/tamahv/vmx"
 func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	switch leaf {
 	case 1:
-		// No VMX; a hypervisor is present; OSXSAVE follows the guest's
-		// CR4, not the host's.
-		r[vmx.ECX] = r[vmx.ECX]&^(vmx.CPUIDVMX|vmx.CPUIDOSXSAVEBit) | vmx.CPUIDHypervisorBit
-		if mask, bit, _ := cr4Flag(leaf); v.VMCS.Read(vmx.GuestCR4)&uint64(mask) != 0 {
-			r[vmx.ECX] |= bit
-		}
+		// No VMX; a hypervisor is present.
+		r[vmx.ECX] = r[vmx.ECX]&^vmx.CPUIDVMX | vmx.CPUIDHypervisorBit
 	case vmx.CPUIDLeafPMU:
 		if v.VMCS.Read(vmx.EntryControls)&vmx.EntryLoadPerf == 0 {
 			// The counters could not be stopped in VMX root.
@@ -30,14 +26,24 @@ func (v *VCPU) filterCPUID(leaf, sub uint32, r *[4]uint32) {
 	if flagLeaf(leaf) {
 		v.clearFlags(leaf, sub, r)
 	}
+	// OSXSAVE and OSPKE follow the guest's CR4, not tamahv's.
+	if mask, bit, ok := cr4Flag(leaf, sub); ok {
+		r[vmx.ECX] &^= bit
+		if v.VMCS.Read(vmx.GuestCR4)&uint64(mask) != 0 {
+			r[vmx.ECX] |= bit
+		}
+	}
 }
 
-// cr4Flag returns the ECX flag of leaf that follows the guest's CR4: set
-// while CR4 has a bit of mask (leaf 1's OSXSAVE, CR4.OSXSAVE); ok is false
-// for the other leaves.
-func cr4Flag(leaf uint32) (mask, bit uint32, ok bool) {
-	if leaf == 1 {
+// cr4Flag returns the ECX flag of leaf/sub that follows the guest's CR4:
+// set while CR4 has a bit of mask (leaf 1's OSXSAVE, CR4.OSXSAVE; leaf 7's
+// OSPKE, CR4.PKE); ok is false for the other leaves.
+func cr4Flag(leaf, sub uint32) (mask, bit uint32, ok bool) {
+	switch {
+	case leaf == 1:
 		return vmx.CR4OSXSAV, vmx.CPUIDOSXSAVEBit, true
+	case leaf == 7 && sub == 0:
+		return vmx.CR4PKE, vmx.CPUIDOSPKEBit, true
 	}
 	return 0, 0, false
 }

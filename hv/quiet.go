@@ -33,7 +33,7 @@ func (e CPUIDEntry) Answer(cr4 uint64) [4]uint32 {
 // with another ECX is handled as any other exit.
 func subleafLeaves(leaf uint32) bool {
 	switch leaf {
-	case 4, 7, vmx.CPUIDLeafTopology, 0x1f:
+	case 4, vmx.CPUIDLeafTopology, 0x1f:
 		return true
 	}
 	return false
@@ -42,9 +42,10 @@ func subleafLeaves(leaf uint32) bool {
 // CPUIDTable returns the CPUID answers the vCPU's processor may give the
 // guest itself: for each leaf and subleaf whose answer depends on nothing
 // that changes while the guest runs but CR4.OSXSAVE, the answer CPUID's
-// exit handling would give now. Leaf 0xD (its sizes follow XCR0) is not
-// among them, nor is any leaf where CPUID's exit has an interceptor: the
-// table is empty then. Leaf 1 depends on IA32_APIC_BASE's enable bit
+// exit handling would give now. Leaf 0xD (its sizes follow XCR0) and leaf
+// 7 (its TSX flags follow MSRs the guest writes without an exit,
+// IA32_TSX_CTRL and TSX_FORCE_ABORT) are not among them, nor is any leaf
+// where CPUID's exit has an interceptor: the table is empty then. Leaf 1 depends on IA32_APIC_BASE's enable bit
 // too: a caller makes the table again after the guest writes that MSR.
 func (v *VCPU) CPUIDTable() []CPUIDEntry {
 	if v.intercepted[vmx.ExitCPUID] || v.CPUID == nil {
@@ -54,7 +55,7 @@ func (v *VCPU) CPUIDTable() []CPUIDEntry {
 	add := func(leaf, sub uint32) {
 		r := v.guestCPUID(leaf, sub)
 		e := CPUIDEntry{Leaf: leaf, Subleaf: sub, Regs: r}
-		if mask, bit, ok := cr4Flag(leaf); ok {
+		if mask, bit, ok := cr4Flag(leaf, sub); ok {
 			e.Regs[vmx.ECX] &^= bit
 			e.CR4Mask, e.ECXIfCR4 = mask, bit
 		}
@@ -62,7 +63,7 @@ func (v *VCPU) CPUIDTable() []CPUIDEntry {
 	}
 	basic, _, _, _ := v.CPUID(0, 0)
 	for leaf := uint32(0); leaf <= min(basic, 0x1f); leaf++ {
-		if leaf == 0xd {
+		if leaf == 0xd || leaf == 7 {
 			continue
 		}
 		add(leaf, 0)

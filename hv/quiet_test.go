@@ -50,10 +50,10 @@ func TestCPUIDTableAgreesWithTheHandler(t *testing.T) {
 				[4]uint64{v.Regs.RAX, v.Regs.RBX, v.Regs.RCX, v.Regs.RDX}, "leaf %#x.%d, CR4 %#x", e.Leaf, e.Subleaf, cr4)
 		}
 	}
-	for _, k := range [][2]uint32{{0, 0}, {1, 0}, {7, 0}, {7, 1}, {4, 3}, {0xb, 1}, {0x40000000, 0}, {0x80000001, 0}, {0x80000008, 0}} {
+	for _, k := range [][2]uint32{{0, 0}, {1, 0}, {4, 3}, {0xb, 1}, {0x1f, 3}, {0x40000000, 0}, {0x80000001, 0}, {0x80000008, 0}} {
 		assert.True(t, keys[k], "leaf %#x.%d is in the table", k[0], k[1])
 	}
-	for _, k := range [][2]uint32{{0xd, 0}, {0xd, 1}, {0, 1}, {1, 1}, {7, 4}, {0x20, 0}, {0x80000009, 0}} {
+	for _, k := range [][2]uint32{{0xd, 0}, {0xd, 1}, {7, 0}, {7, 1}, {0, 1}, {1, 1}, {0x20, 0}, {0x80000009, 0}} {
 		assert.False(t, keys[k], "leaf %#x.%d is not", k[0], k[1])
 	}
 	for _, e := range table {
@@ -161,4 +161,26 @@ func BenchmarkQuietCPUIDExit(b *testing.B) {
 	require.ErrorIs(b, err, ErrGuestTripleFault)
 	b.ReportMetric(float64(m.Reads)/float64(b.N), "vmreads/exit")
 	b.ReportMetric(float64(m.Writes)/float64(b.N), "vmwrites/exit")
+}
+
+// TestOSPKEFollowsTheGuestsCR4: leaf 7's OSPKE is the guest's CR4.PKE,
+// not tamahv's (CPUID runs in VMX root, on tamahv's CR4), as leaf 1's
+// OSXSAVE is the guest's CR4.OSXSAVE.
+func TestOSPKEFollowsTheGuestsCR4(t *testing.T) {
+	v, m := tableVCPU(t)
+	for _, c := range []struct {
+		leaf, bit uint32
+		cr4       uint64
+	}{{7, vmx.CPUIDOSPKEBit, vmx.CR4PKE}, {1, vmx.CPUIDOSXSAVEBit, vmx.CR4OSXSAV}} {
+		for _, on := range []bool{false, true} {
+			m.Fields[vmx.GuestCR4] = 0x2020
+			if on {
+				m.Fields[vmx.GuestCR4] |= c.cr4
+			}
+			v.Regs.RAX, v.Regs.RCX = uint64(c.leaf), 0
+			_, err := handleCPUID(v, nil)
+			require.NoError(t, err)
+			assert.Equal(t, on, v.Regs.RCX&uint64(c.bit) != 0, "leaf %d with CR4 %#x", c.leaf, m.Fields[vmx.GuestCR4])
+		}
+	}
 }

@@ -330,8 +330,8 @@ func (v *VCPU) Run() error {
 		if err := v.prepareEntry(); err != nil {
 			return err
 		}
-		quiet := v.quiet != nil && v.Quiet()
 		for {
+			quiet := v.quiet != nil && v.Quiet()
 			if v.Serial != nil {
 				v.Serial.Unlock()
 			}

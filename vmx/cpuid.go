@@ -83,4 +83,6 @@ const (
 	CPUIDHypervisorBit = 1 << 31
 	// CPUIDOSXSAVEBit is leaf 1 ECX bit 27: CR4.OSXSAVE is set.
 	CPUIDOSXSAVEBit = 1 << 27
+	// CPUIDOSPKEBit is leaf 7 (subleaf 0) ECX bit 4: CR4.PKE is set.
+	CPUIDOSPKEBit = 1 << 4
 )

@@ -651,6 +651,9 @@ func (m *Machine) bootVCPU(c *Config, ctl control, unmapped *guestmem.Unmapped, 
 		v.Observe(func(v *hv.VCPU, e *vmx.Exit) {
 			stale = stale || e.Reason == vmx.ExitWRMSR && uint32(v.Regs.RCX) == vmx.MSRAPICBase
 		})
+		// NMIs held at a kicked entry (kickedBeforeEntry) are the next
+		// full entry's to take.
+		v.NeedExit(func(*hv.VCPU) bool { return m.bspKick.held != 0 })
 		if qb, ok := b.(QuietEnterer); ok {
 			m.quietB, m.quietQ = qb, new(vmx.QuietCPUID)
 		}
@@ -815,6 +818,13 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *guestmem.Unmapped, pol
 	// A swap read whose pages wait for a #PF looks for its moment at
 	// every exit.
 	v.NeedExit(func(*hv.VCPU) bool { return m.Engine.Waiting() })
+	// Those two can begin on any vCPU: the application processors then
+	// hand their next exits over, as they come.
+	v.OnEntry(func(*hv.VCPU) {
+		if m.Engine.Waiting() || m.Monitor != nil && m.Monitor.Busy() {
+			m.handOverAPs()
+		}
+	})
 	// Last: the exit's ended watches reach every processor in one
 	// shootdown.
 	v.OnEntry(func(*hv.VCPU) { m.Watcher.Sync() })
@@ -888,7 +898,7 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 		// (yieldToAPs).
 		a.out.Store(false)
 		if a.cpuid != nil {
-			a.cpuid.AnswerCPUID(m.quiet(a, v))
+			m.armCPUID(a, v)
 		}
 		if n := a.entries.Add(1); m.kickCheck != 0 && n%m.kickCheck == 0 && !v.WaitsForSIPI() {
 			m.kickBeforeEntry(a)
@@ -930,32 +940,28 @@ func (m *Machine) addAP(ap AP, c *Config, setup hv.Setup, unmapped *guestmem.Unm
 	return nil
 }
 
-// quiet reports whether a's processor may answer the coming entry's
-// CPUID exits itself: the vCPU runs, and it is quiet (hv.VCPU.Quiet)
-// under Serial, the lock of everything Quiet asks. The answers are made
-// (again) first where they are stale; an AP that cannot take them hands
-// every CPUID exit over from then on.
-func (m *Machine) quiet(a *apVCPU, v *hv.VCPU) bool {
-	if v.WaitsForSIPI() {
-		return false
-	}
+// armCPUID lets a's processor answer the coming entry's CPUID exits
+// (and its preemption-timer exits) itself where the vCPU runs and is
+// quiet (hv.VCPU.Quiet), or not; under Serial, the lock of everything
+// Quiet asks and of handOverAPs. The answers are made (again) first where
+// they are stale; an AP that cannot take them hands every CPUID exit
+// over from then on.
+func (m *Machine) armCPUID(a *apVCPU, v *hv.VCPU) {
 	if v.Serial != nil {
 		v.Serial.Lock()
 		defer v.Serial.Unlock()
 	}
-	if !v.Quiet() {
-		return false
-	}
-	if a.cpuidStale {
+	on := !v.WaitsForSIPI() && v.Quiet()
+	if on && a.cpuidStale {
 		a.cpuidStale = false
 		if err := a.cpuid.SetCPUID(v.CPUIDTable()); err != nil {
 			fmt.Fprintf(m.log, "tamahv: vCPU %d: its processor hands every CPUID exit over: %v\n", a.index, err)
 			a.cpuid.AnswerCPUID(false)
 			a.cpuid = nil
-			return false
+			return
 		}
 	}
-	return true
+	a.cpuid.AnswerCPUID(on)
 }
 
 // kickBeforeEntry sends a's processor a kick just before its entry
@@ -1061,6 +1067,16 @@ func (m *Machine) tickDue() bool {
 	}
 	m.lastTick = now
 	return true
+}
+
+// handOverAPs has every application processor hand its next exits over
+// (none answered in its loop) until its next entry.
+func (m *Machine) handOverAPs() {
+	for _, a := range m.aps {
+		if a.cpuid != nil {
+			a.cpuid.AnswerCPUID(false)
+		}
+	}
 }
 
 // quietEntry reports whether vCPU 0's coming entry is quiet

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+
+	"github.com/tamahv/tamahv/vmx"
 )
 
 // ErrSnapshotFields is SetSnapshot's error for a list it cannot hold.
@@ -70,6 +72,18 @@ func (h *handoff) queue(kind, a, b uint64) error {
 	h.n++
 	if kind == opVMWRITE && h.valid {
 		if i, in := h.index[uint32(a)]; in {
+			// What VMWRITE leaves there: a read-only field keeps its
+			// value (the write fails), a narrow one the low bits.
+			f := vmx.Field(a)
+			if f.ReadOnly() {
+				return nil
+			}
+			switch f.Width() {
+			case vmx.Width16:
+				b &= 0xffff
+			case vmx.Width32:
+				b &= 0xffffffff
+			}
 			atomic.StoreUint64(h.mb.u64(apSnapV+8*i), b)
 			atomic.OrUint64(h.mb.u64(apSnapOK), 1<<i)
 		}

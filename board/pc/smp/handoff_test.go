@@ -189,12 +189,16 @@ func TestHandoffAnswersReadsFromTheSnapshot(t *testing.T) {
 func TestHandoffQueuesOperations(t *testing.T) {
 	ap := &loopAP{vmcs: map[uint32]uint64{
 		uint32(vmx.ExitReasonField): uint64(vmx.ExitWRMSR), uint32(vmx.GuestRIP): 0x1000, uint32(vmx.TSCOffset): 0,
+		uint32(vmx.GuestInterruptibility): 0,
 	}, msrs: map[uint32]uint64{}, exit: func(map[uint32]uint64) {}}
 	h := startLoopAP(t, new([4096]byte), ap)
-	require.NoError(t, h.setSnapshot(fields(vmx.ExitReasonField, vmx.GuestRIP)))
+	require.NoError(t, h.setSnapshot(fields(vmx.ExitReasonField, vmx.GuestRIP, vmx.GuestInterruptibility)))
 	require.NoError(t, run(t, h))
 	sent := h.cmds
 
+	require.NoError(t, h.queue(opVMWRITE, uint64(vmx.ExitReasonField), 1))
+	v, _ := h.read(uint32(vmx.ExitReasonField))
+	assert.EqualValues(t, vmx.ExitWRMSR, v, "a read-only field keeps its value")
 	require.NoError(t, h.queue(opVMWRITE, uint64(vmx.GuestRIP), 0x1002))
 	require.NoError(t, h.queue(opVMWRITE, uint64(vmx.TSCOffset), 7))
 	require.NoError(t, h.queue(opWRMSR, vmx.MSRTSCAdjust, 9))
@@ -203,6 +207,9 @@ func TestHandoffQueuesOperations(t *testing.T) {
 	v, ok := h.read(uint32(vmx.GuestRIP))
 	assert.True(t, ok)
 	assert.EqualValues(t, 0x1002, v, "the snapshot takes the write")
+	require.NoError(t, h.queue(opVMWRITE, uint64(vmx.GuestInterruptibility), 1<<40|3))
+	v, _ = h.read(uint32(vmx.GuestInterruptibility))
+	assert.EqualValues(t, 3, v, "a 32-bit field takes the low bits")
 	ap.mu.Lock()
 	assert.EqualValues(t, 0x1000, ap.vmcs[uint32(vmx.GuestRIP)], "not yet on the AP")
 	ap.mu.Unlock()

@@ -327,8 +327,10 @@ TEXT ·mmioWrite32(SB),NOSPLIT,$0-12
 // mailbox (mailbox.go), executes it, writes the results and clears the
 // command. CMD_RUN enters the guest of the AP's current VMCS; at the exit
 // the guest's registers are stored and the command cleared, except for a
-// VMX-preemption-timer exit that interrupted no event delivery, which the
-// loop answers itself by entering again. Before every entry the loop
+// VMX-preemption-timer exit that interrupted no event delivery, after an
+// entry the bootstrap processor found quiet (AP_FASTOK) and with no NMI
+// waiting, and a CPUID its table answers (apCPUID): the loop answers
+// those itself by entering again. Before every entry the loop
 // keeps its part of the EPT shootdown (hv.Shootdown): it marks itself in
 // the guest (not when the guest waits for a start-up IPI: it runs nothing
 // there, and the IPI exits), then compares the generation with the one it
@@ -411,6 +413,11 @@ timer:
 	MOVL	AP_NMIS(DI), AX
 	TESTL	AX, AX
 	JNZ	post
+	// So does the exit of a vCPU that is not quiet: something of
+	// tamahv's waits for its next exit (hv.VCPU.Quiet).
+	MOVL	AP_FASTOK(DI), AX
+	TESTL	AX, AX
+	JZ	post
 	INCQ	AP_TICKS(DI)
 	JMP	run
 post:
