@@ -40,7 +40,7 @@ PKGS_TEST  := binutils
 # UEFI as well) and the OVMF firmware the UEFI tests boot with.
 PKGS_UEFI  := grub-efi-amd64-bin ovmf fdisk e2fsprogs
 
-.PHONY: kmod e2e-smp iso-smp iso-mb2 deps-uefi disk preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-mb2 iso-fallback deps-uefi disk preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -106,7 +106,7 @@ payload: deps-iso
 	@echo "tamahv: building the guest initramfs"
 	cp /bin/busybox $(PAYLOAD)/root/bin/busybox
 	@mkdir -p $(PAYLOAD)/root/lib/modules
-	find $(PAYLOAD)/deb/x/lib/modules \( -name zsmalloc.ko -o -name zram.ko \) -exec cp {} $(PAYLOAD)/root/lib/modules/ \;
+	find $(PAYLOAD)/deb/x/lib/modules \( -name zsmalloc.ko -o -name zram.ko -o -name efivarfs.ko \) -exec cp {} $(PAYLOAD)/root/lib/modules/ \;
 	cp qemu/guest/init $(PAYLOAD)/root/init
 	@$(MAKE) --no-print-directory kmod
 	GOOS=linux GOARCH=amd64 CGO_ENABLED=0 $(GO) build -trimpath -o $(PAYLOAD)/root/bin/hvguest ./cmd/hvguest
@@ -188,6 +188,14 @@ iso-mb2: iso
 # Boot it: go run ./qemu/cmd/tamahv-run -uefi -disk build/disk.img
 disk: iso deps-uefi
 	$(GO) run ./qemu/cmd/tamahv-disk -version $$(sed 's/^linux-image-//' $(PAYLOAD)/kernel.version) $(BUILD)/disk.img
+
+# The Multiboot2 ISO whose tamahv boots the kernel natively where it
+# cannot run it as its guest (fallback=native): under QEMU TCG, which has
+# no VMX, the kernel's init reports what it was handed (tamahv.check=handover).
+iso-fallback: iso
+	@rm -rf $(BUILD)/iso-fallback && cp -r $(BUILD)/iso $(BUILD)/iso-fallback
+	cp qemu/grub-fallback.cfg $(BUILD)/iso-fallback/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/fallback.iso $(BUILD)/iso-fallback 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
 # The tamahv ISO that keeps the application processors parked and hidden
 # (smp.park on tamahv's command line).

@@ -90,5 +90,5 @@ func TestDefaultSettingsAreValidShell(t *testing.T) {
 	b, err := os.ReadFile("default")
 	require.NoError(t, err)
 	out := grubd(t, []string{"tamahv/tamahv.elf", "vmlinuz-6.1.0-57-amd64"}, string(b))
-	assert.Contains(t, out, "multiboot2 /tamahv/tamahv.elf log.alive=60s\n")
+	assert.Contains(t, out, "multiboot2 /tamahv/tamahv.elf log.alive=60s fallback=native\n", "installed entries boot the kernel natively where tamahv cannot run it")
 }

@@ -48,7 +48,14 @@ func isoForMB2(t *testing.T) string {
 	return builtISO(t, "../build/mb2.iso")
 }
 
-// builtISO builds the test ISOs once (make iso iso-smp iso-mb2), or skips the test
+// isoForFallback is the Multiboot2 ISO with fallback=native (make
+// iso-fallback), whose kernel checks what it was handed.
+func isoForFallback(t *testing.T) string {
+	t.Helper()
+	return builtISO(t, "../build/fallback.iso")
+}
+
+// builtISO builds the test ISOs once (make iso iso-smp iso-mb2 iso-fallback), or skips the test
 // saying why they cannot be built here, and returns path's absolute form.
 func builtISO(t *testing.T, path string) string {
 	t.Helper()
@@ -56,10 +63,10 @@ func builtISO(t *testing.T, path string) string {
 		t.Skip("image tests skipped: " + why)
 	}
 	buildOnce.Do(func() {
-		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp", "iso-mb2")
+		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp", "iso-mb2", "iso-fallback")
 		buildOut, buildErr = cmd.CombinedOutput()
 	})
-	require.NoError(t, buildErr, "make iso iso-smp iso-mb2:\n%s", buildOut)
+	require.NoError(t, buildErr, "make iso iso-smp iso-mb2 iso-fallback:\n%s", buildOut)
 	iso, err := filepath.Abs(path)
 	require.NoError(t, err)
 	t.Logf("the guest kernel: %s", guestKernel())
@@ -193,6 +200,110 @@ func TestTCGMultiboot2(t *testing.T) {
 			assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
 		})
 	}
+}
+
+// TestTCGNativeFallback boots tamahv with fallback=native under QEMU TCG,
+// which has no VMX: tamahv reports VMX unavailable and boots the kernel
+// natively with the boot parameters its guest would have had. On UEFI (q35
+// and OVMF, 8 GiB, 2 and 4 processors) the kernel's init checks what it
+// was handed: every processor, the memory above 4 GiB, the ACPI RSDP
+// tamahv found through the EFI configuration table, the EFI runtime
+// services (it reads variables through them), the GOP framebuffer, and
+// tamahv's region reserved in its e820 and EFI memory maps. On BIOS
+// (SeaBIOS) the same boot, with the RSDP the kernel finds itself.
+func TestTCGNativeFallback(t *testing.T) {
+	iso := isoForFallback(t)
+	needEmulator(t, TCG)
+	for _, c := range []struct {
+		uefi bool
+		cpus int
+	}{{true, 2}, {true, 4}, {false, 2}} {
+		fw := map[bool]string{false: "BIOS", true: "UEFI"}[c.uefi]
+		t.Run(fmt.Sprintf("%s/%dcpus", fw, c.cpus), func(t *testing.T) {
+			if _, err := os.Stat(OVMFCode); c.uefi && err != nil {
+				t.Skip("no OVMF firmware (Debian package ovmf)")
+			}
+			const memMiB = 8192
+			res := bootUntil(t, Config{Emulator: TCG, ISO: iso, UEFI: c.uefi, CPUs: c.cpus, MemMiB: memMiB, Timeout: 10 * time.Minute, Stall: 3 * time.Minute},
+				func(l string) bool { return l == GuestPrefix+"guest: handover: done" || l == "tamahv: halted" })
+			t.Logf("tamahv:\n%s", res.Serial())
+			guest := res.GuestSerial()
+			if res.Matched != GuestPrefix+"guest: handover: done" {
+				t.Fatalf("the natively booted kernel did not finish its checks; guest console:\n%s", tail(guest, 60))
+			}
+			t.Logf("guest (its checks):\n%s", strings.Join(grepLines(res.Guest, "guest: "), "\n"))
+			l, _ := lineWith(res.Lines, "tamahv: VMX ")
+			assert.Equal(t, "tamahv: VMX unavailable: no VMX in CPUID", l)
+			l, _ = lineWith(res.Lines, "tamahv: booting the kernel natively")
+			assert.Regexp(t, `^tamahv: booting the kernel natively, without tamahv \(fallback=native\): VMX unavailable; kernel at 0x[0-9a-f]+, initrd [0-9]+ bytes at 0x[0-9a-f]+, command line ".*tamahv.check=handover"$`, l)
+			if _, at, ok := res.GuestLine("guest: init started"); ok {
+				t.Logf("figures: %s, %d processors, %d MiB: the native kernel's init after %v of wall time", fw, c.cpus, memMiB, at.Round(time.Second))
+			}
+			want := func(prefix string) string {
+				t.Helper()
+				l, _, ok := res.GuestLine(prefix)
+				assert.True(t, ok, "no %q from the guest", prefix)
+				return strings.TrimPrefix(l, prefix)
+			}
+			assert.Equal(t, fmt.Sprint(c.cpus), want("guest: handover: cpus "), "every processor runs")
+			var kb int
+			_, err := fmt.Sscanf(want("guest: handover: MemTotal: "), "%d kB", &kb)
+			assert.NoError(t, err)
+			assert.Greater(t, kb, 7<<20, "the memory above 4 GiB")
+			assert.Equal(t, "0x10000000-0x17ffffff Reserved", want("guest: handover: memmap "), "tamahv's region is reserved in the kernel's e820 map")
+			rsdp := want("guest: handover: ACPI: RSDP ")
+			if !c.uefi {
+				assert.Regexp(t, `^0x[0-9A-F]+$`, rsdp, "the kernel finds the RSDP in the BIOS areas")
+				_, _, ok := res.GuestLine("guest: handover: no efi")
+				assert.True(t, ok, "on BIOS the kernel has no EFI")
+				return
+			}
+			tr, _ := lineWith(res.Lines, "tamahv: ACPI RSDP at ")
+			at, err := strconv.ParseUint(strings.Fields(strings.TrimPrefix(tr, "tamahv: ACPI RSDP at "))[0], 0, 64)
+			if assert.NoError(t, err, "tamahv's RSDP line %q", tr) {
+				got, err := strconv.ParseUint(rsdp, 0, 64)
+				assert.NoError(t, err)
+				assert.Equal(t, at, got, "the kernel's RSDP is the one tamahv handed it")
+				assert.Equal(t, fmt.Sprintf("%#x", at), want("guest: handover: efi systab ACPI20="), "the EFI system table names the same RSDP")
+			}
+			assert.Regexp(t, `^0x[0-9a-f]+$`, want("guest: handover: efi runtime "), "the EFI runtime services")
+			var vars int
+			_, err = fmt.Sscanf(want("guest: handover: efi variables read "), "%d", &vars)
+			assert.NoError(t, err)
+			assert.Positive(t, vars, "the runtime services read the firmware's variables")
+			// The EFI map's entries from tamahv's region on: reserved,
+			// one after the other, to its end.
+			next := uint64(0x10000000)
+			for _, l := range grepLines(res.Guest, "guest: handover: efi map ") {
+				m := efiMapRE.FindStringSubmatch(l)
+				if !assert.NotNil(t, m, "an EFI map line: %q", l) {
+					continue
+				}
+				start, _ := strconv.ParseUint(m[2], 16, 64)
+				end, _ := strconv.ParseUint(m[3], 16, 64)
+				assert.Equal(t, next, start, "%q follows the one before", l)
+				assert.Equal(t, "Reserved", m[1], "%q in tamahv's region", l)
+				next = end + 1
+			}
+			assert.Equal(t, uint64(0x18000000), next, "tamahv's region is reserved in the kernel's EFI memory map, to its end")
+			assert.Contains(t, want("guest: handover: fb "), "EFI VGA", "the GOP framebuffer (efifb)")
+		})
+	}
+}
+
+// efiMapRE is an entry of the EFI memory map the kernel prints (efi=debug):
+// its type and range.
+var efiMapRE = regexp.MustCompile(`mem[0-9]+: \[([A-Za-z ]+?) *\|.*range=\[0x([0-9a-f]+)-0x([0-9a-f]+)\]`)
+
+// grepLines returns the lines that contain s.
+func grepLines(lines []string, s string) []string {
+	var out []string
+	for _, l := range lines {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // TestBochsUEFI boots the Multiboot2 ISO in Bochs on OVMF: GRUB EFI loads

@@ -73,17 +73,15 @@ func guestMemory(info *bootinfo.Info) []e820.Entry {
 	return e820.FromLoader(info.MemoryMap)
 }
 
-func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) error {
+// guestConfig is the machine's configuration for the guest the boot
+// modules hold, but its VMX capabilities: the kernel, its initramfs and
+// command line, the memory map (tamahv's region reserved), the ACPI RSDP,
+// the EFI system table and memory map, and the framebuffer.
+func guestConfig(info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string) machine.Config {
 	c := machine.Config{
-		Caps: caps, Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
+		Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
 		RSDP: rsdp,
-	}
-	// apic.trapinit=auto traps the local APIC's writes on Bochs itself,
-	// which the ACPI tables' OEM ID tells (with the processor's
-	// hypervisor bit, which the machine reads): no tables, no Bochs.
-	if id, err := acpi.FindOEMID(pc.PhysMem{}, rsdp); err == nil {
-		c.OEMID = id
 	}
 	for _, r := range memory {
 		c.E820 = append(c.E820, hv.E820Entry{Addr: r.Addr, Size: r.Size, Type: uint32(r.Type)})
@@ -99,10 +97,41 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 		c.EFI = &linux.EFI{SystemTable: e.SystemTable, MemoryMap: em.Bytes(),
 			DescriptorSize: uint32(max(int(em.DescriptorSize), efi.DescriptorLength)), DescriptorVersion: em.DescriptorVersion}
 	}
+	return c
+}
+
+// runGuest builds the machine and runs the guest; started reports whether
+// the guest ran (else the kernel may still be booted natively).
+func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (started bool, err error) {
+	m, err := buildGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, smp, vcpus)
+	if err != nil {
+		return false, err
+	}
+	l := m.Linux
+	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", m.Monitor.Ring3)
+	parts := "1 module"
+	if n := len(l.Initrds); n != 1 {
+		parts = fmt.Sprintf("%d modules", n)
+	}
+	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes at %#x, initrd %d bytes from %s at %#x, command line %q\n",
+		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, m.Start.KernelPA, m.Start.InitrdLen, parts, m.Start.InitrdPA, cmdline)
+	return true, m.Run()
+}
+
+// buildGuest builds the machine, the guest loaded and not yet started.
+func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (*machine.Machine, error) {
+	c := guestConfig(info, memory, rsdp, kernel, initrds, cmdline)
+	c.Caps = caps
+	// apic.trapinit=auto traps the local APIC's writes on Bochs itself,
+	// which the ACPI tables' OEM ID tells (with the processor's
+	// hypervisor bit, which the machine reads): no tables, no Bochs.
+	if id, err := acpi.FindOEMID(pc.PhysMem{}, rsdp); err == nil {
+		c.OEMID = id
+	}
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.
 	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
-		return err
+		return nil, err
 	}
 	var b machine.Board = newBoard(1024)
 	if aps := smp.VCPUs(); len(aps) > 0 && !vcpus {
@@ -111,7 +140,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 			if err := ap.Park(); err != nil {
 				// Fail closed: a processor tamahv cannot park is not
 				// accounted for.
-				return fmt.Errorf("AP APIC ID %d: not parked: %w; the guest is not started", ap.APICID(), err)
+				return nil, fmt.Errorf("AP APIC ID %d: not parked: %w", ap.APICID(), err)
 			}
 		}
 	} else if len(aps) > 0 {
@@ -122,23 +151,11 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 			if err := ap.Err(); err != nil || ebx>>24 != ap.APICID()&0xff {
 				// Fail closed: it stays in VMX root operation, but
 				// tamahv cannot account for what it runs.
-				return fmt.Errorf("AP APIC ID %d: its exit loop does not answer (%v, CPUID APIC ID %d); the guest is not started", ap.APICID(), err, ebx>>24)
+				return nil, fmt.Errorf("AP APIC ID %d: its exit loop does not answer (%v, CPUID APIC ID %d)", ap.APICID(), err, ebx>>24)
 			}
 			sb.aps = append(sb.aps, apCPU{ap})
 		}
 		b = sb
 	}
-	m, err := machine.New(b, c)
-	if err != nil {
-		return err
-	}
-	l := m.Linux
-	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", m.Monitor.Ring3)
-	parts := "1 module"
-	if n := len(l.Initrds); n != 1 {
-		parts = fmt.Sprintf("%d modules", n)
-	}
-	fmt.Printf("tamahv: guest started: Linux boot protocol %d.%d, kernel %d bytes at %#x, initrd %d bytes from %s at %#x, command line %q\n",
-		m.Start.ProtocolVersion>>8, m.Start.ProtocolVersion&0xff, l.KernelLen, m.Start.KernelPA, m.Start.InitrdLen, parts, m.Start.InitrdPA, cmdline)
-	return m.Run()
+	return machine.New(b, c)
 }

@@ -5,16 +5,19 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
-// swap.deadline=, log.alive=, smp.kickcheck= and apic.trapinit=
-// (machine.ParseOptions), smp.park (the application processors stay
-// parked in VMX root operation and hidden from the guest, instead of each
-// running a vCPU) and smp.visible (a test knob: the processor tables are
-// left unpatched).
+// swap.deadline=, log.alive=, smp.kickcheck=, apic.trapinit= and
+// fallback= (machine.ParseOptions; fallback=native boots the guest's
+// kernel natively where tamahv cannot run it), smp.park (the application
+// processors stay parked in VMX root operation and hidden from the guest,
+// instead of each running a vCPU) and smp.visible (a test knob: the
+// processor tables are left unpatched).
 //
 // It prints stable lines that users and tests rely on:
 //
 //	tamahv: VMX on (revision 0x..., EPT yes|no, VPID yes|no, unrestricted guest yes|no)
 //	tamahv: VMX unavailable: <reason>
+//	tamahv: booting the kernel natively, without tamahv (fallback=native): <why>; ...
+//	tamahv: no native boot: <why>
 //	tamahv: processors: ... (and the lines of smp.HoldProcessors)
 //	tamahv: guest not started: <why> (a processor tamahv cannot account for; then it halts)
 //	tamahv: local APIC writes trapped: INIT sticks in VMX non-root (Bochs 2.7) (apic.trapinit=auto|on)
@@ -41,6 +44,7 @@ import (
 	"github.com/tamahv/tamahv/board/pc/e820"
 	"github.com/tamahv/tamahv/board/pc/efi"
 	"github.com/tamahv/tamahv/board/pc/smp"
+	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"
 )
 
@@ -68,6 +72,18 @@ func main() {
 		}
 	}
 
+	// fallback=native: where tamahv cannot run the guest, the kernel
+	// boots natively.
+	native := infoErr == nil && machine.NativeFallback(info.Cmdline)
+	unavailable := func(reason string) {
+		fmt.Printf("tamahv: VMX unavailable: %s\n", reason)
+		if native {
+			bootNative(info, rsdp, "VMX unavailable")
+		}
+		fmt.Println("tamahv: halted")
+		pc.Halt()
+	}
+
 	caps, err := vmx.Discover(pc.Hardware{})
 	if err != nil {
 		unavailable(err.Error())
@@ -81,6 +97,20 @@ func main() {
 		unavailable(fmt.Sprintf("VMXON failed: %v", err))
 	}
 	fmt.Printf("tamahv: VMX on (%s)\n", caps.Summary())
+	vmxOn := true
+	// notStarted ends tamahv's part where the guest could not start:
+	// with fallback=native the kernel boots natively, out of VMX.
+	notStarted := func(why string) {
+		if !native {
+			return
+		}
+		if err := vmx.VMXOFF(); err != nil {
+			fmt.Printf("tamahv: VMXOFF: %v; no native boot\n", err)
+			return
+		}
+		vmxOn = false
+		bootNative(info, rsdp, why)
+	}
 	if infoErr == nil {
 		if kernel, initrds, cmdline := modules(info); kernel != nil {
 			memory := guestMemory(info)
@@ -110,7 +140,11 @@ func main() {
 				// Fail closed: a processor tamahv does not hold could
 				// run the guest's code outside VMX operation.
 				fmt.Printf("tamahv: guest not started: %v\n", err)
-			} else if err := runGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, held, vcpus); err != nil {
+				notStarted("the guest was not started")
+			} else if started, err := runGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, held, vcpus); !started {
+				fmt.Printf("tamahv: guest not started: %v\n", err)
+				notStarted("the guest was not started")
+			} else if err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}
 			runtime.KeepAlive(held) // the parked APs' pages
@@ -118,8 +152,10 @@ func main() {
 			fmt.Println("tamahv: no guest (no Linux bzImage among the boot modules)")
 		}
 	}
-	if err := vmx.VMXOFF(); err != nil {
-		fmt.Printf("tamahv: VMXOFF: %v\n", err)
+	if vmxOn { // else a native boot failed after VMXOFF
+		if err := vmx.VMXOFF(); err != nil {
+			fmt.Printf("tamahv: VMXOFF: %v\n", err)
+		}
 	}
 	fmt.Println("tamahv: halted")
 	pc.Halt()
@@ -153,10 +189,34 @@ func acpiRSDP(info *bootinfo.Info) (uint64, error) {
 	return loc.Addr, nil
 }
 
-func unavailable(reason string) {
-	fmt.Printf("tamahv: VMX unavailable: %s\n", reason)
-	fmt.Println("tamahv: halted")
-	pc.Halt()
+// bootNative boots the guest's kernel natively, as a boot loader would,
+// with the boot parameters it would have had as tamahv's guest (tamahv's
+// region reserved in its memory maps): where tamahv cannot run the guest
+// (fallback=native), the machine still boots. It returns only where it
+// cannot, having said why. The caller has left VMX operation; the
+// application processors have not been started, or are parked in VMX
+// root operation and hidden from the kernel.
+func bootNative(info *bootinfo.Info, rsdp uint64, why string) {
+	kernel, initrds, cmdline := modules(info)
+	if kernel == nil {
+		fmt.Println("tamahv: no native boot: no Linux bzImage among the boot modules")
+		return
+	}
+	c := guestConfig(info, guestMemory(info), rsdp, kernel, initrds, cmdline)
+	s, err := c.LinuxBoot().Load(pc.PhysMem{})
+	if err != nil {
+		fmt.Printf("tamahv: no native boot: %v\n", err)
+		return
+	}
+	if s.RIP >= 1<<32 || s.RSI >= 1<<32 || s.GDTBase >= 1<<32 {
+		fmt.Printf("tamahv: no native boot: the kernel's entry %#x is above 4 GiB\n", s.RIP)
+		return
+	}
+	fmt.Printf("tamahv: booting the kernel natively, without tamahv (fallback=native): %s; kernel at %#x, initrd %d bytes at %#x, command line %q\n",
+		why, s.KernelPA, s.InitrdLen, s.InitrdPA, cmdline)
+	err = pc.BootLinux32(pc.Entry32{EIP: uint32(s.RIP), ESI: uint32(s.RSI), GDTBase: uint32(s.GDTBase), GDTLimit: s.GDTLimit,
+		CodeSel: s.CodeSel, DataSel: s.DataSel})
+	fmt.Printf("tamahv: no native boot: %v\n", err)
 }
 
 // alignedRegion returns a zeroed, 4 KiB aligned region of at least n

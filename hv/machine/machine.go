@@ -281,6 +281,17 @@ func (a *apVCPU) waiting() bool {
 // ErrGuestFailed is Run's error when the guest stopped on an error.
 var ErrGuestFailed = errors.New("machine: guest failed")
 
+// LinuxBoot is the guest's kernel as c describes it, with tamahv's region
+// (Own) reserved: what New loads into the guest, and what a boot without
+// tamahv (fallback=native) loads in its place, so that the kernel gets the
+// same boot parameters either way.
+func (c *Config) LinuxBoot() *linux.Boot {
+	return &linux.Boot{
+		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
+		Cmdline: c.Cmdline, Map: c.E820, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
+	}
+}
+
 // New builds the machine: EPT, VMCS, bitmaps, the guest kernel loaded, the
 // watcher, the agent, the engine and the policy wired together.
 func New(b Board, c Config) (*Machine, error) {
@@ -306,10 +317,7 @@ func New(b Board, c Config) (*Machine, error) {
 		return nil, err
 	}
 	m.localAPIC(opts.TrapINIT, c.OEMID, ctl.msrBM)
-	m.Linux = &linux.Boot{
-		KernelPA: c.Kernel[0], KernelLen: c.Kernel[1], Initrds: c.Initrds,
-		Cmdline: c.Cmdline, Map: c.E820, Reserved: [][2]uint64{c.Own}, RSDP: c.RSDP, EFI: c.EFI, Framebuffer: c.Framebuffer,
-	}
+	m.Linux = c.LinuxBoot()
 	if m.Start, err = m.Linux.Load(b); err != nil {
 		return nil, err
 	}

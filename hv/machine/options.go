@@ -30,6 +30,12 @@ type Options struct {
 	// to its local APIC are trapped so that tamahv sees its INIT IPIs
 	// before they reach a processor (TrapINITMode.Decide).
 	TrapINIT TrapINITMode
+	// Native is fallback=native (fallback=halt: false, the default):
+	// where tamahv cannot run the guest (no VMX, or a check before the
+	// guest's start fails), it boots the same kernel natively, with the
+	// boot parameters the guest would have had, so that the machine still
+	// boots; else it halts.
+	Native bool
 }
 
 // TrapINITMode is apic.trapinit=: where the guest's INIT IPIs are caught.
@@ -93,6 +99,7 @@ const (
 	AliveOption        = "log.alive"
 	KickCheckOption    = "smp.kickcheck"
 	TrapINITOption     = "apic.trapinit"
+	FallbackOption     = "fallback"
 )
 
 // The bounds of the options' durations.
@@ -108,10 +115,10 @@ const (
 var ErrOption = errors.New("machine: bad option")
 
 // ParseOptions reads swap.deadline=DURATION and log.alive=DURATION (Go
-// durations such as 5s or 2m), smp.kickcheck=N (1 to MaxKickCheck) and
-// apic.trapinit=auto|on|off from tamahv's command line; other words are
-// left alone. A value that does not
-// parse or lies outside its bounds is an error naming the option.
+// durations such as 5s or 2m), smp.kickcheck=N (1 to MaxKickCheck),
+// apic.trapinit=auto|on|off and fallback=native|halt from tamahv's command
+// line; other words are left alone. A value that does not parse or lies
+// outside its bounds is an error naming the option.
 func ParseOptions(cmdline string) (Options, error) {
 	var o Options
 	for _, w := range strings.Fields(cmdline) {
@@ -125,6 +132,14 @@ func ParseOptions(cmdline string) (Options, error) {
 				return o, fmt.Errorf("%w: %s=%q: %v", ErrOption, name, v, err)
 			}
 			o.TrapINIT = m
+			continue
+		}
+		if name == FallbackOption {
+			native, ok := parseFallback(v)
+			if !ok {
+				return o, fmt.Errorf("%w: %s=%q: not native or halt", ErrOption, name, v)
+			}
+			o.Native = native
 			continue
 		}
 		if name == KickCheckOption {
@@ -165,4 +180,30 @@ func parseTrapINIT(v string) (TrapINITMode, error) {
 		}
 	}
 	return 0, errors.New("not auto, on or off")
+}
+
+func parseFallback(v string) (native, ok bool) {
+	switch v {
+	case "native":
+		return true, true
+	case "halt":
+		return false, true
+	}
+	return false, false
+}
+
+// NativeFallback reads fallback=native|halt alone from tamahv's command
+// line (the last valid one counts; halt where there is none), whatever
+// else the line holds: a machine told to boot its kernel natively where
+// tamahv cannot run it still does so where another option is wrong.
+func NativeFallback(cmdline string) bool {
+	native := false
+	for _, w := range strings.Fields(cmdline) {
+		if name, v, ok := strings.Cut(w, "="); ok && name == FallbackOption {
+			if n, ok := parseFallback(v); ok {
+				native = n
+			}
+		}
+	}
+	return native
 }

@@ -30,6 +30,27 @@ func TestParseOptions(t *testing.T) {
 	assert.ErrorContains(t, err, "swap.deadline")
 }
 
+func TestParseFallback(t *testing.T) {
+	o, err := ParseOptions("log.alive=1s")
+	require.NoError(t, err)
+	assert.False(t, o.Native, "tamahv halts unless told otherwise")
+	o, err = ParseOptions("fallback=native")
+	require.NoError(t, err)
+	assert.Equal(t, Options{Native: true}, o)
+	o, err = ParseOptions("fallback=native fallback=halt")
+	require.NoError(t, err)
+	assert.False(t, o.Native, "the last one counts")
+	for _, bad := range []string{"fallback=", "fallback=Native", "fallback=yes", "fallback=native,halt"} {
+		_, err := ParseOptions(bad)
+		assert.ErrorIs(t, err, ErrOption, bad)
+		assert.ErrorContains(t, err, "fallback", bad)
+	}
+	assert.True(t, NativeFallback("swap.deadline=fast fallback=native"), "another option's error does not hide it")
+	assert.True(t, NativeFallback("fallback=native fallback=bad"), "the last valid one counts")
+	assert.False(t, NativeFallback("fallback=native fallback=halt"))
+	assert.False(t, NativeFallback("fallback native"))
+}
+
 func TestParseTrapINIT(t *testing.T) {
 	for v, want := range map[string]TrapINITMode{"auto": TrapINITAuto, "on": TrapINITOn, "off": TrapINITOff} {
 		o, err := ParseOptions("smp.park apic.trapinit=" + v)
