@@ -345,6 +345,31 @@ func (v *VCPU) maxPhys() uint {
 // does).
 func (v *VCPU) OwnPorts(first, last uint16) { v.ioPorts = append(v.ioPorts, [2]uint16{first, last}) }
 
+// PortGuard checks the guest's writes to a range of I/O ports before they
+// reach the device: Refuse reports whether a write (OUT) of size bytes of
+// val at port, which reaches into [First, Last], is dropped, as if the
+// device ignored it. Reads pass through. A string instruction (INS, OUTS)
+// that reaches a guarded port transfers nothing (see stringIO). Refuse
+// may be called from several vCPUs at once.
+type PortGuard struct {
+	First, Last uint16
+	Refuse      func(port uint16, size int, val uint32) bool
+}
+
+// GuardPorts makes the guest's accesses to g's ports exit and checks its
+// writes with g.Refuse. The I/O bitmaps must select them (IOBitmaps does).
+func (v *VCPU) GuardPorts(g PortGuard) { v.portGuards = append(v.portGuards, g) }
+
+// refused reports whether a guard drops a write of size bytes at port.
+func (v *VCPU) refused(port uint16, size int, val uint32) bool {
+	for _, g := range v.portGuards {
+		if uint32(port) <= uint32(g.Last) && uint32(port)+uint32(size) > uint32(g.First) && g.Refuse(port, size, val) {
+			return true
+		}
+	}
+	return false
+}
+
 func (v *VCPU) ownsPort(p uint16) bool {
 	for _, r := range v.ioPorts {
 		if p >= r[0] && p <= r[1] {
@@ -355,7 +380,8 @@ func (v *VCPU) ownsPort(p uint16) bool {
 }
 
 // handleIO emulates an I/O instruction byte by byte of the port space: the
-// bytes of owned ports read 0xff and drop writes; the other bytes are
+// bytes of owned ports read 0xff and drop writes; a write a PortGuard
+// refuses is dropped whole; the other bytes are
 // real port I/O through PortIO, one access per run of consecutive ports
 // (see portIn). An access exits when any of its ports is owned (SDM Vol.
 // 3C, "I/O-Bitmap Addresses"): one that starts below an owned range and
@@ -382,7 +408,9 @@ func handleIO(v *VCPU, e *vmx.Exit) (Action, error) {
 		}
 		return Next, nil
 	}
-	v.portOut(io.Port, io.Size, uint32(v.Regs.RAX))
+	if !v.refused(io.Port, io.Size, uint32(v.Regs.RAX)) {
+		v.portOut(io.Port, io.Size, uint32(v.Regs.RAX))
+	}
 	return Next, nil
 }
 

@@ -119,6 +119,34 @@ func TestIOStraddlingTheConsoleIsSplit(t *testing.T) {
 	require.NoError(t, v.Run(), "no access ends tamahv")
 }
 
+func TestPortGuardDropsTheWritesItRefuses(t *testing.T) {
+	ports := &fakePorts{}
+	var asked []portOp
+	out := func(port uint16, size int, val uint64) exitStep {
+		return exitStep{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(port, size, false)},
+			regs: func(r *vmx.GuestRegs) { r.RAX = val }}
+	}
+	steps := []exitStep{
+		out(0xb004, 2, 0x2400),      // refused: nothing reaches the port
+		out(0xb004, 2, 0x2000),      // passed
+		out(0xb002, 4, 0x2400_0000), // reaches into the range from below: refused whole
+		out(0xb006, 1, 0x24),        // past the range: the guard is not asked
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0xb004, 2, true)}}, // reads pass
+	}
+	steps[4].check = func(t *testing.T, v *VCPU) {
+		assert.Equal(t, []portOp{{0xb004, 2, false, 0x2000}, {0xb006, 1, false, 0x24}, {0xb004, 2, true, 0}}, ports.ops)
+		assert.Equal(t, []portOp{{0xb004, 2, false, 0x2400}, {0xb004, 2, false, 0x2000}, {0xb002, 4, false, 0x2400_0000}}, asked)
+		assert.Equal(t, uint64(0xd215), v.Regs.RAX&0xffff, "the device's answer (0x44332211+0xb004)")
+	}
+	v, _ := scripted(t, steps)
+	v.PortIO = ports.io
+	v.GuardPorts(PortGuard{First: 0xb004, Last: 0xb005, Refuse: func(port uint16, size int, val uint32) bool {
+		asked = append(asked, portOp{port, size, false, val})
+		return val&0x2400 == 0x2400 || val>>16&0x2400 == 0x2400
+	}})
+	require.NoError(t, v.Run())
+}
+
 func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 	var steps []exitStep
 	bad := []uint64{0x27, 0x67, 0xe3, 0xf, 0x17, 0x20003, 0x40003, 0x2, 0x5, 0x1000003}

@@ -149,7 +149,9 @@ type VCPU struct {
 	// ioPorts are the ports whose accesses exit (the console's); reads
 	// return all ones, writes are dropped.
 	ioPorts [][2]uint16
-	exited  error
+	// portGuards check the writes to their ports (GuardPorts).
+	portGuards []PortGuard
+	exited     error
 	// tscAdjust is the guest's IA32_TSC_ADJUST (msr.go).
 	tscAdjust uint64
 	// quiet answers CPUID at the exits after a quiet entry (QuietCPUID).

@@ -295,6 +295,30 @@ func TestTCGNativeFallback(t *testing.T) {
 // its type and range.
 var efiMapRE = regexp.MustCompile(`mem[0-9]+: \[([A-Za-z ]+?) *\|.*range=\[0x([0-9a-f]+)-0x([0-9a-f]+)\]`)
 
+// checkS3Refused: tamahv hid the firmware's \_S3 from the guest (Bochs's
+// BIOS names S3 SLP_TYP 1, S4 and S5 SLP_TYP 0, at PM1a control port
+// 0xb004), whose kernel then offers suspend-to-idle only, and dropped the
+// guest's raw write of S3's SLP_TYP with SLP_EN, after which the guest
+// ran on.
+func checkS3Refused(t *testing.T, res *Result) {
+	t.Helper()
+	l, _ := lineWith(res.Lines, "tamahv: ACPI sleep: S1-S3 refused")
+	assert.Equal(t, "tamahv: ACPI sleep: S1-S3 refused at ports 0xb004; S4: SLP_TYP 0/0, S5: SLP_TYP 0/0 pass", l)
+	l, _ = lineWith(res.Lines, "tamahv: ACPI sleep: hidden from the guest: ")
+	assert.Regexp(t, `^tamahv: ACPI sleep: hidden from the guest: \\_S3 in the DSDT at 0x[0-9a-f]+$`, l)
+	l, _, ok := res.GuestLine("guest: sleep: states ")
+	if assert.True(t, ok, "the guest's sleep states") {
+		assert.NotContains(t, l, "deep", "no suspend-to-RAM offered")
+		assert.Contains(t, l, "s2idle")
+		t.Log(l)
+	}
+	l, _, ok = res.GuestLine("hvguest: sleep: ")
+	assert.True(t, ok, "the guest did not run on after its S3 write")
+	assert.Equal(t, "hvguest: sleep: SLP_EN with SLP_TYP 1 (XS3_) written to port 0xb005: still running", l)
+	l, _ = lineWith(res.Lines, "tamahv: ACPI sleep refused: ")
+	assert.Equal(t, "tamahv: ACPI sleep refused: SLP_TYP 1 (S3) at port 0xb004 (1 so far)", l)
+}
+
 // grepLines returns the lines that contain s.
 func grepLines(lines []string, s string) []string {
 	var out []string
@@ -512,6 +536,7 @@ func TestBochsLinuxGuest(t *testing.T) {
 			assert.NotContains(t, l, "FAILED")
 		})
 	}
+	t.Run("S3 refused", func(t *testing.T) { checkS3Refused(t, res) })
 	t.Run("adversary kernel", func(t *testing.T) {
 		if !withModule {
 			t.Skip("kernel attacks skipped: " + why)

@@ -69,6 +69,7 @@ func TestBochsSMP(t *testing.T) {
 		t.Logf("figures: %s", l)
 	}
 	checkStorm(t, res)
+	t.Run("S3 refused", func(t *testing.T) { checkS3Refused(t, res) })
 	_, _, ok := res.GuestLine(fmt.Sprintf("hvguest: %d ring-3 attacks made, tamahv still answers", made))
 	assert.True(t, ok, "hvguest did not finish its %d ring-3 attacks", made)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 
 	"github.com/tamahv/tamahv/board/pc"
 	"github.com/tamahv/tamahv/board/pc/acpi"
@@ -128,6 +129,15 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 	if id, err := acpi.FindOEMID(pc.PhysMem{}, rsdp); err == nil {
 		c.OEMID = id
 	}
+	// Fail closed: a sleep register tamahv cannot guard would let the
+	// guest suspend to RAM and resume outside tamahv.
+	sleep, err := acpi.FindSleep(pc.PhysMem{}, rsdp)
+	if err != nil {
+		return nil, fmt.Errorf("ACPI sleep: %w", err)
+	}
+	if sleep != nil {
+		c.PortGuards = guardSleep(sleep)
+	}
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.
 	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
@@ -158,4 +168,54 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 		b = sb
 	}
 	return machine.New(b, c)
+}
+
+// guardSleep hides the sleep states the firmware resumes from through its
+// waking vector (S1-S3) from the guest's kernel and returns the guards of
+// the sleep registers, which drop the guest's writes that would enter
+// them: resumed by the firmware, the guest would run outside tamahv with
+// tamahv's memory in its reach. S4 and S5 pass: a hibernated or powered-
+// off machine starts again through its boot loader. It prints:
+//
+//	tamahv: ACPI sleep: S1-S3 refused at ports <ports>; S4 and S5 pass (SLP_TYP ...)
+//	tamahv: ACPI sleep: hidden from the guest: \_S3 in the DSDT at 0x...
+//	tamahv: ACPI sleep refused: SLP_TYP n (S3) at port 0x... (the first 8, then every 1000th)
+func guardSleep(s *acpi.Sleep) []hv.PortGuard {
+	var ports []string
+	for _, r := range s.Registers {
+		ports = append(ports, fmt.Sprintf("%#x", r.Port))
+	}
+	var pass []string
+	for _, st := range []int{4, 5} {
+		if s.Found[st] {
+			pass = append(pass, fmt.Sprintf("S%d: SLP_TYP %d/%d", st, s.Types[st][0], s.Types[st][1]))
+		}
+	}
+	if len(pass) == 0 {
+		pass = append(pass, "none: the tables name no \\_S4 or \\_S5, so ACPI power-off is refused too")
+	}
+	fmt.Printf("tamahv: ACPI sleep: S1-S3 refused at ports %s; %s pass\n", strings.Join(ports, ", "), strings.Join(pass, ", "))
+	if _, err := s.HideStates(pc.PhysMem{}); err != nil {
+		// The guards still hold; the guest's kernel may offer a sleep
+		// that then does not happen.
+		fmt.Printf("tamahv: ACPI sleep: not hidden from the guest: %v\n", err)
+	}
+	for _, h := range s.Hidden {
+		fmt.Printf("tamahv: ACPI sleep: hidden from the guest: %s\n", h)
+	}
+	var refused atomic.Uint64
+	refuse := func(port uint16, size int, val uint32) bool {
+		r, what := s.Refuses(port, size, val)
+		if r {
+			if n := refused.Add(1); n <= 8 || n%1000 == 0 {
+				fmt.Printf("tamahv: ACPI sleep refused: %s (%d so far)\n", what, n)
+			}
+		}
+		return r
+	}
+	var g []hv.PortGuard
+	for _, r := range s.Ranges() {
+		g = append(g, hv.PortGuard{First: r[0], Last: r[1], Refuse: refuse})
+	}
+	return g
 }

@@ -100,6 +100,10 @@ type Config struct {
 	Own [2]uint64
 	// Console are the first and last I/O ports tamahv keeps (0, 0: none).
 	Console [2]uint16
+	// PortGuards check the guest's writes to their ports (the ACPI sleep
+	// registers, whose sleep states the firmware resumes from outside
+	// tamahv).
+	PortGuards []hv.PortGuard
 	// Kernel is the physical address and length of the guest's bzImage;
 	// Initrds those of the parts of its initramfs, in order (none, one, or
 	// several the guest gets one after the other).
@@ -437,7 +441,14 @@ func (m *Machine) controlPages(c *Config) (control, error) {
 	if err != nil {
 		return ctl, err
 	}
-	hv.IOBitmaps(bmA, bmB, c.Console)
+	var ports [][2]uint16
+	if c.Console != [2]uint16{} {
+		ports = append(ports, c.Console)
+	}
+	for _, g := range c.PortGuards {
+		ports = append(ports, [2]uint16{g.First, g.Last})
+	}
+	hv.IOBitmaps(bmA, bmB, ports...)
 	ctl.msrPA, ctl.ioA, ctl.ioB, ctl.msrBM = msrPA, ioA, ioB, msrBM
 	_, fxPage, err := m.page()
 	if err != nil {
@@ -791,6 +802,9 @@ func (m *Machine) attach(v *hv.VCPU, c *Config, unmapped *guestmem.Unmapped, pol
 	v.Log = c.Log
 	if c.Console != [2]uint16{} {
 		v.OwnPorts(c.Console[0], c.Console[1])
+	}
+	for _, g := range c.PortGuards {
+		v.GuardPorts(g)
 	}
 	v.PortIO = m.board.PortIO
 	if err := unmapped.Install(v); err != nil {

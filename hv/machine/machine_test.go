@@ -369,3 +369,22 @@ func TestGuestEndToEnd(t *testing.T) {
 }
 
 func (b *board) logText(l *bytes.Buffer) string { return l.String() }
+
+// The ports of Config.PortGuards exit (the I/O bitmap selects them), as
+// the console's do, and no other port does.
+func TestPortGuardsSelectTheirPorts(t *testing.T) {
+	b, _, _ := newMachineWith(t, func(c *machine.Config) {
+		c.PortGuards = []hv.PortGuard{{First: 0xb004, Last: 0xb005, Refuse: func(uint16, int, uint32) bool { return true }}}
+	})
+	var exits []int
+	for i, f := range []vmx.Field{vmx.IOBitmapA, vmx.IOBitmapB} {
+		bm, err := b.Bytes(b.vmcs.Fields[f])
+		require.NoError(t, err)
+		for p := 0; p < 0x8000; p++ {
+			if bm[p/8]&(1<<(p%8)) != 0 {
+				exits = append(exits, i*0x8000+p)
+			}
+		}
+	}
+	assert.Equal(t, []int{0x3f8, 0x3f9, 0x3fa, 0x3fb, 0x3fc, 0x3fd, 0x3fe, 0x3ff, 0xb004, 0xb005}, exits)
+}

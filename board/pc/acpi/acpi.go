@@ -91,6 +91,9 @@ const (
 	mpCPUEnabled    = 1 << 0
 )
 
+// ErrNoRSDP is returned where the BIOS areas hold no ACPI RSDP.
+var ErrNoRSDP = errors.New("acpi: no ACPI RSDP")
+
 // ErrNoTables is returned when the firmware offers neither a MADT nor an
 // MP table.
 var ErrNoTables = errors.New("acpi: no ACPI MADT and no MP table")
@@ -223,7 +226,7 @@ func findRSDP(m PhysRW, at uint64) ([]byte, error) {
 		}
 	}
 	if !ok {
-		return nil, errors.New("acpi: no ACPI RSDP")
+		return nil, ErrNoRSDP
 	}
 	b := make([]byte, 36)
 	if err := m.ReadPhys(pa, b); err != nil {
