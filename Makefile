@@ -107,6 +107,10 @@ payload: deps-iso
 	cp /bin/busybox $(PAYLOAD)/root/bin/busybox
 	@mkdir -p $(PAYLOAD)/root/lib/modules
 	find $(PAYLOAD)/deb/x/lib/modules \( -name zsmalloc.ko -o -name zram.ko -o -name efivarfs.ko \) -exec cp {} $(PAYLOAD)/root/lib/modules/ \;
+	@# The drivers an installed system's initramfs has to mount its root
+	@# file system from a disk (SATA, IDE, ext4), for root= boots.
+	sh qemu/guest/modules.sh $(PAYLOAD)/deb/x/lib/modules $(PAYLOAD)/root/lib/modules/$$(ls $(PAYLOAD)/deb/x/lib/modules) \
+		ata_piix ahci ata_generic sd_mod ext4 crc32c_generic crct10dif_generic crc64_rocksoft_generic
 	cp qemu/guest/init $(PAYLOAD)/root/init
 	@$(MAKE) --no-print-directory kmod
 	GOOS=linux GOARCH=amd64 CGO_ENABLED=0 $(GO) build -trimpath -o $(PAYLOAD)/root/bin/hvguest ./cmd/hvguest

@@ -369,8 +369,10 @@ func TestBochsUEFI(t *testing.T) {
 // finds the root file system by its UUID and reads the configuration
 // install/42_tamahv made, whose tamahv entry is the default for this boot
 // (as make try would choose it). tamahv runs under VMX and starts the
-// guest with the command line the entry gives (root=UUID=… ro), up to the
-// guest's init.
+// guest with the command line the entry gives (root=UUID=… ro). The
+// guest's initramfs loads the disk and ext4 drivers, mounts the root file
+// system by its UUID and hands over to the system on it, whose init asks
+// tamahv who it is.
 func TestBochsInstalledDisk(t *testing.T) {
 	isoForMB2(t) // builds the image and the payload
 	needEmulator(t, Bochs)
@@ -386,14 +388,22 @@ func TestBochsInstalledDisk(t *testing.T) {
 		Version: version, Script: "../install/42_tamahv", UUID: uuid,
 		Settings: "TAMAHV_OPTIONS=\"hc.ring3=secret,bpfault swap.deadline=5s log.alive=10s\"\n" +
 			"TAMAHV_GUEST_CMDLINE=\"console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1\"\n"}
+	var err error
+	d.Files, err = GuestRoot("../build/payload/root/bin/busybox", "../build/payload/root/bin/hvguest", uuid)
+	require.NoError(t, err)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "disk.img")
 	id, err := d.Build(dir, disk)
 	require.NoError(t, err)
 	t.Logf("disk image with the entry %s", id)
+	var identified bool
 	res := bootUntil(t, Config{Emulator: Bochs, Disk: disk, UEFI: true, Timeout: 20 * time.Minute},
 		func(l string) bool {
-			return strings.HasPrefix(l, GuestPrefix+"guest: init started") || l == "tamahv: halted"
+			// The guest's init from the root disk asks tamahv who it is.
+			identified = identified || strings.HasPrefix(l, GuestPrefix+"guest: running from the root disk")
+			return identified && strings.HasPrefix(l, GuestPrefix+"hvguest: ") || l == "tamahv: halted" ||
+				strings.HasPrefix(l, GuestPrefix+"guest: root ") && strings.Contains(l, " not mounted") ||
+				l == GuestPrefix+"guest: no /sbin/init on the root file system"
 		})
 	t.Logf("tamahv:\n%s", res.Serial())
 	for _, want := range []string{"tamahv: boot protocol Multiboot2 on UEFI firmware", "tamahv: guest started"} {
@@ -407,6 +417,18 @@ func TestBochsInstalledDisk(t *testing.T) {
 	if assert.True(t, ok, "the guest's init did not start; guest console:\n%s", tail(res.GuestSerial(), 40)) {
 		t.Logf("figures: boot from the installed disk to the guest's init on UEFI: %v of wall time (%s)", at.Round(time.Second), l)
 	}
+	// Its initramfs mounted the root file system by its UUID, from the
+	// disk, and handed over to the system there.
+	l, _, ok = res.GuestLine("guest: root UUID=" + uuid + " mounted from ")
+	assert.True(t, ok, "the root file system was not mounted; guest console:\n%s", tail(res.GuestSerial(), 40))
+	t.Log(l)
+	l, at, ok = res.GuestLine("guest: running from the root disk: ")
+	if assert.True(t, ok, "the guest did not run from its root disk") {
+		assert.Regexp(t, `^guest: running from the root disk: tamahv's test disk, root file system UUID=`+uuid+`, / is /dev/sd[a-z]2 ext4 ro,`, l)
+		t.Logf("figures: boot from the installed disk to the system on its root file system: %v of wall time", at.Round(time.Second))
+	}
+	l, _, _ = res.GuestLine("hvguest: ")
+	assert.Equal(t, "hvguest: running under tamahv, hypercall interface version 1", l, "tamahv answers the system on the disk")
 }
 
 // TestBochsModels boots every Bochs CPU model tamahv supports, with its

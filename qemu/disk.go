@@ -26,6 +26,17 @@ type Disk struct {
 	Cmdline string
 	// UUID is the root file system's.
 	UUID string
+	// Files are more files for the root file system (beside /boot), each
+	// with its path there, contents and mode; the directories /dev, /proc
+	// and /sys are made as mount points.
+	Files []DiskFile
+}
+
+// DiskFile is a file of a disk image's root file system.
+type DiskFile struct {
+	Path string
+	Data []byte
+	Mode os.FileMode
 }
 
 // Partition sizes, in 512-byte sectors.
@@ -76,6 +87,20 @@ func (d *Disk) Build(dir, out string) (string, error) {
 		{d.Kernel, "vmlinuz-" + d.Version}, {d.Initrd, "initrd.img-" + d.Version}, {d.Image, "tamahv/tamahv.elf"},
 	} {
 		if err := copyFile(f.src, filepath.Join(boot, f.dst)); err != nil {
+			return "", err
+		}
+	}
+	for _, d := range []string{"dev", "proc", "sys"} {
+		if err := os.MkdirAll(filepath.Join(tree, d), 0o755); err != nil {
+			return "", err
+		}
+	}
+	for _, f := range d.Files {
+		p := filepath.Join(tree, filepath.Clean("/"+f.Path))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(p, f.Data, f.Mode); err != nil {
 			return "", err
 		}
 	}
@@ -175,4 +200,39 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	return os.WriteFile(dst, b, 0o644)
+}
+
+// guestRootInit is /sbin/init of the test guest's root file system: it
+// says that the guest runs from its root disk, asks tamahv who it is, and
+// powers the machine off. Its file system is read-only: busybox is called
+// by name.
+const guestRootInit = `#!/bin/busybox sh
+# /sbin/init of tamahv's test disk (qemu.GuestRoot): the guest's root file
+# system, mounted from the disk by its initramfs.
+bb=/bin/busybox
+echo "guest: running from the root disk: $($bb cat /etc/tamahv-disk), / is $($bb awk '$2 == "/" { d = $1 " " $3 " " $4 } END { print d }' /proc/mounts)"
+/bin/hvguest identify
+$bb sleep 1
+$bb poweroff -f
+`
+
+// GuestRoot returns the files of the test guest's root file system (for
+// Disk.Files): busybox and hvguest from the paths given, an /sbin/init
+// that reports it runs from the disk, asks tamahv who it is and powers off,
+// and /etc/tamahv-disk naming the file system by its UUID.
+func GuestRoot(busybox, hvguest, uuid string) ([]DiskFile, error) {
+	bb, err := os.ReadFile(busybox)
+	if err != nil {
+		return nil, err
+	}
+	hg, err := os.ReadFile(hvguest)
+	if err != nil {
+		return nil, err
+	}
+	return []DiskFile{
+		{Path: "bin/busybox", Data: bb, Mode: 0o755},
+		{Path: "bin/hvguest", Data: hg, Mode: 0o755},
+		{Path: "sbin/init", Data: []byte(guestRootInit), Mode: 0o755},
+		{Path: "etc/tamahv-disk", Data: []byte("tamahv's test disk, root file system UUID=" + uuid + "\n"), Mode: 0o644},
+	}, nil
 }

@@ -1,8 +1,9 @@
 // Command tamahv-disk writes a disk image laid out as an installed Debian
 // that boots on UEFI (qemu.Disk): an EFI system partition with GRUB EFI,
 // and an ext4 root file system whose /boot holds the kernel, its
-// initramfs, tamahv and the configuration install/42_tamahv makes. It needs
-// no root. make disk uses it; boot the result with tamahv-run -uefi -disk.
+// initramfs, tamahv and the configuration install/42_tamahv makes, and a
+// small system (busybox, hvguest, an /sbin/init) that the guest runs from
+// the disk once its initramfs mounted it. It needs no root. make disk uses it; boot the result with tamahv-run -uefi -disk.
 //
 // Usage:
 //
@@ -27,6 +28,8 @@ func main() {
 	settings := flag.String("settings", "install/default", "the settings file (/etc/default/tamahv)")
 	flag.StringVar(&d.Cmdline, "cmdline", "", "GRUB_CMDLINE_LINUX: the kernel command line of the system's own entries")
 	flag.StringVar(&d.UUID, "uuid", "2a4e2d1f-7a11-4b2b-9c55-1d0e6b0ca5e7", "the root file system's UUID")
+	busybox := flag.String("busybox", "build/payload/root/bin/busybox", "busybox, for the root file system's /sbin/init")
+	hvguest := flag.String("hvguest", "build/payload/root/bin/hvguest", "hvguest, for the root file system")
 	flag.Parse()
 	if flag.NArg() != 1 || d.Version == "" {
 		fmt.Fprintln(os.Stderr, "usage: tamahv-disk [flags] -version VERSION disk.img")
@@ -43,6 +46,10 @@ func main() {
 		os.Exit(1)
 	}
 	d.Settings = string(b)
+	if d.Files, err = qemu.GuestRoot(*busybox, *hvguest, d.UUID); err != nil {
+		fmt.Fprintln(os.Stderr, "tamahv-disk:", err)
+		os.Exit(1)
+	}
 	work, err := os.MkdirTemp("", "tamahv-disk-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tamahv-disk:", err)
