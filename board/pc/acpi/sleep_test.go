@@ -37,9 +37,9 @@ func fadt(pm1a, pm1b uint32, xa [2]uint64, flags uint32, sleepCtl [2]uint64) []b
 	at(fadtPM1CntLen)[0] = 2
 	le.PutUint32(at(fadtFlags), flags)
 	at(fadtXPM1aCnt)[0] = byte(xa[0])
-	le.PutUint64(at(fadtXPM1aCnt + 4), xa[1])
+	le.PutUint64(at(fadtXPM1aCnt+4), xa[1])
 	at(fadtSleepControl)[0] = byte(sleepCtl[0])
-	le.PutUint64(at(fadtSleepControl + 4), sleepCtl[1])
+	le.PutUint64(at(fadtSleepControl+4), sleepCtl[1])
 	return sdt("FACP", body)
 }
 
