@@ -40,7 +40,7 @@ PKGS_TEST  := binutils
 # UEFI as well) and the OVMF firmware the UEFI tests boot with.
 PKGS_UEFI  := grub-efi-amd64-bin ovmf fdisk e2fsprogs
 
-.PHONY: kmod e2e-smp iso-smp iso-mb2 iso-fallback deps-uefi disk preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
+.PHONY: kmod e2e-smp iso-smp iso-mb2 iso-fallback iso-console deps-uefi disk preflight install uninstall try iso-park iso-cases e2e-swapmem iso-native e2e-overhead payload all image iso run test check host-test e2e-models fuzz deps-iso deps-bochs deps-qemu deps-test tamago-dist clean
 
 all: iso
 
@@ -200,6 +200,13 @@ iso-fallback: iso
 	@rm -rf $(BUILD)/iso-fallback && cp -r $(BUILD)/iso $(BUILD)/iso-fallback
 	cp qemu/grub-fallback.cfg $(BUILD)/iso-fallback/boot/grub/grub.cfg
 	grub-mkrescue -o $(BUILD)/fallback.iso $(BUILD)/iso-fallback 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
+
+# The Multiboot2 ISO whose tamahv keeps COM2 for its console (console=com2):
+# the guest's kernel, booted natively under QEMU TCG, gets COM1.
+iso-console: iso
+	@rm -rf $(BUILD)/iso-console && cp -r $(BUILD)/iso $(BUILD)/iso-console
+	cp qemu/grub-console.cfg $(BUILD)/iso-console/boot/grub/grub.cfg
+	grub-mkrescue -o $(BUILD)/console.iso $(BUILD)/iso-console 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
 # The tamahv ISO that keeps the application processors parked and hidden
 # (smp.park on tamahv's command line).

@@ -55,7 +55,8 @@ func isoForFallback(t *testing.T) string {
 	return builtISO(t, "../build/fallback.iso")
 }
 
-// builtISO builds the test ISOs once (make iso iso-smp iso-mb2 iso-fallback), or skips the test
+// builtISO builds the test ISOs once (make iso iso-smp iso-mb2
+// iso-fallback iso-console), or skips the test
 // saying why they cannot be built here, and returns path's absolute form.
 func builtISO(t *testing.T, path string) string {
 	t.Helper()
@@ -63,10 +64,10 @@ func builtISO(t *testing.T, path string) string {
 		t.Skip("image tests skipped: " + why)
 	}
 	buildOnce.Do(func() {
-		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp", "iso-mb2", "iso-fallback")
+		cmd := exec.Command("make", "-C", "..", "iso", "iso-smp", "iso-mb2", "iso-fallback", "iso-console")
 		buildOut, buildErr = cmd.CombinedOutput()
 	})
-	require.NoError(t, buildErr, "make iso iso-smp iso-mb2 iso-fallback:\n%s", buildOut)
+	require.NoError(t, buildErr, "make iso iso-smp iso-mb2 iso-fallback iso-console:\n%s", buildOut)
 	iso, err := filepath.Abs(path)
 	require.NoError(t, err)
 	t.Logf("the guest kernel: %s", guestKernel())
@@ -319,6 +320,26 @@ func checkS3Refused(t *testing.T, res *Result) {
 	assert.Equal(t, "tamahv: ACPI sleep refused: SLP_TYP 1 (S3) at port 0xb004 (1 so far)", l)
 }
 
+// TestTCGConsoleOnCOM2 boots tamahv with console=com2 under QEMU TCG
+// (SeaBIOS): its lines arrive on COM2, and the kernel it then boots
+// natively, with tamahv's default guest command line, writes to COM1.
+func TestTCGConsoleOnCOM2(t *testing.T) {
+	iso := builtISO(t, "../build/console.iso")
+	needEmulator(t, TCG)
+	res := bootUntil(t, Config{Emulator: TCG, ISO: iso, Timeout: 3 * time.Minute},
+		func(l string) bool { return strings.Contains(l, "Kernel command line: ") && !strings.HasPrefix(l, GuestPrefix) })
+	t.Logf("COM2:\n%s", res.GuestSerial())
+	l, _, ok := res.GuestLine("tamahv: console on port ")
+	assert.True(t, ok, "tamahv's lines on COM2")
+	assert.Equal(t, "tamahv: console on port 0x2f8; the guest's default console is console=ttyS0,115200", l)
+	_, _, ok = res.GuestLine("tamahv: booting the kernel natively")
+	assert.True(t, ok)
+	for _, l := range res.Lines {
+		assert.False(t, strings.HasPrefix(l, "tamahv"), "tamahv wrote to COM1: %q", l)
+	}
+	assert.Contains(t, res.Matched, "Kernel command line: console=ttyS0,115200 earlyprintk=serial,ttyS0,115200", "the kernel's console on COM1")
+}
+
 // grepLines returns the lines that contain s.
 func grepLines(lines []string, s string) []string {
 	var out []string
@@ -559,6 +580,11 @@ func TestBochsLinuxGuest(t *testing.T) {
 		})
 	}
 	t.Run("S3 refused", func(t *testing.T) { checkS3Refused(t, res) })
+	t.Run("memory types", func(t *testing.T) {
+		l, _ := lineWith(res.Lines, "tamahv: memory types ")
+		assert.Regexp(t, `^tamahv: memory types of the guest's non-RAM follow the MTRRs: (off|default (UC|WC|WT|WP|WB))`, l)
+		t.Log(l)
+	})
 	t.Run("adversary kernel", func(t *testing.T) {
 		if !withModule {
 			t.Skip("kernel attacks skipped: " + why)

@@ -17,17 +17,12 @@ import (
 	"github.com/tamahv/tamahv/board/pc/multiboot2"
 )
 
-// Serial ports.
-const (
-	COM1 = 0x3f8
-	COM2 = 0x2f8
-)
-
 // The board's devices.
 var (
 	// AMD64 is the bootstrap processor.
 	AMD64 = &amd64.CPU{TimerMultiplier: 1}
-	// UART0 is tamahv's console on COM1.
+	// UART0 is tamahv's console: COM1 unless console= picks another
+	// port (SetConsole).
 	UART0 = &uart.UART{Index: 1, Base: COM1}
 )
 
@@ -119,6 +114,13 @@ func TSC() uint64 { return rdtsc() }
 // TSCHzSource returns the TSC frequency in use and how it was found
 // ("CPUID.15H", "PIT" or "assumed").
 func TSCHzSource() (uint64, string) { return tscHz, tscSource }
+
+// SetConsole moves tamahv's console to the UART at base and sets it up.
+// Call it before any goroutine but the caller prints.
+func SetConsole(base uint16) {
+	UART0.Base = base
+	UART0.Init()
+}
 
 // Halt stops the processor for good.
 func Halt() { haltForever() }

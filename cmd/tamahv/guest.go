@@ -15,21 +15,36 @@ import (
 	"github.com/tamahv/tamahv/board/pc/efi"
 	"github.com/tamahv/tamahv/board/pc/multiboot2"
 	"github.com/tamahv/tamahv/board/pc/smp"
+	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
 	"github.com/tamahv/tamahv/hv/linux"
 	"github.com/tamahv/tamahv/hv/machine"
 	"github.com/tamahv/tamahv/vmx"
 )
 
-// The guest's serial console is COM2; tamahv keeps COM1.
-const guestCmdline = "console=ttyS1,115200 earlyprintk=serial,ttyS1,115200 panic=-1"
+// guestCmdline is the guest's default command line: its serial console is
+// COM2 where tamahv keeps COM1 (the default), else COM1.
+func guestCmdline(tamahvConsole uint16) string {
+	tty := "ttyS1"
+	if tamahvConsole == pc.COM2 {
+		tty = "ttyS0"
+	}
+	return fmt.Sprintf("console=%s,115200 earlyprintk=serial,%s,115200 panic=-1", tty, tty)
+}
+
+// consolePort is tamahv's console port, from console= on its command line
+// (COM1 where that is missing or bad; main reports a bad one).
+func consolePort(info *bootinfo.Info) uint16 {
+	p, _ := pc.ConsolePort(info.Cmdline)
+	return p
+}
 
 // modules finds the kernel and the initramfs among the boot modules: the
 // kernel is the first module that is a bzImage (linux.IsBzImage), whatever
 // its name; the words after its name, if any, replace the default guest
 // command line. Every other module is a part of the initramfs, in order.
 func modules(info *bootinfo.Info) (kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string) {
-	cmdline = guestCmdline
+	cmdline = guestCmdline(consolePort(info))
 	for i := range info.Modules {
 		m := &info.Modules[i]
 		if kernel == nil && m.End > m.Start && linux.IsBzImage(pc.PhysMem{}, m.Start, m.End-m.Start) {
@@ -80,7 +95,7 @@ func guestMemory(info *bootinfo.Info) []e820.Entry {
 // the EFI system table and memory map, and the framebuffer.
 func guestConfig(info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string) machine.Config {
 	c := machine.Config{
-		Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{pc.COM1, pc.COM1 + 7},
+		Own: [2]uint64{pc.RAMStart, pc.RAMEnd}, Console: [2]uint16{consolePort(info), consolePort(info) + 7},
 		Kernel: [2]uint64{kernel.Start, kernel.End - kernel.Start}, Cmdline: cmdline, Options: info.Cmdline, Log: os.Stdout,
 		RSDP: rsdp,
 	}
@@ -123,6 +138,7 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (*machine.Machine, error) {
 	c := guestConfig(info, memory, rsdp, kernel, initrds, cmdline)
 	c.Caps = caps
+	c.MTRRs = hostMTRRs()
 	// apic.trapinit=auto traps the local APIC's writes on Bochs itself,
 	// which the ACPI tables' OEM ID tells (with the processor's
 	// hypervisor bit, which the machine reads): no tables, no Bochs.
@@ -218,4 +234,21 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 		g = append(g, hv.PortGuard{First: r[0], Last: r[1], Refuse: refuse})
 	}
 	return g
+}
+
+// hostMTRRs reads the processor's MTRRs (nil where CPUID.1:EDX.MTRR[12]
+// says it has none: their MSRs would fault).
+func hostMTRRs() *ept.MTRRs {
+	hw := pc.Hardware{}
+	if _, _, _, edx := hw.CPUID(1, 0); edx&(1<<12) == 0 {
+		return nil
+	}
+	bits := uint(36)
+	if top, _, _, _ := hw.CPUID(0x80000000, 0); top >= 0x80000008 {
+		if a, _, _, _ := hw.CPUID(0x80000008, 0); a&0xff != 0 {
+			bits = uint(a & 0xff)
+		}
+	}
+	m := ept.ReadMTRRs(hw.ReadMSR, bits)
+	return &m
 }

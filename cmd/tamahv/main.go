@@ -5,6 +5,7 @@
 // and runs the Linux kernel it finds among the Multiboot modules as its
 // guest, with swapmem serving the guest's swap-read hypercalls. Its own
 // command line takes hc.ring3= (the default policy's grants to ring 3),
+// console= (pc.ConsolePort: the serial port of tamahv's console),
 // swap.deadline=, log.alive=, smp.kickcheck=, apic.trapinit= and
 // fallback= (machine.ParseOptions; fallback=native boots the guest's
 // kernel natively where tamahv cannot run it), smp.park (the application
@@ -56,12 +57,22 @@ var Version = "dev"
 var vmxonRegion []byte
 
 func main() {
+	// The boot information is copied out first, before anything of
+	// tamahv's writes low memory; its console= picks the console.
+	info, infoErr := pc.BootInfo()
+	var consoleErr error
+	if infoErr == nil {
+		var port uint16
+		if port, consoleErr = pc.ConsolePort(info.Cmdline); port != pc.COM1 {
+			pc.SetConsole(port)
+		}
+	}
 	fmt.Printf("tamahv %s: thin VT-x hypervisor (%s, %s)\n", Version, runtime.Version(), pc.AMD64.Name())
+	if consoleErr != nil {
+		fmt.Printf("tamahv: %v; the console stays on COM1\n", consoleErr)
+	}
 	hz, src := pc.TSCHzSource()
 	fmt.Printf("tamahv: TSC %d.%03d MHz (%s)\n", hz/1e6, hz/1e3%1e3, src)
-	// The boot information is copied out first, before anything of
-	// tamahv's writes low memory.
-	info, infoErr := pc.BootInfo()
 	reportBoot(info, infoErr)
 	var rsdp uint64
 	var rsdpErr error
@@ -243,4 +254,6 @@ func reportBoot(info *bootinfo.Info, err error) {
 		info.LoaderName, info.Cmdline, avail>>20, len(info.MemoryMap), len(info.Modules))
 	fmt.Printf("tamahv: boot protocol %v on %v firmware\n", info.Protocol, info.Firmware())
 	fmt.Printf("tamahv: own region %#x-%#x\n", uint64(pc.RAMStart), uint64(pc.RAMEnd))
+	port, _ := pc.ConsolePort(info.Cmdline)
+	fmt.Printf("tamahv: console on port %#x; the guest's default console is %s\n", port, strings.Fields(guestCmdline(port))[0])
 }

@@ -62,7 +62,7 @@ func newArenaGuest(t *testing.T, log *[]string) (*testGuest, *stackArena) {
 	e, err := ept.New(a, ept.Options{})
 	require.NoError(t, err)
 	mm := append(append([]hv.E820Entry{}, machineMap...), hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
-	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA))
+	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA, nil))
 	g := &testGuest{mem: frameMem{}, ept: e, next: 0x200000}
 	g.phys = &GuestPhys{Mem: g.mem, EPT: e, Hole: [2]uint64{holeStart, holeEnd}, Invalidate: func() {
 		g.flushes++

@@ -102,7 +102,7 @@ func newTestGuest(t testing.TB, o ept.Options) *testGuest {
 	e, err := ept.New(g.tables, o)
 	require.NoError(t, err)
 	mm := append(append([]hv.E820Entry{}, machineMap...), hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
-	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA))
+	require.NoError(t, MapGuest(e, mm, [2]uint64{holeStart, holeEnd}, sinkPA, nil))
 	g.ept = e
 	g.phys = &GuestPhys{Mem: g.mem, EPT: e, Hole: [2]uint64{holeStart, holeEnd}, Invalidate: func() { g.flushes++ }}
 	g.cr3 = g.frame()

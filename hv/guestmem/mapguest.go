@@ -9,11 +9,12 @@ import (
 )
 
 // MapGuest maps guest-physical memory one to one in e: the whole first 4
-// GiB (RAM write-back; MMIO, firmware and holes uncached) and the RAM
-// above. The hole (tamahv's own memory, 2 MiB aligned) is not the guest's:
-// each 2 MiB of it maps to the same 2 MiB sink, so the guest can neither
-// read nor write a byte of tamahv.
-func MapGuest(e *ept.EPT, mm []hv.E820Entry, hole [2]uint64, sink uint64) error {
+// GiB (RAM write-back; MMIO, firmware and holes of the memory type the
+// host's MTRRs give them, uncached where types is nil) and the RAM above.
+// The hole (tamahv's own memory, 2 MiB aligned) is not the guest's: each 2
+// MiB of it maps to the same 2 MiB sink, so the guest can neither read
+// nor write a byte of tamahv.
+func MapGuest(e *ept.EPT, mm []hv.E820Entry, hole [2]uint64, sink uint64, types *ept.MTRRs) error {
 	if hole[0]%ept.Size2M != 0 || hole[1]%ept.Size2M != 0 || sink%ept.Size2M != 0 {
 		return fmt.Errorf("hv: hole %#x-%#x and sink %#x must be 2 MiB aligned", hole[0], hole[1], sink)
 	}
@@ -43,13 +44,25 @@ func MapGuest(e *ept.EPT, mm []hv.E820Entry, hole [2]uint64, sink uint64) error 
 			continue
 		}
 		if r.start > cur && cur < low {
-			spans = append(spans, span{cur, min(r.start, low), ept.Uncacheable})
+			gaps, err := memTypes(types, cur, min(r.start, low))
+			if err != nil {
+				return err
+			}
+			for _, g := range gaps {
+				spans = append(spans, span{g.Start, g.End, g.Type})
+			}
 		}
 		spans = append(spans, r)
 		cur = r.end
 	}
 	if cur < low {
-		spans = append(spans, span{cur, low, ept.Uncacheable})
+		gaps, err := memTypes(types, cur, low)
+		if err != nil {
+			return err
+		}
+		for _, g := range gaps {
+			spans = append(spans, span{g.Start, g.End, g.Type})
+		}
 	}
 	for _, s := range spans {
 		for _, piece := range cut(s.start, s.end, hole) {
@@ -83,3 +96,12 @@ func cut(start, end uint64, hole [2]uint64) [][2]uint64 {
 
 // overlaps reports whether [a, a+an) and [b, b+bn) share a byte.
 func overlaps(a, an, b, bn uint64) bool { return an > 0 && bn > 0 && a < b+bn && b < a+an }
+
+// memTypes splits [start, end), which holds no RAM, into the spans of one
+// memory type the MTRRs give it: uncached where types is nil.
+func memTypes(types *ept.MTRRs, start, end uint64) ([]ept.Span, error) {
+	if types == nil {
+		return []ept.Span{{Start: start, End: end, Type: ept.Uncacheable}}, nil
+	}
+	return types.Spans(start, end)
+}

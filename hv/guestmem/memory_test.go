@@ -37,7 +37,7 @@ func TestMapGuest(t *testing.T) {
 	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x1000000}, ept.Options{Pages1G: true})
 	require.NoError(t, err)
 	mm := append(machineMap, hv.E820Entry{Addr: 0x100000000, Size: 0x40000000, Type: hv.E820RAM})
-	require.NoError(t, MapGuest(e, mm, [2]uint64{0x10000000, 0x18000000}, 0x12000000))
+	require.NoError(t, MapGuest(e, mm, [2]uint64{0x10000000, 0x18000000}, 0x12000000, nil))
 	for _, c := range []struct {
 		gpa, hpa uint64
 		mt       ept.MemType
@@ -64,7 +64,41 @@ func TestMapGuest(t *testing.T) {
 	}
 	_, _, _, _, ok := e.Lookup(0x140000000)
 	assert.False(t, ok, "no RAM there")
-	assert.Error(t, MapGuest(e, mm, [2]uint64{0x10001000, 0x18000000}, 0))
+	assert.Error(t, MapGuest(e, mm, [2]uint64{0x10001000, 0x18000000}, 0, nil))
+}
+
+// With the host's MTRRs, the guest's non-RAM takes their types (RAM stays
+// write-back whatever they say).
+func TestMapGuestFollowsTheMTRRs(t *testing.T) {
+	e, err := ept.New(&mapTables{pages: map[uint64]*[512]uint64{}, next: 0x1000000}, ept.Options{Pages1G: true})
+	require.NoError(t, err)
+	types := &ept.MTRRs{Enabled: true, Default: ept.WriteBack, FixedOn: true, Variable: []ept.VariableMTRR{
+		{Base: 0xc0000000, Mask: ^uint64(1<<30 - 1), Type: ept.Uncacheable},
+		{Base: 0x800000000, Mask: ^uint64(1<<30 - 1), Type: ept.WriteCombine},
+	}}
+	for i := range types.Fixed {
+		types.Fixed[i] = ept.WriteBack
+	}
+	for i := 16; i < 24; i++ {
+		types.Fixed[i] = ept.Uncacheable // 0xa0000-0xbffff
+	}
+	for i := 24; i < 88; i++ {
+		types.Fixed[i] = ept.WriteProtect // 0xc0000-0xfffff
+	}
+	types.Fixed[0] = ept.WriteThrough // 0-0xffff: RAM, which stays WB
+	require.NoError(t, MapGuest(e, machineMap, [2]uint64{0x10000000, 0x18000000}, 0x12000000, types))
+	for gpa, want := range map[uint64]ept.MemType{
+		0x1000:     ept.WriteBack,    // RAM
+		0x9f000:    ept.WriteBack,    // the EBDA's page: not RAM, the MTRRs say WB
+		0xb8000:    ept.Uncacheable,  // VGA
+		0xf0000:    ept.WriteProtect, // the BIOS
+		0x3fff0000: ept.WriteBack,    // ACPI tables
+		0xfee00000: ept.Uncacheable,  // local APIC
+	} {
+		_, _, mt, _, ok := e.Lookup(gpa)
+		require.True(t, ok, "%#x", gpa)
+		assert.Equal(t, want, mt, "%#x", gpa)
+	}
 }
 
 var machineMap = []hv.E820Entry{

@@ -13,7 +13,8 @@ import (
 //
 //   - Guest-physical memory MapGuest left unmapped (above 4 GiB and not
 //     RAM: a 64-bit PCI BAR, or nothing at all) is mapped one to one,
-//     uncached, on first touch, as everything below 4 GiB that is not RAM
+//     of the memory type the host's MTRRs give it (Types; uncached
+//     without), on first touch, as everything below 4 GiB that is not RAM
 //     already is: a device answers as on bare hardware, and where there is
 //     none the platform does (reads all ones, writes dropped). The guest
 //     owns the machine's devices already; tamahv's memory is below 4 GiB
@@ -40,6 +41,9 @@ type Unmapped struct {
 	Hole [2]uint64
 	// Invalidate flushes EPT-derived translations (INVEPT).
 	Invalidate func()
+	// Types are the host's MTRRs, whose memory types the regions mapped
+	// on first touch take (nil: uncached).
+	Types *ept.MTRRs
 
 	// Mapped counts the regions mapped on first touch; Fetches the
 	// fetches from tamahv's region answered with #UD.
@@ -63,8 +67,14 @@ func (u *Unmapped) onViolation(v *hv.VCPU, e *vmx.Exit, next hv.Handler) (hv.Act
 		if base < u.Hole[1] && u.Hole[0] < base+s {
 			break // never: the hole is mapped to the sink
 		}
-		if err := u.EPT.Map(base, base, s, ept.RWX, ept.Uncacheable); err != nil {
-			return hv.Stop, fmt.Errorf("%w: mapping unbacked guest-physical %#x+%#x: %v", hv.ErrFatalExit, base, s, err)
+		spans, err := memTypes(u.Types, base, base+s)
+		if err != nil {
+			return hv.Stop, fmt.Errorf("%w: the memory types of guest-physical %#x+%#x: %v", hv.ErrFatalExit, base, s, err)
+		}
+		for _, sp := range spans {
+			if err := u.EPT.Map(sp.Start, sp.Start, sp.End-sp.Start, ept.RWX, sp.Type); err != nil {
+				return hv.Stop, fmt.Errorf("%w: mapping unbacked guest-physical %#x+%#x: %v", hv.ErrFatalExit, base, s, err)
+			}
 		}
 		u.Mapped++
 		u.flush()

@@ -21,7 +21,7 @@ func unmappedGuest(t *testing.T, steps []vcputest.Step) (*hv.VCPU, *ept.EPT, *Un
 	require.NoError(t, err)
 	hole := [2]uint64{0x10000000, 0x18000000}
 	mm := append(machineMap, hv.E820Entry{Addr: 0x100000000, Size: 0x40201000, Type: hv.E820RAM})
-	require.NoError(t, MapGuest(e, mm, hole, 0x12000000))
+	require.NoError(t, MapGuest(e, mm, hole, 0x12000000, nil))
 	v, _ := vcputest.Scripted(t, steps)
 	u := &Unmapped{EPT: e, Hole: hole}
 	require.NoError(t, u.Install(v))
@@ -118,4 +118,30 @@ func TestUnmappedAnswersWhatTheWatcherPassesOn(t *testing.T) {
 	require.NoError(t, v.Run())
 	assert.Zero(t, g.Stale, "not taken for a stale protection")
 	assert.Equal(t, uint64(1), u.Mapped)
+}
+
+// With the host's MTRRs, a region mapped on first touch takes their
+// types: a 1 GiB region holding a WC range and WB around it is mapped in
+// spans of each.
+func TestUnmappedTakesTheMTRRsTypes(t *testing.T) {
+	var e *ept.EPT
+	typed := func(gpa uint64, want ept.MemType) func(t *testing.T, v *hv.VCPU) {
+		return func(t *testing.T, v *hv.VCPU) {
+			_, _, mt, _, ok := e.Lookup(gpa)
+			require.True(t, ok, "%#x mapped", gpa)
+			assert.Equal(t, want, mt, "%#x", gpa)
+		}
+	}
+	steps := []vcputest.Step{
+		violation(0x8_0000_1008, qRead, typed(0x8_0000_1008, ept.WriteCombine)),
+		violation(0x8_0020_0000, qRead, typed(0x8_0020_0000, ept.WriteBack)), // mapped with the first
+		violation(0x9_0000_0000, qWrite, typed(0x9_0000_0000, ept.WriteBack)),
+	}
+	v, ee, u := unmappedGuest(t, steps)
+	e = ee
+	u.Types = &ept.MTRRs{Enabled: true, Default: ept.WriteBack, Variable: []ept.VariableMTRR{
+		{Base: 0x8_0000_0000, Mask: ^uint64(1<<21 - 1), Type: ept.WriteCombine},
+	}}
+	require.NoError(t, v.Run())
+	assert.Equal(t, uint64(2), u.Mapped, "two regions mapped on first touch")
 }

@@ -100,6 +100,9 @@ type Config struct {
 	Own [2]uint64
 	// Console are the first and last I/O ports tamahv keeps (0, 0: none).
 	Console [2]uint16
+	// MTRRs are the host's memory type range registers: the guest's
+	// non-RAM gets the memory types they give (nil: uncached).
+	MTRRs *ept.MTRRs
 	// PortGuards check the guest's writes to their ports (the ACPI sleep
 	// registers, whose sleep states the firmware resumes from outside
 	// tamahv).
@@ -399,7 +402,15 @@ func (m *Machine) mapGuest(c *Config) error {
 	if err != nil {
 		return fmt.Errorf("machine: the sink: %w", err)
 	}
-	if err := guestmem.MapGuest(m.EPT, c.E820, c.Own, sink); err != nil {
+	if c.MTRRs != nil {
+		if _, err := c.MTRRs.Spans(0, 1<<32); err != nil {
+			fmt.Fprintf(m.log, "tamahv: memory types: %v; the guest's non-RAM is uncached\n", err)
+			c.MTRRs = nil
+		} else {
+			fmt.Fprintf(m.log, "tamahv: memory types of the guest's non-RAM follow the MTRRs: %v\n", c.MTRRs)
+		}
+	}
+	if err := guestmem.MapGuest(m.EPT, c.E820, c.Own, sink, c.MTRRs); err != nil {
 		return err
 	}
 	m.eptp = m.EPT.Pointer(false)
@@ -507,7 +518,7 @@ func (m *Machine) guestMemory(c *Config, naps int) (*guestmem.Unmapped, error) {
 	m.Phys = &guestmem.GuestPhys{Mem: b, EPT: m.EPT, Hole: c.Own, Invalidate: invalidate,
 		Invalidated: func() bool { _, stuck := m.Shootdown.Stuck(); return !stuck }}
 	// Unmapped answers what the handlers installed after it pass on.
-	unmapped := &guestmem.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate}
+	unmapped := &guestmem.Unmapped{EPT: m.EPT, Hole: c.Own, Invalidate: invalidate, Types: c.MTRRs}
 	m.Watcher = guestmem.NewWatcher(m.Phys, 0)
 	// The address-space tracker keeps the walker's paging mode the
 	// guest's (5-level paging, XD), whoever starts a walk.

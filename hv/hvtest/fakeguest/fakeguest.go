@@ -135,7 +135,7 @@ func New(t testing.TB, o ept.Options) *Guest {
 	g := &Guest{Mem: Frames{}, Tables: &Tables{Pages: map[uint64]*[512]uint64{}, Next: 0x80_0000_0000}, Next: 0x200000}
 	e, err := ept.New(g.Tables, o)
 	require.NoError(t, err)
-	require.NoError(t, guestmem.MapGuest(e, Map, [2]uint64{HoleStart, HoleEnd}, SinkPA))
+	require.NoError(t, guestmem.MapGuest(e, Map, [2]uint64{HoleStart, HoleEnd}, SinkPA, nil))
 	g.EPT = e
 	g.Phys = &guestmem.GuestPhys{Mem: g.Mem, EPT: e, Hole: [2]uint64{HoleStart, HoleEnd}, Invalidate: func() { g.Flushes++ }}
 	g.CR3 = g.Frame()
