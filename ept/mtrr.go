@@ -88,7 +88,7 @@ func ReadMTRRs(read MSRReader, physBits uint) MTRRs {
 			continue
 		}
 		base := read(msrMTRRPhysBase0 + 2*i)
-		m.Variable = append(m.Variable, VariableMTRR{Base: base &^ 0xfff & top, Mask: mask &^ 0xfff & top | ^top, Type: memType(base & 0xff)})
+		m.Variable = append(m.Variable, VariableMTRR{Base: base &^ 0xfff & top, Mask: mask&^0xfff&top | ^top, Type: memType(base & 0xff)})
 	}
 	return m
 }
@@ -186,7 +186,7 @@ func (m *MTRRs) Spans(start, end uint64) ([]Span, error) {
 			// A contiguous mask covers one aligned block: its lowest
 			// set bit is its size.
 			size := v.Mask & -v.Mask
-			if ^(v.Mask|(size-1)) != 0 {
+			if ^(v.Mask | (size - 1)) != 0 {
 				return nil, fmt.Errorf("%w: base %#x, mask %#x", ErrMTRRMask, v.Base, v.Mask)
 			}
 			add(v.Base & v.Mask)

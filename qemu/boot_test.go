@@ -327,7 +327,9 @@ func TestTCGConsoleOnCOM2(t *testing.T) {
 	iso := builtISO(t, "../build/console.iso")
 	needEmulator(t, TCG)
 	res := bootUntil(t, Config{Emulator: TCG, ISO: iso, Timeout: 3 * time.Minute},
-		func(l string) bool { return strings.Contains(l, "Kernel command line: ") && !strings.HasPrefix(l, GuestPrefix) })
+		func(l string) bool {
+			return strings.Contains(l, "Kernel command line: ") && !strings.HasPrefix(l, GuestPrefix)
+		})
 	t.Logf("COM2:\n%s", res.GuestSerial())
 	l, _, ok := res.GuestLine("tamahv: console on port ")
 	assert.True(t, ok, "tamahv's lines on COM2")
