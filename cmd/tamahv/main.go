@@ -20,7 +20,7 @@
 //	tamahv: booting the kernel natively, without tamahv (fallback=native): <why>; ...
 //	tamahv: no native boot: <why>
 //	tamahv: processors: ... (and the lines of smp.HoldProcessors)
-//	tamahv: guest not started: <why> (a processor tamahv cannot account for; then it halts)
+//	tamahv: guest not started: <why> (a processor tamahv cannot account for, its region not all RAM, ...; then it halts or, with fallback=native, boots the kernel natively)
 //	tamahv: local APIC writes trapped: INIT sticks in VMX non-root (Bochs 2.7) (apic.trapinit=auto|on)
 //	tamahv: local APIC passed through: INIT and SIPI arrive as VM exits (apic.trapinit=auto|off)
 //	tamahv: guest started: ...
@@ -93,6 +93,24 @@ func main() {
 		}
 		fmt.Println("tamahv: halted")
 		pc.Halt()
+	}
+
+	// Fail closed: tamahv runs from its region, and the guest must not
+	// lose memory the firmware keeps there.
+	if infoErr == nil {
+		if bad := e820.NotRAM(guestMemory(info), pc.RAMStart, pc.RAMEnd); len(bad) > 0 {
+			var parts []string
+			for _, e := range bad[:min(len(bad), 4)] {
+				parts = append(parts, fmt.Sprintf("%#x-%#x %v", e.Addr, e.End(), e.Type))
+			}
+			fmt.Printf("tamahv: guest not started: tamahv's region %#x-%#x is not all RAM in the memory map (%s)\n",
+				uint64(pc.RAMStart), uint64(pc.RAMEnd), strings.Join(parts, ", "))
+			if native {
+				bootNative(info, rsdp, "tamahv's region is not all RAM")
+			}
+			fmt.Println("tamahv: halted")
+			pc.Halt()
+		}
 	}
 
 	caps, err := vmx.Discover(pc.Hardware{})

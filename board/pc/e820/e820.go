@@ -8,6 +8,7 @@ package e820
 import (
 	"cmp"
 	"encoding/binary"
+	"fmt"
 	"slices"
 
 	"github.com/tamahv/tamahv/board/pc/efi"
@@ -187,4 +188,63 @@ func Encode(es []Entry) []byte {
 		binary.LittleEndian.PutUint32(b[i*EntryLength+16:], uint32(e.Type))
 	}
 	return b
+}
+
+// String names the type as Linux prints it ("usable", "reserved", "ACPI
+// data", "ACPI NVS", "unusable", "persistent (type 7)", ...).
+func (t Type) String() string {
+	switch t {
+	case RAM:
+		return "usable"
+	case Reserved:
+		return "reserved"
+	case ACPI:
+		return "ACPI data"
+	case NVS:
+		return "ACPI NVS"
+	case Unusable:
+		return "unusable"
+	case PMEM:
+		return "persistent (type 7)"
+	case PRAM:
+		return "persistent (type 12)"
+	case SoftReserved:
+		return "soft reserved"
+	case 0:
+		return "not in the map"
+	}
+	return fmt.Sprintf("type %d", uint32(t))
+}
+
+// NotRAM returns the parts of [base, end) that es does not give as RAM:
+// each entry of another type that overlaps it (cut to it), and each gap
+// no entry covers (Type 0), in address order. Where entries overlap, one
+// that is not RAM counts.
+func NotRAM(es []Entry, base, end uint64) []Entry {
+	var out []Entry
+	for _, e := range es {
+		if e.Type == RAM || e.End() <= base || e.Addr >= end {
+			continue
+		}
+		a, b := max(e.Addr, base), min(e.End(), end)
+		out = append(out, Entry{Addr: a, Size: b - a, Type: e.Type})
+	}
+	// The gaps: walk the entries in order.
+	all := slices.Clone(es)
+	slices.SortStableFunc(all, func(x, y Entry) int { return cmp.Compare(x.Addr, y.Addr) })
+	at := base
+	for _, e := range all {
+		if e.End() <= at || e.Addr >= end {
+			continue
+		}
+		if e.Addr > at {
+			out = append(out, Entry{Addr: at, Size: e.Addr - at})
+		}
+		at = max(at, e.End())
+	}
+	if at < end {
+		out = append(out, Entry{Addr: at, Size: end - at})
+	}
+	slices.SortStableFunc(out, func(x, y Entry) int { return cmp.Compare(x.Addr, y.Addr) })
+	return out
 }

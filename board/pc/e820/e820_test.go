@@ -167,3 +167,20 @@ func TestEntryEnd(t *testing.T) {
 	assert.Equal(t, uint64(0x2000), Entry{0x1000, 0x1000, RAM}.End())
 	assert.Equal(t, ^uint64(0), Entry{^uint64(0) - 1, 10, RAM}.End())
 }
+
+func TestNotRAM(t *testing.T) {
+	const base, end = 0x10000000, 0x18000000
+	assert.Empty(t, NotRAM([]Entry{{0x100000, 0x3ff00000, RAM}}, base, end), "all RAM")
+	assert.Empty(t, NotRAM([]Entry{{0x100000, 0x10000000, RAM}, {0x10100000, 0x30000000, RAM}}, base, end), "two entries that touch")
+	assert.Equal(t, []Entry{{0x17f00000, 0x100000, NVS}}, NotRAM([]Entry{
+		{0x100000, 0x17e00000, RAM}, {0x17f00000, 0x100000, NVS}, {0x18000000, 0x8000000, RAM},
+	}, base, end), "firmware's memory in the region")
+	assert.Equal(t, []Entry{{0x10000000, 0x1000, Reserved}}, NotRAM([]Entry{
+		{0x100000, 0x3ff00000, RAM}, {0xff00000, 0x101000, Reserved},
+	}, base, end), "a reserved entry over RAM counts")
+	assert.Equal(t, []Entry{{0x14000000, 0x4000000, 0}}, NotRAM([]Entry{{0, 0x14000000, RAM}}, base, end), "the map ends inside it")
+	assert.Equal(t, []Entry{{0x10000000, 0x8000000, 0}}, NotRAM(nil, base, end), "no map")
+	assert.Equal(t, "ACPI NVS", NVS.String())
+	assert.Equal(t, "not in the map", Type(0).String())
+	assert.Equal(t, "type 20", Type(20).String())
+}
