@@ -185,6 +185,11 @@ iso-smp: iso
 iso-mb2: iso
 	@rm -rf $(BUILD)/iso-mb2 && cp -r $(BUILD)/iso $(BUILD)/iso-mb2
 	cp qemu/grub-mb2.cfg $(BUILD)/iso-mb2/boot/grub/grub.cfg
+	@# The initramfs's second part, a cpio archive of one large file
+	@# (200 MiB of zeros and a marker) the guest's init checks and drops.
+	@rm -rf $(BUILD)/part2 && mkdir -p $(BUILD)/part2/large
+	truncate -s 200M $(BUILD)/part2/large/part2 && printf 'tamahv-initrd-part2-end\n' >> $(BUILD)/part2/large/part2
+	cd $(BUILD)/part2 && printf 'large\nlarge/part2\n' | cpio -o -H newc --quiet > ../iso-mb2/boot/initrd-part2.cpio
 	grub-mkrescue -o $(BUILD)/mb2.iso $(BUILD)/iso-mb2 2>$(BUILD)/grub-mkrescue.log || { cat $(BUILD)/grub-mkrescue.log; exit 1; }
 
 # A disk image laid out as an installed Debian that boots on UEFI through

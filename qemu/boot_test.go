@@ -190,7 +190,7 @@ func TestTCGMultiboot2(t *testing.T) {
 			l, _ := lineWith(res.Lines, "tamahv: boot protocol ")
 			assert.Equal(t, "tamahv: boot protocol Multiboot2 on "+fw+" firmware", l)
 			l, _ = lineWith(res.Lines, "tamahv: booted by ")
-			assert.Contains(t, l, "2 modules")
+			assert.Contains(t, l, "3 modules", "the kernel and the initramfs's two parts")
 			rsdp, _ := lineWith(res.Lines, "tamahv: ACPI RSDP at ")
 			if uefi {
 				assert.Regexp(t, `^tamahv: ACPI RSDP at 0x[0-9a-f]+ \(EFI configuration table, ACPI 2\.0 entry, revision 2\); the boot loader's copy agrees$`, rsdp)
@@ -582,6 +582,13 @@ func TestBochsLinuxGuest(t *testing.T) {
 		})
 	}
 	t.Run("S3 refused", func(t *testing.T) { checkS3Refused(t, res) })
+	t.Run("initrd in two parts", func(t *testing.T) {
+		assert.Regexp(t, `initrd [0-9]+ bytes from 2 modules at 0x[0-9a-f]+,`, started)
+		l, _, ok := res.GuestLine("guest: initrd part 2: ")
+		assert.True(t, ok, "the guest did not find the initramfs's second part")
+		assert.Equal(t, "guest: initrd part 2: 209715224 bytes, ending tamahv-initrd-part2-end", l, "200 MiB and the marker, whole")
+		t.Log(started)
+	})
 	t.Run("memory types", func(t *testing.T) {
 		l, _ := lineWith(res.Lines, "tamahv: memory types ")
 		assert.Regexp(t, `^tamahv: memory types of the guest's non-RAM follow the MTRRs: (off|default (UC|WC|WT|WP|WB))`, l)
