@@ -203,22 +203,26 @@ func copyFile(src, dst string) error {
 }
 
 // guestRootInit is /sbin/init of the test guest's root file system: it
-// says that the guest runs from its root disk, asks tamahv who it is, and
-// powers the machine off. Its file system is read-only: busybox is called
-// by name.
+// says that the guest runs from its root disk, runs hvguest's checks of
+// tamahv that need no swap (identify, badcall, vmxon-check, devmem,
+// cpuid-cost), and powers the machine off. Its file system is read-only:
+// busybox is called by name.
 const guestRootInit = `#!/bin/busybox sh
 # /sbin/init of tamahv's test disk (qemu.GuestRoot): the guest's root file
 # system, mounted from the disk by its initramfs.
 bb=/bin/busybox
 echo "guest: running from the root disk: $($bb cat /etc/tamahv-disk), / is $($bb awk '$2 == "/" { d = $1 " " $3 " " $4 } END { print d }' /proc/mounts)"
-/bin/hvguest identify
+for c in identify badcall vmxon-check devmem cpuid-cost; do
+	/bin/hvguest $c
+done
+echo "guest: root disk checks done"
 $bb sleep 1
 $bb poweroff -f
 `
 
 // GuestRoot returns the files of the test guest's root file system (for
 // Disk.Files): busybox and hvguest from the paths given, an /sbin/init
-// that reports it runs from the disk, asks tamahv who it is and powers off,
+// that reports it runs from the disk, runs hvguest's checks and powers off,
 // and /etc/tamahv-disk naming the file system by its UUID.
 func GuestRoot(busybox, hvguest, uuid string) ([]DiskFile, error) {
 	bb, err := os.ReadFile(busybox)
