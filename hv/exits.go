@@ -360,10 +360,16 @@ type PortGuard struct {
 // writes with g.Refuse. The I/O bitmaps must select them (IOBitmaps does).
 func (v *VCPU) GuardPorts(g PortGuard) { v.portGuards = append(v.portGuards, g) }
 
-// refused reports whether a guard drops a write of size bytes at port.
+// refused reports whether a guard drops a write of size bytes at port. A
+// write that wraps from port 0xffff to 0 and reaches a guarded port is
+// dropped without asking: it has no honest user.
 func (v *VCPU) refused(port uint16, size int, val uint32) bool {
+	end := uint32(port) + uint32(size) // exclusive; above 0x10000 where it wraps
 	for _, g := range v.portGuards {
-		if uint32(port) <= uint32(g.Last) && uint32(port)+uint32(size) > uint32(g.First) && g.Refuse(port, size, val) {
+		if end > 0x10000 && uint32(g.First) < end-0x10000 {
+			return true
+		}
+		if uint32(port) <= uint32(g.Last) && end > uint32(g.First) && g.Refuse(port, size, val) {
 			return true
 		}
 	}

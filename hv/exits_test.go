@@ -147,6 +147,26 @@ func TestPortGuardDropsTheWritesItRefuses(t *testing.T) {
 	require.NoError(t, v.Run())
 }
 
+func TestPortGuardRefusesAWriteThatWrapsIntoIt(t *testing.T) {
+	ports := &fakePorts{}
+	asked := 0
+	v, _ := scripted(t, []exitStep{
+		// out %eax at 0xffff: ports 0xffff, 0, 1, 2; the guard holds 1-2.
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0xffff, 4, false)},
+			regs: func(r *vmx.GuestRegs) { r.RAX = 0x24_2400_ff }},
+		// out %ax at 0xffff: ports 0xffff and 0, clear of the guard.
+		{reason: vmx.ExitIO, fields: map[vmx.Field]uint64{vmx.ExitQualification: ioQual(0xffff, 2, false)},
+			regs: func(r *vmx.GuestRegs) { r.RAX = 0x00ff },
+			check: func(t *testing.T, v *VCPU) {
+				assert.Equal(t, []portOp{{0xffff, 1, false, 0xff}, {0, 1, false, 0}}, ports.ops, "only the write clear of the guard")
+				assert.Zero(t, asked, "a wrapping write is dropped without asking")
+			}},
+	})
+	v.PortIO = ports.io
+	v.GuardPorts(PortGuard{First: 1, Last: 2, Refuse: func(uint16, int, uint32) bool { asked++; return false }})
+	require.NoError(t, v.Run())
+}
+
 func TestXSETBVRefusesWhatTheProcessorRefuses(t *testing.T) {
 	var steps []exitStep
 	bad := []uint64{0x27, 0x67, 0xe3, 0xf, 0x17, 0x20003, 0x40003, 0x2, 0x5, 0x1000003}

@@ -119,9 +119,14 @@ func guestConfig(info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *
 // runGuest builds the machine and runs the guest; started reports whether
 // the guest ran (else the kernel may still be booted natively).
 func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (started bool, err error) {
-	m, err := buildGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, smp, vcpus)
+	m, sleep, err := buildGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, smp, vcpus)
 	if err != nil {
 		return false, err
+	}
+	if sleep != nil {
+		// Only now, the guest's start sure: a native boot keeps the
+		// firmware's tables as they are.
+		hideSleep(sleep)
 	}
 	l := m.Linux
 	fmt.Printf("tamahv: hypercalls granted to CPL 3 beyond the default: %v\n", m.Monitor.Ring3)
@@ -134,8 +139,9 @@ func runGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uin
 	return true, m.Run()
 }
 
-// buildGuest builds the machine, the guest loaded and not yet started.
-func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (*machine.Machine, error) {
+// buildGuest builds the machine, the guest loaded and not yet started,
+// and returns the ACPI sleep states it guards (nil: no ACPI).
+func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp uint64, kernel *bootinfo.Module, initrds []bootinfo.Module, cmdline string, smp *smp.SMP, vcpus bool) (*machine.Machine, *acpi.Sleep, error) {
 	c := guestConfig(info, memory, rsdp, kernel, initrds, cmdline)
 	c.Caps = caps
 	c.MTRRs = hostMTRRs()
@@ -149,7 +155,7 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 	// guest suspend to RAM and resume outside tamahv.
 	sleep, err := acpi.FindSleep(pc.PhysMem{}, rsdp)
 	if err != nil {
-		return nil, fmt.Errorf("ACPI sleep: %w", err)
+		return nil, nil, fmt.Errorf("ACPI sleep: %w", err)
 	}
 	if sleep != nil {
 		c.PortGuards = guardSleep(sleep)
@@ -157,7 +163,7 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.
 	if err := pc.SetNMIHandler(vmx.NMIHandler()); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var b machine.Board = newBoard(1024)
 	if aps := smp.VCPUs(); len(aps) > 0 && !vcpus {
@@ -166,7 +172,7 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 			if err := ap.Park(); err != nil {
 				// Fail closed: a processor tamahv cannot park is not
 				// accounted for.
-				return nil, fmt.Errorf("AP APIC ID %d: not parked: %w", ap.APICID(), err)
+				return nil, nil, fmt.Errorf("AP APIC ID %d: not parked: %w", ap.APICID(), err)
 			}
 		}
 	} else if len(aps) > 0 {
@@ -177,24 +183,25 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 			if err := ap.Err(); err != nil || ebx>>24 != ap.APICID()&0xff {
 				// Fail closed: it stays in VMX root operation, but
 				// tamahv cannot account for what it runs.
-				return nil, fmt.Errorf("AP APIC ID %d: its exit loop does not answer (%v, CPUID APIC ID %d)", ap.APICID(), err, ebx>>24)
+				return nil, nil, fmt.Errorf("AP APIC ID %d: its exit loop does not answer (%v, CPUID APIC ID %d)", ap.APICID(), err, ebx>>24)
 			}
 			sb.aps = append(sb.aps, apCPU{ap})
 		}
 		b = sb
 	}
-	return machine.New(b, c)
+	m, err := machine.New(b, c)
+	return m, sleep, err
 }
 
-// guardSleep hides the sleep states the firmware resumes from through its
-// waking vector (S1-S3) from the guest's kernel and returns the guards of
-// the sleep registers, which drop the guest's writes that would enter
-// them: resumed by the firmware, the guest would run outside tamahv with
-// tamahv's memory in its reach. S4 and S5 pass: a hibernated or powered-
-// off machine starts again through its boot loader. It prints:
+// guardSleep returns the guards of the sleep registers, which drop the
+// guest's writes that would enter the sleep states the firmware resumes
+// from through its waking vector (S1-S3, and S4BIOS): resumed by the
+// firmware, the guest would run outside tamahv with tamahv's memory in its
+// reach. S4 and S5 pass: a hibernated or powered-off machine starts again
+// through its boot loader. It prints:
 //
-//	tamahv: ACPI sleep: S1-S3 refused at ports <ports>; S4 and S5 pass (SLP_TYP ...)
-//	tamahv: ACPI sleep: hidden from the guest: \_S3 in the DSDT at 0x...
+//	tamahv: ACPI sleep: S1-S3 refused at ports <ports>; S4: SLP_TYP a/b, S5: SLP_TYP a/b pass
+//	tamahv: ACPI sleep: <a warning about the tables>
 //	tamahv: ACPI sleep refused: SLP_TYP n (S3) at port 0x... (the first 8, then every 1000th)
 func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 	var ports []string
@@ -207,17 +214,18 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 			pass = append(pass, fmt.Sprintf("S%d: SLP_TYP %d/%d", st, s.Types[st][0], s.Types[st][1]))
 		}
 	}
-	if len(pass) == 0 {
+	switch {
+	case len(pass) == 0:
 		pass = append(pass, "none: the tables name no \\_S4 or \\_S5, so ACPI power-off is refused too")
+	case !s.Found[5]:
+		pass = append(pass, "no \\_S5: ACPI power-off is refused")
 	}
 	fmt.Printf("tamahv: ACPI sleep: S1-S3 refused at ports %s; %s pass\n", strings.Join(ports, ", "), strings.Join(pass, ", "))
-	if _, err := s.HideStates(pc.PhysMem{}); err != nil {
-		// The guards still hold; the guest's kernel may offer a sleep
-		// that then does not happen.
-		fmt.Printf("tamahv: ACPI sleep: not hidden from the guest: %v\n", err)
+	if s.S4BIOSReq != 0 {
+		fmt.Printf("tamahv: ACPI sleep: S4BIOS requests (%#x at SMI command port %#x) refused\n", s.S4BIOSReq, s.SMICmd)
 	}
-	for _, h := range s.Hidden {
-		fmt.Printf("tamahv: ACPI sleep: hidden from the guest: %s\n", h)
+	for _, w := range s.Warnings {
+		fmt.Printf("tamahv: ACPI sleep: %s (read anyway)\n", w)
 	}
 	var refused atomic.Uint64
 	refuse := func(port uint16, size int, val uint32) bool {
@@ -251,4 +259,19 @@ func hostMTRRs() *ept.MTRRs {
 	}
 	m := ept.ReadMTRRs(hw.ReadMSR, bits)
 	return &m
+}
+
+// hideSleep renames \_S1-\_S3 in the firmware's AML tables, so that the
+// guest's kernel offers no sleep the guards would refuse. It prints:
+//
+//	tamahv: ACPI sleep: hidden from the guest: \_S3 in the DSDT at 0x...
+func hideSleep(s *acpi.Sleep) {
+	if _, err := s.HideStates(pc.PhysMem{}); err != nil {
+		// The guards still hold; the guest's kernel may offer a sleep
+		// that then does not happen.
+		fmt.Printf("tamahv: ACPI sleep: not hidden from the guest: %v\n", err)
+	}
+	for _, h := range s.Hidden {
+		fmt.Printf("tamahv: ACPI sleep: hidden from the guest: %s\n", h)
+	}
 }

@@ -129,9 +129,17 @@ func main() {
 	vmxOn := true
 	// notStarted ends tamahv's part where the guest could not start:
 	// with fallback=native the kernel boots natively, out of VMX.
-	notStarted := func(why string) {
+	notStarted := func(why string, held *smp.SMP) {
 		if !native {
 			return
+		}
+		// The APs that wait for commands halt in VMX root operation,
+		// where INIT cannot reach them, hidden from the kernel (one
+		// parked already does not answer, and stays as it is).
+		if held != nil {
+			for _, ap := range held.VCPUs() {
+				_ = ap.Park()
+			}
 		}
 		if err := vmx.VMXOFF(); err != nil {
 			fmt.Printf("tamahv: VMXOFF: %v; no native boot\n", err)
@@ -169,10 +177,10 @@ func main() {
 				// Fail closed: a processor tamahv does not hold could
 				// run the guest's code outside VMX operation.
 				fmt.Printf("tamahv: guest not started: %v\n", err)
-				notStarted("the guest was not started")
+				notStarted("the guest was not started", held)
 			} else if started, err := runGuest(caps, info, memory, rsdp, kernel, initrds, cmdline, held, vcpus); !started {
 				fmt.Printf("tamahv: guest not started: %v\n", err)
-				notStarted("the guest was not started")
+				notStarted("the guest was not started", held)
 			} else if err != nil {
 				fmt.Printf("tamahv: guest: %v\n", err)
 			}

@@ -15,6 +15,8 @@ import (
 // bits of the byte that holds them.
 const (
 	fadtDSDT         = 40
+	fadtSMICmd       = 48
+	fadtS4BIOSReq    = 54
 	fadtPM1aCnt      = 64
 	fadtPM1bCnt      = 68
 	fadtPM1CntLen    = 89
@@ -71,9 +73,17 @@ type Sleep struct {
 	// Types[s] are \_Ss's SLP_TYPa and SLP_TYPb, where Found[s].
 	Types [6][2]uint8
 	Found [6]bool
+	// SMICmd is the FADT's SMI command port and S4BIOSReq the value that
+	// asks the firmware for S4BIOS (0: none): a firmware that restores
+	// memory itself resumes through the waking vector, like S3.
+	SMICmd    uint16
+	S4BIOSReq uint8
 	// Hidden lists the tables (DSDT, SSDT) where HideStates renamed
 	// objects, once per rename.
 	Hidden []string
+	// Warnings are what the tables got wrong that Linux forgives (a bad
+	// checksum): read anyway.
+	Warnings []string
 	// tables are the AML tables' physical addresses and signatures.
 	tables []amlTable
 }
@@ -84,10 +94,12 @@ type amlTable struct {
 }
 
 // FindSleep reads the FADT and the AML tables the RSDP at rsdp leads to
-// (0: the BIOS areas are searched): the sleep registers and the sleep
-// states' SLP_TYP values. It returns nil and no error where there is no
-// ACPI (rsdp is 0 and the BIOS areas hold no RSDP) or no FADT, and
-// ErrSleepUnguarded where a sleep register is in memory space.
+// (0: the BIOS areas are searched): the sleep registers, the SMI command
+// port's S4BIOS request, and the sleep states' SLP_TYP values. It returns
+// nil and no error where there is no ACPI (rsdp is 0 and the BIOS areas
+// hold no RSDP) or no FADT, and ErrSleepUnguarded where a sleep register
+// is in memory space or the FADT names none. A table whose checksum is
+// wrong is read anyway, as Linux reads it, with a warning.
 func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	tabs, err := rootTables(m, rsdp)
 	if rsdp == 0 && errors.Is(err, ErrNoRSDP) {
@@ -98,6 +110,7 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	}
 	var fadt []byte
 	var ssdts []uint64
+	var warns []string
 	for _, pa := range tabs {
 		var sig [4]byte
 		if m.ReadPhys(pa, sig[:]) != nil {
@@ -106,9 +119,11 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 		switch string(sig[:]) {
 		case "FACP":
 			if fadt == nil {
-				if fadt, err = readSDT(m, pa, "FACP"); err != nil {
+				var warn string
+				if fadt, warn, err = readAML(m, pa, "FACP"); err != nil {
 					return nil, err
 				}
+				warns = append(warns, warn)
 			}
 		case "SSDT":
 			ssdts = append(ssdts, pa)
@@ -117,7 +132,15 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	if fadt == nil {
 		return nil, nil
 	}
+	if len(fadt) < fadtPM1bCnt+4 {
+		return nil, fmt.Errorf("%w: a FADT of %d bytes", ErrSleepUnguarded, len(fadt))
+	}
 	s := &Sleep{}
+	for _, w := range warns {
+		if w != "" {
+			s.Warnings = append(s.Warnings, w)
+		}
+	}
 	field32 := func(off int) uint64 {
 		if off+4 > len(fadt) {
 			return 0
@@ -138,7 +161,7 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 			return nil
 		case space != gasSystemIO:
 			return fmt.Errorf("%w: %s in address space %d at %#x", ErrSleepUnguarded, what, space, addr)
-		case addr+uint64(n) > 0x10000:
+		case addr > 0x10000-uint64(n):
 			return fmt.Errorf("%w: %s at port %#x", ErrSleepUnguarded, what, addr)
 		}
 		r := SleepRegister{Port: uint16(addr), Len: n, B: b}
@@ -175,14 +198,21 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 		sp, a := gas(g.off)
 		regs = append(regs, reg{g.what, sp, a, n, g.b})
 	}
-	if field32(fadtFlags)&fadtHWReduced != 0 {
-		sp, a := gas(fadtSleepControl)
+	// The sleep control register is hardware-reduced ACPI's, but a guest
+	// need not follow the FADT's flags: guarded wherever it is named.
+	if sp, a := gas(fadtSleepControl); a != 0 {
 		regs = append(regs, reg{"sleep control", sp, a, 1, false})
 	}
 	for _, r := range regs {
 		if err := addIO(r.what, r.space, r.addr, r.n, r.b); err != nil {
 			return nil, err
 		}
+	}
+	if len(s.Registers) == 0 {
+		return nil, fmt.Errorf("%w: the FADT names no sleep register", ErrSleepUnguarded)
+	}
+	if p := field32(fadtSMICmd); p != 0 && p < 0x10000 && len(fadt) > fadtS4BIOSReq && fadt[fadtS4BIOSReq] != 0 {
+		s.SMICmd, s.S4BIOSReq = uint16(p), fadt[fadtS4BIOSReq]
 	}
 	// The DSDT (both addresses where they differ), then the SSDTs.
 	var dsdts []uint64
@@ -201,9 +231,12 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 		s.tables = append(s.tables, amlTable{pa, "SSDT"})
 	}
 	for _, t := range s.tables {
-		b, err := readAML(m, t.pa, t.sig)
+		b, warn, err := readAML(m, t.pa, t.sig)
 		if err != nil {
 			return nil, err
+		}
+		if warn != "" {
+			s.Warnings = append(s.Warnings, warn)
 		}
 		for st := 0; st <= 5; st++ {
 			if s.Found[st] {
@@ -217,28 +250,29 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	return s, nil
 }
 
-// readAML reads an AML table (DSDT, SSDT), which may be larger than the
-// other tables.
-func readAML(m PhysRW, pa uint64, sig string) ([]byte, error) {
+// readAML reads a table the sleep states come from (FADT, DSDT, SSDT),
+// which may be larger than the other tables; a bad checksum is a warning,
+// as Linux takes it.
+func readAML(m PhysRW, pa uint64, sig string) ([]byte, string, error) {
 	var h [sdtHeaderLen]byte
 	if err := m.ReadPhys(pa, h[:]); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if string(h[:4]) != sig {
-		return nil, fmt.Errorf("acpi: no %s at %#x", sig, pa)
+		return nil, "", fmt.Errorf("acpi: no %s at %#x", sig, pa)
 	}
 	n := binary.LittleEndian.Uint32(h[4:])
 	if n < sdtHeaderLen || n > maxAMLTableLen {
-		return nil, fmt.Errorf("acpi: %s at %#x: length %d", sig, pa, n)
+		return nil, "", fmt.Errorf("acpi: %s at %#x: length %d", sig, pa, n)
 	}
 	b := make([]byte, n)
 	if err := m.ReadPhys(pa, b); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if sum8(b) != 0 {
-		return nil, fmt.Errorf("acpi: %s at %#x: bad checksum", sig, pa)
+		return b, fmt.Sprintf("the %s at %#x has a bad checksum", sig, pa), nil
 	}
-	return b, nil
+	return b, "", nil
 }
 
 // rootTables lists the tables the XSDT (where the RSDP's revision gives a
@@ -382,7 +416,7 @@ func amlInteger(b []byte) (uint64, int, bool) {
 func (s *Sleep) HideStates(m PhysRW) ([]int, error) {
 	var hid []int
 	for _, t := range s.tables {
-		b, err := readAML(m, t.pa, t.sig)
+		b, _, err := readAML(m, t.pa, t.sig)
 		if err != nil {
 			return hid, err
 		}
@@ -404,7 +438,7 @@ func (s *Sleep) HideStates(m PhysRW) ([]int, error) {
 		if err := m.WritePhys(t.pa, b); err != nil {
 			return hid, err
 		}
-		if c, err := readAML(m, t.pa, t.sig); err != nil || !bytes.Equal(c, b) {
+		if c, _, err := readAML(m, t.pa, t.sig); err != nil || !bytes.Equal(c, b) {
 			return hid, fmt.Errorf("acpi: the %s at %#x kept its \\_Sx objects (read-only memory?)", t.sig, t.pa)
 		}
 	}
@@ -427,13 +461,19 @@ func fixChecksum(b []byte) {
 
 // Allowed reports whether a sleep register's SLP_TYP value enters a state
 // a guest may enter under tamahv: S4 (hibernation, which resumes through
-// a boot) or S5 (soft off), as the firmware's \_S4 and \_S5 give them.
-// Where the tables name neither, nothing is allowed: the guest's kernel
-// then cannot power the machine off through ACPI either.
+// a boot) or S5 (soft off), as the firmware's \_S4 and \_S5 give them,
+// and never a value \_S1, \_S2 or \_S3 names, whatever \_S4 and \_S5
+// say. Where the tables name neither, nothing is allowed: the guest's
+// kernel then cannot power the machine off through ACPI either.
 func (s *Sleep) Allowed(typ uint8, b bool) bool {
 	i := 0
 	if b {
 		i = 1
+	}
+	for st := 1; st <= 3; st++ {
+		if s.Found[st] && s.Types[st][i]&slpTypMask == typ {
+			return false
+		}
 	}
 	for _, st := range []int{4, 5} {
 		if s.Found[st] && s.Types[st][i]&slpTypMask == typ {
@@ -448,6 +488,10 @@ func (s *Sleep) Allowed(typ uint8, b bool) bool {
 // that Allowed refuses (S1-S3, or a value the tables do not name); what
 // names what it would have entered.
 func (s *Sleep) Refuses(port uint16, size int, val uint32) (refused bool, what string) {
+	if p := s.SMICmd; s.S4BIOSReq != 0 && uint32(p) >= uint32(port) && uint32(p) < uint32(port)+uint32(size) &&
+		uint8(val>>(8*(p-port))) == s.S4BIOSReq {
+		return true, fmt.Sprintf("S4BIOS_REQ %#x at SMI command port %#x", s.S4BIOSReq, p)
+	}
 	for _, r := range s.Registers {
 		p := r.slpByte()
 		if uint32(p) < uint32(port) || uint32(p) >= uint32(port)+uint32(size) {
@@ -484,11 +528,15 @@ func (s *Sleep) stateOf(typ uint8, b bool) string {
 	return " (" + strings.Join(st, ", ") + ")"
 }
 
-// Ranges are the port ranges of the sleep registers, first and last.
+// Ranges are the port ranges of the sleep registers (and of the SMI
+// command port, where the firmware offers S4BIOS), first and last.
 func (s *Sleep) Ranges() [][2]uint16 {
 	var out [][2]uint16
 	for _, r := range s.Registers {
 		out = append(out, [2]uint16{r.Port, r.Port + uint16(r.Len) - 1})
+	}
+	if s.S4BIOSReq != 0 {
+		out = append(out, [2]uint16{s.SMICmd, s.SMICmd})
 	}
 	return out
 }

@@ -133,6 +133,65 @@ func TestSleepPM1bAndHardwareReduced(t *testing.T) {
 	assert.False(t, r, "S4 through the sleep control register")
 }
 
+func TestSleepControlWithoutTheHardwareReducedFlag(t *testing.T) {
+	m := sleepMachine(fadt(0xb004, 0, [2]uint64{}, 0, [2]uint64{gasSystemIO, 0xd000}))
+	s, err := FindSleep(m, 0)
+	require.NoError(t, err)
+	r, _ := s.Refuses(0xd000, 1, 1<<5|1<<2)
+	assert.True(t, r, "a guest need not follow the FADT's flags")
+}
+
+func TestSleepRefusesWhatS1ToS3NameWhateverS5Says(t *testing.T) {
+	m := sleepMachine(fadt(0xb004, 0, [2]uint64{}, 0, [2]uint64{}))
+	s, err := FindSleep(m, 0)
+	require.NoError(t, err)
+	s.Types[5] = [2]uint8{1, 1} // as a stray \_S5 package inside a method could give it
+	r, _ := s.Refuses(0xb004, 2, 1<<13|1<<10)
+	assert.True(t, r, "S3's type stays refused")
+}
+
+func TestSleepRefusesS4BIOS(t *testing.T) {
+	f := fadt(0xb004, 0, [2]uint64{}, 0, [2]uint64{})
+	binary.LittleEndian.PutUint32(f[fadtSMICmd:], 0xb2)
+	f[fadtS4BIOSReq] = 0xf2
+	f[52] = 0xf1 // ACPI_ENABLE
+	m := sleepMachine(fix(f, sdtChecksumOff))
+	s, err := FindSleep(m, 0)
+	require.NoError(t, err)
+	assert.Contains(t, s.Ranges(), [2]uint16{0xb2, 0xb2})
+	r, what := s.Refuses(0xb2, 1, 0xf2)
+	assert.True(t, r)
+	assert.Equal(t, "S4BIOS_REQ 0xf2 at SMI command port 0xb2", what)
+	r, _ = s.Refuses(0xb2, 1, 0xf1)
+	assert.False(t, r, "ACPI_ENABLE passes")
+}
+
+func TestSleepTablesWithBadChecksumsAreReadWithAWarning(t *testing.T) {
+	m := sleepMachine(fadt(0xb004, 0, [2]uint64{}, 0, [2]uint64{}))
+	b, err := m.at(tDSDT+sdtChecksumOff, 1)
+	require.NoError(t, err)
+	b[0]++
+	s, err := FindSleep(m, 0)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"the DSDT at 0x3fff1000 has a bad checksum"}, s.Warnings)
+	assert.True(t, s.Found[3], "read anyway")
+	_, err = s.HideStates(m)
+	require.NoError(t, err)
+	_, warn, err := readAML(m, tDSDT, "DSDT")
+	require.NoError(t, err)
+	assert.Empty(t, warn, "its checksum holds once renamed")
+}
+
+func TestSleepWithoutRegistersIsUnguarded(t *testing.T) {
+	_, err := FindSleep(sleepMachine(fadt(0, 0, [2]uint64{}, 0, [2]uint64{})), 0)
+	assert.ErrorIs(t, err, ErrSleepUnguarded, "no PM1 control register")
+	short := sdt("FACP", make([]byte, 60-sdtHeaderLen))
+	_, err = FindSleep(sleepMachine(short), 0)
+	assert.ErrorIs(t, err, ErrSleepUnguarded, "a FADT too short for its PM1 control registers")
+	_, err = FindSleep(sleepMachine(fadt(0, 0, [2]uint64{gasSystemIO, 0xffffffff_ffffffff}, 0, [2]uint64{})), 0)
+	assert.ErrorIs(t, err, ErrSleepUnguarded, "a port beyond 0xffff")
+}
+
 func TestSleepInMemorySpaceIsUnguarded(t *testing.T) {
 	m := sleepMachine(fadt(0, 0, [2]uint64{0, 0xfed80004}, 0, [2]uint64{}))
 	_, err := FindSleep(m, 0)
@@ -166,8 +225,9 @@ func TestHideStates(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []int{3}, hid)
 	assert.Equal(t, []string{`\_S3 in the DSDT at 0x3fff1000`}, s.Hidden)
-	d, err := readAML(m, tDSDT, "DSDT")
-	require.NoError(t, err, "the checksum holds")
+	d, warn, err := readAML(m, tDSDT, "DSDT")
+	require.NoError(t, err)
+	assert.Empty(t, warn, "the checksum holds")
 	assert.Contains(t, string(d), "\\XS3_", "renamed")
 	assert.Contains(t, string(d), "\x0d_S3_", "a string is no name: left")
 	again, err := FindSleep(m, 0)
