@@ -318,6 +318,14 @@ func checkS3Refused(t *testing.T, res *Result) {
 	assert.Equal(t, "hvguest: sleep: SLP_EN with SLP_TYP 1 (XS3_) written to port 0xb005: still running", l)
 	l, _ = lineWith(res.Lines, "tamahv: ACPI sleep refused: ")
 	assert.Equal(t, "tamahv: ACPI sleep refused: SLP_TYP 1 (S3) at port 0xb004 (1 so far)", l)
+	// The PIIX4's PMBA (00:01.3, register 0x40) holds the PM base: the
+	// guest's write that would move it is dropped.
+	l, _ = lineWith(res.Lines, "tamahv: ACPI sleep: the PM base ")
+	assert.Equal(t, "tamahv: ACPI sleep: the PM base 0xb000 is in PCI 00:01.3 register 0x40: its writes through ports 0xcf8-0xcff refused", l)
+	l, _, ok = res.GuestLine("hvguest: sleep: moving the PM base")
+	assert.True(t, ok, "the guest's move of the PM base")
+	assert.Equal(t, "hvguest: sleep: moving the PM base in PCI 00:01.3 register 0x40 to 0xc001 had no effect: still 0xb001", l)
+	assert.Contains(t, res.Serial(), "tamahv: ACPI sleep refused: a write of PCI 00:01.3 register 0x40, the PM base (2 so far)")
 }
 
 // TestTCGConsoleOnCOM2 boots tamahv with console=com2 under QEMU TCG

@@ -24,6 +24,8 @@
 //	                      that asks tamahv for nothing)
 //	hvguest sleep-s3      write S3's SLP_TYP and SLP_EN to the PM1a control
 //	                      register through /dev/port; tamahv drops it
+//	hvguest sleep-pmbase  move the chipset's PM base through PCI
+//	                      configuration space; tamahv drops the write
 //	hvguest exit N        end the guest with status N (tamahv refuses it
 //	                      from ring 3; the guest's init ends through its
 //	                      kernel module)
@@ -42,7 +44,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|call-cost|swapread MODE [PAGES]|swapmigrate user|bp FROM TO [PAGES]|attack [NAME...]|sleep-s3|exit N")
+		fmt.Fprintln(os.Stderr, "usage: hvguest identify|badcall|vmxon-check|devmem|cpuid-cost|call-cost|swapread MODE [PAGES]|swapmigrate user|bp FROM TO [PAGES]|attack [NAME...]|sleep-s3|sleep-pmbase|exit N")
 		os.Exit(2)
 	}
 	if err := run(os.Args[1], os.Args[2:]); err != nil {
@@ -121,6 +123,8 @@ func run(cmd string, args []string) error {
 		fmt.Printf("hvguest: a hypercall costs %d TSC ticks\n", (tsc()-t0)/n)
 	case "sleep-s3":
 		return sleepS3()
+	case "sleep-pmbase":
+		return sleepPMBase()
 	case "swapread":
 		return swapRead(args)
 	case "swapmigrate":

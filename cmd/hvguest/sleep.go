@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/tamahv/tamahv/board/pc/acpi"
@@ -72,4 +73,59 @@ func sleepS3() error {
 	time.Sleep(100 * time.Millisecond)
 	fmt.Printf("hvguest: sleep: SLP_EN with SLP_TYP %d (%s) written to port %#x: still running\n", typ, name, port+1)
 	return nil
+}
+
+// outl and inl are port I/O (ports_amd64.s); they need iopl(3).
+func outl(port uint16, v uint32)
+func inl(port uint16) uint32
+
+// sleepPMBase moves the chipset's power-management base the way a hostile
+// kernel could, through PCI configuration mechanism #1: it finds, on bus
+// 0, the register that holds the FADT's PM1a event block (PIIX4's PMBA,
+// ICH's PMBASE) and writes a base 0x1000 higher. Under tamahv the write
+// is dropped: the sleep registers stay at the ports tamahv guards.
+func sleepPMBase() error {
+	fadt, err := os.ReadFile("/sys/firmware/acpi/tables/FACP")
+	if err != nil {
+		return err
+	}
+	if len(fadt) < 60 {
+		return fmt.Errorf("a FADT of %d bytes", len(fadt))
+	}
+	base := binary.LittleEndian.Uint32(fadt[56:])
+	if base == 0 || base > 0xefff {
+		return fmt.Errorf("no PM1a event block in the FADT (%#x)", base)
+	}
+	if err := syscall.Iopl(3); err != nil {
+		return err
+	}
+	addr := func(dev, fn, off uint32) uint32 { return 1<<31 | dev<<11 | fn<<8 | off }
+	for dev := uint32(0); dev < 32; dev++ {
+		for fn := uint32(0); fn < 8; fn++ {
+			outl(0xcf8, addr(dev, fn, 0))
+			if inl(0xcfc)&0xffff == 0xffff {
+				continue
+			}
+			for off := uint32(0x40); off <= 0xfc; off += 4 {
+				outl(0xcf8, addr(dev, fn, off))
+				v := inl(0xcfc)
+				if v>>16 != 0 || v&^1 != base {
+					continue
+				}
+				outl(0xcf8, addr(dev, fn, off))
+				outl(0xcfc, v+0x1000)
+				outl(0xcf8, addr(dev, fn, off))
+				after := inl(0xcfc)
+				where := fmt.Sprintf("PCI 00:%02x.%d register %#x", dev, fn, off)
+				if after != v {
+					outl(0xcf8, addr(dev, fn, off))
+					outl(0xcfc, v) // put it back
+					return fmt.Errorf("the PM base in %s moved from %#x to %#x", where, v, after)
+				}
+				fmt.Printf("hvguest: sleep: moving the PM base in %s to %#x had no effect: still %#x\n", where, v+0x1000, after)
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("no PCI register on bus 0 holds the PM base %#x", base)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/tamahv/tamahv/board/pc/e820"
 	"github.com/tamahv/tamahv/board/pc/efi"
 	"github.com/tamahv/tamahv/board/pc/multiboot2"
+	"github.com/tamahv/tamahv/board/pc/pci"
 	"github.com/tamahv/tamahv/board/pc/smp"
 	"github.com/tamahv/tamahv/ept"
 	"github.com/tamahv/tamahv/hv"
@@ -228,12 +229,15 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 		fmt.Printf("tamahv: ACPI sleep: %s (read anyway)\n", w)
 	}
 	var refused atomic.Uint64
+	report := func(what string) {
+		if n := refused.Add(1); n <= 8 || n%1000 == 0 {
+			fmt.Printf("tamahv: ACPI sleep refused: %s (%d so far)\n", what, n)
+		}
+	}
 	refuse := func(port uint16, size int, val uint32) bool {
 		r, what := s.Refuses(port, size, val)
 		if r {
-			if n := refused.Add(1); n <= 8 || n%1000 == 0 {
-				fmt.Printf("tamahv: ACPI sleep refused: %s (%d so far)\n", what, n)
-			}
+			report(what)
 		}
 		return r
 	}
@@ -241,6 +245,30 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 	for _, r := range s.Ranges() {
 		g = append(g, hv.PortGuard{First: r[0], Last: r[1], Refuse: refuse})
 	}
+	// The chipset's register that holds the power-management base: the
+	// guest owns PCI configuration space, and moving the base would take
+	// the sleep registers away from the guarded ports. Every access to the
+	// configuration mechanism's ports exits (CONFIG_ADDRESS too, so that
+	// no other processor changes it between the check and the write),
+	// and a write of CONFIG_DATA to that register is dropped.
+	regs := pci.FindIOBase(pc.PortIO, s.EventBase)
+	if len(regs) == 0 {
+		fmt.Printf("tamahv: ACPI sleep: no PCI register on bus 0 holds the PM base %#x: none guarded\n", s.EventBase)
+		return g
+	}
+	pg := &pci.Guard{Registers: regs}
+	var names []string
+	for _, r := range regs {
+		names = append(names, r.String())
+	}
+	fmt.Printf("tamahv: ACPI sleep: the PM base %#x is in %s: its writes through ports 0xcf8-0xcff refused\n", s.EventBase, strings.Join(names, ", "))
+	g = append(g, hv.PortGuard{First: pci.AddressPort, Last: pci.LastPort, Refuse: func(port uint16, size int, val uint32) bool {
+		r, what := pg.Refuses(port, size, pc.PortIO(pci.AddressPort, 4, true, 0))
+		if r {
+			report("a write of " + what + ", the PM base")
+		}
+		return r
+	}})
 	return g
 }
 

@@ -16,6 +16,7 @@ import (
 const (
 	fadtDSDT         = 40
 	fadtSMICmd       = 48
+	fadtPM1aEvt      = 56
 	fadtS4BIOSReq    = 54
 	fadtPM1aCnt      = 64
 	fadtPM1bCnt      = 68
@@ -78,6 +79,10 @@ type Sleep struct {
 	// memory itself resumes through the waking vector, like S3.
 	SMICmd    uint16
 	S4BIOSReq uint8
+	// EventBase is the PM1a event block's port (the FADT's 32-bit
+	// PM1a_EVT_BLK; 0: none): the chipset's power-management base, which
+	// a PCI register of the chipset's may move.
+	EventBase uint16
 	// Hidden lists the tables (DSDT, SSDT) where HideStates renamed
 	// objects, once per rename.
 	Hidden []string
@@ -210,6 +215,9 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	}
 	if len(s.Registers) == 0 {
 		return nil, fmt.Errorf("%w: the FADT names no sleep register", ErrSleepUnguarded)
+	}
+	if e := field32(fadtPM1aEvt); e < 0x10000 {
+		s.EventBase = uint16(e)
 	}
 	if p := field32(fadtSMICmd); p != 0 && p < 0x10000 && len(fadt) > fadtS4BIOSReq && fadt[fadtS4BIOSReq] != 0 {
 		s.SMICmd, s.S4BIOSReq = uint16(p), fadt[fadtS4BIOSReq]

@@ -33,6 +33,9 @@ func fadt(pm1a, pm1b uint32, xa [2]uint64, flags uint32, sleepCtl [2]uint64) []b
 	le.PutUint32(at(fadtDSDT), tDSDT)
 	le.PutUint64(at(fadtXDSDT), tDSDT)
 	le.PutUint32(at(fadtPM1aCnt), pm1a)
+	if pm1a != 0 {
+		le.PutUint32(at(fadtPM1aEvt), pm1a-4)
+	}
 	le.PutUint32(at(fadtPM1bCnt), pm1b)
 	at(fadtPM1CntLen)[0] = 2
 	le.PutUint32(at(fadtFlags), flags)
@@ -74,6 +77,7 @@ func TestFindSleep(t *testing.T) {
 	assert.Equal(t, [2]uint8{6, 6}, s.Types[4], "from the SSDT")
 	assert.Equal(t, [2]uint8{0, 0}, s.Types[5])
 	assert.Equal(t, [][2]uint16{{0xb004, 0xb005}}, s.Ranges())
+	assert.Equal(t, uint16(0xb000), s.EventBase)
 }
 
 func TestSleepRefuses(t *testing.T) {
