@@ -325,7 +325,7 @@ func checkS3Refused(t *testing.T, res *Result) {
 	l, _, ok = res.GuestLine("hvguest: sleep: moving the PM base")
 	assert.True(t, ok, "the guest's move of the PM base")
 	assert.Equal(t, "hvguest: sleep: moving the PM base in PCI 00:01.3 register 0x40 to 0xc001 had no effect: still 0xb001", l)
-	assert.Contains(t, res.Serial(), "tamahv: ACPI sleep refused: a write of PCI 00:01.3 register 0x40, the PM base (2 so far)")
+	assert.Contains(t, res.Serial(), "tamahv: ACPI sleep refused: a write of PCI 00:01.3 register 0x40, for the PM base (2 so far)")
 }
 
 // TestTCGConsoleOnCOM2 boots tamahv with console=com2 under QEMU TCG

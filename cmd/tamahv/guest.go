@@ -263,9 +263,9 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 	}
 	fmt.Printf("tamahv: ACPI sleep: the PM base %#x is in %s: its writes through ports 0xcf8-0xcff refused\n", s.EventBase, strings.Join(names, ", "))
 	g = append(g, hv.PortGuard{First: pci.AddressPort, Last: pci.LastPort, Refuse: func(port uint16, size int, val uint32) bool {
-		r, what := pg.Refuses(port, size, pc.PortIO(pci.AddressPort, 4, true, 0))
+		r, what := pg.Refuses(port, size, val, pc.PortIO(pci.AddressPort, 4, true, 0))
 		if r {
-			report("a write of " + what + ", the PM base")
+			report("a write of " + what + ", for the PM base")
 		}
 		return r
 	}})

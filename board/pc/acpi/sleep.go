@@ -23,6 +23,7 @@ const (
 	fadtPM1CntLen    = 89
 	fadtFlags        = 112
 	fadtXDSDT        = 140
+	fadtXPM1aEvt     = 148
 	fadtXPM1aCnt     = 172
 	fadtXPM1bCnt     = 184
 	fadtSleepControl = 244
@@ -80,7 +81,7 @@ type Sleep struct {
 	SMICmd    uint16
 	S4BIOSReq uint8
 	// EventBase is the PM1a event block's port (the FADT's 32-bit
-	// PM1a_EVT_BLK; 0: none): the chipset's power-management base, which
+	// PM1a_EVT_BLK, else its X_ address in I/O space; 0: none): the chipset's power-management base, which
 	// a PCI register of the chipset's may move.
 	EventBase uint16
 	// Hidden lists the tables (DSDT, SSDT) where HideStates renamed
@@ -218,6 +219,9 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 	}
 	if e := field32(fadtPM1aEvt); e < 0x10000 {
 		s.EventBase = uint16(e)
+	}
+	if sp, a := gas(fadtXPM1aEvt); s.EventBase == 0 && sp == gasSystemIO && a < 0x10000 {
+		s.EventBase = uint16(a)
 	}
 	if p := field32(fadtSMICmd); p != 0 && p < 0x10000 && len(fadt) > fadtS4BIOSReq && fadt[fadtS4BIOSReq] != 0 {
 		s.SMICmd, s.S4BIOSReq = uint16(p), fadt[fadtS4BIOSReq]

@@ -72,20 +72,48 @@ func FindIOBase(io PortIO, base uint16) []Register {
 }
 
 // Guard refuses the guest's writes to configuration registers: Refuses
-// is given a write at the data ports and the CONFIG_ADDRESS it goes to.
+// is given a write at the mechanism's ports and the CONFIG_ADDRESS it goes
+// to.
 type Guard struct {
 	Registers []Register
 }
 
-// Refuses reports whether a write of size bytes at port, with
-// CONFIG_ADDRESS holding addr, reaches a guarded register; what names it.
-// Writes to CONFIG_ADDRESS itself, and to 0xcf9, pass.
-func (g *Guard) Refuses(port uint16, size int, addr uint32) (bool, string) {
-	if port+uint16(size) <= DataPort || port > LastPort || addr&enable == 0 {
+// Refuses reports whether a write of size bytes of val at port, with
+// CONFIG_ADDRESS holding addr, is dropped; what names why. A write of
+// CONFIG_DATA is refused where it reaches a byte of a guarded register:
+// the function is matched by bus, device and function alone (a chipset
+// may ignore CONFIG_ADDRESS's bits 24-30), and the bytes written run from
+// the address's dword plus the data port's low bits to where a chipset
+// that also adds CONFIG_ADDRESS's low bits would write. A non-zero byte
+// written to 0xcf8 or 0xcfa, which configuration mechanism #2 would take
+// for its enable and forward registers, is refused too. A dword written
+// to CONFIG_ADDRESS, and writes to 0xcf9 (reset control), pass.
+func (g *Guard) Refuses(port uint16, size int, val, addr uint32) (bool, string) {
+	if port > LastPort || uint32(port)+uint32(size) <= AddressPort {
 		return false, ""
 	}
+	if !(port == AddressPort && size == 4) && port < DataPort {
+		for i := 0; i < size; i++ {
+			p := uint32(port) + uint32(i)
+			if (p == AddressPort || p == AddressPort+2) && uint8(val>>(8*i)) != 0 {
+				return true, fmt.Sprintf("a configuration mechanism #2 write at %#x", p)
+			}
+		}
+	}
+	if addr&enable == 0 || uint32(port)+uint32(size) <= DataPort {
+		return false, ""
+	}
+	// The data bytes the write reaches, as offsets into the function:
+	// from the dword's offset, to where a chipset that adds (or ORs)
+	// CONFIG_ADDRESS's low bits too would write.
+	first := max(uint32(port), DataPort) - DataPort
+	last := uint32(port) + uint32(size) - 1 - DataPort
+	start, end := addr&0xfc+first, addr&0xff+last+1
 	for _, r := range g.Registers {
-		if addr&^3 == r.address() {
+		if addr&0x00ffff00 != r.address()&0x00ffff00 {
+			continue
+		}
+		if start < uint32(r.Offset)+4 && end > uint32(r.Offset) {
 			return true, r.String()
 		}
 	}

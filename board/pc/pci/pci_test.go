@@ -58,24 +58,33 @@ func TestGuardRefuses(t *testing.T) {
 	for _, c := range []struct {
 		port uint16
 		size int
+		val  uint32
 		addr uint32
 		want bool
 		name string
 	}{
-		{0xcfc, 4, pmba, true, "the dword"},
-		{0xcfd, 1, pmba, true, "a byte of it"},
-		{0xcfe, 2, pmba, true, "its high half"},
-		{0xcfc, 4, pmba | 2, true, "the address's low bits are ignored"},
-		{0xcfc, 4, 0x80000b44, false, "the next register"},
-		{0xcfc, 4, 0x00000b40, false, "CONFIG_ADDRESS not enabled"},
-		{0xcf8, 4, pmba, false, "CONFIG_ADDRESS itself"},
-		{0xcf9, 1, pmba, false, "the reset control register"},
-		{0xcfa, 4, pmba, true, "a dword from 0xcfa reaches the data port"},
+		{0xcfc, 4, 0xc001, pmba, true, "the dword"},
+		{0xcfd, 1, 0xc0, pmba, true, "a byte of it"},
+		{0xcfe, 2, 0, pmba, true, "its high half"},
+		{0xcfc, 4, 0, pmba | 2, true, "the address's low bits are ignored"},
+		{0xcfc, 4, 0, 0x80000b44, false, "the next register"},
+		{0xcfc, 4, 0, 0x80000b3c, false, "the register before"},
+		{0xcfd, 4, 0, 0x80000b3c, true, "from 0x3d: bytes 0x3d-0x40"},
+		{0xcfc, 4, 0, 0x80000b3f, true, "an offset of 0x3f spills into 0x40 where the chipset adds the low bits"},
+		{0xcfc, 4, 0, 0x81000b40, true, "bits 24-30 the chipset may ignore"},
+		{0xcfc, 4, 0, 0x80010b40, false, "another bus"},
+		{0xcfc, 4, 0, 0x00000b40, false, "CONFIG_ADDRESS not enabled"},
+		{0xcf8, 4, pmba, pmba, false, "CONFIG_ADDRESS itself"},
+		{0xcf9, 1, 0x06, pmba, false, "the reset control register"},
+		{0xcfa, 4, 0, pmba, true, "a dword from 0xcfa reaches the data port"},
+		{0xcf8, 1, 0xf0, pmba, true, "mechanism #2's enable register"},
+		{0xcf8, 1, 0, pmba, false, "mechanism #2 off"},
+		{0xcfa, 1, 0x01, pmba, true, "mechanism #2's forward register"},
+		{0xcf8, 2, 0x0600, pmba, false, "0xcf8 zero, 0xcf9 a reset"},
 	} {
-		got, what := g.Refuses(c.port, c.size, c.addr)
+		got, _ := g.Refuses(c.port, c.size, c.val, c.addr)
 		assert.Equal(t, c.want, got, c.name)
-		if c.want {
-			assert.Equal(t, "PCI 00:01.3 register 0x40", what, c.name)
-		}
 	}
+	_, what := g.Refuses(0xcfc, 4, 0xc001, pmba)
+	assert.Equal(t, "PCI 00:01.3 register 0x40", what)
 }
