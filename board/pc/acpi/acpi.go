@@ -241,33 +241,43 @@ func findRSDP(m PhysRW, at uint64) ([]byte, error) {
 // readSDT reads the system description table at pa with signature sig
 // (any when empty), checking its length and checksum.
 func readSDT(m PhysRW, pa uint64, sig string) ([]byte, error) {
-	var h [sdtHeaderLen]byte
-	if err := m.ReadPhys(pa, h[:]); err != nil {
-		return nil, err
+	b, sumOK, err := readTable(m, pa, sig, maxTableLen)
+	if err == nil && !sumOK {
+		return nil, fmt.Errorf("acpi: %q at %#x: bad checksum", b[:4], pa)
 	}
-	if sig != "" && string(h[:4]) != sig {
-		return nil, fmt.Errorf("acpi: no %s at %#x", sig, pa)
-	}
-	n := binary.LittleEndian.Uint32(h[4:])
-	if n < sdtHeaderLen || n > maxTableLen {
-		return nil, fmt.Errorf("acpi: %q at %#x: length %d", h[:4], pa, n)
-	}
-	b := make([]byte, n)
-	if err := m.ReadPhys(pa, b); err != nil {
-		return nil, err
-	}
-	if sum8(b) != 0 {
-		return nil, fmt.Errorf("acpi: %q at %#x: bad checksum", h[:4], pa)
-	}
-	return b, nil
+	return b, err
 }
 
-// findMADT follows the RSDP to the MADT: through the XSDT where revision
-// 2 gives one, else (or where the XSDT is bad) through the RSDT.
-func findMADT(m PhysRW, at uint64) (uint64, error) {
+// readTable reads the table at pa with signature sig (any when empty) and
+// a length from the header up to maxLen; sumOK says whether its checksum
+// holds.
+func readTable(m PhysRW, pa uint64, sig string, maxLen uint32) (b []byte, sumOK bool, err error) {
+	var h [sdtHeaderLen]byte
+	if err := m.ReadPhys(pa, h[:]); err != nil {
+		return nil, false, err
+	}
+	if sig != "" && string(h[:4]) != sig {
+		return nil, false, fmt.Errorf("acpi: no %s at %#x", sig, pa)
+	}
+	n := binary.LittleEndian.Uint32(h[4:])
+	if n < sdtHeaderLen || n > maxLen {
+		return nil, false, fmt.Errorf("acpi: %q at %#x: length %d", h[:4], pa, n)
+	}
+	b = make([]byte, n)
+	if err := m.ReadPhys(pa, b); err != nil {
+		return nil, false, err
+	}
+	return b, sum8(b) == 0, nil
+}
+
+// rootLists follows the RSDP at at (0: the BIOS areas) to its root
+// tables, the XSDT where revision 2 gives one, then the RSDT, and returns
+// the table addresses each good one lists, in that order, with the errors
+// of those that are not.
+func rootLists(m PhysRW, at uint64) ([]rootList, []error, error) {
 	rsdp, err := findRSDP(m, at)
 	if err != nil {
-		return 0, err
+		return nil, nil, err
 	}
 	type root struct {
 		pa    uint64
@@ -281,6 +291,7 @@ func findMADT(m PhysRW, at uint64) (uint64, error) {
 		}
 	}
 	roots = append(roots, root{uint64(binary.LittleEndian.Uint32(rsdp[16:])), "RSDT", 4})
+	var lists []rootList
 	var errs []error
 	for _, r := range roots {
 		t, err := readSDT(m, r.pa, r.sig)
@@ -288,14 +299,35 @@ func findMADT(m PhysRW, at uint64) (uint64, error) {
 			errs = append(errs, err)
 			continue
 		}
+		list := rootList{sig: r.sig}
 		ents := t[sdtHeaderLen:]
 		for i := 0; i+r.width <= len(ents) && i/r.width < maxRSDTTables; i += r.width {
-			var pa uint64
 			if r.width == 8 {
-				pa = binary.LittleEndian.Uint64(ents[i:])
+				list.tables = append(list.tables, binary.LittleEndian.Uint64(ents[i:]))
 			} else {
-				pa = uint64(binary.LittleEndian.Uint32(ents[i:]))
+				list.tables = append(list.tables, uint64(binary.LittleEndian.Uint32(ents[i:])))
 			}
+		}
+		lists = append(lists, list)
+	}
+	return lists, errs, nil
+}
+
+// rootList is the tables one root table (XSDT, RSDT) lists.
+type rootList struct {
+	sig    string
+	tables []uint64
+}
+
+// findMADT follows the RSDP to the MADT: through the XSDT where revision
+// 2 gives one, else (or where the XSDT is bad) through the RSDT.
+func findMADT(m PhysRW, at uint64) (uint64, error) {
+	lists, errs, err := rootLists(m, at)
+	if err != nil {
+		return 0, err
+	}
+	for _, list := range lists {
+		for _, pa := range list.tables {
 			var sig [4]byte
 			if pa == 0 || m.ReadPhys(pa, sig[:]) != nil || string(sig[:]) != "APIC" {
 				continue
@@ -306,7 +338,7 @@ func findMADT(m PhysRW, at uint64) (uint64, error) {
 			}
 			return pa, nil
 		}
-		errs = append(errs, fmt.Errorf("acpi: no MADT in the %s", r.sig))
+		errs = append(errs, fmt.Errorf("acpi: no MADT in the %s", list.sig))
 	}
 	return 0, errors.Join(errs...)
 }

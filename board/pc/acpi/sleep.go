@@ -266,65 +266,24 @@ func FindSleep(m PhysRW, rsdp uint64) (*Sleep, error) {
 // which may be larger than the other tables; a bad checksum is a warning,
 // as Linux takes it.
 func readAML(m PhysRW, pa uint64, sig string) ([]byte, string, error) {
-	var h [sdtHeaderLen]byte
-	if err := m.ReadPhys(pa, h[:]); err != nil {
-		return nil, "", err
+	b, sumOK, err := readTable(m, pa, sig, maxAMLTableLen)
+	if err != nil || sumOK {
+		return b, "", err
 	}
-	if string(h[:4]) != sig {
-		return nil, "", fmt.Errorf("acpi: no %s at %#x", sig, pa)
-	}
-	n := binary.LittleEndian.Uint32(h[4:])
-	if n < sdtHeaderLen || n > maxAMLTableLen {
-		return nil, "", fmt.Errorf("acpi: %s at %#x: length %d", sig, pa, n)
-	}
-	b := make([]byte, n)
-	if err := m.ReadPhys(pa, b); err != nil {
-		return nil, "", err
-	}
-	if sum8(b) != 0 {
-		return b, fmt.Sprintf("the %s at %#x has a bad checksum", sig, pa), nil
-	}
-	return b, "", nil
+	return b, fmt.Sprintf("the %s at %#x has a bad checksum", sig, pa), nil
 }
 
 // rootTables lists the tables the XSDT (where the RSDP's revision gives a
 // good one) or else the RSDT points at.
 func rootTables(m PhysRW, at uint64) ([]uint64, error) {
-	rsdp, err := findRSDP(m, at)
+	lists, errs, err := rootLists(m, at)
 	if err != nil {
 		return nil, err
 	}
-	type root struct {
-		pa    uint64
-		sig   string
-		width int
+	if len(lists) == 0 {
+		return nil, errors.Join(errs...)
 	}
-	var roots []root
-	if len(rsdp) >= 36 {
-		if x := binary.LittleEndian.Uint64(rsdp[24:]); x != 0 {
-			roots = append(roots, root{x, "XSDT", 8})
-		}
-	}
-	roots = append(roots, root{uint64(binary.LittleEndian.Uint32(rsdp[16:])), "RSDT", 4})
-	var errs []error
-	for _, r := range roots {
-		t, err := readSDT(m, r.pa, r.sig)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		var out []uint64
-		ents := t[sdtHeaderLen:]
-		for i := 0; i+r.width <= len(ents) && i/r.width < maxRSDTTables; i += r.width {
-			if r.width == 8 {
-				out = append(out, binary.LittleEndian.Uint64(ents[i:]))
-			} else {
-				out = append(out, uint64(binary.LittleEndian.Uint32(ents[i:])))
-			}
-		}
-		return out, nil
-	}
-	return nil, errors.Join(errs...)
+	return lists[0].tables, nil
 }
 
 // AML opcodes (ACPI 6.5, 20.2 "AML Grammar Definition").
