@@ -159,7 +159,9 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 		return nil, nil, fmt.Errorf("ACPI sleep: %w", err)
 	}
 	if sleep != nil {
-		c.PortGuards = guardSleep(sleep)
+		if c.PortGuards, err = guardSleep(sleep); err != nil {
+			return nil, nil, fmt.Errorf("ACPI sleep: %w", err)
+		}
 	}
 	pc.EnableXSAVE()
 	// NMIs that arrive while tamahv runs are counted for the guest.
@@ -199,12 +201,14 @@ func buildGuest(caps *vmx.Caps, info *bootinfo.Info, memory []e820.Entry, rsdp u
 // from through its waking vector (S1-S3, and S4BIOS): resumed by the
 // firmware, the guest would run outside tamahv with tamahv's memory in its
 // reach. S4 and S5 pass: a hibernated or powered-off machine starts again
-// through its boot loader. It prints:
+// through its boot loader. It fails, and the guest must not start, where
+// no PCI register holds the chipset's PM base: the guest could move the
+// sleep registers. It prints:
 //
 //	tamahv: ACPI sleep: S1-S3 refused at ports <ports>; S4: SLP_TYP a/b, S5: SLP_TYP a/b pass
 //	tamahv: ACPI sleep: <a warning about the tables>
 //	tamahv: ACPI sleep refused: SLP_TYP n (S3) at port 0x... (the first 8, then every 1000th)
-func guardSleep(s *acpi.Sleep) []hv.PortGuard {
+func guardSleep(s *acpi.Sleep) ([]hv.PortGuard, error) {
 	var ports []string
 	for _, r := range s.Registers {
 		ports = append(ports, fmt.Sprintf("%#x", r.Port))
@@ -251,10 +255,10 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 	// configuration mechanism's ports exits (CONFIG_ADDRESS too, so that
 	// no other processor changes it between the check and the write),
 	// and a write of CONFIG_DATA to that register is dropped.
+	// Fail closed: a PM base tamahv cannot find, it cannot keep in place.
 	regs := pci.FindIOBase(pc.PortIO, s.EventBase)
 	if len(regs) == 0 {
-		fmt.Printf("tamahv: ACPI sleep: no PCI register on bus 0 holds the PM base %#x: none guarded\n", s.EventBase)
-		return g
+		return nil, fmt.Errorf("no PCI register on bus 0 holds the PM base %#x, so the guest could move the sleep registers away from their guards", s.EventBase)
 	}
 	pg := &pci.Guard{Registers: regs}
 	var names []string
@@ -269,7 +273,7 @@ func guardSleep(s *acpi.Sleep) []hv.PortGuard {
 		}
 		return r
 	}})
-	return g
+	return g, nil
 }
 
 // hostMTRRs reads the processor's MTRRs (nil where CPUID.1:EDX.MTRR[12]
